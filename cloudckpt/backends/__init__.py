@@ -1,0 +1,40 @@
+"""Storage backends, chosen by URL scheme: local path / ``file://`` (default), ``s3://``, ``gs://``, else fsspec."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from ..errors import ConfigurationError
+from .base import Backend, ObjectInfo
+
+__all__ = ["Backend", "ObjectInfo", "open_backend"]
+
+
+def open_backend(url: str, storage_options: dict[str, Any] | None = None) -> Backend:
+    """Return the backend for ``url``. Missing optional dependencies are a ConfigurationError naming the extra."""
+    if not isinstance(url, str) or not url.strip():
+        raise ConfigurationError(f"a store URL is required (s3://bucket/prefix, gs://bucket/prefix or a local path). Received: {url!r}")
+    scheme = url.split("://", 1)[0].lower() if "://" in url else ""
+    try:
+        if scheme in ("", "file", "local"):
+            from .local import LocalBackend
+
+            return LocalBackend(url.replace("local://", "file://", 1), storage_options)
+        if scheme in ("s3", "s3a"):
+            from .s3 import S3Backend
+
+            return S3Backend("s3://" + url.split("://", 1)[1], storage_options)
+        if scheme in ("gs", "gcs"):
+            from .gcs import GCSBackend
+
+            return GCSBackend("gs://" + url.split("://", 1)[1], storage_options)
+        from .generic import GenericBackend
+
+        return GenericBackend(url, storage_options)
+    except ImportError as e:
+        extra = {"s3": "s3", "s3a": "s3", "gs": "gcs", "gcs": "gcs"}.get(scheme, "all")
+        raise ConfigurationError(f"{url}: a client library is missing ({e.name}); pip install 'cloudckpt[{extra}]'") from e
+    except (TypeError, ValueError) as e:
+        if isinstance(e, ConfigurationError):
+            raise
+        raise ConfigurationError(f"{url}: bad storage options ({e})") from e

@@ -1,0 +1,98 @@
+"""The storage backend contract: object I/O under a run's root, plus the one conditional write the commit needs.
+
+A backend knows nothing of checkpoints: it moves bytes to and from ``<root>/<rel>``, lists and deletes them, and
+reads/writes the index with compare-and-swap. ``rel`` is always a ``/``-separated path relative to the run root.
+Everything above (commit protocol, restore, gc) is written once against this contract.
+"""
+
+from __future__ import annotations
+
+import logging
+from abc import ABC, abstractmethod
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from ..errors import IntegrityError
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class ObjectInfo:
+    """A stored object: path relative to the run root, size in bytes, last-modified time (unix seconds)."""
+
+    rel: str
+    size: int
+    mtime: float
+
+
+class Backend(ABC):
+    """Bytes under one run URL. Subclasses implement the abstract methods; the rest is shared."""
+
+    #: True when :meth:`write_index` is a real atomic compare-and-swap on this store.
+    atomic: bool = True
+    #: What a verified upload checked on this store, for logs and docs.
+    verification: str = "size"
+
+    def __init__(self, url: str, storage_options: dict[str, Any] | None = None) -> None:
+        self.url = url.rstrip("/")
+        self.storage_options = dict(storage_options or {})
+        self.verify_readback = bool(self.storage_options.pop("verify_readback", False))
+
+    # --- the index: read with a version token, write only if the token still holds -----------------------------
+
+    @abstractmethod
+    def read_index(self) -> tuple[bytes | None, Any]:
+        """Return ``(bytes, token)``, or ``(None, None)`` when the run has no index yet."""
+
+    @abstractmethod
+    def write_index(self, data: bytes, token: Any) -> None:
+        """Replace the index if it is still at ``token`` (None: only if absent); else raise IndexConflictError."""
+
+    # --- objects ------------------------------------------------------------------------------------------------
+
+    @abstractmethod
+    def upload(self, local: Path, rel: str, *, size: int, crc32c: str) -> None:
+        """Store the file at ``rel`` and check what the store can check (see :attr:`verification`)."""
+
+    @abstractmethod
+    def download(self, rel: str, local: Path) -> None:
+        """Write the object at ``rel`` to the local file (streamed)."""
+
+    @abstractmethod
+    def read_bytes(self, rel: str) -> bytes:
+        """Small objects only (manifests)."""
+
+    @abstractmethod
+    def write_bytes(self, rel: str, data: bytes) -> None:
+        """Small objects only (manifests)."""
+
+    @abstractmethod
+    def list_objects(self) -> list[ObjectInfo]:
+        """Every object under the run root."""
+
+    @abstractmethod
+    def delete(self, rels: list[str]) -> None:
+        """Delete these objects; missing ones are ignored."""
+
+    def check_access(self) -> None:
+        """Raise AccessError/CheckpointNotFoundError early for a missing bucket or denied access (default: no-op)."""
+
+    def check_uploaded(self, rel: str, crc32c: str) -> None:
+        """With the ``verify_readback`` option: download the object again and compare its crc32c (any store)."""
+        if not self.verify_readback:
+            return
+        import tempfile
+
+        from ..checksum import file_checksums
+
+        with tempfile.TemporaryDirectory(prefix="cloudckpt-readback-") as tmp:
+            probe = Path(tmp) / "probe"
+            self.download(rel, probe)
+            got = file_checksums(probe)["crc32c"]
+        if got != crc32c:
+            raise IntegrityError(f"{self.url}/{rel}: read-back crc32c {got} != {crc32c}")
+
+    def describe(self) -> str:
+        return self.url

@@ -1,0 +1,120 @@
+"""Google Cloud Storage: uploads and the index through google-cloud-storage (resumable uploads in bounded chunks,
+server crc32c compared with ours; index swapped with ``ifGenerationMatch``), downloads through gcsfs.
+
+Emulators: with ``STORAGE_EMULATOR_HOST`` set, anonymous credentials are used and gcsfs's gRPC storage-control probe
+(which an emulator doesn't serve and which stalls ~60 s per bucket) is turned off unless you set
+``GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT`` yourself.
+"""
+
+from __future__ import annotations
+
+import base64
+import os
+from pathlib import Path
+from typing import Any
+
+from ..errors import ConfigurationError, IndexConflictError, IntegrityError
+from ..manifest import INDEX_NAME
+from .base import Backend, ObjectInfo
+
+_MB = 2**20
+
+
+def _split(url: str) -> tuple[str, str]:
+    scheme, _, rest = url.partition("://")
+    bucket, _, prefix = rest.partition("/")
+    if len(bucket) < 3:
+        raise ConfigurationError(f"GCS bucket names have 3 or more characters. Received: url={url!r}")
+    return bucket, prefix.strip("/")
+
+
+class GCSBackend(Backend):
+    verification = "server crc32c of the whole object compared with ours, and its size"
+
+    def __init__(self, url: str, storage_options: dict[str, Any] | None = None) -> None:
+        super().__init__(url, storage_options)
+        self.bucket_name, self.prefix = _split(self.url)
+        opts = self.storage_options
+        self.chunk_size = int(opts.pop("chunk_size", 32 * _MB)) // (256 * 1024) * (256 * 1024)
+        emulator = os.environ.get("STORAGE_EMULATOR_HOST")
+        if emulator:
+            os.environ.setdefault("GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT", "false")
+            opts.setdefault("token", "anon")
+        import gcsfs
+        from google.cloud import storage
+
+        project = opts.get("project") or os.environ.get("GOOGLE_CLOUD_PROJECT")
+        if emulator and opts.get("token") == "anon":
+            from google.auth.credentials import AnonymousCredentials
+
+            self.client = storage.Client(project=project or "cloudckpt", credentials=AnonymousCredentials())
+        elif isinstance(opts.get("token"), str) and os.path.isfile(opts["token"]):
+            self.client = storage.Client.from_service_account_json(opts["token"], project=project)
+        else:
+            self.client = storage.Client(project=project)
+        self.bucket = self.client.bucket(self.bucket_name)
+        self.fs = gcsfs.GCSFileSystem(**opts)
+
+    def _name(self, rel: str) -> str:
+        return f"{self.prefix}/{rel}" if self.prefix else rel
+
+    def check_access(self) -> None:
+        self.client.get_bucket(self.bucket_name)
+
+    # --- index -------------------------------------------------------------------------------------------------
+
+    def read_index(self) -> tuple[bytes | None, Any]:
+        from google.api_core.exceptions import NotFound, PreconditionFailed
+
+        for _ in range(5):
+            blob = self.bucket.get_blob(self._name(INDEX_NAME))
+            if blob is None:
+                return None, None
+            try:
+                return blob.download_as_bytes(if_generation_match=blob.generation), blob.generation
+            except (NotFound, PreconditionFailed):
+                continue  # replaced between the metadata read and the download: read again
+        raise IndexConflictError(f"{self.url}: index keeps changing while being read")
+
+    def write_index(self, data: bytes, token: Any) -> None:
+        from google.api_core.exceptions import PreconditionFailed
+
+        blob = self.bucket.blob(self._name(INDEX_NAME))
+        try:
+            blob.upload_from_string(data, content_type="application/json", if_generation_match=token or 0)
+        except PreconditionFailed as e:
+            raise IndexConflictError(f"{self.url}: index changed since it was read") from e
+
+    # --- objects -----------------------------------------------------------------------------------------------
+
+    def upload(self, local: Path, rel: str, *, size: int, crc32c: str) -> None:
+        blob = self.bucket.blob(self._name(rel), chunk_size=self.chunk_size if size > self.chunk_size else None)
+        blob.upload_from_filename(str(local), checksum="crc32c")
+        blob.reload()
+        server = base64.b64decode(blob.crc32c).hex() if blob.crc32c else None
+        if blob.size != size or server != crc32c:
+            raise IntegrityError(f"{self.url}/{rel}: stored object is {blob.size} bytes crc32c {server}, expected {size} {crc32c}")
+        self.check_uploaded(rel, crc32c)
+
+    def download(self, rel: str, local: Path) -> None:
+        self.fs.get_file(f"{self.bucket_name}/{self._name(rel)}", str(local))
+
+    def read_bytes(self, rel: str) -> bytes:
+        return self.bucket.blob(self._name(rel)).download_as_bytes()
+
+    def write_bytes(self, rel: str, data: bytes) -> None:
+        self.bucket.blob(self._name(rel)).upload_from_string(data)
+
+    def list_objects(self) -> list[ObjectInfo]:
+        base = f"{self.prefix}/" if self.prefix else ""
+        return [ObjectInfo(b.name[len(base):], b.size or 0, b.updated.timestamp() if b.updated else 0.0)
+                for b in self.client.list_blobs(self.bucket_name, prefix=base)]
+
+    def delete(self, rels: list[str]) -> None:
+        from google.api_core.exceptions import NotFound
+
+        for rel in rels:
+            try:
+                self.bucket.blob(self._name(rel)).delete()
+            except NotFound:
+                pass

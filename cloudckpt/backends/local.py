@@ -1,0 +1,135 @@
+"""The embedded default: a run in a local directory. Files are written to a temp name and renamed into place; the
+index is swapped with ``os.replace`` under an exclusive ``flock``, compare-and-swap on the bytes' hash."""
+
+from __future__ import annotations
+
+import fcntl
+import hashlib
+import os
+import shutil
+import uuid
+from pathlib import Path
+from typing import Any
+
+from ..checksum import file_checksums
+from ..errors import ConfigurationError, IndexConflictError, IntegrityError
+from ..manifest import INDEX_NAME, TMP_MARK
+from .base import Backend, ObjectInfo
+
+_LOCK_NAME = ".index.lock"
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+class LocalBackend(Backend):
+    verification = "size and crc32c of the written copy"
+
+    def __init__(self, url: str, storage_options: dict[str, Any] | None = None) -> None:
+        super().__init__(url, storage_options)
+        path = url[len("file://"):] if url.startswith("file://") else url
+        if not path:
+            raise ConfigurationError(f"empty local store path. Received: url={url!r}")
+        self.root = Path(path).expanduser().absolute()
+        if self.root.exists() and not self.root.is_dir():
+            raise ConfigurationError(f"{url}: exists and is not a directory")
+        self.fsync = bool(self.storage_options.pop("fsync", True))
+
+    def _abs(self, rel: str) -> Path:
+        return self.root.joinpath(*rel.split("/"))
+
+    def _write_atomic(self, target: Path, write) -> None:
+        target.parent.mkdir(parents=True, exist_ok=True)
+        tmp = target.with_name(f"{TMP_MARK}{uuid.uuid4().hex}-{target.name}")
+        try:
+            with open(tmp, "wb") as f:
+                write(f)
+                if self.fsync:
+                    f.flush()
+                    os.fsync(f.fileno())
+            os.replace(tmp, target)
+        finally:
+            tmp.unlink(missing_ok=True)
+        if self.fsync:
+            _fsync_dir(target.parent)
+
+    # --- index -------------------------------------------------------------------------------------------------
+
+    def read_index(self) -> tuple[bytes | None, Any]:
+        try:
+            data = self._abs(INDEX_NAME).read_bytes()
+        except FileNotFoundError:
+            return None, None
+        return data, hashlib.sha256(data).hexdigest()
+
+    def write_index(self, data: bytes, token: Any) -> None:
+        self.root.mkdir(parents=True, exist_ok=True)
+        with open(self.root / _LOCK_NAME, "a+b") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            try:
+                _, current = self.read_index()
+                if current != token:
+                    raise IndexConflictError(f"{self.url}: index changed since it was read")
+                self._write_atomic(self._abs(INDEX_NAME), lambda f: f.write(data))
+            finally:
+                fcntl.flock(lock, fcntl.LOCK_UN)
+
+    # --- objects -----------------------------------------------------------------------------------------------
+
+    def upload(self, local: Path, rel: str, *, size: int, crc32c: str) -> None:
+        target = self._abs(rel)
+
+        def copy(f) -> None:
+            with open(local, "rb") as src:
+                shutil.copyfileobj(src, f, 8 * 2**20)
+
+        self._write_atomic(target, copy)
+        got_size = target.stat().st_size
+        got = file_checksums(target)["crc32c"]
+        if got_size != size or got != crc32c:
+            raise IntegrityError(f"{self.url}/{rel}: stored copy is {got_size} bytes crc32c {got}, expected {size} {crc32c}")
+
+    def download(self, rel: str, local: Path) -> None:
+        shutil.copyfile(self._abs(rel), local)
+
+    def read_bytes(self, rel: str) -> bytes:
+        return self._abs(rel).read_bytes()
+
+    def write_bytes(self, rel: str, data: bytes) -> None:
+        self._write_atomic(self._abs(rel), lambda f: f.write(data))
+
+    def list_objects(self) -> list[ObjectInfo]:
+        out = []
+        if not self.root.is_dir():
+            return out
+        for dirpath, _dirs, files in os.walk(self.root):
+            for name in files:
+                p = Path(dirpath) / name
+                rel = p.relative_to(self.root).as_posix()
+                if rel == _LOCK_NAME:
+                    continue
+                try:
+                    st = p.lstat()
+                except FileNotFoundError:
+                    continue
+                out.append(ObjectInfo(rel, st.st_size, st.st_mtime))
+        return out
+
+    def delete(self, rels: list[str]) -> None:
+        parents = set()
+        for rel in rels:
+            p = self._abs(rel)
+            p.unlink(missing_ok=True)
+            parents.add(p.parent)
+        for parent in sorted(parents, key=lambda p: len(p.parts), reverse=True):
+            while parent != self.root and parent.is_relative_to(self.root):
+                try:
+                    parent.rmdir()
+                except OSError:
+                    break
+                parent = parent.parent

@@ -1,0 +1,117 @@
+"""The index's compare-and-swap loop and writer fencing.
+
+Every change to a run's index goes through :meth:`IndexKeeper.update`: read the index and its version token, apply
+a pure change, write it back only if the token still holds; on a lost race read again and re-apply. A writer that
+has claimed the run (:meth:`IndexKeeper.claim`) carries a lease; once a newer writer claims the run, every update
+of the older one raises :class:`~cloudckpt.errors.StaleWriterError` instead of writing.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import socket
+import uuid
+from collections.abc import Callable
+
+import tenacity
+
+from . import retry
+from .backends import Backend
+from .errors import CheckpointNotFoundError, CloudCkptError, IndexConflictError, StaleWriterError, TransferError
+from .manifest import Index, WriterLease, dump, parse_index, utcnow
+
+log = logging.getLogger(__name__)
+
+
+def new_writer_id() -> str:
+    return f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
+
+
+class IndexKeeper:
+    """Reads and conditionally updates one run's index."""
+
+    def __init__(self, backend: Backend, *, budget: float = 120.0, writer_id: str | None = None) -> None:
+        self.backend = backend
+        self.budget = budget
+        self.writer_id = writer_id or new_writer_id()
+        self.lease: WriterLease | None = None
+        self.conflicts = 0  # lost races, for tests and logs
+
+    def read(self) -> tuple[Index, object]:
+        """The current index (an empty one if the run has none yet) and its token."""
+        data, token = retry.run(self.backend.read_index, url=self.backend.url, what="read index", budget=self.budget)
+        return (parse_index(data) if data is not None else Index()), token
+
+    def read_existing(self) -> Index:
+        """The current index; CheckpointNotFoundError if there is no run at the URL."""
+        data, _ = retry.run(self.backend.read_index, url=self.backend.url, what="read index", budget=self.budget)
+        if data is None:
+            raise CheckpointNotFoundError(f"no cloudckpt run at {self.backend.url} (no index.json there)")
+        return parse_index(data)
+
+    def _check_fence(self, index: Index) -> None:
+        if self.lease is None or index.writer is None:
+            return
+        if index.writer.generation != self.lease.generation or index.writer.id != self.lease.id:
+            raise StaleWriterError(
+                f"{self.backend.url}: this writer ({self.lease.id}, generation {self.lease.generation}) was superseded by "
+                f"{index.writer.id} (generation {index.writer.generation}) since {index.writer.since.isoformat()}; "
+                "it stops writing to this run"
+            )
+
+    def update(self, change: Callable[[Index], Index | None], *, what: str = "update index") -> Index:
+        """Apply ``change`` (pure: Index -> new Index, or None for no change) with compare-and-swap; return the result."""
+
+        def attempt() -> Index:
+            index, token = self.read()
+            self._check_fence(index)
+            new = change(index)
+            if new is None:
+                return index
+            try:
+                self.backend.write_index(dump(new), token)
+            except IndexConflictError:
+                self.conflicts += 1
+                raise
+            return new
+
+        def retryable(exc: BaseException) -> bool:
+            return isinstance(exc, IndexConflictError) or (
+                retry.permanent_error(exc, self.backend.url) is None and retry.is_transient(exc)
+            )
+
+        retrying = tenacity.Retrying(
+            stop=tenacity.stop_after_delay(self.budget) | tenacity.stop_after_attempt(200),
+            wait=tenacity.wait_random_exponential(multiplier=0.005, max=0.5),
+            retry=tenacity.retry_if_exception(retryable),
+            before_sleep=tenacity.before_sleep_log(log, logging.DEBUG),
+            reraise=True,
+        )
+        try:
+            return retrying(attempt)
+        except IndexConflictError as e:
+            raise TransferError(f"{self.backend.url}: {what}: gave up after {self.conflicts} lost races") from e
+        except BaseException as exc:
+            typed = retry.permanent_error(exc, self.backend.url)
+            if typed is not None:
+                raise typed from exc
+            if isinstance(exc, CloudCkptError) or not retry.is_transient(exc):
+                raise
+            raise TransferError(f"{self.backend.url}: {what} failed: {exc}") from exc
+
+    def claim(self) -> WriterLease:
+        """Become the run's writer: a generation above every earlier writer's, which fences them out."""
+        self.lease = None
+        claimed: list[WriterLease] = []
+
+        def change(index: Index) -> Index:
+            gen = (index.writer.generation + 1) if index.writer else 1
+            lease = WriterLease(id=self.writer_id, generation=gen, host=socket.gethostname(), since=utcnow())
+            claimed[:] = [lease]
+            return index.with_writer(lease)
+
+        self.update(change, what="claim run")
+        self.lease = claimed[0]
+        log.info("claimed %s as writer generation %d", self.backend.url, self.lease.generation)
+        return self.lease

@@ -1,0 +1,62 @@
+"""One exception hierarchy for cloudckpt.
+
+Every error raised on purpose by cloudckpt derives from :class:`CloudCkptError`, and where a built-in exception
+fits, also from that built-in, so callers can test either (`except FileNotFoundError` catches a missing checkpoint).
+Each class carries the CLI exit code it maps to; the CLI turns exceptions into exit codes in one place.
+
+Exit codes (documented in the README):
+    0 ok, 1 other error, 2 usage, 3 nothing matches, 4 integrity failure, 5 access or configuration error,
+    6 fenced (a newer writer took over the run).
+"""
+
+from __future__ import annotations
+
+
+class CloudCkptError(Exception):
+    """Base of every cloudckpt error."""
+
+    exit_code = 1
+
+
+class CheckpointNotFoundError(CloudCkptError, FileNotFoundError):
+    """No run at the URL, or no checkpoint matches the selector."""
+
+    exit_code = 3
+
+
+class IntegrityError(CloudCkptError, ValueError):
+    """Bytes or metadata are not what the index promises: checksum or size mismatch, invalid or tampered index."""
+
+    exit_code = 4
+
+
+class UnsafePathError(IntegrityError):
+    """A manifest names a path that would escape the target directory (absolute, `..`, a link)."""
+
+
+class AccessError(CloudCkptError, PermissionError):
+    """Access denied, missing or expired credentials, no such bucket: retrying will not help."""
+
+    exit_code = 5
+
+
+class ConfigurationError(CloudCkptError, ValueError):
+    """A bad URL, option or argument: retrying will not help."""
+
+    exit_code = 5
+
+
+class StaleWriterError(CloudCkptError, RuntimeError):
+    """This writer was superseded by a newer one on the same run (fenced); it must stop writing."""
+
+    exit_code = 6
+
+
+class TransferError(CloudCkptError, OSError):
+    """An upload, download or index update failed after its retry budget was spent; ``__cause__`` says why."""
+
+    exit_code = 1
+
+
+class IndexConflictError(CloudCkptError):
+    """Internal: a conditional index write lost a race. The commit loop re-reads the index and tries again."""

@@ -1,0 +1,57 @@
+"""What ``gc`` may delete: objects of checkpoints the index doesn't list (crashed or fenced commits, pruned
+checkpoints whose deletion was cut short) and temporary files. Pure: it sees the object list, the index and "now".
+
+Only cloudckpt's own names are ever touched (checkpoint directories named ``ckpt-…`` and ``.cloudckpt-tmp-``
+files), so a run URL that shares a prefix with other data never loses that data. A checkpoint directory with any
+object younger than ``min_age`` seconds is left alone: it may be an upload in flight.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+
+from .backends import ObjectInfo
+from .manifest import INDEX_NAME, MANIFEST_NAME, TMP_MARK, Index
+
+CHECKPOINT_ID_RE = re.compile(r"^ckpt-[A-Za-z0-9-]*[0-9a-f]{8}$")
+
+
+@dataclass
+class GcPlan:
+    """Objects to delete (relative paths), their bytes, and the checkpoint directories they belong to."""
+
+    delete: list[str] = field(default_factory=list)
+    bytes: int = 0
+    checkpoints: set[str] = field(default_factory=set)
+    kept_young: set[str] = field(default_factory=set)
+
+
+def plan_gc(objects: list[ObjectInfo], index: Index, *, now: float, min_age: float) -> GcPlan:
+    listed = {c.id: {f.path for f in c.files} | {MANIFEST_NAME} for c in index.checkpoints}
+    groups: dict[str, list[ObjectInfo]] = {}
+    plan = GcPlan()
+    for obj in objects:
+        top, _, rest = obj.rel.partition("/")
+        name = obj.rel.rsplit("/", 1)[-1]
+        if name.startswith(TMP_MARK):
+            if now - obj.mtime >= min_age:
+                plan.delete.append(obj.rel)
+                plan.bytes += obj.size
+            continue
+        if obj.rel == INDEX_NAME or not rest or not CHECKPOINT_ID_RE.match(top):
+            continue
+        if top in listed:
+            if rest not in listed[top]:
+                groups.setdefault(top, []).append(obj)  # a stray file inside a listed checkpoint
+            continue
+        groups.setdefault(top, []).append(obj)
+    for top, objs in groups.items():
+        if any(now - o.mtime < min_age for o in objs):
+            plan.kept_young.add(top)
+            continue
+        plan.checkpoints.add(top)
+        plan.delete.extend(o.rel for o in objs)
+        plan.bytes += sum(o.size for o in objs)
+    plan.delete.sort()
+    return plan

@@ -1,0 +1,312 @@
+"""The run's index and each checkpoint's manifest: pure data, schema validation, selection. No I/O.
+
+The index (``<run>/index.json``) is the only thing readers trust. It lists every committed checkpoint with its files
+(relative path, size, checksum), names the best and the latest, and records the run's policy and the current writer
+generation (the fence). Everything parsed from storage goes through :func:`parse_index` / :func:`parse_manifest`,
+which turn any malformed, hostile or inconsistent document into an :class:`~cloudckpt.errors.IntegrityError`.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+from datetime import datetime, timezone
+from typing import Annotated, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from .errors import CheckpointNotFoundError, IntegrityError, UnsafePathError
+
+SCHEMA_VERSION = 1
+INDEX_NAME = "index.json"
+MANIFEST_NAME = "_cloudckpt_manifest.json"
+TMP_MARK = ".cloudckpt-tmp-"  # prefix of files being written; never listed, removed by gc
+MAX_FILES = 100_000
+MAX_FILE_SIZE = 2**50  # 1 PiB: anything larger is a corrupt or hostile index
+_ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
+_RESERVED_IDS = {INDEX_NAME, "index.json.lock"}
+_HEX8 = re.compile(r"^[0-9a-f]{8}$")
+_HEX64 = re.compile(r"^[0-9a-f]{64}$")
+
+
+def check_relative_path(path: str) -> str:
+    """Return ``path`` if it is a safe relative POSIX path inside a checkpoint, else raise UnsafePathError."""
+    if not isinstance(path, str) or not path or len(path) > 1024:
+        raise UnsafePathError(f"unsafe path in manifest: {path!r} (empty or too long)")
+    if path.startswith("/") or "\\" in path or re.match(r"^[A-Za-z]:", path):
+        raise UnsafePathError(f"unsafe path in manifest: {path!r} (absolute)")
+    if any(ord(c) < 32 or ord(c) == 127 for c in path):
+        raise UnsafePathError(f"unsafe path in manifest: {path!r} (control character)")
+    parts = path.split("/")
+    if any(p in ("", ".", "..") for p in parts):
+        raise UnsafePathError(f"unsafe path in manifest: {path!r} (empty, '.' or '..' component)")
+    if path == MANIFEST_NAME:
+        raise UnsafePathError(f"unsafe path in manifest: {path!r} (reserved name)")
+    return path
+
+
+def check_checkpoint_id(cid: str) -> str:
+    """Return ``cid`` if it is a valid checkpoint id, else raise IntegrityError."""
+    if not isinstance(cid, str) or not _ID_RE.match(cid) or cid in _RESERVED_IDS:
+        raise IntegrityError(f"invalid checkpoint id: {cid!r}")
+    return cid
+
+
+class _Frozen(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid", strict=True)
+
+
+class FileEntry(_Frozen):
+    """One file of a checkpoint: its path relative to the checkpoint, size in bytes and checksum(s)."""
+
+    path: str
+    size: Annotated[int, Field(ge=0, le=MAX_FILE_SIZE)]
+    crc32c: str | None = None
+    sha256: str | None = None
+
+    @field_validator("path")
+    @classmethod
+    def _path(cls, v: str) -> str:
+        try:
+            return check_relative_path(v)
+        except UnsafePathError as e:
+            raise ValueError(str(e)) from None
+
+    @model_validator(mode="after")
+    def _checksum(self) -> FileEntry:
+        if self.crc32c is None and self.sha256 is None:
+            raise ValueError(f"file {self.path!r} has no checksum")
+        if self.crc32c is not None and not _HEX8.match(self.crc32c):
+            raise ValueError(f"file {self.path!r}: crc32c must be 8 lowercase hex digits")
+        if self.sha256 is not None and not _HEX64.match(self.sha256):
+            raise ValueError(f"file {self.path!r}: sha256 must be 64 lowercase hex digits")
+        return self
+
+
+class CheckpointEntry(_Frozen):
+    """A committed checkpoint as the index lists it."""
+
+    id: str
+    epoch: Annotated[int, Field(ge=0)] | None = None
+    step: Annotated[int, Field(ge=0)] | None = None
+    created: datetime
+    metrics: dict[str, float] = {}
+    files: tuple[FileEntry, ...]
+    size: Annotated[int, Field(ge=0)]
+    writer: str | None = None
+    pinned: bool = False
+    meta: dict[str, str] = {}
+
+    @field_validator("id")
+    @classmethod
+    def _id(cls, v: str) -> str:
+        if not _ID_RE.match(v) or v in _RESERVED_IDS:
+            raise ValueError(f"invalid checkpoint id {v!r}")
+        return v
+
+    @field_validator("metrics")
+    @classmethod
+    def _metrics(cls, v: dict[str, float]) -> dict[str, float]:
+        for name, value in v.items():
+            if not name or len(name) > 200:
+                raise ValueError(f"invalid metric name {name!r}")
+            if math.isinf(value):
+                raise ValueError(f"metric {name!r} is infinite")
+        return v
+
+    @model_validator(mode="after")
+    def _files(self) -> CheckpointEntry:
+        if not self.files:
+            raise ValueError(f"checkpoint {self.id!r} lists no files")
+        if len(self.files) > MAX_FILES:
+            raise ValueError(f"checkpoint {self.id!r} lists {len(self.files)} files (more than {MAX_FILES})")
+        paths = [f.path for f in self.files]
+        if len(set(paths)) != len(paths):
+            raise ValueError(f"checkpoint {self.id!r} lists a file twice")
+        prefixes = set()
+        for p in paths:
+            parts = p.split("/")
+            prefixes.update("/".join(parts[:i]) for i in range(1, len(parts)))
+        if prefixes & set(paths):
+            raise ValueError(f"checkpoint {self.id!r} lists a file that is also a directory")
+        if sum(f.size for f in self.files) != self.size:
+            raise ValueError(f"checkpoint {self.id!r}: size {self.size} is not the sum of its files")
+        return self
+
+    def summary(self, tags: list[str] | None = None) -> dict:
+        """The entry as plain JSON data (``ls --json`` rows), ``tags`` added."""
+        data = self.model_dump(mode="json")
+        data["tags"] = tags or []
+        return data
+
+
+class RunPolicy(_Frozen):
+    """What the run optimizes and keeps: monitor/mode pick the best; the keep-* counts drive retention."""
+
+    monitor: str | None = None
+    mode: Literal["min", "max"] = "min"
+    keep_best: Annotated[int, Field(ge=0)] | None = None
+    keep_last: Annotated[int, Field(ge=0)] | None = None
+    keep_every: Annotated[int, Field(ge=1)] | None = None
+
+
+class WriterLease(_Frozen):
+    """The writer that currently owns the run. A writer whose generation is lower has been superseded (fenced)."""
+
+    id: str
+    generation: Annotated[int, Field(ge=0)]
+    host: str = ""
+    since: datetime
+
+
+class Index(_Frozen):
+    """The run's index. ``seq`` counts updates; ``checkpoints`` are in commit order (oldest first)."""
+
+    schema_: Literal["cloudckpt/index"] = Field("cloudckpt/index", alias="schema")
+    schema_version: int = SCHEMA_VERSION
+    seq: Annotated[int, Field(ge=0)] = 0
+    run: RunPolicy = RunPolicy()
+    writer: WriterLease | None = None
+    checkpoints: tuple[CheckpointEntry, ...] = ()
+    best: str | None = None
+    latest: str | None = None
+
+    model_config = ConfigDict(frozen=True, extra="forbid", strict=True, populate_by_name=True)
+
+    @model_validator(mode="after")
+    def _consistent(self) -> Index:
+        if self.schema_version != SCHEMA_VERSION:
+            raise ValueError(f"unknown index schema_version {self.schema_version} (this cloudckpt reads {SCHEMA_VERSION})")
+        ids = [c.id for c in self.checkpoints]
+        if len(set(ids)) != len(ids):
+            raise ValueError("index lists a checkpoint id twice")
+        known = set(ids)
+        for name in ("best", "latest"):
+            ref = getattr(self, name)
+            if ref is not None and ref not in known:
+                raise ValueError(f"index {name}={ref!r} is not a listed checkpoint")
+        if ids and self.latest is None:
+            raise ValueError("index lists checkpoints but names no latest")
+        return self
+
+    # --- queries -------------------------------------------------------------------------------------------------
+
+    def get(self, cid: str) -> CheckpointEntry:
+        for c in self.checkpoints:
+            if c.id == cid:
+                return c
+        raise CheckpointNotFoundError(f"no checkpoint {cid!r} in this run")
+
+    def tags(self, cid: str) -> list[str]:
+        tags = [name for name in ("best", "latest") if getattr(self, name) == cid]
+        if any(c.id == cid and c.pinned for c in self.checkpoints):
+            tags.append("pinned")
+        return tags
+
+    def resolve(self, selector: str | int) -> CheckpointEntry:
+        """Find the checkpoint named by ``selector``: ``best``, ``latest``, an epoch number or a checkpoint id."""
+        if not self.checkpoints:
+            raise CheckpointNotFoundError("the run has no committed checkpoint")
+        sel = str(selector)
+        if sel == "latest":
+            return self.get(self.latest)  # type: ignore[arg-type]
+        if sel == "best":
+            if self.best is None:
+                raise CheckpointNotFoundError(
+                    f"no best checkpoint: the run's monitor {self.run.monitor!r} is in no checkpoint's metrics"
+                )
+            return self.get(self.best)
+        if sel.isdigit():
+            matches = [c for c in self.checkpoints if c.epoch == int(sel)]
+            if not matches:
+                raise CheckpointNotFoundError(f"no checkpoint for epoch {sel}")
+            return matches[-1]
+        return self.get(sel)
+
+    # --- pure updates (return a new Index) -------------------------------------------------------------------------
+
+    def with_checkpoint(self, entry: CheckpointEntry) -> Index:
+        if any(c.id == entry.id for c in self.checkpoints):
+            raise IntegrityError(f"checkpoint {entry.id!r} is already in the index")
+        return self._refreshed(self.checkpoints + (entry,), latest=entry.id)
+
+    def without(self, ids: set[str]) -> Index:
+        kept = tuple(c for c in self.checkpoints if c.id not in ids)
+        latest = self.latest if self.latest not in ids else (kept[-1].id if kept else None)
+        return self._refreshed(kept, latest=latest)
+
+    def with_policy(self, run: RunPolicy) -> Index:
+        return self._refreshed(self.checkpoints, latest=self.latest, run=run)
+
+    def with_writer(self, writer: WriterLease | None) -> Index:
+        return self.model_copy(update={"writer": writer, "seq": self.seq + 1})
+
+    def _refreshed(self, checkpoints: tuple[CheckpointEntry, ...], *, latest: str | None, run: RunPolicy | None = None) -> Index:
+        run = run or self.run
+        best = best_of(checkpoints, run.monitor, run.mode)
+        return self.model_copy(
+            update={"checkpoints": checkpoints, "latest": latest, "best": best, "run": run, "seq": self.seq + 1}
+        )
+
+
+def best_of(checkpoints: tuple[CheckpointEntry, ...], monitor: str | None, mode: str) -> str | None:
+    """Id of the best checkpoint by ``monitor`` and ``mode`` (ties go to the earliest), or None."""
+    if not monitor:
+        return None
+    scored = [c for c in checkpoints if monitor in c.metrics and not math.isnan(c.metrics[monitor])]
+    if not scored:
+        return None
+    pick = min if mode == "min" else max
+    return pick(scored, key=lambda c: c.metrics[monitor]).id
+
+
+class Manifest(_Frozen):
+    """A checkpoint's own manifest (``<run>/<id>/_cloudckpt_manifest.json``), written before the index lists it."""
+
+    schema_: Literal["cloudckpt/manifest"] = Field("cloudckpt/manifest", alias="schema")
+    schema_version: int = SCHEMA_VERSION
+    checkpoint: CheckpointEntry
+
+    model_config = ConfigDict(frozen=True, extra="forbid", strict=True, populate_by_name=True)
+
+
+def _parse(model: type[BaseModel], data: bytes, what: str):
+    try:
+        return model.model_validate_json(data, strict=True)
+    except ValidationError as e:
+        err = e.errors()[0]
+        version = _schema_version(data)
+        if version is not None and version != SCHEMA_VERSION:
+            raise IntegrityError(
+                f"{what} has schema_version {version}; this cloudckpt reads {SCHEMA_VERSION} (upgrade cloudckpt)"
+            ) from None
+        loc = ".".join(str(x) for x in err["loc"])
+        raise IntegrityError(f"{what} is invalid at {loc or '<root>'}: {err['msg']}") from None
+
+
+def _schema_version(data: bytes) -> object:
+    try:
+        raw = json.loads(data)
+    except (ValueError, UnicodeDecodeError, RecursionError):
+        return None
+    return raw.get("schema_version") if isinstance(raw, dict) else None
+
+
+def parse_index(data: bytes) -> Index:
+    """Parse and validate index bytes; raise IntegrityError on anything malformed."""
+    return _parse(Index, data, "index")
+
+
+def parse_manifest(data: bytes) -> Manifest:
+    """Parse and validate manifest bytes; raise IntegrityError on anything malformed."""
+    return _parse(Manifest, data, "manifest")
+
+
+def dump(model: BaseModel) -> bytes:
+    """Serialize an Index or Manifest to JSON bytes."""
+    return model.model_dump_json(by_alias=True, indent=None).encode()
+
+
+def utcnow() -> datetime:
+    return datetime.now(timezone.utc)

@@ -1,0 +1,79 @@
+"""Restoring a checkpoint into a local directory, all or nothing.
+
+Files are downloaded into a fresh temporary directory beside the target and verified; only then is the target
+replaced (a previous pull is moved aside and removed). A failed pull leaves the target as it was and no temporary
+files behind. The pulled directory carries ``.cloudckpt.json``, naming the checkpoint it holds; a non-empty target
+without that marker is never overwritten.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+import tempfile
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+from .backends import Backend
+from .errors import ConfigurationError
+from .manifest import CheckpointEntry
+from .transfer import Progress, download_verified
+
+log = logging.getLogger(__name__)
+MARKER = ".cloudckpt.json"
+
+
+def _check_target(target: Path) -> None:
+    if target.is_symlink():
+        raise ConfigurationError(f"{target}: is a symbolic link; pull into a real directory")
+    if target.exists() and not target.is_dir():
+        raise ConfigurationError(f"{target}: exists and is not a directory")
+    if target.is_dir() and any(target.iterdir()) and not (target / MARKER).is_file():
+        raise ConfigurationError(
+            f"{target}: is not empty and holds no earlier pull ({MARKER} missing); choose another --to or empty it"
+        )
+
+
+def pull_into(backend: Backend, entry: CheckpointEntry, target: Path, *, budget: float, pool: ThreadPoolExecutor,
+              progress: Progress | None = None, source_url: str = "") -> Path:
+    """Download ``entry`` into ``target`` verified; return the target path."""
+    target = Path(target).absolute()
+    _check_target(target)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.cloudckpt-pull-", dir=target.parent))
+    try:
+        download_verified(backend, entry.id, entry.files, staging, budget=budget, pool=pool, progress=progress)
+        marker = {"url": source_url or backend.url, "checkpoint": entry.summary()}
+        (staging / MARKER).write_text(json.dumps(marker, indent=1))
+        _swap_into_place(staging, target)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    log.info("pulled %s (%d files, %d bytes) into %s", entry.id, len(entry.files), entry.size, target)
+    return target
+
+
+def _swap_into_place(staging: Path, target: Path) -> None:
+    old = None
+    if target.exists():
+        old = Path(tempfile.mkdtemp(prefix=f".{target.name}.cloudckpt-old-", dir=target.parent))
+        os.replace(target, old / "old")
+    try:
+        os.replace(staging, target)
+    except BaseException:
+        if old is not None:
+            os.replace(old / "old", target)
+        raise
+    finally:
+        if old is not None:
+            shutil.rmtree(old, ignore_errors=True)
+
+
+def read_marker(directory: str | Path) -> dict | None:
+    """The checkpoint entry a pulled directory holds (its ``.cloudckpt.json``), or None."""
+    try:
+        return json.loads((Path(directory) / MARKER).read_text())
+    except (FileNotFoundError, ValueError):
+        return None

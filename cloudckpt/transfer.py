@@ -1,0 +1,140 @@
+"""Moving a checkpoint's files: scan and checksum local files, upload them in parallel with retries, download and
+verify them. Each file is one retried operation with its own wall-clock budget; the backend does the streaming."""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Callable, Iterable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+
+from . import retry
+from .backends import Backend
+from .checksum import file_checksums
+from .errors import ConfigurationError, IntegrityError, TransferError, UnsafePathError
+from .manifest import FileEntry, check_relative_path
+
+log = logging.getLogger(__name__)
+Progress = Callable[[int], None]
+
+
+@dataclass(frozen=True)
+class LocalFile:
+    """A file to push: where it is, and its path inside the checkpoint."""
+
+    path: Path
+    rel: str
+
+
+def scan(source: str | Path) -> list[LocalFile]:
+    """List the files of a checkpoint at ``source``: one file, or every file below a directory (sorted).
+
+    Symbolic links are refused (a checkpoint stores bytes, not links that may point anywhere).
+    """
+    root = Path(source)
+    if root.is_symlink():
+        raise UnsafePathError(f"{source}: is a symbolic link; push the file it points to")
+    if root.is_file():
+        return [LocalFile(root, check_relative_path(root.name))]
+    if not root.is_dir():
+        raise ConfigurationError(f"{source}: no such file or directory to push")
+    files = []
+    for dirpath, dirnames, filenames in os.walk(root):
+        for name in sorted(dirnames + filenames):
+            p = Path(dirpath) / name
+            if p.is_symlink():
+                raise UnsafePathError(f"{p}: symbolic links can't be part of a checkpoint")
+        for name in filenames:
+            p = Path(dirpath) / name
+            files.append(LocalFile(p, check_relative_path(p.relative_to(root).as_posix())))
+    if not files:
+        raise ConfigurationError(f"{source}: the directory is empty; nothing to push")
+    return sorted(files, key=lambda f: f.rel)
+
+
+def checksum_all(files: list[LocalFile], *, sha256: bool, pool: ThreadPoolExecutor) -> list[FileEntry]:
+    """FileEntry (size, crc32c[, sha256]) for every file, computed in ``pool`` (google-crc32c releases the GIL)."""
+
+    def one(f: LocalFile) -> FileEntry:
+        size = f.path.stat().st_size
+        sums = file_checksums(f.path, sha256=sha256)
+        if f.path.stat().st_size != size:
+            raise ConfigurationError(f"{f.path}: the file changed while it was read; push a finished checkpoint")
+        return FileEntry(path=f.rel, size=size, **sums)
+
+    return list(pool.map(one, files))
+
+
+def upload_all(backend: Backend, prefix: str, files: list[LocalFile], entries: list[FileEntry], *,
+               budget: float, pool: ThreadPoolExecutor, progress: Progress | None = None) -> None:
+    """Upload each file to ``<prefix>/<rel>`` and check it; raise TransferError when one can't be stored."""
+
+    def one(pair: tuple[LocalFile, FileEntry]) -> None:
+        f, e = pair
+        rel = f"{prefix}/{e.path}"
+        try:
+            retry.run(lambda: backend.upload(f.path, rel, size=e.size, crc32c=e.crc32c or ""), url=backend.url,
+                      what=f"upload {rel}", budget=budget, retry_on=retry.transient_or_mismatch)
+        except (TransferError, ConfigurationError) as exc:
+            raise exc
+        except Exception as exc:
+            typed = retry.permanent_error(exc, backend.url)
+            if typed is not None:
+                raise typed from exc
+            raise TransferError(f"{backend.url}/{rel}: upload failed after retries: {exc}") from exc
+        if progress:
+            progress(e.size)
+
+    _run_all(pool, one, zip(files, entries))
+
+
+def download_verified(backend: Backend, prefix: str, entries: Iterable[FileEntry], into: Path, *, budget: float,
+                      pool: ThreadPoolExecutor, progress: Progress | None = None) -> None:
+    """Download every entry below ``into`` (a fresh directory) and check size and checksums of each."""
+    base = into.resolve()
+
+    def one(e: FileEntry) -> None:
+        dest = into.joinpath(*e.path.split("/"))
+        if not dest.resolve().is_relative_to(base):
+            raise UnsafePathError(f"manifest path {e.path!r} escapes the target directory")
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        rel = f"{prefix}/{e.path}"
+
+        def fetch() -> None:
+            backend.download(rel, dest)
+            size = dest.stat().st_size
+            if size != e.size:
+                raise IntegrityError(f"{backend.url}/{rel}: downloaded {size} bytes, the index says {e.size}")
+
+        try:
+            retry.run(fetch, url=backend.url, what=f"download {rel}", budget=budget)
+        except FileNotFoundError as exc:
+            raise IntegrityError(f"{backend.url}/{rel}: listed in the index but missing from the store") from exc
+        except (IntegrityError, ConfigurationError, TransferError):
+            raise
+        except Exception as exc:
+            typed = retry.permanent_error(exc, backend.url)
+            if typed is not None:
+                raise typed from exc
+            raise TransferError(f"{backend.url}/{rel}: download failed after retries: {exc}") from exc
+        got = file_checksums(dest, sha256=e.sha256 is not None)
+        if (e.crc32c and got["crc32c"] != e.crc32c) or (e.sha256 and got.get("sha256") != e.sha256):
+            raise IntegrityError(f"{backend.url}/{rel}: checksum mismatch (crc32c {got['crc32c']}, expected {e.crc32c})")
+        if progress:
+            progress(e.size)
+
+    _run_all(pool, one, entries)
+
+
+def _run_all(pool: ThreadPoolExecutor, fn, items) -> None:
+    """Run ``fn`` over ``items`` in ``pool``; wait for all, then raise the first error (no stray threads left)."""
+    futures = [pool.submit(fn, item) for item in items]
+    first: BaseException | None = None
+    for fut in futures:
+        exc = fut.exception()
+        if exc is not None and first is None:
+            first = exc
+    if first is not None:
+        raise first

