@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from . import retry
+from . import failpoints, retry
 from .backends import open_backend
 from .commit import IndexKeeper
 from .errors import CheckpointNotFoundError, ConfigurationError, IntegrityError
@@ -179,9 +179,11 @@ class CheckpointStore:
                 upload_all(self.backend, cid, files, entries, budget=self.budget, pool=self._pool, progress=advance)
             entry = CheckpointEntry(id=cid, epoch=epoch, step=step, created=utcnow(), metrics=metrics,
                                     files=tuple(entries), size=total, writer=self.keeper.writer_id, meta=dict(meta or {}))
+            failpoints.hit("push.after_upload")
             manifest = dump(Manifest(checkpoint=entry))
             retry.run(lambda: self.backend.write_bytes(f"{cid}/{MANIFEST_NAME}", manifest), url=self.url,
                       what="write manifest", budget=self.budget)
+            failpoints.hit("push.after_manifest")
             overrides = {k: v for k, v in dict(monitor=monitor, mode=mode, keep_best=keep_best, keep_last=keep_last,
                                                 keep_every=keep_every).items() if v is not None}
             pruned: list[CheckpointEntry] = []
@@ -207,6 +209,7 @@ class CheckpointStore:
                      time.monotonic() - t0)
         finally:
             self._hold(cid, False)
+        failpoints.hit("push.after_index")
         self._delete_checkpoints(pruned)
         return entry
 
@@ -239,6 +242,7 @@ class CheckpointStore:
         self.index()  # a missing run is an error, not an empty prune
         self.keeper.update(change, what="prune")
         if not dry_run:
+            failpoints.hit("prune.after_index")
             self._delete_checkpoints(pruned)
             for c in pruned:
                 log.info("pruned %s from %s", c.id, self.url)
@@ -324,6 +328,7 @@ class CheckpointStore:
             listed = {f"{c.id}/{f.path}" for c in fresh.checkpoints for f in c.files}
             listed |= {f"{c.id}/{MANIFEST_NAME}" for c in fresh.checkpoints}
             doomed = [rel for rel in doomed if rel not in listed]
+            failpoints.hit("gc.before_delete")
             retry.run(lambda: self.backend.delete(doomed), url=self.url, what="gc delete", budget=self.budget)
             log.info("gc removed %d objects (%d bytes) from %s", len(doomed), plan.bytes, self.url)
         return GcReport(doomed, plan.bytes, sorted(plan.checkpoints), sorted(plan.kept_young), dry_run)
