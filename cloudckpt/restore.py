@@ -23,6 +23,8 @@ from .transfer import Progress, download_verified
 
 log = logging.getLogger(__name__)
 MARKER = ".cloudckpt.json"
+_UMASK = os.umask(0o022)
+os.umask(_UMASK)
 
 
 def _check_target(target: Path) -> None:
@@ -47,6 +49,7 @@ def pull_into(backend: Backend, entry: CheckpointEntry, target: Path, *, budget:
         download_verified(backend, entry.id, entry.files, staging, budget=budget, pool=pool, progress=progress)
         marker = {"url": source_url or backend.url, "checkpoint": entry.summary()}
         (staging / MARKER).write_text(json.dumps(marker, indent=1))
+        staging.chmod(0o777 & ~_UMASK)  # mkdtemp made it 0700; the restored directory gets normal permissions
         _swap_into_place(staging, target)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)

@@ -1,0 +1,324 @@
+"""The ``cloudckpt`` command: a thin layer over :class:`cloudckpt.CheckpointStore`.
+
+Each command checks its flags, calls the library, and prints through :func:`emit` (text, or ``--json`` on stdout).
+Errors are turned into one line on stderr and an exit code in :func:`main` only; ``CLOUDCKPT_DEBUG=1`` shows the
+traceback. Exit codes: 0 ok, 1 other error, 2 usage, 3 nothing matches, 4 integrity failure, 5 access or
+configuration error, 6 fenced (a newer writer took over the run).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import re
+import sys
+import traceback
+from collections.abc import Callable
+from typing import Any
+
+import click
+
+from .errors import CloudCkptError, IntegrityError
+from .manifest import CheckpointEntry, Index
+
+URL_ENV = "CLOUDCKPT_REMOTE"
+_SELECTOR_RE = re.compile(r"^(best|latest|\d+|ckpt-[A-Za-z0-9-]+)$")
+EXAMPLES = """
+\b
+Examples:
+  cloudckpt push ./ckpt --to s3://bucket/runs/r1 --epoch 3 --metric val_loss=0.31 --monitor val_loss
+  cloudckpt ls s3://bucket/runs/r1
+  cloudckpt pull best --from gs://bucket/runs/r1 --to ./checkpoint
+  CLOUDCKPT_REMOTE=./store cloudckpt pull latest --json
+  cloudckpt prune s3://bucket/runs/r1 --keep-best 2 --keep-last 3 --dry-run
+  cloudckpt sync ./checkpoints --to s3://bucket/runs/r1 --monitor val_loss --keep-last 3
+\b
+Exit codes: 0 ok, 1 other error, 2 usage, 3 nothing matches, 4 integrity failure,
+            5 access or configuration error, 6 fenced writer.
+"""
+
+
+def _parse_value(text: str) -> Any:
+    try:
+        return json.loads(text)
+    except ValueError:
+        return text
+
+
+def _pairs(values: tuple[str, ...], what: str, convert: Callable[[str], Any]) -> dict[str, Any]:
+    out = {}
+    for item in values:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise click.BadParameter(f"expected NAME=VALUE. Received: {item!r}", param_hint=what)
+        try:
+            out[key] = convert(value)
+        except ValueError:
+            raise click.BadParameter(f"{key}: {value!r} is not a number", param_hint=what) from None
+    return out
+
+
+def _store(ctx: click.Context, url: str | None):
+    from .store import CheckpointStore
+
+    url = url or os.environ.get(URL_ENV)
+    if not url:
+        raise click.UsageError(f"no store URL: pass one, or set ${URL_ENV}")
+    obj = ctx.find_root().obj
+    return CheckpointStore(url, progress=obj["progress"], **obj["storage_options"])
+
+
+def emit(data: Any, as_json: bool, text: Callable[[Any], str]) -> None:
+    """The one place results are printed: JSON on stdout with ``--json``, else human-readable text."""
+    click.echo(json.dumps(data, indent=2, default=str) if as_json else text(data))
+
+
+def _human(n: int) -> str:
+    size = float(n)
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if size < 1024 or unit == "TiB":
+            return f"{size:.0f} {unit}" if unit == "B" else f"{size:.1f} {unit}"
+        size /= 1024
+    return str(n)
+
+
+def _row(entry: CheckpointEntry, index: Index) -> dict:
+    return entry.summary(index.tags(entry.id))
+
+
+def _table(rows: list[dict]) -> str:
+    if not rows:
+        return "(no checkpoints)"
+    lines = [f"{'ID':<40} {'EPOCH':>5} {'STEP':>9} {'CREATED':<20} {'SIZE':>10}  METRICS / TAGS"]
+    for r in rows:
+        metrics = " ".join(f"{k}={v:.6g}" for k, v in r["metrics"].items())
+        tags = ",".join(r["tags"])
+        created = str(r["created"])[:19].replace("T", " ")
+        epoch = "" if r["epoch"] is None else r["epoch"]
+        step = "" if r["step"] is None else r["step"]
+        lines.append(f"{r['id']:<40} {epoch!s:>5} {step!s:>9} {created:<20} {_human(r['size']):>10}  {metrics}"
+                     + (f"  [{tags}]" if tags else ""))
+    return "\n".join(lines)
+
+
+json_flag = click.option("--json", "as_json", is_flag=True, help="Machine-readable output on stdout.")
+keep_flags = [
+    click.option("--keep-best", type=click.IntRange(min=0), help="Keep the K best by the run's monitor."),
+    click.option("--keep-last", type=click.IntRange(min=0), help="Keep the N most recent."),
+    click.option("--keep-every", type=click.IntRange(min=1), help="Keep every checkpoint whose epoch is a multiple of N."),
+]
+
+
+def with_keep(fn):
+    for opt in reversed(keep_flags):
+        fn = opt(fn)
+    return fn
+
+
+@click.group(epilog=EXAMPLES, context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 110})
+@click.option("--storage-option", "-o", "storage_options", multiple=True, metavar="KEY=VALUE",
+              help="Passed to the storage client (fsspec/boto3/google-cloud-storage), e.g. endpoint_url=..., verify_readback=true.")
+@click.option("--progress/--no-progress", default=None, help="Byte progress bars on stderr (default: only on a terminal).")
+@click.option("-v", "--verbose", count=True, help="-v: one line per save/commit/prune; -vv: debug.")
+@click.version_option(package_name="cloudckpt")
+@click.pass_context
+def cli(ctx: click.Context, storage_options: tuple[str, ...], progress: bool | None, verbose: int) -> None:
+    """Keep deep-learning checkpoints safe in S3, GCS or a local directory."""
+    level = logging.WARNING if verbose == 0 else logging.INFO if verbose == 1 else logging.DEBUG
+    logging.basicConfig(level=level, format="cloudckpt: %(levelname)s: %(message)s", stream=sys.stderr)
+    ctx.obj = {"storage_options": _pairs(storage_options, "--storage-option", _parse_value), "progress": progress}
+
+
+@cli.command("ls")
+@click.argument("url", required=False)
+@json_flag
+@click.pass_context
+def ls_cmd(ctx: click.Context, url: str | None, as_json: bool) -> None:
+    """List the committed checkpoints of the run at URL (default: $CLOUDCKPT_REMOTE)."""
+    with _store(ctx, url) as store:
+        index = store.index()
+        emit([_row(c, index) for c in index.checkpoints], as_json, _table)
+
+
+@cli.command("show")
+@click.argument("selector")
+@click.option("--from", "url", help="Run URL (default: $CLOUDCKPT_REMOTE).")
+@json_flag
+@click.pass_context
+def show_cmd(ctx: click.Context, selector: str, url: str | None, as_json: bool) -> None:
+    """Show one checkpoint: SELECTOR is best, latest, an epoch number or a checkpoint id."""
+    with _store(ctx, url) as store:
+        index = store.index()
+        row = _row(index.resolve(selector), index)
+        emit(row, as_json, lambda r: _table([r]) + "\n" + "\n".join(
+            f"  {f['path']}  {_human(f['size'])}  crc32c={f['crc32c']}" for f in r["files"]))
+
+
+@cli.command("pull")
+@click.argument("selector")
+@click.option("--from", "url", help="Run URL (default: $CLOUDCKPT_REMOTE).")
+@click.option("--to", "to", default="checkpoint", show_default=True, type=click.Path(file_okay=False),
+              help="Local directory to restore into (replaced only once everything verified).")
+@click.option("--fallback", is_flag=True, help="If the chosen checkpoint fails verification, take the newest older one that verifies.")
+@json_flag
+@click.pass_context
+def pull_cmd(ctx: click.Context, selector: str, url: str | None, to: str, fallback: bool, as_json: bool) -> None:
+    """Download a checkpoint, verified: SELECTOR is best, latest, an epoch number or a checkpoint id."""
+    with _store(ctx, url) as store:
+        result = store.pull(selector, to=to, fallback=fallback)
+        row = result.entry.summary()
+        row.update(path=str(result.path), skipped=list(result.skipped),
+                   local_files=[str(result.path.joinpath(*f.path.split("/"))) for f in result.entry.files])
+        if result.skipped:
+            click.echo(f"cloudckpt: warning: {', '.join(result.skipped)} failed verification; "
+                       f"restored {result.entry.id} instead", err=True)
+        emit(row, as_json, lambda r: f"pulled {r['id']} (epoch {r['epoch']}, {_human(r['size'])}) into {r['path']}")
+
+
+@cli.command("push")
+@click.argument("path", type=click.Path(exists=True))
+@click.option("--to", "url", help="Run URL (default: $CLOUDCKPT_REMOTE).")
+@click.option("--epoch", type=click.IntRange(min=0))
+@click.option("--step", type=click.IntRange(min=0))
+@click.option("--metric", "metrics", multiple=True, metavar="NAME=VALUE", help="A metric of this checkpoint (repeatable).")
+@click.option("--monitor", help="The metric that ranks checkpoints (becomes the run's policy).")
+@click.option("--mode", type=click.Choice(["min", "max"]), help="Whether lower or higher --monitor is better.")
+@with_keep
+@click.option("--sha256", is_flag=True, help="Also record sha256 checksums (crc32c is always recorded).")
+@json_flag
+@click.pass_context
+def push_cmd(ctx: click.Context, path: str, url: str | None, epoch: int | None, step: int | None,
+             metrics: tuple[str, ...], monitor: str | None, mode: str | None, keep_best: int | None,
+             keep_last: int | None, keep_every: int | None, sha256: bool, as_json: bool) -> None:
+    """Commit a file or directory (any framework's checkpoint) to the run."""
+    values = _pairs(metrics, "--metric", float)
+    with _store(ctx, url) as store:
+        entry = store.push(path, epoch=epoch, step=step, metrics=values, monitor=monitor, mode=mode,
+                           keep_best=keep_best, keep_last=keep_last, keep_every=keep_every, sha256=sha256)
+        emit(entry.summary(), as_json, lambda r: f"committed {r['id']} ({len(r['files'])} files, {_human(r['size'])})")
+
+
+@cli.command("prune")
+@click.argument("url", required=False)
+@with_keep
+@click.option("--dry-run", is_flag=True, help="Say what would be deleted; delete nothing.")
+@json_flag
+@click.pass_context
+def prune_cmd(ctx: click.Context, url: str | None, keep_best: int | None, keep_last: int | None,
+              keep_every: int | None, dry_run: bool, as_json: bool) -> None:
+    """Delete what retention doesn't keep (flags given, else the run's policy). Latest and best are always kept."""
+    with _store(ctx, url) as store:
+        pruned = store.prune(keep_best=keep_best, keep_last=keep_last, keep_every=keep_every, dry_run=dry_run)
+        verb = "would prune" if dry_run else "pruned"
+        emit({"dry_run": dry_run, "pruned": [c.summary() for c in pruned]}, as_json,
+             lambda r: "\n".join(f"{verb} {c['id']}" for c in r["pruned"]) or "nothing to prune")
+
+
+@cli.command("verify")
+@click.argument("args", nargs=-1, metavar="[URL] [SELECTOR]")
+@click.option("--all", "all_", is_flag=True, help="Verify every committed checkpoint.")
+@json_flag
+@click.pass_context
+def verify_cmd(ctx: click.Context, args: tuple[str, ...], all_: bool, as_json: bool) -> None:
+    """Download and check checkpoints' bytes against the index (default: latest). Exit 4 if any fails."""
+    url, selector = _split_url_selector(args)
+    if all_ and selector:
+        raise click.UsageError("give a SELECTOR or --all, not both")
+    with _store(ctx, url) as store:
+        results = store.verify(selector or "latest", all=all_)
+    rows = [{"id": r.id, "ok": r.ok, "error": r.error} for r in results]
+    emit(rows, as_json, lambda rs: "\n".join(
+        f"{'ok  ' if r['ok'] else 'FAIL'} {r['id']}" + (f": {r['error']}" if r["error"] else "") for r in rs))
+    bad = [r for r in results if not r.ok]
+    if bad:
+        raise IntegrityError(f"{len(bad)} of {len(results)} checkpoints failed verification (first: {bad[0].id})")
+
+
+def _split_url_selector(args: tuple[str, ...]) -> tuple[str | None, str | None]:
+    if len(args) > 2:
+        raise click.UsageError("expected at most [URL] [SELECTOR]")
+    if len(args) == 2:
+        return args[0], args[1]
+    if len(args) == 1:
+        return (None, args[0]) if _SELECTOR_RE.match(args[0]) else (args[0], None)
+    return None, None
+
+
+@cli.command("gc")
+@click.argument("url", required=False)
+@click.option("--dry-run", is_flag=True, help="Say what would be deleted; delete nothing.")
+@click.option("--min-age", type=click.FloatRange(min=0), default=3600.0, show_default=True,
+              help="Leave objects younger than this many seconds (uploads in flight).")
+@json_flag
+@click.pass_context
+def gc_cmd(ctx: click.Context, url: str | None, dry_run: bool, min_age: float, as_json: bool) -> None:
+    """Remove leftovers of crashed commits: objects no committed checkpoint owns."""
+    with _store(ctx, url) as store:
+        report = store.gc(dry_run=dry_run, min_age=min_age)
+    data = {"dry_run": dry_run, "deleted": report.deleted, "bytes": report.bytes, "checkpoints": report.checkpoints,
+            "kept_young": report.kept_young}
+    emit(data, as_json, lambda r: f"{'would remove' if dry_run else 'removed'} {len(r['deleted'])} objects "
+                                  f"({_human(r['bytes'])}) of {len(r['checkpoints'])} uncommitted checkpoints")
+
+
+@cli.command("sync")
+@click.argument("watch_dir", type=click.Path(exists=True, file_okay=False))
+@click.option("--to", "url", help="Run URL (default: $CLOUDCKPT_REMOTE).")
+@click.option("--monitor", help="The metric that ranks checkpoints.")
+@click.option("--mode", type=click.Choice(["min", "max"]))
+@with_keep
+@click.option("--name-pattern", help=r"Regex with named groups epoch, step and metrics, e.g. 'model-(?P<epoch>\d+)'.")
+@click.option("--settle", type=click.FloatRange(min=0), default=5.0, show_default=True,
+              help="Seconds a checkpoint must stay unchanged before it is committed.")
+@click.option("--poll", type=click.FloatRange(min=0.05), default=2.0, show_default=True, help="Seconds between scans.")
+@click.option("--exclusive", is_flag=True, help="Claim the run: fence out earlier writers.")
+@click.pass_context
+def sync_cmd(ctx: click.Context, watch_dir: str, url: str | None, monitor: str | None, mode: str | None,
+             keep_best: int | None, keep_last: int | None, keep_every: int | None, name_pattern: str | None,
+             settle: float, poll: float, exclusive: bool) -> None:
+    """Watch WATCH_DIR and commit each finished checkpoint until stopped (SIGTERM finishes what is in flight)."""
+    from .sync import SyncService
+
+    options = {k: v for k, v in dict(monitor=monitor, mode=mode, keep_best=keep_best, keep_last=keep_last,
+                                     keep_every=keep_every).items() if v is not None}
+    with _store(ctx, url) as store:
+        service = SyncService(store, watch_dir, settle=settle, poll=poll, name_pattern=name_pattern,
+                              push_options=options, exclusive=exclusive)
+        click.echo(f"cloudckpt sync: watching {watch_dir} -> {store.url}", err=True)
+        service.run_forever()
+        click.echo("cloudckpt sync: stopped", err=True)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point: run the CLI and map every error to its exit code in this one place."""
+    try:
+        cli.main(args=argv, prog_name="cloudckpt", standalone_mode=False)
+        return 0
+    except click.exceptions.Exit as e:
+        return e.exit_code
+    except click.UsageError as e:
+        click.echo(f"cloudckpt: usage error: {e.format_message()}", err=True)
+        return 2
+    except click.ClickException as e:
+        click.echo(f"cloudckpt: error: {e.format_message()}", err=True)
+        return e.exit_code
+    except (click.Abort, KeyboardInterrupt):
+        click.echo("cloudckpt: interrupted", err=True)
+        return 130
+    except CloudCkptError as e:
+        return _fail(e, e.exit_code)
+    except Exception as e:  # unexpected: still one line, traceback on request
+        return _fail(e, 1)
+
+
+def _fail(exc: BaseException, code: int) -> int:
+    if os.environ.get("CLOUDCKPT_DEBUG"):
+        traceback.print_exception(exc)
+    message = " ".join(str(exc).split()) or type(exc).__name__
+    click.echo(f"cloudckpt: error: {message}", err=True)
+    return code
+
+
+if __name__ == "__main__":
+    sys.exit(main())
