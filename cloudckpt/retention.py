@@ -47,7 +47,7 @@ class KeepLast:
     n: int
 
     def keep(self, records: Sequence[Record]) -> set[str]:
-        return {r.id for r in records[len(records) - self.n :]} if self.n > 0 else set()
+        return {r.id for r in records[max(0, len(records) - self.n) :]} if self.n > 0 else set()
 
 
 @dataclass(frozen=True)
