@@ -4,7 +4,8 @@ from __future__ import annotations
 
 from typing import Any
 
-from ..errors import ConfigurationError
+from ..errors import CloudCkptError, ConfigurationError
+from ..retry import permanent_error
 from .base import Backend, ObjectInfo
 
 __all__ = ["Backend", "ObjectInfo", "open_backend"]
@@ -34,7 +35,12 @@ def open_backend(url: str, storage_options: dict[str, Any] | None = None) -> Bac
     except ImportError as e:
         extra = {"s3": "s3", "s3a": "s3", "gs": "gcs", "gcs": "gcs"}.get(scheme, "all")
         raise ConfigurationError(f"{url}: a client library is missing ({e.name}); pip install 'cloudckpt[{extra}]'") from e
+    except CloudCkptError:
+        raise
     except (TypeError, ValueError) as e:
-        if isinstance(e, ConfigurationError):
-            raise
         raise ConfigurationError(f"{url}: bad storage options ({e})") from e
+    except Exception as e:
+        typed = permanent_error(e, url)
+        if typed is not None:
+            raise typed from e
+        raise

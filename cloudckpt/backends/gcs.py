@@ -1,9 +1,10 @@
-"""Google Cloud Storage: uploads and the index through google-cloud-storage (resumable uploads in bounded chunks,
-server crc32c compared with ours; index swapped with ``ifGenerationMatch``), downloads through gcsfs.
+"""Google Cloud Storage through google-cloud-storage: resumable uploads in bounded chunks with the server's crc32c
+compared with ours, streamed crc32c-checked downloads, and the index swapped with ``ifGenerationMatch``.
 
-Emulators: with ``STORAGE_EMULATOR_HOST`` set, anonymous credentials are used and gcsfs's gRPC storage-control probe
-(which an emulator doesn't serve and which stalls ~60 s per bucket) is turned off unless you set
-``GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT`` yourself.
+gcsfs is not used on this path: its ``get_file`` grew memory to most of the object's size (tests/test_large_files.py),
+and google-cloud-storage exposes the generation preconditions the commit needs. With ``STORAGE_EMULATOR_HOST`` set,
+anonymous credentials are used, and ``GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT=false`` is set for any gcsfs use in the
+same process (an emulator doesn't serve gcsfs's storage-control probe, which stalls ~60 s per bucket).
 """
 
 from __future__ import annotations
@@ -31,29 +32,35 @@ def _split(url: str) -> tuple[str, str]:
 class GCSBackend(Backend):
     verification = "server crc32c of the whole object compared with ours, and its size"
 
+    #: storage options understood here: ``token`` (a service-account JSON path, or "anon"), ``project``, ``chunk_size``
+    OPTIONS = {"token", "project", "chunk_size"}
+
     def __init__(self, url: str, storage_options: dict[str, Any] | None = None) -> None:
         super().__init__(url, storage_options)
         self.bucket_name, self.prefix = _split(self.url)
         opts = self.storage_options
-        self.chunk_size = int(opts.pop("chunk_size", 32 * _MB)) // (256 * 1024) * (256 * 1024)
+        unknown = set(opts) - self.OPTIONS
+        if unknown:
+            raise ConfigurationError(f"{url}: unknown GCS storage option(s) {sorted(unknown)}; known: {sorted(self.OPTIONS)}")
+        self.chunk_size = max(1, int(opts.get("chunk_size", 32 * _MB)) // (256 * 1024)) * (256 * 1024)
         emulator = os.environ.get("STORAGE_EMULATOR_HOST")
         if emulator:
             os.environ.setdefault("GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT", "false")
             opts.setdefault("token", "anon")
-        import gcsfs
         from google.cloud import storage
 
         project = opts.get("project") or os.environ.get("GOOGLE_CLOUD_PROJECT")
-        if emulator and opts.get("token") == "anon":
+        if opts.get("token") == "anon":
             from google.auth.credentials import AnonymousCredentials
 
             self.client = storage.Client(project=project or "cloudckpt", credentials=AnonymousCredentials())
-        elif isinstance(opts.get("token"), str) and os.path.isfile(opts["token"]):
+        elif opts.get("token") is not None:
+            if not (isinstance(opts["token"], str) and os.path.isfile(opts["token"])):
+                raise ConfigurationError(f"{url}: token must be 'anon' or a service-account JSON file. Received: {opts['token']!r}")
             self.client = storage.Client.from_service_account_json(opts["token"], project=project)
         else:
             self.client = storage.Client(project=project)
         self.bucket = self.client.bucket(self.bucket_name)
-        self.fs = gcsfs.GCSFileSystem(**opts)
 
     def _name(self, rel: str) -> str:
         return f"{self.prefix}/{rel}" if self.prefix else rel
@@ -97,7 +104,9 @@ class GCSBackend(Backend):
         self.check_uploaded(rel, crc32c)
 
     def download(self, rel: str, local: Path) -> None:
-        self.fs.get_file(f"{self.bucket_name}/{self._name(rel)}", str(local))
+        # google-cloud-storage streams to the file and checks the object's crc32c; gcsfs get_file grew RSS to
+        # most of the object's size here.
+        self.bucket.blob(self._name(rel)).download_to_filename(str(local), checksum="crc32c")
 
     def read_bytes(self, rel: str) -> bytes:
         return self.bucket.blob(self._name(rel)).download_as_bytes()

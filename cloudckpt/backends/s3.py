@@ -1,10 +1,10 @@
-"""S3 (and S3-compatible stores): data through boto3's transfer manager (streamed from disk, parallel parts, bounded
-memory), listing/reading/deleting through s3fs, and the index through boto3 conditional PutObject
-(``If-None-Match: *`` to create, ``If-Match: <etag>`` to swap).
+"""S3 (and S3-compatible stores) through boto3: uploads by the transfer manager (streamed from disk, parallel parts,
+bounded memory), downloads as one streaming GET, listing with ListObjectsV2 (no stale listing cache), and the index
+through conditional PutObject (``If-None-Match: *`` to create, ``If-Match: <etag>`` to swap).
 
-Why boto3 for the upload itself: s3fs ``put_file`` reads files under ~100 MiB whole into memory and buffers ~500 MiB
-per large file (shared/NOTES.md), which breaks the bounded-memory promise; boto3's TransferManager streams from
-disk and was 2x faster against the same server. Every request body carries a CRC32 that the server checks
+Why not s3fs on this path: ``put_file`` reads files under ~100 MiB whole into memory and buffers ~500 MiB per
+large file (shared/NOTES.md), ``get_file`` grew memory past the object's size (tests/test_large_files.py), and
+boto3's TransferManager was 2x faster against the same server. Any other fsspec URL still goes through fsspec. Every request body carries a CRC32 that the server checks
 (botocore's default flexible checksums); after the upload the object's size is compared, and a full-object CRC32
 reported by the server (single-part uploads) is compared with ours.
 """
@@ -42,24 +42,32 @@ def _crc32_b64(path: Path) -> str:
 class S3Backend(Backend):
     verification = "server-checked CRC32 of every request, object size, full-object CRC32 where the server has one"
 
+    #: storage options understood here (names follow s3fs where s3fs has one)
+    OPTIONS = {"key", "secret", "token", "endpoint_url", "profile", "region", "client_kwargs", "config_kwargs",
+               "part_size", "max_concurrency", "request_checksum_calculation"}
+
     def __init__(self, url: str, storage_options: dict[str, Any] | None = None) -> None:
         super().__init__(url, storage_options)
         self.bucket, self.prefix = _split(self.url)
         opts = self.storage_options
-        self.part_size = int(opts.pop("part_size", 16 * _MB))
-        self.max_concurrency = int(opts.pop("max_concurrency", 8))
-        checksum_mode = opts.pop("request_checksum_calculation", None)
+        unknown = set(opts) - self.OPTIONS
+        if unknown:
+            raise ConfigurationError(f"{url}: unknown S3 storage option(s) {sorted(unknown)}; known: {sorted(self.OPTIONS)}")
+        self.part_size = max(5 * _MB, int(opts.get("part_size", 16 * _MB)))
+        self.max_concurrency = max(1, int(opts.get("max_concurrency", 8)))
         import boto3
         import botocore.config
-        import s3fs
+        from boto3.s3.transfer import TransferConfig
 
         client_kwargs = dict(opts.get("client_kwargs") or {})
         config_kwargs = dict(opts.get("config_kwargs") or {})
         config_kwargs.setdefault("retries", {"mode": "standard", "max_attempts": 3})
-        if checksum_mode:
-            config_kwargs["request_checksum_calculation"] = checksum_mode
-            config_kwargs["response_checksum_validation"] = checksum_mode
-        opts["config_kwargs"] = config_kwargs
+        config_kwargs.setdefault("max_pool_connections", max(10, self.max_concurrency + 2))
+        if opts.get("request_checksum_calculation"):  # "when_required" for stores that reject CRC32 headers
+            config_kwargs["request_checksum_calculation"] = opts["request_checksum_calculation"]
+            config_kwargs["response_checksum_validation"] = opts["request_checksum_calculation"]
+        if opts.get("region"):
+            client_kwargs.setdefault("region_name", opts["region"])
         session = boto3.session.Session(profile_name=opts.get("profile"))
         self.client = session.client(
             "s3",
@@ -67,13 +75,9 @@ class S3Backend(Backend):
             aws_access_key_id=opts.get("key"),
             aws_secret_access_key=opts.get("secret"),
             aws_session_token=opts.get("token"),
-            config=botocore.config.Config(**config_kwargs, max_pool_connections=max(10, self.max_concurrency + 2)),
+            config=botocore.config.Config(**config_kwargs),
             **client_kwargs,
         )
-        self.fs = s3fs.S3FileSystem(**opts)
-        self.fs.retries = 2  # botocore already retries each request; s3fs's own loop would multiply it
-        from boto3.s3.transfer import TransferConfig
-
         self.transfer = TransferConfig(
             multipart_threshold=self.part_size, multipart_chunksize=self.part_size,
             max_concurrency=self.max_concurrency, use_threads=True,
@@ -122,7 +126,12 @@ class S3Backend(Backend):
         self.check_uploaded(rel, crc32c)
 
     def download(self, rel: str, local: Path) -> None:
-        self.fs.get_file(f"{self.bucket}/{self._key(rel)}", str(local))
+        # One streaming GET written in 8 MiB blocks: bounded memory (s3fs get_file grew RSS past the object size
+        # here), and no ranged GETs (which S3-compatible test servers serve by re-reading the whole object).
+        resp = self.client.get_object(Bucket=self.bucket, Key=self._key(rel))
+        with open(local, "wb") as f:
+            for chunk in resp["Body"].iter_chunks(8 * _MB):
+                f.write(chunk)
 
     def read_bytes(self, rel: str) -> bytes:
         return self.client.get_object(Bucket=self.bucket, Key=self._key(rel))["Body"].read()

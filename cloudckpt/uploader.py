@@ -1,0 +1,206 @@
+"""The background uploader: snapshots go in on the training thread, commits come out on a worker thread.
+
+Training hands over a finished checkpoint directory (:meth:`Uploader.submit`) that the uploader owns from then on —
+the caller snapshots into a staging directory (hard links or copies) so the next save can't change it mid-upload.
+A single worker thread pushes the jobs to the :class:`~cloudckpt.store.CheckpointStore` in order. If uploads fall
+behind, a new job supersedes the queued (not yet started) jobs that are not protected (protected = a new best):
+they are dropped and their staging removed, so the queue never grows without bound. Upload errors are logged as
+they happen; :meth:`Uploader.flush` waits (with a deadline) until everything queued has been committed or failed.
+
+Example:
+    >>> import tempfile, pathlib
+    >>> from cloudckpt.store import CheckpointStore
+    >>> store = CheckpointStore(tempfile.mkdtemp())
+    >>> up = Uploader(store)
+    >>> snap = pathlib.Path(tempfile.mkdtemp()) / "job"
+    >>> _ = snap.mkdir(), (snap / "model.weights.h5").write_bytes(b"w")
+    >>> up.submit(snap, dict(epoch=1, step=3, metrics={"val_loss": 0.5}, monitor="val_loss"))
+    >>> up.flush(30.0)
+    True
+    >>> up.close()
+    >>> store.latest().step
+    3
+"""
+
+from __future__ import annotations
+
+import logging
+import shutil
+import threading
+import time
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from .errors import StaleWriterError, TransferError
+from .manifest import CheckpointEntry
+from .store import CheckpointStore
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Job:
+    """One checkpoint to commit: a staged directory the uploader owns, and the keyword arguments of the push."""
+
+    path: Path
+    push_args: dict[str, Any]
+    protected: bool = False
+    seq: int = 0
+    entry: CheckpointEntry | None = None
+    error: BaseException | None = None
+    done: threading.Event = field(default_factory=threading.Event)
+
+
+def snapshot(files: dict[str, Path], into: Path) -> Path:
+    """Hard-link (or copy, across file systems) ``{relative name: source file}`` into the new directory ``into``."""
+    into.mkdir(parents=True)
+    for rel, src in files.items():
+        dst = into / rel
+        dst.parent.mkdir(parents=True, exist_ok=True)
+        if Path(src).is_dir():
+            shutil.copytree(src, dst)
+            continue
+        try:
+            dst.hardlink_to(src)
+        except OSError:
+            shutil.copy2(src, dst)
+    return into
+
+
+class Uploader:
+    """Commits staged checkpoint directories to ``store`` on one background thread, in order.
+
+    Args:
+        store: where to push.
+        on_commit: called on the worker thread with each committed :class:`CheckpointEntry` (and its job).
+            Default None.
+    """
+
+    def __init__(self, store: CheckpointStore, *, on_commit: Callable[[CheckpointEntry, Job], None] | None = None) -> None:
+        self.store = store
+        self.on_commit = on_commit
+        self._queue: deque[Job] = deque()
+        self._cond = threading.Condition()
+        self._active: Job | None = None
+        self._closed = False
+        self._seq = 0
+        self.committed: list[CheckpointEntry] = []
+        self.errors: list[tuple[Job, BaseException]] = []
+        self.dropped = 0
+        self.fatal: BaseException | None = None  # StaleWriterError: stop training
+        self.last_job: Job | None = None
+        self._thread = threading.Thread(target=self._run, name="cloudckpt-uploader", daemon=True)
+        self._thread.start()
+
+    # --- training thread ---------------------------------------------------------------------------------------
+
+    def submit(self, path: Path, push_args: dict[str, Any], *, protected: bool = False) -> Job:
+        """Queue the staged directory ``path`` (now owned by the uploader); return its job. Never blocks on I/O."""
+        with self._cond:
+            if self._closed:
+                raise RuntimeError("the uploader is closed")
+            self._seq += 1
+            job = Job(Path(path), dict(push_args), protected, self._seq)
+            superseded = [j for j in self._queue if not j.protected]
+            for j in superseded:
+                self._queue.remove(j)
+            self._queue.append(job)
+            self.last_job = job
+            self._cond.notify_all()
+        for j in superseded:
+            log.info("uploads are behind: checkpoint for epoch %s step %s superseded before upload",
+                     j.push_args.get("epoch"), j.push_args.get("step"))
+            self._discard(j, None)
+        self.dropped += len(superseded)
+        return job
+
+    def pending(self) -> int:
+        with self._cond:
+            return len(self._queue) + (self._active is not None)
+
+    def flush(self, timeout: float | None = None) -> bool:
+        """Wait until every queued job has been committed or has failed; False if ``timeout`` seconds passed first."""
+        deadline = None if timeout is None else time.monotonic() + timeout
+        with self._cond:
+            while self._queue or self._active is not None:
+                left = None if deadline is None else deadline - time.monotonic()
+                if left is not None and left <= 0:
+                    return False
+                self._cond.wait(left if left is not None else 1.0)
+        return True
+
+    def close(self, timeout: float | None = None) -> bool:
+        """Flush, then stop the worker thread. Returns whether everything queued was handled in time."""
+        ok = self.flush(timeout)
+        with self._cond:
+            self._closed = True
+            self._cond.notify_all()
+        if ok:
+            self._thread.join(timeout=5)
+        return ok
+
+    def raise_if_final_failed(self) -> None:
+        """Raise if the last submitted job did not commit (the final state is not safe in the store)."""
+        job = self.last_job
+        if job is None:
+            return
+        if job.error is not None:
+            raise TransferError(f"the final checkpoint could not be committed to {self.store.url}: {job.error}") \
+                from job.error
+        if job.entry is None:
+            raise TransferError(f"the final checkpoint was not committed to {self.store.url} (upload unfinished)")
+
+    # --- worker thread -----------------------------------------------------------------------------------------
+
+    def _discard(self, job: Job, error: BaseException | None) -> None:
+        job.error = error
+        shutil.rmtree(job.path, ignore_errors=True)
+        job.done.set()
+
+    def _run(self) -> None:
+        while True:
+            with self._cond:
+                while not self._queue and not self._closed:
+                    self._cond.wait()
+                if not self._queue:
+                    return
+                job = self._queue.popleft()
+                self._active = job
+            try:
+                self._push(job)
+            finally:
+                with self._cond:
+                    self._active = None
+                    self._cond.notify_all()
+
+    def _push(self, job: Job) -> None:
+        if self.fatal is not None:
+            self._discard(job, self.fatal)
+            return
+        t0 = time.monotonic()
+        try:
+            entry = self.store.push(job.path, **job.push_args)
+        except StaleWriterError as exc:
+            log.error("upload stopped: %s", exc)
+            self.fatal = exc
+            self.errors.append((job, exc))
+            self._discard(job, exc)
+            return
+        except Exception as exc:  # logged now, raised at train end if it was the final state
+            log.error("upload of checkpoint (epoch %s, step %s) to %s failed: %s", job.push_args.get("epoch"),
+                      job.push_args.get("step"), self.store.url, exc)
+            self.errors.append((job, exc))
+            self._discard(job, exc)
+            return
+        job.entry = entry
+        self.committed.append(entry)
+        log.debug("uploaded %s in %.2fs", entry.id, time.monotonic() - t0)
+        if self.on_commit is not None:
+            try:
+                self.on_commit(entry, job)
+            except Exception as exc:
+                log.warning("after committing %s: %s", entry.id, exc)
+        self._discard(job, None)

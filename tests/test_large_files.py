@@ -1,0 +1,55 @@
+"""Large files are streamed: pushing and pulling a file much larger than the memory it may use."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import textwrap
+
+import pytest
+
+SIZE = 256 * 2**20
+LIMIT = 128 * 2**20  # the promise: bounded memory, well under the file size
+
+SCRIPT = textwrap.dedent("""
+    import resource, sys, json
+    from cloudckpt import CheckpointStore
+    url, src, out, action = sys.argv[1:5]
+    store = CheckpointStore(url)
+    store.index() if action != "push" else None
+    base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    if action == "push":
+        store.push(src, epoch=1)
+    else:
+        store.pull("latest", to=out)
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    print(json.dumps({"base": base, "peak": peak}))
+""")
+
+
+def _run(url: str, src: str, out: str, action: str) -> dict:
+    import json
+
+    proc = subprocess.run([sys.executable, "-c", SCRIPT, url, src, out, action], capture_output=True, text=True,
+                          timeout=300, env=os.environ.copy())
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+@pytest.mark.parametrize("kind", ["local", "s3", "gcs"])
+def test_large_file_push_and_pull_stay_within_bounded_memory(kind, request, tmp_path):
+    url = request.getfixturevalue(f"{kind}_url")
+    src = tmp_path / "big.bin"
+    with open(src, "wb") as f:
+        for _ in range(SIZE // (16 * 2**20)):
+            f.write(os.urandom(16 * 2**20))
+    push = _run(url, str(src), "", "push")
+    pull = _run(url, "", str(tmp_path / "out"), "pull")
+    assert (tmp_path / "out" / "big.bin").stat().st_size == SIZE
+    with open(src, "rb") as a, open(tmp_path / "out" / "big.bin", "rb") as b:
+        while chunk := a.read(16 * 2**20):
+            assert chunk == b.read(16 * 2**20)
+    for name, m in (("push", push), ("pull", pull)):
+        added = m["peak"] - m["base"]
+        assert added < LIMIT, f"{kind} {name} grew RSS by {added / 2**20:.0f} MiB for a {SIZE / 2**20:.0f} MiB file"

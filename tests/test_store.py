@@ -1,0 +1,240 @@
+"""The store suite: the same behaviour on local, S3 (moto server) and GCS (fake-gcs-server)."""
+
+from __future__ import annotations
+
+import json
+import os
+import threading
+from pathlib import Path
+
+import pytest
+
+from cloudckpt import (
+    CheckpointNotFoundError,
+    CheckpointStore,
+    IntegrityError,
+    StaleWriterError,
+)
+from cloudckpt.checksum import file_checksums
+from cloudckpt.manifest import INDEX_NAME, MANIFEST_NAME
+
+
+def make_ckpt(root: Path, seed: int, files: int = 3) -> Path:
+    """A checkpoint directory with nested files whose bytes depend on ``seed``."""
+    root.mkdir(parents=True, exist_ok=True)
+    for i in range(files):
+        p = root / ("sub" if i % 2 else "") / f"part{i}.bin"
+        p.parent.mkdir(parents=True, exist_ok=True)
+        p.write_bytes(bytes([seed % 256]) * (1000 + i) + os.urandom(17))
+    return root
+
+
+def tree(root: Path) -> dict[str, bytes]:
+    return {p.relative_to(root).as_posix(): p.read_bytes() for p in sorted(root.rglob("*"))
+            if p.is_file() and p.name != ".cloudckpt.json"}
+
+
+def stored(store: CheckpointStore) -> set[str]:
+    return {o.rel for o in store.backend.list_objects()}
+
+
+def listed(store: CheckpointStore) -> set[str]:
+    index = store.index()
+    out = {INDEX_NAME}
+    for c in index.checkpoints:
+        out |= {f"{c.id}/{f.path}" for f in c.files} | {f"{c.id}/{MANIFEST_NAME}"}
+    return out
+
+
+def test_push_list_pull_roundtrip(store_url, tmp_path):
+    src = make_ckpt(tmp_path / "src", 1)
+    with CheckpointStore(store_url) as store:
+        entry = store.push(src, epoch=3, step=300, metrics={"val_loss": 0.25})
+        assert [c.id for c in store.list()] == [entry.id]
+        assert store.latest().id == entry.id
+        assert entry.size == sum(len(b) for b in tree(src).values())
+        assert {f.path for f in entry.files} == set(tree(src))
+        result = store.pull("latest", to=tmp_path / "out")
+    assert tree(result.path) == tree(src)
+    assert json.loads((result.path / ".cloudckpt.json").read_text())["checkpoint"]["id"] == entry.id
+    assert stored(store) == listed(store)  # readable layout: <run>/<id>/<relative path>, nothing else
+
+
+def test_best_latest_and_selectors(store_url, tmp_path):
+    with CheckpointStore(store_url) as store:
+        losses = [0.9, 0.3, 0.5]
+        ids = []
+        for epoch, loss in enumerate(losses, 1):
+            src = make_ckpt(tmp_path / f"e{epoch}", epoch, files=1)
+            ids.append(store.push(src, epoch=epoch, metrics={"val_loss": loss}, monitor="val_loss", mode="min").id)
+        assert store.best().id == ids[losses.index(min(losses))]
+        assert store.latest().id == ids[-1]
+        assert store.get(2).id == ids[1]
+        assert store.get(ids[0]).epoch == 1
+        with pytest.raises(CheckpointNotFoundError):
+            store.get(99)
+        with pytest.raises(FileNotFoundError):  # typed error is also the built-in
+            store.get("ckpt-nope-00000000")
+        pulled = store.pull("best", to=tmp_path / "best")
+        assert tree(pulled.path) == tree(tmp_path / "e2")
+
+
+def test_retention_on_commit_keeps_best_and_last(store_url, tmp_path):
+    losses = [0.5, 0.1, 0.7, 0.6, 0.8, 0.9]
+    with CheckpointStore(store_url) as store:
+        ids = []
+        for epoch, loss in enumerate(losses):
+            src = make_ckpt(tmp_path / f"e{epoch}", epoch, files=1)
+            ids.append(store.push(src, epoch=epoch, metrics={"loss": loss}, monitor="loss",
+                                  keep_best=1, keep_last=2).id)
+        remaining = [c.id for c in store.list()]
+        best = ids[losses.index(min(losses))]
+        assert remaining == [best] + ids[-2:]
+        assert stored(store) == listed(store)  # pruned objects are gone, not just unlisted
+
+
+def test_prune_command_and_dry_run(store_url, tmp_path):
+    with CheckpointStore(store_url) as store:
+        ids = [store.push(make_ckpt(tmp_path / f"e{e}", e, files=1), epoch=e).id for e in range(6)]
+        would = store.prune(keep_last=1, keep_every=2, dry_run=True)
+        assert [c.id for c in store.list()] == ids  # dry run deletes nothing
+        expected_kept = {ids[0], ids[2], ids[4], ids[5]}
+        assert {c.id for c in would} == set(ids) - expected_kept
+        store.prune(keep_last=1, keep_every=2)
+        assert {c.id for c in store.list()} == expected_kept
+        assert stored(store) == listed(store)
+
+
+def test_corrupted_object_is_refused_and_fallback_takes_older(store_url, tmp_path):
+    with CheckpointStore(store_url) as store:
+        good = store.push(make_ckpt(tmp_path / "a", 1), epoch=1)
+        bad = store.push(make_ckpt(tmp_path / "b", 2), epoch=2)
+        victim = bad.files[0]
+        # overwrite one stored object with same-size different bytes (bit rot / tampering)
+        store.backend.write_bytes(f"{bad.id}/{victim.path}", b"\x00" * victim.size)
+        target = tmp_path / "restored"
+        with pytest.raises(IntegrityError):
+            store.pull("latest", to=target)
+        assert not target.exists()  # nothing half-written
+        assert [p.name for p in tmp_path.iterdir() if "cloudckpt-pull" in p.name] == []
+        result = store.pull("latest", to=target, fallback=True)
+        assert result.entry.id == good.id and result.skipped == (bad.id,)
+        assert tree(result.path) == tree(tmp_path / "a")
+        verdict = {r.id: r.ok for r in store.verify(all=True)}
+        assert verdict == {good.id: True, bad.id: False}
+
+
+def test_tampered_index_is_an_integrity_error(store_url, tmp_path):
+    with CheckpointStore(store_url) as store:
+        store.push(make_ckpt(tmp_path / "a", 1, files=1), epoch=1)
+        data, token = store.backend.read_index()
+        doc = json.loads(data)
+        doc["checkpoints"][0]["files"][0]["path"] = "../../etc/passwd"
+        store.backend.write_index(json.dumps(doc).encode(), token)
+        with pytest.raises(IntegrityError, match="unsafe path"):
+            store.list()
+        with pytest.raises(ValueError):  # IntegrityError is also a ValueError
+            store.pull("latest", to=tmp_path / "x")
+        assert not (tmp_path / "x").exists()
+
+
+def test_fencing_superseded_writer_stops(store_url, tmp_path):
+    src = make_ckpt(tmp_path / "a", 1, files=1)
+    old = CheckpointStore(store_url)
+    new = CheckpointStore(store_url)
+    try:
+        old.claim()
+        old.push(src, epoch=1)
+        new.claim()  # the replacement instance starts while the old one still drains
+        with pytest.raises(StaleWriterError, match="superseded"):
+            old.push(src, epoch=2)
+        committed = new.push(src, epoch=2)
+        assert [c.epoch for c in new.list()] == [1, 2]
+        assert new.index().writer.id == new.keeper.writer_id
+        assert new.latest().id == committed.id
+    finally:
+        old.close()
+        new.close()
+
+
+def test_racing_writers_lose_no_update(store_url, tmp_path):
+    """Two writers (separate store objects, as two machines would be) commit concurrently: every commit is listed."""
+    rounds = 6 if store_url.startswith(("s3", "gs")) else 15
+    src = make_ckpt(tmp_path / "a", 1, files=1)
+    committed: list[str] = []
+    errors: list[BaseException] = []
+    lock = threading.Lock()
+
+    def writer(n: int) -> None:
+        with CheckpointStore(store_url, workers=2) as store:
+            for i in range(rounds):
+                try:
+                    e = store.push(src, epoch=n * 1000 + i)
+                    with lock:
+                        committed.append(e.id)
+                except BaseException as exc:  # noqa: BLE001 - collected and asserted below
+                    errors.append(exc)
+
+    threads = [threading.Thread(target=writer, args=(n,)) for n in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert errors == []
+    with CheckpointStore(store_url) as store:
+        assert sorted(c.id for c in store.list()) == sorted(committed)
+        assert len(committed) == 2 * rounds
+        assert store.index().seq >= 2 * rounds
+
+
+def test_gc_removes_leftovers_of_uncommitted_pushes(store_url, tmp_path):
+    with CheckpointStore(store_url) as store:
+        keep = store.push(make_ckpt(tmp_path / "a", 1), epoch=1)
+        # leftovers as a crashed commit leaves them: files uploaded, maybe a manifest, never indexed
+        store.backend.write_bytes("ckpt-e000002-deadbeef/part0.bin", b"orphan" * 100)
+        store.backend.write_bytes(f"ckpt-e000002-deadbeef/{MANIFEST_NAME}", b"{}")
+        store.backend.write_bytes("unrelated/user-file.txt", b"not ours")  # never touched by gc
+        young = store.gc(min_age=3600)
+        assert young.deleted == [] and young.kept_young == ["ckpt-e000002-deadbeef"]
+        plan = store.gc(min_age=0, dry_run=True)
+        assert set(plan.deleted) == {"ckpt-e000002-deadbeef/part0.bin", f"ckpt-e000002-deadbeef/{MANIFEST_NAME}"}
+        assert "ckpt-e000002-deadbeef/part0.bin" in stored(store)  # dry run
+        report = store.gc(min_age=0)
+        assert report.checkpoints == ["ckpt-e000002-deadbeef"]
+        assert stored(store) == listed(store) | {"unrelated/user-file.txt"}
+        assert store.verify(keep.id)[0].ok
+
+
+def test_pull_refuses_a_foreign_nonempty_target(store_url, tmp_path):
+    with CheckpointStore(store_url) as store:
+        store.push(make_ckpt(tmp_path / "a", 1, files=1), epoch=1)
+        target = tmp_path / "mine"
+        target.mkdir()
+        (target / "precious.txt").write_text("user data")
+        with pytest.raises(ValueError, match="not empty"):
+            store.pull("latest", to=target)
+        assert (target / "precious.txt").read_text() == "user data"
+        again = tmp_path / "again"
+        store.pull("latest", to=again)
+        second = store.push(make_ckpt(tmp_path / "b", 2, files=2), epoch=2)
+        store.pull("latest", to=again)  # a previous pull is replaced whole
+        assert tree(again) == tree(tmp_path / "b")
+        assert json.loads((again / ".cloudckpt.json").read_text())["checkpoint"]["id"] == second.id
+
+
+def test_empty_run_and_missing_run(store_url, tmp_path):
+    with CheckpointStore(store_url) as store:
+        with pytest.raises(CheckpointNotFoundError, match="no cloudckpt run"):
+            store.list()
+        with pytest.raises(CheckpointNotFoundError):
+            store.pull("latest", to=tmp_path / "x")
+        assert not (tmp_path / "x").exists()
+
+
+def test_sha256_recorded_and_checked(store_url, tmp_path):
+    src = make_ckpt(tmp_path / "a", 1, files=1)
+    with CheckpointStore(store_url) as store:
+        entry = store.push(src, epoch=1, sha256=True)
+        f = entry.files[0]
+        assert f.sha256 == file_checksums(src / f.path, sha256=True)["sha256"]
+        assert store.verify("latest")[0].ok
