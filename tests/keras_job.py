@@ -1,0 +1,99 @@
+"""A small deterministic Keras training job on scikit-learn's digits, run as a subprocess by the Keras tests.
+
+It prints ``STEP <global step>`` after every trained batch (flushed, so a parent can kill at a chosen point), can
+SIGKILL itself right after a chosen step, and writes the final weights to ``--out``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import signal
+import sys
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+
+import numpy as np  # noqa: E402
+import keras  # noqa: E402
+import tensorflow as tf  # noqa: E402
+from sklearn.datasets import load_digits  # noqa: E402
+
+from cloudckpt.keras import CloudCheckpoint  # noqa: E402
+
+
+def data():
+    x, y = load_digits(return_X_y=True)
+    return (x / 16.0).astype("float32"), y.astype("int64")
+
+
+def build_model():
+    model = keras.Sequential([keras.Input((64,)), keras.layers.Dense(32, activation="relu"),
+                              keras.layers.Dropout(0.2), keras.layers.Dense(10)])
+    model.compile(optimizer=keras.optimizers.Adam(1e-2),
+                  loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True), metrics=["accuracy"])
+    return model
+
+
+class Steps(keras.callbacks.Callback):
+    """Prints each trained global step; SIGKILLs or SIGTERMs this process after a chosen one."""
+
+    def __init__(self, ckpt, kill_at, signal_name, wait_commit):
+        super().__init__()
+        self.ckpt, self.kill_at, self.signal_name, self.wait_commit = ckpt, kill_at, signal_name, wait_commit
+        self.last = None
+
+    def on_train_batch_end(self, batch, logs=None):
+        step = int(self.model.optimizer.iterations.numpy())
+        if step == self.last:
+            return  # a skipped batch (resume)
+        self.last = step
+        print(f"STEP {step}", flush=True)
+        if self.kill_at is not None and step == self.kill_at:
+            if self.wait_commit:
+                self.ckpt.uploader.flush(60)
+            os.kill(os.getpid(), getattr(signal, self.signal_name))
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser()
+    p.add_argument("--remote", required=True)
+    p.add_argument("--filepath", required=True)
+    p.add_argument("--out")
+    p.add_argument("--epochs", type=int, default=3)
+    p.add_argument("--save-freq", default="epoch")
+    p.add_argument("--shuffle", action="store_true")
+    p.add_argument("--weights-only", action="store_true")
+    p.add_argument("--best-only", action="store_true")
+    p.add_argument("--kill-at", type=int)
+    p.add_argument("--signal", default="SIGKILL")
+    p.add_argument("--no-wait-commit", action="store_true")
+    p.add_argument("--no-checkpoint", action="store_true")
+    p.add_argument("--preemption", default="sigterm")
+    p.add_argument("--endpoints", default=None, help="JSON {cloud: url}")
+    p.add_argument("--deadline", type=float, default=25.0)
+    args = p.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(name)s %(levelname)s %(message)s", stream=sys.stderr)
+    keras.utils.set_random_seed(7)
+    tf.config.experimental.enable_op_determinism()
+    x, y = data()
+    model = build_model()
+    save_freq = args.save_freq if args.save_freq == "epoch" else int(args.save_freq)
+    ckpt = CloudCheckpoint(args.filepath, monitor="val_loss", save_best_only=args.best_only,
+                           save_weights_only=args.weights_only, save_freq=save_freq, remote=args.remote,
+                           preemption=args.preemption, preemption_deadline=args.deadline,
+                           preemption_endpoints=json.loads(args.endpoints) if args.endpoints else None)
+    callbacks = [] if args.no_checkpoint else [ckpt]
+    callbacks.append(Steps(ckpt, args.kill_at, args.signal, not args.no_wait_commit))
+    model.fit(x, y, batch_size=64, epochs=args.epochs, validation_split=0.2, shuffle=args.shuffle, verbose=0,
+              callbacks=callbacks)
+    if not args.no_checkpoint:
+        print(f"RESUMED_FROM {ckpt.resumed_from} SKIPPED {ckpt.batches_skipped}", flush=True)
+    if args.out:
+        np.savez(args.out, *model.get_weights())
+    print("DONE", flush=True)
+
+
+if __name__ == "__main__":
+    main()

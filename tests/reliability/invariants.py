@@ -1,0 +1,70 @@
+"""The store's promises, checked after every crash, fault and race: what the reliability suites assert.
+
+``check_run`` is the one invariant: the index parses, every listed checkpoint verifies, ``pull latest`` restores
+it, and ``gc(min_age=0)`` brings the stored objects back to exactly what the index lists (its files and manifests,
+plus ``index.json``).
+"""
+
+from __future__ import annotations
+
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+from cloudckpt import CheckpointStore, GcReport
+from cloudckpt.errors import CheckpointNotFoundError
+from cloudckpt.manifest import INDEX_NAME, MANIFEST_NAME, Index
+
+
+def listed_objects(index: Index) -> set[str]:
+    """Every object a committed run consists of: each listed checkpoint's files and manifest, and the index."""
+    rels = {INDEX_NAME}
+    for c in index.checkpoints:
+        rels |= {f"{c.id}/{f.path}" for f in c.files}
+        rels.add(f"{c.id}/{MANIFEST_NAME}")
+    return rels
+
+
+@dataclass
+class RunState:
+    """What :func:`check_run` found: the index (None when the run has no index yet) and what gc removed."""
+
+    index: Index | None
+    gc_deleted: list[str]
+
+
+def check_run(url: str, **storage_options) -> RunState:
+    """Assert every promise of a run at ``url`` holds; return what was found.
+
+    A run without an index (the writer died before its first commit) is valid when gc leaves nothing behind.
+    """
+    with CheckpointStore(url, budget=30, **storage_options) as store:
+        try:
+            index = store.index()
+        except CheckpointNotFoundError:
+            try:
+                report = store.gc(min_age=0)  # the first commit crashed: its leftovers go
+            except CheckpointNotFoundError:
+                report = GcReport()  # nothing at all was written
+            left = {o.rel for o in store.backend.list_objects()}
+            assert left == set(), f"no index, yet objects remain after gc: {sorted(left)}"
+            return RunState(None, report.deleted)
+        if index.checkpoints:
+            results = store.verify(all=True)
+            bad = [r for r in results if not r.ok]
+            assert not bad, f"listed checkpoints fail to verify: {bad}"
+            assert len(results) == len(index.checkpoints)
+            with tempfile.TemporaryDirectory(prefix="rel-pull-") as tmp:
+                pulled = store.pull("latest", to=Path(tmp) / "latest")
+                assert pulled.entry.id == index.latest
+                for f in pulled.entry.files:
+                    assert (pulled.path / f.path).stat().st_size == f.size
+        report = store.gc(min_age=0)
+        after = store.index()
+        assert after == index, "gc changed the index"
+        stored = {o.rel for o in store.backend.list_objects()}
+        expected = listed_objects(index)
+        assert stored == expected, (
+            f"after gc the store holds {sorted(stored - expected)} unlisted and misses {sorted(expected - stored)}"
+        )
+        return RunState(index, report.deleted)
