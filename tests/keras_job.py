@@ -44,6 +44,12 @@ class Steps(keras.callbacks.Callback):
         self.ckpt, self.kill_at, self.signal_name, self.wait_commit = ckpt, kill_at, signal_name, wait_commit
         self.last = None
 
+    def on_train_begin(self, logs=None):
+        self.last = int(self.model.optimizer.iterations.numpy())
+
+    def on_epoch_end(self, epoch, logs=None):
+        print("EPOCH", epoch + 1, json.dumps({k: float(v) for k, v in sorted(logs.items())}), flush=True)
+
     def on_train_batch_end(self, batch, logs=None):
         step = int(self.model.optimizer.iterations.numpy())
         if step == self.last:

@@ -1,0 +1,359 @@
+"""CloudCheckpoint: Keras' ModelCheckpoint, plus a store, exact resume and preemption handling."""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+import shutil
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import keras
+from keras import ops
+
+from ..errors import CheckpointNotFoundError
+from ..preemption import PreemptionWatch
+from ..store import CheckpointStore
+from ..uploader import Uploader, snapshot
+from . import resume as rs
+
+log = logging.getLogger(__name__)
+
+EXIT_PREEMPTED = 143
+"""Exit status after a preemption checkpoint (128 + SIGTERM, what orchestrators read as "terminated")."""
+
+DEFAULT_STORE_DIR = ".cloudckpt-store"
+
+
+class CloudCheckpoint(keras.callbacks.ModelCheckpoint):
+    """Keras' `ModelCheckpoint` that also commits every checkpoint to a store and resumes interrupted runs exactly.
+
+    Everything `keras.callbacks.ModelCheckpoint` does happens unchanged — same arguments, validation, file names
+    and save decisions, and the same local files written by Keras' own save. In addition, after each save point the
+    callback snapshots the file (a hard link into a staging directory outside the checkpoint folder) together with
+    the full training state (model, optimizer and metric variables, epoch, batch, best value) and hands it to a
+    background thread that commits it to ``remote``; training never waits on the network. If uploads fall behind,
+    queued checkpoints that are not a new best are superseded. At the end of training the callback commits the final
+    state and raises if it could not.
+
+    With ``resume=True`` and a committed checkpoint in ``remote``, the same ``model.fit(..., epochs=E)`` continues
+    where the run stopped: weights, optimizer state, epoch, the best value, and — mid-epoch — the batch position
+    (the batches already trained are skipped without computing them). Under `keras.utils.set_random_seed` and
+    `tf.config.experimental.enable_op_determinism()` the final weights are bit-identical to an uninterrupted run.
+
+    On SIGTERM or a cloud preemption notice (see :mod:`cloudckpt.preemption`) the callback checkpoints at the next
+    batch boundary, waits at most ``preemption_deadline`` seconds for the commit, and exits the process with status
+    ``143`` (:data:`EXIT_PREEMPTED`), so an orchestrator knows the work is unfinished; a restart resumes there.
+
+    Example:
+
+    ```python
+    callback = CloudCheckpoint("ckpt/checkpoint.weights.h5", save_weights_only=True, monitor="val_loss",
+                               save_best_only=True, remote="s3://bucket/runs/digits")
+    model.compile(optimizer="adam", loss="sparse_categorical_crossentropy", metrics=["accuracy"])
+    model.fit(x, y, validation_split=0.2, epochs=10, callbacks=[callback])   # a restart resumes here
+    model.load_weights("ckpt/checkpoint.weights.h5")
+    ```
+
+    Args:
+        filepath, monitor, verbose, save_best_only, save_weights_only, mode, save_freq, initial_value_threshold:
+            exactly as in `keras.callbacks.ModelCheckpoint`.
+        remote: the store URL (``s3://``, ``gs://``, ``file://`` or a path). Default None: ``$CLOUDCKPT_REMOTE`` if
+            set, else the local store ``<directory of filepath>/.cloudckpt-store``.
+        keep_best: best checkpoints (by ``monitor``/``mode``) kept in the store. Default 1.
+        keep_last: most recent checkpoints kept. Default 2.
+        keep_every_n_epochs: also keep the last checkpoint of every n-th epoch. Default None.
+        resume: continue from the store's latest checkpoint when there is one. Default True.
+        storage_options: options for the store's backend (e.g. ``endpoint_url``). Default None.
+        preemption: what triggers a preemption checkpoint: ``"auto"`` (SIGTERM, plus the metadata notices of the
+            cloud the machine runs on), a list of ``"sigterm"``/``"aws"``/``"gce"``/``"azure"``, or None. Default
+            ``"auto"``.
+        preemption_endpoints: metadata base URLs per cloud (tests point them at a local server). Default None.
+        preemption_deadline: seconds from the notice within which the checkpoint must be committed. Default 25
+            (GCE gives 30).
+        exit_on_preemption: exit the process with status 143 after a preemption checkpoint; if False, training just
+            stops and `preempted` is True. Default True.
+        staging_dir: where snapshots are staged; default a temporary directory on the same file system as the
+            checkpoint folder (so snapshots are hard links), else ``.cloudckpt-staging`` beside that folder.
+        store_budget: seconds each store operation may retry for. Default 300.
+    """
+
+    def __init__(self, filepath, monitor="val_loss", verbose=0, save_best_only=False, save_weights_only=False,
+                 mode="auto", save_freq="epoch", initial_value_threshold=None, *, remote: str | None = None,
+                 keep_best: int | None = 1, keep_last: int | None = 2, keep_every_n_epochs: int | None = None,
+                 resume: bool = True, storage_options: dict | None = None, preemption: Any = "auto",
+                 preemption_endpoints: dict | None = None, preemption_deadline: float = 25.0,
+                 exit_on_preemption: bool = True, staging_dir: str | None = None, store_budget: float = 300.0):
+        super().__init__(filepath, monitor=monitor, verbose=verbose, save_best_only=save_best_only,
+                         save_weights_only=save_weights_only, mode=mode, save_freq=save_freq,
+                         initial_value_threshold=initial_value_threshold)
+        for name, value in (("keep_best", keep_best), ("keep_last", keep_last)):
+            if value is not None and (not isinstance(value, int) or value < 0):
+                raise ValueError(f"`{name}` must be None or an integer >= 0. Received: {name}={value}")
+        if keep_every_n_epochs is not None and (not isinstance(keep_every_n_epochs, int) or keep_every_n_epochs < 1):
+            raise ValueError(f"`keep_every_n_epochs` must be None or an integer >= 1. "
+                             f"Received: keep_every_n_epochs={keep_every_n_epochs}")
+        if preemption_deadline <= 0:
+            raise ValueError(f"`preemption_deadline` must be > 0. Received: preemption_deadline={preemption_deadline}")
+        folder = Path(os.path.dirname(os.path.abspath(self.filepath)))
+        self.remote = remote or os.environ.get("CLOUDCKPT_REMOTE") or str(folder / DEFAULT_STORE_DIR)
+        self.keep_best, self.keep_last, self.keep_every_n_epochs = keep_best, keep_last, keep_every_n_epochs
+        self.resume = resume
+        self.storage_options = dict(storage_options or {})
+        self.preemption = preemption
+        self.preemption_endpoints = preemption_endpoints
+        self.preemption_deadline = preemption_deadline
+        self.exit_on_preemption = exit_on_preemption
+        self.staging_dir = staging_dir
+        self.store_budget = store_budget
+        self.preempted = False
+        self.resumed_from: str | None = None  # checkpoint id the last fit resumed from
+        self.batches_skipped = 0
+        self.stall_seconds: list[float] = []  # time each save point held training (Keras' save + our snapshot)
+        self.best_seen: float | None = None  # best monitored value over all save points (protects from coalescing)
+        self.store: CheckpointStore | None = None
+        self.uploader: Uploader | None = None
+        self._folder = folder
+        self._reset_run_state()
+
+    # --- fit lifecycle -----------------------------------------------------------------------------------------
+
+    def _reset_run_state(self) -> None:
+        self._epoch_in_progress = 0
+        self._skip: rs.SkipBatches | None = None
+        self._skip_epoch: int | None = None
+        self._skip_k = 0
+        self._saved_path: str | None = None
+        self._last_staged_step: int | None = None
+        self._watch: PreemptionWatch | None = None
+        self._notice_time: float | None = None
+        self._staging: Path | None = None
+        self._seq = 0
+
+    def on_train_begin(self, logs=None):
+        self._reset_run_state()
+        self.preempted = False
+        self.resumed_from, self.batches_skipped = None, 0
+        self.store = CheckpointStore(self.remote, budget=self.store_budget, **self.storage_options)
+        self.store.claim()
+        self._staging = self._make_staging()
+        if self.resume:
+            self._resume()
+        self.uploader = Uploader(self.store)
+        self._watch = PreemptionWatch(self.preemption, endpoints=self.preemption_endpoints)
+        self._watch.start()
+
+    def on_epoch_begin(self, epoch, logs=None):
+        super().on_epoch_begin(epoch, logs)
+        self._epoch_in_progress = epoch
+
+    def on_train_batch_end(self, batch, logs=None):
+        if self._skip_k and self._epoch_in_progress == self._skip_epoch and batch < self._skip_k:
+            return  # a batch trained before the interruption, skipped now
+        self._check_fatal()
+        super().on_train_batch_end(batch, logs)
+        if self._watch is not None and self._watch.triggered:
+            self._on_preemption(self._epoch_in_progress, batch, logs, epoch_done=False)
+
+    def on_epoch_end(self, epoch, logs=None):
+        if self.preempted:
+            return  # stopped mid-epoch: this is not a finished epoch
+        self._check_fatal()
+        super().on_epoch_end(epoch, logs)
+        if self._watch is not None and self._watch.triggered:
+            self._on_preemption(epoch, None, logs, epoch_done=True)
+
+    def on_train_end(self, logs=None):
+        try:
+            if self._skip is not None:
+                self._skip.uninstall()
+            if self.uploader is not None and not self.preempted:
+                step = self._step()
+                if self._last_staged_step != step:  # commit the final state, whatever the save schedule
+                    self._stage(self._epoch_in_progress, None, logs or {}, saved=None, epoch_done=True,
+                                position=self._epoch_in_progress + 1)
+                self.uploader.flush()
+                self.uploader.raise_if_final_failed()
+        finally:
+            self._cleanup()
+
+    def _cleanup(self) -> None:
+        if self.model is not None and getattr(self.model, "_initial_epoch", None) is not None:
+            self.model._initial_epoch = None
+        if self._watch is not None:
+            self._watch.stop()
+        if self.uploader is not None:
+            self.uploader.close(timeout=0 if self.preempted else None)
+        if self.store is not None:
+            self.store.close()
+        if self._staging is not None:
+            shutil.rmtree(self._staging, ignore_errors=True)
+
+    # --- saving ------------------------------------------------------------------------------------------------
+
+    def _should_save_model(self, epoch, batch, logs, filepath):
+        decision = super()._should_save_model(epoch, batch, logs, filepath)
+        if decision:
+            self._saved_path = filepath
+        return decision
+
+    def _save_model(self, epoch, batch, logs):
+        t0 = time.perf_counter()
+        self._saved_path = None
+        path = self._get_file_path(epoch, batch, logs or {})
+        try:
+            if "://" not in path and os.stat(path).st_nlink > 1:
+                os.unlink(path)  # a snapshot still holds this inode: let Keras write a new file
+        except FileNotFoundError:
+            pass
+        super()._save_model(epoch, batch, logs)
+        self._stage(epoch, batch, logs or {}, saved=self._saved_path, epoch_done=batch is None,
+                    position=epoch + 1 if batch is None else epoch)
+        self.stall_seconds.append(time.perf_counter() - t0)
+
+    def _mode(self) -> str:
+        if self.monitor_op is None:
+            try:
+                self._set_monitor_op()
+            except ValueError:
+                return "min"
+        return "max" if self.monitor_op is ops.greater else "min"
+
+    def _step(self) -> int:
+        return int(self.model.optimizer.iterations.numpy()) if getattr(self.model, "optimizer", None) else 0
+
+    def _stage(self, epoch: int, batch: int | None, logs: dict, *, saved: str | None, epoch_done: bool,
+               position: int) -> None:
+        """Snapshot the user's file (if Keras just saved it) and the resume state; queue them for upload."""
+        step = self._step()
+        metrics = {k: float(v) for k, v in logs.items() if _finite(v)}
+        current = metrics.get(self.monitor)
+        mode = self._mode()
+        improved = current is not None and (self.best_seen is None or (current < self.best_seen if mode == "min"
+                                                                       else current > self.best_seen))
+        if improved and saved is not None:
+            self.best_seen = current
+        if saved is None or "://" in saved:
+            saved = None
+            metrics.pop(self.monitor, None)  # a state-only checkpoint must never become the run's best
+        self._seq += 1
+        job_dir = self._staging / f"job-{self._seq:06d}"
+        snapshot({os.path.basename(saved): Path(saved)} if saved else {}, job_dir)
+        info = {
+            "epoch": epoch, "epoch_done": epoch_done, "batches_done": None if epoch_done else (batch or 0) + 1,
+            "initial_epoch": position, "global_step": step, "logs": metrics,
+            "best": None if self.best is None else float(self.best), "best_seen": self.best_seen,
+            "batches_seen_since_last_saving": self._batches_seen_since_last_saving,
+            "last_batch_seen": self._last_batch_seen,
+            "user_file": os.path.basename(saved) if saved else None, "local_path": saved,
+            "keras_version": keras.__version__,
+        }
+        rs.write_state(job_dir, self.model, info)
+        meta = {"kind": "model" if saved else "state", "batch": str(info["batches_done"] or 0),
+                "epoch_done": str(epoch_done).lower()}
+        if saved:
+            meta["file"] = os.path.basename(saved)
+            meta["local_path"] = saved
+        self.uploader.submit(job_dir, dict(epoch=epoch + 1, step=step, metrics=metrics, meta=meta,
+                                           monitor=self.monitor, mode=mode, keep_best=self.keep_best,
+                                           keep_last=self.keep_last, keep_every=self.keep_every_n_epochs),
+                             protected=bool(improved and saved))
+        self._last_staged_step = step
+
+    # --- preemption --------------------------------------------------------------------------------------------
+
+    def _on_preemption(self, epoch: int, batch: int | None, logs, *, epoch_done: bool) -> None:
+        if self.preempted:
+            return
+        self.preempted = True
+        self._notice_time = time.monotonic()
+        if self._last_staged_step != self._step():
+            self._stage(epoch, batch, logs or {}, saved=None, epoch_done=epoch_done,
+                        position=epoch + 1 if epoch_done else epoch)
+        ok = self.uploader.flush(self.preemption_deadline)
+        elapsed = time.monotonic() - self._notice_time
+        if ok and self.uploader.last_job is not None and self.uploader.last_job.entry is not None:
+            log.warning("preemption (%s): checkpoint %s at step %d committed %.2fs after the notice; stopping",
+                        self._watch.reason, self.uploader.last_job.entry.id, self._step(), elapsed)
+        else:
+            log.error("preemption (%s): the checkpoint was NOT committed within %.0fs; a restart resumes from the "
+                      "latest committed one", self._watch.reason, self.preemption_deadline)
+        self.model.stop_training = True
+        if self.exit_on_preemption:
+            if self._skip is not None:
+                self._skip.uninstall()
+            self._cleanup()
+            raise SystemExit(EXIT_PREEMPTED)
+
+    def _check_fatal(self) -> None:
+        if self.uploader is not None and self.uploader.fatal is not None:
+            raise self.uploader.fatal
+
+    # --- resume ------------------------------------------------------------------------------------------------
+
+    def _make_staging(self) -> Path:
+        root = self.staging_dir or os.environ.get("CLOUDCKPT_STAGING")
+        if root is None:
+            self._folder.mkdir(parents=True, exist_ok=True)
+            tmp = tempfile.gettempdir()
+            same = os.stat(tmp).st_dev == os.stat(self._folder).st_dev
+            root = tmp if same else str(self._folder.parent / ".cloudckpt-staging")
+        Path(root).mkdir(parents=True, exist_ok=True)
+        return Path(tempfile.mkdtemp(prefix="cloudckpt-staging-", dir=root))
+
+    def _resume(self) -> None:
+        try:
+            latest = self.store.latest()
+        except CheckpointNotFoundError:
+            log.info("no checkpoint in %s: starting from scratch", self.store.url)
+            return
+        pulled = self.store.pull(latest.id, to=self._staging / "resume")
+        info, arrays = rs.read_state(pulled.path)
+        rs.restore_variables(self.model, info, arrays)
+        self._restore_local_files(latest, pulled.path)
+        self.best = info.get("best")
+        self.best_seen = info.get("best_seen")
+        self._batches_seen_since_last_saving = info.get("batches_seen_since_last_saving", 0)
+        self._last_batch_seen = info.get("last_batch_seen")
+        self._last_staged_step = info.get("global_step")
+        self.model._initial_epoch = info["initial_epoch"]
+        self.resumed_from = latest.id
+        k = 0 if info["epoch_done"] else int(info["batches_done"] or 0)
+        if k:
+            self._skip_epoch = info["epoch"]
+            self._skip = rs.SkipBatches(self.model, k, info.get("logs", {}),
+                                        lambda data: rs.restore_metrics(self.model, info, arrays, data))
+            self.batches_skipped = self._skip_k = k
+        log.info("resumed from %s (%s): epoch %d, %d batches into it, global step %d, best %s", latest.id,
+                 self.store.url, info["epoch"] + 1, k, info["global_step"], self.best)
+        shutil.rmtree(pulled.path, ignore_errors=True)
+
+    def _restore_local_files(self, latest, pulled: Path) -> None:
+        """Put back the user's checkpoint files (latest and best) that this machine doesn't have."""
+        wanted = [latest]
+        try:
+            best = self.store.best()
+            if best.id != latest.id:
+                wanted.append(best)
+        except CheckpointNotFoundError:
+            pass
+        for entry in wanted:
+            local, name = entry.meta.get("local_path"), entry.meta.get("file")
+            if not local or not name or os.path.exists(local):
+                continue
+            src = pulled if entry.id == latest.id else self.store.pull(entry.id, to=self._staging / "best").path
+            os.makedirs(os.path.dirname(os.path.abspath(local)), exist_ok=True)
+            shutil.copy2(src / name, local)
+            log.info("restored %s from checkpoint %s", local, entry.id)
+
+
+def _finite(value: Any) -> bool:
+    try:
+        return math.isfinite(float(value))
+    except (TypeError, ValueError):
+        return False
+
+
