@@ -1,0 +1,131 @@
+#!/usr/bin/env bash
+# AWS spot launch-template user-data: install cloudckpt, restore the latest checkpoint, resume training.
+#
+# cloud-init runs this once per instance (stage "boot"): it installs cloudckpt into a venv, copies itself to
+# $CLOUDCKPT_HOME/bin and starts itself again as the systemd unit cloudckpt-train (stage "run"). The unit pulls the
+# latest checkpoint (`cloudckpt pull latest`; exit code 3 means the run has none yet: start fresh), then runs the
+# training command with CLOUDCKPT_RESUME_DIR set. On a spot interruption systemd sends SIGTERM and waits
+# CLOUDCKPT_STOP_TIMEOUT seconds (the AWS notice is 2 minutes; the cloudckpt callback flushes within its deadline).
+# A training exit with CLOUDCKPT_PREEMPT_EXIT_CODE (the instance survived, e.g. a rebalance signal) or a
+# transient failure restarts the unit, which restores again; usage/integrity/access/fencing errors do not.
+#
+# Settings: the environment first, else the instance's tags through IMDSv2 (the launch template must set
+# instance_metadata_tags = "enabled"; see terraform/examples/aws):
+#   CLOUDCKPT_REMOTE             tag cloudckpt-remote         s3://bucket/runs/name (required)
+#   TRAIN_COMMAND                tag cloudckpt-train-command  training command, run by bash -c (required)
+#   TRAIN_PACKAGE                tag cloudckpt-train-package  pip requirement with the training code (optional)
+#   CLOUDCKPT_SPEC               pip requirement for cloudckpt (default "cloudckpt[s3,keras]")
+#   CLOUDCKPT_HOME               venv, checkpoint and working directory (default /opt/cloudckpt)
+#   CLOUDCKPT_VENV               virtualenv holding cloudckpt (default $CLOUDCKPT_HOME/venv)
+#   CLOUDCKPT_USER               user that trains (default cloudckpt; created when missing)
+#   CLOUDCKPT_PREEMPT_EXIT_CODE  training's exit code after a preemption flush (default 75, see docs/deploy.md)
+#   CLOUDCKPT_STOP_TIMEOUT       seconds from SIGTERM to SIGKILL (default 45 > the callback's 30 s flush deadline)
+#   CLOUDCKPT_INSTALL            1 (default) installs cloudckpt; 0 uses the one in CLOUDCKPT_VENV as it is
+#   CLOUDCKPT_LAUNCH             systemd (default) or exec: restore and train in the foreground, no systemd
+#   CLOUDCKPT_METADATA           1 (default) reads unset settings from instance tags; 0 never asks IMDS
+set -euo pipefail
+
+readonly IMDS=http://169.254.169.254/latest
+STAGE=${1:-boot}
+
+log() { printf 'cloudckpt-user-data: %s\n' "$*" >&2; }
+
+imds_tag() {
+  local token
+  token=$(curl -fsS -X PUT "$IMDS/api/token" -H "X-aws-ec2-metadata-token-ttl-seconds: 300") || return 1
+  curl -fsS -H "X-aws-ec2-metadata-token: $token" "$IMDS/meta-data/tags/instance/$1"
+}
+
+setting() { # setting NAME TAG [DEFAULT]: the variable if set (even empty), else the instance tag, else the default
+  local name=$1 tag=$2 default=${3-} value
+  if [[ -n ${!name+set} ]]; then
+    value=${!name}
+  elif [[ ${CLOUDCKPT_METADATA:-1} == 0 ]] || ! value=$(imds_tag "$tag" 2>/dev/null); then
+    value=$default
+  fi
+  printf '%s' "$value"
+}
+
+CLOUDCKPT_HOME=${CLOUDCKPT_HOME:-/opt/cloudckpt}
+CLOUDCKPT_VENV=${CLOUDCKPT_VENV:-$CLOUDCKPT_HOME/venv}
+CLOUDCKPT_SPEC=${CLOUDCKPT_SPEC:-cloudckpt[s3,keras]}
+CLOUDCKPT_USER=${CLOUDCKPT_USER:-cloudckpt}
+CLOUDCKPT_PREEMPT_EXIT_CODE=${CLOUDCKPT_PREEMPT_EXIT_CODE:-75}
+CLOUDCKPT_STOP_TIMEOUT=${CLOUDCKPT_STOP_TIMEOUT:-45}
+CLOUDCKPT_INSTALL=${CLOUDCKPT_INSTALL:-1}
+CLOUDCKPT_LAUNCH=${CLOUDCKPT_LAUNCH:-systemd}
+CKPT_DIR=$CLOUDCKPT_HOME/checkpoint
+
+CLOUDCKPT_REMOTE=$(setting CLOUDCKPT_REMOTE cloudckpt-remote)
+TRAIN_COMMAND=$(setting TRAIN_COMMAND cloudckpt-train-command)
+TRAIN_PACKAGE=$(setting TRAIN_PACKAGE cloudckpt-train-package)
+[[ -n $CLOUDCKPT_REMOTE ]] || { log "CLOUDCKPT_REMOTE is not set (env or tag cloudckpt-remote)"; exit 2; }
+[[ -n $TRAIN_COMMAND ]] || { log "TRAIN_COMMAND is not set (env or tag cloudckpt-train-command)"; exit 2; }
+export CLOUDCKPT_REMOTE
+
+install_cloudckpt() {
+  if ! python3 -m venv --help >/dev/null 2>&1; then
+    if command -v apt-get >/dev/null; then
+      apt-get update -q && apt-get install -y -q python3-venv
+    else
+      dnf install -y -q python3
+    fi
+  fi
+  mkdir -p "$CLOUDCKPT_HOME"
+  [[ -x $CLOUDCKPT_VENV/bin/python ]] || python3 -m venv "$CLOUDCKPT_VENV"
+  "$CLOUDCKPT_VENV/bin/pip" install -q --upgrade pip
+  local packages=("$CLOUDCKPT_SPEC")
+  [[ -z $TRAIN_PACKAGE ]] || packages+=("$TRAIN_PACKAGE")
+  "$CLOUDCKPT_VENV/bin/pip" install -q "${packages[@]}"
+  id -u "$CLOUDCKPT_USER" >/dev/null 2>&1 || useradd --system --home-dir "$CLOUDCKPT_HOME" "$CLOUDCKPT_USER"
+  chown -R "$CLOUDCKPT_USER:" "$CLOUDCKPT_HOME"
+}
+
+restore() { # pull the latest checkpoint into CKPT_DIR; set CLOUDCKPT_RESUME_DIR, empty for a fresh start
+  local rc attempt
+  for attempt in 1 2 3; do
+    rc=0
+    "$CLOUDCKPT_VENV/bin/cloudckpt" pull latest --from "$CLOUDCKPT_REMOTE" --to "$CKPT_DIR" --fallback || rc=$?
+    case $rc in
+      0) log "restored the latest checkpoint of $CLOUDCKPT_REMOTE into $CKPT_DIR"
+         CLOUDCKPT_RESUME_DIR=$CKPT_DIR; return 0 ;;
+      3) log "no checkpoint at $CLOUDCKPT_REMOTE yet: starting fresh"
+         rm -rf "$CKPT_DIR"; CLOUDCKPT_RESUME_DIR=""; return 0 ;;
+      1) log "pull failed (exit 1), attempt $attempt of 3"; sleep $((attempt * 10)) ;;
+      *) log "pull failed with exit code $rc: not retrying"; exit "$rc" ;;
+    esac
+  done
+  exit "$rc"
+}
+
+run_training() {
+  restore
+  export CLOUDCKPT_RESUME_DIR CLOUDCKPT_PREEMPT_EXIT_CODE
+  cd "$CLOUDCKPT_HOME"
+  log "training: $TRAIN_COMMAND (resume from: ${CLOUDCKPT_RESUME_DIR:-nothing})"
+  exec bash -c "$TRAIN_COMMAND"
+}
+
+case $STAGE in
+  run)
+    run_training ;;
+  boot)
+    [[ $CLOUDCKPT_INSTALL == 0 ]] || install_cloudckpt
+    if [[ $CLOUDCKPT_LAUNCH == exec ]]; then
+      run_training
+    fi
+    install -D -m 0755 "${BASH_SOURCE[0]}" "$CLOUDCKPT_HOME/bin/resume-train.sh"
+    systemd-run --unit=cloudckpt-train --uid="$CLOUDCKPT_USER" --collect \
+      --property=Restart=on-failure --property=RestartSec=10 \
+      --property="RestartPreventExitStatus=2 4 5 6" \
+      --property=KillSignal=SIGTERM --property=TimeoutStopSec="$CLOUDCKPT_STOP_TIMEOUT" \
+      --setenv=HOME="$CLOUDCKPT_HOME" --setenv=CLOUDCKPT_HOME="$CLOUDCKPT_HOME" \
+      --setenv=CLOUDCKPT_VENV="$CLOUDCKPT_VENV" --setenv=CLOUDCKPT_REMOTE="$CLOUDCKPT_REMOTE" \
+      --setenv=TRAIN_COMMAND="$TRAIN_COMMAND" --setenv=TRAIN_PACKAGE="$TRAIN_PACKAGE" \
+      --setenv=CLOUDCKPT_PREEMPT_EXIT_CODE="$CLOUDCKPT_PREEMPT_EXIT_CODE" \
+      --setenv=PATH="$CLOUDCKPT_VENV/bin:/usr/local/bin:/usr/bin:/bin" \
+      "$CLOUDCKPT_HOME/bin/resume-train.sh" run
+    log "started systemd unit cloudckpt-train (journalctl -u cloudckpt-train)" ;;
+  *)
+    log "unknown stage $STAGE (boot or run)"; exit 2 ;;
+esac

@@ -1,0 +1,132 @@
+#!/usr/bin/env bash
+# GCE spot / preemptible VM startup script: install cloudckpt, restore the latest checkpoint, resume training.
+#
+# The guest agent runs this at every boot (stage "boot"): it installs cloudckpt into a venv (once), copies itself to
+# $CLOUDCKPT_HOME/bin and starts itself again as the systemd unit cloudckpt-train (stage "run"). The unit pulls the
+# latest checkpoint (`cloudckpt pull latest`; exit code 3 means the run has none yet: start fresh), then runs the
+# training command with CLOUDCKPT_RESUME_DIR set. On preemption GCE sends an ACPI soft-off and powers the VM off
+# 30 s later: systemd sends SIGTERM to training at once, so the cloudckpt callback's flush deadline must fit in
+# that window (about 25 s; see docs/deploy.md). A training exit with CLOUDCKPT_PREEMPT_EXIT_CODE or a transient
+# failure restarts the unit, which restores again; usage/integrity/access/fencing errors do not. A VM stopped by
+# preemption and started again (instance_termination_action = "STOP") runs this script again and resumes.
+#
+# Settings: the environment first, else the VM's metadata attributes (see terraform/examples/gcp):
+#   CLOUDCKPT_REMOTE             attribute cloudckpt-remote         gs://bucket/runs/name (required)
+#   TRAIN_COMMAND                attribute cloudckpt-train-command  training command, run by bash -c (required)
+#   TRAIN_PACKAGE                attribute cloudckpt-train-package  pip requirement with the training code (optional)
+#   CLOUDCKPT_SPEC               pip requirement for cloudckpt (default "cloudckpt[gcs,keras]")
+#   CLOUDCKPT_HOME               venv, checkpoint and working directory (default /opt/cloudckpt)
+#   CLOUDCKPT_VENV               virtualenv holding cloudckpt (default $CLOUDCKPT_HOME/venv)
+#   CLOUDCKPT_USER               user that trains (default cloudckpt; created when missing)
+#   CLOUDCKPT_PREEMPT_EXIT_CODE  training's exit code after a preemption flush (default 75, see docs/deploy.md)
+#   CLOUDCKPT_STOP_TIMEOUT       seconds from SIGTERM to SIGKILL (default 30: GCE powers off after 30 s anyway)
+#   CLOUDCKPT_INSTALL            1 (default) installs cloudckpt; 0 uses the one in CLOUDCKPT_VENV as it is
+#   CLOUDCKPT_LAUNCH             systemd (default) or exec: restore and train in the foreground, no systemd
+#   CLOUDCKPT_METADATA           1 (default) reads unset settings from the metadata server; 0 never asks it
+set -euo pipefail
+
+readonly METADATA=http://metadata.google.internal/computeMetadata/v1/instance/attributes
+STAGE=${1:-boot}
+
+log() { printf 'cloudckpt-startup: %s\n' "$*" >&2; }
+
+metadata_attribute() {
+  curl -fsS -H "Metadata-Flavor: Google" "$METADATA/$1"
+}
+
+setting() { # setting NAME KEY [DEFAULT]: the variable if set (even empty), else the metadata attribute, else the default
+  local name=$1 tag=$2 default=${3-} value
+  if [[ -n ${!name+set} ]]; then
+    value=${!name}
+  elif [[ ${CLOUDCKPT_METADATA:-1} == 0 ]] || ! value=$(metadata_attribute "$tag" 2>/dev/null); then
+    value=$default
+  fi
+  printf '%s' "$value"
+}
+
+CLOUDCKPT_HOME=${CLOUDCKPT_HOME:-/opt/cloudckpt}
+CLOUDCKPT_VENV=${CLOUDCKPT_VENV:-$CLOUDCKPT_HOME/venv}
+CLOUDCKPT_SPEC=${CLOUDCKPT_SPEC:-cloudckpt[gcs,keras]}
+CLOUDCKPT_USER=${CLOUDCKPT_USER:-cloudckpt}
+CLOUDCKPT_PREEMPT_EXIT_CODE=${CLOUDCKPT_PREEMPT_EXIT_CODE:-75}
+CLOUDCKPT_STOP_TIMEOUT=${CLOUDCKPT_STOP_TIMEOUT:-30}
+CLOUDCKPT_INSTALL=${CLOUDCKPT_INSTALL:-1}
+CLOUDCKPT_LAUNCH=${CLOUDCKPT_LAUNCH:-systemd}
+CKPT_DIR=$CLOUDCKPT_HOME/checkpoint
+
+CLOUDCKPT_REMOTE=$(setting CLOUDCKPT_REMOTE cloudckpt-remote)
+TRAIN_COMMAND=$(setting TRAIN_COMMAND cloudckpt-train-command)
+TRAIN_PACKAGE=$(setting TRAIN_PACKAGE cloudckpt-train-package)
+[[ -n $CLOUDCKPT_REMOTE ]] || { log "CLOUDCKPT_REMOTE is not set (env or metadata cloudckpt-remote)"; exit 2; }
+[[ -n $TRAIN_COMMAND ]] || { log "TRAIN_COMMAND is not set (env or metadata cloudckpt-train-command)"; exit 2; }
+export CLOUDCKPT_REMOTE
+
+install_cloudckpt() {
+  if ! python3 -m venv --help >/dev/null 2>&1; then
+    if command -v apt-get >/dev/null; then
+      apt-get update -q && apt-get install -y -q python3-venv
+    else
+      dnf install -y -q python3
+    fi
+  fi
+  mkdir -p "$CLOUDCKPT_HOME"
+  [[ -x $CLOUDCKPT_VENV/bin/python ]] || python3 -m venv "$CLOUDCKPT_VENV"
+  "$CLOUDCKPT_VENV/bin/pip" install -q --upgrade pip
+  local packages=("$CLOUDCKPT_SPEC")
+  [[ -z $TRAIN_PACKAGE ]] || packages+=("$TRAIN_PACKAGE")
+  "$CLOUDCKPT_VENV/bin/pip" install -q "${packages[@]}"
+  id -u "$CLOUDCKPT_USER" >/dev/null 2>&1 || useradd --system --home-dir "$CLOUDCKPT_HOME" "$CLOUDCKPT_USER"
+  chown -R "$CLOUDCKPT_USER:" "$CLOUDCKPT_HOME"
+}
+
+restore() { # pull the latest checkpoint into CKPT_DIR; set CLOUDCKPT_RESUME_DIR, empty for a fresh start
+  local rc attempt
+  for attempt in 1 2 3; do
+    rc=0
+    "$CLOUDCKPT_VENV/bin/cloudckpt" pull latest --from "$CLOUDCKPT_REMOTE" --to "$CKPT_DIR" --fallback || rc=$?
+    case $rc in
+      0) log "restored the latest checkpoint of $CLOUDCKPT_REMOTE into $CKPT_DIR"
+         CLOUDCKPT_RESUME_DIR=$CKPT_DIR; return 0 ;;
+      3) log "no checkpoint at $CLOUDCKPT_REMOTE yet: starting fresh"
+         rm -rf "$CKPT_DIR"; CLOUDCKPT_RESUME_DIR=""; return 0 ;;
+      1) log "pull failed (exit 1), attempt $attempt of 3"; sleep $((attempt * 10)) ;;
+      *) log "pull failed with exit code $rc: not retrying"; exit "$rc" ;;
+    esac
+  done
+  exit "$rc"
+}
+
+run_training() {
+  restore
+  export CLOUDCKPT_RESUME_DIR CLOUDCKPT_PREEMPT_EXIT_CODE
+  cd "$CLOUDCKPT_HOME"
+  log "training: $TRAIN_COMMAND (resume from: ${CLOUDCKPT_RESUME_DIR:-nothing})"
+  exec bash -c "$TRAIN_COMMAND"
+}
+
+case $STAGE in
+  run)
+    run_training ;;
+  boot)
+    [[ $CLOUDCKPT_INSTALL == 0 ]] || install_cloudckpt
+    if [[ $CLOUDCKPT_LAUNCH == exec ]]; then
+      run_training
+    fi
+    if systemctl is-active --quiet cloudckpt-train; then
+      log "cloudckpt-train is already running"; exit 0
+    fi
+    install -D -m 0755 "${BASH_SOURCE[0]}" "$CLOUDCKPT_HOME/bin/resume-train.sh"
+    systemd-run --unit=cloudckpt-train --uid="$CLOUDCKPT_USER" --collect \
+      --property=Restart=on-failure --property=RestartSec=10 \
+      --property="RestartPreventExitStatus=2 4 5 6" \
+      --property=KillSignal=SIGTERM --property=TimeoutStopSec="$CLOUDCKPT_STOP_TIMEOUT" \
+      --setenv=HOME="$CLOUDCKPT_HOME" --setenv=CLOUDCKPT_HOME="$CLOUDCKPT_HOME" \
+      --setenv=CLOUDCKPT_VENV="$CLOUDCKPT_VENV" --setenv=CLOUDCKPT_REMOTE="$CLOUDCKPT_REMOTE" \
+      --setenv=TRAIN_COMMAND="$TRAIN_COMMAND" --setenv=TRAIN_PACKAGE="$TRAIN_PACKAGE" \
+      --setenv=CLOUDCKPT_PREEMPT_EXIT_CODE="$CLOUDCKPT_PREEMPT_EXIT_CODE" \
+      --setenv=PATH="$CLOUDCKPT_VENV/bin:/usr/local/bin:/usr/bin:/bin" \
+      "$CLOUDCKPT_HOME/bin/resume-train.sh" run
+    log "started systemd unit cloudckpt-train (journalctl -u cloudckpt-train)" ;;
+  *)
+    log "unknown stage $STAGE (boot or run)"; exit 2 ;;
+esac
