@@ -238,3 +238,25 @@ def test_sha256_recorded_and_checked(store_url, tmp_path):
         f = entry.files[0]
         assert f.sha256 == file_checksums(src / f.path, sha256=True)["sha256"]
         assert store.verify("latest")[0].ok
+
+
+def test_other_fsspec_urls_work_with_a_warning(tmp_path):
+    src = make_ckpt(tmp_path / "a", 1, files=2)
+    with pytest.warns(UserWarning, match="not atomic"):
+        store = CheckpointStore("memory://cloudckpt-test/run")
+    with store:
+        entry = store.push(src, epoch=1)
+        assert store.latest().id == entry.id
+        result = store.pull("latest", to=tmp_path / "out")
+        assert tree(result.path) == tree(src)
+        assert store.verify()[0].ok
+
+
+def test_bad_urls_and_options_are_configuration_errors(tmp_path):
+    from cloudckpt import ConfigurationError
+
+    (tmp_path / "file").write_text("x")
+    for url, kwargs in [("s3://ab/run", {}), ("gs://x/run", {}), (str(tmp_path / "file"), {}), ("", {}),
+                        ("s3://bucket/run", {"nonsense": 1})]:
+        with pytest.raises(ConfigurationError):
+            CheckpointStore(url, **kwargs)
