@@ -19,6 +19,15 @@ from cloudckpt.checksum import file_checksums
 from cloudckpt.manifest import INDEX_NAME, MANIFEST_NAME
 
 
+@pytest.fixture(params=["local", "s3", "gcs", "s3-fsspec", "gcs-fsspec"])
+def store_url(request, monkeypatch) -> str:
+    """Each store, and S3/GCS once more with data through s3fs/gcsfs instead of boto3/google-cloud-storage."""
+    kind, _, transport = request.param.partition("-")
+    if transport:
+        monkeypatch.setenv("CLOUDCKPT_TRANSPORT", transport)
+    return request.getfixturevalue(f"{kind}_url")
+
+
 def make_ckpt(root: Path, seed: int, files: int = 3) -> Path:
     """A checkpoint directory with nested files whose bytes depend on ``seed``."""
     root.mkdir(parents=True, exist_ok=True)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from typing import Any
 
 from ..errors import CloudCkptError, ConfigurationError
@@ -12,7 +13,11 @@ __all__ = ["Backend", "ObjectInfo", "open_backend"]
 
 
 def open_backend(url: str, storage_options: dict[str, Any] | None = None) -> Backend:
-    """Return the backend for ``url``. Missing optional dependencies are a ConfigurationError naming the extra."""
+    """Return the backend for ``url``. Missing optional dependencies are a ConfigurationError naming the extra.
+
+    S3 and GCS move data with their SDKs by default; ``transport="fsspec"`` (or ``$CLOUDCKPT_TRANSPORT``) moves it
+    through s3fs/gcsfs instead, the index still being swapped with the SDK's conditional write.
+    """
     if not isinstance(url, str) or not url.strip():
         raise ConfigurationError(f"a store URL is required (s3://bucket/prefix, gs://bucket/prefix or a local path). Received: {url!r}")
     scheme = url.split("://", 1)[0].lower() if "://" in url else ""
@@ -21,14 +26,17 @@ def open_backend(url: str, storage_options: dict[str, Any] | None = None) -> Bac
             from .local import LocalBackend
 
             return LocalBackend(url.replace("local://", "file://", 1), storage_options)
+        transport = (storage_options or {}).get("transport") or os.environ.get("CLOUDCKPT_TRANSPORT") or "sdk"
+        if transport not in ("sdk", "fsspec"):
+            raise ConfigurationError(f"transport must be 'sdk' or 'fsspec'. Received: transport={transport!r}")
         if scheme in ("s3", "s3a"):
-            from .s3 import S3Backend
+            from .s3 import S3Backend, S3FsspecBackend
 
-            return S3Backend("s3://" + url.split("://", 1)[1], storage_options)
+            return (S3FsspecBackend if transport == "fsspec" else S3Backend)("s3://" + url.split("://", 1)[1], storage_options)
         if scheme in ("gs", "gcs"):
-            from .gcs import GCSBackend
+            from .gcs import GCSBackend, GCSFsspecBackend
 
-            return GCSBackend("gs://" + url.split("://", 1)[1], storage_options)
+            return (GCSFsspecBackend if transport == "fsspec" else GCSBackend)("gs://" + url.split("://", 1)[1], storage_options)
         from .generic import GenericBackend
 
         return GenericBackend(url, storage_options)

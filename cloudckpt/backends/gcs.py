@@ -17,6 +17,7 @@ from typing import Any
 from ..errors import ConfigurationError, IndexConflictError, IntegrityError
 from ..manifest import INDEX_NAME
 from .base import Backend, ObjectInfo
+from .fsspec_objects import FsspecObjects
 
 _MB = 2**20
 
@@ -33,7 +34,7 @@ class GCSBackend(Backend):
     verification = "server crc32c of the whole object compared with ours, and its size"
 
     #: storage options understood here: ``token`` (a service-account JSON path, or "anon"), ``project``, ``chunk_size``
-    OPTIONS = {"token", "project", "chunk_size"}
+    OPTIONS = {"token", "project", "chunk_size", "transport"}
 
     def __init__(self, url: str, storage_options: dict[str, Any] | None = None) -> None:
         super().__init__(url, storage_options)
@@ -127,3 +128,18 @@ class GCSBackend(Backend):
                 self.bucket.blob(self._name(rel)).delete()
             except NotFound:
                 pass
+
+
+class GCSFsspecBackend(FsspecObjects, GCSBackend):
+    """``transport="fsspec"``: data through gcsfs (its server crc32c is compared), the index still by
+    google-cloud-storage generation preconditions."""
+
+    verification = "server crc32c and size (data through gcsfs)"
+
+    def __init__(self, url: str, storage_options: dict[str, Any] | None = None) -> None:
+        super().__init__(url, storage_options)
+        import gcsfs
+
+        opts = self.storage_options
+        self.fs = gcsfs.GCSFileSystem(**{k: opts[k] for k in ("token", "project") if k in opts})
+        self.root = f"{self.bucket_name}/{self.prefix}" if self.prefix else self.bucket_name

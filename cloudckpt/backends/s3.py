@@ -19,6 +19,7 @@ from typing import Any
 from ..errors import ConfigurationError, IndexConflictError, IntegrityError
 from ..manifest import INDEX_NAME
 from .base import Backend, ObjectInfo
+from .fsspec_objects import FsspecObjects
 
 _MB = 2**20
 
@@ -44,7 +45,7 @@ class S3Backend(Backend):
 
     #: storage options understood here (names follow s3fs where s3fs has one)
     OPTIONS = {"key", "secret", "token", "endpoint_url", "profile", "region", "client_kwargs", "config_kwargs",
-               "part_size", "max_concurrency", "request_checksum_calculation"}
+               "part_size", "max_concurrency", "request_checksum_calculation", "transport"}
 
     def __init__(self, url: str, storage_options: dict[str, Any] | None = None) -> None:
         super().__init__(url, storage_options)
@@ -155,3 +156,20 @@ class S3Backend(Backend):
             errors = [e for e in resp.get("Errors", []) if e.get("Code") != "NoSuchKey"]
             if errors:
                 raise OSError(f"{self.url}: could not delete {len(errors)} objects: {errors[0]}")
+
+
+class S3FsspecBackend(FsspecObjects, S3Backend):
+    """``transport="fsspec"``: data through s3fs (bounded by s3fs's own buffering), the index still by boto3 CAS."""
+
+    verification = "object size (data through s3fs)"
+
+    def __init__(self, url: str, storage_options: dict[str, Any] | None = None) -> None:
+        super().__init__(url, storage_options)
+        import s3fs
+
+        opts = self.storage_options
+        fs_opts = {k: opts[k] for k in ("key", "secret", "token", "endpoint_url", "profile", "client_kwargs",
+                                        "config_kwargs") if k in opts}
+        self.fs = s3fs.S3FileSystem(**fs_opts)
+        self.fs.retries = 2  # botocore already retries each request; s3fs's own loop would multiply it
+        self.root = f"{self.bucket}/{self.prefix}" if self.prefix else self.bucket
