@@ -316,15 +316,17 @@ class CheckpointStore:
 
     def gc(self, *, dry_run: bool = False, min_age: float = 3600.0) -> GcReport:
         """Delete objects no committed checkpoint owns (left by crashed commits), older than ``min_age`` seconds."""
-        index = self.index()
+        index, _ = self.keeper.read()  # no index yet: a run whose first commit crashed still has leftovers
         objects = retry.run(self.backend.list_objects, url=self.url, what="list objects", budget=self.budget)
+        if not objects and not index.checkpoints:
+            self.index()  # nothing at all at the URL: say there is no run
         plan = plan_gc(objects, index, now=time.time(), min_age=min_age)
         with self._busy_lock:
             busy = set(self._busy)
         doomed = [rel for rel in plan.delete if rel.split("/", 1)[0] not in busy]
         if doomed and not dry_run:
             # the index may have changed since: never delete what a newer index lists
-            fresh = self.index()
+            fresh, _ = self.keeper.read()
             listed = {f"{c.id}/{f.path}" for c in fresh.checkpoints for f in c.files}
             listed |= {f"{c.id}/{MANIFEST_NAME}" for c in fresh.checkpoints}
             doomed = [rel for rel in doomed if rel not in listed]

@@ -107,6 +107,18 @@ def test_kill_at_every_step_api_writer(crash_url, tmp_path, figures):
     figures["acknowledged_commits_lost"][kind] += 0
 
 
+def test_first_commit_killed_then_gc(crash_url, figures):
+    """A run whose very first commit was killed has leftovers but no index: gc still removes them."""
+    for point in ("push.after_upload", "push.after_manifest"):
+        out = run(writer_cmd(crash_url, "--rounds", "1"), env=env_with(CLOUDCKPT_FAILPOINT=point))
+        assert out.killed
+        figures["kills"][f"{_kind(crash_url)}/first-commit/{point}"] += 1
+        with CheckpointStore(crash_url) as store:
+            assert store.backend.list_objects(), "the killed push left nothing to collect"
+        state = check_run(crash_url)
+        assert state.index is None and state.gc_deleted
+
+
 def test_kill_at_every_step_cli_push(crash_url, tmp_path, figures):
     """The ``cloudckpt push`` CLI killed at each failpoint: same guarantees as the API writer."""
     kind = _kind(crash_url)
@@ -222,8 +234,10 @@ def test_random_sigkill_sync_service(crash_url, tmp_path, full, figures):
 
     p = subprocess.Popen(sync, env=env_with(), stderr=subprocess.PIPE, text=True, cwd=ROOT)
     try:
-        assert "watching" in p.stderr.readline()  # its SIGTERM handler is installed
-        last = max(int(d.name.split("-")[1]) for d in watch.iterdir())
+        assert "watching" in p.stderr.readline()
+        last = max(int(d.name.split("-")[1]) for d in watch.iterdir()) + 1
+        (watch / f"model-{last}").mkdir()
+        (watch / f"model-{last}" / "weights.bin").write_bytes(b"final")  # once it is committed, sync is running
         deadline = time.monotonic() + 60
         while time.monotonic() < deadline:
             with CheckpointStore(crash_url) as store:
