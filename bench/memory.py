@@ -1,0 +1,122 @@
+"""Measurement 5: peak memory added by pushing a big checkpoint, in a fresh process.
+
+Each figure is the kernel's RSS high-water mark (``VmHWM`` in ``/proc/<pid>/status``, read every 5 ms until the
+child exits) of a fresh process. "Added" = push process minus an idle process of the same kind that imports the same code and
+talks to the same server (``cloudckpt ls`` for the CLI; an s3fs ``ls`` for s3fs).
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+from .common import MiB, Ctx, Section, fmt_bytes, log, make_file
+
+S3FS_IDLE = "import s3fs,sys; fs=s3fs.S3FileSystem(); fs.ls(sys.argv[1])"
+S3FS_PUT = "import s3fs,sys; fs=s3fs.S3FileSystem(); fs.ls(sys.argv[1]); fs.put_file(sys.argv[2], sys.argv[1]+'/raw.bin')"
+API_IDLE = "import sys; from cloudckpt import CheckpointStore; CheckpointStore(sys.argv[1]).list()"
+API_PUSH = "import sys; from cloudckpt import CheckpointStore; s=CheckpointStore(sys.argv[1]); s.list(); s.push(sys.argv[2])"
+
+
+def _hwm(pid: int) -> int | None:
+    try:
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return None
+
+
+def peak_rss(argv: list[str], poll: float = 0.005) -> tuple[int, float]:
+    """Run ``argv`` to completion; return (its RSS high-water mark in bytes, wall seconds). Raises on failure.
+
+    The kernel's VmHWM of the child is read every few ms until it exits: it is a high-water mark, so a spike between
+    two reads is still seen by the next one. (``wait4``'s ``ru_maxrss`` can't be used: Linux carries the parent's
+    high-water mark across the child's exec.)
+    """
+    t0 = time.perf_counter()
+    with tempfile.TemporaryFile() as errf:
+        proc = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=errf)
+        peak = 0
+        while proc.poll() is None:
+            got = _hwm(proc.pid)
+            if got:
+                peak = max(peak, got)
+            time.sleep(poll)
+        errf.seek(0)
+        err = errf.read().decode(errors="replace")
+    if proc.returncode != 0:
+        raise RuntimeError(f"{argv[:3]}... exited {proc.returncode}: {err[-2000:]}")
+    return peak, time.perf_counter() - t0
+
+
+def _cli() -> list[str] | None:
+    exe = Path(sys.executable).with_name("cloudckpt")
+    if exe.exists():
+        return [str(exe)]
+    try:
+        import cloudckpt.cli  # noqa: F401
+    except ImportError:
+        return None
+    return [sys.executable, "-m", "cloudckpt"]
+
+
+def run(ctx: Ctx) -> list[Section]:
+    import boto3
+
+    from cloudckpt import CheckpointStore
+
+    size = ctx.sizes.memory
+    sec = Section("memory", f"5. Peak memory added by pushing {fmt_bytes(size)} to S3", "MiB",
+                  target="<= 128 MiB over an idle CLI process")
+    t_start = time.monotonic()
+    src = make_file(ctx.scratch / "memory" / "big.weights.h5", size)
+    small = make_file(ctx.scratch / "memory-small" / "small.bin", 1024)
+    bucket = ctx.bucket("s3")
+    url = f"s3://{bucket}/run"
+    with CheckpointStore(url) as store:
+        store.push(small, epoch=0)  # so that the idle `ls` has a run to list
+    client = boto3.client("s3")
+    cli = _cli()
+    if cli:
+        ours_idle, ours_push = cli + ["ls", url], cli + ["push", str(src), "--to", url, "--epoch", "1"]
+        how = "cloudckpt CLI (`cloudckpt push` vs `cloudckpt ls`)"
+    else:
+        ours_idle = [sys.executable, "-c", API_IDLE, url]
+        ours_push = [sys.executable, "-c", API_PUSH, url, str(src)]
+        how = "python -c with the API (CLI not available)"
+    pairs = {
+        "cloudckpt push": (ours_idle, ours_push),
+        "s3fs put_file": ([sys.executable, "-c", S3FS_IDLE, bucket], [sys.executable, "-c", S3FS_PUT, bucket, str(src)]),
+    }
+    for name, (idle_argv, push_argv) in pairs.items():
+        idle, _ = peak_rss(idle_argv)
+        busy, secs = peak_rss(push_argv)
+        v = sec.variant(name)
+        v.samples.append(round((busy - idle) / MiB, 1))
+        v.extra.update(idle_MiB=round(idle / MiB, 1), push_MiB=round(busy / MiB, 1), push_seconds=round(secs, 2))
+        log.info("  %-40s idle %.0f MiB, push %.0f MiB, added %.0f MiB (%.1fs)", name, idle / MiB, busy / MiB,
+                 (busy - idle) / MiB, secs)
+        _delete_big(client, bucket, min_size=size)
+    shutil.rmtree(src.parent, ignore_errors=True)
+    shutil.rmtree(small.parent, ignore_errors=True)
+    added = sec.variant("cloudckpt push").median
+    sec.ratio = added
+    sec.ratio_desc = "MiB added over idle (cloudckpt)"
+    sec.met = added is not None and added <= 128
+    sec.params = {"bytes": size, "how": how, "measure": "VmHWM of the child process (/proc/<pid>/status), read every 5 ms"}
+    sec.seconds = round(time.monotonic() - t_start, 1)
+    return [sec]
+
+
+def _delete_big(client, bucket: str, *, min_size: int) -> None:
+    for page in client.get_paginator("list_objects_v2").paginate(Bucket=bucket):
+        keys = [{"Key": o["Key"]} for o in page.get("Contents", []) if o["Size"] >= min_size]
+        if keys:
+            client.delete_objects(Bucket=bucket, Delete={"Objects": keys, "Quiet": True})

@@ -1,0 +1,114 @@
+"""Run cloudckpt's benchmarks side by side against the raw clients and Keras, on real servers on 127.0.0.1.
+
+Usage::
+
+    make bench                               # full run (~15 min), results in bench/results/
+    make bench BENCH_ARGS="--quick"          # CI-sized run (< 1 min): proves the harness works
+    .venv/bin/python bench/run.py --only push,restore --out /tmp/b
+
+Starts moto's S3 server and fake-gcs-server in their own processes, runs every comparison with interleaved
+repetitions (A, B, C, A, B, C...), prints a Markdown table and writes ``results.json`` (every sample, the machine,
+the load) and ``results.png`` into ``--out``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import shutil
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+sys.path[:0] = [str(HERE.parent), str(HERE.parent / "tests")]  # the repo (bench package) and tests/servers.py
+os.environ.setdefault("GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT", "false")
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+from bench import checksums, index_scale, memory, report, training, transfers  # noqa: E402
+from bench.common import Ctx, Section, Sizes, log, machine  # noqa: E402
+
+GROUPS = {
+    "push": transfers, "restore": transfers,  # one module measures both (same file, same servers)
+    "memory": memory, "index": index_scale, "checksum": checksums, "training": training,
+}
+ORDER = ["checksum", "index", "push", "memory", "training"]
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--quick", action="store_true", help="small sizes, few repetitions (CI): proves the harness works")
+    p.add_argument("--out", type=Path, default=HERE / "results", help="where results.json/.md/.png go")
+    p.add_argument("--only", default="", help=f"comma-separated subset of: {', '.join(ORDER)}")
+    p.add_argument("--reps", type=int, help="repetitions per comparison (default 3, quick 2)")
+    p.add_argument("--scratch", type=Path, help="directory for temporary files (default: a new temp dir)")
+    return p.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
+    for noisy in ("cloudckpt", "botocore", "boto3", "s3transfer", "urllib3", "google", "gcsfs", "s3fs", "fsspec"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+    import servers
+
+    sizes = Sizes.quick() if args.quick else Sizes()
+    if args.reps:
+        sizes.reps = args.reps
+    wanted = [g.strip() for g in args.only.split(",") if g.strip()] or ORDER
+    unknown = set(wanted) - set(GROUPS)
+    if unknown:
+        raise SystemExit(f"unknown --only group(s): {sorted(unknown)}; choose from {ORDER}")
+    args.out.mkdir(parents=True, exist_ok=True)
+    scratch = Path(tempfile.mkdtemp(prefix="cloudckpt-bench-", dir=args.scratch))
+    load_start = os.getloadavg()
+    started = time.time()
+    s3 = servers.start_moto()
+    gcs = servers.start_fake_gcs()
+    servers.apply_env(servers.s3_env(s3.endpoint))
+    servers.apply_env(servers.gcs_env(gcs.endpoint))
+    ctx = Ctx(scratch=scratch, sizes=sizes, quick=args.quick, s3_endpoint=s3.endpoint, gcs_endpoint=gcs.endpoint,
+              s3_pid=s3.proc.pid, gcs_pid=gcs.proc.pid)
+    sections: list[Section] = []
+    done: set[object] = set()
+    try:
+        for group in [g for g in ORDER if g in wanted or (g == "push" and "restore" in wanted)]:
+            module = GROUPS[group]
+            if module in done:
+                continue
+            done.add(module)
+            log.info("== %s (load %.2f)", group, os.getloadavg()[0])
+            sections.extend(module.run(ctx))
+    finally:
+        s3.stop()
+        gcs.stop()
+        shutil.rmtree(scratch, ignore_errors=True)
+    load_end = os.getloadavg()
+    doc = {
+        "mode": "quick" if args.quick else "full",
+        "started": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(started)),
+        "seconds": round(time.time() - started, 1),
+        "load": {"start": load_start, "end": load_end},
+        "machine": machine(),
+        "sizes": vars(sizes),
+        "servers": {"s3": "moto server (python -m moto.server), own process",
+                    "gcs": "fake-gcs-server (Go), memory backend, own process"},
+    }
+    table = report.table(sections)
+    report.write_json(args.out / "results.json", doc, sections)
+    (args.out / "results.md").write_text(table + "\n")
+    m = doc["machine"]
+    title = (f"cloudckpt benchmarks ({doc['mode']}, {doc['started']}): {m['cpu']}, {m['cores_logical']} cores, "
+             f"{m['ram_gib']} GiB RAM, Python {m['python']}; load {load_start[0]:.2f} -> {load_end[0]:.2f}")
+    report.plot(args.out / "results.png", sections, title)
+    print(table)
+    print()
+    print(report.summary(sections))
+    print(f"\n{title}\nwrote {args.out / 'results.json'}, results.md, results.png in {doc['seconds']:.0f} s")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,198 @@
+"""Measurements 1, 2 and 6: what checkpointing costs training (Keras, TensorFlow CPU).
+
+1. Stall per checkpoint: the time the training thread spends inside the checkpoint callback's hooks
+   (``on_epoch_end`` plus that epoch's ``on_train_batch_end`` calls), per save, for models of ~10 MB, ~100 MB and
+   ~1 GB of weights: ``CloudCheckpoint(remote=s3://...)`` vs Keras ``ModelCheckpoint`` to local disk vs a
+   ModelCheckpoint that pushes each save inline (synchronous save-then-upload).
+2. Epoch time with a checkpoint every epoch vs no checkpoint at all (first epoch, which traces the graph, excluded).
+3. (measurement 6) SIGTERM to committed checkpoint: a training subprocess with CloudCheckpoint gets SIGTERM
+   mid-epoch; we time until the index lists a checkpoint past the step it had reached, and until the process exits.
+
+Everything here needs ``cloudckpt.keras``; without it the sections are reported as skipped.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import math
+import statistics
+import time
+import uuid
+from collections import defaultdict
+from pathlib import Path
+
+from .common import Ctx, Section, interleaved, log
+
+HOOKS = ("on_epoch_end", "on_train_batch_end")
+
+
+def keras_available() -> str | None:
+    """None when the training benchmarks can run, else why not."""
+    for mod in ("tensorflow", "keras"):
+        if importlib.util.find_spec(mod) is None:
+            return f"{mod} is not installed"
+    if importlib.util.find_spec("cloudckpt.keras") is None:
+        return "cloudckpt.keras (CloudCheckpoint) is not in this checkout yet"
+    return None
+
+
+def hidden_width(mb: float) -> int:
+    """Width h of a 64 -> h -> h -> 10 MLP whose float32 weights take ``mb`` MB (1e6 bytes)."""
+    params = mb * 1e6 / 4
+    return max(8, int((-75 + math.sqrt(75 ** 2 + 4 * params)) / 2))
+
+
+def build_model(mb: float, seed: int = 0):
+    import keras
+
+    keras.utils.set_random_seed(seed)
+    h = hidden_width(mb)
+    model = keras.Sequential([keras.Input((64,)), keras.layers.Dense(h, activation="relu"),
+                              keras.layers.Dense(h, activation="relu"), keras.layers.Dense(10)])
+    model.compile(optimizer=keras.optimizers.SGD(0.001),
+                  loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True))
+    return model
+
+
+def digits(repeat: int = 1):
+    import numpy as np
+    from sklearn.datasets import load_digits
+
+    x, y = load_digits(return_X_y=True)
+    x = (x / 16.0).astype("float32")
+    return np.tile(x, (repeat, 1)), np.tile(y.astype("int32"), repeat)
+
+
+def weights_mb(model) -> float:
+    return sum(int(w.numpy().nbytes) for w in model.weights) / 1e6
+
+
+class HookTimer:
+    """Wraps a callback's hooks on the instance and adds up, per epoch, the seconds the training thread spent in them."""
+
+    def __init__(self, callback) -> None:
+        self.per_epoch: dict[int, float] = defaultdict(float)
+        self.train_end = 0.0
+        self._epoch = 0
+        for name in HOOKS + ("on_epoch_begin", "on_train_end"):
+            self._wrap(callback, name)
+
+    def _wrap(self, cb, name: str) -> None:
+        orig = getattr(cb, name)
+
+        def timed(*args, **kwargs):
+            if name == "on_epoch_begin":
+                self._epoch = args[0] if args else kwargs.get("epoch", 0)
+            t0 = time.perf_counter()
+            try:
+                return orig(*args, **kwargs)
+            finally:
+                dt = time.perf_counter() - t0
+                if name == "on_train_end":
+                    self.train_end += dt
+                elif name in HOOKS:
+                    self.per_epoch[self._epoch] += dt
+
+        setattr(cb, name, timed)
+
+
+def sync_upload_callback(filepath: str, url: str, **kwargs):
+    """Keras ModelCheckpoint that pushes each save to the store before returning (what an inline uploader does)."""
+    import keras
+
+    from cloudckpt import CheckpointStore
+
+    class SaveThenUpload(keras.callbacks.ModelCheckpoint):
+        def __init__(self) -> None:
+            super().__init__(filepath, **kwargs)
+            self.store = CheckpointStore(url)
+
+        def on_epoch_end(self, epoch, logs=None):
+            super().on_epoch_end(epoch, logs)
+            self.store.push(self.filepath, epoch=epoch + 1, keep_last=1)
+
+        def on_train_end(self, logs=None):
+            super().on_train_end(logs)
+            self.store.close()
+
+    return SaveThenUpload()
+
+
+def cloud_callback(filepath: str, url: str, **kwargs):
+    from cloudckpt.keras import CloudCheckpoint
+
+    return CloudCheckpoint(filepath, remote=url, keep_last=1, resume=False, **kwargs)
+
+
+def _stall_section(ctx: Ctx, mb: int) -> Section:
+    import keras
+
+    model = build_model(mb)
+    real_mb = weights_mb(model)
+    batch, steps = (8, 2) if mb >= 500 else (32, 4)
+    x, y = digits()
+    x, y = x[: batch * steps], y[: batch * steps]
+    sec = Section(f"stall_{mb}MB", f"1. Training stall per checkpoint, {real_mb:.0f} MB of weights", "s",
+                  target="<= 1.05x Keras ModelCheckpoint (local)")
+    saves = ctx.sizes.stall_saves
+    common = dict(save_weights_only=True, monitor="loss", save_freq="epoch")
+    timers: dict[str, list[HookTimer]] = defaultdict(list)
+    names = {"Keras ModelCheckpoint (local)": None, "CloudCheckpoint (s3)": "s3",
+             "ModelCheckpoint + inline push (s3)": "s3"}
+
+    def fit(name: str) -> float:
+        d = ctx.scratch / "train" / uuid.uuid4().hex[:8]
+        d.mkdir(parents=True)
+        path = str(d / "model.weights.h5")
+        url = f"s3://{ctx.bucket('s3')}/run"
+        if name.startswith("Keras"):
+            cb = keras.callbacks.ModelCheckpoint(path, **common)
+        elif name.startswith("CloudCheckpoint"):
+            cb = cloud_callback(path, url, **common)
+        else:
+            cb = sync_upload_callback(path, url, **common)
+        timer = HookTimer(cb)
+        timers[name].append(timer)
+        model.fit(x, y, batch_size=batch, epochs=saves, verbose=0, callbacks=[cb], shuffle=False)
+        return sum(timer.per_epoch.values()) / max(1, len(timer.per_epoch))
+
+    model.fit(x, y, batch_size=batch, epochs=1, verbose=0)  # trace the train function outside the timings
+    reps = 1 if mb >= 500 else max(1, ctx.sizes.reps - 1)
+    interleaved(reps, {n: (lambda n=n: fit(n)) for n in names}, section=sec)
+    for name in names:  # per-save samples replace the per-fit means that interleaved() recorded
+        v = sec.variant(name)
+        v.samples = [round(s, 4) for t in timers[name] for s in t.per_epoch.values()]
+        v.extra["stall_ms"] = round(statistics.median(v.samples) * 1000, 1)
+        v.extra["train_end_s"] = round(statistics.median(t.train_end for t in timers[name]), 2)
+    keras_med = sec.variant("Keras ModelCheckpoint (local)").median
+    ours = sec.variant("CloudCheckpoint (s3)").median
+    sec.ratio = round(ours / keras_med, 3)
+    sec.ratio_desc = "CloudCheckpoint stall / Keras local stall"
+    sec.met = sec.ratio <= 1.05
+    sec.params = {"weights_MB": round(real_mb, 1), "hidden_width": hidden_width(mb), "batch": batch,
+                  "steps_per_epoch": steps, "saves_per_fit": saves, "fits_per_variant": reps,
+                  "save": "weights only (.weights.h5), save_freq='epoch'"}
+    sec.notes.append("train_end_s is the time on_train_end took (CloudCheckpoint: flushing the uploads still in "
+                     "flight; not a per-checkpoint stall, paid once when fit() returns).")
+    return sec
+
+
+def run(ctx: Ctx) -> list[Section]:
+    why = keras_available()
+    ids = [(f"stall_{mb}MB", f"1. Training stall per checkpoint, ~{mb} MB of weights") for mb in ctx.sizes.models_mb]
+    ids += [("epoch_overhead", "2. Epoch-time overhead of a checkpoint every epoch"),
+            ("sigterm", "6. SIGTERM to committed checkpoint")]
+    if why:
+        return [Section(i, t, "s", skipped=why) for i, t in ids]
+    out = []
+    for mb in ctx.sizes.models_mb:
+        t0 = time.monotonic()
+        log.info("stall, %d MB model", mb)
+        sec = _stall_section(ctx, mb)
+        sec.seconds = round(time.monotonic() - t0, 1)
+        out.append(sec)
+    from . import training_more
+
+    out.append(training_more.epoch_overhead(ctx))
+    out.append(training_more.sigterm(ctx))
+    return out

@@ -1,0 +1,152 @@
+"""Measurements 2 and 6: epoch-time overhead of checkpointing every epoch, and SIGTERM to committed checkpoint."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+import uuid
+from pathlib import Path
+
+from .common import Ctx, Section, interleaved, log
+from .training import build_model, cloud_callback, digits, weights_mb
+
+HERE = Path(__file__).resolve().parent
+
+
+class EpochClock:
+    """A callback (put last) that stamps the end of each epoch, after the checkpoint callbacks ran."""
+
+    def __new__(cls):
+        import keras
+
+        class _Clock(keras.callbacks.Callback):
+            def __init__(self) -> None:
+                super().__init__()
+                self.stamps: list[float] = []
+
+            def on_train_begin(self, logs=None):
+                self.stamps = [time.perf_counter()]
+
+            def on_epoch_end(self, epoch, logs=None):
+                self.stamps.append(time.perf_counter())
+
+        return _Clock()
+
+
+def epoch_overhead(ctx: Ctx) -> Section:
+    import keras
+
+    t_start = time.monotonic()
+    mb = 10 if not ctx.quick else 2
+    repeat = 15 if not ctx.quick else 1
+    x, y = digits(repeat)
+    sec = Section("epoch_overhead", "2. Epoch time, checkpoint every epoch vs none", "s",
+                  target="<= 2% over no checkpoint")
+    epochs = ctx.sizes.overhead_epochs
+    per_epoch: dict[str, list[float]] = {}
+    common = dict(save_weights_only=True, monitor="loss", save_freq="epoch")
+
+    def fit(name: str) -> float:
+        model = build_model(mb)
+        clock = EpochClock()
+        d = ctx.scratch / "overhead" / uuid.uuid4().hex[:8]
+        d.mkdir(parents=True)
+        path = str(d / "model.weights.h5")
+        cbs = []
+        if name.startswith("Keras"):
+            cbs.append(keras.callbacks.ModelCheckpoint(path, **common))
+        elif name.startswith("CloudCheckpoint"):
+            cbs.append(cloud_callback(path, f"s3://{ctx.bucket('s3')}/run", **common))
+        t0 = time.perf_counter()
+        model.fit(x, y, batch_size=32, epochs=epochs, verbose=0, callbacks=cbs + [clock], shuffle=True)
+        total = time.perf_counter() - t0
+        steps = [b - a for a, b in zip(clock.stamps, clock.stamps[1:])][1:]  # epoch 1 traces the graph
+        per_epoch.setdefault(name, []).extend(steps)
+        sec.variant(name).extra.setdefault("fit_s", []).append(round(total, 2))
+        return sum(steps) / len(steps)
+
+    names = ["no checkpoint", "Keras ModelCheckpoint (local)", "CloudCheckpoint (s3)"]
+    interleaved(ctx.sizes.overhead_reps, {n: (lambda n=n: fit(n)) for n in names}, section=sec)
+    for n in names:
+        sec.variant(n).samples = [round(s, 4) for s in per_epoch[n]]
+    base = sec.variant("no checkpoint").median
+    for n in names[1:]:
+        sec.variant(n).extra["overhead_pct"] = round((sec.variant(n).median / base - 1) * 100, 2)
+    sec.ratio = sec.variant("CloudCheckpoint (s3)").extra["overhead_pct"]
+    sec.ratio_desc = "CloudCheckpoint epoch-time overhead, %"
+    sec.met = sec.ratio <= 2.0
+    sec.params = {"model_MB": round(weights_mb(build_model(mb)), 1), "samples_per_epoch": len(x), "batch": 32,
+                  "epochs_per_fit": epochs, "measured": "epochs 2..N of each fit (epoch 1 traces the graph)"}
+    sec.notes.append("The S3 server runs on the same 2 cores as training here; on a real cloud the upload's "
+                     "server side costs the training machine nothing.")
+    sec.seconds = round(time.monotonic() - t_start, 1)
+    return sec
+
+
+def sigterm(ctx: Ctx) -> Section:
+    from cloudckpt import CheckpointStore
+
+    t_start = time.monotonic()
+    mb = ctx.sizes.sigterm_mb
+    sec = Section("sigterm", f"6. SIGTERM to committed checkpoint, ~{mb} MB model", "s", target="<= 10 s")
+    reps = 1 if ctx.quick else 2
+    for r in range(reps):
+        url = f"s3://{ctx.bucket('s3')}/run"
+        workdir = ctx.scratch / "sigterm" / str(r)
+        workdir.mkdir(parents=True)
+        proc = subprocess.Popen([sys.executable, str(HERE / "sigterm_child.py"), url, str(workdir), str(mb)],
+                                stdout=subprocess.PIPE, stderr=open(workdir / "stderr.log", "wb"), text=True,
+                                env={**os.environ, "PYTHONUNBUFFERED": "1"})
+        step = None
+        for line in proc.stdout:  # the child says when it is mid-epoch, after its first checkpoint committed
+            if line.startswith("READY"):
+                step = int(line.split()[1])
+                break
+        if step is None:
+            proc.wait()
+            err = (workdir / "stderr.log").read_text()[-3000:]
+            raise RuntimeError(f"sigterm child exited {proc.returncode} before it was ready: {err}")
+        store = CheckpointStore(url)
+        committed: list[float] = []
+        t0 = time.perf_counter()
+        proc.send_signal(signal.SIGTERM)
+
+        def watch() -> None:
+            while proc.poll() is None or not committed:
+                try:
+                    if any((c.step or 0) > step for c in store.list()):
+                        committed.append(time.perf_counter() - t0)
+                        return
+                except Exception:
+                    pass
+                if proc.poll() is not None and time.perf_counter() - t0 > 5 + (proc_exit[0] if proc_exit else 0):
+                    return
+                time.sleep(0.02)
+
+        proc_exit: list[float] = []
+        th = threading.Thread(target=watch, daemon=True)
+        th.start()
+        code = proc.wait(timeout=300)
+        proc_exit.append(time.perf_counter() - t0)
+        th.join(timeout=15)
+        latest = store.latest()
+        store.close()
+        v = sec.variant("CloudCheckpoint (s3)")
+        v.samples.append(round(committed[0], 3) if committed else float("nan"))
+        v.extra.setdefault("exit_s", []).append(round(proc_exit[0], 2))
+        v.extra.setdefault("exit_code", []).append(code)
+        v.extra.setdefault("step_at_signal", []).append(step)
+        v.extra.setdefault("committed_step", []).append(latest.step)
+        log.info("  sigterm rep %d: committed after %s s, exit %s after %.2f s (step %s -> %s)", r + 1,
+                 committed[0] if committed else None, code, proc_exit[0], step, latest.step)
+    v = sec.variant("CloudCheckpoint (s3)")
+    sec.ratio = v.median
+    sec.ratio_desc = "seconds from SIGTERM to the checkpoint listed in the index"
+    sec.met = v.median is not None and v.median <= 10
+    sec.params = {"model_MB": mb, "how": "SIGTERM sent mid-epoch; the index is polled every 20 ms from this process"}
+    sec.seconds = round(time.monotonic() - t_start, 1)
+    return sec

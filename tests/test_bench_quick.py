@@ -1,0 +1,112 @@
+"""The benchmark harness runs end to end (``bench/run.py --quick``) and writes a complete, well-formed report.
+
+Benchmarks are not timed tests: nothing here looks at a time or a ratio, only at the report's shape — every
+comparison present, every sample a number, the plot a real PNG.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import statistics
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+STORE_SECTIONS = {"push_s3", "push_gcs", "restore_s3", "restore_gcs", "memory", "index_local", "index_s3",
+                  "index_gcs", "checksum"}
+TRAINING_SECTIONS = {"epoch_overhead", "sigterm"}  # plus one stall_<N>MB per model size
+RAW_CLIENTS = {
+    "push_s3": {"cloudckpt", "boto3 upload_file", "s3fs put_file"},
+    "push_gcs": {"cloudckpt", "google-cloud-storage upload_from_filename", "gcsfs put_file"},
+    "restore_s3": {"cloudckpt", "s3fs get_file", "boto3 download_file (1 stream)"},
+    "restore_gcs": {"cloudckpt", "gcsfs get_file", "google-cloud-storage download_to_filename"},
+    "memory": {"cloudckpt push", "s3fs put_file"},
+}
+
+
+@pytest.fixture(scope="module")
+def quick_run(tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("bench")
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    for var in ("AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3", "STORAGE_EMULATOR_HOST"):
+        env.pop(var, None)  # the harness starts its own servers
+    proc = subprocess.run([sys.executable, str(ROOT / "bench" / "run.py"), "--quick", "--out", str(out)],
+                          capture_output=True, text=True, timeout=300, env=env, cwd=ROOT)
+    assert proc.returncode == 0, f"bench/run.py --quick failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}"
+    return out
+
+
+def _doc(out: Path) -> dict:
+    return json.loads((out / "results.json").read_text())
+
+
+def test_quick_run_writes_json_table_and_png(quick_run):
+    doc = _doc(quick_run)
+    assert doc["mode"] == "quick"
+    png = (quick_run / "results.png").read_bytes()
+    assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 10_000
+    table = (quick_run / "results.md").read_text()
+    assert table.startswith("| Measurement | Variant |")
+    for sec in doc["sections"]:
+        if not sec["skipped"]:
+            for v in sec["variants"]:
+                assert f"| {v['name']} |" in table
+
+
+def test_machine_and_load_are_recorded(quick_run):
+    doc = _doc(quick_run)
+    m = doc["machine"]
+    assert m["cores_logical"] >= 1 and m["ram_gib"] > 0 and m["cpu"]
+    assert m["python"].count(".") == 2
+    for pkg in ("cloudckpt", "boto3", "s3fs", "gcsfs", "google-cloud-storage", "moto"):
+        assert pkg in m["packages"], pkg
+    assert len(doc["load"]["start"]) == 3 and len(doc["load"]["end"]) == 3
+
+
+def test_every_store_comparison_is_present_side_by_side(quick_run):
+    sections = {s["id"]: s for s in _doc(quick_run)["sections"]}
+    assert STORE_SECTIONS <= set(sections)
+    for sid in STORE_SECTIONS:
+        sec = sections[sid]
+        assert sec["skipped"] is None, f"{sid} skipped: {sec['skipped']}"
+        assert sec["variants"], sid
+        for v in sec["variants"]:
+            assert v["samples"] and all(isinstance(s, (int, float)) and math.isfinite(s) for s in v["samples"]), v
+            assert v["median"] == pytest.approx(statistics.median(v["samples"]))
+        assert isinstance(sec["ratio"], (int, float)) and isinstance(sec["met"], bool), sid
+        assert sec["target"], sid
+    for sid, names in RAW_CLIENTS.items():
+        assert {v["name"] for v in sections[sid]["variants"]} == names, sid
+    for sid in ("push_s3", "push_gcs", "restore_s3", "restore_gcs"):
+        for v in sections[sid]["variants"]:  # interleaved: every client ran in every repetition
+            assert len(v["samples"]) == len(sections[sid]["variants"][0]["samples"]) >= 2
+            assert len(v["extra"]["server_cpu_s"]) == len(v["samples"])
+    for kind in ("local", "s3", "gcs"):
+        names = {v["name"] for v in sections[f"index_{kind}"]["variants"]}
+        counts = _doc(quick_run)["sizes"]["index_counts"]
+        assert names == {f"{what} @ {n}" for what in ("ls", "commit") for n in counts}
+    threads = sections["checksum"]["params"]["threads_that_ran_checksums"]
+    assert threads and all(t.startswith("cloudckpt-io") for t in threads)
+
+
+def test_training_comparisons_are_present_or_skipped_with_a_reason(quick_run):
+    doc = _doc(quick_run)
+    sections = {s["id"]: s for s in doc["sections"]}
+    stall = {f"stall_{mb}MB" for mb in doc["sizes"]["models_mb"]}
+    assert stall | TRAINING_SECTIONS <= set(sections)
+    for sid in stall | TRAINING_SECTIONS:
+        sec = sections[sid]
+        if sec["skipped"]:
+            assert "cloudckpt.keras" in sec["skipped"] or "not installed" in sec["skipped"]
+            continue
+        assert sec["variants"] and all(v["samples"] for v in sec["variants"]), sid
+        assert isinstance(sec["met"], bool), sid
+    for sid in stall:
+        if not sections[sid]["skipped"]:
+            assert {v["name"] for v in sections[sid]["variants"]} == {
+                "Keras ModelCheckpoint (local)", "CloudCheckpoint (s3)", "ModelCheckpoint + inline push (s3)"}
