@@ -18,6 +18,7 @@ import tenacity
 
 from . import retry
 from .backends import Backend
+from .backends.base import UNCHANGED
 from .errors import CheckpointNotFoundError, CloudCkptError, IndexConflictError, StaleWriterError, TransferError
 from .manifest import Index, WriterLease, dump, parse_index, utcnow
 
@@ -37,18 +38,32 @@ class IndexKeeper:
         self.writer_id = writer_id or new_writer_id()
         self.lease: WriterLease | None = None
         self.conflicts = 0  # lost races, for tests and logs
+        self._cached: tuple[object, Index] | None = None  # (token, index) last read or written by us
+
+    def _fetch(self) -> tuple[Index | None, object]:
+        cached = self._cached
+        known = cached[0] if cached else None
+        data, token = retry.run(lambda: self.backend.read_index(known), url=self.backend.url, what="read index",
+                                budget=self.budget)
+        if data is None:
+            return None, None
+        if data is UNCHANGED and cached is not None:
+            return cached[1], token  # still the index we parsed or wrote last: no download, no parse
+        index = parse_index(data)
+        self._cached = (token, index)
+        return index, token
 
     def read(self) -> tuple[Index, object]:
         """The current index (an empty one if the run has none yet) and its token."""
-        data, token = retry.run(self.backend.read_index, url=self.backend.url, what="read index", budget=self.budget)
-        return (parse_index(data) if data is not None else Index()), token
+        index, token = self._fetch()
+        return (index if index is not None else Index()), token
 
     def read_existing(self) -> Index:
         """The current index; CheckpointNotFoundError if there is no run at the URL."""
-        data, _ = retry.run(self.backend.read_index, url=self.backend.url, what="read index", budget=self.budget)
-        if data is None:
+        index, _ = self._fetch()
+        if index is None:
             raise CheckpointNotFoundError(f"no cloudckpt run at {self.backend.url} (no index.json there)")
-        return parse_index(data)
+        return index
 
     def _check_fence(self, index: Index) -> None:
         if self.lease is None or index.writer is None:
@@ -70,10 +85,11 @@ class IndexKeeper:
             if new is None:
                 return index
             try:
-                self.backend.write_index(dump(new), token)
+                new_token = self.backend.write_index(dump(new), token)
             except IndexConflictError:
                 self.conflicts += 1
                 raise
+            self._cached = (new_token, new) if new_token is not None else None
             return new
 
         def retryable(exc: BaseException) -> bool:

@@ -269,3 +269,22 @@ def test_bad_urls_and_options_are_configuration_errors(tmp_path):
                         ("s3://bucket/run", {"nonsense": 1})]:
         with pytest.raises(ConfigurationError):
             CheckpointStore(url, **kwargs)
+
+
+def test_unchanged_index_is_not_downloaded_or_parsed_again(store_url, tmp_path, monkeypatch):
+    import cloudckpt.commit as commit
+
+    parsed = []
+    real = commit.parse_index
+    monkeypatch.setattr(commit, "parse_index", lambda data: parsed.append(len(data)) or real(data))
+    src = make_ckpt(tmp_path / "a", 1, files=1)
+    with CheckpointStore(store_url) as writer, CheckpointStore(store_url) as other:
+        writer.push(src, epoch=1)
+        writer.push(src, epoch=2)   # its own last write is cached: no parse
+        assert parsed == []
+        assert [c.epoch for c in writer.list()] == [1, 2]
+        assert parsed == []
+        other.push(src, epoch=3)    # another writer: first read parses
+        assert len(parsed) == 1
+        assert [c.epoch for c in writer.list()] == [1, 2, 3]  # changed underneath: parsed again, not stale
+        assert len(parsed) == 2

@@ -18,6 +18,10 @@ from ..errors import IntegrityError
 log = logging.getLogger(__name__)
 
 
+#: returned by ``read_index(known=token)`` instead of the bytes when the index is still at ``token``
+UNCHANGED = b"\x00cloudckpt-unchanged"
+
+
 @dataclass(frozen=True)
 class ObjectInfo:
     """A stored object: path relative to the run root, size in bytes, last-modified time (unix seconds)."""
@@ -43,12 +47,14 @@ class Backend(ABC):
     # --- the index: read with a version token, write only if the token still holds -----------------------------
 
     @abstractmethod
-    def read_index(self) -> tuple[bytes | None, Any]:
-        """Return ``(bytes, token)``, or ``(None, None)`` when the run has no index yet."""
+    def read_index(self, known: Any = None) -> tuple[bytes | None, Any]:
+        """Return ``(bytes, token)``, ``(None, None)`` when the run has no index yet, or ``(UNCHANGED, known)`` when
+        the index is still at the ``known`` token (so a writer's cached copy needn't be downloaded or parsed)."""
 
     @abstractmethod
-    def write_index(self, data: bytes, token: Any) -> None:
-        """Replace the index if it is still at ``token`` (None: only if absent); else raise IndexConflictError."""
+    def write_index(self, data: bytes, token: Any) -> Any:
+        """Replace the index if it is still at ``token`` (None: only if absent), else raise IndexConflictError;
+        return the new token."""
 
     # --- objects ------------------------------------------------------------------------------------------------
 

@@ -16,7 +16,7 @@ from typing import Any
 
 from ..errors import ConfigurationError, IndexConflictError, IntegrityError
 from ..manifest import INDEX_NAME
-from .base import Backend, ObjectInfo
+from .base import UNCHANGED, Backend, ObjectInfo
 from .fsspec_objects import FsspecObjects
 
 _MB = 2**20
@@ -71,25 +71,28 @@ class GCSBackend(Backend):
 
     # --- index -------------------------------------------------------------------------------------------------
 
-    def read_index(self) -> tuple[bytes | None, Any]:
+    def read_index(self, known: Any = None) -> tuple[bytes | None, Any]:
         from google.api_core.exceptions import NotFound, PreconditionFailed
 
         for _ in range(5):
             blob = self.bucket.get_blob(self._name(INDEX_NAME))
             if blob is None:
                 return None, None
+            if known is not None and blob.generation == known:
+                return UNCHANGED, known
             try:
                 return blob.download_as_bytes(if_generation_match=blob.generation), blob.generation
             except (NotFound, PreconditionFailed):
                 continue  # replaced between the metadata read and the download: read again
         raise IndexConflictError(f"{self.url}: index keeps changing while being read")
 
-    def write_index(self, data: bytes, token: Any) -> None:
+    def write_index(self, data: bytes, token: Any) -> Any:
         from google.api_core.exceptions import PreconditionFailed
 
         blob = self.bucket.blob(self._name(INDEX_NAME))
         try:
             blob.upload_from_string(data, content_type="application/json", if_generation_match=token or 0)
+            return blob.generation
         except PreconditionFailed as e:
             raise IndexConflictError(f"{self.url}: index changed since it was read") from e
 

@@ -11,7 +11,7 @@ import fsspec
 
 from ..errors import IndexConflictError
 from ..manifest import INDEX_NAME
-from .base import Backend
+from .base import UNCHANGED, Backend
 from .fsspec_objects import FsspecObjects
 
 
@@ -26,14 +26,16 @@ class GenericBackend(FsspecObjects, Backend):
         self.fs, root = fsspec.core.url_to_fs(self.url, **self.storage_options)
         self.root = root.rstrip("/")
 
-    def read_index(self) -> tuple[bytes | None, Any]:
+    def read_index(self, known: Any = None) -> tuple[bytes | None, Any]:
         try:
             data = self.fs.cat_file(self._path(INDEX_NAME))
         except FileNotFoundError:
             return None, None
-        return data, hashlib.sha256(data).hexdigest()
+        token = hashlib.sha256(data).hexdigest()
+        return (UNCHANGED if token == known else data), token
 
-    def write_index(self, data: bytes, token: Any) -> None:
+    def write_index(self, data: bytes, token: Any) -> Any:
         if self.read_index()[1] != token:
             raise IndexConflictError(f"{self.url}: index changed since it was read")
         self.fs.pipe_file(self._path(INDEX_NAME), data)
+        return hashlib.sha256(data).hexdigest()

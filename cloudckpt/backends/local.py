@@ -14,7 +14,7 @@ from typing import Any
 from ..checksum import file_checksums
 from ..errors import ConfigurationError, IndexConflictError, IntegrityError
 from ..manifest import INDEX_NAME, TMP_MARK
-from .base import Backend, ObjectInfo
+from .base import UNCHANGED, Backend, ObjectInfo
 
 _LOCK_NAME = ".index.lock"
 
@@ -60,14 +60,15 @@ class LocalBackend(Backend):
 
     # --- index -------------------------------------------------------------------------------------------------
 
-    def read_index(self) -> tuple[bytes | None, Any]:
+    def read_index(self, known: Any = None) -> tuple[bytes | None, Any]:
         try:
             data = self._abs(INDEX_NAME).read_bytes()
         except FileNotFoundError:
             return None, None
-        return data, hashlib.sha256(data).hexdigest()
+        token = hashlib.sha256(data).hexdigest()
+        return (UNCHANGED if token == known else data), token
 
-    def write_index(self, data: bytes, token: Any) -> None:
+    def write_index(self, data: bytes, token: Any) -> Any:
         self.root.mkdir(parents=True, exist_ok=True)
         with open(self.root / _LOCK_NAME, "a+b") as lock:
             fcntl.flock(lock, fcntl.LOCK_EX)
@@ -76,6 +77,7 @@ class LocalBackend(Backend):
                 if current != token:
                     raise IndexConflictError(f"{self.url}: index changed since it was read")
                 self._write_atomic(self._abs(INDEX_NAME), lambda f: f.write(data))
+                return hashlib.sha256(data).hexdigest()
             finally:
                 fcntl.flock(lock, fcntl.LOCK_UN)
 

@@ -18,7 +18,7 @@ from typing import Any
 
 from ..errors import ConfigurationError, IndexConflictError, IntegrityError
 from ..manifest import INDEX_NAME
-from .base import Backend, ObjectInfo
+from .base import UNCHANGED, Backend, ObjectInfo
 from .fsspec_objects import FsspecObjects
 
 _MB = 2**20
@@ -92,18 +92,24 @@ class S3Backend(Backend):
 
     # --- index -------------------------------------------------------------------------------------------------
 
-    def read_index(self) -> tuple[bytes | None, Any]:
+    def read_index(self, known: Any = None) -> tuple[bytes | None, Any]:
         try:
-            resp = self.client.get_object(Bucket=self.bucket, Key=self._key(INDEX_NAME))
+            resp = self.client.get_object(Bucket=self.bucket, Key=self._key(INDEX_NAME),
+                                          **({"IfNoneMatch": known} if known else {}))
         except self.client.exceptions.NoSuchKey:
             return None, None
+        except self.client.exceptions.ClientError as e:
+            if known and e.response.get("ResponseMetadata", {}).get("HTTPStatusCode") == 304:
+                return UNCHANGED, known
+            raise
         return resp["Body"].read(), resp["ETag"]
 
-    def write_index(self, data: bytes, token: Any) -> None:
+    def write_index(self, data: bytes, token: Any) -> Any:
         cond = {"IfMatch": token} if token is not None else {"IfNoneMatch": "*"}
         try:
-            self.client.put_object(Bucket=self.bucket, Key=self._key(INDEX_NAME), Body=data,
-                                   ContentType="application/json", **cond)
+            resp = self.client.put_object(Bucket=self.bucket, Key=self._key(INDEX_NAME), Body=data,
+                                          ContentType="application/json", **cond)
+            return resp.get("ETag")
         except self.client.exceptions.ClientError as e:
             code = e.response.get("Error", {}).get("Code")
             status = e.response.get("ResponseMetadata", {}).get("HTTPStatusCode")
