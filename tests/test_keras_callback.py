@@ -1,0 +1,169 @@
+"""CloudCheckpoint in-process: drop-in parity with keras.callbacks.ModelCheckpoint (validation, file names, save
+decisions, local files), commits to local/S3/GCS stores, complete resume state, best value across restarts, and
+failures that must not pass silently."""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+import pytest
+
+keras = pytest.importorskip("keras")
+import numpy as np  # noqa: E402
+import tensorflow as tf  # noqa: E402
+
+sys.path.insert(0, str(Path(__file__).parent))
+from keras_job import build_model, data  # noqa: E402
+
+from cloudckpt.errors import StaleWriterError, TransferError  # noqa: E402
+from cloudckpt.keras import CloudCheckpoint  # noqa: E402
+from cloudckpt.keras import resume as rs  # noqa: E402
+from cloudckpt.store import CheckpointStore  # noqa: E402
+
+pytestmark = pytest.mark.filterwarnings("ignore:Skipping variable loading for optimizer")
+
+X, Y = data()
+X, Y = X[:640], Y[:640]  # 8 training batches of 64 + 2 validation batches per epoch
+
+
+def fit(callbacks, epochs=3, seed=3, model=None):
+    keras.utils.set_random_seed(seed)
+    tf.config.experimental.enable_op_determinism()
+    model = model or build_model()
+    model.fit(X, Y, batch_size=64, epochs=epochs, validation_split=0.2, shuffle=False, verbose=0, callbacks=callbacks)
+    return model
+
+
+@pytest.mark.parametrize("kwargs", [
+    dict(filepath="x.weights.h5", save_freq="batch"),
+    dict(filepath="x.h5", save_weights_only=True),
+    dict(filepath="x.keras", save_weights_only=True),
+    dict(filepath="x.ckpt"),
+    dict(filepath="x.weights"),
+])
+def test_argument_validation_matches_model_checkpoint(kwargs):
+    with pytest.raises(ValueError) as theirs:
+        keras.callbacks.ModelCheckpoint(**kwargs)
+    with pytest.raises(ValueError) as ours:
+        CloudCheckpoint(**kwargs, remote="unused")
+    assert str(ours.value) == str(theirs.value)
+
+
+@pytest.mark.parametrize("bad", [dict(keep_best=-1), dict(keep_last=1.5), dict(keep_every_n_epochs=0),
+                                 dict(preemption_deadline=0)])
+def test_own_arguments_are_validated(bad):
+    with pytest.raises(ValueError, match="Received: " + next(iter(bad))):
+        CloudCheckpoint("x.keras", remote="unused", **bad)
+
+
+@pytest.mark.parametrize("pattern,kwargs", [
+    ("e{epoch:02d}.weights.h5", dict(save_weights_only=True)),
+    ("m-{epoch:02d}-{val_loss:.3f}.keras", dict()),
+    ("b{epoch}-{batch}.weights.h5", dict(save_weights_only=True, save_freq=3)),
+    ("best.keras", dict(monitor="val_accuracy", mode="max", save_best_only=True, verbose=1)),
+    ("best.weights.h5", dict(monitor="val_loss", save_best_only=True, save_weights_only=True, verbose=1)),
+])
+def test_same_files_and_decisions_as_model_checkpoint(tmp_path, capsys, pattern, kwargs):
+    keras_dir, ours_dir = tmp_path / "keras", tmp_path / "ours"
+    fit([keras.callbacks.ModelCheckpoint(str(keras_dir / pattern), **kwargs)])
+    theirs_out = capsys.readouterr().out.replace(str(keras_dir), "DIR")
+    cb = CloudCheckpoint(str(ours_dir / pattern), remote=str(tmp_path / "store"), **kwargs)
+    fit([cb])
+    ours_out = capsys.readouterr().out.replace(str(ours_dir), "DIR")
+    assert sorted(os.listdir(ours_dir)) == sorted(os.listdir(keras_dir)), "same local files, nothing else"
+    assert ours_out == theirs_out, "same verbose messages, so the same save decisions"
+    for name in os.listdir(keras_dir):  # same content: both loaded back give the same weights
+        a, b = build_model(), build_model()
+        a.load_weights(keras_dir / name)
+        b.load_weights(ours_dir / name)
+        for wa, wb in zip(a.get_weights(), b.get_weights()):
+            np.testing.assert_array_equal(wa, wb)
+    store = CheckpointStore(str(tmp_path / "store"))
+    assert store.latest().step == 3 * 8, "the last commit is the final state, at the final global step"
+    store.close()
+
+
+def test_commits_to_each_store_with_complete_resume_state(store_url, tmp_path):
+    path = tmp_path / "ckpt" / "checkpoint.model.weights.h5"
+    cb = CloudCheckpoint(str(path), save_weights_only=True, save_best_only=True, monitor="val_loss", remote=store_url,
+                         keep_best=1, keep_last=2)
+    model = fit([cb], epochs=3)
+    assert os.listdir(path.parent) == [path.name], "staging lives outside the checkpoint folder"
+    with CheckpointStore(store_url) as store:
+        index = store.index()
+        assert index.run.monitor == "val_loss" and index.run.mode == "min"
+        latest = store.latest()
+        assert latest.step == int(model.optimizer.iterations.numpy()) == 24
+        best = store.best()
+        assert best.meta["kind"] == "model" and best.meta["file"] == path.name
+        assert best.metrics["val_loss"] == pytest.approx(cb.best)
+        pulled = store.pull("best", to=tmp_path / "pulled")
+        assert (pulled.path / path.name).read_bytes() == path.read_bytes()
+        info, arrays = rs.read_state(pulled.path)
+        names = [p for p, _ in info["layout"]["optimizer"]]
+        assert any("iteration" in n for n in names) and any("momentum" in n for n in names), \
+            "optimizer state is in the checkpoint even with save_weights_only"
+        assert len(store.list()) <= 3  # keep_best=1 + keep_last=2 (overlapping)
+
+
+def test_default_remote_is_a_local_store_beside_the_files(tmp_path, monkeypatch):
+    monkeypatch.delenv("CLOUDCKPT_REMOTE", raising=False)
+    path = tmp_path / "ckpt" / "m.keras"
+    cb = CloudCheckpoint(str(path))
+    assert cb.remote == str(tmp_path / "ckpt" / ".cloudckpt-store")
+    fit([cb], epochs=1)
+    assert sorted(os.listdir(tmp_path / "ckpt")) == [".cloudckpt-store", "m.keras"]
+    with CheckpointStore(cb.remote) as store:
+        assert store.latest().epoch == 1
+
+
+def test_best_value_survives_a_restart(tmp_path, capsys):
+    remote, path = str(tmp_path / "store"), tmp_path / "ckpt" / "best.weights.h5"
+    first = CloudCheckpoint(str(path), save_weights_only=True, save_best_only=True, remote=remote, verbose=1)
+    fit([first], epochs=2)
+    best = float(first.best)
+    path.unlink()  # a new machine: the local file is gone
+    capsys.readouterr()
+    second = CloudCheckpoint(str(path), save_weights_only=True, save_best_only=True, remote=remote, verbose=1)
+    fit([second], epochs=3, seed=99)  # another seed: the weights must come from the checkpoint
+    out = capsys.readouterr().out
+    assert second.resumed_from is not None
+    assert "Epoch 3:" in out and "Epoch 1:" not in out and "Epoch 2:" not in out
+    assert f"from {best:.5f}" in out, "the first epoch after the restart compares with the saved best, not None"
+    assert path.exists(), "the best file is restored locally from the store"
+
+
+def test_final_state_that_cannot_be_committed_raises(s3_url, tmp_path):
+    import boto3
+
+    bucket = s3_url.split("/")[2]
+    cb = CloudCheckpoint(str(tmp_path / "ckpt" / "m.weights.h5"), save_weights_only=True, remote=s3_url,
+                         store_budget=5)
+
+    class DropBucket(keras.callbacks.Callback):
+        def on_epoch_end(self, epoch, logs=None):
+            if epoch == 1:
+                assert cb.uploader.flush(60)
+                s3 = boto3.resource("s3")
+                s3.Bucket(bucket).objects.all().delete()
+                s3.Bucket(bucket).delete()
+
+    with pytest.raises(TransferError, match="could not be committed"):
+        fit([DropBucket(), cb], epochs=2)
+
+
+def test_a_newer_writer_stops_training(tmp_path):
+    remote = str(tmp_path / "store")
+    cb = CloudCheckpoint(str(tmp_path / "ckpt" / "m.weights.h5"), save_weights_only=True, remote=remote)
+
+    class Takeover(keras.callbacks.Callback):
+        def on_epoch_end(self, epoch, logs=None):
+            if epoch == 0:
+                cb.uploader.flush(60)
+                with CheckpointStore(remote) as other:
+                    other.claim()
+
+    with pytest.raises(StaleWriterError):
+        fit([cb, Takeover()], epochs=4)
