@@ -175,8 +175,13 @@ class CheckpointStore:
             t0 = time.monotonic()
             entries = checksum_all(files, sha256=sha256, pool=self._pool)
             total = sum(e.size for e in entries)
-            with byte_progress(total, f"push {cid}", self.progress) as advance:
-                upload_all(self.backend, cid, files, entries, budget=self.budget, pool=self._pool, progress=advance)
+            try:
+                with byte_progress(total, f"push {cid}", self.progress) as advance:
+                    upload_all(self.backend, cid, files, entries, budget=self.budget, pool=self._pool,
+                               progress=advance)
+            except Exception:
+                self._discard_upload(cid, entries)
+                raise
             entry = CheckpointEntry(id=cid, epoch=epoch, step=step, created=utcnow(), metrics=metrics,
                                     files=tuple(entries), size=total, writer=self.keeper.writer_id, meta=dict(meta or {}))
             failpoints.hit("push.after_upload")
@@ -212,6 +217,13 @@ class CheckpointStore:
         failpoints.hit("push.after_index")
         self._delete_checkpoints(pruned)
         return entry
+
+    def _discard_upload(self, cid: str, entries: list) -> None:
+        """Best effort after a failed upload: remove what this push stored (gc removes anything left)."""
+        try:
+            self.backend.delete([f"{cid}/{e.path}" for e in entries])
+        except Exception as exc:  # the original error matters more; gc cleans up later
+            log.warning("could not remove the partial upload %s at %s (%s); `cloudckpt gc` will", cid, self.url, exc)
 
     def _plan(self, index: Index, policy_args: dict | None) -> set[str]:
         run = index.run

@@ -31,13 +31,14 @@ class LocalFile:
 def scan(source: str | Path) -> list[LocalFile]:
     """List the files of a checkpoint at ``source``: one file, or every file below a directory (sorted).
 
-    Symbolic links are refused (a checkpoint stores bytes, not links that may point anywhere).
+    Symbolic links and names that can't be stored safely are a ConfigurationError (a checkpoint stores bytes, not
+    links that may point anywhere).
     """
     root = Path(source)
     if root.is_symlink():
-        raise UnsafePathError(f"{source}: is a symbolic link; push the file it points to")
+        raise ConfigurationError(f"{source}: is a symbolic link; push the file it points to")
     if root.is_file():
-        return [LocalFile(root, check_relative_path(root.name))]
+        return [LocalFile(root, _rel(root.name))]
     if not root.is_dir():
         raise ConfigurationError(f"{source}: no such file or directory to push")
     files = []
@@ -45,13 +46,20 @@ def scan(source: str | Path) -> list[LocalFile]:
         for name in sorted(dirnames + filenames):
             p = Path(dirpath) / name
             if p.is_symlink():
-                raise UnsafePathError(f"{p}: symbolic links can't be part of a checkpoint")
+                raise ConfigurationError(f"{p}: symbolic links can't be part of a checkpoint")
         for name in filenames:
             p = Path(dirpath) / name
-            files.append(LocalFile(p, check_relative_path(p.relative_to(root).as_posix())))
+            files.append(LocalFile(p, _rel(p.relative_to(root).as_posix())))
     if not files:
         raise ConfigurationError(f"{source}: the directory is empty; nothing to push")
     return sorted(files, key=lambda f: f.rel)
+
+
+def _rel(path: str) -> str:
+    try:
+        return check_relative_path(path)
+    except UnsafePathError as e:
+        raise ConfigurationError(f"can't push {path!r}: {e}") from None
 
 
 def checksum_all(files: list[LocalFile], *, sha256: bool, pool: ThreadPoolExecutor) -> list[FileEntry]:

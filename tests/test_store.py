@@ -288,3 +288,16 @@ def test_unchanged_index_is_not_downloaded_or_parsed_again(store_url, tmp_path, 
         assert len(parsed) == 1
         assert [c.epoch for c in writer.list()] == [1, 2, 3]  # changed underneath: parsed again, not stale
         assert len(parsed) == 2
+
+
+def test_push_refuses_symlinks_and_empty_dirs_without_writing(tmp_path, local_url):
+    from cloudckpt import ConfigurationError
+
+    src = make_ckpt(tmp_path / "a", 1, files=1)
+    (src / "escape").symlink_to("/etc/passwd")
+    (tmp_path / "empty").mkdir()
+    with CheckpointStore(local_url) as store:
+        for bad in (src, tmp_path / "empty", tmp_path / "missing"):
+            with pytest.raises(ConfigurationError):
+                store.push(bad, epoch=1)
+        assert store.backend.list_objects() == []
