@@ -18,8 +18,8 @@
 #   CLOUDCKPT_HOME               venv, checkpoint and working directory (default /opt/cloudckpt)
 #   CLOUDCKPT_VENV               virtualenv holding cloudckpt (default $CLOUDCKPT_HOME/venv)
 #   CLOUDCKPT_USER               user that trains (default cloudckpt; created when missing)
-#   CLOUDCKPT_PREEMPT_EXIT_CODE  training's exit code after a preemption flush (default 75, see docs/deploy.md)
-#   CLOUDCKPT_STOP_TIMEOUT       seconds from SIGTERM to SIGKILL (default 45 > the callback's 30 s flush deadline)
+#   CLOUDCKPT_PREEMPT_EXIT_CODE  training's exit code after a preemption flush (default 143 = cloudckpt.keras.EXIT_PREEMPTED)
+#   CLOUDCKPT_STOP_TIMEOUT       seconds from SIGTERM to SIGKILL (default 45 > the callback's 25 s preemption_deadline)
 #   CLOUDCKPT_INSTALL            1 (default) installs cloudckpt; 0 uses the one in CLOUDCKPT_VENV as it is
 #   CLOUDCKPT_LAUNCH             systemd (default) or exec: restore and train in the foreground, no systemd
 #   CLOUDCKPT_METADATA           1 (default) reads unset settings from instance tags; 0 never asks IMDS
@@ -50,7 +50,7 @@ CLOUDCKPT_HOME=${CLOUDCKPT_HOME:-/opt/cloudckpt}
 CLOUDCKPT_VENV=${CLOUDCKPT_VENV:-$CLOUDCKPT_HOME/venv}
 CLOUDCKPT_SPEC=${CLOUDCKPT_SPEC:-cloudckpt[s3,keras]}
 CLOUDCKPT_USER=${CLOUDCKPT_USER:-cloudckpt}
-CLOUDCKPT_PREEMPT_EXIT_CODE=${CLOUDCKPT_PREEMPT_EXIT_CODE:-75}
+CLOUDCKPT_PREEMPT_EXIT_CODE=${CLOUDCKPT_PREEMPT_EXIT_CODE:-143}
 CLOUDCKPT_STOP_TIMEOUT=${CLOUDCKPT_STOP_TIMEOUT:-45}
 CLOUDCKPT_INSTALL=${CLOUDCKPT_INSTALL:-1}
 CLOUDCKPT_LAUNCH=${CLOUDCKPT_LAUNCH:-systemd}

@@ -5,10 +5,11 @@
 # $CLOUDCKPT_HOME/bin and starts itself again as the systemd unit cloudckpt-train (stage "run"). The unit pulls the
 # latest checkpoint (`cloudckpt pull latest`; exit code 3 means the run has none yet: start fresh), then runs the
 # training command with CLOUDCKPT_RESUME_DIR set. On preemption GCE sends an ACPI soft-off and powers the VM off
-# 30 s later: systemd sends SIGTERM to training at once, so the cloudckpt callback's flush deadline must fit in
-# that window (about 25 s; see docs/deploy.md). A training exit with CLOUDCKPT_PREEMPT_EXIT_CODE or a transient
-# failure restarts the unit, which restores again; usage/integrity/access/fencing errors do not. A VM stopped by
-# preemption and started again (instance_termination_action = "STOP") runs this script again and resumes.
+# 30 s later: systemd sends SIGTERM to training at once, and the cloudckpt callback commits within its
+# preemption_deadline (default 25 s, inside that window; see docs/deploy.md). A training exit with
+# CLOUDCKPT_PREEMPT_EXIT_CODE or a transient failure restarts the unit, which restores again; usage, integrity,
+# access and fencing errors do not. A VM stopped by preemption and started again (instance_termination_action =
+# "STOP") runs this script again and resumes.
 #
 # Settings: the environment first, else the VM's metadata attributes (see terraform/examples/gcp):
 #   CLOUDCKPT_REMOTE             attribute cloudckpt-remote         gs://bucket/runs/name (required)
@@ -18,7 +19,7 @@
 #   CLOUDCKPT_HOME               venv, checkpoint and working directory (default /opt/cloudckpt)
 #   CLOUDCKPT_VENV               virtualenv holding cloudckpt (default $CLOUDCKPT_HOME/venv)
 #   CLOUDCKPT_USER               user that trains (default cloudckpt; created when missing)
-#   CLOUDCKPT_PREEMPT_EXIT_CODE  training's exit code after a preemption flush (default 75, see docs/deploy.md)
+#   CLOUDCKPT_PREEMPT_EXIT_CODE  training's exit code after a preemption flush (default 143 = cloudckpt.keras.EXIT_PREEMPTED)
 #   CLOUDCKPT_STOP_TIMEOUT       seconds from SIGTERM to SIGKILL (default 30: GCE powers off after 30 s anyway)
 #   CLOUDCKPT_INSTALL            1 (default) installs cloudckpt; 0 uses the one in CLOUDCKPT_VENV as it is
 #   CLOUDCKPT_LAUNCH             systemd (default) or exec: restore and train in the foreground, no systemd
@@ -48,7 +49,7 @@ CLOUDCKPT_HOME=${CLOUDCKPT_HOME:-/opt/cloudckpt}
 CLOUDCKPT_VENV=${CLOUDCKPT_VENV:-$CLOUDCKPT_HOME/venv}
 CLOUDCKPT_SPEC=${CLOUDCKPT_SPEC:-cloudckpt[gcs,keras]}
 CLOUDCKPT_USER=${CLOUDCKPT_USER:-cloudckpt}
-CLOUDCKPT_PREEMPT_EXIT_CODE=${CLOUDCKPT_PREEMPT_EXIT_CODE:-75}
+CLOUDCKPT_PREEMPT_EXIT_CODE=${CLOUDCKPT_PREEMPT_EXIT_CODE:-143}
 CLOUDCKPT_STOP_TIMEOUT=${CLOUDCKPT_STOP_TIMEOUT:-30}
 CLOUDCKPT_INSTALL=${CLOUDCKPT_INSTALL:-1}
 CLOUDCKPT_LAUNCH=${CLOUDCKPT_LAUNCH:-systemd}

@@ -1,0 +1,203 @@
+"""Least privilege, verified: the S3 requests cloudckpt really sends, recorded at a proxy in front of the real S3
+server (moto), against the actions the Terraform policies grant (terraform/modules/aws-access, read with
+python-hcl2).
+
+The training policy must grant exactly the actions that push / pull / prune / gc / ls / verify / claim and a failed
+multipart upload use, and every recorded request must be allowed by it with its real resource ARN and list prefix
+(so the run-prefix scoping is exercised too). The CI restore policy must grant exactly what pull / ls / verify / show
+use, and nothing those requests did not need.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+import servers
+from infra_support import tf
+from infra_support.s3_recorder import RecordingProxy, S3Call
+
+from cloudckpt import CheckpointStore, TransferError
+
+ACCESS = tf.TERRAFORM / "modules" / "aws-access"
+PREFIX = "runs/r1"
+MiB = 2**20
+CLI = Path(sys.executable).with_name("cloudckpt")
+
+
+def _fail_upload_part(call: S3Call) -> bool:
+    """A failure injected into the second part of a multipart upload."""
+    return call.method == "PUT" and call.query.get("partNumber") == "2"
+
+
+@pytest.fixture
+def bucket(s3_server) -> str:
+    name = f"iam-{os.urandom(5).hex()}"
+    servers.make_s3_bucket(name)
+    return name
+
+
+@pytest.fixture
+def proxy(s3_server):
+    with RecordingProxy(s3_server.endpoint) as p:
+        yield p
+
+
+@pytest.fixture(scope="module")
+def module():
+    return tf.load_dir(ACCESS)
+
+
+def _values(bucket: str) -> dict[str, str]:
+    return {"var.bucket_arn": f"arn:aws:s3:::{bucket}", "var.run_prefix": PREFIX, "local.restore_prefix": PREFIX}
+
+
+def granted(module, name: str) -> set[str]:
+    return {a for st in tf.policy_statements(module, name, _values("b")) for a in st.actions if a.startswith("s3:")}
+
+
+def needs(call: S3Call) -> list[tuple[str, str, dict[str, str]]]:
+    """(action, resource ARN, condition context) for each authorization the request needs."""
+    action = call.action
+    if action == "s3:ListBucket":
+        ctx = {"s3:prefix": call.query["prefix"]} if "prefix" in call.query else {}
+        return [(action, f"arn:aws:s3:::{call.bucket}", ctx)]
+    if call.delete_keys:
+        return [(action, f"arn:aws:s3:::{call.bucket}/{k}", {}) for k in call.delete_keys]
+    return [(action, f"arn:aws:s3:::{call.bucket}/{call.key}", {})]
+
+
+def assert_allowed(calls: list[S3Call], statements: list[tf.Statement]) -> None:
+    denied = [(c.method, c.bucket, c.key, c.query, need) for c in calls for need in needs(c)
+              if not any(st.allows(*need) for st in statements)]
+    assert not denied, f"requests the policy would deny: {denied[:5]}"
+
+
+def _files(root: Path, big: int) -> Path:
+    root.mkdir(parents=True)
+    (root / "model.weights.h5").write_bytes(os.urandom(big))  # multipart when big > part_size
+    (root / "state.json").write_bytes(b'{"epoch": 1}')
+    return root
+
+
+def _cli(proxy: RecordingProxy, *args: str, check: bool = True) -> subprocess.CompletedProcess:
+    env = {**os.environ, "AWS_ENDPOINT_URL": proxy.endpoint, "AWS_ENDPOINT_URL_S3": proxy.endpoint}
+    env.pop("CLOUDCKPT_REMOTE", None)
+    proc = subprocess.run([str(CLI), *args], env=env, capture_output=True, text=True, timeout=120)
+    if check:
+        assert proc.returncode == 0, f"cloudckpt {' '.join(args)} → {proc.returncode}: {proc.stderr}"
+    return proc
+
+
+def training_session(proxy: RecordingProxy, bucket: str, tmp: Path) -> list[S3Call]:
+    """Everything a training job does with its run, through the Python API and the CLI."""
+    url = f"s3://{bucket}/{PREFIX}"
+    opts = dict(endpoint_url=proxy.endpoint, part_size=5 * MiB, max_concurrency=2)
+    with CheckpointStore(url, budget=20, workers=2, **opts) as store:
+        store.claim()
+        for epoch, loss in enumerate([0.9, 0.5, 0.7, 0.6], start=1):
+            store.push(_files(tmp / f"e{epoch}", 6 * MiB if epoch == 1 else 64 * 1024), epoch=epoch,
+                       metrics={"val_loss": loss}, monitor="val_loss", mode="min", keep_best=1, keep_last=2)
+        proxy.fail_when = _fail_upload_part
+        with pytest.raises(TransferError):  # a multipart upload that fails: boto3 aborts it
+            store.push(_files(tmp / "doomed", 11 * MiB), epoch=5, metrics={"val_loss": 0.1})
+        proxy.fail_when = None
+        store.pull("latest", to=tmp / "restored")
+        store.verify(all=True)
+        store.prune(keep_last=1)
+        _orphan(bucket)
+        report = store.gc(min_age=0)
+        assert report.deleted == ["ckpt-e000099-deadbeef/orphan.bin"]
+    assert any(c.action == "s3:AbortMultipartUpload" for c in proxy.calls), "the failed upload was not aborted"
+    if CLI.exists():
+        _cli(proxy, "push", str(_files(tmp / "cli", 1024)), "--to", url, "--epoch", "9", "--metric", "val_loss=0.4")
+        _cli(proxy, "ls", url)
+        _cli(proxy, "pull", "best", "--from", url, "--to", str(tmp / "cli-restored"))
+        _cli(proxy, "verify", url, "--all")
+        _cli(proxy, "prune", url, "--keep-last", "1")
+        _orphan(bucket)
+        assert "orphan.bin" in _cli(proxy, "gc", url, "--min-age", "0", "--json").stdout
+    return proxy.take()
+
+
+def restore_session(proxy: RecordingProxy, bucket: str, tmp: Path) -> list[S3Call]:
+    """What the CI restore step does: pull best (as in infra/ci), ls, show, verify; API and CLI."""
+    url = f"s3://{bucket}/{PREFIX}"
+    with CheckpointStore(url, budget=20, workers=2, endpoint_url=proxy.endpoint) as store:
+        store.list()
+        store.pull("best", to=tmp / "ci-api")
+        store.verify("best")
+        store.verify(all=True)
+    if CLI.exists():
+        _cli(proxy, "pull", "best", "--from", url, "--to", str(tmp / "checkpoint"))
+        _cli(proxy, "ls", url)
+        _cli(proxy, "show", "latest", "--from", url)
+        _cli(proxy, "verify", url, "best")
+    return proxy.take()
+
+
+def _orphan(bucket: str) -> None:
+    """What a crashed commit leaves: an object in a checkpoint directory the index doesn't list (not recorded)."""
+    import boto3
+
+    boto3.client("s3").put_object(Bucket=bucket, Key=f"{PREFIX}/ckpt-e000099-deadbeef/orphan.bin", Body=b"x")
+
+
+def _seed(bucket: str, tmp: Path) -> None:
+    """A run with two committed checkpoints, written directly (not recorded)."""
+    with CheckpointStore(f"s3://{bucket}/{PREFIX}", budget=20, workers=2, part_size=5 * MiB) as store:
+        for epoch, loss in ((1, 0.8), (2, 0.6)):
+            store.push(_files(tmp / f"seed{epoch}", 6 * MiB if epoch == 2 else 4096), epoch=epoch,
+                       metrics={"val_loss": loss}, monitor="val_loss", mode="min")
+
+
+def test_policy_evaluator_denies_outside_the_prefix(module, bucket):
+    """The matcher used below is not vacuous: other runs, the bare bucket and unscoped listing are refused."""
+    training = tf.policy_statements(module, "training", _values(bucket))
+    ok = lambda *need: any(st.allows(*need) for st in training)  # noqa: E731
+    assert ok("s3:GetObject", f"arn:aws:s3:::{bucket}/{PREFIX}/ckpt-1/a.bin", {})
+    assert not ok("s3:GetObject", f"arn:aws:s3:::{bucket}/runs/r2/ckpt-1/a.bin", {})
+    assert not ok("s3:GetObject", f"arn:aws:s3:::{bucket}/{PREFIX}-other/a.bin", {})
+    assert not ok("s3:PutObject", f"arn:aws:s3:::other-{bucket}/{PREFIX}/a.bin", {})
+    assert ok("s3:ListBucket", f"arn:aws:s3:::{bucket}", {"s3:prefix": f"{PREFIX}/"})
+    assert not ok("s3:ListBucket", f"arn:aws:s3:::{bucket}", {"s3:prefix": "runs/"})
+    assert not ok("s3:ListBucket", f"arn:aws:s3:::{bucket}", {})  # HeadBucket / whole-bucket listing
+    assert not ok("s3:DeleteObjectVersion", f"arn:aws:s3:::{bucket}/{PREFIX}/a.bin", {})
+
+
+def test_training_policy_grants_exactly_what_training_uses(module, proxy, bucket, tmp_path):
+    calls = training_session(proxy, bucket, tmp_path)
+    used = {c.action for c in calls}
+    assert not [a for a in used if a.startswith("UNMAPPED")], f"requests with no known IAM action: {used}"
+    assert {c.bucket for c in calls} == {bucket}
+    policy = granted(module, "training")
+    print(f"\ntraining: recorded {sorted(used)} in {len(calls)} requests; granted {sorted(policy)}")
+    assert used - policy == set(), f"used but not granted: {sorted(used - policy)}"
+    assert policy - used == set(), f"granted but never used: {sorted(policy - used)}"
+    assert_allowed(calls, tf.policy_statements(module, "training", _values(bucket)))
+
+
+def test_restore_policy_grants_exactly_what_ci_restore_uses(module, proxy, bucket, tmp_path):
+    _seed(bucket, tmp_path)
+    calls = restore_session(proxy, bucket, tmp_path)
+    used = {c.action for c in calls}
+    assert not [a for a in used if a.startswith("UNMAPPED")], f"requests with no known IAM action: {used}"
+    policy = granted(module, "restore")
+    print(f"\nrestore: recorded {sorted(used)} in {len(calls)} requests; granted {sorted(policy)}")
+    assert used == policy, f"used {sorted(used)} != granted {sorted(policy)}"
+    assert_allowed(calls, tf.policy_statements(module, "restore", _values(bucket)))
+    assert (tmp_path / "ci-api" / "model.weights.h5").stat().st_size == 6 * MiB  # the best: epoch 2, multipart
+    if CLI.exists():
+        assert (tmp_path / "checkpoint" / "model.weights.h5").stat().st_size == 6 * MiB
+
+
+def test_kms_grants_only_with_a_key(module):
+    """SSE-KMS grants are dynamic statements that exist only when kms_key_arn is set, and hold only KMS actions."""
+    for name, expected in (("training", {"kms:Decrypt", "kms:GenerateDataKey"}), ("restore", {"kms:Decrypt"})):
+        dyn = tf.dynamic_statements(module, name)
+        assert [set(d["actions"]) for d in dyn] == [expected]
+        assert all("var.kms_key_arn == null ? []" in d["for_each"] for d in dyn)
