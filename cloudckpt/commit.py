@@ -93,26 +93,18 @@ class IndexKeeper:
             return new
 
         def retryable(exc: BaseException) -> bool:
-            return isinstance(exc, IndexConflictError) or (
-                retry.permanent_error(exc, self.backend.url) is None and retry.is_transient(exc)
-            )
+            return isinstance(exc, IndexConflictError) or retry.is_transient(exc)
 
-        retrying = tenacity.Retrying(
-            stop=tenacity.stop_after_delay(self.budget) | tenacity.stop_after_attempt(200),
-            wait=tenacity.wait_random_exponential(multiplier=0.005, max=0.5),
-            retry=tenacity.retry_if_exception(retryable),
-            before_sleep=tenacity.before_sleep_log(log, logging.DEBUG),
-            reraise=True,
-        )
         try:
-            return retrying(attempt)
+            return retry.run(attempt, url=self.backend.url, what=what, budget=self.budget, attempts=200,
+                             retry_on=retryable, wait=tenacity.wait_random_exponential(multiplier=0.005, max=0.5),
+                             log_level=logging.DEBUG)
         except IndexConflictError as e:
             raise TransferError(f"{self.backend.url}: {what}: gave up after {self.conflicts} lost races") from e
-        except BaseException as exc:
-            typed = retry.permanent_error(exc, self.backend.url)
-            if typed is not None:
-                raise typed from exc
-            if isinstance(exc, CloudCkptError) or not retry.is_transient(exc):
+        except CloudCkptError:
+            raise
+        except Exception as exc:
+            if not retry.is_transient(exc):
                 raise
             raise TransferError(f"{self.backend.url}: {what} failed: {exc}") from exc
 

@@ -81,11 +81,13 @@ def transient_or_mismatch(exc: BaseException) -> bool:
 
 
 def run(fn: Callable[[], T], *, url: str, what: str, budget: float, attempts: int = 4,
-        retry_on: Callable[[BaseException], bool] = is_transient) -> T:
+        retry_on: Callable[[BaseException], bool] = is_transient, wait: tenacity.wait.wait_base | None = None,
+        log_level: int = logging.WARNING) -> T:
     """Call ``fn`` until it succeeds, a permanent error occurs, ``attempts`` are spent or ``budget`` seconds pass.
 
     Permanent errors become typed cloudckpt errors; when retries run out the last error is re-raised as is
-    (the caller wraps it in a :class:`~cloudckpt.errors.TransferError` with context).
+    (the caller wraps it in a :class:`~cloudckpt.errors.TransferError` with context). ``what`` names the operation
+    in the retry log lines.
     """
 
     def check(exc: BaseException) -> bool:
@@ -93,9 +95,10 @@ def run(fn: Callable[[], T], *, url: str, what: str, budget: float, attempts: in
 
     retrying = tenacity.Retrying(
         stop=tenacity.stop_after_attempt(attempts) | tenacity.stop_after_delay(budget),
-        wait=tenacity.wait_exponential_jitter(initial=0.2, max=5.0),
+        wait=wait or tenacity.wait_exponential_jitter(initial=0.2, max=5.0),
         retry=tenacity.retry_if_exception(check),
-        before_sleep=tenacity.before_sleep_log(log, logging.WARNING),
+        before_sleep=lambda state: log.log(log_level, "%s at %s: attempt %d failed (%s); retrying", what, url,
+                                           state.attempt_number, state.outcome.exception() if state.outcome else "?"),
         reraise=True,
     )
     try:

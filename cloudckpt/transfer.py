@@ -13,7 +13,7 @@ from pathlib import Path
 from . import retry
 from .backends import Backend
 from .checksum import file_checksums
-from .errors import ConfigurationError, IntegrityError, TransferError, UnsafePathError
+from .errors import CloudCkptError, ConfigurationError, IntegrityError, TransferError, UnsafePathError
 from .manifest import FileEntry, check_relative_path
 
 log = logging.getLogger(__name__)
@@ -85,12 +85,9 @@ def upload_all(backend: Backend, prefix: str, files: list[LocalFile], entries: l
         try:
             retry.run(lambda: backend.upload(f.path, rel, size=e.size, crc32c=e.crc32c or ""), url=backend.url,
                       what=f"upload {rel}", budget=budget, retry_on=retry.transient_or_mismatch)
-        except (TransferError, ConfigurationError) as exc:
-            raise exc
+        except CloudCkptError:
+            raise
         except Exception as exc:
-            typed = retry.permanent_error(exc, backend.url)
-            if typed is not None:
-                raise typed from exc
             raise TransferError(f"{backend.url}/{rel}: upload failed after retries: {exc}") from exc
         if progress:
             progress(e.size)
@@ -118,14 +115,11 @@ def download_verified(backend: Backend, prefix: str, entries: Iterable[FileEntry
 
         try:
             retry.run(fetch, url=backend.url, what=f"download {rel}", budget=budget)
+        except CloudCkptError:
+            raise
         except FileNotFoundError as exc:
             raise IntegrityError(f"{backend.url}/{rel}: listed in the index but missing from the store") from exc
-        except (IntegrityError, ConfigurationError, TransferError):
-            raise
         except Exception as exc:
-            typed = retry.permanent_error(exc, backend.url)
-            if typed is not None:
-                raise typed from exc
             raise TransferError(f"{backend.url}/{rel}: download failed after retries: {exc}") from exc
         got = file_checksums(dest, sha256=e.sha256 is not None)
         if (e.crc32c and got["crc32c"] != e.crc32c) or (e.sha256 and got.get("sha256") != e.sha256):
