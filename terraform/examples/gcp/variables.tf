@@ -1,5 +1,5 @@
 variable "project_id" {
-  description = "GCP project."
+  description = "GCP project for the bucket, service accounts and VMs."
   type        = string
 }
 
