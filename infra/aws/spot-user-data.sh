@@ -90,7 +90,7 @@ restore() { # pull the latest checkpoint into CKPT_DIR; set CLOUDCKPT_RESUME_DIR
       0) log "restored the latest checkpoint of $CLOUDCKPT_REMOTE into $CKPT_DIR"
          CLOUDCKPT_RESUME_DIR=$CKPT_DIR; return 0 ;;
       3) log "no checkpoint at $CLOUDCKPT_REMOTE yet: starting fresh"
-         rm -rf "$CKPT_DIR"; CLOUDCKPT_RESUME_DIR=""; return 0 ;;
+         CLOUDCKPT_RESUME_DIR=""; return 0 ;;
       1) log "pull failed (exit 1), attempt $attempt of 3"; sleep $((attempt * 10)) ;;
       *) log "pull failed with exit code $rc: not retrying"; exit "$rc" ;;
     esac
@@ -99,6 +99,7 @@ restore() { # pull the latest checkpoint into CKPT_DIR; set CLOUDCKPT_RESUME_DIR
 }
 
 run_training() {
+  mkdir -p "$CLOUDCKPT_HOME"
   restore
   export CLOUDCKPT_RESUME_DIR CLOUDCKPT_PREEMPT_EXIT_CODE
   cd "$CLOUDCKPT_HOME"

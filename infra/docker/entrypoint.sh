@@ -27,7 +27,6 @@ case $rc in
   0) log "restored $selector of $CLOUDCKPT_REMOTE into $ckpt_dir"
      export CLOUDCKPT_RESUME_DIR=$ckpt_dir ;;
   3) log "no checkpoint at $CLOUDCKPT_REMOTE yet: starting fresh"
-     rm -rf "$ckpt_dir"
      export CLOUDCKPT_RESUME_DIR="" ;;
   2|4|5|6) log "cloudckpt pull failed with exit code $rc (not retriable)"; exit "$rc" ;;
   *) log "cloudckpt pull failed with exit code $rc"; exit 1 ;;

@@ -1,0 +1,259 @@
+"""infra/: the Kubernetes Jobs, spot VM scripts, Dockerfile and CI workflows parse, lint, agree with the library's
+exit codes and deadlines, and — run for real against the S3/GCS servers — restore the latest checkpoint (or start
+fresh on exit code 3) before starting training, and restore the best one in the CI step."""
+
+from __future__ import annotations
+
+import ast
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from cloudckpt import AccessError, CheckpointStore, IntegrityError, StaleWriterError
+from infra_support.tf import ROOT
+
+INFRA = ROOT / "infra"
+VENV_BIN = Path(sys.executable).parent
+SHELLCHECK = shutil.which("shellcheck")
+needs_shellcheck = pytest.mark.skipif(
+    SHELLCHECK is None, reason="shellcheck not installed (Debian package `shellcheck`: apt-get install -y shellcheck)")
+SCRIPTS = sorted(INFRA.rglob("*.sh"))
+WORKFLOWS = [INFRA / "ci" / "github-restore-evaluate.yml", INFRA / "ci" / "gitlab-ci.yml"]
+FATAL = {2, IntegrityError.exit_code, AccessError.exit_code, StaleWriterError.exit_code}
+
+
+def _callback_constants() -> dict[str, object]:
+    """EXIT_PREEMPTED and the default preemption_deadline, read from the callback's source (no TensorFlow import)."""
+    tree = ast.parse((ROOT / "cloudckpt" / "keras" / "callback.py").read_text())
+    out: dict[str, object] = {}
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Assign) and [getattr(t, "id", None) for t in node.targets] == ["EXIT_PREEMPTED"]:
+            out["EXIT_PREEMPTED"] = ast.literal_eval(node.value)
+        if isinstance(node, ast.FunctionDef) and node.name == "__init__":
+            for arg, default in zip(node.args.kwonlyargs, node.args.kw_defaults):
+                if arg.arg == "preemption_deadline":
+                    out["preemption_deadline"] = ast.literal_eval(default)
+    assert set(out) == {"EXIT_PREEMPTED", "preemption_deadline"}
+    return out
+
+
+# --- parsing and linting -----------------------------------------------------------------------------------------
+
+def test_every_yaml_and_json_file_parses():
+    files = [p for d in (INFRA, ROOT / "terraform") for p in d.rglob("*") if p.suffix in (".yml", ".yaml", ".json")]
+    assert len(files) >= 4
+    for p in files:
+        docs = [json.loads(p.read_text())] if p.suffix == ".json" else list(yaml.safe_load_all(p.read_text()))
+        assert docs and all(d is not None for d in docs), f"{p} is empty"
+
+
+@pytest.mark.parametrize("script", SCRIPTS, ids=lambda p: str(p.relative_to(INFRA)))
+def test_shell_script_syntax(script):
+    assert script.read_text().startswith("#!/usr/bin/env bash\n")
+    assert os.access(script, os.X_OK), f"{script} is not executable"
+    proc = subprocess.run(["bash", "-n", str(script)], capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr
+
+
+@needs_shellcheck
+@pytest.mark.parametrize("script", SCRIPTS, ids=lambda p: str(p.relative_to(INFRA)))
+def test_shellcheck(script):
+    proc = subprocess.run([SHELLCHECK, "--severity=style", str(script)], capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stdout
+
+
+def _ci_scripts() -> dict[str, str]:
+    """Every shell snippet of the CI templates (GitHub `run:` steps, GitLab before_script/script/after_script)."""
+    gha = yaml.safe_load(WORKFLOWS[0].read_text())
+    out = {f"github:{s.get('name', i)}": s["run"] for i, s in enumerate(gha["jobs"]["evaluate"]["steps"]) if "run" in s}
+    gitlab = yaml.safe_load(WORKFLOWS[1].read_text())["evaluate-checkpoint"]
+    for key in ("before_script", "script", "after_script"):
+        out[f"gitlab:{key}"] = "\n".join(gitlab[key])
+    return out
+
+
+def test_ci_scripts_take_no_template_expressions():
+    """`${{ }}` inside a run: block is a script-injection risk; values come in through env instead."""
+    for name, script in _ci_scripts().items():
+        assert "${{" not in script, name
+
+
+@needs_shellcheck
+def test_ci_scripts_pass_shellcheck(tmp_path):
+    for name, script in _ci_scripts().items():
+        f = tmp_path / (name.replace(":", "_").replace(" ", "_") + ".sh")
+        f.write_text("#!/usr/bin/env bash\nset -euo pipefail\n" + script + "\n")
+        proc = subprocess.run([SHELLCHECK, "--severity=style", str(f)], capture_output=True, text=True)
+        assert proc.returncode == 0, f"{name}:\n{proc.stdout}"
+
+
+# --- Kubernetes ----------------------------------------------------------------------------------------------------
+
+def _docs(name: str) -> dict[str, dict]:
+    return {d["kind"]: d for d in yaml.safe_load_all((INFRA / "kubernetes" / name).read_text())}
+
+
+@pytest.mark.parametrize("name,url,selector,sa_annotation", [
+    ("train-job-eks.yaml", "s3://", {"eks.amazonaws.com/capacityType": "SPOT"}, "eks.amazonaws.com/role-arn"),
+    ("train-job-gke.yaml", "gs://", {"cloud.google.com/gke-spot": "true"}, "iam.gke.io/gcp-service-account"),
+])
+def test_kubernetes_job_for_spot_gpus(name, url, selector, sa_annotation):
+    consts = _callback_constants()
+    docs = _docs(name)
+    assert set(docs) == {"ServiceAccount", "Job", "NetworkPolicy"}
+    assert sa_annotation in docs["ServiceAccount"]["metadata"]["annotations"]
+    job = docs["Job"]["spec"]
+    pod = job["template"]["spec"]
+    assert pod["serviceAccountName"] == docs["ServiceAccount"]["metadata"]["name"]
+    assert selector.items() <= pod["nodeSelector"].items()
+    assert any(t["key"] == "nvidia.com/gpu" and t["effect"] == "NoSchedule" for t in pod["tolerations"])
+    if url == "gs://":
+        assert {"key": "cloud.google.com/gke-spot", "operator": "Equal", "value": "true",
+                "effect": "NoSchedule"} in pod["tolerations"]
+    # the grace period covers the callback's preemption deadline with a margin
+    assert pod["terminationGracePeriodSeconds"] >= consts["preemption_deadline"] + 10
+    (container,) = pod["containers"]
+    assert container["resources"]["limits"]["nvidia.com/gpu"] == 1
+    env = {e["name"]: e.get("value") for e in container["env"]}
+    assert env["CLOUDCKPT_REMOTE"].startswith(url)
+    assert "command" not in container, "the image's entrypoint must run (it restores the checkpoint)"
+    # restart behaviour: preemptions don't count against backoffLimit, cloudckpt's fatal exit codes fail at once
+    assert pod["restartPolicy"] == "Never" and job["backoffLimit"] >= 3
+    rules = job["podFailurePolicy"]["rules"]
+    assert {"action": "Ignore", "onPodConditions": [{"type": "DisruptionTarget"}]} in rules
+    ignored = [r["onExitCodes"] for r in rules if r["action"] == "Ignore" and "onExitCodes" in r]
+    assert ignored == [{"containerName": "train", "operator": "In", "values": [consts["EXIT_PREEMPTED"]]}]
+    assert env["CLOUDCKPT_PREEMPT_EXIT_CODE"] == str(consts["EXIT_PREEMPTED"])
+    (fail,) = [r["onExitCodes"] for r in rules if r["action"] == "FailJob"]
+    assert set(fail["values"]) == FATAL
+
+
+@pytest.mark.parametrize("script", ["aws/spot-user-data.sh", "gcp/spot-startup-script.sh"])
+def test_vm_scripts_default_to_the_callbacks_exit_code(script):
+    text = (INFRA / script).read_text()
+    assert f"CLOUDCKPT_PREEMPT_EXIT_CODE=${{CLOUDCKPT_PREEMPT_EXIT_CODE:-{_callback_constants()['EXIT_PREEMPTED']}}}" in text
+    assert '--property="RestartPreventExitStatus=2 4 5 6"' in text
+
+
+def test_dockerfile_installs_cloudckpt_and_restores_first():
+    lines = [ln.strip() for ln in (INFRA / "docker" / "Dockerfile").read_text().splitlines()]
+    assert lines[0] == "# syntax=docker/dockerfile:1"
+    assert any(ln.startswith("FROM python:${PYTHON_VERSION}-slim") for ln in lines)
+    assert any('pip install --no-cache-dir ".[s3,gcs]"' in ln for ln in lines)
+    assert "COPY --chmod=0755 infra/docker/entrypoint.sh /usr/local/bin/cloudckpt-entrypoint" in lines
+    assert 'ENTRYPOINT ["/usr/local/bin/cloudckpt-entrypoint"]' in lines
+    assert "USER 10001" in lines
+    copied = [ln.split()[1] for ln in lines if ln.startswith("COPY") and "--from" not in ln]
+    sources = {s for ln in lines if ln.startswith("COPY") and "--from" not in ln for s in ln.split()[1:-1]
+               if not s.startswith("--")}
+    allowed = {ln[1:].rstrip("/") for ln in (INFRA / "docker" / "Dockerfile.dockerignore").read_text().splitlines()
+               if ln.startswith("!")}
+    assert copied and sources <= allowed, f"COPY sources excluded by the dockerignore: {sources - allowed}"
+    for src in sources:
+        assert (ROOT / src).exists() or src == "README.md", src
+
+
+# --- run the scripts for real against the storage servers ---------------------------------------------------------
+
+TRAIN = ("python -c 'import json, os, sys; d = os.environ[\"CLOUDCKPT_RESUME_DIR\"]; "
+         "json.dump({\"resume\": d, \"files\": sorted(os.listdir(d)) if d else [], \"cwd\": os.getcwd(), "
+         "\"remote\": os.environ[\"CLOUDCKPT_REMOTE\"]}, open(os.environ[\"TRAIN_REPORT\"], \"w\"))'")
+
+
+def _env(tmp: Path, **extra: str) -> dict[str, str]:
+    env = {**os.environ, "PATH": f"{VENV_BIN}:{os.environ['PATH']}", "TRAIN_REPORT": str(tmp / "report.json")}
+    env.pop("CLOUDCKPT_REMOTE", None)
+    env.update(extra)
+    return env
+
+
+def _push(url: str, tmp: Path, epoch: int, loss: float, name: str) -> None:
+    src = tmp / f"src{epoch}"
+    src.mkdir()
+    (src / name).write_bytes(os.urandom(2048))
+    with CheckpointStore(url, budget=20, workers=2) as store:
+        store.push(src, epoch=epoch, metrics={"val_loss": loss}, monitor="val_loss", mode="min")
+
+
+def _run(cmd: list[str], env: dict[str, str], cwd: Path) -> subprocess.CompletedProcess:
+    return subprocess.run(cmd, env=env, cwd=cwd, capture_output=True, text=True, timeout=180)
+
+
+def _launchers(tmp: Path) -> dict[str, tuple[list[str], dict[str, str]]]:
+    vm = dict(CLOUDCKPT_INSTALL="0", CLOUDCKPT_LAUNCH="exec", CLOUDCKPT_METADATA="0", CLOUDCKPT_HOME=str(tmp / "home"),
+              CLOUDCKPT_VENV=str(VENV_BIN.parent), TRAIN_COMMAND=TRAIN, TRAIN_PACKAGE="")
+    return {
+        "entrypoint": ([str(INFRA / "docker" / "entrypoint.sh"), "bash", "-c", TRAIN],
+                       dict(CLOUDCKPT_CHECKPOINT_DIR=str(tmp / "ckpt"))),
+        "aws-user-data": ([str(INFRA / "aws" / "spot-user-data.sh")], vm),
+        "gce-startup-script": ([str(INFRA / "gcp" / "spot-startup-script.sh")], vm),
+    }
+
+
+@pytest.mark.parametrize("launcher,store", [("entrypoint", "s3"), ("entrypoint", "gcs"), ("aws-user-data", "s3"),
+                                            ("gce-startup-script", "gcs")])
+def test_launcher_starts_fresh_then_resumes(launcher, store, request, tmp_path):
+    url = request.getfixturevalue(f"{store}_url")
+    cmd, extra = _launchers(tmp_path)[launcher]
+    env = _env(tmp_path, CLOUDCKPT_REMOTE=url, **extra)
+    report = tmp_path / "report.json"
+
+    first = _run(cmd, env, tmp_path)  # empty run: `cloudckpt pull latest` exits 3 → training starts fresh
+    assert first.returncode == 0, first.stderr
+    assert "starting fresh" in first.stderr
+    assert json.loads(report.read_text())["resume"] == "" and json.loads(report.read_text())["remote"] == url
+
+    _push(url, tmp_path, 1, 0.5, "model-e1.weights.h5")
+    _push(url, tmp_path, 2, 0.9, "model-e2.weights.h5")  # latest, not best
+    report.unlink()
+    second = _run(cmd, env, tmp_path)
+    assert second.returncode == 0, second.stderr
+    got = json.loads(report.read_text())
+    assert got["resume"] and Path(got["resume"]).is_dir()
+    assert "model-e2.weights.h5" in got["files"] and "model-e1.weights.h5" not in got["files"]
+
+
+@pytest.mark.parametrize("launcher", ["entrypoint", "aws-user-data"])
+def test_launcher_stops_on_a_fatal_pull_error(launcher, s3_server, tmp_path):
+    cmd, extra = _launchers(tmp_path)[launcher]
+    env = _env(tmp_path, CLOUDCKPT_REMOTE="s3://no-such-bucket-here/runs/r1", **extra)
+    proc = _run(cmd, env, tmp_path)
+    assert proc.returncode == AccessError.exit_code, proc.stderr  # 5: not retried, training never started
+    assert not (tmp_path / "report.json").exists()
+
+
+def _gha_step(name: str) -> str:
+    steps = yaml.safe_load(WORKFLOWS[0].read_text())["jobs"]["evaluate"]["steps"]
+    (step,) = [s for s in steps if s.get("name") == name]
+    return step["run"]
+
+
+@pytest.mark.parametrize("ci", ["github", "gitlab"])
+def test_ci_restore_step_pulls_the_best_checkpoint(ci, s3_url, tmp_path):
+    if ci == "github":
+        script = _gha_step("Restore the best checkpoint")
+        assert 'cloudckpt pull best --from "$CLOUDCKPT_REMOTE" --to ./checkpoint' in script
+        assert "python evaluate.py --checkpoint ./checkpoint" in _gha_step("Evaluate")
+    else:
+        job = yaml.safe_load(WORKFLOWS[1].read_text())["evaluate-checkpoint"]
+        script = job["script"][0]
+        assert script.startswith('cloudckpt pull best --from "$CLOUDCKPT_REMOTE" --to ./checkpoint')
+        assert job["script"][1].startswith("python evaluate.py --checkpoint ./checkpoint")
+    work = tmp_path / "work"
+    work.mkdir()
+    env = _env(tmp_path, CLOUDCKPT_REMOTE=s3_url)
+    empty = _run(["bash", "-e", "-c", script], env, work)
+    assert empty.returncode == 3, empty.stderr  # no checkpoint yet: the step fails with "nothing matches"
+
+    _push(s3_url, tmp_path, 1, 0.3, "best.weights.h5")
+    _push(s3_url, tmp_path, 2, 0.7, "later.weights.h5")
+    proc = _run(["bash", "-e", "-c", script], env, work)
+    assert proc.returncode == 0, proc.stderr
+    assert sorted(p.name for p in (work / "checkpoint").iterdir() if not p.name.startswith(".")) == ["best.weights.h5"]
+    assert json.loads((work / "checkpoint.json").read_text())["epoch"] == 1
