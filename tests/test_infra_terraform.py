@@ -194,3 +194,12 @@ def test_terraform_fmt_is_clean():
     proc = subprocess.run(["terraform", "fmt", "-check", "-recursive", "-diff", str(tf.TERRAFORM)],
                           capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stdout
+
+
+@pytest.mark.parametrize("directory", sorted(MODULES.iterdir()), ids=lambda p: p.name)
+def test_readme_documents_every_input_and_output(directory):
+    readme = (tf.TERRAFORM / "README.md").read_text()
+    section = readme.split(f"### `modules/{directory.name}`", 1)[1].split("\n### ", 1)[0]
+    module = tf.load_dir(directory)
+    for name in [*tf.variables(module), *tf.outputs(module)]:
+        assert f"| `{name}` |" in section, f"terraform/README.md does not document {directory.name}.{name}"
