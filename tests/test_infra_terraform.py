@@ -10,7 +10,6 @@ import shutil
 import subprocess
 import sys
 from pathlib import Path
-from types import SimpleNamespace
 
 import pytest
 
@@ -98,30 +97,9 @@ def test_gcp_bucket_is_secure_by_default():
 
 # --- the GCS IAM conditions, evaluated on requests inside and outside the prefix ---------------------------------
 
-def gcs_condition(name: str, bucket: str, prefix: str):
-    """The IAM condition of gcp-access as a Python predicate over (resource type, resource name, list prefix).
-
-    The CEL subset used there (==, &&, ||, startsWith, api.getAttribute) maps 1:1 onto Python."""
-    m = tf.load_dir(MODULES / "gcp-access")
-    local = {k: v for item in m["locals"] for k, v in item.items()}[name]
-    parts = re.fullmatch(r'\$\{join\(" \|\| ", \[(.*)\]\)\}', local, re.S).group(1)
-    clauses = [json.loads(s) for s in re.findall(r'"(?:[^"\\]|\\.)*"', parts)]
-    values = {"var.bucket_name": bucket, "var.run_prefix": prefix, "local.restore_prefix": prefix,
-              "local.object_root": f"projects/_/buckets/{bucket}/objects/"}
-    expr = " || ".join(tf.substitute(c, values) for c in clauses)
-    py = expr.replace("&&", " and ").replace("||", " or ").replace(".startsWith(", ".startswith(")
-
-    def admits(rtype: str, rname: str, list_prefix: str | None = None) -> bool:
-        api = SimpleNamespace(getAttribute=lambda key, default: list_prefix if list_prefix is not None and
-                              key == "storage.googleapis.com/objectListPrefix" else default)
-        return bool(eval(py, {"__builtins__": {}}, {"resource": SimpleNamespace(type=rtype, name=rname), "api": api}))
-
-    return admits
-
-
 @pytest.mark.parametrize("name", ["training_condition", "restore_condition"])
 def test_gcs_condition_admits_only_the_run_prefix(name):
-    admits = gcs_condition(name, "ckpt-bkt", "runs/r1")
+    admits = tf.gcs_condition(name, "ckpt-bkt", "runs/r1")
     obj, bkt = "storage.googleapis.com/Object", "storage.googleapis.com/Bucket"
     assert admits(obj, "projects/_/buckets/ckpt-bkt/objects/runs/r1/index.json")
     assert admits(obj, "projects/_/buckets/ckpt-bkt/objects/runs/r1/ckpt-1/model.weights.h5")

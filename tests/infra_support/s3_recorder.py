@@ -1,4 +1,5 @@
-"""A recording HTTP proxy in front of the real S3 server (moto), and the mapping from S3 requests to IAM actions.
+"""A recording HTTP proxy in front of a real storage server (moto's S3, fake-gcs-server), and the mapping from S3
+requests to IAM actions (see gcs_recorder.py for GCS).
 
 The proxy forwards every request unchanged and records method, path, query, the keys a multi-object delete names and
 the headers that change which permission a request needs. Requests matching ``fail_when`` get an S3 error answer
@@ -18,6 +19,8 @@ from urllib.parse import parse_qs, unquote, urlsplit
 
 _HOP_BY_HOP = {"connection", "keep-alive", "proxy-connection", "transfer-encoding", "te", "trailer", "upgrade",
                "expect", "content-length"}
+_S3_ERROR = (b'<?xml version="1.0" encoding="UTF-8"?><Error><Code>InvalidRequest</Code>'
+             b"<Message>injected by the test proxy</Message></Error>")
 _LIST_PARAMS = {"list-type", "prefix", "delimiter", "max-keys", "marker", "encoding-type", "continuation-token",
                 "start-after", "fetch-owner", "expected-bucket-owner", "optional-object-attributes"}
 
@@ -100,10 +103,13 @@ def _parse(method: str, target: str, headers, body: bytes) -> S3Call:
 
 class RecordingProxy:
     """``with RecordingProxy(upstream) as proxy:`` — point clients at ``proxy.endpoint``; ``proxy.calls`` lists
-    what they sent. ``fail_when(call) -> bool`` answers matching requests with a 400 S3 error."""
+    what they sent. ``fail_when(call)`` returning True answers the request with a 400 S3 error, returning
+    ``(status, content_type, body)`` answers with that; falsy forwards it."""
 
-    def __init__(self, upstream: str, fail_when: Callable[[S3Call], bool] | None = None) -> None:
+    def __init__(self, upstream: str, fail_when: Callable[[S3Call], bool] | None = None,
+                 parse: Callable[..., object] | None = None) -> None:
         up = urlsplit(upstream)
+        parse = parse or _parse
         self.upstream = (up.hostname, up.port)
         self.fail_when = fail_when
         self.calls: list[S3Call] = []
@@ -131,17 +137,18 @@ class RecordingProxy:
 
             def _forward(self) -> None:
                 body = self._body()
-                call = _parse(self.command, self.path, self.headers, body)
+                call = parse(self.command, self.path, self.headers, body)
                 with proxy._lock:
                     proxy.calls.append(call)
-                if proxy.fail_when is not None and proxy.fail_when(call):
-                    err = (b'<?xml version="1.0" encoding="UTF-8"?><Error><Code>InvalidRequest</Code>'
-                           b"<Message>injected by the test proxy</Message></Error>")
-                    self.send_response(400)
-                    self.send_header("Content-Type", "application/xml")
+                fault = proxy.fail_when(call) if proxy.fail_when is not None else None
+                if fault:
+                    status, ctype, err = fault if isinstance(fault, tuple) else (400, "application/xml", _S3_ERROR)
+                    self.send_response(status)
+                    self.send_header("Content-Type", ctype)
                     self.send_header("Content-Length", str(len(err)))
                     self.end_headers()
-                    self.wfile.write(err)
+                    if self.command != "HEAD":
+                        self.wfile.write(err)
                     return
                 conn = http.client.HTTPConnection(*proxy.upstream, timeout=60)
                 try:

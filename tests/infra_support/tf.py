@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import fnmatch
+import json
 import re
 from dataclasses import dataclass
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import hcl2
@@ -114,3 +116,24 @@ def dynamic_statements(module: dict[str, list], name: str) -> list[dict]:
         for content in body["content"]:
             out.append({"for_each": body["for_each"], "actions": list(content["actions"])})
     return out
+
+
+def gcs_condition(name: str, bucket: str, prefix: str):
+    """The IAM condition of gcp-access as a Python predicate over (resource type, resource name, list prefix).
+
+    The CEL subset used there (==, &&, ||, startsWith, api.getAttribute) maps 1:1 onto Python."""
+    m = load_dir(TERRAFORM / "modules" / "gcp-access")
+    local = {k: v for item in m["locals"] for k, v in item.items()}[name]
+    parts = re.fullmatch(r'\$\{join\(" \|\| ", \[(.*)\]\)\}', local, re.S).group(1)
+    clauses = [json.loads(s) for s in re.findall(r'"(?:[^"\\]|\\.)*"', parts)]
+    values = {"var.bucket_name": bucket, "var.run_prefix": prefix, "local.restore_prefix": prefix,
+              "local.object_root": f"projects/_/buckets/{bucket}/objects/"}
+    expr = " || ".join(substitute(c, values) for c in clauses)
+    py = expr.replace("&&", " and ").replace("||", " or ").replace(".startsWith(", ".startswith(")
+
+    def admits(rtype: str, rname: str, list_prefix: str | None = None) -> bool:
+        api = SimpleNamespace(getAttribute=lambda key, default: list_prefix if list_prefix is not None and
+                              key == "storage.googleapis.com/objectListPrefix" else default)
+        return bool(eval(py, {"__builtins__": {}}, {"resource": SimpleNamespace(type=rtype, name=rname), "api": api}))
+
+    return admits
