@@ -44,7 +44,7 @@ class Steps(keras.callbacks.Callback):
         self.ckpt, self.kill_at, self.signal_name, self.wait_commit = ckpt, kill_at, signal_name, wait_commit
         self.last = None
 
-    def on_train_begin(self, logs=None):
+    def on_train_batch_begin(self, batch, logs=None):
         self.last = int(self.model.optimizer.iterations.numpy())
 
     def on_epoch_end(self, epoch, logs=None):
@@ -90,8 +90,8 @@ def main(argv=None):
                            save_weights_only=args.weights_only, save_freq=save_freq, remote=args.remote,
                            preemption=args.preemption, preemption_deadline=args.deadline,
                            preemption_endpoints=json.loads(args.endpoints) if args.endpoints else None)
-    callbacks = [] if args.no_checkpoint else [ckpt]
-    callbacks.append(Steps(ckpt, args.kill_at, args.signal, not args.no_wait_commit))
+    # Steps first: a step is reported before the checkpoint callback may stop the process at it
+    callbacks = [Steps(ckpt, args.kill_at, args.signal, not args.no_wait_commit)] + ([] if args.no_checkpoint else [ckpt])
     model.fit(x, y, batch_size=64, epochs=args.epochs, validation_split=0.2, shuffle=args.shuffle, verbose=0,
               callbacks=callbacks)
     if not args.no_checkpoint:
