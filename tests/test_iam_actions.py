@@ -16,7 +16,6 @@ import sys
 from pathlib import Path
 
 import pytest
-
 import servers
 from infra_support import tf
 from infra_support.s3_recorder import RecordingProxy, S3Call

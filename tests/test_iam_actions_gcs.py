@@ -14,7 +14,6 @@ import sys
 from pathlib import Path
 
 import pytest
-
 import servers
 from infra_support import tf
 from infra_support.gcs_recorder import OBJECT_USER, OBJECT_VIEWER, ROLES, GcsCall, parse_gcs

@@ -14,9 +14,9 @@ from pathlib import Path
 
 import pytest
 import yaml
+from infra_support.tf import ROOT
 
 from cloudckpt import AccessError, CheckpointStore, IntegrityError, StaleWriterError
-from infra_support.tf import ROOT
 
 INFRA = ROOT / "infra"
 VENV_BIN = Path(sys.executable).parent
@@ -137,7 +137,8 @@ def test_kubernetes_job_for_spot_gpus(name, url, selector, sa_annotation):
 @pytest.mark.parametrize("script", ["aws/spot-user-data.sh", "gcp/spot-startup-script.sh"])
 def test_vm_scripts_default_to_the_callbacks_exit_code(script):
     text = (INFRA / script).read_text()
-    assert f"CLOUDCKPT_PREEMPT_EXIT_CODE=${{CLOUDCKPT_PREEMPT_EXIT_CODE:-{_callback_constants()['EXIT_PREEMPTED']}}}" in text
+    code = _callback_constants()["EXIT_PREEMPTED"]
+    assert f"CLOUDCKPT_PREEMPT_EXIT_CODE=${{CLOUDCKPT_PREEMPT_EXIT_CODE:-{code}}}" in text
     assert '--property="RestartPreventExitStatus=2 4 5 6"' in text
 
 

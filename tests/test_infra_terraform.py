@@ -12,7 +12,6 @@ import sys
 from pathlib import Path
 
 import pytest
-
 from infra_support import tf
 
 MODULES = tf.TERRAFORM / "modules"
@@ -63,7 +62,8 @@ def test_aws_bucket_is_secure_by_default():
     assert all(pab[k] is True for k in ("block_public_acls", "block_public_policy", "ignore_public_acls",
                                         "restrict_public_buckets"))
     assert _one(m, "aws_s3_bucket_ownership_controls")["rule"][0]["object_ownership"] == "BucketOwnerEnforced"
-    sse = _one(m, "aws_s3_bucket_server_side_encryption_configuration")["rule"][0]["apply_server_side_encryption_by_default"][0]
+    sse_rule = _one(m, "aws_s3_bucket_server_side_encryption_configuration")["rule"][0]
+    sse = sse_rule["apply_server_side_encryption_by_default"][0]
     assert sse["sse_algorithm"] == '${var.kms_key_arn == null ? "AES256" : "aws:kms"}'
     assert tf.variables(m)["kms_key_arn"]["default"] is None  # SSE-S3 unless a key is given
     # TLS only: deny every s3 action to everyone when aws:SecureTransport is false, on the bucket and its objects
@@ -74,7 +74,8 @@ def test_aws_bucket_is_secure_by_default():
     assert set(deny["resources"]) == {"${aws_s3_bucket.this.arn}", "${aws_s3_bucket.this.arn}/*"}
     rules = {r["id"]: r for r in _one(m, "aws_s3_bucket_lifecycle_configuration")["rule"]}
     abort = rules["abort-incomplete-multipart-uploads"]
-    assert abort["abort_incomplete_multipart_upload"][0]["days_after_initiation"] == "${var.abort_incomplete_multipart_upload_days}"
+    days = abort["abort_incomplete_multipart_upload"][0]["days_after_initiation"]
+    assert days == "${var.abort_incomplete_multipart_upload_days}"
     assert tf.variables(m)["abort_incomplete_multipart_upload_days"]["default"] == 1
     noncurrent = rules["expire-noncurrent-versions"]["noncurrent_version_expiration"][0]
     assert noncurrent["noncurrent_days"] == "${var.noncurrent_version_expiration_days}"
