@@ -35,9 +35,14 @@ def step(n: int, text: str) -> None:
     say(f"\n[{n}/5] {text}")
 
 
+NOISE = ("WARNING: All log messages before absl", "I0000 ", "W0000 ", "E0000 ", "To enable the following instructions")
+
+
 def stream(proc: subprocess.Popen, stop_at: str | None = None) -> bool:
     """Echo the process's output, indented; return True when a line containing ``stop_at`` was seen."""
     for line in proc.stdout:
+        if line.startswith(NOISE):
+            continue  # TensorFlow's start-up chatter
         if "Epoch " in line and "/" in line and "step" not in line:
             line = line.replace("Epoch", "epoch")
         say("   | " + line.rstrip())
@@ -51,7 +56,10 @@ def main() -> int:
     parser.add_argument("--dir", help="working directory (default: a new temporary one)")
     parser.add_argument("--sigterm-at-step", type=int, default=90)
     parser.add_argument("--epochs", type=int, default=8)
+    parser.add_argument("--evaluate", metavar="MODEL", help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.evaluate:
+        return evaluate(args.evaluate)
     work = Path(args.dir or tempfile.mkdtemp(prefix="cloudckpt-demo-")).resolve()
     if work.exists():
         shutil.rmtree(work / "ckpt", ignore_errors=True)
@@ -101,17 +109,25 @@ def main() -> int:
             return 1
 
     step(5, "evaluate the pulled model on held-out digits")
-    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+    proc = subprocess.Popen([sys.executable, __file__, "--evaluate", str(work / "pulled" / "digits.keras")], cwd=work,
+                            env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    stream(proc)
+    if proc.wait() != 0:
+        return 1
+    say("\ndone: interrupted by SIGTERM, resumed mid-epoch, finished, pulled the best model and evaluated it.")
+    return 0
+
+
+def evaluate(path: str) -> int:
     import keras
 
     sys.path.insert(0, str(HERE))
     from _digits import digits
 
     _, (x_test, y_test) = digits()
-    model = keras.models.load_model(work / "pulled" / "digits.keras")
+    model = keras.models.load_model(path)
     loss, accuracy = model.evaluate(x_test, y_test, verbose=0)
-    say(f"   pulled/digits.keras: test accuracy {accuracy:.4f} (loss {loss:.4f}) on {len(y_test)} held-out digits")
-    say("\ndone: interrupted by SIGTERM, resumed mid-epoch, finished, pulled the best model and evaluated it.")
+    say(f"pulled/{Path(path).name}: test accuracy {accuracy:.4f} (loss {loss:.4f}) on {len(y_test)} held-out digits")
     return 0
 
 
