@@ -126,12 +126,38 @@ def test_kubernetes_job_for_spot_gpus(name, url, selector, sa_annotation):
     # restart behaviour: preemptions don't count against backoffLimit, cloudckpt's fatal exit codes fail at once
     assert pod["restartPolicy"] == "Never" and job["backoffLimit"] >= 3
     rules = job["podFailurePolicy"]["rules"]
-    assert {"action": "Ignore", "onPodConditions": [{"type": "DisruptionTarget"}]} in rules
+    assert {"action": "Ignore", "onPodConditions": [{"type": "DisruptionTarget", "status": "True"}]} in rules
     ignored = [r["onExitCodes"] for r in rules if r["action"] == "Ignore" and "onExitCodes" in r]
     assert ignored == [{"containerName": "train", "operator": "In", "values": [consts["EXIT_PREEMPTED"]]}]
     assert env["CLOUDCKPT_PREEMPT_EXIT_CODE"] == str(consts["EXIT_PREEMPTED"])
     (fail,) = [r["onExitCodes"] for r in rules if r["action"] == "FailJob"]
     assert set(fail["values"]) == FATAL
+
+
+@pytest.mark.parametrize("version", ["1.29.0", "1.31.0", "latest"])
+def test_kubernetes_manifests_match_the_api_schema(version):
+    """Strict OpenAPI validation (unknown fields rejected) for every supported Kubernetes version (1.29+)."""
+    import kubernetes_validate
+
+    version = kubernetes_validate.latest_version() if version == "latest" else version
+    for path in sorted((INFRA / "kubernetes").glob("*.yaml")):
+        for doc in yaml.safe_load_all(path.read_text()):
+            kubernetes_validate.validate(doc, version, strict=True)  # raises ValidationError
+
+
+def test_ci_templates_match_their_schemas():
+    """GitHub Actions and GitLab CI schemas as vendored by check-jsonschema (offline)."""
+    exe = VENV_BIN / "check-jsonschema"
+    for path, schema in zip(WORKFLOWS, ("vendor.github-workflows", "vendor.gitlab-ci")):
+        proc = subprocess.run([str(exe), "--builtin-schema", schema, str(path)], capture_output=True, text=True,
+                              timeout=120)
+        assert proc.returncode == 0, proc.stdout + proc.stderr
+
+
+def test_dockerfile_passes_hadolint():
+    proc = subprocess.run([str(VENV_BIN / "hadolint"), str(INFRA / "docker" / "Dockerfile")], capture_output=True,
+                          text=True, timeout=60)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
 
 
 @pytest.mark.parametrize("script", ["aws/spot-user-data.sh", "gcp/spot-startup-script.sh"])
