@@ -284,3 +284,46 @@ def test_ci_restore_step_pulls_the_best_checkpoint(ci, s3_url, tmp_path):
     assert proc.returncode == 0, proc.stderr
     assert sorted(p.name for p in (work / "checkpoint").iterdir() if not p.name.startswith(".")) == ["best.weights.h5"]
     assert json.loads((work / "checkpoint.json").read_text())["epoch"] == 1
+
+
+SIGTERM_TRAIN = ("python -c 'import os, pathlib, signal, sys, time\n"
+                 "def stop(*_):\n"
+                 "    pathlib.Path(os.environ[\"TRAIN_REPORT\"]).write_text(\"SIGTERM\")\n"
+                 "    sys.exit(int(os.environ.get(\"CLOUDCKPT_PREEMPT_EXIT_CODE\", \"143\")))\n"
+                 "signal.signal(signal.SIGTERM, stop)\n"
+                 "pathlib.Path(os.environ[\"TRAIN_REPORT\"] + \".ready\").write_text(\"1\")\n"
+                 "time.sleep(120)'")
+
+
+@pytest.mark.parametrize("launcher", ["entrypoint", "aws-user-data", "gce-startup-script"])
+def test_launcher_hands_sigterm_to_training(launcher, s3_url, tmp_path):
+    """The launcher execs the training command, so the preemption SIGTERM reaches training (not a waiting shell)
+    and the preemption exit code comes back to the orchestrator."""
+    import signal
+    import time
+
+    cmd, extra = _launchers(tmp_path)[launcher]
+    if launcher == "entrypoint":
+        cmd = cmd[:-1] + [SIGTERM_TRAIN]
+    else:
+        extra = {**extra, "TRAIN_COMMAND": SIGTERM_TRAIN}
+    env = _env(tmp_path, CLOUDCKPT_REMOTE=s3_url, **extra)
+    report = tmp_path / "report.json"
+    proc = subprocess.Popen(cmd, env=env, cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            start_new_session=True)  # its own process group, so a failed test can end all of it
+    try:
+        deadline = time.monotonic() + 120
+        while not Path(str(report) + ".ready").exists():
+            assert proc.poll() is None, proc.communicate()[1]
+            assert time.monotonic() < deadline, "training never started"
+            time.sleep(0.1)
+        proc.send_signal(signal.SIGTERM)  # what the kubelet / systemd sends to the container's / unit's process
+        _, err = proc.communicate(timeout=30)
+    finally:
+        try:
+            os.killpg(proc.pid, signal.SIGKILL)  # leftovers of this launcher only (e.g. a child that missed SIGTERM)
+        except ProcessLookupError:
+            pass
+        proc.wait()
+    assert report.read_text() == "SIGTERM", err
+    assert proc.returncode == _callback_constants()["EXIT_PREEMPTED"]
