@@ -7,7 +7,8 @@
 # training command with CLOUDCKPT_RESUME_DIR set. On a spot interruption systemd sends SIGTERM and waits
 # CLOUDCKPT_STOP_TIMEOUT seconds (the AWS notice is 2 minutes; the cloudckpt callback flushes within its deadline).
 # A training exit with CLOUDCKPT_PREEMPT_EXIT_CODE (the instance survived, e.g. a rebalance signal) or a
-# transient failure restarts the unit, which restores again; usage/integrity/access/fencing errors do not.
+# transient failure restarts the unit (at most 10 times an hour), which restores again; usage, integrity, access
+# and fencing errors do not.
 #
 # Settings: the environment first, else the instance's tags through IMDSv2 (the launch template must set
 # instance_metadata_tags = "enabled"; see terraform/examples/aws):
@@ -118,6 +119,7 @@ case $STAGE in
     install -D -m 0755 "${BASH_SOURCE[0]}" "$CLOUDCKPT_HOME/bin/resume-train.sh"
     systemd-run --unit=cloudckpt-train --uid="$CLOUDCKPT_USER" --collect \
       --property=Restart=on-failure --property=RestartSec=10 \
+      --property=StartLimitIntervalSec=3600 --property=StartLimitBurst=10 \
       --property="RestartPreventExitStatus=2 4 5 6" \
       --property=KillSignal=SIGTERM --property=TimeoutStopSec="$CLOUDCKPT_STOP_TIMEOUT" \
       --setenv=HOME="$CLOUDCKPT_HOME" --setenv=CLOUDCKPT_HOME="$CLOUDCKPT_HOME" \

@@ -7,9 +7,9 @@
 # training command with CLOUDCKPT_RESUME_DIR set. On preemption GCE sends an ACPI soft-off and powers the VM off
 # 30 s later: systemd sends SIGTERM to training at once, and the cloudckpt callback commits within its
 # preemption_deadline (default 25 s, inside that window; see docs/deploy.md). A training exit with
-# CLOUDCKPT_PREEMPT_EXIT_CODE or a transient failure restarts the unit, which restores again; usage, integrity,
-# access and fencing errors do not. A VM stopped by preemption and started again (instance_termination_action =
-# "STOP") runs this script again and resumes.
+# CLOUDCKPT_PREEMPT_EXIT_CODE or a transient failure restarts the unit (at most 10 times an hour), which restores
+# again; usage, integrity, access and fencing errors do not. A VM stopped by preemption and started again
+# (instance_termination_action = "STOP") runs this script again and resumes.
 #
 # Settings: the environment first, else the VM's metadata attributes (see terraform/examples/gcp):
 #   CLOUDCKPT_REMOTE             attribute cloudckpt-remote         gs://bucket/runs/name (required)
@@ -120,6 +120,7 @@ case $STAGE in
     install -D -m 0755 "${BASH_SOURCE[0]}" "$CLOUDCKPT_HOME/bin/resume-train.sh"
     systemd-run --unit=cloudckpt-train --uid="$CLOUDCKPT_USER" --collect \
       --property=Restart=on-failure --property=RestartSec=10 \
+      --property=StartLimitIntervalSec=3600 --property=StartLimitBurst=10 \
       --property="RestartPreventExitStatus=2 4 5 6" \
       --property=KillSignal=SIGTERM --property=TimeoutStopSec="$CLOUDCKPT_STOP_TIMEOUT" \
       --setenv=HOME="$CLOUDCKPT_HOME" --setenv=CLOUDCKPT_HOME="$CLOUDCKPT_HOME" \
