@@ -270,6 +270,12 @@ class Manifest(_Frozen):
 
     model_config = ConfigDict(frozen=True, extra="forbid", strict=True, populate_by_name=True)
 
+    @model_validator(mode="after")
+    def _version(self) -> Manifest:
+        if self.schema_version != SCHEMA_VERSION:
+            raise ValueError(f"unknown manifest schema_version {self.schema_version} (this cloudckpt reads {SCHEMA_VERSION})")
+        return self
+
 
 def _parse(model: type[BaseModel], data: bytes, what: str):
     try:

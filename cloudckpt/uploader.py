@@ -48,6 +48,7 @@ class Job:
     path: Path
     push_args: dict[str, Any]
     protected: bool = False
+    prepare: Callable[[Path], None] | None = None
     seq: int = 0
     entry: CheckpointEntry | None = None
     error: BaseException | None = None
@@ -97,13 +98,18 @@ class Uploader:
 
     # --- training thread ---------------------------------------------------------------------------------------
 
-    def submit(self, path: Path, push_args: dict[str, Any], *, protected: bool = False) -> Job:
-        """Queue the staged directory ``path`` (now owned by the uploader); return its job. Never blocks on I/O."""
+    def submit(self, path: Path, push_args: dict[str, Any], *, protected: bool = False,
+               prepare: Callable[[Path], None] | None = None) -> Job:
+        """Queue the staged directory ``path`` (now owned by the uploader); return its job. Never blocks on I/O.
+
+        ``prepare(path)``, if given, runs on the uploader's thread just before the push (e.g. to write files from
+        data captured in memory); a superseded job's ``prepare`` never runs.
+        """
         with self._cond:
             if self._closed:
                 raise RuntimeError("the uploader is closed")
             self._seq += 1
-            job = Job(Path(path), dict(push_args), protected, self._seq)
+            job = Job(Path(path), dict(push_args), protected, prepare, self._seq)
             superseded = [j for j in self._queue if not j.protected]
             for j in superseded:
                 self._queue.remove(j)
@@ -182,6 +188,8 @@ class Uploader:
             return
         t0 = time.monotonic()
         try:
+            if job.prepare is not None:
+                job.prepare(job.path)
             entry = self.store.push(job.path, **job.push_args)
         except StaleWriterError as exc:
             log.error("upload stopped: %s", exc)

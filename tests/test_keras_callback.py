@@ -167,3 +167,13 @@ def test_a_newer_writer_stops_training(tmp_path):
 
     with pytest.raises(StaleWriterError):
         fit([cb, Takeover()], epochs=4)
+
+
+def test_captured_state_is_a_snapshot_unchanged_by_later_training():
+    model = fit([], epochs=1)
+    arrays, layout = rs.capture(model)
+    frozen = {k: v.copy() for k, v in arrays.items()}
+    fit([], epochs=1, model=model)  # the uploader writes `arrays` later, while training goes on
+    assert all(np.array_equal(arrays[k], frozen[k]) for k in arrays)
+    assert any(not np.array_equal(arrays[f"model_{i}"], w) for i, w in enumerate(model.get_weights()))
+    assert len(layout["optimizer"]) > 2 and layout["metrics"]

@@ -110,10 +110,20 @@ class GCSBackend(Backend):
     def download(self, rel: str, local: Path) -> None:
         # google-cloud-storage streams to the file and checks the object's crc32c; gcsfs get_file grew RSS to
         # most of the object's size here.
-        self.bucket.blob(self._name(rel)).download_to_filename(str(local), checksum="crc32c")
+        from google.api_core.exceptions import NotFound
+
+        try:
+            self.bucket.blob(self._name(rel)).download_to_filename(str(local), checksum="crc32c")
+        except NotFound as e:  # the contract's built-in: callers test FileNotFoundError
+            raise FileNotFoundError(f"{self.url}/{rel}: no such object") from e
 
     def read_bytes(self, rel: str) -> bytes:
-        return self.bucket.blob(self._name(rel)).download_as_bytes()
+        from google.api_core.exceptions import NotFound
+
+        try:
+            return self.bucket.blob(self._name(rel)).download_as_bytes()
+        except NotFound as e:
+            raise FileNotFoundError(f"{self.url}/{rel}: no such object") from e
 
     def write_bytes(self, rel: str, data: bytes) -> None:
         self.bucket.blob(self._name(rel)).upload_from_string(data)

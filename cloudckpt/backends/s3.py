@@ -135,13 +135,19 @@ class S3Backend(Backend):
     def download(self, rel: str, local: Path) -> None:
         # One streaming GET written in 8 MiB blocks: bounded memory (s3fs get_file grew RSS past the object size
         # here), and no ranged GETs (which S3-compatible test servers serve by re-reading the whole object).
-        resp = self.client.get_object(Bucket=self.bucket, Key=self._key(rel))
+        resp = self._get(rel)
         with open(local, "wb") as f:
             for chunk in resp["Body"].iter_chunks(8 * _MB):
                 f.write(chunk)
 
     def read_bytes(self, rel: str) -> bytes:
-        return self.client.get_object(Bucket=self.bucket, Key=self._key(rel))["Body"].read()
+        return self._get(rel)["Body"].read()
+
+    def _get(self, rel: str) -> dict:
+        try:
+            return self.client.get_object(Bucket=self.bucket, Key=self._key(rel))
+        except self.client.exceptions.NoSuchKey as e:  # the contract's built-in: callers test FileNotFoundError
+            raise FileNotFoundError(f"{self.url}/{rel}: no such object") from e
 
     def write_bytes(self, rel: str, data: bytes) -> None:
         self.client.put_object(Bucket=self.bucket, Key=self._key(rel), Body=data)

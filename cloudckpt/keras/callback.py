@@ -251,7 +251,7 @@ class CloudCheckpoint(keras.callbacks.ModelCheckpoint):
             "user_file": os.path.basename(saved) if saved else None, "local_path": saved,
             "keras_version": keras.__version__,
         }
-        rs.write_state(job_dir, self.model, info)
+        arrays, layout = rs.capture(self.model)  # copied now; written to disk on the uploader's thread
         meta = {"kind": "model" if saved else "state", "batch": str(info["batches_done"] or 0),
                 "epoch_done": str(epoch_done).lower()}
         if saved:
@@ -260,7 +260,8 @@ class CloudCheckpoint(keras.callbacks.ModelCheckpoint):
         self.uploader.submit(job_dir, dict(epoch=epoch + 1, step=step, metrics=metrics, meta=meta,
                                            monitor=self.monitor, mode=mode, keep_best=self.keep_best,
                                            keep_last=self.keep_last, keep_every=self.keep_every_n_epochs),
-                             protected=bool(improved and saved))
+                             protected=bool(improved and saved),
+                             prepare=lambda path: rs.write_state(path, arrays, layout, info))
         self._last_staged_step = step
 
     # --- preemption --------------------------------------------------------------------------------------------

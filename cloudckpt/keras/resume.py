@@ -47,20 +47,28 @@ def ensure_optimizer_built(model: Any) -> None:
         optimizer.build(model.trainable_variables)
 
 
-def write_state(directory: Path, model: Any, info: Mapping[str, Any]) -> Path:
-    """Write ``cloudckpt_state/`` (variables + ``info`` as JSON) into ``directory``; return the state directory."""
-    out = Path(directory) / STATE_DIR
-    out.mkdir(parents=True, exist_ok=True)
+def capture(model: Any) -> tuple[dict[str, np.ndarray], dict[str, list]]:
+    """Copy every model, optimizer and metric variable to host memory now (on the training thread); cheap next to
+    writing them, which :func:`write_state` does later on the uploader's thread."""
     arrays: dict[str, np.ndarray] = {}
     layout: dict[str, list] = {}
     for group, variables in _groups(model).items():
         layout[group] = []
         for i, v in enumerate(variables):
-            arrays[f"{group}_{i}"] = np.asarray(v.numpy())
-            layout[group].append([v.path, list(arrays[f"{group}_{i}"].shape)])
+            value = np.asarray(v.numpy())  # a snapshot: TF variables copy on write
+            arrays[f"{group}_{i}"] = value
+            layout[group].append([v.path, list(value.shape)])
+    return arrays, layout
+
+
+def write_state(directory: Path, arrays: Mapping[str, np.ndarray], layout: Mapping[str, list],
+                info: Mapping[str, Any]) -> Path:
+    """Write ``cloudckpt_state/`` (the captured variables + ``info`` as JSON) into ``directory``; return it."""
+    out = Path(directory) / STATE_DIR
+    out.mkdir(parents=True, exist_ok=True)
     with open(out / VARIABLES, "wb") as f:
         np.savez(f, **arrays)
-    doc = {"format": FORMAT, **info, "layout": layout}
+    doc = {"format": FORMAT, **info, "layout": dict(layout)}
     (out / STATE_JSON).write_text(json.dumps(doc, indent=1, default=float))
     return out
 
