@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import os
 import subprocess
+from collections import Counter
 import sys
 from pathlib import Path
 
@@ -68,6 +69,12 @@ def needs(call: S3Call) -> list[tuple[str, str, dict[str, str]]]:
     if call.delete_keys:
         return [(action, f"arn:aws:s3:::{call.bucket}/{k}", {}) for k in call.delete_keys]
     return [(action, f"arn:aws:s3:::{call.bucket}/{call.key}", {})]
+
+
+def _summary(calls: list[S3Call]) -> str:
+    kinds = Counter(f"{c.method}{'?' + '&'.join(sorted(c.query)) if set(c.query) - {'prefix', 'encoding-type'} else ''}"
+                    f"{' bucket' if not c.key else ''} -> {c.action}" for c in calls)
+    return f"{len(calls)} requests: " + ", ".join(f"{n}x {k}" for k, n in sorted(kinds.items()))
 
 
 def assert_allowed(calls: list[S3Call], statements: list[tf.Statement]) -> None:
@@ -174,7 +181,7 @@ def test_training_policy_grants_exactly_what_training_uses(module, proxy, bucket
     assert not [a for a in used if a.startswith("UNMAPPED")], f"requests with no known IAM action: {used}"
     assert {c.bucket for c in calls} == {bucket}
     policy = granted(module, "training")
-    print(f"\ntraining: recorded {sorted(used)} in {len(calls)} requests; granted {sorted(policy)}")
+    print(f"\ntraining: recorded {_summary(calls)}; granted {sorted(policy)}")
     assert used - policy == set(), f"used but not granted: {sorted(used - policy)}"
     assert policy - used == set(), f"granted but never used: {sorted(policy - used)}"
     assert_allowed(calls, tf.policy_statements(module, "training", _values(bucket)))
@@ -186,7 +193,7 @@ def test_restore_policy_grants_exactly_what_ci_restore_uses(module, proxy, bucke
     used = {c.action for c in calls}
     assert not [a for a in used if a.startswith("UNMAPPED")], f"requests with no known IAM action: {used}"
     policy = granted(module, "restore")
-    print(f"\nrestore: recorded {sorted(used)} in {len(calls)} requests; granted {sorted(policy)}")
+    print(f"\nrestore: recorded {_summary(calls)}; granted {sorted(policy)}")
     assert used == policy, f"used {sorted(used)} != granted {sorted(policy)}"
     assert_allowed(calls, tf.policy_statements(module, "restore", _values(bucket)))
     assert (tmp_path / "ci-api" / "model.weights.h5").stat().st_size == 6 * MiB  # the best: epoch 2, multipart
