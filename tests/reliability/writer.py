@@ -14,6 +14,7 @@ import os
 import random
 import sys
 import tempfile
+import time
 from pathlib import Path
 
 from cloudckpt import CheckpointStore, StaleWriterError
@@ -67,7 +68,7 @@ def main() -> int:
             say(f"GC {len(store.gc(min_age=0).deleted)}")
         if args.wait_file:
             while not os.path.exists(args.wait_file):
-                pass
+                time.sleep(0.001)
         try:
             for n in range(1, args.rounds + 1):
                 src = make_checkpoint(work, rnd, args.max_bytes, args.big)
@@ -82,7 +83,7 @@ def main() -> int:
         except StaleWriterError as exc:
             say(f"FENCED {exc}")
             return 6
-    say("DONE")
+        say(f"DONE conflicts={store.keeper.conflicts}")
     return 0
 
 
