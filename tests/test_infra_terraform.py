@@ -135,12 +135,17 @@ def _checkov() -> Path:
 
 
 @pytest.fixture(scope="module")
-def checkov_reports():
+def checkov_reports(tmp_path_factory):
     exe = _checkov()
     env = {**os.environ, "BC_SKIP_MAPPING": "TRUE", "CHECKOV_RUN_SCA_PACKAGE_SCAN_V2": "false"}
+    # checkov finds CI pipelines only where the CI systems look for them: lay the templates out that way
+    ci = tmp_path_factory.mktemp("ci-layout")
+    (ci / ".github" / "workflows").mkdir(parents=True)
+    shutil.copy(tf.ROOT / "infra" / "ci" / "github-restore-evaluate.yml", ci / ".github" / "workflows")
+    shutil.copy(tf.ROOT / "infra" / "ci" / "gitlab-ci.yml", ci / ".gitlab-ci.yml")
     out = {}
-    for target in ("terraform", "infra"):
-        proc = subprocess.run([str(exe), "-d", str(tf.ROOT / target), "--skip-download", "-o", "json"],
+    for target, directory in (("terraform", tf.ROOT / "terraform"), ("infra", tf.ROOT / "infra"), ("ci", ci)):
+        proc = subprocess.run([str(exe), "-d", str(directory), "--skip-download", "-o", "json"],
                               capture_output=True, text=True, env=env, timeout=600, cwd=tf.ROOT)
         assert proc.returncode in (0, 1), f"checkov crashed on {target}: {proc.stderr[-2000:]}"
         data = json.loads(proc.stdout)
@@ -148,11 +153,12 @@ def checkov_reports():
     return out
 
 
-@pytest.mark.parametrize("target", ["terraform", "infra"])
+@pytest.mark.parametrize("target", ["terraform", "infra", "ci"])
 def test_checkov_passes_with_reasoned_skips(checkov_reports, target):
     reports = checkov_reports[target]
     frameworks = {r["check_type"] for r in reports}
-    expected = {"terraform"} if target == "terraform" else {"kubernetes", "dockerfile"}
+    expected = {"terraform": {"terraform"}, "infra": {"kubernetes", "dockerfile"},
+                "ci": {"github_actions", "gitlab_ci"}}[target]
     assert expected <= frameworks, f"checkov did not scan {expected - frameworks} in {target}/"
     for r in reports:
         s = r["summary"]
