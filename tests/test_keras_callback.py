@@ -177,3 +177,12 @@ def test_captured_state_is_a_snapshot_unchanged_by_later_training():
     assert all(np.array_equal(arrays[k], frozen[k]) for k in arrays)
     assert any(not np.array_equal(arrays[f"model_{i}"], w) for i, w in enumerate(model.get_weights()))
     assert len(layout["optimizer"]) > 2 and layout["metrics"]
+
+
+def test_a_second_fit_in_the_same_process_trains_on_like_model_checkpoint(tmp_path):
+    cb = CloudCheckpoint(str(tmp_path / "ckpt" / "m.weights.h5"), save_weights_only=True, remote=str(tmp_path / "s"))
+    model = fit([cb], epochs=2)
+    model.fit(X, Y, batch_size=64, epochs=2, validation_split=0.2, verbose=0, callbacks=[cb])
+    assert int(model.optimizer.iterations.numpy()) == 4 * 8, "no resume inside one process: fit() trains its epochs"
+    with CheckpointStore(str(tmp_path / "s")) as store:
+        assert store.latest().step == 32

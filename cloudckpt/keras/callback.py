@@ -117,6 +117,7 @@ class CloudCheckpoint(keras.callbacks.ModelCheckpoint):
         self.store: CheckpointStore | None = None
         self.uploader: Uploader | None = None
         self._folder = folder
+        self._fitted = False
         self._reset_run_state()
 
     # --- fit lifecycle -----------------------------------------------------------------------------------------
@@ -140,8 +141,9 @@ class CloudCheckpoint(keras.callbacks.ModelCheckpoint):
         self.store = CheckpointStore(self.remote, budget=self.store_budget, **self.storage_options)
         self.store.claim()
         self._staging = self._make_staging()
-        if self.resume:
+        if self.resume and not self._fitted:  # a later fit() of this process continues from the model as it is
             self._resume()
+        self._fitted = True
         self.uploader = Uploader(self.store)
         self._watch = PreemptionWatch(self.preemption, endpoints=self.preemption_endpoints)
         self._watch.start()
@@ -187,7 +189,7 @@ class CloudCheckpoint(keras.callbacks.ModelCheckpoint):
             self._watch.stop()
         if self.uploader is not None:
             self.uploader.close(timeout=0 if self.preempted else None)
-        if self.store is not None:
+        if self.store is not None and not (self.preempted and self.uploader is not None and self.uploader.pending()):
             self.store.close()
         if self._staging is not None:
             shutil.rmtree(self._staging, ignore_errors=True)
@@ -286,6 +288,9 @@ class CloudCheckpoint(keras.callbacks.ModelCheckpoint):
         if self.exit_on_preemption:
             if self._skip is not None:
                 self._skip.uninstall()
+            if not ok:  # an upload still hangs: don't let interpreter shutdown wait for it past the deadline
+                logging.shutdown()
+                os._exit(EXIT_PREEMPTED)
             self._cleanup()
             raise SystemExit(EXIT_PREEMPTED)
 
