@@ -186,3 +186,17 @@ def test_a_second_fit_in_the_same_process_trains_on_like_model_checkpoint(tmp_pa
     assert int(model.optimizer.iterations.numpy()) == 4 * 8, "no resume inside one process: fit() trains its epochs"
     with CheckpointStore(str(tmp_path / "s")) as store:
         assert store.latest().step == 32
+
+
+def test_prune_local_applies_retention_to_local_files(tmp_path):
+    ckpt = tmp_path / "ckpt"
+    cb = CloudCheckpoint(str(ckpt / "e{epoch:02d}.weights.h5"), save_weights_only=True, remote=str(tmp_path / "s"),
+                         keep_best=None, keep_last=2, prune_local=True)
+    fit([cb], epochs=4)
+    assert sorted(os.listdir(ckpt)) == ["e03.weights.h5", "e04.weights.h5"]
+    with CheckpointStore(str(tmp_path / "s")) as store:
+        assert [c.meta["file"] for c in store.list()] == ["e03.weights.h5", "e04.weights.h5"]
+    kept = CloudCheckpoint(str(tmp_path / "k" / "e{epoch:02d}.weights.h5"), save_weights_only=True,
+                           remote=str(tmp_path / "s2"), keep_best=None, keep_last=2)
+    fit([kept], epochs=4)
+    assert len(os.listdir(tmp_path / "k")) == 4, "by default every local file stays, as with ModelCheckpoint"

@@ -7,6 +7,7 @@ import math
 import os
 import shutil
 import tempfile
+import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -76,6 +77,9 @@ class CloudCheckpoint(keras.callbacks.ModelCheckpoint):
             (GCE gives 30).
         exit_on_preemption: exit the process with status 143 after a preemption checkpoint; if False, training just
             stops and `preempted` is True. Default True.
+        prune_local: also delete the local files Keras wrote (e.g. ``model-{epoch:02d}.keras``) once their
+            checkpoint has been pruned from the store by the retention above; the most recent file is always kept.
+            Default False (keep every local file, exactly as `ModelCheckpoint` does).
         staging_dir: where snapshots are staged; default a temporary directory on the same file system as the
             checkpoint folder (so snapshots are hard links), else ``.cloudckpt-staging`` beside that folder.
         store_budget: seconds each store operation may retry for. Default 300.
@@ -86,7 +90,8 @@ class CloudCheckpoint(keras.callbacks.ModelCheckpoint):
                  keep_best: int | None = 1, keep_last: int | None = 2, keep_every_n_epochs: int | None = None,
                  resume: bool = True, storage_options: dict | None = None, preemption: Any = "auto",
                  preemption_endpoints: dict | None = None, preemption_deadline: float = 25.0,
-                 exit_on_preemption: bool = True, staging_dir: str | None = None, store_budget: float = 300.0):
+                 exit_on_preemption: bool = True, prune_local: bool = False, staging_dir: str | None = None,
+                 store_budget: float = 300.0):
         super().__init__(filepath, monitor=monitor, verbose=verbose, save_best_only=save_best_only,
                          save_weights_only=save_weights_only, mode=mode, save_freq=save_freq,
                          initial_value_threshold=initial_value_threshold)
@@ -107,6 +112,7 @@ class CloudCheckpoint(keras.callbacks.ModelCheckpoint):
         self.preemption_endpoints = preemption_endpoints
         self.preemption_deadline = preemption_deadline
         self.exit_on_preemption = exit_on_preemption
+        self.prune_local = prune_local
         self.staging_dir = staging_dir
         self.store_budget = store_budget
         self.preempted = False
@@ -133,6 +139,8 @@ class CloudCheckpoint(keras.callbacks.ModelCheckpoint):
         self._notice_time: float | None = None
         self._staging: Path | None = None
         self._seq = 0
+        self._local_files: dict[str, None] = {}  # files Keras wrote in this fit, oldest first
+        self._local_lock = threading.Lock()
 
     def on_train_begin(self, logs=None):
         self._reset_run_state()
@@ -144,7 +152,7 @@ class CloudCheckpoint(keras.callbacks.ModelCheckpoint):
         if self.resume and not self._fitted:  # a later fit() of this process continues from the model as it is
             self._resume()
         self._fitted = True
-        self.uploader = Uploader(self.store)
+        self.uploader = Uploader(self.store, on_commit=self._on_commit if self.prune_local else None)
         self._watch = PreemptionWatch(self.preemption, endpoints=self.preemption_endpoints)
         self._watch.start()
 
@@ -259,12 +267,30 @@ class CloudCheckpoint(keras.callbacks.ModelCheckpoint):
         if saved:
             meta["file"] = os.path.basename(saved)
             meta["local_path"] = saved
+            with self._local_lock:
+                self._local_files.pop(saved, None)
+                self._local_files[saved] = None
         self.uploader.submit(job_dir, dict(epoch=epoch + 1, step=step, metrics=metrics, meta=meta,
                                            monitor=self.monitor, mode=mode, keep_best=self.keep_best,
                                            keep_last=self.keep_last, keep_every=self.keep_every_n_epochs),
                              protected=bool(improved and saved),
                              prepare=lambda path: rs.write_state(path, arrays, layout, info))
         self._last_staged_step = step
+
+    def _on_commit(self, entry, job) -> None:
+        """Uploader thread: delete local files whose checkpoints retention removed from the store."""
+        live = {c.meta.get("local_path") for c in self.store.list()}
+        with self._local_lock:
+            paths = list(self._local_files)[:-1]  # never the most recent file
+            doomed = [p for p in paths if p not in live]
+            for p in doomed:
+                del self._local_files[p]
+        for p in doomed:
+            try:
+                os.remove(p)
+                log.info("removed local %s (its checkpoint was pruned from the store)", p)
+            except FileNotFoundError:
+                pass
 
     # --- preemption --------------------------------------------------------------------------------------------
 
