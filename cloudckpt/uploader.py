@@ -14,10 +14,11 @@ Example:
     >>> up = Uploader(store)
     >>> snap = pathlib.Path(tempfile.mkdtemp()) / "job"
     >>> _ = snap.mkdir(), (snap / "model.weights.h5").write_bytes(b"w")
-    >>> up.submit(snap, dict(epoch=1, step=3, metrics={"val_loss": 0.5}, monitor="val_loss"))
+    >>> job = up.submit(snap, dict(epoch=1, step=3, metrics={"val_loss": 0.5}, monitor="val_loss"))
     >>> up.flush(30.0)
     True
     >>> up.close()
+    True
     >>> store.latest().step
     3
 """

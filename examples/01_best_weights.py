@@ -10,8 +10,6 @@ default beside the checkpoint file). Run it twice: the second run finds the fini
 import argparse
 import os
 
-import keras
-
 from _digits import digits, get_model
 from cloudckpt.keras import CloudCheckpoint
 

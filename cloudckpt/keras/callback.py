@@ -47,7 +47,15 @@ class CloudCheckpoint(keras.callbacks.ModelCheckpoint):
 
     On SIGTERM or a cloud preemption notice (see :mod:`cloudckpt.preemption`) the callback checkpoints at the next
     batch boundary, waits at most ``preemption_deadline`` seconds for the commit, and exits the process with status
-    ``143`` (:data:`EXIT_PREEMPTED`), so an orchestrator knows the work is unfinished; a restart resumes there.
+    ``143`` (:data:`EXIT_PREEMPTED`, raised as `SystemExit` from inside `fit`), so an orchestrator knows the work is
+    unfinished; a restart resumes there, redoing nothing. If the commit misses the deadline the process still exits
+    with 143 (the restart then resumes from the latest committed checkpoint) and the miss is logged as an error.
+
+    Each checkpoint in the store is a directory: the file Keras just wrote (when it wrote one; the save decisions
+    are Keras') and ``cloudckpt_state/`` (``variables.npz`` + ``state.json``). Save points where Keras wrote no file
+    (``save_best_only`` without improvement, preemption, the end of training) commit the state alone, without the
+    monitored metric, so they never become the run's best. One remote holds one run: resume happens on the first
+    ``fit`` of a process; a later ``fit`` with the same callback continues from the model as it is, like Keras.
 
     Example:
 
