@@ -213,6 +213,12 @@ class PreemptionWatch:
         self._threads.clear()
 
     def _on_sigterm(self, signum: int, frame: object) -> None:
+        if self.event.is_set() and self._installed:  # a second SIGTERM: stop waiting, act as before we came
+            log.warning("second SIGTERM: restoring the previous handler and re-raising it")
+            signal.signal(signal.SIGTERM, self._previous_handler)  # type: ignore[arg-type]
+            self._installed = False
+            os.kill(os.getpid(), signal.SIGTERM)
+            return
         self.trigger("SIGTERM")
 
     def _poll(self, cloud: str, base: str) -> None:

@@ -175,3 +175,18 @@ def test_endpoints_come_from_the_environment(monkeypatch, metadata):
         assert watch.event.wait(10)
     finally:
         watch.stop()
+
+
+def test_a_second_sigterm_gets_the_previous_behaviour():
+    seen = []
+    before = signal.signal(signal.SIGTERM, lambda *a: seen.append("previous"))
+    try:
+        watch = PreemptionWatch(["sigterm"])
+        watch.start()
+        os.kill(os.getpid(), signal.SIGTERM)
+        assert wait_for(lambda: watch.triggered, 5) and seen == []
+        os.kill(os.getpid(), signal.SIGTERM)  # e.g. fit() died and nothing polls the flag any more
+        assert wait_for(lambda: seen == ["previous"], 5)
+        watch.stop()
+    finally:
+        signal.signal(signal.SIGTERM, before)
