@@ -9,7 +9,10 @@ Mid-epoch resume skips the batches the interrupted run already trained without c
 ``train_function`` is swapped, for the first ``k`` steps of the resumed epoch, for one that only takes the batch from
 the iterator (and, on the last skipped step, restores the epoch's metric accumulators). Keras 3's TensorFlow trainer
 builds one iterator per epoch over a dataset whose shuffle order, under ``keras.utils.set_random_seed``, is the same
-in a restarted process, so the remaining batches are exactly those the uninterrupted run would have seen.
+in a restarted process, so the remaining batches are exactly those the uninterrupted run would have seen. (Keras
+3.15 with a global seed shuffles arrays in the same order every epoch.) A ``tf.data`` pipeline that reshuffles on
+each iteration (``shuffle(..., reshuffle_each_iteration=True)``) starts its seed sequence afresh in a restarted
+process: the state is still restored exactly, but the remaining batches' order differs from the uninterrupted run.
 """
 
 from __future__ import annotations
