@@ -38,8 +38,19 @@ def _error_code(exc: BaseException) -> str | None:
     return str(code) if code is not None else None
 
 
+_WRAPPERS = {"S3UploadFailedError", "S3TransferFailedError"}  # boto3 hides the ClientError in __context__
+
+
+def _unwrap(exc: BaseException) -> BaseException:
+    """The client error under boto3's transfer wrappers (which carry no error code of their own)."""
+    while type(exc).__name__ in _WRAPPERS and (exc.__cause__ or exc.__context__) is not None:
+        exc = exc.__cause__ or exc.__context__  # type: ignore[assignment]
+    return exc
+
+
 def permanent_error(exc: BaseException, url: str) -> CloudCkptError | None:
     """Return the typed permanent error ``exc`` stands for (access, credentials, missing bucket), or None."""
+    exc = _unwrap(exc)
     name = type(exc).__name__
     module = type(exc).__module__
     if isinstance(exc, CloudCkptError):
@@ -60,6 +71,7 @@ def permanent_error(exc: BaseException, url: str) -> CloudCkptError | None:
 
 def is_transient(exc: BaseException) -> bool:
     """True for failures a retry may fix: 5xx, throttling, resets, timeouts, a checksum mismatch after upload."""
+    exc = _unwrap(exc)
     if isinstance(exc, CloudCkptError) or isinstance(exc, (PermissionError, FileNotFoundError, NotADirectoryError)):
         return False
     code = _error_code(exc)

@@ -316,7 +316,9 @@ class CheckpointStore:
         results = []
         for entry in targets:
             try:
-                manifest = parse_manifest(self.backend.read_bytes(f"{entry.id}/{MANIFEST_NAME}"))
+                rel = f"{entry.id}/{MANIFEST_NAME}"
+                manifest = parse_manifest(retry.run(lambda: self.backend.read_bytes(rel), url=self.url,
+                                                    what=f"read {rel}", budget=self.budget))
                 if manifest.checkpoint != entry:
                     raise IntegrityError(f"{entry.id}: its manifest differs from the index entry")
                 with tempfile.TemporaryDirectory(prefix="cloudckpt-verify-") as tmp:
