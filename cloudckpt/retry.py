@@ -8,6 +8,7 @@ credentials, no such bucket) are turned into :class:`~cloudckpt.errors.AccessErr
 
 from __future__ import annotations
 
+import errno
 import logging
 from collections.abc import Callable
 from typing import TypeVar
@@ -38,6 +39,7 @@ def _error_code(exc: BaseException) -> str | None:
     return str(code) if code is not None else None
 
 
+_LOCAL_PERMANENT_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EFBIG}
 _WRAPPERS = {"S3UploadFailedError", "S3TransferFailedError"}  # boto3 hides the ClientError in __context__
 
 
@@ -74,6 +76,8 @@ def is_transient(exc: BaseException) -> bool:
     exc = _unwrap(exc)
     if isinstance(exc, CloudCkptError) or isinstance(exc, (PermissionError, FileNotFoundError, NotADirectoryError)):
         return False
+    if isinstance(exc, OSError) and exc.errno in _LOCAL_PERMANENT_ERRNOS:
+        return False  # a full or read-only local disk: retrying only delays the error
     code = _error_code(exc)
     if code in _TRANSIENT_CODES:
         return True

@@ -14,7 +14,7 @@ import os
 from pathlib import Path
 from typing import Any
 
-from ..errors import ConfigurationError, IndexConflictError, IntegrityError
+from ..errors import AccessError, ConfigurationError, IndexConflictError, IntegrityError
 from ..manifest import INDEX_NAME
 from .base import UNCHANGED, Backend, ObjectInfo
 from .fsspec_objects import FsspecObjects
@@ -77,6 +77,7 @@ class GCSBackend(Backend):
         for _ in range(5):
             blob = self.bucket.get_blob(self._name(INDEX_NAME))
             if blob is None:
+                self._check_bucket()  # a missing bucket also reads as "no index": don't call it an empty run
                 return None, None
             if known is not None and blob.generation == known:
                 return UNCHANGED, known
@@ -85,6 +86,16 @@ class GCSBackend(Backend):
             except (NotFound, PreconditionFailed):
                 continue  # replaced between the metadata read and the download: read again
         raise IndexConflictError(f"{self.url}: index keeps changing while being read")
+
+    def _check_bucket(self) -> None:
+        from google.api_core.exceptions import Forbidden
+
+        try:
+            exists = self.bucket.exists()
+        except Forbidden:
+            return  # no right to look at the bucket itself; its objects may still be ours to use
+        if not exists:
+            raise AccessError(f"{self.url}: no such bucket {self.bucket_name!r}")
 
     def write_index(self, data: bytes, token: Any) -> Any:
         from google.api_core.exceptions import PreconditionFailed

@@ -166,8 +166,10 @@ class S3Backend(Backend):
             batch = [{"Key": self._key(r)} for r in rels[i:i + 1000]]
             resp = self.client.delete_objects(Bucket=self.bucket, Delete={"Objects": batch, "Quiet": True})
             errors = [e for e in resp.get("Errors", []) if e.get("Code") != "NoSuchKey"]
-            if errors:
-                raise OSError(f"{self.url}: could not delete {len(errors)} objects: {errors[0]}")
+            if errors:  # per-key errors come in a 200 answer: AccessDenied is permanent, not a retryable OSError
+                denied = any(e.get("Code") in ("AccessDenied", "AllAccessDisabled") for e in errors)
+                raise (PermissionError if denied else OSError)(
+                    f"{self.url}: could not delete {len(errors)} objects: {errors[0]}")
 
 
 class S3FsspecBackend(FsspecObjects, S3Backend):
