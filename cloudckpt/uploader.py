@@ -26,7 +26,9 @@ Example:
 from __future__ import annotations
 
 import logging
+import os
 import shutil
+import tempfile
 import threading
 import time
 from collections import deque
@@ -70,6 +72,37 @@ def snapshot(files: dict[str, Path], into: Path) -> Path:
         except OSError:
             shutil.copy2(src, dst)
     return into
+
+
+STAGING_PREFIX = "cloudckpt-staging-"
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def new_staging_dir(root: str | Path | None, near: Path) -> Path:
+    """A fresh staging directory for this process, outside the checkpoint folder ``near`` but on its file system
+    (so snapshots are hard links): under ``root`` if given, else the system temp dir when it is on the same file
+    system, else ``.cloudckpt-staging`` beside ``near``. Staging left by dead processes (killed runs) is removed."""
+    if root is None:
+        near.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.gettempdir())
+        root = tmp if os.stat(tmp).st_dev == os.stat(near).st_dev else near.parent / ".cloudckpt-staging"
+    root = Path(root)
+    root.mkdir(parents=True, exist_ok=True)
+    for old in root.glob(f"{STAGING_PREFIX}*"):
+        pid = old.name[len(STAGING_PREFIX):].split("-", 1)[0]
+        if pid.isdigit() and not _alive(int(pid)):
+            log.info("removing staging left by a dead process: %s", old)
+            shutil.rmtree(old, ignore_errors=True)
+    return Path(tempfile.mkdtemp(prefix=f"{STAGING_PREFIX}{os.getpid()}-", dir=root))
 
 
 class Uploader:

@@ -132,3 +132,24 @@ def test_snapshot_survives_the_next_save_to_the_same_path(tmp_path):
     src.write_bytes(b"epoch-2")
     assert (snap / src.name).read_bytes() == b"epoch-1"
     assert not list((tmp_path / "ckpt").glob(".*")), "nothing staged inside the checkpoint folder"
+
+
+def test_staging_is_outside_the_folder_and_dead_runs_staging_is_swept(tmp_path):
+    import subprocess
+    import sys
+
+    from cloudckpt.uploader import new_staging_dir
+
+    folder = tmp_path / "ckpt"
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    leftover = tmp_path / "root" / f"cloudckpt-staging-{int(dead.stdout)}-abc"
+    (leftover / "job-000001").mkdir(parents=True)
+    mine = new_staging_dir(tmp_path / "root", folder)
+    live = new_staging_dir(tmp_path / "root", folder)  # this process is alive: its other staging stays
+    assert not leftover.exists()
+    assert mine.exists() and live.exists() and mine.name.startswith(f"cloudckpt-staging-{os.getpid()}-")
+    default = new_staging_dir(None, folder)
+    try:
+        assert folder not in default.parents and os.stat(default).st_dev == os.stat(folder).st_dev
+    finally:
+        default.rmdir()

@@ -6,7 +6,6 @@ import logging
 import math
 import os
 import shutil
-import tempfile
 import threading
 import time
 from pathlib import Path
@@ -18,7 +17,7 @@ from keras import ops
 from ..errors import CheckpointNotFoundError
 from ..preemption import PreemptionWatch
 from ..store import CheckpointStore
-from ..uploader import Uploader, snapshot
+from ..uploader import Uploader, new_staging_dir, snapshot
 from . import resume as rs
 
 log = logging.getLogger(__name__)
@@ -156,7 +155,7 @@ class CloudCheckpoint(keras.callbacks.ModelCheckpoint):
         self.resumed_from, self.batches_skipped = None, 0
         self.store = CheckpointStore(self.remote, budget=self.store_budget, **self.storage_options)
         self.store.claim()
-        self._staging = self._make_staging()
+        self._staging = new_staging_dir(self.staging_dir or os.environ.get("CLOUDCKPT_STAGING"), self._folder)
         if self.resume and not self._fitted:  # a later fit() of this process continues from the model as it is
             self._resume()
         self._fitted = True
@@ -333,16 +332,6 @@ class CloudCheckpoint(keras.callbacks.ModelCheckpoint):
             raise self.uploader.fatal
 
     # --- resume ------------------------------------------------------------------------------------------------
-
-    def _make_staging(self) -> Path:
-        root = self.staging_dir or os.environ.get("CLOUDCKPT_STAGING")
-        if root is None:
-            self._folder.mkdir(parents=True, exist_ok=True)
-            tmp = tempfile.gettempdir()
-            same = os.stat(tmp).st_dev == os.stat(self._folder).st_dev
-            root = tmp if same else str(self._folder.parent / ".cloudckpt-staging")
-        Path(root).mkdir(parents=True, exist_ok=True)
-        return Path(tempfile.mkdtemp(prefix="cloudckpt-staging-", dir=root))
 
     def _resume(self) -> None:
         try:
