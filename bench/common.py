@@ -29,20 +29,23 @@ class Sizes:
     """Everything that differs between ``--quick`` and a full run."""
 
     transfer: int = 1 * GiB
+    gcs_transfer: int = 512 * MiB  # fake-gcs-server's resumable upload is quadratic in the object size (docs)
     memory: int = 2 * GiB
     checksum: int = 1 * GiB
     reps: int = 3
     index_counts: tuple[int, ...] = (10, 1_000, 10_000)
     models_mb: tuple[int, ...] = (10, 100, 1000)
-    stall_saves: int = 4
-    overhead_epochs: int = 6
-    overhead_reps: int = 2
+    stall_saves: int = 3
+    overhead_epochs: int = 3
+    overhead_reps: int = 3
+    gcs_reps: int = 2
     sigterm_mb: int = 100
 
     @classmethod
     def quick(cls) -> Sizes:
-        return cls(transfer=32 * MiB, memory=64 * MiB, checksum=64 * MiB, reps=2, index_counts=(10, 100),
-                   models_mb=(2, 8), stall_saves=2, overhead_epochs=3, overhead_reps=1, sigterm_mb=4)
+        return cls(transfer=32 * MiB, gcs_transfer=32 * MiB, memory=64 * MiB, checksum=64 * MiB, reps=2,
+                   index_counts=(10, 100), models_mb=(2, 8), stall_saves=2, overhead_epochs=3, overhead_reps=1,
+                   gcs_reps=2, sigterm_mb=4)
 
 
 @dataclass
@@ -94,6 +97,7 @@ class Section:
     met: bool | None = None
     notes: list[str] = field(default_factory=list)
     skipped: str | None = None
+    error: str | None = None
     params: dict[str, Any] = field(default_factory=dict)
     load: tuple[float, float, float] = field(default_factory=os.getloadavg)
     seconds: float = 0.0
@@ -111,6 +115,18 @@ class Section:
         for v, raw in zip(self.variants, d["variants"]):
             raw["median"] = v.median
         return d
+
+
+def guarded(sid: str, title: str, fn: Callable[[], Section]) -> Section:
+    """Run one section; if it raises, return it as an errored section (the rest of the run goes on)."""
+    t0 = time.monotonic()
+    try:
+        sec = fn()
+    except Exception as exc:  # a benchmark failing is a result to report, not a reason to lose the others
+        log.exception("section %s failed", sid)
+        sec = Section(sid, title, "s", error=f"{type(exc).__name__}: {exc}"[:500])
+    sec.seconds = sec.seconds or round(time.monotonic() - t0, 1)
+    return sec
 
 
 def interleaved(reps: int, runs: dict[str, Callable[[], float | None]], *, cleanup: Callable[[], None] | None = None,
@@ -195,6 +211,20 @@ def machine() -> dict[str, Any]:
         "python": sys.version.split()[0],
         "packages": pkgs,
     }
+
+
+def code_version() -> dict[str, Any]:
+    """The commit measured, and which files of the package differed from it (the tree is shared and busy)."""
+    import subprocess
+
+    def git(*args: str) -> str:
+        try:
+            return subprocess.run(["git", *args], cwd=ROOT, capture_output=True, text=True, timeout=10).stdout.strip()
+        except (OSError, subprocess.SubprocessError):
+            return ""
+
+    dirty = [line[3:] for line in git("status", "--porcelain", "--", "cloudckpt").splitlines()]
+    return {"commit": git("rev-parse", "--short", "HEAD"), "uncommitted_in_cloudckpt": dirty}
 
 
 def fmt_bytes(n: float) -> str:

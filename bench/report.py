@@ -9,8 +9,9 @@ from typing import Any
 
 from .common import Section
 
-EXTRA_KEYS = ("MBps", "GBps", "s_per_GB", "idle_MiB", "push_MiB", "server_cpu_s", "stall_ms", "epoch_s",
-              "overhead_pct", "index_bytes", "exit_s")
+EXTRA_KEYS = ("MBps", "GBps", "s_per_GB", "idle_MiB", "push_MiB", "server_cpu_s", "stall_ms", "own_stall_ms",
+              "capture_ms", "state_write_ms", "state_write_threads", "train_end_s", "overhead_pct", "fit_s",
+              "index_bytes", "exit_s", "exit_code", "step_at_signal", "committed_step")
 
 
 def _num(x: float | None, unit: str) -> str:
@@ -27,12 +28,14 @@ def _extra(extra: dict[str, Any]) -> str:
         if k in extra:
             v = extra[k]
             if isinstance(v, list):
-                v = "/".join(f"{x:g}" for x in v)
+                v = "/".join(f"{x:g}" if isinstance(x, (int, float)) else str(x) for x in v)
             parts.append(f"{k}={v}")
     return ", ".join(parts)
 
 
 def verdict(sec: Section) -> str:
+    if sec.error:
+        return "ERROR"
     if sec.skipped:
         return "skipped"
     return {True: "met", False: "MISSED", None: "—"}[sec.met]
@@ -42,8 +45,9 @@ def table(sections: list[Section]) -> str:
     """One Markdown table: a row per variant, then the section's ratio, target and verdict."""
     lines = ["| Measurement | Variant | Median | Samples | Detail |", "|---|---|---|---|---|"]
     for sec in sections:
-        if sec.skipped:
-            lines.append(f"| {sec.title} | — | — | — | skipped: {sec.skipped} |")
+        if sec.skipped or sec.error:
+            why = f"skipped: {sec.skipped}" if sec.skipped else f"ERROR: {sec.error}"
+            lines.append(f"| {sec.title} | — | — | — | {why.replace('|', '/')} |")
             continue
         for i, v in enumerate(sec.variants):
             samples = " ".join(_num(s, sec.unit).replace(" ", "\u00a0") for s in v.samples)
@@ -75,7 +79,7 @@ def plot(path: Path, sections: list[Section], title: str) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    by_id = {s.id: s for s in sections if not s.skipped}
+    by_id = {s.id: s for s in sections if not s.skipped and not s.error}
     panels = [p for p in (_transfer_panel, _stall_panel, _overhead_panel, _memory_panel, _index_panel,
                           _checksum_panel) if p(None, by_id)]
     cols = 3
@@ -88,7 +92,7 @@ def plot(path: Path, sections: list[Section], title: str) -> None:
         ax.axis("off")
     fig.suptitle(title, fontsize=10)
     fig.tight_layout()
-    fig.savefig(path, dpi=90)
+    fig.savefig(path, dpi=90, bbox_inches="tight")
     plt.close(fig)
 
 

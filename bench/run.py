@@ -2,7 +2,7 @@
 
 Usage::
 
-    make bench                               # full run (~15 min), results in bench/results/
+    make bench                               # full run (~15 min), results in bench/results/full/
     make bench BENCH_ARGS="--quick"          # CI-sized run (< 1 min): proves the harness works
     .venv/bin/python bench/run.py --only push,restore --out /tmp/b
 
@@ -17,6 +17,7 @@ import argparse
 import logging
 import os
 import shutil
+import signal
 import sys
 import tempfile
 import time
@@ -28,7 +29,7 @@ os.environ.setdefault("GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT", "false")
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 from bench import checksums, index_scale, memory, report, training, transfers  # noqa: E402
-from bench.common import Ctx, Section, Sizes, log, machine  # noqa: E402
+from bench.common import Ctx, Section, Sizes, code_version, log, machine  # noqa: E402
 
 GROUPS = {
     "push": transfers, "restore": transfers,  # one module measures both (same file, same servers)
@@ -40,7 +41,7 @@ ORDER = ["checksum", "index", "push", "memory", "training"]
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--quick", action="store_true", help="small sizes, few repetitions (CI): proves the harness works")
-    p.add_argument("--out", type=Path, default=HERE / "results", help="where results.json/.md/.png go")
+    p.add_argument("--out", type=Path, help="where results.json/.md/.png go (default bench/results/<full|quick>)")
     p.add_argument("--only", default="", help=f"comma-separated subset of: {', '.join(ORDER)}")
     p.add_argument("--reps", type=int, help="repetitions per comparison (default 3, quick 2)")
     p.add_argument("--scratch", type=Path, help="directory for temporary files (default: a new temp dir)")
@@ -49,9 +50,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # stop the servers and clean up when terminated
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
     for noisy in ("cloudckpt", "botocore", "boto3", "s3transfer", "urllib3", "google", "gcsfs", "s3fs", "fsspec"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
+    logging.getLogger("urllib3.connectionpool").setLevel(logging.ERROR)  # "pool is full" notes under parallel parts
     import servers
 
     sizes = Sizes.quick() if args.quick else Sizes()
@@ -61,6 +64,7 @@ def main(argv: list[str] | None = None) -> int:
     unknown = set(wanted) - set(GROUPS)
     if unknown:
         raise SystemExit(f"unknown --only group(s): {sorted(unknown)}; choose from {ORDER}")
+    args.out = args.out or HERE / "results" / ("quick" if args.quick else "full")
     args.out.mkdir(parents=True, exist_ok=True)
     scratch = Path(tempfile.mkdtemp(prefix="cloudckpt-bench-", dir=args.scratch))
     load_start = os.getloadavg()
@@ -80,7 +84,11 @@ def main(argv: list[str] | None = None) -> int:
                 continue
             done.add(module)
             log.info("== %s (load %.2f)", group, os.getloadavg()[0])
-            sections.extend(module.run(ctx))
+            try:
+                sections.extend(module.run(ctx))
+            except Exception as exc:  # keep the other groups' results
+                log.exception("group %s failed", group)
+                sections.append(Section(group, group, "s", error=f"{type(exc).__name__}: {exc}"[:500]))
     finally:
         s3.stop()
         gcs.stop()
@@ -92,6 +100,7 @@ def main(argv: list[str] | None = None) -> int:
         "seconds": round(time.time() - started, 1),
         "load": {"start": load_start, "end": load_end},
         "machine": machine(),
+        "code": code_version(),
         "sizes": vars(sizes),
         "servers": {"s3": "moto server (python -m moto.server), own process",
                     "gcs": "fake-gcs-server (Go), memory backend, own process"},

@@ -16,12 +16,13 @@ from __future__ import annotations
 import importlib.util
 import math
 import statistics
+import threading
 import time
 import uuid
 from collections import defaultdict
 from pathlib import Path
 
-from .common import Ctx, Section, interleaved, log
+from .common import Ctx, Section, guarded, interleaved, log
 
 HOOKS = ("on_epoch_end", "on_train_batch_end")
 
@@ -118,10 +119,49 @@ def sync_upload_callback(filepath: str, url: str, **kwargs):
     return SaveThenUpload()
 
 
+STATE_CALLS: list[tuple[str, float, str]] = []  # (function, seconds, thread) of resume-state capture/write calls
+
+
+def _time_state_calls() -> None:
+    """Wrap the resume-state functions once, so the stall can be split and the thread doing each part named."""
+    from cloudckpt.keras import resume
+
+    for name in ("capture", "write_state"):
+        real = getattr(resume, name, None)
+        if real is None or getattr(real, "_bench_timed", False):
+            continue
+
+        def timed(*args, _real=real, _name=name, **kwargs):
+            t0 = time.perf_counter()
+            try:
+                return _real(*args, **kwargs)
+            finally:
+                STATE_CALLS.append((_name, time.perf_counter() - t0, threading.current_thread().name))
+
+        timed._bench_timed = True
+        setattr(resume, name, timed)
+
+
 def cloud_callback(filepath: str, url: str, **kwargs):
     from cloudckpt.keras import CloudCheckpoint
 
+    _time_state_calls()
     return CloudCheckpoint(filepath, remote=url, keep_last=1, resume=False, **kwargs)
+
+
+def settle(cb):
+    """A callback run after ``cb`` that, before each epoch, waits (outside ``cb``'s timed hooks) until ``cb``'s
+    uploads are done: as in real training, where an epoch outlasts an upload. Without it, back-to-back saves of
+    these tiny epochs would measure the contention of one upload with the next save on this 2-core machine."""
+    import keras
+
+    class Settle(keras.callbacks.Callback):
+        def on_epoch_begin(self, epoch, logs=None):
+            uploader = getattr(cb, "uploader", None)
+            if uploader is not None:
+                uploader.flush(600)
+
+    return Settle()
 
 
 def _stall_section(ctx: Ctx, mb: int) -> Section:
@@ -153,7 +193,10 @@ def _stall_section(ctx: Ctx, mb: int) -> Section:
             cb = sync_upload_callback(path, url, **common)
         timer = HookTimer(cb)
         timers[name].append(timer)
-        model.fit(x, y, batch_size=batch, epochs=saves, verbose=0, callbacks=[cb], shuffle=False)
+        before = len(STATE_CALLS)
+        model.fit(x, y, batch_size=batch, epochs=saves, verbose=0, callbacks=[cb, settle(cb)], shuffle=False)
+        timer.own_stalls = list(getattr(cb, "stall_seconds", []))
+        timer.state_calls = STATE_CALLS[before:]
         return sum(timer.per_epoch.values()) / max(1, len(timer.per_epoch))
 
     model.fit(x, y, batch_size=batch, epochs=1, verbose=0)  # trace the train function outside the timings
@@ -164,6 +207,17 @@ def _stall_section(ctx: Ctx, mb: int) -> Section:
         v.samples = [round(s, 4) for t in timers[name] for s in t.per_epoch.values()]
         v.extra["stall_ms"] = round(statistics.median(v.samples) * 1000, 1)
         v.extra["train_end_s"] = round(statistics.median(t.train_end for t in timers[name]), 2)
+        own = [s for t in timers[name] for s in getattr(t, "own_stalls", [])]
+        if own:  # CloudCheckpoint's own record of the time spent in its save path, as a cross-check
+            v.extra["own_stall_ms"] = round(statistics.median(own) * 1000, 1)
+        calls = [c for t in timers[name] for c in getattr(t, "state_calls", [])]
+        main = threading.main_thread().name
+        for fn, key in (("capture", "capture_ms"), ("write_state", "state_write_ms")):
+            on_main = [dt for f, dt, th in calls if f == fn and th == main]
+            if on_main:  # part of the stall: done on the training thread
+                v.extra[key] = round(statistics.median(on_main) * 1000, 1)
+        if calls:
+            v.extra["state_write_threads"] = sorted({th for f, _, th in calls if f == "write_state"})
     keras_med = sec.variant("Keras ModelCheckpoint (local)").median
     ours = sec.variant("CloudCheckpoint (s3)").median
     sec.ratio = round(ours / keras_med, 3)
@@ -172,8 +226,10 @@ def _stall_section(ctx: Ctx, mb: int) -> Section:
     sec.params = {"weights_MB": round(real_mb, 1), "hidden_width": hidden_width(mb), "batch": batch,
                   "steps_per_epoch": steps, "saves_per_fit": saves, "fits_per_variant": reps,
                   "save": "weights only (.weights.h5), save_freq='epoch'"}
-    sec.notes.append("train_end_s is the time on_train_end took (CloudCheckpoint: flushing the uploads still in "
-                     "flight; not a per-checkpoint stall, paid once when fit() returns).")
+    sec.notes.append("Each epoch starts once the previous checkpoint's upload is done (an epoch outlasts an upload "
+                     "in real training); the wait is not counted. capture_ms is CloudCheckpoint's in-memory copy of "
+                     "the training state on the training thread; state_write_threads names the thread that wrote it "
+                     "to disk. train_end_s is on_train_end (CloudCheckpoint: the final flush).")
     return sec
 
 
@@ -184,15 +240,14 @@ def run(ctx: Ctx) -> list[Section]:
             ("sigterm", "6. SIGTERM to committed checkpoint")]
     if why:
         return [Section(i, t, "s", skipped=why) for i, t in ids]
-    out = []
-    for mb in ctx.sizes.models_mb:
-        t0 = time.monotonic()
-        log.info("stall, %d MB model", mb)
-        sec = _stall_section(ctx, mb)
-        sec.seconds = round(time.monotonic() - t0, 1)
-        out.append(sec)
     from . import training_more
 
-    out.append(training_more.epoch_overhead(ctx))
-    out.append(training_more.sigterm(ctx))
+    out = []
+    for (sid, title), mb in zip(ids, ctx.sizes.models_mb):
+        log.info("stall, %d MB model", mb)
+        out.append(guarded(sid, title, lambda mb=mb: _stall_section(ctx, mb)))
+    log.info("epoch overhead")
+    out.append(guarded(*ids[-2], lambda: training_more.epoch_overhead(ctx)))
+    log.info("sigterm")
+    out.append(guarded(*ids[-1], lambda: training_more.sigterm(ctx)))
     return out

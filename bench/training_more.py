@@ -42,7 +42,7 @@ def epoch_overhead(ctx: Ctx) -> Section:
 
     t_start = time.monotonic()
     mb = 10 if not ctx.quick else 2
-    repeat = 15 if not ctx.quick else 1
+    repeat = 10 if not ctx.quick else 1
     x, y = digits(repeat)
     sec = Section("epoch_overhead", "2. Epoch time, checkpoint every epoch vs none", "s",
                   target="<= 2% over no checkpoint")
@@ -110,10 +110,10 @@ def sigterm(ctx: Ctx) -> Section:
             proc.wait()
             err = (workdir / "stderr.log").read_text()[-3000:]
             raise RuntimeError(f"sigterm child exited {proc.returncode} before it was ready: {err}")
-        store = CheckpointStore(url)
-        committed: list[float] = []
         t0 = time.perf_counter()
         proc.send_signal(signal.SIGTERM)
+        store = CheckpointStore(url)
+        committed: list[float] = []
 
         def watch() -> None:
             while proc.poll() is None or not committed:
