@@ -7,6 +7,7 @@ is the bottleneck (a server whose CPU time is close to the wall time is saturate
 
 from __future__ import annotations
 
+import os
 import resource
 import shutil
 import time
@@ -97,8 +98,9 @@ def push_s3(ctx: Ctx, src: Path) -> Section:
                                 ctx.s3_pid, sec.variant("s3fs put_file").extra),
     }
     interleaved(ctx.sizes.reps, runs, cleanup=lambda: _empty_s3_bucket(client, bucket), section=sec)
+    profiles = _profiles(ctx, ctx.s3_pid, ours, lambda: _empty_s3_bucket(client, bucket))
     store.close()
-    sec.params = {"bytes": size, "cloudckpt_part_size": store.backend.part_size,
+    sec.params = {**profiles, "bytes": size, "cloudckpt_part_size": store.backend.part_size,
                   "cloudckpt_concurrency": store.backend.max_concurrency,
                   "boto3": "TransferConfig defaults (8 MiB parts, 10 threads)", "s3fs": "defaults"}
     return _finish(sec, size, CKPT, ["boto3 upload_file", "s3fs put_file"], target=1.0, push=True)
@@ -121,7 +123,7 @@ def restore_s3(ctx: Ctx, src: Path) -> Section:
     single = TransferConfig(multipart_threshold=64 * 2**30)  # one streamed GET: moto re-reads the object per range
 
     runs = {
-        CKPT: _timed(lambda: store.pull("latest", to=out / "pulled"), ctx.s3_pid, sec.variant(CKPT).extra),
+        CKPT: _timed(_pull_split(store, out / "pulled", sec.variant(CKPT).extra), ctx.s3_pid, sec.variant(CKPT).extra),
         "s3fs get_file": _timed(lambda: fs.get_file(f"{bucket}/{key}", str(out / "s3fs.bin")),
                                 ctx.s3_pid, sec.variant("s3fs get_file").extra),
         "boto3 download_file (1 stream)": _timed(
@@ -137,6 +139,44 @@ def restore_s3(ctx: Ctx, src: Path) -> Section:
                      "server; boto3 is measured with one streamed GET instead.")
     sec.params = {"bytes": size, "checksums": "crc32c of every file verified after download"}
     return _finish(sec, size, CKPT, ["s3fs get_file", "boto3 download_file (1 stream)"], target=1.1, push=False)
+
+
+def _profiles(ctx: Ctx, server_pid: int | None, push: Callable[[], None], cleanup: Callable[[], None]) -> dict:
+    """Full runs only: one more cloudckpt push with py-spy on the server, then one with py-spy on this process."""
+    if ctx.quick or server_pid is None:
+        return {}
+    from .profiling import profile
+
+    out = {}
+    for key, pid in (("server_profile", server_pid), ("client_profile", os.getpid())):
+        out[key] = profile(pid, push)
+        cleanup()
+    return out
+
+
+def _pull_split(store, to: Path, extra: dict) -> Callable[[], None]:
+    """store.pull("latest"), recording how many of its seconds went to the checksum pass over the downloaded file."""
+    import cloudckpt.transfer as transfer
+
+    def pull() -> None:
+        spent: list[float] = []
+        real = transfer.file_checksums
+
+        def timed(*args, **kwargs):
+            t0 = time.perf_counter()
+            try:
+                return real(*args, **kwargs)
+            finally:
+                spent.append(time.perf_counter() - t0)
+
+        transfer.file_checksums = timed
+        try:
+            store.pull("latest", to=to)
+        finally:
+            transfer.file_checksums = real
+        extra.setdefault("verify_s", []).append(round(sum(spent), 3))
+
+    return pull
 
 
 def _clear(d: Path) -> None:
@@ -186,8 +226,9 @@ def push_gcs(ctx: Ctx, src: Path) -> Section:
     }
     interleaved(min(ctx.sizes.reps, ctx.sizes.gcs_reps), runs, cleanup=lambda: _empty_gcs_bucket(client, bucket),
                 section=sec)
+    profiles = _profiles(ctx, ctx.gcs_pid, lambda: store.push(src, epoch=1), lambda: _empty_gcs_bucket(client, bucket))
     store.close()
-    sec.params = {"bytes": size, "cloudckpt_chunk_size": store.backend.chunk_size,
+    sec.params = {**profiles, "bytes": size, "cloudckpt_chunk_size": store.backend.chunk_size,
                   "google-cloud-storage": "defaults (resumable, 100 MiB chunks)", "gcsfs": "defaults (50 MiB chunks)"}
     sec.notes.append(f"{SAME_CHUNKS!r} is google-cloud-storage with cloudckpt's resumable chunk size "
                      f"({store.backend.chunk_size // 2**20} MiB): fake-gcs-server's CPU time grows with the number "
@@ -212,7 +253,7 @@ def restore_gcs(ctx: Ctx, src: Path) -> Section:
     b = client.bucket(bucket)
 
     runs = {
-        CKPT: _timed(lambda: store.pull("latest", to=out / "pulled"), ctx.gcs_pid, sec.variant(CKPT).extra),
+        CKPT: _timed(_pull_split(store, out / "pulled", sec.variant(CKPT).extra), ctx.gcs_pid, sec.variant(CKPT).extra),
         "gcsfs get_file": _timed(lambda: fs.get_file(f"{bucket}/{name}", str(out / "gcsfs.bin")),
                                  ctx.gcs_pid, sec.variant("gcsfs get_file").extra),
         "google-cloud-storage download_to_filename": _timed(
