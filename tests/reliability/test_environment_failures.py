@@ -120,7 +120,9 @@ def iam_moto(s3_server):
         {"Effect": "Deny", "Action": "s3:*", "Resource": ["arn:aws:s3:::guarded", "arn:aws:s3:::guarded/*"]}]}
     all_policy = {"Version": "2012-10-17", "Statement": [{"Effect": "Allow", "Action": "s3:*", "Resource": "*"}]}
     keys = {}
-    for user, policy in (("nobody", None), ("reader", read_policy), ("denied", deny_policy), ("writer", all_policy)):
+    admin_policy = {"Version": "2012-10-17", "Statement": [{"Effect": "Allow", "Action": "*", "Resource": "*"}]}
+    for user, policy in (("nobody", None), ("reader", read_policy), ("denied", deny_policy), ("writer", all_policy),
+                         ("admin", admin_policy)):
         iam.create_user(UserName=user)
         if policy:
             iam.put_user_policy(UserName=user, PolicyName="p", PolicyDocument=json.dumps(policy))
@@ -233,3 +235,54 @@ def test_full_disk_during_push_keeps_the_committed_run(small_fs, tmp_path, figur
     assert [c.id for c in state.index.checkpoints] == [first.id]
     assert not [p for p in small_fs.rglob("*") if ".cloudckpt-tmp-" in p.name]
     figures["bad_inputs"]["full-disk/push"] += 2
+
+
+# --- credentials that expire mid-run -----------------------------------------------------------------------------
+
+def test_rotated_credentials_are_picked_up_by_a_long_running_store(iam_moto, tmp_path, monkeypatch, figures):
+    """A run outliving its credentials: the key it started with is revoked and a new one issued through the
+    profile's refreshable source (``credential_process`` with an expiry). The same store object keeps committing.
+    With static keys, the revoked key is an AccessError at once (exit 5), not retries forever."""
+    import datetime
+
+    import boto3
+
+    ep, keys = iam_moto
+    admin = boto3.client("iam", endpoint_url=ep, aws_access_key_id=keys["admin"][0],
+                         aws_secret_access_key=keys["admin"][1], region_name="us-east-1")
+    admin.create_user(UserName="rotating")
+    admin.put_user_policy(UserName="rotating", PolicyName="p", PolicyDocument=json.dumps(
+        {"Version": "2012-10-17", "Statement": [{"Effect": "Allow", "Action": "s3:*", "Resource": "*"}]}))
+    creds = tmp_path / "creds.json"
+
+    def issue() -> str:
+        k = admin.create_access_key(UserName="rotating")["AccessKey"]
+        soon = datetime.datetime.now(datetime.timezone.utc) + datetime.timedelta(minutes=5)  # inside botocore's
+        creds.write_text(json.dumps({"Version": 1, "AccessKeyId": k["AccessKeyId"],  # refresh window: re-read
+                                     "SecretAccessKey": k["SecretAccessKey"], "Expiration": soon.isoformat()}))
+        return k["AccessKeyId"]
+
+    first = issue()
+    config = tmp_path / "aws-config"
+    config.write_text(f"[profile rotating]\ncredential_process = cat {creds}\nregion = us-east-1\n")
+    for var in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AWS_PROFILE"):
+        monkeypatch.delenv(var, raising=False)
+    monkeypatch.setenv("AWS_CONFIG_FILE", str(config))
+    url = "s3://guarded/runs/rotating"
+    src = _ckpt(tmp_path / "c")
+    with CheckpointStore(url, budget=30, endpoint_url=ep, profile="rotating") as store:
+        store.push(src, epoch=1)
+        static = CheckpointStore(url, budget=30, endpoint_url=ep, key=first,
+                                 secret=json.loads(creds.read_text())["SecretAccessKey"])
+        static.push(src, epoch=2)
+        for round_ in range(3):  # revoke the key in use, issue a new one: the long-lived store carries on
+            old = json.loads(creds.read_text())["AccessKeyId"]
+            issue()
+            admin.delete_access_key(UserName="rotating", AccessKeyId=old)
+            store.push(src, epoch=3 + round_)
+            assert store.pull("latest", to=tmp_path / f"p{round_}").entry.epoch == 3 + round_
+            figures["credential_rotations_survived"]["s3"] += 1
+        with pytest.raises(AccessError):
+            static.push(src, epoch=9)  # its key is gone and nothing refreshes it
+        static.close()
+        assert [c.epoch for c in store.list()] == [1, 2, 3, 4, 5]
