@@ -62,6 +62,22 @@ class Steps(keras.callbacks.Callback):
             os.kill(os.getpid(), getattr(signal, self.signal_name))
 
 
+def hang_uploads_after(step):
+    """A store whose uploads stop answering (a dead network) for checkpoints past ``step``."""
+    import threading
+
+    from cloudckpt.store import CheckpointStore
+
+    push = CheckpointStore.push
+
+    def hanging(self, source, **kw):
+        if kw.get("step", 0) > step:
+            threading.Event().wait()
+        return push(self, source, **kw)
+
+    CheckpointStore.push = hanging
+
+
 def main(argv=None):
     p = argparse.ArgumentParser()
     p.add_argument("--remote", required=True)
@@ -79,7 +95,10 @@ def main(argv=None):
     p.add_argument("--preemption", default="sigterm")
     p.add_argument("--endpoints", default=None, help="JSON {cloud: url}")
     p.add_argument("--deadline", type=float, default=25.0)
+    p.add_argument("--hang-uploads-after", type=int, help="pushes of checkpoints past this step never return")
     args = p.parse_args(argv)
+    if args.hang_uploads_after is not None:
+        hang_uploads_after(args.hang_uploads_after)
     logging.basicConfig(level=logging.INFO, format="%(name)s %(levelname)s %(message)s", stream=sys.stderr)
     keras.utils.set_random_seed(7)
     tf.config.experimental.enable_op_determinism()

@@ -157,3 +157,17 @@ def test_preemption_notices_commit_and_exit_143_then_resume_bit_identical(tmp_pa
     assert redone(first, second, third) == 0, "a preemption checkpoint is taken at the batch boundary: nothing redone"
     assert third.epochs[EPOCHS] == epochs[EPOCHS]
     assert (tmp_path / "ckpt" / "best.keras").exists()
+
+
+def test_sigterm_with_a_hung_upload_exits_143_by_the_deadline_and_resumes(tmp_path, basedir):
+    expected, _ = baseline(False, basedir)
+    args = ["--remote", str(tmp_path / "store"), "--filepath", "ckpt/m.weights.h5", "--weights-only",
+            "--save-freq", "10", "--out", str(tmp_path / "final.npz")]
+    first = run_until(tmp_path, 25, signal.SIGTERM, *args, "--hang-uploads-after", "20", "--deadline", "2")
+    assert first.rc == 143, first.err
+    assert "was NOT committed within 2s" in first.err
+    second = run(tmp_path, *args)
+    assert second.rc == 0, second.err
+    assert "RESUMED_FROM ckpt-e000001-s0000000020" in second.out  # the latest committed one
+    assert_bit_identical(tmp_path / "final.npz", expected)
+    assert redone(first, second) == len([s for s in first.steps if s > 20])
