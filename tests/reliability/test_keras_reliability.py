@@ -61,13 +61,14 @@ def test_callback_saves_commit_through_20_percent_faults(s3_url, s3_server, tmp_
         failed = [line for line in out.stderr.splitlines() if "ERROR" in line]
         assert not failed, failed[:3]
         saves = len(re.findall(r"committed ckpt-", out.stderr))
-        assert saves >= 3
+        assert saves >= 1  # queued saves may be superseded while uploads are slowed (documented coalescing)
         proxy.set_rates({})
         state = check_run(s3_url)  # through the proxy (now clean): the env of this process points at moto directly
     for k, v in proxy.faults.items():
         figures["faults_injected"][f"s3-keras/{k}"] += v
     figures["pushes_through_faults"]["s3-keras-saves"] += saves
     assert sum(proxy.faults.values()) > 0 and state.index.checkpoints
+    assert state.index.get(state.index.latest).epoch == 2  # the end-of-training state was committed
 
 
 def _tmpfs(path: Path, size: str) -> None:
