@@ -19,6 +19,7 @@ from ..preemption import PreemptionWatch
 from ..store import CheckpointStore
 from ..uploader import Uploader, new_staging_dir, snapshot
 from . import resume as rs
+from .distributed import WorkerRole, current_role
 
 log = logging.getLogger(__name__)
 
@@ -55,6 +56,11 @@ class CloudCheckpoint(keras.callbacks.ModelCheckpoint):
     (``save_best_only`` without improvement, preemption, the end of training) commit the state alone, without the
     monitored metric, so they never become the run's best. One remote holds one run: resume happens on the first
     ``fit`` of a process; a later ``fit`` with the same callback continues from the model as it is, like Keras.
+
+    Multi-worker (`tf.distribute.MultiWorkerMirroredStrategy`): only the chief (the ``"chief"`` task, else worker 0;
+    read from the strategy's cluster resolver or ``TF_CONFIG``, see :mod:`cloudckpt.keras.distributed`) claims the
+    run, uploads and writes the index. Other workers save their local files as Keras does and never write the store;
+    on resume every worker restores the same (latest) checkpoint. `role` tells which this process is.
 
     Example:
 
@@ -128,6 +134,7 @@ class CloudCheckpoint(keras.callbacks.ModelCheckpoint):
         self.stall_seconds: list[float] = []  # time each save point held training (Keras' save + our snapshot)
         self.best_seen: float | None = None  # best monitored value over all save points (protects from coalescing)
         self.store: CheckpointStore | None = None
+        self.role: WorkerRole | None = None  # this process's place in a multi-worker cluster (set by fit)
         self.uploader: Uploader | None = None
         self._folder = folder
         self._fitted = False
@@ -153,13 +160,19 @@ class CloudCheckpoint(keras.callbacks.ModelCheckpoint):
         self._reset_run_state()
         self.preempted = False
         self.resumed_from, self.batches_skipped = None, 0
+        self.role = current_role(getattr(self.model, "distribute_strategy", None))
         self.store = CheckpointStore(self.remote, budget=self.store_budget, **self.storage_options)
-        self.store.claim()
+        if self.role.is_chief:
+            self.store.claim()
+        else:
+            log.info("%s:%d is not the chief: restoring from %s but never writing it", self.role.task_type,
+                     self.role.task_id, self.store.url)
         self._staging = new_staging_dir(self.staging_dir or os.environ.get("CLOUDCKPT_STAGING"), self._folder)
         if self.resume and not self._fitted:  # a later fit() of this process continues from the model as it is
             self._resume()
         self._fitted = True
-        self.uploader = Uploader(self.store, on_commit=self._on_commit if self.prune_local else None)
+        self.uploader = (Uploader(self.store, on_commit=self._on_commit if self.prune_local else None)
+                         if self.role.is_chief else None)
         self._watch = PreemptionWatch(self.preemption, endpoints=self.preemption_endpoints)
         self._watch.start()
 
@@ -187,13 +200,14 @@ class CloudCheckpoint(keras.callbacks.ModelCheckpoint):
         try:
             if self._skip is not None:
                 self._skip.uninstall()
-            if self.uploader is not None and not self.preempted:
+            if self.role is not None and not self.preempted:
                 step = self._step()
                 if self._last_staged_step != step:  # commit the final state, whatever the save schedule
                     self._stage(self._epoch_in_progress, None, logs or {}, saved=None, epoch_done=True,
                                 position=self._epoch_in_progress + 1)
-                self.uploader.flush()
-                self.uploader.raise_if_final_failed()
+                if self.uploader is not None:
+                    self.uploader.flush()
+                    self.uploader.raise_if_final_failed()
         finally:
             self._cleanup()
 
@@ -246,6 +260,10 @@ class CloudCheckpoint(keras.callbacks.ModelCheckpoint):
                position: int) -> None:
         """Snapshot the user's file (if Keras just saved it) and the resume state; queue them for upload."""
         step = self._step()
+        if self.uploader is None:  # a non-chief worker: read the same variables as the chief, upload nothing
+            rs.capture(self.model)  # (reading sync-on-read variables is a collective every worker must join)
+            self._last_staged_step = step
+            return
         metrics = {k: float(v) for k, v in logs.items() if _finite(v)}
         current = metrics.get(self.monitor)
         mode = self._mode()
@@ -306,6 +324,13 @@ class CloudCheckpoint(keras.callbacks.ModelCheckpoint):
             return
         self.preempted = True
         self._notice_time = time.monotonic()
+        if self.uploader is None:  # a non-chief worker: nothing of ours to commit
+            log.warning("preemption (%s): stopping (not the chief: the chief commits)", self._watch.reason)
+            self.model.stop_training = True
+            if self.exit_on_preemption:
+                self._cleanup()
+                raise SystemExit(EXIT_PREEMPTED)
+            return
         if self._last_staged_step != self._step():
             self._stage(epoch, batch, logs or {}, saved=None, epoch_done=epoch_done,
                         position=epoch + 1 if epoch_done else epoch)

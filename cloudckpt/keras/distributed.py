@@ -1,0 +1,134 @@
+"""Who writes the store in multi-worker training: the chief rule, decided from the strategy or ``TF_CONFIG``.
+
+Under `tf.distribute.MultiWorkerMirroredStrategy` every worker runs the same script with the same callbacks. Only
+one of them may claim the run, upload checkpoints and write the index — the chief: the task of type ``"chief"``
+when the cluster has one, else worker 0 (TensorFlow's own rule, ``multi_worker_util.is_chief``). Unlike TensorFlow's
+rule, an ``"evaluator"`` (or ``"ps"``) task is never the writer here: it does not train the run's state.
+
+Every worker restores the same checkpoint on resume, with no extra coordination: each worker resolves the store's
+``latest`` at the start of ``fit``, before its first training step. The chief commits nothing new before the first
+save point, and no save point can be reached before every worker has joined the first step's gradient all-reduce —
+which each worker does only after it has resolved ``latest``. So all workers read the same ``latest`` (S3, GCS and
+the local store give read-after-write consistency), provided the previous incarnation's processes are gone (a
+surviving old chief is fenced out of the index by the new chief's claim, see :mod:`cloudckpt.commit`).
+
+Keras 3's `ModelCheckpoint` (unlike tf.keras 2) writes every worker's file to ``filepath`` itself, with no per-worker
+temporary directory; non-chief workers keep doing exactly that, so on a shared file system give each worker its own
+checkpoint folder.
+
+Known upstream limit (Keras 3.15, TensorFlow 2.21): ``model.fit`` under a two-worker MultiWorkerMirroredStrategy
+fails before the first step with ``ValueError: Attempt to convert a value (PerReplica:{...}) with an unsupported
+type (<class '...PerReplica'>) to a Tensor.`` (keras-team/keras#20585, tensorflow/tensorflow#72388); once past
+that, scalar logs fail in the step with ``Invalid reduction dimension 0 for input with 0 dimensions``. Both are in
+Keras' TensorFlow trainer, not in cloudckpt; ``tests/mwms_job.py`` carries the two-function shim the multi-worker
+test runs under.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+from ..errors import ConfigurationError
+
+log = logging.getLogger(__name__)
+
+_WRITER_TYPES = ("chief", "worker")
+
+
+@dataclass(frozen=True)
+class WorkerRole:
+    """This process's place in a (possibly multi-worker) training cluster.
+
+    Attributes:
+        task_type: ``"chief"``, ``"worker"``, ``"evaluator"``, ``"ps"``, or None outside a cluster.
+        task_id: the task's index within its type. 0 outside a cluster.
+        has_chief: whether the cluster names a ``"chief"`` task.
+        num_workers: training tasks in the cluster (chief + workers); 1 outside a cluster.
+    """
+
+    task_type: str | None = None
+    task_id: int = 0
+    has_chief: bool = False
+    num_workers: int = 1
+
+    @property
+    def is_chief(self) -> bool:
+        """True for the one task that claims the run, uploads and writes the index."""
+        if self.task_type is None:
+            return True
+        if self.task_type == "chief":
+            return True
+        return self.task_type == "worker" and self.task_id == 0 and not self.has_chief
+
+
+def role_from_cluster(cluster: Mapping[str, Any] | None, task_type: str | None, task_id: int | None) -> WorkerRole:
+    """The role of task ``(task_type, task_id)`` in ``cluster`` (``{"worker": ["host:port", ...], ...}``).
+
+    Raises:
+        ConfigurationError: a task that the cluster does not list.
+    """
+    cluster = dict(cluster or {})
+    if not cluster or task_type is None:
+        return WorkerRole()
+    tasks = cluster.get(task_type)
+    index = 0 if task_id is None else task_id
+    if not isinstance(index, int) or isinstance(index, bool):
+        raise ConfigurationError(f"the task index must be an integer. Received: task_id={task_id!r}")
+    n = len(tasks) if isinstance(tasks, (list, tuple, dict)) else 0
+    if isinstance(tasks, dict):  # a sparse cluster spec: {index: address}
+        listed = index in tasks or str(index) in tasks
+    else:
+        listed = 0 <= index < n
+    if not listed:
+        raise ConfigurationError(f"task {task_type}:{index} is not in the cluster {sorted(cluster)} "
+                                 f"({n} {task_type} task(s))")
+    workers = sum(len(cluster.get(t) or ()) for t in _WRITER_TYPES)
+    return WorkerRole(task_type=task_type, task_id=index, has_chief=bool(cluster.get("chief")),
+                      num_workers=max(workers, 1))
+
+
+def role_from_tf_config(tf_config: str | Mapping[str, Any] | None) -> WorkerRole:
+    """The role a ``TF_CONFIG`` value (JSON text or its parsed dict) gives this process. None or empty: single process.
+
+    Example:
+        >>> role_from_tf_config('{"cluster": {"worker": ["a:1", "b:2"]}, "task": {"type": "worker", "index": 1}}')
+        WorkerRole(task_type='worker', task_id=1, has_chief=False, num_workers=2)
+        >>> _.is_chief
+        False
+
+    Raises:
+        ConfigurationError: text that is not a JSON object, or a task the cluster does not list.
+    """
+    if tf_config is None or (isinstance(tf_config, str) and not tf_config.strip()):
+        return WorkerRole()
+    if isinstance(tf_config, str):
+        try:
+            tf_config = json.loads(tf_config)
+        except ValueError as exc:
+            raise ConfigurationError(f"TF_CONFIG is not valid JSON: {exc}. Received: {tf_config[:200]!r}") from exc
+    if not isinstance(tf_config, Mapping):
+        raise ConfigurationError(f"TF_CONFIG must be a JSON object. Received: {tf_config!r}")
+    task = tf_config.get("task") or {}
+    if not isinstance(task, Mapping):
+        raise ConfigurationError(f"TF_CONFIG's task must be an object. Received: task={task!r}")
+    return role_from_cluster(tf_config.get("cluster"), task.get("type"), task.get("index"))
+
+
+def current_role(strategy: Any = None, environ: Mapping[str, str] | None = None) -> WorkerRole:
+    """This process's role: from ``strategy.cluster_resolver`` when the strategy has one (MultiWorkerMirroredStrategy
+    does, whatever resolver it was built with), else from ``TF_CONFIG`` in ``environ`` (default ``os.environ``).
+    """
+    resolver = getattr(strategy, "cluster_resolver", None)
+    if resolver is not None and getattr(resolver, "task_type", None) is not None:
+        spec = resolver.cluster_spec()
+        cluster = spec.as_dict() if hasattr(spec, "as_dict") else dict(spec)
+        role = role_from_cluster(cluster, resolver.task_type, resolver.task_id)
+    else:
+        role = role_from_tf_config((os.environ if environ is None else environ).get("TF_CONFIG"))
+    log.debug("worker role %s (chief: %s)", role, role.is_chief)
+    return role
