@@ -185,7 +185,7 @@ def _random_kills(url: str, n: int, rnd: random.Random, figures, *, label: str) 
 
 
 def test_random_sigkill_api_writer(crash_url, full, figures):
-    n = 100 if full else (12 if _kind(crash_url) == "local" else 8)
+    n = 100 if full else (10 if _kind(crash_url) == "local" else 6)
     _random_kills(crash_url, n, random.Random(1234), figures, label="random-api")
 
 

@@ -76,8 +76,8 @@ def _pushes_survive(url, proxy, rates, n, tmp_path, figures, samples, kind, opti
 
 
 def test_s3_pushes_commit_and_verify_at_20_percent_faults(s3_url, s3_proxy, tmp_path, full, figures, samples):
-    _pushes_survive(s3_url, s3_proxy, S3_RATES, 60 if full else 8, tmp_path, figures, samples, "s3",
-                    S3_OPTIONS, big_every=4)
+    _pushes_survive(s3_url, s3_proxy, S3_RATES, 60 if full else 6, tmp_path, figures, samples, "s3",
+                    S3_OPTIONS, big_every=3)
     assert s3_proxy.faults["stall"] + s3_proxy.faults["drop_after"] > 0
 
 
