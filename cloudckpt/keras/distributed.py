@@ -14,7 +14,13 @@ surviving old chief is fenced out of the index by the new chief's claim, see :mo
 
 Keras 3's `ModelCheckpoint` (unlike tf.keras 2) writes every worker's file to ``filepath`` itself, with no per-worker
 temporary directory; non-chief workers keep doing exactly that, so on a shared file system give each worker its own
-checkpoint folder.
+checkpoint folder. Every worker also reads the resume state at each save point and drops it: Keras' metric variables
+are sync-on-read, so reading them is a collective all-reduce that every worker must join in the same order.
+
+Not covered under MultiWorkerMirroredStrategy: preemption checkpoints and mid-epoch resume (integer ``save_freq``)
+are untested there. A preemption notice reaches each worker at its own batch, and the chief's preemption checkpoint
+reads the state (a collective) at a point the other workers don't, so training stalls until TensorFlow's collective
+timeout fails it; a restart then resumes from the latest committed checkpoint.
 
 Known upstream limit (Keras 3.15, TensorFlow 2.21): ``model.fit`` under a two-worker MultiWorkerMirroredStrategy
 fails before the first step with ``ValueError: Attempt to convert a value (PerReplica:{...}) with an unsupported
