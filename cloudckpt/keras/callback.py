@@ -359,15 +359,12 @@ class CloudCheckpoint(keras.callbacks.ModelCheckpoint):
     # --- resume ------------------------------------------------------------------------------------------------
 
     def _resume(self) -> None:
-        try:
-            latest = self.store.latest()
-        except CheckpointNotFoundError:
-            log.info("no checkpoint in %s: starting from scratch", self.store.url)
+        found = rs.pull_resumable(self.store, self._staging / "resume")
+        if found is None:
             return
-        pulled = self.store.pull(latest.id, to=self._staging / "resume")
-        info, arrays = rs.read_state(pulled.path)
+        latest, pulled, info, arrays = found
         rs.restore_variables(self.model, info, arrays)
-        self._restore_local_files(latest, pulled.path)
+        self._restore_local_files(latest, pulled)
         self.best = info.get("best")
         self.best_seen = info.get("best_seen")
         self._batches_seen_since_last_saving = info.get("batches_seen_since_last_saving", 0)
@@ -383,7 +380,7 @@ class CloudCheckpoint(keras.callbacks.ModelCheckpoint):
             self.batches_skipped = self._skip_k = k
         log.info("resumed from %s (%s): epoch %d, %d batches into it, global step %d, best %s", latest.id,
                  self.store.url, info["epoch"] + 1, k, info["global_step"], self.best)
-        shutil.rmtree(pulled.path, ignore_errors=True)
+        shutil.rmtree(pulled, ignore_errors=True)
 
     def _restore_local_files(self, latest, pulled: Path) -> None:
         """Put back the user's checkpoint files (latest and best) that this machine doesn't have."""

@@ -173,3 +173,38 @@ class SkipBatches:
     def uninstall(self) -> None:
         if self.model.train_function is self:
             self.model.train_function = self.original
+
+
+def pull_resumable(store: Any, to: Path) -> tuple[Any, Path, dict[str, Any], dict[str, np.ndarray]] | None:
+    """Pull the newest checkpoint that holds resume state and verifies; None when the run has none.
+
+    Checkpoints committed by other writers on the same run (``cloudckpt push``, the sync service) carry no
+    ``cloudckpt_state/`` and are passed over; one that fails verification is skipped for an older one, with a
+    warning. Every worker of a multi-worker job sees the same index, so they all choose the same checkpoint.
+    """
+    from ..errors import CheckpointNotFoundError
+
+    try:
+        index = store.index()
+    except CheckpointNotFoundError:
+        log.info("no checkpoint in %s: starting from scratch", store.url)
+        return None
+    marker = f"{STATE_DIR}/{STATE_JSON}"
+    candidates = [c for c in reversed(index.checkpoints) if any(f.path == marker for f in c.files)]
+    if not candidates:
+        log.warning("%s holds checkpoints, but none written by CloudCheckpoint (no %s): starting from scratch",
+                    store.url, STATE_DIR)
+        return None
+    failures = []
+    for entry in candidates:
+        try:
+            pulled = store.pull(entry.id, to=to)
+            info, arrays = read_state(pulled.path)
+        except IntegrityError as exc:
+            log.warning("checkpoint %s can't be resumed from (%s); trying an older one", entry.id, exc)
+            failures.append(f"{entry.id}: {exc}")
+            continue
+        if failures:
+            log.warning("resuming from %s: %d newer checkpoint(s) failed verification", entry.id, len(failures))
+        return entry, pulled.path, info, arrays
+    raise IntegrityError(f"{store.url}: no checkpoint with resume state verifies: " + "; ".join(failures))

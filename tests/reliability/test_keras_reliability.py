@@ -186,11 +186,9 @@ def test_sync_service_beside_the_callback_on_one_run(local_url, tmp_path, figure
     figures["races"]["local/sync-beside-callback"] += trained + len(synced)
 
 
-@pytest.mark.xfail(strict=True, raises=AssertionError, reason=(
-    "known bug, reported: CloudCheckpoint resumes from the run's latest checkpoint even when that one was committed "
-    "by the sync service or `cloudckpt push` (no cloudckpt_state/), and fit fails with IntegrityError; documented as "
-    "able to share a run with the sync service"))
 def test_callback_resumes_on_a_run_whose_latest_came_from_sync(local_url, tmp_path):
+    """Another writer's commit (sync service, `cloudckpt push`) carries no resume state: the callback resumes from
+    its own newest checkpoint instead, and starts fresh when there is none."""
     from cloudckpt import CheckpointStore
 
     src = tmp_path / "export"
@@ -200,3 +198,14 @@ def test_callback_resumes_on_a_run_whose_latest_came_from_sync(local_url, tmp_pa
         store.push(src, epoch=0)
     out = run(job_cmd(local_url, tmp_path / "ck" / "model.keras", "--epochs", "1"), timeout=300)
     assert out.returncode == 0, out.stderr[-1500:]
+    stdout = "\n".join(out.lines)
+    assert "RESUMED_FROM None" in stdout
+    with CheckpointStore(local_url) as store:
+        own = store.latest()
+        assert any(f.path.startswith("cloudckpt_state/") for f in own.files)
+        store.push(src, epoch=5)  # the run's latest is foreign again
+    out = run(job_cmd(local_url, tmp_path / "ck" / "model.keras", "--epochs", "2"), timeout=300)
+    assert out.returncode == 0, out.stderr[-1500:]
+    stdout = "\n".join(out.lines)
+    assert f"RESUMED_FROM {own.id}" in stdout
+    assert stdout.count("EPOCH ") == 1  # only epoch 2 was trained
