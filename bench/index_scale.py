@@ -1,8 +1,9 @@
 """Measurement 7: how ``ls`` and one commit scale with the number of checkpoints in a run's index.
 
 Big indexes are built directly (an :class:`cloudckpt.manifest.Index` of N one-file entries written with the
-backend's ``write_index``), not by pushing N times. ``ls`` is ``store.list()`` (read + parse + validate the index);
-a commit is ``store.push`` of a 1 KiB file (upload, manifest, compare-and-swap of the index).
+backend's ``write_index``), not by pushing N times. ``ls`` is ``list()`` on a fresh store (download + parse +
+validate the index, as ``cloudckpt ls`` does); a commit is ``push`` of a 1 KiB file by a long-lived store, as a
+training writer is (upload, manifest, compare-and-swap of the index).
 """
 
 from __future__ import annotations
@@ -38,9 +39,10 @@ def _measure(url: str, n: int, reps: int, tiny) -> tuple[list[float], list[float
         store.backend.write_index(data, token)
         ls, commit = [], []
         for r in range(reps):
-            t0 = time.perf_counter()
-            rows = store.list()
-            ls.append(time.perf_counter() - t0)
+            with CheckpointStore(url) as reader:  # a fresh reader, as `cloudckpt ls` is: no cached index
+                t0 = time.perf_counter()
+                rows = reader.list()
+                ls.append(time.perf_counter() - t0)
             assert len(rows) == n + r
             t0 = time.perf_counter()
             store.push(tiny, epoch=n + r, metrics={"val_loss": 5.0})
