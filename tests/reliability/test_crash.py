@@ -223,7 +223,7 @@ def test_random_sigkill_sync_service(crash_url, tmp_path, full, figures):
     for i in range(6 if full else 3):
         for j in range(3):
             epoch = i * 3 + j
-            d = watch / f"model-{epoch}"
+            d = watch / f"model-{epoch:03d}"  # the service scans in name order: newest last
             d.mkdir()
             (d / "weights.bin").write_bytes(rnd.randbytes(rnd.randint(1000, 300_000)))
         out = run_and_kill(sync, delay=rnd.uniform(0.3, 1.2), ready=None)
@@ -236,8 +236,8 @@ def test_random_sigkill_sync_service(crash_url, tmp_path, full, figures):
     try:
         assert "watching" in p.stderr.readline()
         last = max(int(d.name.split("-")[1]) for d in watch.iterdir()) + 1
-        (watch / f"model-{last}").mkdir()
-        (watch / f"model-{last}" / "weights.bin").write_bytes(b"final")  # once it is committed, sync is running
+        (watch / f"model-{last:03d}").mkdir()
+        (watch / f"model-{last:03d}" / "weights.bin").write_bytes(b"final")  # once it is committed, sync is running
         deadline = time.monotonic() + 60
         while time.monotonic() < deadline:
             with CheckpointStore(crash_url) as store:
