@@ -1,13 +1,12 @@
 """Measurement 5: peak memory added by pushing a big checkpoint, in a fresh process.
 
 Each figure is the kernel's RSS high-water mark (``VmHWM`` in ``/proc/<pid>/status``, read every 5 ms until the
-child exits) of a fresh process. "Added" = push process minus an idle process of the same kind that imports the same code and
-talks to the same server (``cloudckpt ls`` for the CLI; an s3fs ``ls`` for s3fs).
+child exits) of a fresh process. "Added" = push process minus an idle process of the same kind that imports the
+same code and talks to the same server (``cloudckpt ls`` for the CLI; an s3fs ``ls`` for s3fs).
 """
 
 from __future__ import annotations
 
-import os
 import shutil
 import subprocess
 import sys
@@ -18,9 +17,11 @@ from pathlib import Path
 from .common import MiB, Ctx, Section, fmt_bytes, log, make_file
 
 S3FS_IDLE = "import s3fs,sys; fs=s3fs.S3FileSystem(); fs.ls(sys.argv[1])"
-S3FS_PUT = "import s3fs,sys; fs=s3fs.S3FileSystem(); fs.ls(sys.argv[1]); fs.put_file(sys.argv[2], sys.argv[1]+'/raw.bin')"
+S3FS_PUT = ("import s3fs,sys; fs=s3fs.S3FileSystem(); fs.ls(sys.argv[1]); "
+            "fs.put_file(sys.argv[2], sys.argv[1]+'/raw.bin')")
 API_IDLE = "import sys; from cloudckpt import CheckpointStore; CheckpointStore(sys.argv[1]).list()"
-API_PUSH = "import sys; from cloudckpt import CheckpointStore; s=CheckpointStore(sys.argv[1]); s.list(); s.push(sys.argv[2])"
+API_PUSH = ("import sys; from cloudckpt import CheckpointStore; s=CheckpointStore(sys.argv[1]); s.list(); "
+            "s.push(sys.argv[2])")
 
 
 def _hwm(pid: int) -> int | None:
@@ -93,7 +94,8 @@ def run(ctx: Ctx) -> list[Section]:
         how = "python -c with the API (CLI not available)"
     pairs = {
         "cloudckpt push": (ours_idle, ours_push),
-        "s3fs put_file": ([sys.executable, "-c", S3FS_IDLE, bucket], [sys.executable, "-c", S3FS_PUT, bucket, str(src)]),
+        "s3fs put_file": ([sys.executable, "-c", S3FS_IDLE, bucket],
+                          [sys.executable, "-c", S3FS_PUT, bucket, str(src)]),
     }
     for name, (idle_argv, push_argv) in pairs.items():
         idle, _ = peak_rss(idle_argv)
@@ -110,7 +112,8 @@ def run(ctx: Ctx) -> list[Section]:
     sec.ratio = added
     sec.ratio_desc = "MiB added over idle (cloudckpt)"
     sec.met = added is not None and added <= 128
-    sec.params = {"bytes": size, "how": how, "measure": "VmHWM of the child process (/proc/<pid>/status), read every 5 ms"}
+    sec.params = {"bytes": size, "how": how,
+                  "measure": "VmHWM of the child process (/proc/<pid>/status), read every 5 ms"}
     sec.seconds = round(time.monotonic() - t_start, 1)
     return [sec]
 

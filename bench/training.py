@@ -20,7 +20,6 @@ import threading
 import time
 import uuid
 from collections import defaultdict
-from pathlib import Path
 
 from .common import Ctx, Section, guarded, interleaved, log
 
@@ -69,7 +68,7 @@ def weights_mb(model) -> float:
 
 
 class HookTimer:
-    """Wraps a callback's hooks on the instance and adds up, per epoch, the seconds the training thread spent in them."""
+    """Wraps a callback's hooks on the instance; adds up, per epoch, the seconds the training thread spent in them."""
 
     def __init__(self, callback) -> None:
         self.per_epoch: dict[int, float] = defaultdict(float)

@@ -82,7 +82,8 @@ def push_s3(ctx: Ctx, src: Path) -> Section:
     from cloudckpt import CheckpointStore
 
     size = src.stat().st_size
-    sec = Section("push_s3", f"3. Push {fmt_bytes(size)} to S3 (moto server)", "s", target=">= 1.0x the faster raw client")
+    sec = Section("push_s3", f"3. Push {fmt_bytes(size)} to S3 (moto server)", "s",
+                  target=">= 1.0x the faster raw client")
     client, fs = _s3_clients()
     bucket = ctx.bucket("s3")
     store = CheckpointStore(f"s3://{bucket}/run")
@@ -222,7 +223,8 @@ def push_gcs(ctx: Ctx, src: Path) -> Section:
         "gcsfs put_file": _timed(lambda: fs.put_file(str(src), f"{bucket}/raw/{uuid.uuid4().hex}"),
                                  ctx.gcs_pid, sec.variant("gcsfs put_file").extra),
         SAME_CHUNKS: _timed(
-            lambda: b.blob(f"raw/{uuid.uuid4().hex}", chunk_size=store.backend.chunk_size).upload_from_filename(str(src)),
+            lambda: b.blob(f"raw/{uuid.uuid4().hex}",
+                           chunk_size=store.backend.chunk_size).upload_from_filename(str(src)),
             ctx.gcs_pid, sec.variant(SAME_CHUNKS).extra),
     }
     interleaved(min(ctx.sizes.reps, ctx.sizes.gcs_reps), runs, cleanup=lambda: _empty_gcs_bucket(client, bucket),

@@ -74,6 +74,7 @@ def test_every_store_comparison_is_present_side_by_side(quick_run):
     assert STORE_SECTIONS <= set(sections)
     for sid in STORE_SECTIONS:
         sec = sections[sid]
+        assert sec["error"] is None, f"{sid} failed: {sec['error']}"
         assert sec["skipped"] is None, f"{sid} skipped: {sec['skipped']}"
         assert sec["variants"], sid
         for v in sec["variants"]:
@@ -102,6 +103,7 @@ def test_training_comparisons_are_present_or_skipped_with_a_reason(quick_run):
     assert stall | TRAINING_SECTIONS <= set(sections)
     for sid in stall | TRAINING_SECTIONS:
         sec = sections[sid]
+        assert sec["error"] is None, f"{sid} failed: {sec['error']}"
         if sec["skipped"]:
             assert "cloudckpt.keras" in sec["skipped"] or "not installed" in sec["skipped"]
             continue
