@@ -26,20 +26,22 @@ MAX_FILES = 100_000
 MAX_FILE_SIZE = 2**50  # 1 PiB: anything larger is a corrupt or hostile index
 _ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
 _RESERVED_IDS = {INDEX_NAME, "index.json.lock"}
-_HEX8 = re.compile(r"^[0-9a-f]{8}$")
-_HEX64 = re.compile(r"^[0-9a-f]{64}$")
+
+
+_CONTROL = re.compile(r"[\x00-\x1f\x7f]")
+_DRIVE = re.compile(r"^[A-Za-z]:")
 
 
 def check_relative_path(path: str) -> str:
     """Return ``path`` if it is a safe relative POSIX path inside a checkpoint, else raise UnsafePathError."""
     if not isinstance(path, str) or not path or len(path) > 1024:
         raise UnsafePathError(f"unsafe path in manifest: {path!r} (empty or too long)")
-    if path.startswith("/") or "\\" in path or re.match(r"^[A-Za-z]:", path):
+    if path[0] == "/" or "\\" in path or _DRIVE.match(path):
         raise UnsafePathError(f"unsafe path in manifest: {path!r} (absolute)")
-    if any(ord(c) < 32 or ord(c) == 127 for c in path):
+    if _CONTROL.search(path):
         raise UnsafePathError(f"unsafe path in manifest: {path!r} (control character)")
-    parts = path.split("/")
-    if any(p in ("", ".", "..") for p in parts):
+    wrapped = f"/{path}/"
+    if "//" in wrapped or "/./" in wrapped or "/../" in wrapped:
         raise UnsafePathError(f"unsafe path in manifest: {path!r} (empty, '.' or '..' component)")
     if path == MANIFEST_NAME:
         raise UnsafePathError(f"unsafe path in manifest: {path!r} (reserved name)")
@@ -62,8 +64,8 @@ class FileEntry(_Frozen):
 
     path: str
     size: Annotated[int, Field(ge=0, le=MAX_FILE_SIZE)]
-    crc32c: str | None = None
-    sha256: str | None = None
+    crc32c: Annotated[str, Field(pattern=r"^[0-9a-f]{8}$")] | None = None  # checked natively: fast at scale
+    sha256: Annotated[str, Field(pattern=r"^[0-9a-f]{64}$")] | None = None
 
     @field_validator("path")
     @classmethod
@@ -77,10 +79,6 @@ class FileEntry(_Frozen):
     def _checksum(self) -> FileEntry:
         if self.crc32c is None and self.sha256 is None:
             raise ValueError(f"file {self.path!r} has no checksum")
-        if self.crc32c is not None and not _HEX8.match(self.crc32c):
-            raise ValueError(f"file {self.path!r}: crc32c must be 8 lowercase hex digits")
-        if self.sha256 is not None and not _HEX64.match(self.sha256):
-            raise ValueError(f"file {self.path!r}: sha256 must be 64 lowercase hex digits")
         return self
 
 
@@ -121,14 +119,15 @@ class CheckpointEntry(_Frozen):
             raise ValueError(f"checkpoint {self.id!r} lists no files")
         if len(self.files) > MAX_FILES:
             raise ValueError(f"checkpoint {self.id!r} lists {len(self.files)} files (more than {MAX_FILES})")
-        paths = [f.path for f in self.files]
-        if len(set(paths)) != len(paths):
+        paths = {f.path for f in self.files}
+        if len(paths) != len(self.files):
             raise ValueError(f"checkpoint {self.id!r} lists a file twice")
         prefixes = set()
         for p in paths:
-            parts = p.split("/")
-            prefixes.update("/".join(parts[:i]) for i in range(1, len(parts)))
-        if prefixes & set(paths):
+            while "/" in p:
+                p = p.rsplit("/", 1)[0]
+                prefixes.add(p)
+        if prefixes & paths:
             raise ValueError(f"checkpoint {self.id!r} lists a file that is also a directory")
         if sum(f.size for f in self.files) != self.size:
             raise ValueError(f"checkpoint {self.id!r}: size {self.size} is not the sum of its files")

@@ -107,27 +107,35 @@ def download_verified(backend: Backend, prefix: str, entries: Iterable[FileEntry
         dest.parent.mkdir(parents=True, exist_ok=True)
         rel = f"{prefix}/{e.path}"
 
-        def fetch() -> None:
-            backend.download(rel, dest)
+        def fetch() -> str | None:
+            verified = backend.download(rel, dest)
             size = dest.stat().st_size
             if size != e.size:
                 raise IntegrityError(f"{backend.url}/{rel}: downloaded {size} bytes, the index says {e.size}")
+            return verified
 
         try:
-            retry.run(fetch, url=backend.url, what=f"download {rel}", budget=budget)
+            verified = retry.run(fetch, url=backend.url, what=f"download {rel}", budget=budget)
         except CloudCkptError:
             raise
         except FileNotFoundError as exc:
             raise IntegrityError(f"{backend.url}/{rel}: listed in the index but missing from the store") from exc
         except Exception as exc:
             raise TransferError(f"{backend.url}/{rel}: download failed after retries: {exc}") from exc
-        got = file_checksums(dest, sha256=e.sha256 is not None)
-        if (e.crc32c and got["crc32c"] != e.crc32c) or (e.sha256 and got.get("sha256") != e.sha256):
-            raise IntegrityError(f"{backend.url}/{rel}: checksum mismatch (crc32c {got['crc32c']}, expected {e.crc32c})")
+        if verified is not None and verified != e.crc32c:
+            raise IntegrityError(f"{backend.url}/{rel}: checksum mismatch (stored crc32c {verified}, expected {e.crc32c})")
+        if verified is None or e.sha256:  # the client checked no crc32c as it streamed (or sha256 is wanted): hash
+            _check_file(dest, e, f"{backend.url}/{rel}")
         if progress:
             progress(e.size)
 
     _run_all(pool, one, entries)
+
+
+def _check_file(dest: Path, e: FileEntry, where: str) -> None:
+    got = file_checksums(dest, sha256=e.sha256 is not None)
+    if (e.crc32c and got["crc32c"] != e.crc32c) or (e.sha256 and got.get("sha256") != e.sha256):
+        raise IntegrityError(f"{where}: checksum mismatch (crc32c {got['crc32c']}, expected {e.crc32c})")
 
 
 def _run_all(pool: ThreadPoolExecutor, fn, items) -> None:

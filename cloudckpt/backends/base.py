@@ -63,8 +63,9 @@ class Backend(ABC):
         """Store the file at ``rel`` and check what the store can check (see :attr:`verification`)."""
 
     @abstractmethod
-    def download(self, rel: str, local: Path) -> None:
-        """Write the object at ``rel`` to the local file (streamed)."""
+    def download(self, rel: str, local: Path) -> str | None:
+        """Write the object at ``rel`` to the local file (streamed). Return the crc32c (hex) that the client
+        verified the written bytes against while streaming, or None when it verified none (the caller hashes)."""
 
     @abstractmethod
     def read_bytes(self, rel: str) -> bytes:

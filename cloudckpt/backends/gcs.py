@@ -43,7 +43,7 @@ class GCSBackend(Backend):
         unknown = set(opts) - self.OPTIONS
         if unknown:
             raise ConfigurationError(f"{url}: unknown GCS storage option(s) {sorted(unknown)}; known: {sorted(self.OPTIONS)}")
-        self.chunk_size = max(1, int(opts.get("chunk_size", 32 * _MB)) // (256 * 1024)) * (256 * 1024)
+        self.chunk_size = max(1, int(opts.get("chunk_size", 64 * _MB)) // (256 * 1024)) * (256 * 1024)
         emulator = os.environ.get("STORAGE_EMULATOR_HOST")
         if emulator:
             os.environ.setdefault("GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT", "false")
@@ -118,15 +118,20 @@ class GCSBackend(Backend):
             raise IntegrityError(f"{self.url}/{rel}: stored object is {blob.size} bytes crc32c {server}, expected {size} {crc32c}")
         self.check_uploaded(rel, crc32c)
 
-    def download(self, rel: str, local: Path) -> None:
-        # google-cloud-storage streams to the file and checks the object's crc32c; gcsfs get_file grew RSS to
-        # most of the object's size here.
+    def download(self, rel: str, local: Path) -> str | None:
+        # google-cloud-storage streams to the file and checks the bytes against the object's crc32c as they arrive
+        # (gcsfs get_file grew RSS to most of the object's size here). The generation is pinned, so the crc32c
+        # returned is the one of exactly the bytes written: the caller needn't hash the file again.
         from google.api_core.exceptions import NotFound
 
+        blob = self.bucket.get_blob(self._name(rel))
+        if blob is None:
+            raise FileNotFoundError(f"{self.url}/{rel}: no such object")
         try:
-            self.bucket.blob(self._name(rel)).download_to_filename(str(local), checksum="crc32c")
+            blob.download_to_filename(str(local), checksum="crc32c", if_generation_match=blob.generation)
         except NotFound as e:  # the contract's built-in: callers test FileNotFoundError
             raise FileNotFoundError(f"{self.url}/{rel}: no such object") from e
+        return base64.b64decode(blob.crc32c).hex() if blob.crc32c else None
 
     def read_bytes(self, rel: str) -> bytes:
         from google.api_core.exceptions import NotFound
