@@ -285,8 +285,7 @@ def sync_cmd(ctx: click.Context, watch_dir: str, url: str | None, monitor: str |
     with _store(ctx, url) as store:
         service = SyncService(store, watch_dir, settle=settle, poll=poll, name_pattern=name_pattern,
                               push_options=options, exclusive=exclusive)
-        click.echo(f"cloudckpt sync: watching {watch_dir} -> {store.url}", err=True)
-        service.run_forever()
+        service.run_forever(ready=lambda: click.echo(f"cloudckpt sync: watching {watch_dir} -> {store.url}", err=True))
         click.echo("cloudckpt sync: stopped", err=True)
 
 

@@ -104,8 +104,8 @@ class IndexKeeper:
         except CloudCkptError:
             raise
         except Exception as exc:
-            if not retry.is_transient(exc):
-                raise
+            if not (retry.is_transient(exc) or isinstance(exc, OSError)):
+                raise  # a programming error: let it show as itself
             raise TransferError(f"{self.backend.url}: {what} failed: {exc}") from exc
 
     def claim(self) -> WriterLease:

@@ -20,6 +20,7 @@ import logging
 import re
 import signal
 import threading
+from collections.abc import Callable
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -161,10 +162,13 @@ class SyncService:
             self._stop.wait(self.poll)
         self.scan_once(settled_only=True)
 
-    def run_forever(self) -> None:
-        """:meth:`run`, stopping cleanly on SIGTERM or SIGINT (main thread only)."""
+    def run_forever(self, ready: Callable[[], None] | None = None) -> None:
+        """:meth:`run`, stopping cleanly on SIGTERM or SIGINT (main thread only). ``ready`` is called once the
+        signal handlers are in place (so a supervisor that waits for it can't signal too early)."""
         previous = {s: signal.signal(s, lambda *_: self.stop()) for s in (signal.SIGTERM, signal.SIGINT)}
         try:
+            if ready is not None:
+                ready()
             self.run()
         finally:
             for s, handler in previous.items():
