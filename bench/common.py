@@ -93,6 +93,7 @@ class Section:
     variants: list[Variant] = field(default_factory=list)
     ratio: float | None = None
     ratio_desc: str = ""
+    other_ratios: dict[str, float] = field(default_factory=dict)  # reported beside the ratio, no target
     target: str = ""
     met: bool | None = None
     notes: list[str] = field(default_factory=list)

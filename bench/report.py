@@ -10,7 +10,7 @@ from typing import Any
 from .common import Section
 
 EXTRA_KEYS = ("MBps", "verify_s", "GBps", "s_per_GB", "idle_MiB", "push_MiB", "server_cpu_s", "stall_ms",
-              "own_stall_ms", "capture_ms", "state_write_ms", "state_write_threads", "train_end_s", "overhead_pct",
+              "own_stall_ms", "keras_save_ms", "own_part_ms", "capture_ms", "backup_ms", "state_write_ms", "state_write_threads", "train_end_s", "overhead_pct",
               "cpu_overhead_pct", "fit_s", "index_bytes", "exit_s", "exit_code", "step_at_signal", "committed_step")
 
 
@@ -55,6 +55,8 @@ def table(sections: list[Section]) -> str:
                          f"{_extra(v.extra)} |")
         r = f"{sec.ratio:.3g}" if sec.ratio is not None else "—"
         lines.append(f"| | **{sec.ratio_desc or 'result'}: {r}** | | | target {sec.target}: **{verdict(sec)}** |")
+        for desc, value in sec.other_ratios.items():
+            lines.append(f"| | **{desc}: {value:.3g}** | | | (no target) |")
     return "\n".join(lines)
 
 
@@ -64,6 +66,7 @@ def summary(sections: list[Section]) -> str:
     for sec in sections:
         r = f"{sec.ratio:.3g}" if sec.ratio is not None else "—"
         out.append(f"{verdict(sec):8s} {sec.id:18s} {sec.ratio_desc}: {r}  (target {sec.target})")
+        out.extend(f"{'':8s} {'':18s} {desc}: {value:.3g}" for desc, value in sec.other_ratios.items())
     return "\n".join(out)
 
 

@@ -111,5 +111,13 @@ def test_training_comparisons_are_present_or_skipped_with_a_reason(quick_run):
         assert isinstance(sec["met"], bool), sid
     for sid in stall:
         if not sections[sid]["skipped"]:
-            assert {v["name"] for v in sections[sid]["variants"]} == {
-                "Keras ModelCheckpoint (local)", "CloudCheckpoint (s3)", "ModelCheckpoint + inline push (s3)"}
+            sec = sections[sid]
+            variants = {v["name"]: v for v in sec["variants"]}
+            assert set(variants) == {
+                "Keras ModelCheckpoint (local)", "Keras ModelCheckpoint + BackupAndRestore (local)",
+                "CloudCheckpoint (s3)", "ModelCheckpoint + inline push (s3)"}
+            # the exact-resume baseline counts BackupAndRestore's hooks too; CloudCheckpoint's stall is split
+            assert "backup_ms" in variants["Keras ModelCheckpoint + BackupAndRestore (local)"]["extra"]
+            assert {"keras_save_ms", "own_part_ms", "capture_ms"} <= set(variants["CloudCheckpoint (s3)"]["extra"])
+            (desc, value), = sec["other_ratios"].items()
+            assert "BackupAndRestore" in desc and isinstance(value, (int, float)) and value > 0
