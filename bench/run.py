@@ -43,7 +43,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--quick", action="store_true", help="small sizes, few repetitions (CI): proves the harness works")
     p.add_argument("--out", type=Path, help="where results.json/.md/.png go (default bench/results/<full|quick>)")
     p.add_argument("--only", default="", help=f"comma-separated subset of: {', '.join(ORDER)}")
-    p.add_argument("--reps", type=int, help="repetitions per comparison (default 3, quick 2)")
+    p.add_argument("--reps", type=int, help="repetitions per comparison (default 3, GCS pushes 2, quick 2)")
     p.add_argument("--scratch", type=Path, help="directory for temporary files (default: a new temp dir)")
     return p.parse_args(argv)
 
@@ -59,7 +59,7 @@ def main(argv: list[str] | None = None) -> int:
 
     sizes = Sizes.quick() if args.quick else Sizes()
     if args.reps:
-        sizes.reps = args.reps
+        sizes.reps = sizes.gcs_reps = args.reps
     wanted = [g.strip() for g in args.only.split(",") if g.strip()] or ORDER
     unknown = set(wanted) - set(GROUPS)
     if unknown:
