@@ -14,7 +14,6 @@ from typing import Any
 import keras
 from keras import ops
 
-from ..errors import CheckpointNotFoundError
 from ..preemption import PreemptionWatch
 from ..store import CheckpointStore
 from ..uploader import Uploader, new_staging_dir, snapshot
@@ -364,7 +363,7 @@ class CloudCheckpoint(keras.callbacks.ModelCheckpoint):
             return
         latest, pulled, info, arrays = found
         rs.restore_variables(self.model, info, arrays)
-        self._restore_local_files(latest, pulled)
+        rs.restore_local_files(self.store, latest, pulled, self._staging / "best")
         self.best = info.get("best")
         self.best_seen = info.get("best_seen")
         self._batches_seen_since_last_saving = info.get("batches_seen_since_last_saving", 0)
@@ -381,24 +380,6 @@ class CloudCheckpoint(keras.callbacks.ModelCheckpoint):
         log.info("resumed from %s (%s): epoch %d, %d batches into it, global step %d, best %s", latest.id,
                  self.store.url, info["epoch"] + 1, k, info["global_step"], self.best)
         shutil.rmtree(pulled, ignore_errors=True)
-
-    def _restore_local_files(self, latest, pulled: Path) -> None:
-        """Put back the user's checkpoint files (latest and best) that this machine doesn't have."""
-        wanted = [latest]
-        try:
-            best = self.store.best()
-            if best.id != latest.id:
-                wanted.append(best)
-        except CheckpointNotFoundError:
-            pass
-        for entry in wanted:
-            local, name = entry.meta.get("local_path"), entry.meta.get("file")
-            if not local or not name or os.path.exists(local):
-                continue
-            src = pulled if entry.id == latest.id else self.store.pull(entry.id, to=self._staging / "best").path
-            os.makedirs(os.path.dirname(os.path.abspath(local)), exist_ok=True)
-            shutil.copy2(src / name, local)
-            log.info("restored %s from checkpoint %s", local, entry.id)
 
 
 def _finite(value: Any) -> bool:

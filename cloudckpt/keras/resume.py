@@ -19,6 +19,8 @@ from __future__ import annotations
 
 import json
 import logging
+import os
+import shutil
 from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
@@ -208,3 +210,25 @@ def pull_resumable(store: Any, to: Path) -> tuple[Any, Path, dict[str, Any], dic
             log.warning("resuming from %s: %d newer checkpoint(s) failed verification", entry.id, len(failures))
         return entry, pulled.path, info, arrays
     raise IntegrityError(f"{store.url}: no checkpoint with resume state verifies: " + "; ".join(failures))
+
+
+def restore_local_files(store: Any, latest: Any, pulled: Path, staging: Path) -> None:
+    """Put back the user's checkpoint files (of the latest and the best checkpoint) that this machine lacks, from
+    ``pulled`` (the latest, already downloaded) or a pull of the best into ``staging``."""
+    from ..errors import CheckpointNotFoundError
+
+    wanted = [latest]
+    try:
+        best = store.best()
+        if best.id != latest.id:
+            wanted.append(best)
+    except CheckpointNotFoundError:
+        pass
+    for entry in wanted:
+        local, name = entry.meta.get("local_path"), entry.meta.get("file")
+        if not local or not name or os.path.exists(local):
+            continue
+        src = pulled if entry.id == latest.id else store.pull(entry.id, to=staging).path
+        os.makedirs(os.path.dirname(os.path.abspath(local)), exist_ok=True)
+        shutil.copy2(src / name, local)
+        log.info("restored %s from checkpoint %s", local, entry.id)

@@ -148,12 +148,13 @@ def test_kill_at_every_step_cli_push(crash_url, tmp_path, figures):
     assert (tmp_path / "restored" / "opt" / "state.bin").read_bytes() == (src / "opt" / "state.bin").read_bytes()
 
 
-def _random_kills(url: str, n: int, rnd: random.Random, figures, *, label: str) -> None:
-    """Kill a looping writer ``n`` times at random instants; after each, check every promise and every ack."""
+def _random_kills(url: str, n: int, rnd: random.Random, figures, *, label: str) -> int:
+    """Kill a looping writer ``n`` times at random instants; after each, check every promise and every ack.
+    Return how many writers were really killed (not finished before the signal)."""
     kind = _kind(url)
     keep_last = 3
     acked: list[tuple[str, float]] = []
-    kills_since_ack = 0
+    kills_since_ack = killed = 0
     opts = S3_MULTIPART if kind == "s3" else {}
     big = 6 * 2**20 if kind == "s3" else 3 * 2**20
     for i in range(n):
@@ -162,6 +163,7 @@ def _random_kills(url: str, n: int, rnd: random.Random, figures, *, label: str) 
         out = run_and_kill(writer_cmd(url, *args), delay=rnd.uniform(0.0, 1.2))
         assert out.killed or out.returncode == 0, f"writer failed: rc={out.returncode} {out.stderr[-3000:]}"
         figures["kills"][f"{kind}/{label}"] += 1
+        killed += out.killed
         new = out.committed
         figures["acknowledged_commits"][kind] += len(new)
         acked += new
@@ -182,11 +184,12 @@ def _random_kills(url: str, n: int, rnd: random.Random, figures, *, label: str) 
         # nothing listed comes from nowhere: unacknowledged ids are at most one per kill
         unknown = set(listed) - {cid for cid, _ in acked}
         assert len(unknown) <= i + 1
+    return killed
 
 
 def test_random_sigkill_api_writer(crash_url, full, figures):
     n = 100 if full else (10 if _kind(crash_url) == "local" else 6)
-    _random_kills(crash_url, n, random.Random(1234), figures, label="random-api")
+    assert _random_kills(crash_url, n, random.Random(1234), figures, label="random-api") > 0  # it really killed
 
 
 def test_random_sigkill_cli_push(crash_url, tmp_path, full, figures):

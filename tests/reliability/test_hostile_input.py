@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from cloudckpt import CheckpointStore, cli
+from cloudckpt import cli
 from cloudckpt.errors import CloudCkptError, IntegrityError, UnsafePathError
 from cloudckpt.manifest import CheckpointEntry, FileEntry
 from cloudckpt.restore import pull_into

@@ -73,6 +73,7 @@ def _pushes_survive(url, proxy, rates, n, tmp_path, figures, samples, kind, opti
         figures["faults_injected"][f"{kind}/{k}"] += v
     figures["pushes_through_faults"][kind] += n
     assert sum(proxy.faults.values()) > 0
+    return acked
 
 
 def test_s3_pushes_commit_and_verify_at_20_percent_faults(s3_url, s3_proxy, tmp_path, full, figures, samples):
@@ -82,8 +83,9 @@ def test_s3_pushes_commit_and_verify_at_20_percent_faults(s3_url, s3_proxy, tmp_
 
 
 def test_gcs_pushes_commit_and_verify_at_20_percent_faults(gcs_url, gcs_proxy, tmp_path, full, figures, samples):
-    _pushes_survive(gcs_url, gcs_proxy, GCS_RATES, 20 if full else 4, tmp_path, figures, samples, "gcs", {},
-                    big_every=0)
+    n = 20 if full else 4
+    acked = _pushes_survive(gcs_url, gcs_proxy, GCS_RATES, n, tmp_path, figures, samples, "gcs", {}, big_every=0)
+    assert len(acked) == n  # every push committed despite the faults
 
 
 def test_s3_pull_through_faults_is_verified_and_all_or_nothing(s3_url, s3_proxy, tmp_path, figures):
