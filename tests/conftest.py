@@ -52,6 +52,7 @@ def _name(prefix: str) -> str:
 
 @pytest.fixture
 def s3_url(s3_server) -> str:
+    s3_server.revive()
     bucket = _name("ckpt")
     servers.make_s3_bucket(bucket)
     return f"s3://{bucket}/runs/r1"
@@ -59,6 +60,7 @@ def s3_url(s3_server) -> str:
 
 @pytest.fixture
 def gcs_url(gcs_server) -> str:
+    gcs_server.revive()
     bucket = _name("ckpt")
     servers.make_gcs_bucket(bucket)
     return f"gs://{bucket}/runs/r1"

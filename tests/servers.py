@@ -40,6 +40,20 @@ class Server:
     proc: subprocess.Popen
     endpoint: str
     log: Path
+    argv: list[str] | None = None
+    probe: str = ""
+    restarts: int = 0
+
+    def revive(self) -> None:
+        """Restart the server on the same port if its process has died (tests make fresh buckets each time), and
+        say so on stderr: an emulator crash must be visible, not silently absorbed."""
+        if self.proc.poll() is None or self.argv is None:
+            return
+        sys.stderr.write(f"\n[servers] {self.argv[0]} exited with {self.proc.returncode}; restarting it "
+                         f"(log: {self.log})\n")
+        self.proc = subprocess.Popen(self.argv, stdout=open(self.log, "ab"), stderr=subprocess.STDOUT)
+        _wait_http(self.endpoint + self.probe, self.proc)
+        self.restarts += 1
 
     def stop(self) -> None:
         if self.proc.poll() is None:
@@ -63,11 +77,11 @@ def start_moto(port: int | None = None) -> Server:
     """moto's S3 server: ``python -m moto.server`` in its own process."""
     port = port or free_port()
     log = Path(tempfile.mkstemp(prefix="moto-", suffix=".log")[1])
-    proc = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
-                            stdout=open(log, "wb"), stderr=subprocess.STDOUT)
+    argv = [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)]
+    proc = subprocess.Popen(argv, stdout=open(log, "wb"), stderr=subprocess.STDOUT)
     endpoint = f"http://127.0.0.1:{port}"
     _wait_http(endpoint + "/moto-api/", proc)
-    return Server(proc, endpoint, log)
+    return Server(proc, endpoint, log, argv, "/moto-api/")
 
 
 def start_fake_gcs(port: int | None = None) -> Server:
@@ -77,11 +91,11 @@ def start_fake_gcs(port: int | None = None) -> Server:
     port = port or free_port()
     log = Path(tempfile.mkstemp(prefix="fake-gcs-", suffix=".log")[1])
     endpoint = f"http://127.0.0.1:{port}"
-    proc = subprocess.Popen([str(_get_binary_path()), "-scheme", "http", "-backend", "memory", "-host", "127.0.0.1",
-                             "-port", str(port), "-external-url", endpoint, "-log-level", "error"],
-                            stdout=open(log, "wb"), stderr=subprocess.STDOUT)
+    argv = [str(_get_binary_path()), "-scheme", "http", "-backend", "memory", "-host", "127.0.0.1",
+            "-port", str(port), "-external-url", endpoint, "-log-level", "error"]
+    proc = subprocess.Popen(argv, stdout=open(log, "wb"), stderr=subprocess.STDOUT)
     _wait_http(endpoint + "/storage/v1/b", proc)
-    return Server(proc, endpoint, log)
+    return Server(proc, endpoint, log, argv, "/storage/v1/b")
 
 
 def s3_env(endpoint: str) -> dict[str, str]:
