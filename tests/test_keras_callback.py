@@ -108,6 +108,78 @@ def test_commits_to_each_store_with_complete_resume_state(store_url, tmp_path):
         assert len(store.list()) <= 3  # keep_best=1 + keep_last=2 (overlapping)
 
 
+class SavesOneVariableLess(keras.layers.Dense):
+    """A layer with its own ``save_own_variables``: its file no longer holds exactly the model's weights."""
+
+    def save_own_variables(self, store):
+        store["0"] = self.kernel
+
+
+def _model_with(layer_cls):
+    model = keras.Sequential([keras.Input((64,)), layer_cls(32, activation="relu"), keras.layers.Dropout(0.2),
+                              keras.layers.Dense(10)])
+    model.compile(optimizer=keras.optimizers.Adam(1e-2),
+                  loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True), metrics=["accuracy"])
+    return model
+
+
+@pytest.mark.filterwarnings("ignore:You are saving your model as an HDF5 file")
+@pytest.mark.parametrize("name, weights_only, layer_cls, from_file", [
+    ("m.weights.h5", True, keras.layers.Dense, True),  # Keras 3 weights file: model + optimizer inside
+    ("m.keras", False, keras.layers.Dense, True),  # .keras zip: the same weights store inside
+    ("m.h5", False, keras.layers.Dense, False),  # legacy HDF5 full model: everything captured
+    ("m.weights.h5", True, SavesOneVariableLess, False),  # the file misses a weight: everything captured
+])
+def test_resume_state_reuses_the_keras_file_only_when_it_holds_the_variables(tmp_path, name, weights_only,
+                                                                             layer_cls, from_file):
+    remote = str(tmp_path / "store")
+
+    def run(epochs, seed):
+        keras.utils.set_random_seed(seed)
+        model = _model_with(layer_cls)
+        cb = CloudCheckpoint(str(tmp_path / "ckpt" / name), save_weights_only=weights_only, remote=remote)
+        model.fit(X, Y, batch_size=64, epochs=epochs, validation_split=0.2, shuffle=False, verbose=0, callbacks=[cb])
+        return model, cb
+
+    tf.config.experimental.enable_op_determinism()
+    run(2, seed=3)
+    with CheckpointStore(remote) as store:
+        models = [c for c in store.list() if c.meta["kind"] == "model"]
+        assert models, "Keras wrote a file at every epoch"
+        info, arrays = rs.read_state(store.pull(models[-1].id, to=tmp_path / "pulled").path)
+    n_model, n_opt = len(info["layout"]["model"]), len(info["layout"]["optimizer"])
+    in_npz = {k for k in arrays if not k.startswith("metrics_")}
+    if from_file:
+        assert info["weights_file"] == name
+        assert len(info["covered"]["optimizer"]) == n_opt and len(info["covered"]["model"]) == n_model - 1
+        assert in_npz == {f"model_{i}" for i in range(n_model) if i not in info["covered"]["model"]}, \
+            "only what the Keras file lacks (the dropout seed state) is stored a second time"
+    else:
+        assert info["weights_file"] is None and info["covered"] is None
+        assert len(in_npz) == n_model + n_opt, "everything is captured when the file can't stand in"
+    resumed, cb = run(3, seed=99)  # another seed: every variable must come from the checkpoint
+    assert cb.resumed_from is not None
+    keras.utils.set_random_seed(3)
+    straight = _model_with(layer_cls)
+    straight.fit(X, Y, batch_size=64, epochs=3, validation_split=0.2, shuffle=False, verbose=0)
+    for a, b in zip(straight.variables + straight.optimizer.variables,
+                    resumed.variables + resumed.optimizer.variables):
+        np.testing.assert_array_equal(a.numpy(), b.numpy(), err_msg=a.path)
+
+
+def test_a_format_1_checkpoint_with_every_variable_in_the_npz_still_restores(tmp_path):
+    model = fit([], epochs=1)
+    arrays, layout = rs.capture(model)
+    rs.write_state(tmp_path, arrays, layout, {})
+    state = tmp_path / rs.STATE_DIR / rs.STATE_JSON
+    state.write_text(state.read_text().replace('"format": 2', '"format": 1'))
+    info, arrays = rs.read_state(tmp_path)
+    other = fit([], epochs=1, seed=7)
+    rs.restore_variables(other, info, arrays)
+    for a, b in zip(model.variables + model.optimizer.variables, other.variables + other.optimizer.variables):
+        np.testing.assert_array_equal(a.numpy(), b.numpy())
+
+
 def test_default_remote_is_a_local_store_beside_the_files(tmp_path, monkeypatch):
     monkeypatch.delenv("CLOUDCKPT_REMOTE", raising=False)
     path = tmp_path / "ckpt" / "m.keras"

@@ -34,8 +34,8 @@ class CloudCheckpoint(keras.callbacks.ModelCheckpoint):
     Everything `keras.callbacks.ModelCheckpoint` does happens unchanged — same arguments, validation, file names
     and save decisions, and the same local files written by Keras' own save. In addition, after each save point the
     callback snapshots the file (a hard link into a staging directory outside the checkpoint folder) together with
-    the full training state (model, optimizer and metric variables, epoch, batch, best value) and hands it to a
-    background thread that commits it to ``remote``; training never waits on the network. If uploads fall behind,
+    the full training state (model, optimizer and metric variables — those not already in a Keras 3 weights file
+    Keras just wrote — epoch, batch, best value) and hands it to a background thread that commits it to ``remote``; training never waits on the network. If uploads fall behind,
     queued checkpoints that are not a new best are superseded. At the end of training the callback commits the final
     state and raises if it could not.
 
@@ -154,6 +154,7 @@ class CloudCheckpoint(keras.callbacks.ModelCheckpoint):
         self._seq = 0
         self._local_files: dict[str, None] = {}  # files Keras wrote in this fit, oldest first
         self._local_lock = threading.Lock()
+        self._coverages: dict[tuple, dict[str, list[int]] | None] = {}
 
     def on_train_begin(self, logs=None):
         self._reset_run_state()
@@ -252,6 +253,13 @@ class CloudCheckpoint(keras.callbacks.ModelCheckpoint):
                 return "min"
         return "max" if self.monitor_op is ops.greater else "min"
 
+    def _coverage(self, path: str) -> dict[str, list[int]] | None:
+        """:func:`resume.file_coverage` of a file Keras just wrote, worked out once per fit and kind of file."""
+        key = (path.endswith(".keras"), len(self.model.variables), len(getattr(self.model.optimizer, "variables", ())))
+        if key not in self._coverages:
+            self._coverages[key] = rs.file_coverage(self.model, path)
+        return self._coverages[key]
+
     def _step(self) -> int:
         return int(self.model.optimizer.iterations.numpy()) if getattr(self.model, "optimizer", None) else 0
 
@@ -285,7 +293,9 @@ class CloudCheckpoint(keras.callbacks.ModelCheckpoint):
             "user_file": os.path.basename(saved) if saved else None, "local_path": saved,
             "keras_version": keras.__version__,
         }
-        arrays, layout = rs.capture(self.model)  # copied now; written to disk on the uploader's thread
+        covered = self._coverage(saved) if saved else None  # variables the file Keras just wrote already holds
+        info["weights_file"], info["covered"] = (os.path.basename(saved), covered) if covered else (None, None)
+        arrays, layout = rs.capture(self.model, covered)  # the rest, copied now; written on the uploader's thread
         meta = {"kind": "model" if saved else "state", "batch": str(info["batches_done"] or 0),
                 "epoch_done": str(epoch_done).lower()}
         if saved:
@@ -362,7 +372,7 @@ class CloudCheckpoint(keras.callbacks.ModelCheckpoint):
         if found is None:
             return
         latest, pulled, info, arrays = found
-        rs.restore_variables(self.model, info, arrays)
+        rs.restore_variables(self.model, info, arrays, pulled)
         rs.restore_local_files(self.store, latest, pulled, self._staging / "best")
         self.best = info.get("best")
         self.best_seen = info.get("best_seen")

@@ -1,9 +1,15 @@
 """The resume state of a Keras training run: what a checkpoint holds besides the user's file, and how to restore it.
 
-Every checkpoint the callback pushes carries ``cloudckpt_state/``: ``variables.npz`` with every model variable
-(including dropout seed-generator states), every optimizer variable (iterations, learning rate, slots) and the
-training metrics' variables, plus ``state.json`` with the position (epoch, batches done in it, global step), the
-callback's best value and save-frequency counters. So resume is complete even with ``save_weights_only=True``.
+Every checkpoint the callback pushes carries ``cloudckpt_state/``: ``state.json`` with the position (epoch, batches
+done in it, global step), the callback's best value and save-frequency counters, and ``variables.npz`` with the
+variables needed to resume: every model variable (including dropout seed-generator states), every optimizer variable
+(iterations, learning rate, slots) and the training metrics' variables. When the checkpoint also holds the file Keras
+has just written, and that file is a Keras 3 ``.weights.h5`` or ``.keras`` (both hold the model's weights and the
+optimizer's variables, written by Keras' own save from the same live variables), those variables are not copied a
+second time: ``state.json`` names the file (``weights_file``) and which variables it covers (``covered``), and
+``variables.npz`` holds only the rest (seed-generator states, metrics). Restore then loads the file with Keras'
+``load_weights`` and assigns the rest. So resume is complete even with ``save_weights_only=True``, and a save costs
+the training thread little more than Keras' own save.
 
 Mid-epoch resume skips the batches the interrupted run already trained without computing them: the model's
 ``train_function`` is swapped, for the first ``k`` steps of the resumed epoch, for one that only takes the batch from
@@ -34,7 +40,9 @@ log = logging.getLogger(__name__)
 STATE_DIR = "cloudckpt_state"
 STATE_JSON = "state.json"
 VARIABLES = "variables.npz"
-FORMAT = 1
+FORMAT = 2
+READABLE_FORMATS = (1, 2)  # 1: every variable in variables.npz (cloudckpt 0.1)
+KERAS_WEIGHT_FILES = (".weights.h5", ".keras")  # Keras 3 saves whose weights store holds the optimizer too
 GROUPS = ("model", "optimizer", "metrics")
 
 
@@ -52,17 +60,67 @@ def ensure_optimizer_built(model: Any) -> None:
         optimizer.build(model.trainable_variables)
 
 
-def capture(model: Any) -> tuple[dict[str, np.ndarray], dict[str, list]]:
-    """Copy every model, optimizer and metric variable to host memory now (on the training thread); cheap next to
-    writing them, which :func:`write_state` does later on the uploader's thread."""
+def _h5_shapes(path: str) -> list[tuple[int, ...]]:
+    """Shapes of every dataset in a Keras 3 weights file (``.weights.h5``, or the one inside a ``.keras`` zip);
+    reads metadata only."""
+    import h5py
+
+    shapes: list[tuple[int, ...]] = []
+
+    def visit(_name: str, obj: Any) -> None:
+        if isinstance(obj, h5py.Dataset):
+            shapes.append(tuple(obj.shape))
+
+    if path.endswith(".keras"):
+        import zipfile
+
+        with zipfile.ZipFile(path) as archive, archive.open("model.weights.h5") as member, \
+                h5py.File(member, "r") as f:
+            f.visititems(visit)
+    else:
+        with h5py.File(path, "r") as f:
+            f.visititems(visit)
+    return shapes
+
+
+def file_coverage(model: Any, path: str) -> dict[str, list[int]] | None:
+    """Which of the model's and optimizer's variables (indices into the groups of :func:`capture`) the Keras file
+    ``path``, just written by Keras' save, holds; None when it isn't a Keras 3 weights file or doesn't hold exactly
+    the model's weights and the optimizer's variables (a custom ``save_own_variables``, a legacy ``.h5``...), in
+    which case everything is captured as before."""
+    if not path.endswith(KERAS_WEIGHT_FILES):
+        return None
+    groups = _groups(model)
+    weight_ids = {id(w) for w in model.weights}
+    model_idx = [i for i, v in enumerate(groups["model"]) if id(v) in weight_ids]
+    if len(model_idx) != len(weight_ids):
+        return None
+    expected = [tuple(groups["model"][i].shape) for i in model_idx] + [tuple(v.shape) for v in groups["optimizer"]]
+    try:
+        found = _h5_shapes(path)
+    except Exception as exc:  # unreadable as a Keras 3 weights file: capture everything
+        log.debug("%s is not readable as a Keras weights file (%s): capturing all variables", path, exc)
+        return None
+    if sorted(found) != sorted(expected):
+        log.info("%s does not hold exactly the model's and optimizer's variables: capturing all of them", path)
+        return None
+    return {"model": model_idx, "optimizer": list(range(len(groups["optimizer"])))}
+
+
+def capture(model: Any, covered: Mapping[str, list[int]] | None = None
+            ) -> tuple[dict[str, np.ndarray], dict[str, list]]:
+    """Copy the model, optimizer and metric variables to host memory now (on the training thread), except those
+    ``covered`` by the file Keras has just written (see :func:`file_coverage`); :func:`write_state` writes them
+    later, on the uploader's thread. The layout lists every variable, copied or not."""
     arrays: dict[str, np.ndarray] = {}
     layout: dict[str, list] = {}
     for group, variables in _groups(model).items():
+        skip = set((covered or {}).get(group, ()))
         layout[group] = []
         for i, v in enumerate(variables):
-            value = np.asarray(v.numpy())  # a snapshot: TF variables copy on write
-            arrays[f"{group}_{i}"] = value
-            layout[group].append([v.path, list(value.shape)])
+            layout[group].append([v.path, list(v.shape)])
+            if i not in skip:
+                arrays[f"{group}_{i}"] = np.asarray(v.numpy())  # a snapshot: TF variables copy on write
     return arrays, layout
 
 
@@ -89,29 +147,51 @@ def read_state(directory: Path) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
         raise IntegrityError(f"{directory}: checkpoint holds no cloudckpt resume state ({exc.filename})") from None
     except ValueError as exc:
         raise IntegrityError(f"{directory}: unreadable resume state: {exc}") from None
-    if not isinstance(info, dict) or info.get("format") != FORMAT:
+    if not isinstance(info, dict) or info.get("format") not in READABLE_FORMATS:
         raise IntegrityError(f"{directory}: unknown resume state format {info.get('format') if isinstance(info, dict) else info!r}")
     return info, arrays
 
 
-def _assign(group: str, variables: list, info: Mapping[str, Any], arrays: Mapping[str, np.ndarray]) -> None:
+def _check_count(group: str, variables: list, info: Mapping[str, Any]) -> None:
     layout = info["layout"][group]
     if len(layout) != len(variables):
         raise ConfigurationError(
             f"the checkpoint's {group} has {len(layout)} variables but this model's has {len(variables)}: "
             "resume needs the same model and optimizer as the run that saved it")
+
+
+def _assign(group: str, variables: list, info: Mapping[str, Any], arrays: Mapping[str, np.ndarray]) -> None:
+    _check_count(group, variables, info)
+    layout = info["layout"][group]
+    covered = set((info.get("covered") or {}).get(group, ()))
     for i, v in enumerate(variables):
-        value = arrays[f"{group}_{i}"]
+        if i in covered:
+            continue  # loaded from the Keras file
+        value = arrays.get(f"{group}_{i}")
+        if value is None:
+            raise IntegrityError(f"the resume state lacks {group} variable {layout[i][0]}")
         if tuple(value.shape) != tuple(v.shape):
             raise ConfigurationError(f"the checkpoint's {group} variable {layout[i][0]} has shape {value.shape}; "
                                      f"this model's {v.path} has {tuple(v.shape)}")
         v.assign(value)
 
 
-def restore_variables(model: Any, info: Mapping[str, Any], arrays: Mapping[str, np.ndarray]) -> None:
-    """Assign the saved model and optimizer variables (the optimizer is built first)."""
+def restore_variables(model: Any, info: Mapping[str, Any], arrays: Mapping[str, np.ndarray],
+                      directory: Path | None = None) -> None:
+    """Assign the saved model and optimizer variables (the optimizer is built first): those the checkpoint's Keras
+    file covers through Keras' ``load_weights`` from ``directory`` (the pulled checkpoint), the rest from ``arrays``."""
     ensure_optimizer_built(model)
     groups = _groups(model)
+    name = info.get("weights_file")
+    if name:
+        for group in ("model", "optimizer"):
+            _check_count(group, groups[group], info)
+        if directory is None or not (Path(directory) / name).is_file():
+            raise IntegrityError(f"the resume state's weights file {name} is not in the checkpoint")
+        try:
+            model.load_weights(str(Path(directory) / name))
+        except ValueError as exc:
+            raise ConfigurationError(f"the checkpoint's {name} does not fit this model: {exc}") from None
     _assign("model", groups["model"], info, arrays)
     _assign("optimizer", groups["optimizer"], info, arrays)
 
