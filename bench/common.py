@@ -35,10 +35,10 @@ class Sizes:
     reps: int = 3
     index_counts: tuple[int, ...] = (10, 1_000, 10_000)
     models_mb: tuple[int, ...] = (10, 100, 1000)
-    stall_saves: int = 3
-    overhead_epochs: int = 3
-    overhead_reps: int = 3
-    gcs_reps: int = 2
+    stall_saves: int = 8
+    overhead_epochs: int = 5
+    overhead_reps: int = 4
+    gcs_reps: int = 3
     sigterm_mb: int = 100
 
     @classmethod
@@ -131,11 +131,18 @@ def guarded(sid: str, title: str, fn: Callable[[], Section]) -> Section:
 
 
 def interleaved(reps: int, runs: dict[str, Callable[[], float | None]], *, cleanup: Callable[[], None] | None = None,
-                section: Section) -> None:
+                section: Section, warmup: bool = False) -> None:
     """Run every variant once per repetition, in turn (A, B, C, A, B, C...), so drifting machine load hits all alike.
 
-    Each callable returns its own measured seconds (or None to have its wall time taken here).
+    Each callable returns its own measured seconds (or None to have its wall time taken here). ``warmup`` first runs
+    every variant once unrecorded (the servers' first large object, clients' first connections).
     """
+    if warmup:
+        for name, fn in runs.items():
+            fn()
+            log.info("  %-40s warm-up (not recorded)", name)
+            if cleanup:
+                cleanup()
     for r in range(reps):
         order = list(runs) if r % 2 == 0 else list(reversed(runs))  # alternate who goes first
         for name in order:

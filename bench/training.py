@@ -186,10 +186,14 @@ def cloud_callback(filepath: str, url: str, **kwargs):
     return CloudCheckpoint(filepath, remote=url, keep_last=1, resume=False, **kwargs)
 
 
+SETTLE_GAP = 0.25  # seconds between one save's upload being done and the next epoch
+
+
 def settle(cb):
     """A callback run after ``cb`` that, before each epoch, waits (outside ``cb``'s timed hooks) until ``cb``'s
-    uploads are done: as in real training, where an epoch outlasts an upload. Without it, back-to-back saves of
-    these tiny epochs would measure the contention of one upload with the next save on this 2-core machine."""
+    uploads are done, then :data:`SETTLE_GAP` more (every variant): as in real training, where an epoch outlasts an
+    upload by far. Without it, back-to-back saves of these tiny epochs would measure the contention of one upload
+    (and the S3 server's side of it, on the same 2 cores) with the next save."""
     import keras
 
     class Settle(keras.callbacks.Callback):
@@ -197,6 +201,7 @@ def settle(cb):
             uploader = getattr(cb, "uploader", None)
             if uploader is not None:
                 uploader.flush(600)
+            time.sleep(SETTLE_GAP)  # every variant: let the last save's disk writes and any server work finish
 
     return Settle()
 
@@ -211,7 +216,7 @@ def _stall_section(ctx: Ctx, mb: int) -> Section:
     x, y = x[: batch * steps], y[: batch * steps]
     sec = Section(f"stall_{mb}MB", f"1. Training stall per checkpoint, {real_mb:.0f} MB of weights", "s",
                   target="<= 1.05x Keras ModelCheckpoint (local)")
-    saves = ctx.sizes.stall_saves
+    saves = ctx.sizes.stall_saves if mb < 500 else min(3, ctx.sizes.stall_saves)
     common = dict(save_weights_only=True, monitor="loss", save_freq="epoch")
     timers: dict[str, list[HookTimer]] = defaultdict(list)
     names = [KERAS, KERAS_BACKUP, CLOUD, INLINE]

@@ -98,7 +98,8 @@ def push_s3(ctx: Ctx, src: Path) -> Section:
         "s3fs put_file": _timed(lambda: fs.put_file(str(src), f"{bucket}/raw/{uuid.uuid4().hex}"),
                                 ctx.s3_pid, sec.variant("s3fs put_file").extra),
     }
-    interleaved(ctx.sizes.reps, runs, cleanup=lambda: _empty_s3_bucket(client, bucket), section=sec)
+    interleaved(ctx.sizes.reps, runs, cleanup=lambda: _empty_s3_bucket(client, bucket), section=sec,
+                warmup=not ctx.quick)
     profiles = _profiles(ctx, ctx.s3_pid, ours, lambda: _empty_s3_bucket(client, bucket))
     store.close()
     sec.params = {**profiles, "bytes": size, "cloudckpt_part_size": store.backend.part_size,
@@ -228,7 +229,7 @@ def push_gcs(ctx: Ctx, src: Path) -> Section:
             ctx.gcs_pid, sec.variant(SAME_CHUNKS).extra),
     }
     interleaved(min(ctx.sizes.reps, ctx.sizes.gcs_reps), runs, cleanup=lambda: _empty_gcs_bucket(client, bucket),
-                section=sec)
+                section=sec, warmup=not ctx.quick)
     # fake-gcs-server is a Go binary (py-spy reads Python stacks only): its CPU seconds per run are the evidence
     profiles = _profiles(ctx, None, lambda: store.push(src, epoch=1), lambda: _empty_gcs_bucket(client, bucket))
     store.close()

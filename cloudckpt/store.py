@@ -111,6 +111,7 @@ class CheckpointStore:
         self.progress = progress
         self.keeper = IndexKeeper(self.backend, budget=min(budget, 120.0), writer_id=writer_id)
         self._pool = ThreadPoolExecutor(workers, thread_name_prefix="cloudckpt-io")
+        self._sum_pool = ThreadPoolExecutor(2, thread_name_prefix="cloudckpt-io-sum")  # checksums beside uploads
         self._busy: set[str] = set()  # in flight or being restored by this process: never pruned
         self._busy_lock = threading.Lock()
 
@@ -118,6 +119,7 @@ class CheckpointStore:
 
     def close(self) -> None:
         self._pool.shutdown(wait=True)
+        self._sum_pool.shutdown(wait=True)
 
     def __enter__(self) -> CheckpointStore:
         return self
@@ -173,15 +175,18 @@ class CheckpointStore:
         self._hold(cid, True)
         try:
             t0 = time.monotonic()
-            entries = checksum_all(files, sha256=sha256, pool=self._pool)
-            total = sum(e.size for e in entries)
+            sums = checksum_all(files, sha256=sha256, pool=self._sum_pool)
+            total = sum(f.path.stat().st_size for f in files)
             try:
                 with byte_progress(total, f"push {cid}", self.progress) as advance:
-                    upload_all(self.backend, cid, files, entries, budget=self.budget, pool=self._pool,
-                               progress=advance)
+                    entries = upload_all(self.backend, cid, files, sums, budget=self.budget, pool=self._pool,
+                                         progress=advance)
             except Exception:
-                self._discard_upload(cid, entries)
+                for fut in sums:
+                    fut.cancel()
+                self._discard_upload(cid, [f.rel for f in files])
                 raise
+            total = sum(e.size for e in entries)
             entry = CheckpointEntry(id=cid, epoch=epoch, step=step, created=utcnow(), metrics=metrics,
                                     files=tuple(entries), size=total, writer=self.keeper.writer_id, meta=dict(meta or {}))
             failpoints.hit("push.after_upload")
@@ -218,10 +223,10 @@ class CheckpointStore:
         self._delete_checkpoints(pruned)
         return entry
 
-    def _discard_upload(self, cid: str, entries: list) -> None:
+    def _discard_upload(self, cid: str, rels: list[str]) -> None:
         """Best effort after a failed upload: remove what this push stored (gc removes anything left)."""
         try:
-            self.backend.delete([f"{cid}/{e.path}" for e in entries])
+            self.backend.delete([f"{cid}/{rel}" for rel in rels])
         except Exception as exc:  # the original error matters more; gc cleans up later
             log.warning("could not remove the partial upload %s at %s (%s); `cloudckpt gc` will", cid, self.url, exc)
 

@@ -6,7 +6,7 @@ from __future__ import annotations
 import logging
 import os
 from collections.abc import Callable, Iterable
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -62,8 +62,9 @@ def _rel(path: str) -> str:
         raise ConfigurationError(f"can't push {path!r}: {e}") from None
 
 
-def checksum_all(files: list[LocalFile], *, sha256: bool, pool: ThreadPoolExecutor) -> list[FileEntry]:
-    """FileEntry (size, crc32c[, sha256]) for every file, computed in ``pool`` (google-crc32c releases the GIL)."""
+def checksum_all(files: list[LocalFile], *, sha256: bool, pool: ThreadPoolExecutor) -> list[Future[FileEntry]]:
+    """Start computing FileEntry (size, crc32c[, sha256]) of every file in ``pool`` (google-crc32c releases the GIL);
+    return the futures, so the uploads can run meanwhile (a pool of its own: uploads wait on these results)."""
 
     def one(f: LocalFile) -> FileEntry:
         size = f.path.stat().st_size
@@ -72,27 +73,34 @@ def checksum_all(files: list[LocalFile], *, sha256: bool, pool: ThreadPoolExecut
             raise ConfigurationError(f"{f.path}: the file changed while it was read; push a finished checkpoint")
         return FileEntry(path=f.rel, size=size, **sums)
 
-    return list(pool.map(one, files))
+    return [pool.submit(one, f) for f in files]
 
 
-def upload_all(backend: Backend, prefix: str, files: list[LocalFile], entries: list[FileEntry], *,
-               budget: float, pool: ThreadPoolExecutor, progress: Progress | None = None) -> None:
-    """Upload each file to ``<prefix>/<rel>`` and check it; raise TransferError when one can't be stored."""
+def upload_all(backend: Backend, prefix: str, files: list[LocalFile], sums: list[Future[FileEntry]], *,
+               budget: float, pool: ThreadPoolExecutor, progress: Progress | None = None) -> list[FileEntry]:
+    """Upload each file to ``<prefix>/<rel>`` while its checksums (``sums``, from :func:`checksum_all`) are still
+    being computed, check each against them, and return the entries; raise TransferError when one can't be stored.
+    Overlapping the two saves the checksum pass (~0.17 s/GB) from the push's wall time."""
 
-    def one(pair: tuple[LocalFile, FileEntry]) -> None:
-        f, e = pair
-        rel = f"{prefix}/{e.path}"
+    def one(pair: tuple[LocalFile, Future[FileEntry]]) -> FileEntry:
+        f, fut = pair
+        rel = f"{prefix}/{f.rel}"
+        size = f.path.stat().st_size
         try:
-            retry.run(lambda: backend.upload(f.path, rel, size=e.size, crc32c=e.crc32c or ""), url=backend.url,
-                      what=f"upload {rel}", budget=budget, retry_on=retry.transient_or_mismatch)
+            retry.run(lambda: backend.upload(f.path, rel, size=size, crc32c=lambda: fut.result().crc32c or ""),
+                      url=backend.url, what=f"upload {rel}", budget=budget, retry_on=retry.transient_or_mismatch)
         except CloudCkptError:
             raise
         except Exception as exc:
             raise TransferError(f"{backend.url}/{rel}: upload failed after retries: {exc}") from exc
+        entry = fut.result()
+        if entry.size != size:
+            raise ConfigurationError(f"{f.path}: the file changed while it was pushed; push a finished checkpoint")
         if progress:
-            progress(e.size)
+            progress(entry.size)
+        return entry
 
-    _run_all(pool, one, zip(files, entries))
+    return _run_all(pool, one, list(zip(files, sums)))
 
 
 def download_verified(backend: Backend, prefix: str, entries: Iterable[FileEntry], into: Path, *, budget: float,
@@ -138,8 +146,9 @@ def _check_file(dest: Path, e: FileEntry, where: str) -> None:
         raise IntegrityError(f"{where}: checksum mismatch (crc32c {got['crc32c']}, expected {e.crc32c})")
 
 
-def _run_all(pool: ThreadPoolExecutor, fn, items) -> None:
-    """Run ``fn`` over ``items`` in ``pool``; wait for all, then raise the first error (no stray threads left)."""
+def _run_all(pool: ThreadPoolExecutor, fn, items) -> list:
+    """Run ``fn`` over ``items`` in ``pool``; wait for all, then raise the first error (no stray threads left) or
+    return the results in order."""
     futures = [pool.submit(fn, item) for item in items]
     first: BaseException | None = None
     for fut in futures:
@@ -148,3 +157,4 @@ def _run_all(pool: ThreadPoolExecutor, fn, items) -> None:
             first = exc
     if first is not None:
         raise first
+    return [fut.result() for fut in futures]

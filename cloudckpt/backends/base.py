@@ -11,6 +11,7 @@ import logging
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
 from pathlib import Path
+from collections.abc import Callable
 from typing import Any
 
 from ..errors import IntegrityError
@@ -59,8 +60,10 @@ class Backend(ABC):
     # --- objects ------------------------------------------------------------------------------------------------
 
     @abstractmethod
-    def upload(self, local: Path, rel: str, *, size: int, crc32c: str) -> None:
-        """Store the file at ``rel`` and check what the store can check (see :attr:`verification`)."""
+    def upload(self, local: Path, rel: str, *, size: int, crc32c: Callable[[], str]) -> None:
+        """Store the file at ``rel`` and check what the store can check (see :attr:`verification`). ``crc32c()``
+        gives the file's crc32c (hex); it may still be being computed while the bytes go out, so call it only once
+        the transfer is done."""
 
     @abstractmethod
     def download(self, rel: str, local: Path) -> str | None:

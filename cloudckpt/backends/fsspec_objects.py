@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import base64
 from pathlib import Path
+from collections.abc import Callable
 from typing import Any
 
 from ..errors import IntegrityError
@@ -32,17 +33,17 @@ class FsspecObjects:
                 return None
         return None
 
-    def upload(self, local: Path, rel: str, *, size: int, crc32c: str) -> None:
+    def upload(self, local: Path, rel: str, *, size: int, crc32c: Callable[[], str]) -> None:
         path = self._path(rel)
         self.fs.put_file(str(local), path)
         self.fs.invalidate_cache(path)
         info = self.fs.info(path)
         if int(info.get("size") or 0) != size:
             raise IntegrityError(f"{self.url}/{rel}: stored object is {info.get('size')} bytes, expected {size}")
-        server = self._fs_crc32c(info)
-        if server is not None and server != crc32c:
-            raise IntegrityError(f"{self.url}/{rel}: server crc32c {server} differs from ours {crc32c}")
-        self.check_uploaded(rel, crc32c)  # type: ignore[attr-defined]
+        server, want = self._fs_crc32c(info), crc32c()
+        if server is not None and server != want:
+            raise IntegrityError(f"{self.url}/{rel}: server crc32c {server} differs from ours {want}")
+        self.check_uploaded(rel, want)  # type: ignore[attr-defined]
 
     def download(self, rel: str, local: Path) -> None:
         self.fs.get_file(self._path(rel), str(local))

@@ -12,6 +12,7 @@ from __future__ import annotations
 import base64
 import os
 from pathlib import Path
+from collections.abc import Callable
 from typing import Any
 
 from ..errors import AccessError, ConfigurationError, IndexConflictError, IntegrityError
@@ -109,14 +110,14 @@ class GCSBackend(Backend):
 
     # --- objects -----------------------------------------------------------------------------------------------
 
-    def upload(self, local: Path, rel: str, *, size: int, crc32c: str) -> None:
+    def upload(self, local: Path, rel: str, *, size: int, crc32c: Callable[[], str]) -> None:
         blob = self.bucket.blob(self._name(rel), chunk_size=self.chunk_size if size > self.chunk_size else None)
-        blob.upload_from_filename(str(local), checksum="crc32c")
+        blob.upload_from_filename(str(local), checksum=None)  # the server's crc32c is compared with ours below
         blob.reload()
-        server = base64.b64decode(blob.crc32c).hex() if blob.crc32c else None
-        if blob.size != size or server != crc32c:
-            raise IntegrityError(f"{self.url}/{rel}: stored object is {blob.size} bytes crc32c {server}, expected {size} {crc32c}")
-        self.check_uploaded(rel, crc32c)
+        server, want = (base64.b64decode(blob.crc32c).hex() if blob.crc32c else None), crc32c()
+        if blob.size != size or server != want:
+            raise IntegrityError(f"{self.url}/{rel}: stored object is {blob.size} bytes crc32c {server}, expected {size} {want}")
+        self.check_uploaded(rel, want)
 
     def download(self, rel: str, local: Path) -> str | None:
         # google-cloud-storage streams to the file and checks the bytes against the object's crc32c as they arrive

@@ -9,6 +9,7 @@ import os
 import shutil
 import uuid
 from pathlib import Path
+from collections.abc import Callable
 from typing import Any
 
 from ..checksum import file_checksums
@@ -83,7 +84,7 @@ class LocalBackend(Backend):
 
     # --- objects -----------------------------------------------------------------------------------------------
 
-    def upload(self, local: Path, rel: str, *, size: int, crc32c: str) -> None:
+    def upload(self, local: Path, rel: str, *, size: int, crc32c: Callable[[], str]) -> None:
         target = self._abs(rel)
 
         def copy(f) -> None:
@@ -92,9 +93,9 @@ class LocalBackend(Backend):
 
         self._write_atomic(target, copy)
         got_size = target.stat().st_size
-        got = file_checksums(target)["crc32c"]
-        if got_size != size or got != crc32c:
-            raise IntegrityError(f"{self.url}/{rel}: stored copy is {got_size} bytes crc32c {got}, expected {size} {crc32c}")
+        got, want = file_checksums(target)["crc32c"], crc32c()
+        if got_size != size or got != want:
+            raise IntegrityError(f"{self.url}/{rel}: stored copy is {got_size} bytes crc32c {got}, expected {size} {want}")
 
     def download(self, rel: str, local: Path) -> None:
         shutil.copyfile(self._abs(rel), local)

@@ -15,6 +15,7 @@ import base64
 import threading
 import zlib
 from pathlib import Path
+from collections.abc import Callable
 from typing import Any
 
 from ..errors import ConfigurationError, IndexConflictError, IntegrityError
@@ -138,7 +139,7 @@ class S3Backend(Backend):
 
     # --- objects -----------------------------------------------------------------------------------------------
 
-    def upload(self, local: Path, rel: str, *, size: int, crc32c: str) -> None:
+    def upload(self, local: Path, rel: str, *, size: int, crc32c: Callable[[], str]) -> None:
         key = self._key(rel)
         self.client.upload_file(str(local), self.bucket, key, Config=self.transfer)
         head = self.client.head_object(Bucket=self.bucket, Key=key, ChecksumMode="ENABLED")
@@ -149,7 +150,7 @@ class S3Backend(Backend):
         if server_crc and single_part and head.get("ChecksumType", "FULL_OBJECT") == "FULL_OBJECT":
             if server_crc != _crc32_b64(local):
                 raise IntegrityError(f"{self.url}/{rel}: server CRC32 {server_crc} differs from the local file's")
-        self.check_uploaded(rel, crc32c)
+        self.check_uploaded(rel, crc32c())
 
     def download(self, rel: str, local: Path) -> None:
         # One streaming GET written in 256 KiB blocks: bounded memory (s3fs get_file grew RSS past the object size

@@ -154,7 +154,7 @@ class CloudCheckpoint(keras.callbacks.ModelCheckpoint):
         self._seq = 0
         self._local_files: dict[str, None] = {}  # files Keras wrote in this fit, oldest first
         self._local_lock = threading.Lock()
-        self._coverages: dict[tuple, dict[str, list[int]] | None] = {}
+        self._plans: dict[tuple, rs.StatePlan] = {}
 
     def on_train_begin(self, logs=None):
         self._reset_run_state()
@@ -253,15 +253,17 @@ class CloudCheckpoint(keras.callbacks.ModelCheckpoint):
                 return "min"
         return "max" if self.monitor_op is ops.greater else "min"
 
-    def _coverage(self, path: str) -> dict[str, list[int]] | None:
-        """:func:`resume.file_coverage` of a file Keras just wrote, worked out once per fit and kind of file."""
-        key = (path.endswith(".keras"), len(self.model.variables), len(getattr(self.model.optimizer, "variables", ())))
-        if key not in self._coverages:
-            self._coverages[key] = rs.file_coverage(self.model, path)
-        return self._coverages[key]
+    def _plan(self, saved: str | None) -> rs.StatePlan:
+        """The :class:`resume.StatePlan` of this save: what the file Keras just wrote (if any) doesn't hold. Worked
+        out once per fit and kind of file (reading the file's layout and the model's variable lists costs more than
+        the copies it saves at small sizes)."""
+        key = (None if not saved else saved.endswith(".keras"), len(getattr(self.model.optimizer, "variables", ())))
+        if key not in self._plans:
+            self._plans[key] = rs.StatePlan(self.model, rs.file_coverage(self.model, saved) if saved else None)
+        return self._plans[key]
 
     def _step(self) -> int:
-        return int(self.model.optimizer.iterations.numpy()) if getattr(self.model, "optimizer", None) else 0
+        return int(self.model.optimizer.iterations.value) if getattr(self.model, "optimizer", None) else 0
 
     def _stage(self, epoch: int, batch: int | None, logs: dict, *, saved: str | None, epoch_done: bool,
                position: int) -> None:
@@ -293,9 +295,10 @@ class CloudCheckpoint(keras.callbacks.ModelCheckpoint):
             "user_file": os.path.basename(saved) if saved else None, "local_path": saved,
             "keras_version": keras.__version__,
         }
-        covered = self._coverage(saved) if saved else None  # variables the file Keras just wrote already holds
-        info["weights_file"], info["covered"] = (os.path.basename(saved), covered) if covered else (None, None)
-        arrays, layout = rs.capture(self.model, covered)  # the rest, copied now; written on the uploader's thread
+        plan = self._plan(saved)  # copy what the file Keras just wrote lacks; written on the uploader's thread
+        arrays, layout = plan.capture(metrics=not epoch_done), plan.layout  # (metrics: only mid-epoch resume)
+        info["weights_file"] = os.path.basename(saved) if plan.covered else None
+        info["covered"] = plan.covered
         meta = {"kind": "model" if saved else "state", "batch": str(info["batches_done"] or 0),
                 "epoch_done": str(epoch_done).lower()}
         if saved:

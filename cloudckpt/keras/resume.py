@@ -107,21 +107,32 @@ def file_coverage(model: Any, path: str) -> dict[str, list[int]] | None:
     return {"model": model_idx, "optimizer": list(range(len(groups["optimizer"])))}
 
 
+class StatePlan:
+    """What a save copies on the training thread, worked out once per fit: every model, optimizer and metric
+    variable except those ``covered`` by the file Keras has just written (see :func:`file_coverage`), and the layout
+    (path and shape of every variable, copied or not) that restore checks against."""
+
+    def __init__(self, model: Any, covered: Mapping[str, list[int]] | None = None) -> None:
+        self.covered = {g: list(ix) for g, ix in (covered or {}).items()} or None
+        self.layout: dict[str, list] = {}
+        self.copies: list[tuple[str, Any]] = []
+        for group, variables in _groups(model).items():
+            skip = set((covered or {}).get(group, ()))
+            self.layout[group] = [[v.path, list(v.shape)] for v in variables]
+            self.copies += [(f"{group}_{i}", v) for i, v in enumerate(variables) if i not in skip]
+
+    def capture(self, *, metrics: bool = True) -> dict[str, np.ndarray]:
+        """Copy the variables to host memory now; :func:`write_state` writes them later on the uploader's thread.
+        ``metrics=False`` leaves out the training metrics' accumulators (only a mid-epoch resume needs them)."""
+        return {key: np.asarray(v.numpy()) for key, v in self.copies  # a snapshot: TF variables copy on write
+                if metrics or not key.startswith("metrics_")}
+
+
 def capture(model: Any, covered: Mapping[str, list[int]] | None = None
             ) -> tuple[dict[str, np.ndarray], dict[str, list]]:
-    """Copy the model, optimizer and metric variables to host memory now (on the training thread), except those
-    ``covered`` by the file Keras has just written (see :func:`file_coverage`); :func:`write_state` writes them
-    later, on the uploader's thread. The layout lists every variable, copied or not."""
-    arrays: dict[str, np.ndarray] = {}
-    layout: dict[str, list] = {}
-    for group, variables in _groups(model).items():
-        skip = set((covered or {}).get(group, ()))
-        layout[group] = []
-        for i, v in enumerate(variables):
-            layout[group].append([v.path, list(v.shape)])
-            if i not in skip:
-                arrays[f"{group}_{i}"] = np.asarray(v.numpy())  # a snapshot: TF variables copy on write
-    return arrays, layout
+    """Copy the variables not ``covered`` by a Keras file (all by default) now; return them and the layout."""
+    plan = StatePlan(model, covered)
+    return plan.capture(), plan.layout
 
 
 def write_state(directory: Path, arrays: Mapping[str, np.ndarray], layout: Mapping[str, list],

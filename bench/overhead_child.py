@@ -1,0 +1,54 @@
+"""One fit of measurement 2: ``python bench/overhead_child.py VARIANT WORKDIR MB EPOCHS THREADS [URL]``.
+
+Trains the digits MLP (scikit-learn digits x10, batch 32) for EPOCHS epochs with no checkpoint, Keras'
+``ModelCheckpoint`` (local) or ``CloudCheckpoint`` (URL) saving every epoch, TensorFlow limited to THREADS intra- and
+inter-op threads (0: TensorFlow's default), and prints one JSON line: the wall and CPU (this process, all threads)
+seconds of every epoch, each stamped after every callback's ``on_epoch_end``. A fresh process per fit, so no fit
+inherits another's threads, memory or page cache state from this process.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+
+
+def main() -> None:
+    variant, workdir, mb, epochs, threads = sys.argv[1], Path(sys.argv[2]), float(sys.argv[3]), int(sys.argv[4]), \
+        int(sys.argv[5])
+    url = sys.argv[6] if len(sys.argv) > 6 else None
+    import tensorflow as tf
+
+    if threads:
+        tf.config.threading.set_intra_op_parallelism_threads(threads)
+        tf.config.threading.set_inter_op_parallelism_threads(threads)
+    import keras
+
+    from bench.training import build_model, digits
+    from bench.training_more import EpochClock
+
+    model = build_model(mb)
+    x, y = digits(10)
+    path = str(workdir / "model.weights.h5")
+    common = dict(save_weights_only=True, monitor="loss", save_freq="epoch")
+    callbacks = []
+    if variant == "keras":
+        callbacks.append(keras.callbacks.ModelCheckpoint(path, **common))
+    elif variant == "cloud":
+        from cloudckpt.keras import CloudCheckpoint
+
+        callbacks.append(CloudCheckpoint(path, remote=url, keep_last=1, resume=False, **common))
+    clock = EpochClock()
+    model.fit(x, y, batch_size=32, epochs=epochs, verbose=0, callbacks=callbacks + [clock], shuffle=True)
+    wall = [b - a for a, b in zip(clock.stamps, clock.stamps[1:])]
+    cpu = [b - a for a, b in zip(clock.cpu, clock.cpu[1:])]
+    print(json.dumps({"wall": wall, "cpu": cpu, "samples": len(x)}), flush=True)
+
+
+if __name__ == "__main__":
+    main()
