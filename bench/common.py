@@ -3,6 +3,8 @@ interleaved repetitions, result records and the machine description."""
 
 from __future__ import annotations
 
+import copy
+
 import importlib.metadata
 import logging
 import os
@@ -139,7 +141,9 @@ def interleaved(reps: int, runs: dict[str, Callable[[], float | None]], *, clean
     """
     if warmup:
         for name, fn in runs.items():
+            before = copy.deepcopy(section.variant(name).extra)
             fn()
+            section.variant(name).extra = before  # what the run recorded on the side is dropped too
             log.info("  %-40s warm-up (not recorded)", name)
             if cleanup:
                 cleanup()
