@@ -37,7 +37,7 @@ class Sizes:
     reps: int = 3
     index_counts: tuple[int, ...] = (10, 1_000, 10_000)
     models_mb: tuple[int, ...] = (10, 100, 1000)
-    stall_saves: int = 8
+    stall_saves: int = 10
     overhead_epochs: int = 5
     overhead_reps: int = 4
     gcs_reps: int = 3

@@ -11,8 +11,8 @@ from .common import Section
 
 EXTRA_KEYS = ("MBps", "verify_s", "GBps", "s_per_GB", "idle_MiB", "push_MiB", "server_cpu_s", "stall_ms",
               "own_stall_ms", "keras_save_ms", "own_part_ms", "capture_ms", "backup_ms", "state_write_ms",
-              "state_write_threads", "train_end_s", "overhead_pct", "cpu_overhead_pct", "fit_s", "index_bytes",
-              "exit_s", "exit_code", "step_at_signal", "committed_step")
+              "state_write_threads", "train_end_s", "overhead_pct", "paired_median_pct", "paired_pct",
+              "cpu_overhead_pct", "fit_s", "index_bytes", "exit_s", "exit_code", "step_at_signal", "committed_step")
 
 
 def _num(x: float | None, unit: str) -> str:

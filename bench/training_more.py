@@ -73,6 +73,7 @@ def epoch_overhead(ctx: Ctx) -> Section:
         v = sec.variant(name)
         v.extra.setdefault("cpu_s", []).extend(round(c, 3) for c in cpu)
         v.extra.setdefault("fit_s", []).append(round(sum(doc["wall"]), 2))
+        v.extra.setdefault("fit_mean_s", []).append(round(sum(steps) / len(steps), 4))
         sec.params["samples_per_epoch"] = doc["samples"]
         return sum(steps) / len(steps)
 
@@ -82,9 +83,13 @@ def epoch_overhead(ctx: Ctx) -> Section:
         sec.variant(n).samples = [round(s, 4) for s in per_epoch[n]]
     base = sec.variant("no checkpoint").median
     cpu_base = statistics.median(sec.variant("no checkpoint").extra["cpu_s"])
+    fits = {n: sec.variant(n).extra["fit_mean_s"] for n in names}
     for n in names[1:]:
         v = sec.variant(n)
         v.extra["overhead_pct"] = round((v.median / base - 1) * 100, 2)
+        # paired: each repetition's fit against the no-checkpoint fit of the same repetition (same machine load)
+        v.extra["paired_pct"] = [round((a / b - 1) * 100, 2) for a, b in zip(fits[n], fits[names[0]])]
+        v.extra["paired_median_pct"] = round(statistics.median(v.extra["paired_pct"]), 2)
         v.extra["cpu_overhead_pct"] = round((statistics.median(v.extra["cpu_s"]) / cpu_base - 1) * 100, 2)
     sec.ratio = sec.variant("CloudCheckpoint (s3)").extra["overhead_pct"]
     sec.ratio_desc = "CloudCheckpoint epoch-time overhead, %"

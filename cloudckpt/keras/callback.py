@@ -120,13 +120,9 @@ class CloudCheckpoint(keras.callbacks.ModelCheckpoint):
         self.keep_best, self.keep_last, self.keep_every_n_epochs = keep_best, keep_last, keep_every_n_epochs
         self.resume = resume
         self.storage_options = dict(storage_options or {})
-        self.preemption = preemption
-        self.preemption_endpoints = preemption_endpoints
-        self.preemption_deadline = preemption_deadline
-        self.exit_on_preemption = exit_on_preemption
-        self.prune_local = prune_local
-        self.staging_dir = staging_dir
-        self.store_budget = store_budget
+        self.preemption, self.preemption_endpoints = preemption, preemption_endpoints
+        self.preemption_deadline, self.exit_on_preemption = preemption_deadline, exit_on_preemption
+        self.prune_local, self.staging_dir, self.store_budget = prune_local, staging_dir, store_budget
         self.preempted = False
         self.resumed_from: str | None = None  # checkpoint id the last fit resumed from
         self.batches_skipped = 0
@@ -254,9 +250,8 @@ class CloudCheckpoint(keras.callbacks.ModelCheckpoint):
         return "max" if self.monitor_op is ops.greater else "min"
 
     def _plan(self, saved: str | None) -> rs.StatePlan:
-        """The :class:`resume.StatePlan` of this save: what the file Keras just wrote (if any) doesn't hold. Worked
-        out once per fit and kind of file (reading the file's layout and the model's variable lists costs more than
-        the copies it saves at small sizes)."""
+        """The :class:`resume.StatePlan` of this save (what the file Keras just wrote, if any, lacks), worked out
+        once per fit and kind of file: reading the file's layout costs more than small models' copies."""
         key = (None if not saved else saved.endswith(".keras"), len(getattr(self.model.optimizer, "variables", ())))
         if key not in self._plans:
             self._plans[key] = rs.StatePlan(self.model, rs.file_coverage(self.model, saved) if saved else None)
