@@ -40,7 +40,7 @@ class Sizes:
     stall_saves: int = 10
     overhead_epochs: int = 5
     overhead_reps: int = 4
-    gcs_reps: int = 3
+    gcs_reps: int = 4
     sigterm_mb: int = 100
 
     @classmethod

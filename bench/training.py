@@ -30,6 +30,7 @@ HOOKS = ("on_epoch_end", "on_train_batch_end")
 KERAS = "Keras ModelCheckpoint (local)"
 KERAS_BACKUP = "Keras ModelCheckpoint + BackupAndRestore (local)"
 CLOUD = "CloudCheckpoint (s3)"
+CLOUD_LOCAL = "CloudCheckpoint (local store)"  # control: the same callback with no server on the machine
 INLINE = "ModelCheckpoint + inline push (s3)"
 
 
@@ -224,7 +225,7 @@ def _stall_section(ctx: Ctx, mb: int) -> Section:
     saves = ctx.sizes.stall_saves if mb < 500 else min(3, ctx.sizes.stall_saves)
     common = dict(save_weights_only=True, monitor="loss", save_freq="epoch")
     timers: dict[str, list[HookTimer]] = defaultdict(list)
-    names = [KERAS, KERAS_BACKUP, CLOUD, INLINE]
+    names = [KERAS, KERAS_BACKUP, CLOUD, INLINE, CLOUD_LOCAL]
 
     def fit(name: str) -> float:
         d = ctx.scratch / "train" / uuid.uuid4().hex[:8]
@@ -238,11 +239,13 @@ def _stall_section(ctx: Ctx, mb: int) -> Section:
                    keras.callbacks.BackupAndRestore(backup_dir=str(d / "backup"), save_freq="epoch")]
         elif name == CLOUD:
             cbs = [cloud_callback(path, url, **common)]
+        elif name == CLOUD_LOCAL:
+            cbs = [cloud_callback(path, str(d / "store"), **common)]
         else:
             cbs = [sync_upload_callback(path, url, **common)]
         timer = HookTimer(*cbs)
         timers[name].append(timer)
-        split = split_cloud_saves(cbs[0]) if name == CLOUD else []
+        split = split_cloud_saves(cbs[0]) if name in (CLOUD, CLOUD_LOCAL) else []
         before = len(STATE_CALLS)
         model.fit(x, y, batch_size=batch, epochs=saves, verbose=0, callbacks=[*cbs, settle(cbs[0])], shuffle=False)
         timer.own_stalls = list(getattr(cbs[0], "stall_seconds", []))
@@ -268,6 +271,8 @@ def _stall_section(ctx: Ctx, mb: int) -> Section:
         "lower quartiles, CloudCheckpoint / Keras local (robust to the machine's slow saves)":
             round(q1[CLOUD] / q1[KERAS], 3),
     }
+    sec.other_ratios[f"{CLOUD_LOCAL} / Keras local (no server on the machine)"] = \
+        round(sec.variant(CLOUD_LOCAL).median / keras_med, 3)
     if own is not None:
         sec.other_ratios["cloudckpt's own part / Keras local stall"] = round(own / 1000 / keras_med, 4)
     sec.params = {"weights_MB": round(real_mb, 1), "hidden_width": hidden_width(mb), "batch": batch,

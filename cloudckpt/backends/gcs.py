@@ -31,6 +31,17 @@ def _split(url: str) -> tuple[str, str]:
     return bucket, prefix.strip("/")
 
 
+def _forget_sent_body(response: Any, *args: Any, **kwargs: Any) -> Any:
+    """A requests response hook: drop the reference to the request body once the answer is in. google-cloud-storage's
+    resumable loop keeps the last response (and through ``response.request.body`` the chunk it sent) while it reads
+    the next chunk, so two chunks were in memory at once (+144 MiB pushing 2 GiB with 64 MiB chunks). A retried
+    chunk is re-sent from the upload's own copy, not from the old response."""
+    request = getattr(response, "request", None)
+    if request is not None and isinstance(getattr(request, "body", None), (bytes, bytearray)):
+        request.body = None
+    return response
+
+
 class GCSBackend(Backend):
     verification = "server crc32c of the whole object compared with ours, and its size"
 
@@ -63,6 +74,9 @@ class GCSBackend(Backend):
         else:
             self.client = storage.Client(project=project)
         self.bucket = self.client.bucket(self.bucket_name)
+        session = getattr(self.client, "_http", None)  # the requests session google-cloud-storage sends with
+        if session is not None and hasattr(session, "hooks"):
+            session.hooks.setdefault("response", []).append(_forget_sent_body)
 
     def _name(self, rel: str) -> str:
         return f"{self.prefix}/{rel}" if self.prefix else rel
