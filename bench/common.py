@@ -141,9 +141,11 @@ def interleaved(reps: int, runs: dict[str, Callable[[], float | None]], *, clean
     """
     if warmup:
         for name, fn in runs.items():
-            before = copy.deepcopy(section.variant(name).extra)
+            extra = section.variant(name).extra
+            before = copy.deepcopy(extra)
             fn()
-            section.variant(name).extra = before  # what the run recorded on the side is dropped too
+            extra.clear()  # what the run recorded on the side is dropped too (in place: runs hold this dict)
+            extra.update(before)
             log.info("  %-40s warm-up (not recorded)", name)
             if cleanup:
                 cleanup()
