@@ -258,14 +258,16 @@ class CloudCheckpoint(keras.callbacks.ModelCheckpoint):
         return self._plans[key]
 
     def _step(self) -> int:
-        return int(self.model.optimizer.iterations.value) if getattr(self.model, "optimizer", None) else 0
+        return int(self.model.optimizer.iterations.numpy()) if getattr(self.model, "optimizer", None) else 0
 
     def _stage(self, epoch: int, batch: int | None, logs: dict, *, saved: str | None, epoch_done: bool,
                position: int) -> None:
         """Snapshot the user's file (if Keras just saved it) and the resume state; queue them for upload."""
-        step = self._step()
-        if self.uploader is None:  # a non-chief worker: read the same variables as the chief, upload nothing
-            rs.capture(self.model)  # (reading sync-on-read variables is a collective every worker must join)
+        # Copy what Keras' file lacks now (written on the uploader's thread). Every worker reads the same variables,
+        # as a sync-on-read variable's read is a collective; non-chief workers then upload nothing.
+        step, plan = self._step(), self._plan(saved if saved and "://" not in saved else None)
+        arrays = plan.capture(metrics=not epoch_done)
+        if self.uploader is None:
             self._last_staged_step = step
             return
         metrics = {k: float(v) for k, v in logs.items() if _finite(v)}
@@ -290,8 +292,7 @@ class CloudCheckpoint(keras.callbacks.ModelCheckpoint):
             "user_file": os.path.basename(saved) if saved else None, "local_path": saved,
             "keras_version": keras.__version__,
         }
-        plan = self._plan(saved)  # copy what the file Keras just wrote lacks; written on the uploader's thread
-        arrays, layout = plan.capture(metrics=not epoch_done), plan.layout  # (metrics: only mid-epoch resume)
+        layout = plan.layout
         info["weights_file"] = os.path.basename(saved) if plan.covered else None
         info["covered"] = plan.covered
         meta = {"kind": "model" if saved else "state", "batch": str(info["batches_done"] or 0),
