@@ -111,8 +111,8 @@ class HookTimer:
 
 def split_cloud_saves(cb) -> list[tuple[float, float]]:
     """Wrap CloudCheckpoint's ``_save_model`` and ``_stage`` on the instance; returns the list that fills with one
-    (whole save, cloudckpt's own part) pair per save. The own part is ``_stage``: the in-memory capture of the
-    training state, the hard-link snapshot of the user's file and the enqueue; the rest is Keras' save."""
+    (whole save, cloudckpt's own part) pair per save. The own part is ``_stage``: the copy of what the user's
+    file lacks of the training state, the hard-link snapshot of that file and the enqueue; the rest is Keras' save."""
     saves: list[tuple[float, float]] = []
     stage_s: list[float] = []
     real_save, real_stage = cb._save_model, cb._stage
