@@ -1,7 +1,9 @@
 """A small deterministic Keras training job on scikit-learn's digits, run as a subprocess by the Keras tests.
 
 It prints ``STEP <global step>`` after every trained batch (flushed, so a parent can kill at a chosen point), can
-SIGKILL itself right after a chosen step, and writes the final weights to ``--out``.
+SIGKILL itself right after a chosen step, and writes the final weights to ``--out``. The Keras backend is the one
+``KERAS_BACKEND`` names (set by the parent before this process imports keras); :func:`deterministic` turns on that
+backend's deterministic settings.
 """
 
 from __future__ import annotations
@@ -14,10 +16,13 @@ import signal
 import sys
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+if os.environ.get("KERAS_BACKEND") in ("jax", "torch"):
+    # TensorFlow stays out of JAX and PyTorch jobs, as on a machine without it: keras.utils.set_random_seed would
+    # import it (~10 s of CPU) only to seed it, and nothing here uses it.
+    sys.modules.setdefault("tensorflow", None)
 
 import numpy as np  # noqa: E402
 import keras  # noqa: E402
-import tensorflow as tf  # noqa: E402
 from sklearn.datasets import load_digits  # noqa: E402
 
 from cloudckpt.keras import CloudCheckpoint  # noqa: E402
@@ -26,6 +31,20 @@ from cloudckpt.keras import CloudCheckpoint  # noqa: E402
 def data():
     x, y = load_digits(return_X_y=True)
     return (x / 16.0).astype("float32"), y.astype("int64")
+
+
+def deterministic(seed):
+    """Seed everything and make the current backend's kernels deterministic (JAX on the CPU already is)."""
+    keras.utils.set_random_seed(seed)
+    backend = keras.backend.backend()
+    if backend == "tensorflow":
+        import tensorflow as tf
+
+        tf.config.experimental.enable_op_determinism()
+    elif backend == "torch":
+        import torch
+
+        torch.use_deterministic_algorithms(True)
 
 
 def build_model():
@@ -57,7 +76,7 @@ class Steps(keras.callbacks.Callback):
         self.last = step
         print(f"STEP {step}", flush=True)
         if self.kill_at is not None and step == self.kill_at:
-            if self.wait_commit:
+            if self.wait_commit and self.ckpt.uploader is not None:  # None: not the process that writes
                 self.ckpt.uploader.flush(60)
             os.kill(os.getpid(), getattr(signal, self.signal_name))
 
@@ -78,6 +97,27 @@ def hang_uploads_after(step):
     CheckpointStore.push = hanging
 
 
+def distribute(spec, model_parallel):
+    """Join a jax.distributed job over JAX's CPU collectives (gloo) and train under keras.distribution: data
+    parallel, or with every Dense kernel sharded across the processes."""
+    import jax
+
+    address, n, i = spec.split(",")
+    jax.config.update("jax_cpu_collectives_implementation", "gloo")
+    keras.distribution.initialize(job_addresses=address, num_processes=int(n), process_id=int(i))
+    devices = jax.devices()
+    if model_parallel:
+        mesh = keras.distribution.DeviceMesh((1, len(devices)), ("batch", "model"), devices=devices)
+        layouts = keras.distribution.LayoutMap(mesh)
+        layouts["dense.*kernel"] = (None, "model")
+        distribution = keras.distribution.ModelParallel(layout_map=layouts, batch_dim_name="batch")
+    else:
+        distribution = keras.distribution.DataParallel(devices=devices)
+    distribution.auto_shard_dataset = False  # arrays: main() hands each process its part
+    keras.distribution.set_distribution(distribution)
+    return int(n), int(i)
+
+
 def main(argv=None):
     p = argparse.ArgumentParser()
     p.add_argument("--remote", required=True)
@@ -96,13 +136,19 @@ def main(argv=None):
     p.add_argument("--endpoints", default=None, help="JSON {cloud: url}")
     p.add_argument("--deadline", type=float, default=25.0)
     p.add_argument("--hang-uploads-after", type=int, help="pushes of checkpoints past this step never return")
+    p.add_argument("--jax-processes", help="COORDINATOR_HOST:PORT,N,I: process I of N of a jax.distributed job")
+    p.add_argument("--model-parallel", action="store_true", help="shard the Dense kernels across the processes")
     args = p.parse_args(argv)
+    n_proc = process = 0
+    if args.jax_processes:
+        n_proc, process = distribute(args.jax_processes, args.model_parallel)
     if args.hang_uploads_after is not None:
         hang_uploads_after(args.hang_uploads_after)
     logging.basicConfig(level=logging.INFO, format="%(name)s %(levelname)s %(message)s", stream=sys.stderr)
-    keras.utils.set_random_seed(7)
-    tf.config.experimental.enable_op_determinism()
+    deterministic(7)
     x, y = data()
+    shards = n_proc if n_proc and not args.model_parallel else 1  # data parallel: each process feeds its part
+    x, y = x[process::shards][:len(x) // shards], y[process::shards][:len(x) // shards]
     model = build_model()
     save_freq = args.save_freq if args.save_freq == "epoch" else int(args.save_freq)
     ckpt = CloudCheckpoint(args.filepath, monitor="val_loss", save_best_only=args.best_only,
@@ -111,7 +157,7 @@ def main(argv=None):
                            preemption_endpoints=json.loads(args.endpoints) if args.endpoints else None)
     # Steps first: a step is reported before the checkpoint callback may stop the process at it
     callbacks = [Steps(ckpt, args.kill_at, args.signal, not args.no_wait_commit)] + ([] if args.no_checkpoint else [ckpt])
-    model.fit(x, y, batch_size=64, epochs=args.epochs, validation_split=0.2, shuffle=args.shuffle, verbose=0,
+    model.fit(x, y, batch_size=64 // shards, epochs=args.epochs, validation_split=0.2, shuffle=args.shuffle, verbose=0,
               callbacks=callbacks)
     if not args.no_checkpoint:
         print(f"RESUMED_FROM {ckpt.resumed_from} SKIPPED {ckpt.batches_skipped}", flush=True)

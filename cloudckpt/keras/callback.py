@@ -18,7 +18,8 @@ from ..preemption import PreemptionWatch
 from ..store import CheckpointStore
 from ..uploader import Uploader, new_staging_dir, snapshot
 from . import resume as rs
-from .distributed import WorkerRole, current_role
+from . import trainers
+from .distributed import WorkerRole
 
 log = logging.getLogger(__name__)
 
@@ -26,6 +27,7 @@ EXIT_PREEMPTED = 143
 """Exit status after a preemption checkpoint (128 + SIGTERM, what orchestrators read as "terminated")."""
 
 DEFAULT_STORE_DIR = ".cloudckpt-store"
+EPOCH_RNG = "rng_epoch_"  # key prefix of the host generators' states at the start of a checkpoint's epoch
 
 
 class CloudCheckpoint(keras.callbacks.ModelCheckpoint):
@@ -53,8 +55,15 @@ class CloudCheckpoint(keras.callbacks.ModelCheckpoint):
     Each checkpoint in the store is a directory: the file Keras just wrote (when it wrote one; the save decisions
     are Keras') and ``cloudckpt_state/`` (``variables.npz`` + ``state.json``). Save points where Keras wrote no file
     (``save_best_only`` without improvement, preemption, the end of training) commit the state alone, without the
-    monitored metric, so they never become the run's best. One remote holds one run: resume happens on the first
-    ``fit`` of a process; a later ``fit`` with the same callback continues from the model as it is, like Keras.
+    monitored metric, so they never become the run's best. One remote holds one run: a ``fit`` resumes from it
+    unless the previous ``fit`` with this callback finished normally, so calling ``fit`` again with the same callback
+    after an exception (or a preemption with ``exit_on_preemption=False``) resumes exactly as a new callback would
+    (like Keras' `BackupAndRestore`), while a ``fit`` after a finished one continues from the model as it is.
+
+    Backends: TensorFlow, JAX and PyTorch (how each trainer is driven is in :mod:`cloudckpt.keras.trainers`). Exact
+    resume needs each backend's deterministic settings besides the seed (TensorFlow:
+    `tf.config.experimental.enable_op_determinism()`; PyTorch: `torch.use_deterministic_algorithms(True)`; JAX on
+    the CPU is deterministic).
 
     Multi-worker (`tf.distribute.MultiWorkerMirroredStrategy`): only the chief (the ``"chief"`` task, else worker 0;
     read from the strategy's cluster resolver or ``TF_CONFIG``, see :mod:`cloudckpt.keras.distributed`) claims the
@@ -130,16 +139,19 @@ class CloudCheckpoint(keras.callbacks.ModelCheckpoint):
         self.best_seen: float | None = None  # best monitored value over all save points (protects from coalescing)
         self.store: CheckpointStore | None = None
         self.role: WorkerRole | None = None  # this process's place in a multi-worker cluster (set by fit)
+        self._adapter: trainers.TrainerAdapter | None = None  # what this backend's trainer needs (set by fit)
         self.uploader: Uploader | None = None
         self._folder = folder
-        self._fitted = False
+        self._initial_best = self.best
+        self._completed = False  # the last fit ended normally (not by an exception or a preemption)
+        self._open = False  # a fit's uploader, watch and staging are live (on_train_end closes them)
         self._reset_run_state()
 
     # --- fit lifecycle -----------------------------------------------------------------------------------------
 
     def _reset_run_state(self) -> None:
         self._epoch_in_progress = 0
-        self._skip: rs.SkipBatches | None = None
+        self._skip: trainers.SkipBatches | None = None
         self._skip_epoch: int | None = None
         self._skip_k = 0
         self._saved_path: str | None = None
@@ -151,12 +163,16 @@ class CloudCheckpoint(keras.callbacks.ModelCheckpoint):
         self._local_files: dict[str, None] = {}  # files Keras wrote in this fit, oldest first
         self._local_lock = threading.Lock()
         self._plans: dict[tuple, rs.StatePlan] = {}
+        self._epoch_rng: dict | None = None  # the host random generators at the start of this epoch
+        self._rng_to_restore: tuple[dict, str] | None = None  # ... of the resumed epoch (arrays, key prefix)
 
     def on_train_begin(self, logs=None):
+        self._close_interrupted_fit()
         self._reset_run_state()
         self.preempted = False
         self.resumed_from, self.batches_skipped = None, 0
-        self.role = current_role(getattr(self.model, "distribute_strategy", None))
+        self._adapter = trainers.for_backend()
+        self.role = self._adapter.role(self.model)
         self.store = CheckpointStore(self.remote, budget=self.store_budget, **self.storage_options)
         if self.role.is_chief:
             self.store.claim()
@@ -164,9 +180,11 @@ class CloudCheckpoint(keras.callbacks.ModelCheckpoint):
             log.info("%s:%d is not the chief: restoring from %s but never writing it", self.role.task_type,
                      self.role.task_id, self.store.url)
         self._staging = new_staging_dir(self.staging_dir or os.environ.get("CLOUDCKPT_STAGING"), self._folder)
-        if self.resume and not self._fitted:  # a later fit() of this process continues from the model as it is
+        if self.resume and not self._completed:  # after a finished fit, the next continues from the model as it is
+            self._reset_monitor_state()
             self._resume()
-        self._fitted = True
+        self._completed = False
+        self._open = True
         self.uploader = (Uploader(self.store, on_commit=self._on_commit if self.prune_local else None)
                          if self.role.is_chief else None)
         self._watch = PreemptionWatch(self.preemption, endpoints=self.preemption_endpoints)
@@ -175,6 +193,10 @@ class CloudCheckpoint(keras.callbacks.ModelCheckpoint):
     def on_epoch_begin(self, epoch, logs=None):
         super().on_epoch_begin(epoch, logs)
         self._epoch_in_progress = epoch
+        if self._rng_to_restore is not None:  # the resumed epoch: draw its data order as the interrupted run did
+            self._adapter.randomness.restore(*self._rng_to_restore)
+            self._rng_to_restore = None
+        self._epoch_rng = self._adapter.randomness.capture(EPOCH_RNG)
 
     def on_train_batch_end(self, batch, logs=None):
         if self._skip_k and self._epoch_in_progress == self._skip_epoch and batch < self._skip_k:
@@ -204,8 +226,26 @@ class CloudCheckpoint(keras.callbacks.ModelCheckpoint):
                 if self.uploader is not None:
                     self.uploader.flush()
                     self.uploader.raise_if_final_failed()
+            self._completed = not self.preempted
         finally:
             self._cleanup()
+
+    def _close_interrupted_fit(self) -> None:
+        """A previous fit with this callback that an exception ended never reached `on_train_end`: let its queued
+        checkpoints commit (the resume that follows must see them, as a new callback would), then close it."""
+        if not self._open:
+            return
+        log.info("the previous fit with this callback was interrupted: committing what it queued, then resuming")
+        if self._skip is not None:
+            self._skip.uninstall()
+        if self.uploader is not None:
+            self.uploader.flush()
+        self._cleanup()
+
+    def _reset_monitor_state(self) -> None:
+        """What a new callback starts with (a resume then sets what the checkpoint holds)."""
+        self.best, self.best_seen = self._initial_best, None
+        self._batches_seen_since_last_saving, self._last_batch_seen = 0, None
 
     def _cleanup(self) -> None:
         if self.model is not None and getattr(self.model, "_initial_epoch", None) is not None:
@@ -218,6 +258,7 @@ class CloudCheckpoint(keras.callbacks.ModelCheckpoint):
             self.store.close()
         if self._staging is not None:
             shutil.rmtree(self._staging, ignore_errors=True)
+        self._open = False
 
     # --- saving ------------------------------------------------------------------------------------------------
 
@@ -266,7 +307,10 @@ class CloudCheckpoint(keras.callbacks.ModelCheckpoint):
         # Copy what Keras' file lacks now (written on the uploader's thread). Every worker reads the same variables,
         # as a sync-on-read variable's read is a collective; non-chief workers then upload nothing.
         step, plan = self._step(), self._plan(saved if saved and "://" not in saved else None)
-        arrays = plan.capture(metrics=not epoch_done)
+        arrays = plan.capture(metrics=not epoch_done, to_host=self._adapter.to_host)
+        arrays.update(self._adapter.randomness.capture())
+        if self._epoch_rng and not epoch_done:
+            arrays.update(self._epoch_rng)
         if self.uploader is None:
             self._last_staged_step = step
             return
@@ -381,10 +425,15 @@ class CloudCheckpoint(keras.callbacks.ModelCheckpoint):
         self.model._initial_epoch = info["initial_epoch"]
         self.resumed_from = latest.id
         k = 0 if info["epoch_done"] else int(info["batches_done"] or 0)
+        self._rng_to_restore = (arrays, EPOCH_RNG if k else "rng_")
         if k:
             self._skip_epoch = info["epoch"]
-            self._skip = rs.SkipBatches(self.model, k, info.get("logs", {}),
-                                        lambda data: rs.restore_metrics(self.model, info, arrays, data))
+
+            def skipped_all(data):
+                rs.restore_metrics(self.model, info, arrays, data)
+                self._adapter.randomness.restore(arrays)  # where the generators stood at the save point
+
+            self._skip = self._adapter.skip_batches(self.model, k, info.get("logs", {}), skipped_all)
             self.batches_skipped = self._skip_k = k
         log.info("resumed from %s (%s): epoch %d, %d batches into it, global step %d, best %s", latest.id,
                  self.store.url, info["epoch"] + 1, k, info["global_step"], self.best)

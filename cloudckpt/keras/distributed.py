@@ -22,6 +22,12 @@ are untested there. A preemption notice reaches each worker at its own batch, an
 reads the state (a collective) at a point the other workers don't, so training stalls until TensorFlow's collective
 timeout fails it; a restart then resumes from the latest committed checkpoint.
 
+JAX (`keras.distribution` over ``jax.distributed``, the multi-host path Keras documents): every process runs the
+same script; process 0 claims the run, uploads and writes the index (:func:`jax_role`). At each save point every
+process gathers the variables a save copies (a variable sharded across processes is gathered with
+``multihost_utils.process_allgather``, a collective every process joins in the same order), so the state holds whole
+arrays: a restart on another number of processes, or another layout, restores them through each variable's layout.
+
 Known upstream limit (Keras 3.15, TensorFlow 2.21): ``model.fit`` under a two-worker MultiWorkerMirroredStrategy
 fails before the first step with ``ValueError: Attempt to convert a value (PerReplica:{...}) with an unsupported
 type (<class '...PerReplica'>) to a Tensor.`` (keras-team/keras#20585, tensorflow/tensorflow#72388); once past
@@ -123,6 +129,34 @@ def role_from_tf_config(tf_config: str | Mapping[str, Any] | None) -> WorkerRole
     if not isinstance(task, Mapping):
         raise ConfigurationError(f"TF_CONFIG's task must be an object. Received: task={task!r}")
     return role_from_cluster(tf_config.get("cluster"), task.get("type"), task.get("index"))
+
+
+def role_from_processes(index: int, count: int) -> WorkerRole:
+    """The role of process ``index`` of ``count`` in a multi-controller job (JAX's ``jax.distributed``, which Keras'
+    `keras.distribution.initialize` starts): process 0 writes, as JAX's own checkpointing (Orbax) has it.
+
+    Example:
+        >>> role_from_processes(1, 2).is_chief
+        False
+
+    Raises:
+        ConfigurationError: an index outside ``range(count)``.
+    """
+    if count <= 1:
+        return WorkerRole()
+    if not 0 <= index < count:
+        raise ConfigurationError(f"process {index} is not one of the job's {count} processes")
+    return WorkerRole(task_type="worker", task_id=index, has_chief=False, num_workers=count)
+
+
+def jax_role() -> WorkerRole:
+    """This process's role in a JAX job: from ``jax.process_index()`` / ``jax.process_count()`` (one process unless
+    ``jax.distributed`` was initialized)."""
+    import jax
+
+    role = role_from_processes(jax.process_index(), jax.process_count())
+    log.debug("JAX process role %s (chief: %s)", role, role.is_chief)
+    return role
 
 
 def current_role(strategy: Any = None, environ: Mapping[str, str] | None = None) -> WorkerRole:

@@ -13,9 +13,10 @@ the training thread little more than Keras' own save.
 
 Mid-epoch resume skips the batches the interrupted run already trained without computing them: the model's
 ``train_function`` is swapped, for the first ``k`` steps of the resumed epoch, for one that only takes the batch from
-the iterator (and, on the last skipped step, restores the epoch's metric accumulators). Keras 3's TensorFlow trainer
-builds one iterator per epoch over a dataset whose shuffle order, under ``keras.utils.set_random_seed``, is the same
-in a restarted process, so the remaining batches are exactly those the uninterrupted run would have seen. (Keras
+the epoch's data (and, on the last skipped step, restores the epoch's metric accumulators); how each backend's trainer
+calls that function is in :mod:`cloudckpt.keras.trainers`. Keras 3's trainers build one iterator per epoch over data
+whose shuffle order, under ``keras.utils.set_random_seed``, is the same in a restarted process, so the remaining
+batches are exactly those the uninterrupted run would have seen. (Keras
 3.15 with a global seed shuffles arrays in the same order every epoch.) A ``tf.data`` pipeline that reshuffles on
 each iteration (``shuffle(..., reshuffle_each_iteration=True)``) starts its seed sequence afresh in a restarted
 process: the state is still restored exactly, but the remaining batches' order differs from the uninterrupted run.
@@ -121,11 +122,13 @@ class StatePlan:
             self.layout[group] = [[v.path, list(v.shape)] for v in variables]
             self.copies += [(f"{group}_{i}", v) for i, v in enumerate(variables) if i not in skip]
 
-    def capture(self, *, metrics: bool = True) -> dict[str, np.ndarray]:
+    def capture(self, *, metrics: bool = True, to_host: Callable[[Any], np.ndarray] | None = None
+                ) -> dict[str, np.ndarray]:
         """Copy the variables to host memory now; :func:`write_state` writes them later on the uploader's thread.
-        ``metrics=False`` leaves out the training metrics' accumulators (only a mid-epoch resume needs them)."""
-        return {key: np.asarray(v.numpy()) for key, v in self.copies  # a snapshot: TF variables copy on write
-                if metrics or not key.startswith("metrics_")}
+        ``metrics=False`` leaves out the training metrics' accumulators (only a mid-epoch resume needs them);
+        ``to_host`` reads one variable (default ``v.numpy()``, a copy on every backend)."""
+        read = to_host or (lambda v: np.asarray(v.numpy()))
+        return {key: read(v) for key, v in self.copies if metrics or not key.startswith("metrics_")}
 
 
 def capture(model: Any, covered: Mapping[str, list[int]] | None = None
@@ -226,46 +229,6 @@ def restore_metrics(model: Any, info: Mapping[str, Any], arrays: Mapping[str, np
         log.warning("could not restore this epoch's training-metric accumulators (%s); the epoch's logged training "
                     "metrics will cover only the batches after the resume", exc)
         return False
-
-
-class SkipBatches:
-    """Stands in for ``model.train_function`` for the first ``k`` steps of a resumed epoch: takes each batch from the
-    iterator without training on it, then puts the real function back.
-
-    Args:
-        model: the Keras model.
-        k: batches to skip.
-        logs: the batch logs to report for skipped steps (those the interrupted run reported at its save).
-        on_last: called with the last skipped batch when the skipping ends (restores metric accumulators).
-    """
-
-    def __init__(self, model: Any, k: int, logs: Mapping[str, float], on_last: Callable[[Any], None]) -> None:
-        self.model = model
-        self.original = model.train_function
-        self.remaining = k
-        self.logs = dict(logs)
-        self.on_last = on_last
-        self.skipped = 0
-        model.train_function = self
-
-    def __call__(self, iterator: Any) -> Mapping[str, float]:
-        if self.remaining <= 0:
-            self.uninstall()
-            return self.original(iterator)
-        per_call = max(1, int(getattr(self.model, "steps_per_execution", 1) or 1))
-        data = None
-        for _ in range(min(per_call, self.remaining)):
-            data = next(iterator)
-            self.remaining -= 1
-            self.skipped += 1
-        if self.remaining <= 0:
-            self.uninstall()
-            self.on_last(data)
-        return self.logs
-
-    def uninstall(self) -> None:
-        if self.model.train_function is self:
-            self.model.train_function = self.original
 
 
 def pull_resumable(store: Any, to: Path) -> tuple[Any, Path, dict[str, Any], dict[str, np.ndarray]] | None:
