@@ -109,7 +109,7 @@ def distribute(spec, model_parallel):
     if model_parallel:
         mesh = keras.distribution.DeviceMesh((1, len(devices)), ("batch", "model"), devices=devices)
         layouts = keras.distribution.LayoutMap(mesh)
-        layouts["dense.*kernel"] = (None, "model")
+        layouts[".*dense.*kernel"] = (None, "model")
         distribution = keras.distribution.ModelParallel(layout_map=layouts, batch_dim_name="batch")
     else:
         distribution = keras.distribution.DataParallel(devices=devices)
@@ -150,6 +150,9 @@ def main(argv=None):
     shards = n_proc if n_proc and not args.model_parallel else 1  # data parallel: each process feeds its part
     x, y = x[process::shards][:len(x) // shards], y[process::shards][:len(x) // shards]
     model = build_model()
+    if n_proc:  # variables whose value spans other processes' devices (model parallel: the Dense kernels)
+        print("SPLIT", sum(not v.value.is_fully_addressable and not v.value.is_fully_replicated
+                           for v in model.variables), flush=True)
     save_freq = args.save_freq if args.save_freq == "epoch" else int(args.save_freq)
     ckpt = CloudCheckpoint(args.filepath, monitor="val_loss", save_best_only=args.best_only,
                            save_weights_only=args.weights_only, save_freq=save_freq, remote=args.remote,

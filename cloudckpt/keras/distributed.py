@@ -23,10 +23,14 @@ reads the state (a collective) at a point the other workers don't, so training s
 timeout fails it; a restart then resumes from the latest committed checkpoint.
 
 JAX (`keras.distribution` over ``jax.distributed``, the multi-host path Keras documents): every process runs the
-same script; process 0 claims the run, uploads and writes the index (:func:`jax_role`). At each save point every
-process gathers the variables a save copies (a variable sharded across processes is gathered with
-``multihost_utils.process_allgather``, a collective every process joins in the same order), so the state holds whole
-arrays: a restart on another number of processes, or another layout, restores them through each variable's layout.
+same script; process 0 claims the run, uploads and writes the index (:func:`jax_role`); the others save their
+local files as Keras does and never write the store. With ``DataParallel`` every variable is replicated, so the
+state holds whole arrays and a restart on another number of processes restores them (tested: two processes killed,
+one resumes). Not supported: variables split across processes (``ModelParallel`` with a layout that shards a kernel
+over devices of different processes): Keras 3.15's own save reads each variable with ``np.array``, which JAX refuses
+for a value that spans other processes' devices (``RuntimeError: Fetching value for `jax.Array` that spans
+non-addressable (non process local) devices is not possible``), so `ModelCheckpoint` and this callback fail at the
+first save point alike.
 
 Known upstream limit (Keras 3.15, TensorFlow 2.21): ``model.fit`` under a two-worker MultiWorkerMirroredStrategy
 fails before the first step with ``ValueError: Attempt to convert a value (PerReplica:{...}) with an unsupported
