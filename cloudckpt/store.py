@@ -170,6 +170,7 @@ class CheckpointStore:
         if mode not in (None, "min", "max"):
             raise ConfigurationError(f"mode must be 'min' or 'max'. Received: mode={mode!r}")
         files = scan(source)
+        self.backend.ensure_conditional_writes(self.budget)  # refuse a store without CAS before uploading anything
         metrics = {k: float(v) for k, v in (metrics or {}).items()}
         cid = new_checkpoint_id(epoch, step)
         self._hold(cid, True)

@@ -8,16 +8,22 @@ Everything above (commit protocol, restore, gc) is written once against this con
 from __future__ import annotations
 
 import logging
+import os
+import threading
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
 from pathlib import Path
 from collections.abc import Callable
 from typing import Any
 
-from ..errors import IntegrityError
+from ..errors import ConfigurationError, IntegrityError
 
 log = logging.getLogger(__name__)
 
+
+#: the storage option / environment variable that accepts a store whose conditional writes are not enforced
+UNSAFE_OPTION = "unsafe_no_cas"
+UNSAFE_ENV = "CLOUDCKPT_UNSAFE_NO_CAS"
 
 #: returned by ``read_index(known=token)`` instead of the bytes when the index is still at ``token``
 UNCHANGED = b"\x00cloudckpt-unchanged"
@@ -44,6 +50,10 @@ class Backend(ABC):
         self.url = url.rstrip("/")
         self.storage_options = dict(storage_options or {})
         self.verify_readback = bool(self.storage_options.pop("verify_readback", False))
+        unsafe = self.storage_options.pop(UNSAFE_OPTION, None)
+        self.unsafe_no_cas = _truthy(os.environ.get(UNSAFE_ENV) if unsafe is None else unsafe)
+        self._cas_checked = False
+        self._cas_lock = threading.Lock()
 
     # --- the index: read with a version token, write only if the token still holds -----------------------------
 
@@ -86,6 +96,43 @@ class Backend(ABC):
     def delete(self, rels: list[str]) -> None:
         """Delete these objects; missing ones are ignored."""
 
+    # --- is this store fit for the commit protocol? --------------------------------------------------------------
+
+    def ensure_conditional_writes(self, budget: float = 60.0) -> None:
+        """Before this backend's first write: check that the store enforces the conditional write the index relies
+        on (:meth:`conditional_write_problem`), once per backend object. Where it doesn't, raise ConfigurationError
+        naming the option that accepts the risk (``unsafe_no_cas=true`` / ``$CLOUDCKPT_UNSAFE_NO_CAS=1``)."""
+        from .. import retry
+
+        with self._cas_lock:
+            if self._cas_checked:
+                return
+            if self.unsafe_no_cas:
+                log.warning("%s: conditional writes are not checked (%s): concurrent writers can lose index updates "
+                            "and a superseded writer is not fenced", self.url, UNSAFE_OPTION)
+            else:
+                problem = retry.run(self.conditional_write_problem, url=self.url, what="check conditional writes",
+                                    budget=budget)
+                if problem:
+                    raise ConfigurationError(
+                        f"{self.url}: refusing to write: {problem}; concurrent writers could lose index updates. "
+                        f"To accept the risk (one writer at a time), set the storage option {UNSAFE_OPTION}=true "
+                        f"(-o {UNSAFE_OPTION}=true) or {UNSAFE_ENV}=1")
+                log.debug("%s: conditional writes are enforced", self.url)
+            self._cas_checked = True
+
+    def conditional_write_problem(self) -> str | None:
+        """Why this store can't be trusted with the index's compare-and-swap, or None. Default: probe an object
+        with :meth:`put_if` (see :mod:`~cloudckpt.backends.capabilities`)."""
+        from .capabilities import object_cas_problem
+
+        return object_cas_problem(self.put_if, self.read_bytes, self.delete)
+
+    def put_if(self, rel: str, data: bytes, token: Any) -> Any:
+        """Write a small object only if it is still at ``token`` (None: only if absent), else raise
+        IndexConflictError; return the new token. The index's :meth:`write_index` is this on ``index.json``."""
+        raise NotImplementedError(f"{type(self).__name__} has no conditional write")
+
     def check_access(self) -> None:
         """Raise AccessError/CheckpointNotFoundError early for a missing bucket or denied access (default: no-op)."""
 
@@ -106,3 +153,13 @@ class Backend(ABC):
 
     def describe(self) -> str:
         return self.url
+
+
+def _truthy(value: Any) -> bool:
+    if isinstance(value, str):
+        if value.strip().lower() in ("", "0", "false", "no", "off"):
+            return False
+        if value.strip().lower() in ("1", "true", "yes", "on"):
+            return True
+        raise ConfigurationError(f"{UNSAFE_OPTION} must be true or false. Received: {value!r}")
+    return bool(value)

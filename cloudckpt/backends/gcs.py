@@ -113,14 +113,17 @@ class GCSBackend(Backend):
             raise AccessError(f"{self.url}: no such bucket {self.bucket_name!r}")
 
     def write_index(self, data: bytes, token: Any) -> Any:
+        return self.put_if(INDEX_NAME, data, token)
+
+    def put_if(self, rel: str, data: bytes, token: Any) -> Any:
         from google.api_core.exceptions import PreconditionFailed
 
-        blob = self.bucket.blob(self._name(INDEX_NAME))
+        blob = self.bucket.blob(self._name(rel))
         try:
             blob.upload_from_string(data, content_type="application/json", if_generation_match=token or 0)
             return blob.generation
         except PreconditionFailed as e:
-            raise IndexConflictError(f"{self.url}: index changed since it was read") from e
+            raise IndexConflictError(f"{self.url}: {rel} changed since it was read") from e
 
     # --- objects -----------------------------------------------------------------------------------------------
 

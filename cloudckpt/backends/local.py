@@ -82,6 +82,14 @@ class LocalBackend(Backend):
             finally:
                 fcntl.flock(lock, fcntl.LOCK_UN)
 
+    def conditional_write_problem(self) -> str | None:
+        """The index swap is safe only if ``flock`` excludes every writer: not on NFS mounted ``nolock`` /
+        ``local_lock``, nor on FUSE mounts (locks local to one machine), and only where it excludes at all."""
+        from .capabilities import flock_problem, mount_lock_problem
+
+        self.root.mkdir(parents=True, exist_ok=True)
+        return mount_lock_problem(self.root) or flock_problem(self.root / _LOCK_NAME)
+
     # --- objects -----------------------------------------------------------------------------------------------
 
     def upload(self, local: Path, rel: str, *, size: int, crc32c: Callable[[], str]) -> None:

@@ -125,16 +125,19 @@ class S3Backend(Backend):
         return resp["Body"].read(), resp["ETag"]
 
     def write_index(self, data: bytes, token: Any) -> Any:
+        return self.put_if(INDEX_NAME, data, token)
+
+    def put_if(self, rel: str, data: bytes, token: Any) -> Any:
         cond = {"IfMatch": token} if token is not None else {"IfNoneMatch": "*"}
         try:
-            resp = self.client.put_object(Bucket=self.bucket, Key=self._key(INDEX_NAME), Body=data,
+            resp = self.client.put_object(Bucket=self.bucket, Key=self._key(rel), Body=data,
                                           ContentType="application/json", **cond)
             return resp.get("ETag")
         except self.client.exceptions.ClientError as e:
             code = e.response.get("Error", {}).get("Code")
             status = e.response.get("ResponseMetadata", {}).get("HTTPStatusCode")
             if code in ("PreconditionFailed", "ConditionalRequestConflict") or status in (409, 412):
-                raise IndexConflictError(f"{self.url}: index changed since it was read") from e
+                raise IndexConflictError(f"{self.url}: {rel} changed since it was read") from e
             raise
 
     # --- objects -----------------------------------------------------------------------------------------------
