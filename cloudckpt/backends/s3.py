@@ -121,8 +121,27 @@ class S3Backend(Backend):
         except self.client.exceptions.ClientError as e:
             if known and e.response.get("ResponseMetadata", {}).get("HTTPStatusCode") == 304:
                 return UNCHANGED, known
+            if self._missing_behind_403(e, INDEX_NAME):
+                return None, None
             raise
         return resp["Body"].read(), resp["ETag"]
+
+    def _missing_behind_403(self, error: Any, rel: str) -> bool:
+        """S3 answers a GET of a missing key with 403 AccessDenied, not 404, to a caller without ``s3:ListBucket``
+        (so that a read-only role can't probe for keys). After such a 403, list exactly this key: absent means the
+        object is missing (an empty run; a checkpoint pruned under a pull), present means a real denial."""
+        if error.response.get("Error", {}).get("Code") != "AccessDenied":
+            return False
+        key = self._key(rel)
+        try:
+            resp = self.client.list_objects_v2(Bucket=self.bucket, Prefix=key, MaxKeys=1)
+        except self.client.exceptions.ClientError as e:
+            if e.response.get("Error", {}).get("Code") == "AccessDenied":
+                raise PermissionError(f"{self.url}/{rel}: access denied, and so is listing the run prefix, so a missing "
+                                      "object can't be told from a forbidden one: grant s3:ListBucket on the run "
+                                      "prefix (docs/deploy.md)") from error
+            raise  # transient (or other) trouble listing: the caller's retry decides
+        return not any(o.get("Key") == key for o in resp.get("Contents", []))
 
     def write_index(self, data: bytes, token: Any) -> Any:
         return self.put_if(INDEX_NAME, data, token)
@@ -172,6 +191,10 @@ class S3Backend(Backend):
             return self.client.get_object(Bucket=self.bucket, Key=self._key(rel))
         except self.client.exceptions.NoSuchKey as e:  # the contract's built-in: callers test FileNotFoundError
             raise FileNotFoundError(f"{self.url}/{rel}: no such object") from e
+        except self.client.exceptions.ClientError as e:
+            if self._missing_behind_403(e, rel):
+                raise FileNotFoundError(f"{self.url}/{rel}: no such object") from e
+            raise
 
     def write_bytes(self, rel: str, data: bytes) -> None:
         self.client.put_object(Bucket=self.bucket, Key=self._key(rel), Body=data)
