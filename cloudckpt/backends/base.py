@@ -16,6 +16,7 @@ from pathlib import Path
 from collections.abc import Callable
 from typing import Any
 
+from .. import retry
 from ..errors import ConfigurationError, IntegrityError
 
 log = logging.getLogger(__name__)
@@ -102,8 +103,6 @@ class Backend(ABC):
         """Before this backend's first write: check that the store enforces the conditional write the index relies
         on (:meth:`conditional_write_problem`), once per backend object. Where it doesn't, raise ConfigurationError
         naming the option that accepts the risk (``unsafe_no_cas=true`` / ``$CLOUDCKPT_UNSAFE_NO_CAS=1``)."""
-        from .. import retry
-
         with self._cas_lock:
             if self._cas_checked:
                 return
