@@ -7,7 +7,10 @@ poller sees a notice:
 - GCE: ``/computeMetadata/v1/instance/preempted`` with ``Metadata-Flavor: Google``; ``TRUE`` means preempted.
 - Azure: Scheduled Events ``/metadata/scheduledevents`` with ``Metadata: true``; an event of type ``Preempt``.
 
-Pollers run on daemon threads with short timeouts, so they never slow training. They are started only when asked
+Pollers run on daemon threads with short timeouts, so they never slow training. They talk to the metadata server
+directly, never through a proxy named by ``http_proxy``/``HTTP_PROXY`` (a proxy's answer could hide a notice, and
+the IMDSv2 token must not leave the machine). The monotonic time of the notice is kept (:attr:`PreemptionWatch.notice_time`)
+so a deadline counts from the notice, not from when training got round to it. They are started only when asked
 for, or with ``"auto"`` when the machine's DMI data (read from ``/sys``, no network) says it runs on that cloud.
 Endpoints come from arguments or the environment — ``CLOUDCKPT_AWS_METADATA_URL`` (default
 ``http://169.254.169.254``), ``CLOUDCKPT_GCE_METADATA_URL`` (default ``http://$GCE_METADATA_HOST`` or
@@ -28,6 +31,7 @@ import logging
 import os
 import signal
 import threading
+import time
 import urllib.error
 import urllib.request
 from collections.abc import Iterable, Mapping
@@ -99,10 +103,14 @@ def resolve_sources(sources: str | Iterable[str] | bool | None) -> list[str]:
     return out
 
 
+#: the metadata servers are link-local: never ask a proxy from the environment (``http_proxy``, ``HTTP_PROXY``...)
+_DIRECT = urllib.request.build_opener(urllib.request.ProxyHandler({}))
+
+
 def _get(url: str, headers: Mapping[str, str], timeout: float, method: str = "GET") -> tuple[int, bytes]:
     req = urllib.request.Request(url, headers=dict(headers), method=method)
     try:
-        with urllib.request.urlopen(req, timeout=timeout) as resp:
+        with _DIRECT.open(req, timeout=timeout) as resp:
             return resp.status, resp.read(65536)
     except urllib.error.HTTPError as exc:
         return exc.code, b""
@@ -173,6 +181,7 @@ class PreemptionWatch:
         self.timeout = timeout
         self.event = threading.Event()
         self.reason: str | None = None
+        self.notice_time: float | None = None  # time.monotonic() when the first notice arrived
         self._stop = threading.Event()
         self._threads: list[threading.Thread] = []
         self._previous_handler: object = None
@@ -183,7 +192,9 @@ class PreemptionWatch:
         return self.event.is_set()
 
     def trigger(self, reason: str) -> None:
+        """Record the first notice (its reason and monotonic time) and set :attr:`event`."""
         if not self.event.is_set():
+            self.notice_time = time.monotonic()
             self.reason = reason
             log.warning("preemption notice: %s; checkpointing at the next batch boundary", reason)
         self.event.set()
