@@ -15,6 +15,7 @@ from collections.abc import Callable
 from typing import Any
 
 from ..errors import IntegrityError
+from ..redact import redact_url
 
 log = logging.getLogger(__name__)
 
@@ -41,7 +42,7 @@ class Backend(ABC):
     verification: str = "size"
 
     def __init__(self, url: str, storage_options: dict[str, Any] | None = None) -> None:
-        self.url = url.rstrip("/")
+        self.url = redact_url(url.rstrip("/"))  # shown and recorded; a subclass connects with the real ``url``
         self.storage_options = dict(storage_options or {})
         self.verify_readback = bool(self.storage_options.pop("verify_readback", False))
 

@@ -21,9 +21,9 @@ class GenericBackend(FsspecObjects, Backend):
 
     def __init__(self, url: str, storage_options: dict[str, Any] | None = None) -> None:
         super().__init__(url, storage_options)
-        warnings.warn(f"{url}: this store has no conditional write; commits there are not atomic against a concurrent "
+        warnings.warn(f"{self.url}: this store has no conditional write; commits there are not atomic against a concurrent "
                       "writer (use s3://, gs:// or a local path for that)", stacklevel=3)
-        self.fs, root = fsspec.core.url_to_fs(self.url, **self.storage_options)
+        self.fs, root = fsspec.core.url_to_fs(url.rstrip("/"), **self.storage_options)  # the real URL
         self.root = root.rstrip("/")
 
     def read_index(self, known: Any = None) -> tuple[bytes | None, Any]:

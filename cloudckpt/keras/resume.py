@@ -25,8 +25,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
-import shutil
 import zipfile
 from collections.abc import Callable, Mapping
 from pathlib import Path
