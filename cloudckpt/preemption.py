@@ -30,6 +30,7 @@ import json
 import logging
 import os
 import signal
+import socket
 import threading
 import time
 import urllib.error
@@ -186,15 +187,17 @@ class PreemptionWatch:
         self._threads: list[threading.Thread] = []
         self._previous_handler: object = None
         self._installed = False
+        self._wakeup: tuple[socket.socket, socket.socket] | None = None
+        self._sigterm_at: float | None = None  # when the first SIGTERM reached the process (its wakeup byte)
 
     @property
     def triggered(self) -> bool:
         return self.event.is_set()
 
-    def trigger(self, reason: str) -> None:
-        """Record the first notice (its reason and monotonic time) and set :attr:`event`."""
+    def trigger(self, reason: str, at: float | None = None) -> None:
+        """Record the first notice (its reason and monotonic time ``at``, default now) and set :attr:`event`."""
         if not self.event.is_set():
-            self.notice_time = time.monotonic()
+            self.notice_time = at if at is not None else time.monotonic()
             self.reason = reason
             log.warning("preemption notice: %s; checkpointing at the next batch boundary", reason)
         self.event.set()
@@ -205,6 +208,7 @@ class PreemptionWatch:
             if threading.current_thread() is threading.main_thread():
                 self._previous_handler = signal.signal(signal.SIGTERM, self._on_sigterm)
                 self._installed = True
+                self._time_signals()
             else:
                 log.warning("not on the main thread: SIGTERM is not watched (signal handlers need the main thread)")
         for cloud, base in self.endpoints.items():
@@ -219,9 +223,19 @@ class PreemptionWatch:
         if self._installed:
             signal.signal(signal.SIGTERM, self._previous_handler)  # type: ignore[arg-type]
             self._installed = False
+        if self._wakeup is not None:
+            try:
+                signal.set_wakeup_fd(-1)
+                self._wakeup[1].close()  # the reader sees EOF and ends
+            except ValueError:  # not the main thread: the fd stays registered, so the pair stays open
+                self._threads = [t for t in self._threads if t.name != "cloudckpt-sigterm-time"]
+                self._wakeup = None
         for t in self._threads:
             t.join(timeout=self.timeout + 1)
         self._threads.clear()
+        if self._wakeup is not None:
+            self._wakeup[0].close()
+            self._wakeup = None
 
     def _on_sigterm(self, signum: int, frame: object) -> None:
         if self.event.is_set() and self._installed:  # a second SIGTERM: stop waiting, act as before we came
@@ -230,7 +244,39 @@ class PreemptionWatch:
             self._installed = False
             os.kill(os.getpid(), signal.SIGTERM)
             return
-        self.trigger("SIGTERM")
+        self.trigger("SIGTERM", at=self._sigterm_at)
+
+    def _time_signals(self) -> None:
+        """Python runs a signal handler only when the main thread is back in the interpreter, which a long native
+        training step delays by seconds. The interpreter's C handler writes each signal's number to the wakeup fd
+        at once: a thread reading it records when SIGTERM really arrived. Skipped if another wakeup fd (an asyncio
+        loop's) is in place."""
+        try:
+            reader, writer = socket.socketpair()
+            writer.setblocking(False)
+            old = signal.set_wakeup_fd(writer.fileno(), warn_on_full_buffer=False)
+        except (OSError, ValueError):
+            return
+        if old != -1:
+            signal.set_wakeup_fd(old)
+            reader.close()
+            writer.close()
+            return
+        self._wakeup = (reader, writer)
+        t = threading.Thread(target=self._read_signals, args=(reader,), name="cloudckpt-sigterm-time", daemon=True)
+        t.start()
+        self._threads.append(t)
+
+    def _read_signals(self, reader: socket.socket) -> None:
+        while True:
+            try:
+                data = reader.recv(64)
+            except OSError:
+                return
+            if not data:
+                return
+            if int(signal.SIGTERM) in data and self._sigterm_at is None:
+                self._sigterm_at = time.monotonic()
 
     def _poll(self, cloud: str, base: str) -> None:
         check, state = CHECKS[cloud], {}

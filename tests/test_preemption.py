@@ -300,3 +300,30 @@ def test_the_deadline_counts_from_the_notice_not_from_the_next_batch_boundary(me
     else:
         assert missed, f"committed after the deadline, and the log does not say by how much: {text}"
         assert abs(float(missed.group(1)) - (reported - deadline)) < 0.05
+
+
+def test_a_sigterm_during_a_long_native_call_is_timed_when_it_arrives():
+    """Python runs the SIGTERM handler only once the main thread is back in the interpreter (a long TensorFlow step
+    keeps it out for seconds); the notice time is still the moment the signal arrived."""
+    import hashlib
+
+    t = time.monotonic()
+    hashlib.pbkdf2_hmac("sha256", b"k", b"salt", 100_000)  # one native call that never looks at signals
+    rounds = int(100_000 * 2.5 / max(time.monotonic() - t, 1e-3))
+    watch = PreemptionWatch(["sigterm"])
+    watch.start()
+    sent: dict[str, float] = {}
+
+    def kill() -> None:
+        sent["at"] = time.monotonic()
+        os.kill(os.getpid(), signal.SIGTERM)
+
+    try:
+        threading.Timer(0.3, kill).start()
+        hashlib.pbkdf2_hmac("sha256", b"k", b"salt", rounds)
+        back = time.monotonic()
+        assert watch.event.wait(5)
+    finally:
+        watch.stop()
+    assert back - sent["at"] > 1.0, "the signal arrived while the native call ran"
+    assert watch.notice_time - sent["at"] < 0.3, (watch.notice_time - sent["at"], back - sent["at"])
