@@ -18,6 +18,7 @@ from typing import Any
 
 from .. import retry
 from ..errors import ConfigurationError, IntegrityError
+from ..redact import redact_url
 
 log = logging.getLogger(__name__)
 
@@ -48,7 +49,7 @@ class Backend(ABC):
     verification: str = "size"
 
     def __init__(self, url: str, storage_options: dict[str, Any] | None = None) -> None:
-        self.url = url.rstrip("/")
+        self.url = redact_url(url.rstrip("/"))  # shown and recorded; a subclass connects with the real ``url``
         self.storage_options = dict(storage_options or {})
         self.verify_readback = bool(self.storage_options.pop("verify_readback", False))
         unsafe = self.storage_options.pop(UNSAFE_OPTION, None)

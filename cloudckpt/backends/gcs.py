@@ -54,7 +54,7 @@ class GCSBackend(Backend):
         opts = self.storage_options
         unknown = set(opts) - self.OPTIONS
         if unknown:
-            raise ConfigurationError(f"{url}: unknown GCS storage option(s) {sorted(unknown)}; known: {sorted(self.OPTIONS)}")
+            raise ConfigurationError(f"{self.url}: unknown GCS storage option(s) {sorted(unknown)}; known: {sorted(self.OPTIONS)}")
         self.chunk_size = max(1, int(opts.get("chunk_size", 64 * _MB)) // (256 * 1024)) * (256 * 1024)
         emulator = os.environ.get("STORAGE_EMULATOR_HOST")
         if emulator:
@@ -69,7 +69,8 @@ class GCSBackend(Backend):
             self.client = storage.Client(project=project or "cloudckpt", credentials=AnonymousCredentials())
         elif opts.get("token") is not None:
             if not (isinstance(opts["token"], str) and os.path.isfile(opts["token"])):
-                raise ConfigurationError(f"{url}: token must be 'anon' or a service-account JSON file. Received: {opts['token']!r}")
+                raise ConfigurationError(f"{self.url}: token must be 'anon' or a service-account JSON file path. "
+                                         f"Received: a {type(opts['token']).__name__} that is neither (not shown)")
             self.client = storage.Client.from_service_account_json(opts["token"], project=project)
         else:
             self.client = storage.Client(project=project)

@@ -21,7 +21,7 @@ class GenericBackend(FsspecObjects, Backend):
 
     def __init__(self, url: str, storage_options: dict[str, Any] | None = None) -> None:
         super().__init__(url, storage_options)
-        self.fs, root = fsspec.core.url_to_fs(self.url, **self.storage_options)
+        self.fs, root = fsspec.core.url_to_fs(url.rstrip("/"), **self.storage_options)  # the real URL
         self.root = root.rstrip("/")
 
     def conditional_write_problem(self) -> str | None:

@@ -73,7 +73,7 @@ class S3Backend(Backend):
         opts = self.storage_options
         unknown = set(opts) - self.OPTIONS
         if unknown:
-            raise ConfigurationError(f"{url}: unknown S3 storage option(s) {sorted(unknown)}; known: {sorted(self.OPTIONS)}")
+            raise ConfigurationError(f"{self.url}: unknown S3 storage option(s) {sorted(unknown)}; known: {sorted(self.OPTIONS)}")
         self.part_size = max(5 * _MB, int(opts.get("part_size", 16 * _MB)))
         self.max_concurrency = max(1, int(opts.get("max_concurrency", 8)))
         import boto3
