@@ -1,5 +1,7 @@
-"""Google Cloud Storage through google-cloud-storage: resumable uploads in bounded chunks with the server's crc32c
-compared with ours, streamed crc32c-checked downloads, and the index swapped with ``ifGenerationMatch``.
+"""Google Cloud Storage through google-cloud-storage: resumable uploads in bounded chunks read from one pass over the
+file, the server's crc32c of the object compared with the crc32c of the bytes read; streamed downloads hashed here
+as they are written; the index swapped with ``ifGenerationMatch``; a connect/read timeout on every request and the
+client's retries ended at the transfer's deadline.
 
 gcsfs is not used on this path: its ``get_file`` grew memory to most of the object's size (tests/test_large_files.py),
 and google-cloud-storage exposes the generation preconditions the commit needs. With ``STORAGE_EMULATOR_HOST`` set,
