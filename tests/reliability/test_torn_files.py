@@ -19,7 +19,7 @@ import pytest
 
 from cloudckpt import CheckpointStore
 from cloudckpt.errors import CloudCkptError
-from reliability.faultproxy import FaultProxy
+from .faultproxy import FaultProxy
 
 MiB = 2**20
 
@@ -71,7 +71,7 @@ def _gcs_chunk(method: str, target: str) -> bool:
 
 
 @pytest.mark.parametrize("kind", ["s3", "gcs"])
-def test_a_file_rewritten_mid_upload_is_never_committed_torn(kind, request, tmp_path, monkeypatch):
+def test_a_file_rewritten_mid_upload_is_never_committed_torn(kind, request, tmp_path, monkeypatch, figures):
     server = request.getfixturevalue(f"{kind}_server")
     url = request.getfixturevalue(f"{kind}_url")
     rnd = random.Random(7)
@@ -90,10 +90,11 @@ def test_a_file_rewritten_mid_upload_is_never_committed_torn(kind, request, tmp_
         with CheckpointStore(url, **options) as store:
             outcome = _check_outcome(store, lambda: store.push(src, epoch=1), (a, b), tmp_path / "out")
     assert hook.fired.is_set(), "the rewrite never happened: the test proved nothing"
+    figures["torn_file_pushes"][f"{kind}-mid-upload/{outcome}"] += 1
     assert outcome in ("v1", "refused")  # retried from a fresh read (v1), or a typed error; never torn
 
 
-def _rounds(url: str, tmp_path: Path, n: int, options: dict, figures: dict, label: str) -> None:
+def _rounds(url: str, tmp_path: Path, n: int, options: dict, figures, label: str) -> None:
     rnd = random.Random(label)
     src = tmp_path / "model.bin"
     size = 12 * MiB
@@ -102,25 +103,17 @@ def _rounds(url: str, tmp_path: Path, n: int, options: dict, figures: dict, labe
         t0 = time.monotonic()
         store.push(src, epoch=0)  # warm-up: how long a push takes here, to aim the rewrites inside it
         span = time.monotonic() - t0
-        outcomes: dict[str, int] = {}
         for i in range(n):
             a, b = rnd.randbytes(size), rnd.randbytes(size)
             src.write_bytes(a)
-            delay = rnd.uniform(0, 1.2 * span)
-            rewriter = threading.Timer(delay, _rewrite, (src, b))
+            rewriter = threading.Timer(rnd.uniform(0, 1.2 * span), _rewrite, (src, b))
             rewriter.start()
             try:
                 got = _check_outcome(store, lambda: store.push(src, epoch=i + 1), (a, b), tmp_path / f"out{i}")
             finally:
                 rewriter.join()
-            outcomes[got] = outcomes.get(got, 0) + 1
+            figures["torn_file_pushes"][f"{label}/{got}"] += 1  # v0: before the rewrite, v1: after, or refused
         assert all(r.ok for r in store.verify(all=True)), "a listed checkpoint fails verify"
-    for k, v in outcomes.items():
-        figures[f"torn_file_rounds/{label}"] = figures.get(f"torn_file_rounds/{label}", 0) + v
-        figures[f"torn_file_outcome/{label}/{k}"] = figures.get(f"torn_file_outcome/{label}/{k}", 0) + v
-
-
-FIGURES: dict[str, int] = {}
 
 
 @pytest.mark.parametrize("kind,options", [
@@ -130,12 +123,8 @@ FIGURES: dict[str, int] = {}
     ("s3", {"transport": "fsspec"}),
     ("gcs", {"transport": "fsspec"}),
 ], ids=["local", "s3", "gcs", "s3-fsspec", "gcs-fsspec"])
-def test_random_in_place_rewrites_during_push_never_commit_a_torn_file(kind, options, request, tmp_path, capsys):
+def test_random_in_place_rewrites_during_push_never_commit_a_torn_file(kind, options, request, tmp_path, full,
+                                                                       figures):
     url = request.getfixturevalue(f"{kind}_url")
-    full = request.config.getoption("--full")
     n = (40 if full else 8) if "transport" not in options else (20 if full else 4)
-    label = f"{kind}{'-fsspec' if 'transport' in options else ''}"
-    _rounds(url, tmp_path, n, options, FIGURES, label)
-    with capsys.disabled():
-        print(f"\n[torn files] {label}: " + ", ".join(f"{k.rsplit('/', 1)[1]}={v}" for k, v in FIGURES.items()
-                                                       if k.startswith(f"torn_file_outcome/{label}/")))
+    _rounds(url, tmp_path, n, options, figures, f"{kind}{'-fsspec' if 'transport' in options else ''}")
