@@ -111,6 +111,9 @@ def test_a_push_to_a_server_that_stops_answering_ends_within_its_budget(proxied,
     proxy.set_rates({"stall": 1.0})
     with CheckpointStore(url, budget=BUDGET, **options) as store:
         exc, elapsed = _ends_within(lambda: store.push(src, epoch=1), BUDGET + SLACK)
+        proxy.set_rates({})  # the server answers again: the same store pushes (nothing of the failed push is held)
+        entry = store.push(src, epoch=2)
+        assert [c.id for c in store.list()] == [entry.id] and all(r.ok for r in store.verify(entry.id))
     assert isinstance(exc, TransferError), repr(exc)
     assert proxy.faults["stall"] >= 1
     assert elapsed >= BUDGET * 0.5  # it did retry for (most of) its budget, not give up at the first silence

@@ -175,8 +175,8 @@ class S3Backend(Backend):
             raise IntegrityError(f"{self.url}/{rel}: stored object is {head['ContentLength']} bytes, expected {source.size}")
         got = head.get("ChecksumCRC32C")
         if want is not None and not _same_checksum(got, want):
-            raise IntegrityError(f"{self.url}/{rel}: the store reports crc32c {head.get('ChecksumCRC32C')!r} for the "
-                                 f"object, the bytes sent have {want!r}")
+            raise IntegrityError(f"{self.url}/{rel}: the store reports crc32c {got!r} for the object, the bytes "
+                                 f"sent have {want!r}")
         self.check_uploaded(rel, source.crc32c())
 
     def _body_checksum(self, data: bytes) -> dict[str, str]:
@@ -233,11 +233,16 @@ class S3Backend(Backend):
         try:
             while not failed.is_set():
                 self._acquire_slot(deadline)
-                data = source.read(part_size)
+                try:
+                    data = source.read(part_size)
+                    if data:
+                        futures.append(pool.submit(send, len(futures) + 1, data))  # send releases the slot
+                except BaseException:
+                    self._slots.release()
+                    raise
                 if not data:
                     self._slots.release()
                     break
-                futures.append(pool.submit(send, len(futures) + 1, data))
             done, waiting = wait(futures, timeout=self.remaining(deadline))
             if waiting:
                 raise TimeoutError("the transfer's wall-clock budget is spent")
@@ -252,9 +257,12 @@ class S3Backend(Backend):
                 want = f"{_b64(google_crc32c.value(joined).to_bytes(4, 'big'))}-{len(parts)}"
             self.remaining(deadline)
             self.client.complete_multipart_upload(Bucket=self.bucket, Key=key, UploadId=upload_id,
-                                                         MultipartUpload={"Parts": parts}, **complete)
+                                                  MultipartUpload={"Parts": parts}, **complete)
         except BaseException:
             pool.shutdown(wait=False, cancel_futures=True)
+            for f in futures:
+                if f.cancelled():  # never ran: its slot is still held
+                    self._slots.release()
             try:
                 self.client.abort_multipart_upload(Bucket=self.bucket, Key=key, UploadId=upload_id)
             except Exception as exc:  # the original error matters more; gc / the bucket's lifecycle rule clean up
