@@ -10,6 +10,7 @@ rewrite. The randomized cases rewrite at a random moment of the push, many round
 
 from __future__ import annotations
 
+import logging
 import random
 import threading
 import time
@@ -94,7 +95,7 @@ def test_a_file_rewritten_mid_upload_is_never_committed_torn(kind, request, tmp_
     assert outcome in ("v1", "refused")  # retried from a fresh read (v1), or a typed error; never torn
 
 
-def _rounds(url: str, tmp_path: Path, n: int, options: dict, figures, label: str) -> None:
+def _rounds(url: str, tmp_path: Path, n: int, options: dict, figures, label: str, caplog) -> None:
     rnd = random.Random(label)
     src = tmp_path / "model.bin"
     size = 12 * MiB
@@ -108,11 +109,14 @@ def _rounds(url: str, tmp_path: Path, n: int, options: dict, figures, label: str
             src.write_bytes(a)
             rewriter = threading.Timer(rnd.uniform(0, 1.2 * span), _rewrite, (src, b))
             rewriter.start()
+            caplog.clear()
             try:
                 got = _check_outcome(store, lambda: store.push(src, epoch=i + 1), (a, b), tmp_path / f"out{i}")
             finally:
                 rewriter.join()
             figures["torn_file_pushes"][f"{label}/{got}"] += 1  # v0: before the rewrite, v1: after, or refused
+            if any("changed while it was pushed" in r.getMessage() for r in caplog.records):
+                figures["torn_file_pushes"][f"{label}/read-again-after-a-change"] += 1
         assert all(r.ok for r in store.verify(all=True)), "a listed checkpoint fails verify"
 
 
@@ -124,7 +128,8 @@ def _rounds(url: str, tmp_path: Path, n: int, options: dict, figures, label: str
     ("gcs", {"transport": "fsspec"}),
 ], ids=["local", "s3", "gcs", "s3-fsspec", "gcs-fsspec"])
 def test_random_in_place_rewrites_during_push_never_commit_a_torn_file(kind, options, request, tmp_path, full,
-                                                                       figures):
+                                                                       figures, caplog):
     url = request.getfixturevalue(f"{kind}_url")
     n = (40 if full else 8) if "transport" not in options else (20 if full else 4)
-    _rounds(url, tmp_path, n, options, figures, f"{kind}{'-fsspec' if 'transport' in options else ''}")
+    caplog.set_level(logging.WARNING, logger="cloudckpt.retry")
+    _rounds(url, tmp_path, n, options, figures, f"{kind}{'-fsspec' if 'transport' in options else ''}", caplog)
