@@ -10,15 +10,16 @@ from __future__ import annotations
 import logging
 import os
 import threading
+import time
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
 from pathlib import Path
-from collections.abc import Callable
 from typing import Any
 
 from .. import retry
 from ..errors import ConfigurationError, IntegrityError
 from ..redact import redact_url
+from ..source import Source
 
 log = logging.getLogger(__name__)
 
@@ -56,6 +57,14 @@ class Backend(ABC):
         self.unsafe_no_cas = _truthy(os.environ.get(UNSAFE_ENV) if unsafe is None else unsafe)
         self._cas_checked = False
         self._cas_lock = threading.Lock()
+        connect, read = self.storage_options.pop("connect_timeout", 10), self.storage_options.pop("read_timeout", 60)
+        try:
+            self.timeout = (float(connect), float(read))  # seconds for a connection / between bytes of an answer
+        except (TypeError, ValueError):
+            self.timeout = (-1.0, -1.0)
+        if min(self.timeout) <= 0:
+            raise ConfigurationError(f"{self.url}: connect_timeout and read_timeout are seconds > 0. Received: "
+                                     f"connect_timeout={connect!r}, read_timeout={read!r}")
 
     # --- the index: read with a version token, write only if the token still holds -----------------------------
 
@@ -72,15 +81,16 @@ class Backend(ABC):
     # --- objects ------------------------------------------------------------------------------------------------
 
     @abstractmethod
-    def upload(self, local: Path, rel: str, *, size: int, crc32c: Callable[[], str]) -> None:
-        """Store the file at ``rel`` and check what the store can check (see :attr:`verification`). ``crc32c()``
-        gives the file's crc32c (hex); it may still be being computed while the bytes go out, so call it only once
-        the transfer is done."""
+    def upload(self, source: Source, rel: str, *, deadline: float | None = None) -> None:
+        """Store the bytes of ``source`` at ``rel``, read from it once in order (it hashes what is read; a client's
+        retry may seek back and read again), and check what the store can check against ``source.crc32c()`` (see
+        :attr:`verification`): raise IntegrityError when the stored object differs. ``deadline``
+        (``time.monotonic()``): stop with TimeoutError once it has passed."""
 
     @abstractmethod
-    def download(self, rel: str, local: Path) -> str | None:
-        """Write the object at ``rel`` to the local file (streamed). Return the crc32c (hex) that the client
-        verified the written bytes against while streaming, or None when it verified none (the caller hashes)."""
+    def download(self, rel: str, local: Path, *, deadline: float | None = None) -> str | None:
+        """Write the object at ``rel`` to the local file (streamed). Return the crc32c (hex) of exactly the bytes
+        written, computed or checked as they were written, or None when it has none (the caller hashes the file)."""
 
     @abstractmethod
     def read_bytes(self, rel: str) -> bytes:
@@ -146,10 +156,19 @@ class Backend(ABC):
 
         with tempfile.TemporaryDirectory(prefix="cloudckpt-readback-") as tmp:
             probe = Path(tmp) / "probe"
-            self.download(rel, probe)
-            got = file_checksums(probe)["crc32c"]
+            got = self.download(rel, probe) or file_checksums(probe)["crc32c"]
         if got != crc32c:
             raise IntegrityError(f"{self.url}/{rel}: read-back crc32c {got} != {crc32c}")
+
+    @staticmethod
+    def remaining(deadline: float | None) -> float | None:
+        """Seconds left until ``deadline`` (None: no deadline); TimeoutError once it has passed."""
+        if deadline is None:
+            return None
+        left = deadline - time.monotonic()
+        if left <= 0:
+            raise TimeoutError("the transfer's wall-clock budget is spent")
+        return left
 
     def describe(self) -> str:
         return self.url

@@ -107,10 +107,15 @@ class FaultProxy:
         max_faults: stop injecting after this many faults (None: no limit).
         strip_conditions: remove the conditions of conditional requests (see the module docstring); ``stripped``
             counts the requests that lost one.
+        on_request: ``on_request(method, target)`` is called once a request has been read, before it is forwarded
+            (a test's event "mid-upload", e.g. rewriting the file being pushed when part 2 arrives).
+        on_response: ``on_response(method, target, head, body) -> (head, body)`` may rewrite an answer (raw head
+            bytes and the body as read) before it goes to the client.
     """
 
     def __init__(self, upstream: str, *, rates: dict[str, float] | None = None, seed: int = 0, stall: float = 3.0,
-                 fault_filter=None, max_faults: int | None = None, strip_conditions: bool = False) -> None:
+                 fault_filter=None, max_faults: int | None = None, strip_conditions: bool = False,
+                 on_request=None, on_response=None) -> None:
         parts = urlsplit(upstream)
         self.upstream = (parts.hostname, parts.port)
         self.rates = dict(rates or {})
@@ -122,6 +127,8 @@ class FaultProxy:
         self.max_faults = max_faults
         self.strip_conditions = strip_conditions
         self.stripped = 0
+        self.on_request = on_request
+        self.on_response = on_response
         self._rnd = random.Random(seed)
         self._lock = threading.Lock()
         self.faults: Counter = Counter()  # kind -> injected
@@ -210,6 +217,8 @@ class FaultProxy:
                 method, target = start.decode("latin-1").split(" ")[:2]
                 path = urlsplit(target).path
                 kind = self._pick(method, target)
+                if self.on_request is not None:
+                    self.on_request(method, target)
                 if kind in _S3_BODIES:
                     client.sendall(self._error(kind, path))
                     continue
@@ -242,6 +251,8 @@ class FaultProxy:
                     client.sendall(rhead + rbody[: len(rbody) // 2])
                     _reset(client)
                     return
+                if self.on_response is not None:
+                    rhead, rbody = self.on_response(method, target, rhead, rbody)
                 client.sendall(rhead + rbody)
                 if close_delimited or h.get("connection", "").lower() == "close":
                     return
