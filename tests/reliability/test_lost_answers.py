@@ -1,0 +1,133 @@
+"""Index writes whose answer is lost (issue 10, items 2 and 7c), each interleaving pinned exactly.
+
+The store carries the write out, another writer moves, then the answer is lost (:mod:`.lostanswer`, on the real
+store). The retry must learn that its write happened instead of re-applying it: a commit pruned meanwhile is never
+added again, no other writer's acknowledged commit is pruned because of it, a newer writer's claim is never undone,
+and whatever the unanswered write pruned is deleted at once, not left for ``gc``.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+from cloudckpt import CheckpointStore, StaleWriterError
+
+from .invariants import check_run, listed_objects
+from .lostanswer import lose_answers
+
+
+def _src(tmp_path: Path, name: str) -> Path:
+    d = tmp_path / "src" / name
+    d.mkdir(parents=True)
+    (d / "model.bin").write_bytes(name.encode() + os.urandom(64))
+    return d
+
+
+def _stored(store: CheckpointStore) -> set[str]:
+    return {o.rel for o in store.backend.list_objects()}
+
+
+@pytest.mark.parametrize("kind", ["local", "s3", "gcs"])
+def test_lost_commit_answer_with_a_second_writer_never_resurrects_a_pruned_checkpoint(kind, request, tmp_path):
+    """A commits X (keep-last 1, pruning Y0); before A hears back, B commits Y1 and prunes X; A's answer is lost.
+    A's push is acknowledged (committed, then pruned by B's retention); Y1 stays listed and readable."""
+    url = request.getfixturevalue(f"{kind}_url")
+    with CheckpointStore(url) as a, CheckpointStore(url) as b:
+        y0 = b.push(_src(tmp_path, "y0"), epoch=0, keep_last=1)
+        b_moves = []
+        lost = lose_answers(a, after=lambda: b_moves.append(b.push(_src(tmp_path, "y1"), epoch=2, keep_last=1)))
+        x = a.push(_src(tmp_path, "x"), epoch=1, keep_last=1)
+        y1 = b_moves[0]
+        assert lost.lost == 1
+        index = b.index()
+        assert [c.id for c in index.checkpoints] == [y1.id], f"x={x.id} y0={y0.id} y1={y1.id}"
+        assert index.latest == y1.id
+        assert all(r.ok for r in b.verify(all=True))
+        assert b.pull("latest", to=tmp_path / "pulled").entry.id == y1.id
+        # Y0 (pruned by A's unanswered write) and X (pruned by B) are deleted without gc
+        assert _stored(b) == listed_objects(index)
+    check_run(url)
+
+
+@pytest.mark.parametrize("kind", ["local", "s3"])
+def test_lost_commit_answer_deletes_what_its_retention_pruned(kind, request, tmp_path):
+    url = request.getfixturevalue(f"{kind}_url")
+    with CheckpointStore(url) as a:
+        first = a.push(_src(tmp_path, "a1"), epoch=1, keep_last=1)
+        lost = lose_answers(a)
+        second = a.push(_src(tmp_path, "a2"), epoch=2, keep_last=1)
+        assert lost.lost == 1
+        index = a.index()
+        assert [c.id for c in index.checkpoints] == [second.id]
+        assert not any(rel.startswith(first.id + "/") for rel in _stored(a)), "the pruned checkpoint was left to gc"
+        assert _stored(a) == listed_objects(index)
+
+
+@pytest.mark.parametrize("kind", ["local", "s3"])
+def test_lost_prune_answer_reports_and_deletes_what_it_pruned(kind, request, tmp_path):
+    url = request.getfixturevalue(f"{kind}_url")
+    with CheckpointStore(url) as a:
+        ids = [a.push(_src(tmp_path, f"p{i}"), epoch=i).id for i in range(3)]
+        lost = lose_answers(a)
+        pruned = a.prune(keep_last=1)
+        assert lost.lost == 1
+        assert sorted(c.id for c in pruned) == sorted(ids[:2])
+        index = a.index()
+        assert [c.id for c in index.checkpoints] == ids[2:]
+        assert _stored(a) == listed_objects(index)
+
+
+@pytest.mark.parametrize("kind", ["local", "s3"])
+def test_lost_claim_answer_never_fences_the_newer_claimer(kind, request, tmp_path):
+    """A's claim is written, B claims after it, A's answer is lost: B stays the writer and A is the one fenced."""
+    url = request.getfixturevalue(f"{kind}_url")
+    with CheckpointStore(url) as a, CheckpointStore(url) as b:
+        a.push(_src(tmp_path, "first"), epoch=0)
+        b_lease = []
+        lose_answers(a, after=lambda: b_lease.append(b.claim()))
+        a_lease = a.claim()
+        assert (a_lease.generation, b_lease[0].generation) == (1, 2)
+        b.push(_src(tmp_path, "by-b"), epoch=1)  # the newer claimer still writes
+        with pytest.raises(StaleWriterError):
+            a.push(_src(tmp_path, "by-a"), epoch=2)
+        index = b.index()
+        assert index.writer.id == b.keeper.writer_id and index.writer.generation == 2
+        assert [c.epoch for c in index.checkpoints] == [0, 1]
+
+
+@pytest.mark.parametrize("kind", ["local", "s3"])
+def test_a_write_that_never_reached_the_store_is_applied_on_retry(kind, request, tmp_path):
+    url = request.getfixturevalue(f"{kind}_url")
+    with CheckpointStore(url) as a, CheckpointStore(url) as b:
+        b_ids = []
+        lose_answers(a, times=2, happen=False,
+                     after=lambda: b_ids.append(b.push(_src(tmp_path, f"b{len(b_ids)}"), epoch=9).id))
+        x = a.push(_src(tmp_path, "x"), epoch=1)
+        assert [c.id for c in a.list()] == [*b_ids, x.id]
+    check_run(url)
+
+
+def test_unknowable_outcome_is_an_error_and_still_deletes_what_it_pruned(local_url, tmp_path, monkeypatch):
+    """With its record pushed out of the index by other writers, A can't tell whether its write happened: the push
+    fails with a clear error instead of re-adding X, and Y0, which the unanswered write pruned, is deleted."""
+    from cloudckpt import commit
+
+    monkeypatch.setattr(commit, "MAX_APPLIED", 2)
+    with CheckpointStore(local_url) as a, CheckpointStore(local_url) as b, CheckpointStore(local_url) as c:
+        y0 = b.push(_src(tmp_path, "y0"), epoch=0, keep_last=1)
+
+        def others() -> None:
+            b.push(_src(tmp_path, "b1"), epoch=2, keep_last=1)
+            c.push(_src(tmp_path, "c1"), epoch=3, keep_last=1)
+
+        lose_answers(a, after=others)
+        with pytest.raises(commit.OutcomeUnknownError, match="unknown") as err:
+            a.push(_src(tmp_path, "x"), epoch=1, keep_last=1)
+        assert err.value.exit_code == 1 and [e.id for e in err.value.gone] == [y0.id]
+        index = c.index()
+        assert [e.epoch for e in index.checkpoints] == [3]
+        assert _stored(c) == listed_objects(index)
+    check_run(local_url)
