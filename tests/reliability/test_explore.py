@@ -3,8 +3,8 @@
 Hypothesis picks the moves (:class:`CommitProtocol`): a writer starts a push (keep-last 1 or 2, keep-best 1), a
 prune, a claim or a gc; or a busy writer's parked store call goes through, loses its answer, is dropped, or the
 writer crashes there (at failpoints too) and a new process takes its place. :mod:`.explorer` checks every promise
-after every step; failures shrink to a short interleaving, kept below as regression tests. CI size: local 60
-examples x 40 steps, S3 (moto) 8 x 25; ``--full``: local 600 x 80, S3 60 x 40.
+after every step; failures shrink to a short interleaving, kept below as regression tests. CI size: local 40
+examples x 40 steps, S3 (moto) 5 x 25; ``--full``: local 600 x 80, S3 60 x 40.
 """
 
 from __future__ import annotations
@@ -152,9 +152,9 @@ def test_shrunk_lost_claim_answer_then_newer_claim(scripted):
 
 def test_explore_local(tmp_path, exploring, full, figures):
     explore(lambda: str(tmp_path / uuid.uuid4().hex / "run"), {"fsync": False}, aging=True,
-            examples=600 if full else 60, steps=80 if full else 40, figures=figures)
+            examples=600 if full else 40, steps=80 if full else 40, figures=figures)
 
 
 def test_explore_s3(s3_url, exploring, full, figures):
     explore(lambda: f"{s3_url}/{uuid.uuid4().hex}", {}, aging=False,
-            examples=60 if full else 8, steps=40 if full else 25, figures=figures)
+            examples=60 if full else 5, steps=40 if full else 25, figures=figures)

@@ -9,14 +9,17 @@ and whatever the unanswered write pruned is deleted at once, not left for ``gc``
 from __future__ import annotations
 
 import os
+import subprocess
 from pathlib import Path
 
 import pytest
 
 from cloudckpt import CheckpointStore, StaleWriterError
 
+from .faultproxy import FaultProxy
 from .invariants import check_run, listed_objects
 from .lostanswer import lose_answers
+from .procs import ROOT, Outcome, env_with, writer_cmd
 
 
 def _src(tmp_path: Path, name: str) -> Path:
@@ -131,3 +134,38 @@ def test_unknowable_outcome_is_an_error_and_still_deletes_what_it_pruned(local_u
         assert [e.epoch for e in index.checkpoints] == [3]
         assert _stored(c) == listed_objects(index)
     check_run(local_url)
+
+
+@pytest.mark.parametrize("writers", [2, 3])
+def test_writer_processes_racing_through_lost_index_answers_on_s3(writers, s3_url, s3_server, tmp_path, full,
+                                                                  figures):
+    """The issue's reproduction, randomized: 2 or 3 writer processes push to one S3 run with keep-last 1 while half
+    of the index writes are carried out by the server and their answer dropped (a proxy resets the connection).
+    Every run ends readable: every listed checkpoint verifies, latest pulls, nothing unlisted is left behind."""
+    rounds = 12 if full else 5
+    index_put = lambda m, t: m == "PUT" and t.split("?")[0].endswith("/index.json")  # noqa: E731
+    with FaultProxy(s3_server.endpoint, rates={"drop_after": 0.5}, fault_filter=index_put, seed=writers) as proxy:
+        env = env_with(AWS_ENDPOINT_URL=proxy.endpoint, AWS_ENDPOINT_URL_S3=proxy.endpoint)
+        go = tmp_path / "go"
+        procs = [subprocess.Popen(writer_cmd(s3_url, "--rounds", str(rounds), "--seed", str(i), "--max-bytes", "512",
+                                             "--keep-last", "1", "--wait-file", str(go)),
+                                  env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT)
+                 for i in range(writers)]
+        for p in procs:
+            assert p.stdout.readline().startswith("READY")
+        go.touch()
+        outs = []
+        for p in procs:
+            out, err = p.communicate(timeout=600)
+            outs.append(Outcome(p.returncode, out.splitlines(), err))
+        dropped = proxy.faults["drop_after"]
+    assert all(o.returncode == 0 for o in outs), [o.stderr[-2000:] for o in outs]
+    assert dropped > 0
+    state = check_run(s3_url)  # every listed checkpoint verifies, latest pulls, gc finds exactly the listed objects
+    acked = {cid: loss for o in outs for cid, loss in o.committed}
+    listed = [c.id for c in state.index.checkpoints]
+    assert set(listed) <= set(acked) and len(acked) == writers * rounds
+    assert state.index.best == min(acked, key=acked.get), "the best acknowledged checkpoint was lost"
+    assert state.gc_deleted == [], f"pruned objects were left to gc: {state.gc_deleted}"
+    figures["faults_injected"][f"s3-lost-index-answers/{writers}-writers"] += dropped
+    figures["races"][f"s3/lost-answer-rounds/{writers}-writers"] += writers * rounds
