@@ -169,3 +169,33 @@ def test_writer_processes_racing_through_lost_index_answers_on_s3(writers, s3_ur
     assert state.gc_deleted == [], f"pruned objects were left to gc: {state.gc_deleted}"
     figures["faults_injected"][f"s3-lost-index-answers/{writers}-writers"] += dropped
     figures["races"][f"s3/lost-answer-rounds/{writers}-writers"] += writers * rounds
+
+
+def test_applied_records_stay_bounded_old_indexes_read_and_hostile_ones_are_refused(local_url, tmp_path):
+    """An index without ``applied`` (written before it existed) reads and gains it on the next write; the records
+    stay at MAX_APPLIED however many sessions write; malformed records are an IntegrityError."""
+    import json
+
+    from cloudckpt import IntegrityError, commit
+    from cloudckpt.manifest import INDEX_NAME, MAX_APPLIED_READ, parse_index
+
+    with CheckpointStore(local_url) as a:
+        a.push(_src(tmp_path, "first"), epoch=0)
+    path = Path(local_url) / INDEX_NAME
+    raw = json.loads(path.read_bytes())
+    del raw["applied"]
+    path.write_text(json.dumps(raw))  # as an older cloudckpt wrote it
+    for i in range(commit.MAX_APPLIED + 5):
+        with CheckpointStore(local_url) as s:
+            s.push(_src(tmp_path, f"s{i}"), epoch=i + 1, keep_last=2)
+    index = parse_index(path.read_bytes())
+    assert len(index.applied) == commit.MAX_APPLIED
+    assert len({r.writer for r in index.applied}) == commit.MAX_APPLIED
+    assert [r.seq for r in index.applied] == sorted(r.seq for r in index.applied) and index.applied[-1].seq == index.seq
+    good = json.loads(path.read_bytes())
+    for bad in ({"writer": "../x", "op": 1, "seq": 1}, {"writer": "ab" * 4, "op": 0, "seq": 1},
+                {"writer": "ab" * 4, "op": 1, "seq": -1}, {"writer": "ab" * 4, "op": "1", "seq": 1}):
+        with pytest.raises(IntegrityError, match="applied"):
+            parse_index(json.dumps({**good, "applied": [bad]}).encode())
+    with pytest.raises(IntegrityError, match="applied"):
+        parse_index(json.dumps({**good, "applied": [good["applied"][0]] * (MAX_APPLIED_READ + 1)}).encode())
