@@ -276,7 +276,7 @@ class Explorer:
         """``w`` starts an operation: push (keep-last and keep-best 1 by val_loss=``loss``), prune, claim or gc."""
         assert w.done, f"{w.name} is busy"
         if kind == "gc" and not self.aging and self.busy():
-            kind = "prune"  # without aging, gc(min_age=0) is only safe while no upload is in flight
+            kind = "prune"  # without aging, gc(min_age=0) is only safe while no upload is in flight (below)
         store = w.store
         if kind == "push":
             self.pushes += 1
@@ -294,6 +294,8 @@ class Explorer:
         self.figures["explore_ops"][kind] += 1
         w.start(kind, fn)
         self._after(w, None, None)
+        if kind == "gc" and not self.aging:
+            self.run(w)  # ... and none starts before it ends: nothing but min_age keeps gc off a fresh upload
 
     def step(self, pick: int, decision: str) -> None:
         self.move(self.busy()[pick % len(self.busy())], decision)
