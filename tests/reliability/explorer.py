@@ -8,11 +8,8 @@ explorer lets it through with a decision — ``go``; ``lost`` (the call is carri
 as SIGKILL would leave it). Only one thread runs at a time, so an interleaving is a sequence of (writer, decision)
 and replays exactly; :mod:`.test_explore` lets hypothesis choose and shrink it.
 
-:class:`Model` checks after every step, from the store itself (a separate, ungated backend): the index parses;
-every listed checkpoint's objects exist; a removed id is never listed again; every removal is one retention allows
-(so an acknowledged commit disappears only by retention); latest is the last commit and best the best ever
-committed; a writer whose lease was superseded never changes the index; no delete (gc's included) names a listed
-object; a push or prune that returned has deleted what its index writes pruned; a push that returned was listed.
+After every step the explorer looks at the store itself (a separate, ungated backend) and
+:class:`~.protocol_model.Model` checks what it sees.
 """
 
 from __future__ import annotations
@@ -28,10 +25,10 @@ from typing import Any
 from cloudckpt import CheckpointStore, StaleWriterError
 from cloudckpt.backends import open_backend
 from cloudckpt.errors import CheckpointNotFoundError
-from cloudckpt.manifest import Index, best_of, parse_index
-from cloudckpt.retention import Record, plan_prune, policy_from
+from cloudckpt.manifest import parse_index
 
 from .invariants import check_run, listed_objects
+from .protocol_model import Model
 
 GATED = {"read_index", "write_index", "upload", "download", "read_bytes", "write_bytes", "list_objects", "delete"}
 WRITES = {"write_index", "write_bytes", "upload", "delete"}
@@ -131,7 +128,7 @@ class Writer:
             _BY_THREAD[threading.get_ident()] = self
             try:
                 self.op.result = fn()
-            except BaseException as exc:  # Crash included: the op's end is what is recorded
+            except BaseException as exc:  # noqa: BLE001 - Crash included: how the op ended is what is recorded
                 self.op.error = exc
             finally:
                 _BY_THREAD.pop(threading.get_ident(), None)
@@ -163,84 +160,6 @@ class Writer:
         with self.cv:
             self.cv.wait_for(lambda: self.done, timeout=STEP_TIMEOUT)
         self.store.close()
-
-
-def _records(index: Index, entries) -> list[Record]:
-    return [Record(c.id, c.epoch, c.step, c.metrics, c.pinned) for c in entries]
-
-
-class Model:
-    """What the run may look like next, learnt from what was observed so far; asserts on every transition."""
-
-    def __init__(self) -> None:
-        self.index: Index | None = None
-        self.ever_added: set[str] = set()
-        self.ever_removed: set[str] = set()
-        self.last_added: str | None = None
-        self.best: tuple[float, str] | None = None
-        self.acked: set[str] = set()
-
-    def transition(self, new: Index | None, by: Writer, call: str | None, lease: Any = None) -> None:
-        """``new`` is the index after ``by``'s ``call`` (None: the op's start), made holding ``lease``."""
-        old = self.index
-        if new is None:
-            assert old is None, "the index disappeared"
-            return
-        if old is not None and new == old:
-            return
-        assert call == "write_index", f"the index changed during {call!r} of {by and by.name}"
-        o_ids = [c.id for c in old.checkpoints] if old else []
-        n_ids = [c.id for c in new.checkpoints]
-        added = [i for i in n_ids if i not in o_ids]
-        removed = [i for i in o_ids if i not in n_ids]
-        assert not set(added) & self.ever_removed, f"{by.name} listed again the pruned {set(added) & self.ever_removed}"
-        assert len(added) <= 1 and n_ids == [i for i in o_ids if i not in removed] + added, (o_ids, n_ids)
-        if lease is not None and old is not None:
-            assert old.writer is not None and (old.writer.id, old.writer.generation) == (lease.id, lease.generation), \
-                f"{by.name} (generation {lease.generation}) wrote after {old.writer} superseded it"
-        if removed:
-            merged = (old.checkpoints if old else ()) + tuple(new.get(i) for i in added)
-            run = new.run
-            policy = policy_from(keep_best=run.keep_best, keep_last=run.keep_last, keep_every=run.keep_every,
-                                 monitor=run.monitor, mode=run.mode)
-            always = {merged[-1].id if added else old.latest, best_of(merged, run.monitor, run.mode)} - {None}
-            allowed = plan_prune(_records(new, merged), policy, always=always)
-            assert set(removed) <= allowed, f"{by.name} removed {set(removed) - allowed}, which retention keeps"
-        by.op.removed |= set(removed)
-        by.op.writes += 1
-        assert by.op.writes == 1, f"{by.name}'s {by.op.kind} was applied to the index {by.op.writes} times"
-        self.ever_added |= set(added)
-        self.ever_removed |= set(removed)
-        for cid in added:
-            self.last_added = cid
-            entry = new.get(cid)
-            value = entry.metrics.get(new.run.monitor or "")
-            if value is not None and (self.best is None or value < self.best[0]):
-                self.best = (value, cid)
-        if new.checkpoints:
-            assert new.latest == self.last_added, f"latest is {new.latest}, the last commit was {self.last_added}"
-            if self.best is not None:
-                assert new.best == self.best[1], f"best is {new.best}, the best ever committed is {self.best}"
-        self.index = new
-
-    def check_objects(self, stored: set[str]) -> None:
-        if self.index is not None:
-            missing = listed_objects(self.index) - stored
-            assert not missing, f"listed objects are missing: {sorted(missing)}"
-
-    def check_delete(self, rels: list[str], by: Writer) -> None:
-        if self.index is not None:
-            hit = set(rels) & listed_objects(self.index)
-            assert not hit, f"{by.name} ({by.op.kind}) deletes listed objects {sorted(hit)}"
-
-    def check_finished(self, op: Op, stored: set[str]) -> None:
-        if op.error is not None:
-            return
-        left = {rel for rel in stored if rel.split("/", 1)[0] in op.removed}
-        assert not left, f"a {op.kind} that returned left what it pruned to gc: {sorted(left)}"
-        if op.kind == "push":
-            assert op.result.id in self.ever_added, f"push of {op.result.id} returned but was never listed"
-            self.acked.add(op.result.id)
 
 
 EXPECTED_ERRORS = (Crash, StaleWriterError, CheckpointNotFoundError)
@@ -283,7 +202,7 @@ class Explorer:
             src = self.work / f"src-{self.pushes}"
             src.mkdir(parents=True)
             (src / "model.bin").write_bytes(os.urandom(16 + self.pushes % 7))
-            fn = lambda: store.push(src, epoch=self.pushes, metrics={"val_loss": loss}, monitor="val_loss",  # noqa: E731
+            fn = lambda: store.push(src, epoch=self.pushes, metrics={"val_loss": loss}, monitor="val_loss",
                                     mode="min", keep_last=self.keep_last, keep_best=1)
         elif kind == "prune":
             fn = store.prune

@@ -14,12 +14,19 @@ import tempfile
 import types
 import uuid
 from pathlib import Path
+from typing import ClassVar
 
 import pytest
 import tenacity
 from hypothesis import HealthCheck, settings
 from hypothesis import strategies as st
-from hypothesis.stateful import RuleBasedStateMachine, initialize, precondition, rule, run_state_machine_as_test
+from hypothesis.stateful import (
+    RuleBasedStateMachine,
+    initialize,
+    precondition,
+    rule,
+    run_state_machine_as_test,
+)
 
 from cloudckpt import failpoints
 
@@ -33,9 +40,9 @@ class CommitProtocol(RuleBasedStateMachine):
     """Moves of the writers; the run's URL and options come from the subclass made by :func:`explore`."""
 
     new_url = staticmethod(lambda: "")
-    opts: dict = {}
+    opts: ClassVar[dict] = {}
     aging = True
-    figures: dict = {}
+    figures: ClassVar[dict] = {}
 
     def __init__(self) -> None:
         super().__init__()
@@ -85,8 +92,8 @@ def exploring(monkeypatch):
 
 
 def explore(new_url, opts: dict, *, aging: bool, examples: int, steps: int, figures) -> None:
-    machine = type("Machine", (CommitProtocol,), dict(new_url=staticmethod(new_url), opts=opts, aging=aging,
-                                                        figures=figures))
+    machine = type("Machine", (CommitProtocol,), {"new_url": staticmethod(new_url), "opts": opts, "aging": aging,
+                                                        "figures": figures})
     run_state_machine_as_test(machine, settings=settings(
         max_examples=examples, stateful_step_count=steps, deadline=None, database=None, print_blob=True,
         suppress_health_check=list(HealthCheck)))
