@@ -21,7 +21,7 @@ from typing import Any
 
 from . import failpoints, retry
 from .backends import open_backend
-from .commit import IndexKeeper
+from .commit import IndexKeeper, OutcomeUnknownError, Update
 from .errors import CheckpointNotFoundError, ConfigurationError, IntegrityError
 from .garbage import plan_gc
 from .manifest import MANIFEST_NAME, CheckpointEntry, Index, Manifest, RunPolicy, WriterLease, dump, parse_manifest, utcnow
@@ -192,12 +192,10 @@ class CheckpointStore:
             failpoints.hit("push.after_manifest")
             overrides = {k: v for k, v in dict(monitor=monitor, mode=mode, keep_best=keep_best, keep_last=keep_last,
                                                 keep_every=keep_every).items() if v is not None}
-            pruned: list[CheckpointEntry] = []
 
             def change(index: Index) -> Index | None:
-                pruned.clear()
                 if any(c.id == cid for c in index.checkpoints):
-                    return None  # our earlier attempt's write went through
+                    return None  # defensive: only this push adds cid, and a write that happened is never re-applied
                 new = index
                 if overrides:
                     run = RunPolicy.model_validate({**index.run.model_dump(), **overrides})
@@ -206,11 +204,11 @@ class CheckpointStore:
                 new = new.with_checkpoint(entry)
                 if prune:
                     doomed = self._plan(new, None)
-                    pruned.extend(c for c in new.checkpoints if c.id in doomed)
                     new = new.without(doomed) if doomed else new
                 return new
 
-            self.keeper.update(change, what=f"commit {cid}")
+            done = self._apply(change, what=f"commit {cid}")
+            pruned = done.removed
             log.info("committed %s to %s (%d files, %d bytes, %.2fs)", cid, self.url, len(entries), total,
                      time.monotonic() - t0)
         finally:
@@ -218,6 +216,15 @@ class CheckpointStore:
         failpoints.hit("push.after_index")
         self._delete_checkpoints(pruned)
         return entry
+
+    def _apply(self, change, *, what: str) -> Update:
+        """One index update; when its outcome can't be known, still delete what it pruned that is no longer listed
+        (a checkpoint once unlisted is never listed again), then raise."""
+        try:
+            return self.keeper.apply(change, what=what)
+        except OutcomeUnknownError as exc:
+            self._delete_checkpoints(exc.gone)
+            raise
 
     def _discard_upload(self, cid: str, rels: list[str]) -> None:
         """Best effort after a failed upload: remove what this push stored (gc removes anything left)."""
@@ -244,21 +251,22 @@ class CheckpointStore:
         args = None
         if any(v is not None for v in (keep_best, keep_last, keep_every)):
             args = dict(keep_best=keep_best, keep_last=keep_last, keep_every=keep_every)
-        pruned: list[CheckpointEntry] = []
+        planned: list[CheckpointEntry] = []
 
         def change(index: Index) -> Index | None:
-            pruned.clear()
             doomed = self._plan(index, args)
-            pruned.extend(c for c in index.checkpoints if c.id in doomed)
+            planned[:] = [c for c in index.checkpoints if c.id in doomed]
             return index.without(doomed) if doomed and not dry_run else None
 
         self.index()  # a missing run is an error, not an empty prune
-        self.keeper.update(change, what="prune")
-        if not dry_run:
-            failpoints.hit("prune.after_index")
-            self._delete_checkpoints(pruned)
-            for c in pruned:
-                log.info("pruned %s from %s", c.id, self.url)
+        done = self._apply(change, what="prune")
+        if dry_run:
+            return planned
+        pruned = done.removed  # what the write that happened pruned, even when its answer was lost
+        failpoints.hit("prune.after_index")
+        self._delete_checkpoints(pruned)
+        for c in pruned:
+            log.info("pruned %s from %s", c.id, self.url)
         return pruned
 
     def _delete_checkpoints(self, entries: Iterable[CheckpointEntry]) -> None:
