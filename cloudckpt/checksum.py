@@ -31,3 +31,44 @@ def matches(path: str | Path, expected_crc32c: str | None, expected_sha256: str 
     if expected_crc32c is not None and got["crc32c"] != expected_crc32c:
         return False
     return expected_sha256 is None or got["sha256"] == expected_sha256
+
+
+class HashingWriter:
+    """A write-only file that computes the crc32c of exactly the bytes written to it, in order (a client that
+    restarts from the beginning seeks to 0: the file is truncated and the hash starts over).
+
+    Example:
+        >>> import io
+        >>> w = HashingWriter(io.BytesIO())
+        >>> _ = w.write(b"weights")
+        >>> w.crc32c()
+        '923eaa45'
+    """
+
+    def __init__(self, f) -> None:
+        self._f = f
+        self._crc = google_crc32c.Checksum()
+        self.written = 0
+
+    def write(self, data) -> int:
+        self._crc.update(data)
+        self.written += len(data)
+        return self._f.write(data)
+
+    def tell(self) -> int:
+        return self.written
+
+    def seek(self, offset: int, whence: int = 0) -> int:
+        if (offset, whence) != (0, 0):
+            raise OSError("a hashed download can only restart from the beginning")
+        self._f.seek(0)
+        self._f.truncate()
+        self._crc = google_crc32c.Checksum()
+        self.written = 0
+        return 0
+
+    def flush(self) -> None:
+        self._f.flush()
+
+    def crc32c(self) -> str:
+        return self._crc.digest().hex()

@@ -1,18 +1,32 @@
-"""The index's compare-and-swap loop and writer fencing.
+"""The index's compare-and-swap loop, how a write whose answer was lost is resolved, and writer fencing.
 
-Every change to a run's index goes through :meth:`IndexKeeper.update`: read the index and its version token, apply
+Every change to a run's index goes through :meth:`IndexKeeper.apply`: read the index and its version token, apply
 a pure change, write it back only if the token still holds; on a lost race read again and re-apply. A writer that
 has claimed the run (:meth:`IndexKeeper.claim`) carries a lease; once a newer writer claims the run, every update
 of the older one raises :class:`~cloudckpt.errors.StaleWriterError` instead of writing.
+
+A write can fail ambiguously: a timeout or reset after the store carried it out, or a 412 answering a client's
+internal retry of a write that already succeeded. Re-applying the change then is wrong when another writer changed
+the index since (a commit pruned meanwhile would be added again, and its retention would prune the other writer's
+checkpoint). So every write stamps the index with this keeper's session id and a fresh update number
+(:class:`~cloudckpt.manifest.Applied`, one record per session, the :data:`MAX_APPLIED` most recent sessions kept).
+Before re-applying, the keeper reads its record back: if it names one of this update's writes, that write happened
+and its result is returned as is — never re-applied, even if what it added has been pruned since; otherwise no
+write of this update happened and the change is applied afresh. If the record may have been evicted (more than
+:data:`MAX_APPLIED` other sessions wrote meanwhile) the outcome is unknown and :class:`OutcomeUnknownError` is
+raised rather than guessed.
 """
 
 from __future__ import annotations
 
+import itertools
 import logging
 import os
 import socket
+import threading
 import uuid
 from collections.abc import Callable
+from dataclasses import dataclass
 
 import tenacity
 
@@ -20,9 +34,49 @@ from . import retry
 from .backends import Backend
 from .backends.base import UNCHANGED
 from .errors import CheckpointNotFoundError, CloudCkptError, IndexConflictError, StaleWriterError, TransferError
-from .manifest import Index, WriterLease, dump, parse_index, utcnow
+from .manifest import Applied, CheckpointEntry, Index, WriterLease, dump, parse_index, utcnow
 
 log = logging.getLogger(__name__)
+
+#: writer sessions whose last update the index remembers (about 60 bytes each)
+MAX_APPLIED = 32
+
+
+@dataclass(frozen=True)
+class Update:
+    """One applied index update: the index it was applied to and the one written (the same when nothing changed).
+
+    ``resolved`` is True when the write's answer was lost and the index showed afterwards that it happened.
+    """
+
+    before: Index
+    after: Index
+    resolved: bool = False
+
+    @property
+    def removed(self) -> list[CheckpointEntry]:
+        """Checkpoints this update took out of the index (pruned): their objects are the caller's to delete."""
+        kept = {c.id for c in self.after.checkpoints}
+        return [c for c in self.before.checkpoints if c.id not in kept]
+
+
+class OutcomeUnknownError(TransferError):
+    """An index write lost its answer and too many other writers wrote since to tell whether it happened.
+
+    Nothing is re-applied. ``gone`` lists checkpoints the write would have pruned that the index no longer lists:
+    they can never be listed again, so their objects may be deleted.
+    """
+
+    def __init__(self, message: str, gone: list[CheckpointEntry] | None = None) -> None:
+        super().__init__(message)
+        self.gone = list(gone or [])
+
+
+def _stamped(new: Index, before: Index, session: str, op: int) -> Index:
+    """``new`` with a seq above ``before``'s and this session's record of update ``op`` (bounded, newest kept)."""
+    seq = max(new.seq, before.seq + 1)
+    others = sorted((r for r in before.applied if r.writer != session), key=lambda r: r.seq)[-(MAX_APPLIED - 1):]
+    return new.model_copy(update={"seq": seq, "applied": (*others, Applied(writer=session, op=op, seq=seq))})
 
 
 def new_writer_id() -> str:
@@ -38,6 +92,9 @@ class IndexKeeper:
         self.writer_id = writer_id or new_writer_id()
         self.lease: WriterLease | None = None
         self.conflicts = 0  # lost races, for tests and logs
+        self.session = uuid.uuid4().hex[:16]  # names this keeper's writes in the index (Index.applied)
+        self._ops = itertools.count(1)
+        self._lock = threading.Lock()  # one update at a time: the session's record must be its latest update
         self._cached: tuple[object, Index] | None = None  # (token, index) last read or written by us
 
     def _fetch(self) -> tuple[Index | None, object]:
@@ -77,49 +134,85 @@ class IndexKeeper:
 
     def update(self, change: Callable[[Index], Index | None], *, what: str = "update index") -> Index:
         """Apply ``change`` (pure: Index -> new Index, or None for no change) with compare-and-swap; return the result."""
+        return self.apply(change, what=what).after
 
-        def attempt() -> Index:
+    def apply(self, change: Callable[[Index], Index | None], *, what: str = "update index") -> Update:
+        """Like :meth:`update`, returning the index the change was applied to as well (see :class:`Update`).
+
+        A write whose answer was lost is resolved before anything is re-applied (module docstring); raises
+        :class:`OutcomeUnknownError` when that can't be decided.
+        """
+        written: dict[int, Update] = {}  # update number -> what that write would make of the index
+
+        def attempt() -> Update:
             index, token = self.read()
+            if written:
+                done = self._resolve(index, written, what)
+                if done is not None:
+                    return done
             self._check_fence(index)
             new = change(index)
             if new is None:
-                return index
+                return Update(index, index)
+            self.backend.ensure_conditional_writes(self.budget)  # once per backend: refuse a store without CAS
+            op = next(self._ops)
+            new = _stamped(new, index, self.session, op)
+            written[op] = Update(index, new)
             try:
                 new_token = self.backend.write_index(dump(new), token)
             except IndexConflictError:
                 self.conflicts += 1
                 raise
             self._cached = (new_token, new) if new_token is not None else None
-            return new
+            return Update(index, new)
 
         def retryable(exc: BaseException) -> bool:
             return isinstance(exc, IndexConflictError) or retry.is_transient(exc)
 
-        try:
-            return retry.run(attempt, url=self.backend.url, what=what, budget=self.budget, attempts=200,
-                             retry_on=retryable, wait=tenacity.wait_random_exponential(multiplier=0.005, max=0.5),
-                             log_level=logging.DEBUG)
-        except IndexConflictError as e:
-            raise TransferError(f"{self.backend.url}: {what}: gave up after {self.conflicts} lost races") from e
-        except CloudCkptError:
-            raise
-        except Exception as exc:
-            if not (retry.is_transient(exc) or isinstance(exc, OSError)):
-                raise  # a programming error: let it show as itself
-            raise TransferError(f"{self.backend.url}: {what} failed: {exc}") from exc
+        with self._lock:
+            try:
+                return retry.run(attempt, url=self.backend.url, what=what, budget=self.budget, attempts=200,
+                                 retry_on=retryable, wait=tenacity.wait_random_exponential(multiplier=0.005, max=0.5),
+                                 log_level=logging.DEBUG)
+            except IndexConflictError as e:
+                raise TransferError(f"{self.backend.url}: {what}: gave up after {self.conflicts} lost races") from e
+            except CloudCkptError:
+                raise
+            except Exception as exc:
+                if not (retry.is_transient(exc) or isinstance(exc, OSError)):
+                    raise  # a programming error: let it show as itself
+                raise TransferError(f"{self.backend.url}: {what} failed: {exc}") from exc
+
+    def _resolve(self, index: Index, written: dict[int, Update], what: str) -> Update | None:
+        """Which earlier write of this update the index shows applied; None when none did; raise when unknowable."""
+        mine = next((r for r in index.applied if r.writer == self.session), None)
+        if mine is not None and mine.op in written:
+            done = written[mine.op]
+            log.info("%s at %s: an earlier write's answer was lost; the index (seq %d) shows it applied at seq %d",
+                     what, self.backend.url, index.seq, mine.seq)
+            return Update(done.before, done.after, resolved=True)
+        if mine is None and len(index.applied) >= MAX_APPLIED:
+            oldest = min(r.seq for r in index.applied)
+            if any(u.after.seq < oldest for u in written.values()):  # its record may have been pushed out
+                listed = {c.id for c in index.checkpoints}
+                gone = {c.id: c for u in written.values() for c in u.removed if c.id not in listed}
+                raise OutcomeUnknownError(
+                    f"{self.backend.url}: {what}: a write's answer was lost and {len(index.applied)} other writers "
+                    "wrote since, so whether it happened is unknown; nothing was re-applied",
+                    list(gone.values()))
+        return None  # a record of ours older than this update, or none: no write of this update happened
 
     def claim(self) -> WriterLease:
         """Become the run's writer: a generation above every earlier writer's, which fences them out."""
         self.lease = None
-        claimed: list[WriterLease] = []
 
         def change(index: Index) -> Index:
             gen = (index.writer.generation + 1) if index.writer else 1
-            lease = WriterLease(id=self.writer_id, generation=gen, host=socket.gethostname(), since=utcnow())
-            claimed[:] = [lease]
-            return index.with_writer(lease)
+            return index.with_writer(WriterLease(id=self.writer_id, generation=gen, host=socket.gethostname(),
+                                                 since=utcnow()))
 
-        self.update(change, what="claim run")
-        self.lease = claimed[0]
+        lease = self.apply(change, what="claim run").after.writer
+        assert lease is not None
+        self.lease = lease  # a claim that lost its answer and was superseded since: the next update is fenced
         log.info("claimed %s as writer generation %d", self.backend.url, self.lease.generation)
         return self.lease

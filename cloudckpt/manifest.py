@@ -22,8 +22,10 @@ SCHEMA_VERSION = 1
 INDEX_NAME = "index.json"
 MANIFEST_NAME = "_cloudckpt_manifest.json"
 TMP_MARK = ".cloudckpt-tmp-"  # prefix of files being written; never listed, removed by gc
+PROBE_DIR = "_cloudckpt_probe"  # a writer's conditional-write probe objects (backends/capabilities.py); gc removes leftovers
 MAX_FILES = 100_000
 MAX_FILE_SIZE = 2**50  # 1 PiB: anything larger is a corrupt or hostile index
+MAX_APPLIED_READ = 1024  # applied-update records an index may carry (writers keep far fewer: commit.MAX_APPLIED)
 _ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
 _RESERVED_IDS = {INDEX_NAME, "index.json.lock"}
 
@@ -159,8 +161,21 @@ class WriterLease(_Frozen):
     since: datetime
 
 
+class Applied(_Frozen):
+    """The last index update one writer session made: its update number ``op`` and the index ``seq`` it wrote.
+
+    A writer whose write lost its answer (timeout, reset) reads these back to learn whether that write happened,
+    instead of guessing from the checkpoints listed (see :mod:`cloudckpt.commit`).
+    """
+
+    writer: Annotated[str, Field(pattern=r"^[0-9a-f]{8,32}$")]
+    op: Annotated[int, Field(ge=1)]
+    seq: Annotated[int, Field(ge=0)]
+
+
 class Index(_Frozen):
-    """The run's index. ``seq`` counts updates; ``checkpoints`` are in commit order (oldest first)."""
+    """The run's index. ``seq`` counts updates; ``checkpoints`` are in commit order (oldest first); ``applied``
+    holds the last update of each of the most recent writer sessions (bounded; absent in older indexes)."""
 
     schema_: Literal["cloudckpt/index"] = Field("cloudckpt/index", alias="schema")
     schema_version: int = SCHEMA_VERSION
@@ -170,6 +185,7 @@ class Index(_Frozen):
     checkpoints: tuple[CheckpointEntry, ...] = ()
     best: str | None = None
     latest: str | None = None
+    applied: Annotated[tuple[Applied, ...], Field(max_length=MAX_APPLIED_READ)] = ()
 
     model_config = ConfigDict(frozen=True, extra="forbid", strict=True, populate_by_name=True)
 

@@ -21,14 +21,14 @@ from typing import Any
 
 from . import failpoints, retry
 from .backends import open_backend
-from .commit import IndexKeeper
+from .commit import IndexKeeper, OutcomeUnknownError, Update
 from .errors import CheckpointNotFoundError, ConfigurationError, IntegrityError
 from .garbage import plan_gc
 from .manifest import MANIFEST_NAME, CheckpointEntry, Index, Manifest, RunPolicy, WriterLease, dump, parse_manifest, utcnow
 from .progress import byte_progress
 from .restore import pull_into
 from .retention import Record, plan_prune, policy_from
-from .transfer import checksum_all, download_verified, scan, upload_all
+from .transfer import download_verified, scan, upload_all
 
 log = logging.getLogger(__name__)
 
@@ -111,7 +111,6 @@ class CheckpointStore:
         self.progress = progress
         self.keeper = IndexKeeper(self.backend, budget=min(budget, 120.0), writer_id=writer_id)
         self._pool = ThreadPoolExecutor(workers, thread_name_prefix="cloudckpt-io")
-        self._sum_pool = ThreadPoolExecutor(2, thread_name_prefix="cloudckpt-io-sum")  # checksums beside uploads
         self._busy: set[str] = set()  # in flight or being restored by this process: never pruned
         self._busy_lock = threading.Lock()
 
@@ -119,7 +118,6 @@ class CheckpointStore:
 
     def close(self) -> None:
         self._pool.shutdown(wait=True)
-        self._sum_pool.shutdown(wait=True)
 
     def __enter__(self) -> CheckpointStore:
         return self
@@ -170,20 +168,18 @@ class CheckpointStore:
         if mode not in (None, "min", "max"):
             raise ConfigurationError(f"mode must be 'min' or 'max'. Received: mode={mode!r}")
         files = scan(source)
+        self.backend.ensure_conditional_writes(self.budget)  # refuse a store without CAS before uploading anything
         metrics = {k: float(v) for k, v in (metrics or {}).items()}
         cid = new_checkpoint_id(epoch, step)
         self._hold(cid, True)
         try:
             t0 = time.monotonic()
-            sums = checksum_all(files, sha256=sha256, pool=self._sum_pool)
             total = sum(f.path.stat().st_size for f in files)
             try:
                 with byte_progress(total, f"push {cid}", self.progress) as advance:
-                    entries = upload_all(self.backend, cid, files, sums, budget=self.budget, pool=self._pool,
+                    entries = upload_all(self.backend, cid, files, sha256=sha256, budget=self.budget, pool=self._pool,
                                          progress=advance)
             except Exception:
-                for fut in sums:
-                    fut.cancel()
                 self._discard_upload(cid, [f.rel for f in files])
                 raise
             total = sum(e.size for e in entries)
@@ -196,12 +192,10 @@ class CheckpointStore:
             failpoints.hit("push.after_manifest")
             overrides = {k: v for k, v in dict(monitor=monitor, mode=mode, keep_best=keep_best, keep_last=keep_last,
                                                 keep_every=keep_every).items() if v is not None}
-            pruned: list[CheckpointEntry] = []
 
             def change(index: Index) -> Index | None:
-                pruned.clear()
                 if any(c.id == cid for c in index.checkpoints):
-                    return None  # our earlier attempt's write went through
+                    return None  # defensive: only this push adds cid, and a write that happened is never re-applied
                 new = index
                 if overrides:
                     run = RunPolicy.model_validate({**index.run.model_dump(), **overrides})
@@ -210,11 +204,11 @@ class CheckpointStore:
                 new = new.with_checkpoint(entry)
                 if prune:
                     doomed = self._plan(new, None)
-                    pruned.extend(c for c in new.checkpoints if c.id in doomed)
                     new = new.without(doomed) if doomed else new
                 return new
 
-            self.keeper.update(change, what=f"commit {cid}")
+            done = self._apply(change, what=f"commit {cid}")
+            pruned = done.removed
             log.info("committed %s to %s (%d files, %d bytes, %.2fs)", cid, self.url, len(entries), total,
                      time.monotonic() - t0)
         finally:
@@ -222,6 +216,15 @@ class CheckpointStore:
         failpoints.hit("push.after_index")
         self._delete_checkpoints(pruned)
         return entry
+
+    def _apply(self, change, *, what: str) -> Update:
+        """One index update; when its outcome can't be known, still delete what it pruned that is no longer listed
+        (a checkpoint once unlisted is never listed again), then raise."""
+        try:
+            return self.keeper.apply(change, what=what)
+        except OutcomeUnknownError as exc:
+            self._delete_checkpoints(exc.gone)
+            raise
 
     def _discard_upload(self, cid: str, rels: list[str]) -> None:
         """Best effort after a failed upload: remove what this push stored (gc removes anything left)."""
@@ -248,21 +251,22 @@ class CheckpointStore:
         args = None
         if any(v is not None for v in (keep_best, keep_last, keep_every)):
             args = dict(keep_best=keep_best, keep_last=keep_last, keep_every=keep_every)
-        pruned: list[CheckpointEntry] = []
+        planned: list[CheckpointEntry] = []
 
         def change(index: Index) -> Index | None:
-            pruned.clear()
             doomed = self._plan(index, args)
-            pruned.extend(c for c in index.checkpoints if c.id in doomed)
+            planned[:] = [c for c in index.checkpoints if c.id in doomed]
             return index.without(doomed) if doomed and not dry_run else None
 
         self.index()  # a missing run is an error, not an empty prune
-        self.keeper.update(change, what="prune")
-        if not dry_run:
-            failpoints.hit("prune.after_index")
-            self._delete_checkpoints(pruned)
-            for c in pruned:
-                log.info("pruned %s from %s", c.id, self.url)
+        done = self._apply(change, what="prune")
+        if dry_run:
+            return planned
+        pruned = done.removed  # what the write that happened pruned, even when its answer was lost
+        failpoints.hit("prune.after_index")
+        self._delete_checkpoints(pruned)
+        for c in pruned:
+            log.info("pruned %s from %s", c.id, self.url)
         return pruned
 
     def _delete_checkpoints(self, entries: Iterable[CheckpointEntry]) -> None:

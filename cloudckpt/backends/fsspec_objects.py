@@ -9,11 +9,20 @@ from __future__ import annotations
 
 import base64
 from pathlib import Path
-from collections.abc import Callable
 from typing import Any
 
 from ..errors import IntegrityError
+from ..source import Source
 from .base import ObjectInfo
+
+
+def _discard(out: Any) -> None:
+    """Throw away a write-mode fsspec file after a failure: closing it would store the bytes written so far."""
+    try:
+        out.discard()  # s3fs aborts its multipart upload, gcsfs cancels its resumable one
+    except Exception:
+        pass
+    out.closed = True  # or its __del__ would close it, finishing the upload with a partial file
 
 
 class FsspecObjects:
@@ -33,19 +42,29 @@ class FsspecObjects:
                 return None
         return None
 
-    def upload(self, local: Path, rel: str, *, size: int, crc32c: Callable[[], str]) -> None:
+    def upload(self, source: Source, rel: str, *, deadline: float | None = None) -> None:
+        # The bytes go to the filesystem through a write-mode file (it buffers one block and sends it as a part):
+        # what is sent is exactly what ``source`` hashed, in one pass, and no copy of the whole file is held.
         path = self._path(rel)
-        self.fs.put_file(str(local), path)
+        out = self.fs.open(path, "wb")
+        try:
+            for block in source.blocks():
+                out.write(block)
+                self.remaining(deadline)  # type: ignore[attr-defined]
+            out.close()
+        except BaseException:
+            _discard(out)
+            raise
         self.fs.invalidate_cache(path)
         info = self.fs.info(path)
-        if int(info.get("size") or 0) != size:
-            raise IntegrityError(f"{self.url}/{rel}: stored object is {info.get('size')} bytes, expected {size}")
-        server, want = self._fs_crc32c(info), crc32c()
+        if int(info.get("size") or 0) != source.size:
+            raise IntegrityError(f"{self.url}/{rel}: stored object is {info.get('size')} bytes, expected {source.size}")
+        server, want = self._fs_crc32c(info), source.crc32c()
         if server is not None and server != want:
-            raise IntegrityError(f"{self.url}/{rel}: server crc32c {server} differs from ours {want}")
+            raise IntegrityError(f"{self.url}/{rel}: server crc32c {server} differs from the bytes sent {want}")
         self.check_uploaded(rel, want)  # type: ignore[attr-defined]
 
-    def download(self, rel: str, local: Path) -> None:
+    def download(self, rel: str, local: Path, *, deadline: float | None = None) -> None:
         self.fs.get_file(self._path(rel), str(local))
 
     def read_bytes(self, rel: str) -> bytes:

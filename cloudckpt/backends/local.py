@@ -9,12 +9,12 @@ import os
 import shutil
 import uuid
 from pathlib import Path
-from collections.abc import Callable
 from typing import Any
 
 from ..checksum import file_checksums
 from ..errors import ConfigurationError, IndexConflictError, IntegrityError
 from ..manifest import INDEX_NAME, TMP_MARK
+from ..source import Source
 from .base import UNCHANGED, Backend, ObjectInfo
 
 _LOCK_NAME = ".index.lock"
@@ -82,22 +82,31 @@ class LocalBackend(Backend):
             finally:
                 fcntl.flock(lock, fcntl.LOCK_UN)
 
+    def conditional_write_problem(self) -> str | None:
+        """The index swap is safe only if ``flock`` excludes every writer: not on NFS mounted ``nolock`` /
+        ``local_lock``, nor on FUSE mounts (locks local to one machine), and only where it excludes at all."""
+        from .capabilities import flock_problem, mount_lock_problem
+
+        self.root.mkdir(parents=True, exist_ok=True)
+        return mount_lock_problem(self.root) or flock_problem(self.root / _LOCK_NAME)
+
     # --- objects -----------------------------------------------------------------------------------------------
 
-    def upload(self, local: Path, rel: str, *, size: int, crc32c: Callable[[], str]) -> None:
+    def upload(self, source: Source, rel: str, *, deadline: float | None = None) -> None:
         target = self._abs(rel)
 
         def copy(f) -> None:
-            with open(local, "rb") as src:
-                shutil.copyfileobj(src, f, 8 * 2**20)
+            for block in source.blocks():
+                f.write(block)
 
         self._write_atomic(target, copy)
         got_size = target.stat().st_size
-        got, want = file_checksums(target)["crc32c"], crc32c()
-        if got_size != size or got != want:
-            raise IntegrityError(f"{self.url}/{rel}: stored copy is {got_size} bytes crc32c {got}, expected {size} {want}")
+        got, want = file_checksums(target)["crc32c"], source.crc32c()
+        if got_size != source.size or got != want:
+            raise IntegrityError(f"{self.url}/{rel}: stored copy is {got_size} bytes crc32c {got}, expected "
+                                 f"{source.size} {want}")
 
-    def download(self, rel: str, local: Path) -> None:
+    def download(self, rel: str, local: Path, *, deadline: float | None = None) -> None:
         shutil.copyfile(self._abs(rel), local)
 
     def read_bytes(self, rel: str) -> bytes:

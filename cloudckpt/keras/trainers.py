@@ -25,7 +25,7 @@ from typing import Any
 import keras
 import numpy as np
 
-from ..errors import ConfigurationError
+from ..errors import ConfigurationError, IntegrityError
 from .distributed import WorkerRole, current_role, jax_role
 
 log = logging.getLogger(__name__)
@@ -154,12 +154,19 @@ class HostRandomness:
         except KeyError as exc:
             log.info("the checkpoint holds no state of %s: random draws after the resume may differ", exc)
             return False
-        random.setstate((int(py[0]), tuple(int(v) for v in py[1:]), float(gauss[0]) if gauss.size else None))
-        np.random.set_state(np_state)
-        if torch_state is not None:
-            import torch
+        except (ValueError, TypeError, IndexError) as exc:
+            raise IntegrityError(f"the checkpoint's random generator state {prefix}* is malformed: "
+                                 f"{str(exc)[:200]}") from None
+        try:
+            random.setstate((int(py[0]), tuple(int(v) for v in py[1:]), float(gauss[0]) if gauss.size else None))
+            np.random.set_state(np_state)
+            if torch_state is not None:
+                import torch
 
-            torch.set_rng_state(torch.from_numpy(np.array(torch_state, dtype=np.uint8)))
+                torch.set_rng_state(torch.from_numpy(np.array(torch_state, dtype=np.uint8)))
+        except (ValueError, TypeError, IndexError, OverflowError, RuntimeError) as exc:
+            raise IntegrityError(f"the checkpoint's random generator state {prefix}* is malformed: "
+                                 f"{str(exc)[:200]}") from None
         return True
 
 

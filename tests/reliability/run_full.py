@@ -7,7 +7,7 @@ Usage (from the repository root)::
 It is ``pytest tests/reliability --full`` (kill counts, races, faulted pushes and hypothesis examples scaled up;
 tests marked ``slow`` included) with the figures written to ``reliability-figures.json`` in the current directory
 and printed at the end: kills survived by point and store, faults injected by kind, HTTP attempts per operation
-(max/mean), races run, bad inputs tried.
+(max/mean), races run, bad inputs tried, interleavings explored (examples, steps, ops and faults by kind).
 """
 
 from __future__ import annotations

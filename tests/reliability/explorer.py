@@ -1,0 +1,335 @@
+"""Drive 2-3 writers of one real run one backend call at a time, with lost answers, drops and crashes.
+
+Each writer is a real :class:`~cloudckpt.CheckpointStore` (its own index-keeper session, as a separate process
+would have) whose backend is wrapped by :class:`Gated`: every call to the store (index read/write, upload, manifest
+write, listing, delete) and every failpoint (:mod:`cloudckpt.failpoints`) parks the writer's thread until the
+explorer lets it through with a decision — ``go``; ``lost`` (the call is carried out, then a ConnectionError);
+``drop`` (a ConnectionError before the call); ``crash`` / ``crash_after`` (the writer dies before / after the call,
+as SIGKILL would leave it). Only one thread runs at a time, so an interleaving is a sequence of (writer, decision)
+and replays exactly; :mod:`.test_explore` lets hypothesis choose and shrink it.
+
+After every step the explorer looks at the store itself (a separate, ungated backend) and
+:class:`~.protocol_model.Model` checks what it sees.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+import time
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from cloudckpt import CheckpointStore, StaleWriterError
+from cloudckpt.backends import open_backend
+from cloudckpt.errors import CheckpointNotFoundError
+from cloudckpt.manifest import parse_index
+
+from .invariants import check_run, listed_objects
+from .protocol_model import Model
+
+GATED = {"read_index", "write_index", "upload", "download", "read_bytes", "write_bytes", "list_objects", "delete"}
+WRITES = {"write_index", "write_bytes", "upload", "delete"}
+FAULTS_PER_OP = 3  # lost/dropped calls per operation: fewer than any retry loop's attempts, so ops can finish
+FAULTY = {"write_index", "delete", "write_bytes"}  # where lost answers matter to the protocol (others: just retried)
+STOPS = {"write_index", "delete"}  # where a hop stops: the moves of the protocol
+GC_MIN_AGE = 3600.0  # local runs: gc keeps anything younger; leftovers of finished or dead ops are aged past it
+STEP_TIMEOUT = 60.0
+
+_BY_THREAD: dict[int, Writer] = {}  # op thread -> writer, for failpoints
+
+
+class Crash(BaseException):
+    """The writer's process died here: nothing of it runs after this point."""
+
+
+def failpoint(name: str) -> None:
+    """Stands in for :func:`cloudckpt.failpoints.hit` while exploring: a failpoint is one more place to park."""
+    w = _BY_THREAD.get(threading.get_ident())
+    if w is not None:
+        w.through(f"failpoint:{name}", (), lambda: None)
+
+
+class Gated:
+    """Proxy to a real backend: each store call parks until the explorer decides how it goes."""
+
+    def __init__(self, real: Any, writer: Writer) -> None:
+        self._real = real
+        self._writer = writer
+
+    def __getattr__(self, name: str) -> Any:
+        attr = getattr(self._real, name)
+        if name not in GATED:
+            return attr
+        return lambda *args, **kwargs: self._writer.through(name, args, lambda: attr(*args, **kwargs))
+
+
+@dataclass
+class Op:
+    kind: str
+    result: Any = None
+    error: BaseException | None = None
+    faults: int = 0
+    cids: set[str] = field(default_factory=set)  # checkpoint ids this op stored objects under
+    removed: set[str] = field(default_factory=set)  # ids its index writes took out of the index
+    writes: int = 0  # index writes of this op that changed the index: one at most (an update is applied once)
+
+
+class Writer:
+    """One writer: a store of its own, a thread per operation, parked at every store call."""
+
+    def __init__(self, name: str, url: str, opts: dict) -> None:
+        self.name = name
+        self.store = CheckpointStore(url, budget=30, workers=1, **opts)
+        self.store.backend = self.store.keeper.backend = Gated(self.store.backend, self)  # type: ignore[assignment]
+        self.cv = threading.Condition()
+        self.ticket = 0
+        self.parked: tuple[str, tuple] | None = None
+        self.decision: str | None = None
+        self.dead = False
+        self.done = True
+        self.op: Op | None = None
+
+    # --- the writer's side -----------------------------------------------------------------------------------
+
+    def through(self, name: str, args: tuple, call) -> Any:
+        with self.cv:
+            if self.dead:
+                raise Crash()
+            self.parked = (name, args)
+            self.ticket += 1
+            self.cv.notify_all()
+            self.cv.wait_for(lambda: self.decision is not None or self.dead)
+            if self.dead:
+                raise Crash()
+            decision, self.decision, self.parked = self.decision, None, None
+            if decision in ("crash", "crash_after") and (decision == "crash" or name not in WRITES):
+                self.dead = True
+                raise Crash()
+        if decision == "drop" or (decision == "lost" and name not in WRITES):
+            raise ConnectionError(f"injected: {name} dropped")
+        result = call()
+        if decision == "crash_after":
+            with self.cv:
+                self.dead = True
+            raise Crash()
+        if decision == "lost":
+            raise ConnectionError(f"injected: the answer to {name} was lost")
+        return result
+
+    # --- the explorer's side ---------------------------------------------------------------------------------
+
+    def start(self, kind: str, fn) -> None:
+        self.op, self.done = Op(kind), False
+
+        def run() -> None:
+            _BY_THREAD[threading.get_ident()] = self
+            try:
+                self.op.result = fn()
+            except BaseException as exc:  # noqa: BLE001 - Crash included: how the op ended is what is recorded
+                self.op.error = exc
+            finally:
+                _BY_THREAD.pop(threading.get_ident(), None)
+                with self.cv:
+                    self.done = True
+                    self.cv.notify_all()
+
+        with self.cv:
+            ticket = self.ticket
+        threading.Thread(target=run, daemon=True, name=f"explore-{self.name}").start()
+        self._wait(ticket)
+
+    def advance(self, decision: str) -> None:
+        with self.cv:
+            ticket = self.ticket
+            self.decision = decision
+            self.cv.notify_all()
+        self._wait(ticket)
+
+    def _wait(self, ticket: int) -> None:
+        with self.cv:
+            ok = self.cv.wait_for(lambda: self.ticket > ticket or self.done, timeout=STEP_TIMEOUT)
+        assert ok, f"writer {self.name} neither reached the store nor finished within {STEP_TIMEOUT}s"
+
+    def kill(self) -> None:
+        with self.cv:
+            self.dead = True
+            self.cv.notify_all()
+        with self.cv:
+            self.cv.wait_for(lambda: self.done, timeout=STEP_TIMEOUT)
+        self.store.close()
+
+
+EXPECTED_ERRORS = (Crash, StaleWriterError, CheckpointNotFoundError)
+
+
+class Explorer:
+    """A run, its writers and the model; :meth:`start` and :meth:`step` are the moves hypothesis picks from."""
+
+    def __init__(self, url: str, opts: dict, writers: int, keep_last: int, *, aging: bool, work: Path,
+                 figures: dict[str, Counter]) -> None:
+        self.url, self.opts, self.aging, self.work, self.figures = url, opts, aging, work, figures
+        self.keep_last = keep_last
+        self.real = open_backend(url, dict(opts))
+        self.writers = [Writer(f"w{i}", url, opts) for i in range(writers)]
+        self.restarts = 0
+        self.model = Model()
+        self.pushes = 0
+        self.broken = False  # a check failed: the end skips draining and the final checks
+        self.every_step = aging  # local runs look at the store after every step; remote ones after writes/ends
+
+    # --- moves ----------------------------------------------------------------------------------------------
+
+    def idle(self) -> list[Writer]:
+        return [w for w in self.writers if w.done]
+
+    def busy(self) -> list[Writer]:
+        return [w for w in self.writers if not w.done]
+
+    def start(self, pick: int, kind: str, loss: float) -> None:
+        self.begin(self.idle()[pick % len(self.idle())], kind, loss)
+
+    def begin(self, w: Writer, kind: str, loss: float = 0.5) -> None:
+        """``w`` starts an operation: push (keep-last and keep-best 1 by val_loss=``loss``), prune, claim or gc."""
+        assert w.done, f"{w.name} is busy"
+        if kind == "gc" and not self.aging and self.busy():
+            kind = "prune"  # without aging, gc(min_age=0) is only safe while no upload is in flight (below)
+        store = w.store
+        if kind == "push":
+            self.pushes += 1
+            src = self.work / f"src-{self.pushes}"
+            src.mkdir(parents=True)
+            (src / "model.bin").write_bytes(os.urandom(16 + self.pushes % 7))
+            fn = lambda: store.push(src, epoch=self.pushes, metrics={"val_loss": loss}, monitor="val_loss",
+                                    mode="min", keep_last=self.keep_last, keep_best=1)
+        elif kind == "prune":
+            fn = store.prune
+        elif kind == "claim":
+            fn = store.claim
+        else:
+            fn = (lambda: store.gc(min_age=GC_MIN_AGE)) if self.aging else (lambda: store.gc(min_age=0))
+        self.figures["explore_ops"][kind] += 1
+        w.start(kind, fn)
+        self._after(w, None, None)
+        if kind == "gc" and not self.aging:
+            self.run(w)  # ... and none starts before it ends: nothing but min_age keeps gc off a fresh upload
+
+    def step(self, pick: int, decision: str) -> None:
+        self.move(self.busy()[pick % len(self.busy())], decision)
+
+    def move(self, w: Writer, decision: str) -> None:
+        """The call ``w`` is parked at goes as ``decision`` says; ``w`` runs to its next call or its end."""
+        name, args = w.parked
+        if decision in ("lost", "drop"):
+            if w.op.faults >= FAULTS_PER_OP or name not in FAULTY:
+                decision = "go"
+            else:
+                w.op.faults += 1
+        if name.startswith("failpoint:") and decision not in ("crash", "crash_after"):
+            decision = "go"
+        if name in ("upload", "write_bytes"):
+            w.op.cids.add(str(args[1] if name == "upload" else args[0]).split("/", 1)[0])
+        if name == "delete":
+            self.model.check_delete(list(args[0]), w)
+        if decision != "go":
+            self.figures["explore_faults"][f"{decision}/{name}"] += 1
+        self.figures["explore"]["steps"] += 1
+        lease = w.store.keeper.lease  # the lease the call is made under (a claim sets a new one as it returns)
+        w.advance(decision)
+        self._after(w, name, lease)
+
+    def at_index_write(self) -> list[Writer]:
+        return [w for w in self.busy() if w.parked and w.parked[0] == "write_index"]
+
+    def lose_index_write(self, pick: int) -> None:
+        """A writer parked at its index write: the write happens, its answer is lost."""
+        self.move(self.at_index_write()[pick % len(self.at_index_write())], "lost")
+
+    def hop(self, pick: int) -> None:
+        """Let a busy writer run (no faults) to its next index write, delete or failpoint, or to its end."""
+        w = self.busy()[pick % len(self.busy())]
+        for _ in range(100):
+            self.move(w, "go")
+            if w.done or w.parked[0] in STOPS or w.parked[0].startswith("failpoint:"):
+                return
+
+    def run(self, w: Writer, until: str | None = None) -> None:
+        """Scripted: ``w`` goes on without faults until it is parked at ``until`` or its op ends."""
+        for _ in range(200):
+            if w.done or (until is not None and w.parked[0] == until):
+                return
+            self.move(w, "go")
+        raise AssertionError(f"{w.name} never reached {until}")
+
+    def _after(self, w: Writer, call: str | None, lease: Any) -> None:
+        try:
+            self._check(w, call, lease)
+        except BaseException:
+            self.broken = True
+            raise
+
+    def _check(self, w: Writer, call: str | None, lease: Any) -> None:
+        if not (self.every_step or call in STOPS or w.done):
+            return  # only an index write or a delete can break a promise (remote stores: look less often)
+        data, _ = self.real.read_index()
+        self.model.transition(parse_index(data) if data is not None else None, w, call, lease)
+        stored = {o.rel for o in self.real.list_objects()}
+        self.model.check_objects(stored)
+        if w.done:
+            op = w.op
+            if op.error is not None and not isinstance(op.error, EXPECTED_ERRORS):
+                raise AssertionError(f"{w.name}'s {op.kind} failed unexpectedly: {op.error!r}") from op.error
+            outcome = "ok" if op.error is None else type(op.error).__name__
+            self.figures["explore_outcomes"][f"{op.kind}/{outcome}"] += 1
+            self.model.check_finished(op, stored)
+            if isinstance(op.error, Crash):
+                self._restart(w)
+            self._age(stored)
+
+    def _restart(self, w: Writer) -> None:
+        """A crashed writer's process is gone; a new one (a new session) takes its place."""
+        w.kill()
+        self.restarts += 1
+        i = self.writers.index(w)
+        self.writers[i] = Writer(f"{w.name}'", self.url, self.opts)
+
+    def _age(self, stored: set[str]) -> None:
+        """Leftovers of ops that ended (dead, failed, or pruned and not yet deleted) look old to gc; objects of
+        uploads still in flight stay young, which is what gc's min_age protects."""
+        if not self.aging:
+            return
+        live = {cid for w in self.busy() for cid in w.op.cids}
+        listed = listed_objects(self.model.index) if self.model.index else set()
+        past = time.time() - 2 * GC_MIN_AGE
+        for rel in stored - listed:
+            if rel.split("/", 1)[0] not in live:
+                try:
+                    os.utime(self.real.root.joinpath(*rel.split("/")), (past, past))
+                except FileNotFoundError:
+                    pass
+
+    # --- the end -------------------------------------------------------------------------------------------
+
+    def finish(self) -> None:
+        """Let every op run to its end without faults, then check the whole run (verify, pull, gc leaves exactly
+        what is listed) and that every acknowledged commit is listed or was pruned by retention."""
+        if self.broken:
+            return
+        for _ in range(2000):
+            busy = self.busy()
+            if not busy:
+                break
+            self.move(busy[0], "go")
+        assert not self.busy(), "operations did not finish"
+        state = check_run(self.url, **self.opts)
+        listed = {c.id for c in state.index.checkpoints} if state.index else set()
+        lost = self.model.acked - listed - self.model.ever_removed
+        assert not lost, f"acknowledged commits vanished: {lost}"
+        self.figures["explore"]["examples"] += 1
+        self.figures["explore"]["restarts"] += self.restarts
+
+    def close(self) -> None:
+        for w in self.writers:
+            w.kill()
