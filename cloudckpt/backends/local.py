@@ -1,9 +1,9 @@
 """The embedded default: a run in a local directory. Files are written to a temp name and renamed into place; the
-index is swapped with ``os.replace`` under an exclusive ``flock``, compare-and-swap on the bytes' hash."""
+index is swapped with ``os.replace`` under an exclusive lock (filelock: ``flock`` on POSIX, ``LockFileEx`` on Windows;
+released by the operating system if the holder dies), compare-and-swap on the bytes' hash."""
 
 from __future__ import annotations
 
-import fcntl
 import hashlib
 import os
 import shutil
@@ -11,6 +11,8 @@ import uuid
 from pathlib import Path
 from collections.abc import Callable
 from typing import Any
+
+from filelock import FileLock
 
 from ..checksum import file_checksums
 from ..errors import ConfigurationError, IndexConflictError, IntegrityError
@@ -71,16 +73,12 @@ class LocalBackend(Backend):
 
     def write_index(self, data: bytes, token: Any) -> Any:
         self.root.mkdir(parents=True, exist_ok=True)
-        with open(self.root / _LOCK_NAME, "a+b") as lock:
-            fcntl.flock(lock, fcntl.LOCK_EX)
-            try:
-                _, current = self.read_index()
-                if current != token:
-                    raise IndexConflictError(f"{self.url}: index changed since it was read")
-                self._write_atomic(self._abs(INDEX_NAME), lambda f: f.write(data))
-                return hashlib.sha256(data).hexdigest()
-            finally:
-                fcntl.flock(lock, fcntl.LOCK_UN)
+        with FileLock(self.root / _LOCK_NAME):
+            _, current = self.read_index()
+            if current != token:
+                raise IndexConflictError(f"{self.url}: index changed since it was read")
+            self._write_atomic(self._abs(INDEX_NAME), lambda f: f.write(data))
+            return hashlib.sha256(data).hexdigest()
 
     # --- objects -----------------------------------------------------------------------------------------------
 

@@ -16,7 +16,7 @@ from keras import ops
 
 from ..preemption import PreemptionWatch
 from ..store import CheckpointStore
-from ..uploader import Uploader, new_staging_dir, snapshot
+from ..uploader import Uploader, new_staging_dir, remove_staging, snapshot
 from . import resume as rs
 from .distributed import WorkerRole, current_role
 
@@ -217,7 +217,7 @@ class CloudCheckpoint(keras.callbacks.ModelCheckpoint):
         if self.store is not None and not (self.preempted and self.uploader is not None and self.uploader.pending()):
             self.store.close()
         if self._staging is not None:
-            shutil.rmtree(self._staging, ignore_errors=True)
+            remove_staging(self._staging)
 
     # --- saving ------------------------------------------------------------------------------------------------
 
