@@ -20,6 +20,7 @@ from typing import Any
 
 from ..errors import ConfigurationError, IndexConflictError, IntegrityError
 from ..manifest import INDEX_NAME
+from ..versions import MIN_BOTOCORE, require
 from .base import UNCHANGED, Backend, ObjectInfo
 from .fsspec_objects import FsspecObjects
 
@@ -77,6 +78,7 @@ class S3Backend(Backend):
         self.part_size = max(5 * _MB, int(opts.get("part_size", 16 * _MB)))
         self.max_concurrency = max(1, int(opts.get("max_concurrency", 8)))
         import boto3
+        import botocore
         import botocore.config
         from boto3.s3.transfer import TransferConfig
 
@@ -99,6 +101,9 @@ class S3Backend(Backend):
             config=botocore.config.Config(**config_kwargs),
             **client_kwargs,
         )
+        put_object = self.client.meta.service_model.operation_model("PutObject").input_shape.members
+        require("botocore", botocore.__version__, MIN_BOTOCORE, "S3 PutObject with IfMatch swaps the index",
+                ok="IfMatch" in put_object)
         self.transfer = TransferConfig(
             multipart_threshold=self.part_size, multipart_chunksize=self.part_size,
             max_concurrency=self.max_concurrency, use_threads=True,

@@ -247,7 +247,8 @@ class CloudCheckpoint(keras.callbacks.ModelCheckpoint):
                 self._set_monitor_op()
             except ValueError:
                 return "min"
-        return "max" if self.monitor_op is ops.greater else "min"
+        # ask the comparison itself: Keras 3.10 sets np.greater/np.less, later releases ops.greater/ops.less
+        return "max" if bool(ops.convert_to_numpy(self.monitor_op(1.0, 0.0))) else "min"
 
     def _plan(self, saved: str | None) -> rs.StatePlan:
         """The :class:`resume.StatePlan` of this save (what the file Keras just wrote, if any, lacks), worked out
