@@ -40,10 +40,17 @@ Exit codes: 0 ok, 1 other error, 2 usage, 3 nothing matches, 4 integrity failure
 
 
 def _parse_value(text: str) -> Any:
-    try:
-        return json.loads(text)
-    except ValueError:
-        return text
+    """A ``-o KEY=VALUE`` value: a string as typed (``12e3``, ``null``, ``007`` stay strings: secrets are strings),
+    except ``true``/``false`` (booleans) and JSON objects, lists and quoted strings (``{...}``, ``[...]``, ``"true"``)."""
+    if text in ("true", "false"):
+        return text == "true"
+    if text[:1] in ("{", "[", '"'):
+        try:
+            return json.loads(text)
+        except ValueError:
+            raise click.BadParameter("a value starting with {, [ or \" must be valid JSON",
+                                     param_hint="--storage-option") from None
+    return text
 
 
 def _pairs(values: tuple[str, ...], what: str, convert: Callable[[str], Any]) -> dict[str, Any]:
@@ -102,6 +109,29 @@ def _table(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
+class _RetrySummary(logging.Filter):
+    """Default verbosity: retry warnings are counted instead of printed, and reported as one line when the command
+    ends (before its error line, if any); ``-v`` prints each retry."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.count = 0
+        self.last = ""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.name == "cloudckpt.retry" and record.levelno == logging.WARNING:
+            self.count += 1
+            self.last = record.getMessage()
+            return False
+        return True
+
+    def report(self) -> None:
+        if self.count:
+            last = " ".join(self.last.split())
+            last = last if len(last) <= 200 else last[:197] + "..."
+            click.echo(f"cloudckpt: {self.count} failed attempt(s) retried (last: {last}); -v shows each", err=True)
+
+
 json_flag = click.option("--json", "as_json", is_flag=True, help="Machine-readable output on stdout.")
 keep_flags = [
     click.option("--keep-best", type=click.IntRange(min=0), help="Keep the K best by the run's monitor."),
@@ -127,6 +157,11 @@ def cli(ctx: click.Context, storage_options: tuple[str, ...], progress: bool | N
     """Keep deep-learning checkpoints safe in S3, GCS or a local directory."""
     level = logging.WARNING if verbose == 0 else logging.INFO if verbose == 1 else logging.DEBUG
     logging.basicConfig(level=level, format="cloudckpt: %(levelname)s: %(message)s", stream=sys.stderr)
+    if verbose == 0:
+        summary = _RetrySummary()
+        for handler in logging.getLogger().handlers:
+            handler.addFilter(summary)
+        ctx.call_on_close(summary.report)  # runs before main() prints the error line
     ctx.obj = {"storage_options": _pairs(storage_options, "--storage-option", _parse_value), "progress": progress}
 
 
