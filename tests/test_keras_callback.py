@@ -324,3 +324,22 @@ def test_mode_max_is_recorded_as_max_and_best_is_the_highest(tmp_path):
         scored = [c for c in index.checkpoints if "val_accuracy" in c.metrics]
         assert len(scored) == 3
         assert store.best().metrics["val_accuracy"] == max(c.metrics["val_accuracy"] for c in scored)
+
+
+def test_a_new_runs_first_log_line_says_it_has_no_checkpoint(tmp_path, caplog):
+    """The callback's claim writes an index with no checkpoint: that is a new run, not a store of foreign checkpoints."""
+    import logging
+
+    src = tmp_path / "src"
+    src.mkdir()
+    (src / "model.pt").write_bytes(b"torch")
+    with CheckpointStore(str(tmp_path / "store")) as store, caplog.at_level(logging.INFO, logger="cloudckpt"):
+        store.claim()
+        assert rs.pull_resumable(store, tmp_path / "resume") is None
+        assert [r.getMessage() for r in caplog.records if r.name == "cloudckpt.keras.resume"] == [
+            f"no checkpoint in {store.url} yet: starting from scratch"]
+        caplog.clear()
+        store.push(src, epoch=1)  # another writer's checkpoint, without resume state
+        assert rs.pull_resumable(store, tmp_path / "resume") is None
+        (record,) = [r for r in caplog.records if r.name == "cloudckpt.keras.resume"]
+        assert record.levelno == logging.WARNING and "none written by CloudCheckpoint" in record.getMessage()
