@@ -17,6 +17,7 @@ from typing import Any
 from ..errors import IntegrityError
 
 log = logging.getLogger(__name__)
+Progress = Callable[[int], None]
 
 
 #: returned by ``read_index(known=token)`` instead of the bytes when the index is still at ``token``
@@ -60,15 +61,32 @@ class Backend(ABC):
     # --- objects ------------------------------------------------------------------------------------------------
 
     @abstractmethod
-    def upload(self, local: Path, rel: str, *, size: int, crc32c: Callable[[], str]) -> None:
+    def upload(self, local: Path, rel: str, *, size: int, crc32c: Callable[[], str],
+               progress: Progress | None = None) -> None:
         """Store the file at ``rel`` and check what the store can check (see :attr:`verification`). ``crc32c()``
         gives the file's crc32c (hex); it may still be being computed while the bytes go out, so call it only once
-        the transfer is done."""
+        the transfer is done. ``progress(n)`` is told of bytes sent as they go (negative when a part is resent)."""
 
     @abstractmethod
-    def download(self, rel: str, local: Path) -> str | None:
-        """Write the object at ``rel`` to the local file (streamed). Return the crc32c (hex) that the client
-        verified the written bytes against while streaming, or None when it verified none (the caller hashes)."""
+    def download(self, rel: str, local: Path, *, progress: Progress | None = None) -> str | None:
+        """Write the object at ``rel`` to the local file (streamed), telling ``progress(n)`` of bytes written.
+        Return the crc32c (hex) that the client verified the written bytes against while streaming, or None when
+        it verified none (the caller hashes)."""
+
+    def read_stream(self, rel: str, sink: Callable[[bytes], None]) -> None:
+        """Feed the object's bytes to ``sink`` in blocks as they arrive, writing no file (memory stays bounded).
+        FileNotFoundError when the object is missing. This default goes through a temporary file; the backends
+        here stream."""
+        import tempfile
+
+        from ..checksum import BLOCK
+
+        with tempfile.TemporaryDirectory(prefix="cloudckpt-read-") as tmp:
+            probe = Path(tmp) / "probe"
+            self.download(rel, probe)
+            with open(probe, "rb") as f:
+                while block := f.read(BLOCK):
+                    sink(block)
 
     @abstractmethod
     def read_bytes(self, rel: str) -> bytes:
@@ -93,14 +111,11 @@ class Backend(ABC):
         """With the ``verify_readback`` option: download the object again and compare its crc32c (any store)."""
         if not self.verify_readback:
             return
-        import tempfile
+        from ..checksum import StreamChecksums
 
-        from ..checksum import file_checksums
-
-        with tempfile.TemporaryDirectory(prefix="cloudckpt-readback-") as tmp:
-            probe = Path(tmp) / "probe"
-            self.download(rel, probe)
-            got = file_checksums(probe)["crc32c"]
+        sums = StreamChecksums()
+        self.read_stream(rel, sums.update)  # streamed through the hash: no copy in the temp directory
+        got = sums.result()["crc32c"]
         if got != crc32c:
             raise IntegrityError(f"{self.url}/{rel}: read-back crc32c {got} != {crc32c}")
 

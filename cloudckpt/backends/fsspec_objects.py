@@ -13,7 +13,25 @@ from collections.abc import Callable
 from typing import Any
 
 from ..errors import IntegrityError
-from .base import ObjectInfo
+from ..checksum import BLOCK
+from .base import ObjectInfo, Progress
+
+
+def _callback(progress: Progress | None) -> dict[str, Any]:
+    """``callback=`` for fsspec's put_file/get_file that tells ``progress`` of the bytes moved."""
+    if progress is None:
+        return {}
+    from fsspec.callbacks import Callback
+
+    class _Bytes(Callback):
+        seen = 0
+
+        def call(self, *args: Any, **kwargs: Any) -> None:
+            delta, self.seen = self.value - self.seen, self.value
+            if delta:
+                progress(delta)
+
+    return {"callback": _Bytes()}
 
 
 class FsspecObjects:
@@ -33,9 +51,10 @@ class FsspecObjects:
                 return None
         return None
 
-    def upload(self, local: Path, rel: str, *, size: int, crc32c: Callable[[], str]) -> None:
+    def upload(self, local: Path, rel: str, *, size: int, crc32c: Callable[[], str],
+               progress: Progress | None = None) -> None:
         path = self._path(rel)
-        self.fs.put_file(str(local), path)
+        self.fs.put_file(str(local), path, **_callback(progress))
         self.fs.invalidate_cache(path)
         info = self.fs.info(path)
         if int(info.get("size") or 0) != size:
@@ -45,8 +64,13 @@ class FsspecObjects:
             raise IntegrityError(f"{self.url}/{rel}: server crc32c {server} differs from ours {want}")
         self.check_uploaded(rel, want)  # type: ignore[attr-defined]
 
-    def download(self, rel: str, local: Path) -> None:
-        self.fs.get_file(self._path(rel), str(local))
+    def download(self, rel: str, local: Path, *, progress: Progress | None = None) -> None:
+        self.fs.get_file(self._path(rel), str(local), **_callback(progress))
+
+    def read_stream(self, rel: str, sink: Callable[[bytes], None]) -> None:
+        with self.fs.open(self._path(rel), "rb", block_size=BLOCK, cache_type="none") as f:
+            while block := f.read(BLOCK):
+                sink(block)
 
     def read_bytes(self, rel: str) -> bytes:
         return self.fs.cat_file(self._path(rel))

@@ -17,7 +17,7 @@ from typing import Any
 
 from ..errors import AccessError, ConfigurationError, IndexConflictError, IntegrityError
 from ..manifest import INDEX_NAME
-from .base import UNCHANGED, Backend, ObjectInfo
+from .base import UNCHANGED, Backend, ObjectInfo, Progress
 from .fsspec_objects import FsspecObjects
 
 _MB = 2**20
@@ -40,6 +40,41 @@ def _forget_sent_body(response: Any, *args: Any, **kwargs: Any) -> Any:
     if request is not None and isinstance(getattr(request, "body", None), (bytes, bytearray)):
         request.body = None
     return response
+
+
+class _Reading:
+    """A file being uploaded: tells ``progress`` how far the upload has read (a chunk re-sent after a seek back
+    counts negative)."""
+
+    def __init__(self, f: Any, progress: Progress) -> None:
+        self._f, self._progress = f, progress
+
+    def read(self, *args: Any) -> bytes:
+        data = self._f.read(*args)
+        self._progress(len(data))
+        return data
+
+    def seek(self, *args: Any) -> int:
+        before = self._f.tell()
+        after = self._f.seek(*args)
+        self._progress(after - before)
+        return after
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._f, name)
+
+
+class _Writing:
+    """A file-like sink for ``download_to_file``: hands each block to ``sink`` and tells ``progress``."""
+
+    def __init__(self, sink: Callable[[bytes], None], progress: Progress | None) -> None:
+        self._sink, self._progress = sink, progress
+
+    def write(self, data: bytes) -> int:
+        self._sink(data)
+        if self._progress:
+            self._progress(len(data))
+        return len(data)
 
 
 class GCSBackend(Backend):
@@ -124,26 +159,32 @@ class GCSBackend(Backend):
 
     # --- objects -----------------------------------------------------------------------------------------------
 
-    def upload(self, local: Path, rel: str, *, size: int, crc32c: Callable[[], str]) -> None:
+    def upload(self, local: Path, rel: str, *, size: int, crc32c: Callable[[], str],
+               progress: Progress | None = None) -> None:
         blob = self.bucket.blob(self._name(rel), chunk_size=self.chunk_size if size > self.chunk_size else None)
-        blob.upload_from_filename(str(local), checksum=None)  # the server's crc32c is compared with ours below
+        with open(local, "rb") as f:  # the server's crc32c is compared with ours below
+            blob.upload_from_file(_Reading(f, progress) if progress else f, size=size, checksum=None)
         blob.reload()
         server, want = (base64.b64decode(blob.crc32c).hex() if blob.crc32c else None), crc32c()
         if blob.size != size or server != want:
             raise IntegrityError(f"{self.url}/{rel}: stored object is {blob.size} bytes crc32c {server}, expected {size} {want}")
         self.check_uploaded(rel, want)
 
-    def download(self, rel: str, local: Path) -> str | None:
+    def download(self, rel: str, local: Path, *, progress: Progress | None = None) -> str | None:
         # google-cloud-storage streams to the file and checks the bytes against the object's crc32c as they arrive
         # (gcsfs get_file grew RSS to most of the object's size here). The generation is pinned, so the crc32c
         # returned is the one of exactly the bytes written: the caller needn't hash the file again.
+        with open(local, "wb") as f:
+            return self.read_stream(rel, f.write, progress)
+
+    def read_stream(self, rel: str, sink: Callable[[bytes], None], progress: Progress | None = None) -> str | None:
         from google.api_core.exceptions import NotFound
 
         blob = self.bucket.get_blob(self._name(rel))
         if blob is None:
             raise FileNotFoundError(f"{self.url}/{rel}: no such object")
         try:
-            blob.download_to_filename(str(local), checksum="crc32c", if_generation_match=blob.generation)
+            blob.download_to_file(_Writing(sink, progress), checksum="crc32c", if_generation_match=blob.generation)
         except NotFound as e:  # the contract's built-in: callers test FileNotFoundError
             raise FileNotFoundError(f"{self.url}/{rel}: no such object") from e
         return base64.b64decode(blob.crc32c).hex() if blob.crc32c else None

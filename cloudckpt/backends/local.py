@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import hashlib
 import os
-import shutil
 import uuid
 from pathlib import Path
 from collections.abc import Callable
@@ -14,10 +13,10 @@ from typing import Any
 
 from filelock import FileLock
 
-from ..checksum import file_checksums
+from ..checksum import BLOCK, file_checksums
 from ..errors import ConfigurationError, IndexConflictError, IntegrityError
 from ..manifest import INDEX_NAME, TMP_MARK
-from .base import UNCHANGED, Backend, ObjectInfo
+from .base import UNCHANGED, Backend, ObjectInfo, Progress
 
 _LOCK_NAME = ".index.lock"
 
@@ -28,6 +27,14 @@ def _fsync_dir(path: Path) -> None:
         os.fsync(fd)
     finally:
         os.close(fd)
+
+
+def _copy(src, dst, progress: Progress | None) -> None:
+    """Copy in BLOCK-sized blocks, telling ``progress`` of each."""
+    while block := src.read(BLOCK):
+        dst.write(block)
+        if progress:
+            progress(len(block))
 
 
 class LocalBackend(Backend):
@@ -82,12 +89,13 @@ class LocalBackend(Backend):
 
     # --- objects -----------------------------------------------------------------------------------------------
 
-    def upload(self, local: Path, rel: str, *, size: int, crc32c: Callable[[], str]) -> None:
+    def upload(self, local: Path, rel: str, *, size: int, crc32c: Callable[[], str],
+               progress: Progress | None = None) -> None:
         target = self._abs(rel)
 
         def copy(f) -> None:
             with open(local, "rb") as src:
-                shutil.copyfileobj(src, f, 8 * 2**20)
+                _copy(src, f, progress)
 
         self._write_atomic(target, copy)
         got_size = target.stat().st_size
@@ -95,8 +103,14 @@ class LocalBackend(Backend):
         if got_size != size or got != want:
             raise IntegrityError(f"{self.url}/{rel}: stored copy is {got_size} bytes crc32c {got}, expected {size} {want}")
 
-    def download(self, rel: str, local: Path) -> None:
-        shutil.copyfile(self._abs(rel), local)
+    def download(self, rel: str, local: Path, *, progress: Progress | None = None) -> None:
+        with open(self._abs(rel), "rb") as src, open(local, "wb") as dst:
+            _copy(src, dst, progress)
+
+    def read_stream(self, rel: str, sink: Callable[[bytes], None]) -> None:
+        with open(self._abs(rel), "rb") as src:
+            while block := src.read(BLOCK):
+                sink(block)
 
     def read_bytes(self, rel: str) -> bytes:
         return self._abs(rel).read_bytes()

@@ -21,7 +21,7 @@ from typing import Any
 from ..errors import ConfigurationError, IndexConflictError, IntegrityError
 from ..manifest import INDEX_NAME
 from ..versions import MIN_BOTOCORE, require
-from .base import UNCHANGED, Backend, ObjectInfo
+from .base import UNCHANGED, Backend, ObjectInfo, Progress
 from .fsspec_objects import FsspecObjects
 
 _MB = 2**20
@@ -144,9 +144,10 @@ class S3Backend(Backend):
 
     # --- objects -----------------------------------------------------------------------------------------------
 
-    def upload(self, local: Path, rel: str, *, size: int, crc32c: Callable[[], str]) -> None:
+    def upload(self, local: Path, rel: str, *, size: int, crc32c: Callable[[], str],
+               progress: Progress | None = None) -> None:
         key = self._key(rel)
-        self.client.upload_file(str(local), self.bucket, key, Config=self.transfer)
+        self.client.upload_file(str(local), self.bucket, key, Config=self.transfer, Callback=progress)
         head = self.client.head_object(Bucket=self.bucket, Key=key, ChecksumMode="ENABLED")
         if head["ContentLength"] != size:
             raise IntegrityError(f"{self.url}/{rel}: stored object is {head['ContentLength']} bytes, expected {size}")
@@ -157,14 +158,18 @@ class S3Backend(Backend):
                 raise IntegrityError(f"{self.url}/{rel}: server CRC32 {server_crc} differs from the local file's")
         self.check_uploaded(rel, crc32c())
 
-    def download(self, rel: str, local: Path) -> None:
+    def download(self, rel: str, local: Path, *, progress: Progress | None = None) -> None:
         # One streaming GET written in 256 KiB blocks: bounded memory (s3fs get_file grew RSS past the object size
         # here), and no ranged GETs (which S3-compatible test servers serve by re-reading the whole object). Reads
         # of 1-8 MiB cost urllib3 extra buffer copies: 1 GiB took ~1.7x longer, ~2x the CPU (docs/benchmarks.md).
-        resp = self._get(rel)
         with open(local, "wb") as f:
-            for chunk in resp["Body"].iter_chunks(256 * 1024):
-                f.write(chunk)
+            self.read_stream(rel, f.write, progress)
+
+    def read_stream(self, rel: str, sink: Callable[[bytes], None], progress: Progress | None = None) -> None:
+        for chunk in self._get(rel)["Body"].iter_chunks(256 * 1024):
+            sink(chunk)
+            if progress:
+                progress(len(chunk))
 
     def read_bytes(self, rel: str) -> bytes:
         return self._get(rel)["Body"].read()
