@@ -10,9 +10,8 @@ LOWEST_VENV ?= .venv-lowest
 LOWEST_STAMP := $(LOWEST_VENV)/.installed
 LOWEST_UV := $(LOWEST_VENV)/bin/uv pip install -q --python $(LOWEST_VENV)/bin/python
 LOWEST_TESTS ?= tests/test_store.py tests/test_cli.py tests/test_locks.py tests/test_versions.py \
-  tests/test_keras_callback.py::test_commits_to_each_store_with_complete_resume_state \
   tests/test_keras_callback.py::test_best_value_survives_a_restart \
-  tests/test_keras_resume.py::test_sigkill_mid_epoch_and_at_epoch_end_resume_bit_identical
+  tests/test_keras_callback.py::test_mode_max_is_recorded_as_max_and_best_is_the_highest
 
 .PHONY: install demo test test-main test-lowest bench clean tools
 
