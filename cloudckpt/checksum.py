@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+from collections.abc import Callable
 from pathlib import Path
 
 import google_crc32c
@@ -47,3 +48,49 @@ def matches(path: str | Path, expected_crc32c: str | None, expected_sha256: str 
     if expected_crc32c is not None and got["crc32c"] != expected_crc32c:
         return False
     return expected_sha256 is None or got["sha256"] == expected_sha256
+
+
+class HashingWriter:
+    """A write-only file that computes the crc32c of exactly the bytes written to it, in order (a client that
+    restarts from the beginning seeks to 0: the file is truncated and the hash starts over).
+
+    Example:
+        >>> import io
+        >>> w = HashingWriter(io.BytesIO())
+        >>> _ = w.write(b"weights")
+        >>> w.crc32c()
+        '923eaa45'
+    """
+
+    def __init__(self, f, progress: Callable[[int], None] | None = None) -> None:
+        self._f = f
+        self._progress = progress
+        self._crc = google_crc32c.Checksum()
+        self.written = 0
+
+    def write(self, data) -> int:
+        self._crc.update(data)
+        self.written += len(data)
+        if self._progress is not None:
+            self._progress(len(data))
+        return self._f.write(data)
+
+    def tell(self) -> int:
+        return self.written
+
+    def seek(self, offset: int, whence: int = 0) -> int:
+        if (offset, whence) != (0, 0):
+            raise OSError("a hashed download can only restart from the beginning")
+        self._f.seek(0)
+        self._f.truncate()
+        self._crc = google_crc32c.Checksum()
+        if self._progress is not None and self.written:
+            self._progress(-self.written)  # the bytes written so far are written again: take them back
+        self.written = 0
+        return 0
+
+    def flush(self) -> None:
+        self._f.flush()
+
+    def crc32c(self) -> str:
+        return self._crc.digest().hex()

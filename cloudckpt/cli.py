@@ -21,6 +21,7 @@ import click
 
 from .errors import CloudCkptError, IntegrityError
 from .manifest import CheckpointEntry, Index
+from .redact import Redactor, ScrubFilter, is_secret_name, url_secrets
 
 URL_ENV = "CLOUDCKPT_REMOTE"
 _SELECTOR_RE = re.compile(r"^(best|latest|\d+|ckpt-[A-Za-z0-9-]+)$")
@@ -53,12 +54,14 @@ def _parse_value(text: str) -> Any:
     return text
 
 
-def _pairs(values: tuple[str, ...], what: str, convert: Callable[[str], Any]) -> dict[str, Any]:
+def _pairs(values: tuple[str, ...], what: str, convert: Callable[[str], Any], *, secret: bool = False
+           ) -> dict[str, Any]:
     out = {}
     for item in values:
         key, sep, value = item.partition("=")
         if not sep or not key:
-            raise click.BadParameter(f"expected NAME=VALUE. Received: {item!r}", param_hint=what)
+            shown = "an item without '=' (not shown: it may hold a credential)" if secret else repr(item)
+            raise click.BadParameter(f"expected NAME=VALUE. Received: {shown}", param_hint=what)
         try:
             out[key] = convert(value)
         except ValueError:
@@ -73,6 +76,7 @@ def _store(ctx: click.Context, url: str | None):
     if not url:
         raise click.UsageError(f"no store URL: pass one, or set ${URL_ENV}")
     obj = ctx.find_root().obj
+    obj["redactor"].add_url(url)
     return CheckpointStore(url, progress=obj["progress"], **obj["storage_options"])
 
 
@@ -113,8 +117,9 @@ class _RetrySummary(logging.Filter):
     """Default verbosity: retry warnings are counted instead of printed, and reported as one line when the command
     ends (before its error line, if any); ``-v`` prints each retry."""
 
-    def __init__(self) -> None:
+    def __init__(self, redactor: Redactor) -> None:
         super().__init__()
+        self.redactor = redactor
         self.count = 0
         self.last = ""
 
@@ -127,7 +132,7 @@ class _RetrySummary(logging.Filter):
 
     def report(self) -> None:
         if self.count:
-            last = " ".join(self.last.split())
+            last = " ".join(self.redactor.scrub(self.last).split())  # as the log lines: no credentials
             last = last if len(last) <= 200 else last[:197] + "..."
             click.echo(f"cloudckpt: {self.count} failed attempt(s) retried (last: {last}); -v shows each", err=True)
 
@@ -156,13 +161,20 @@ def with_keep(fn):
 def cli(ctx: click.Context, storage_options: tuple[str, ...], progress: bool | None, verbose: int) -> None:
     """Keep deep-learning checkpoints safe in S3, GCS or a local directory."""
     level = logging.WARNING if verbose == 0 else logging.INFO if verbose == 1 else logging.DEBUG
+    root, before = logging.getLogger(), set(logging.getLogger().handlers)
     logging.basicConfig(level=level, format="cloudckpt: %(levelname)s: %(message)s", stream=sys.stderr)
+    obj = ctx.ensure_object(dict)
+    redactor = obj.setdefault("redactor", Redactor.from_environ())
+    for handler in set(root.handlers) - before:  # every log line, the SDKs' debug lines too, without credentials
+        handler.addFilter(ScrubFilter(redactor))
     if verbose == 0:
-        summary = _RetrySummary()
-        for handler in logging.getLogger().handlers:
+        summary = _RetrySummary(redactor)
+        for handler in root.handlers:
             handler.addFilter(summary)
         ctx.call_on_close(summary.report)  # runs before main() prints the error line
-    ctx.obj = {"storage_options": _pairs(storage_options, "--storage-option", _parse_value), "progress": progress}
+    options = _pairs(storage_options, "--storage-option", _parse_value, secret=True)
+    redactor.add_options(options)
+    obj.update(storage_options=options, progress=progress)
 
 
 @cli.command("ls")
@@ -325,31 +337,52 @@ def sync_cmd(ctx: click.Context, watch_dir: str, url: str | None, monitor: str |
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Entry point: run the CLI and map every error to its exit code in this one place."""
+    """Entry point: run the CLI and map every error to its exit code in this one place. Every message is scrubbed
+    of credentials (:mod:`cloudckpt.redact`): secret options, URL user info, the environment's credentials."""
+    redactor = Redactor.from_environ()
+    args = sys.argv[1:] if argv is None else list(argv)
+    redactor.add(_secret_args(args))
     try:
-        cli.main(args=argv, prog_name="cloudckpt", standalone_mode=False)
+        cli.main(args=args, prog_name="cloudckpt", standalone_mode=False, obj={"redactor": redactor})
         return 0
     except click.exceptions.Exit as e:
         return e.exit_code
     except click.UsageError as e:
-        click.echo(f"cloudckpt: usage error: {e.format_message()}", err=True)
+        click.echo(f"cloudckpt: usage error: {redactor.scrub(e.format_message())}", err=True)
         return 2
     except click.ClickException as e:
-        click.echo(f"cloudckpt: error: {e.format_message()}", err=True)
+        click.echo(f"cloudckpt: error: {redactor.scrub(e.format_message())}", err=True)
         return e.exit_code
     except (click.Abort, KeyboardInterrupt):
         click.echo("cloudckpt: interrupted", err=True)
         return 130
     except CloudCkptError as e:
-        return _fail(e, e.exit_code)
+        return _fail(e, e.exit_code, redactor)
     except Exception as e:  # unexpected: still one line, traceback on request
-        return _fail(e, 1)
+        return _fail(e, 1, redactor)
 
 
-def _fail(exc: BaseException, code: int) -> int:
+def _secret_args(args: list[str]) -> list[str]:
+    """Values of secret ``-o NAME=VALUE`` options and URL user info on the command line, known before parsing."""
+    found: list[str] = []
+    for i, arg in enumerate(args):
+        item = arg
+        for flag in ("--storage-option=", "-o"):
+            if arg.startswith(flag) and len(arg) > len(flag):
+                item = arg[len(flag):]
+        if arg in ("-o", "--storage-option") and i + 1 < len(args):
+            item = args[i + 1]
+        name, sep, value = item.partition("=")
+        if sep and is_secret_name(name):
+            found.append(value)
+        found += url_secrets(arg)
+    return found
+
+
+def _fail(exc: BaseException, code: int, redactor: Redactor) -> int:
     if os.environ.get("CLOUDCKPT_DEBUG"):
-        traceback.print_exception(exc)
-    message = " ".join(str(exc).split()) or type(exc).__name__
+        click.echo(redactor.scrub("".join(traceback.format_exception(exc))), err=True, nl=False)
+    message = " ".join(redactor.scrub(str(exc)).split()) or type(exc).__name__
     click.echo(f"cloudckpt: error: {message}", err=True)
     return code
 

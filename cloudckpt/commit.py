@@ -84,6 +84,7 @@ class IndexKeeper:
             new = change(index)
             if new is None:
                 return index
+            self.backend.ensure_conditional_writes(self.budget)  # once per backend: refuse a store without CAS
             try:
                 new_token = self.backend.write_index(dump(new), token)
             except IndexConflictError:

@@ -46,6 +46,10 @@ class ConfigurationError(CloudCkptError, ValueError):
     exit_code = 5
 
 
+class SourceChangedError(ConfigurationError):
+    """A local file changed while it was being pushed (and kept changing on every retry): push a finished checkpoint."""
+
+
 class StaleWriterError(CloudCkptError, RuntimeError):
     """This writer was superseded by a newer one on the same run (fenced); it must stop writing."""
 

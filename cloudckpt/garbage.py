@@ -1,9 +1,10 @@
 """What ``gc`` may delete: objects of checkpoints the index doesn't list (crashed or fenced commits, pruned
 checkpoints whose deletion was cut short) and temporary files. Pure: it sees the object list, the index and "now".
 
-Only cloudckpt's own names are ever touched (checkpoint directories named ``ckpt-…`` and ``.cloudckpt-tmp-``
-files), so a run URL that shares a prefix with other data never loses that data. A checkpoint directory with any
-object younger than ``min_age`` seconds is left alone: it may be an upload in flight.
+Only cloudckpt's own names are ever touched (checkpoint directories named ``ckpt-…``, ``.cloudckpt-tmp-`` files,
+conditional-write probes left under ``_cloudckpt_probe/``), so a run URL that shares a prefix with other data never
+loses that data. A checkpoint directory with any object younger than ``min_age`` seconds is left alone: it may be an
+upload in flight.
 """
 
 from __future__ import annotations
@@ -12,7 +13,7 @@ import re
 from dataclasses import dataclass, field
 
 from .backends import ObjectInfo
-from .manifest import INDEX_NAME, MANIFEST_NAME, TMP_MARK, Index
+from .manifest import INDEX_NAME, MANIFEST_NAME, PROBE_DIR, TMP_MARK, Index
 
 CHECKPOINT_ID_RE = re.compile(r"^ckpt-[A-Za-z0-9-]*[0-9a-f]{8}$")
 
@@ -34,7 +35,7 @@ def plan_gc(objects: list[ObjectInfo], index: Index, *, now: float, min_age: flo
     for obj in objects:
         top, _, rest = obj.rel.partition("/")
         name = obj.rel.rsplit("/", 1)[-1]
-        if name.startswith(TMP_MARK):
+        if name.startswith(TMP_MARK) or (top == PROBE_DIR and rest):
             if now - obj.mtime >= min_age:
                 plan.delete.append(obj.rel)
                 plan.bytes += obj.size

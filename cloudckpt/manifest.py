@@ -22,6 +22,7 @@ SCHEMA_VERSION = 1
 INDEX_NAME = "index.json"
 MANIFEST_NAME = "_cloudckpt_manifest.json"
 TMP_MARK = ".cloudckpt-tmp-"  # prefix of files being written; never listed, removed by gc
+PROBE_DIR = "_cloudckpt_probe"  # a writer's conditional-write probe objects (backends/capabilities.py); gc removes leftovers
 MAX_FILES = 100_000
 MAX_FILE_SIZE = 2**50  # 1 PiB: anything larger is a corrupt or hostile index
 _ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")

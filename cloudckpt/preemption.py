@@ -7,7 +7,10 @@ poller sees a notice:
 - GCE: ``/computeMetadata/v1/instance/preempted`` with ``Metadata-Flavor: Google``; ``TRUE`` means preempted.
 - Azure: Scheduled Events ``/metadata/scheduledevents`` with ``Metadata: true``; an event of type ``Preempt``.
 
-Pollers run on daemon threads with short timeouts, so they never slow training. They are started only when asked
+Pollers run on daemon threads with short timeouts, so they never slow training. They talk to the metadata server
+directly, never through a proxy named by ``http_proxy``/``HTTP_PROXY`` (a proxy's answer could hide a notice, and
+the IMDSv2 token must not leave the machine). The monotonic time of the notice is kept (:attr:`PreemptionWatch.notice_time`)
+so a deadline counts from the notice, not from when training got round to it. They are started only when asked
 for, or with ``"auto"`` when the machine's DMI data (read from ``/sys``, no network) says it runs on that cloud.
 Endpoints come from arguments or the environment — ``CLOUDCKPT_AWS_METADATA_URL`` (default
 ``http://169.254.169.254``), ``CLOUDCKPT_GCE_METADATA_URL`` (default ``http://$GCE_METADATA_HOST`` or
@@ -27,7 +30,9 @@ import json
 import logging
 import os
 import signal
+import socket
 import threading
+import time
 import urllib.error
 import urllib.request
 from collections.abc import Iterable, Mapping
@@ -99,10 +104,14 @@ def resolve_sources(sources: str | Iterable[str] | bool | None) -> list[str]:
     return out
 
 
+#: the metadata servers are link-local: never ask a proxy from the environment (``http_proxy``, ``HTTP_PROXY``...)
+_DIRECT = urllib.request.build_opener(urllib.request.ProxyHandler({}))
+
+
 def _get(url: str, headers: Mapping[str, str], timeout: float, method: str = "GET") -> tuple[int, bytes]:
     req = urllib.request.Request(url, headers=dict(headers), method=method)
     try:
-        with urllib.request.urlopen(req, timeout=timeout) as resp:
+        with _DIRECT.open(req, timeout=timeout) as resp:
             return resp.status, resp.read(65536)
     except urllib.error.HTTPError as exc:
         return exc.code, b""
@@ -173,17 +182,22 @@ class PreemptionWatch:
         self.timeout = timeout
         self.event = threading.Event()
         self.reason: str | None = None
+        self.notice_time: float | None = None  # time.monotonic() when the first notice arrived
         self._stop = threading.Event()
         self._threads: list[threading.Thread] = []
         self._previous_handler: object = None
         self._installed = False
+        self._wakeup: tuple[socket.socket, socket.socket] | None = None
+        self._sigterm_at: float | None = None  # when the first SIGTERM reached the process (its wakeup byte)
 
     @property
     def triggered(self) -> bool:
         return self.event.is_set()
 
-    def trigger(self, reason: str) -> None:
+    def trigger(self, reason: str, at: float | None = None) -> None:
+        """Record the first notice (its reason and monotonic time ``at``, default now) and set :attr:`event`."""
         if not self.event.is_set():
+            self.notice_time = at if at is not None else time.monotonic()
             self.reason = reason
             log.warning("preemption notice: %s; checkpointing at the next batch boundary", reason)
         self.event.set()
@@ -194,6 +208,7 @@ class PreemptionWatch:
             if threading.current_thread() is threading.main_thread():
                 self._previous_handler = signal.signal(signal.SIGTERM, self._on_sigterm)
                 self._installed = True
+                self._time_signals()
             else:
                 log.warning("not on the main thread: SIGTERM is not watched (signal handlers need the main thread)")
         for cloud, base in self.endpoints.items():
@@ -208,9 +223,19 @@ class PreemptionWatch:
         if self._installed:
             signal.signal(signal.SIGTERM, self._previous_handler)  # type: ignore[arg-type]
             self._installed = False
+        if self._wakeup is not None:
+            try:
+                signal.set_wakeup_fd(-1)
+                self._wakeup[1].close()  # the reader sees EOF and ends
+            except ValueError:  # not the main thread: the fd stays registered, so the pair stays open
+                self._threads = [t for t in self._threads if t.name != "cloudckpt-sigterm-time"]
+                self._wakeup = None
         for t in self._threads:
             t.join(timeout=self.timeout + 1)
         self._threads.clear()
+        if self._wakeup is not None:
+            self._wakeup[0].close()
+            self._wakeup = None
 
     def _on_sigterm(self, signum: int, frame: object) -> None:
         if self.event.is_set() and self._installed:  # a second SIGTERM: stop waiting, act as before we came
@@ -219,7 +244,39 @@ class PreemptionWatch:
             self._installed = False
             os.kill(os.getpid(), signal.SIGTERM)
             return
-        self.trigger("SIGTERM")
+        self.trigger("SIGTERM", at=self._sigterm_at)
+
+    def _time_signals(self) -> None:
+        """Python runs a signal handler only when the main thread is back in the interpreter, which a long native
+        training step delays by seconds. The interpreter's C handler writes each signal's number to the wakeup fd
+        at once: a thread reading it records when SIGTERM really arrived. Skipped if another wakeup fd (an asyncio
+        loop's) is in place."""
+        try:
+            reader, writer = socket.socketpair()
+            writer.setblocking(False)
+            old = signal.set_wakeup_fd(writer.fileno(), warn_on_full_buffer=False)
+        except (OSError, ValueError):
+            return
+        if old != -1:
+            signal.set_wakeup_fd(old)
+            reader.close()
+            writer.close()
+            return
+        self._wakeup = (reader, writer)
+        t = threading.Thread(target=self._read_signals, args=(reader,), name="cloudckpt-sigterm-time", daemon=True)
+        t.start()
+        self._threads.append(t)
+
+    def _read_signals(self, reader: socket.socket) -> None:
+        while True:
+            try:
+                data = reader.recv(64)
+            except OSError:
+                return
+            if not data:
+                return
+            if int(signal.SIGTERM) in data and self._sigterm_at is None:
+                self._sigterm_at = time.monotonic()
 
     def _poll(self, cloud: str, base: str) -> None:
         check, state = CHECKS[cloud], {}

@@ -19,6 +19,7 @@ from pathlib import Path
 from .backends import Backend
 from .errors import ConfigurationError
 from .manifest import CheckpointEntry
+from .redact import redact_url
 from .transfer import Progress, download_verified
 
 log = logging.getLogger(__name__)
@@ -47,7 +48,7 @@ def pull_into(backend: Backend, entry: CheckpointEntry, target: Path, *, budget:
     staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.cloudckpt-pull-", dir=target.parent))
     try:
         download_verified(backend, entry.id, entry.files, staging, budget=budget, pool=pool, progress=progress)
-        marker = {"url": source_url or backend.url, "checkpoint": entry.summary()}
+        marker = {"url": redact_url(source_url or backend.url), "checkpoint": entry.summary()}
         (staging / MARKER).write_text(json.dumps(marker, indent=1))
         staging.chmod(0o777 & ~_UMASK)  # mkdtemp made it 0700; the restored directory gets normal permissions
         _swap_into_place(staging, target)

@@ -27,7 +27,7 @@ from .manifest import MANIFEST_NAME, CheckpointEntry, Index, Manifest, RunPolicy
 from .progress import byte_progress
 from .restore import pull_into
 from .retention import Record, plan_prune, policy_from
-from .transfer import checksum_all, scan, upload_all, verify_stored
+from .transfer import scan, upload_all, verify_stored
 
 log = logging.getLogger(__name__)
 
@@ -110,7 +110,6 @@ class CheckpointStore:
         self.progress = progress
         self.keeper = IndexKeeper(self.backend, budget=min(budget, 120.0), writer_id=writer_id)
         self._pool = ThreadPoolExecutor(workers, thread_name_prefix="cloudckpt-io")
-        self._sum_pool = ThreadPoolExecutor(2, thread_name_prefix="cloudckpt-io-sum")  # checksums beside uploads
         self._busy: set[str] = set()  # in flight or being restored by this process: never pruned
         self._busy_lock = threading.Lock()
 
@@ -118,7 +117,6 @@ class CheckpointStore:
 
     def close(self) -> None:
         self._pool.shutdown(wait=True)
-        self._sum_pool.shutdown(wait=True)
 
     def __enter__(self) -> CheckpointStore:
         return self
@@ -169,20 +167,18 @@ class CheckpointStore:
         if mode not in (None, "min", "max"):
             raise ConfigurationError(f"mode must be 'min' or 'max'. Received: mode={mode!r}")
         files = scan(source)
+        self.backend.ensure_conditional_writes(self.budget)  # refuse a store without CAS before uploading anything
         metrics = {k: float(v) for k, v in (metrics or {}).items()}
         cid = new_checkpoint_id(epoch, step)
         self._hold(cid, True)
         try:
             t0 = time.monotonic()
-            sums = checksum_all(files, sha256=sha256, pool=self._sum_pool)
             total = sum(f.path.stat().st_size for f in files)
             try:
                 with byte_progress(total, f"push {cid}", self.progress) as advance:
-                    entries = upload_all(self.backend, cid, files, sums, budget=self.budget, pool=self._pool,
+                    entries = upload_all(self.backend, cid, files, sha256=sha256, budget=self.budget, pool=self._pool,
                                          progress=advance)
             except Exception:
-                for fut in sums:
-                    fut.cancel()
                 self._discard_upload(cid, [f.rel for f in files])
                 raise
             total = sum(e.size for e in entries)

@@ -1,21 +1,25 @@
-"""Moving a checkpoint's files: scan and checksum local files, upload them in parallel with retries, download and
-verify them. Each file is one retried operation with its own wall-clock budget; the backend does the streaming."""
+"""Moving a checkpoint's files: scan local files, upload them in parallel with retries (each hashed as it is read,
+in the same pass), download and verify them. Each file is one retried operation with its own wall-clock budget
+(the clients' per-request timeouts bound an attempt that hangs); the backend does the streaming."""
 
 from __future__ import annotations
 
 import logging
 import os
 import threading
+import time
 from collections.abc import Callable, Iterable
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
 from . import retry
 from .backends import Backend
 from .checksum import StreamChecksums, file_checksums
-from .errors import CloudCkptError, ConfigurationError, IntegrityError, TransferError, UnsafePathError
+from .errors import (CloudCkptError, ConfigurationError, IntegrityError, SourceChangedError, TransferError,
+                     UnsafePathError)
 from .manifest import FileEntry, check_relative_path
+from .source import Source
 
 log = logging.getLogger(__name__)
 Progress = Callable[[int], None]
@@ -63,50 +67,46 @@ def _rel(path: str) -> str:
         raise ConfigurationError(f"can't push {path!r}: {e}") from None
 
 
-def checksum_all(files: list[LocalFile], *, sha256: bool, pool: ThreadPoolExecutor) -> list[Future[FileEntry]]:
-    """Start computing FileEntry (size, crc32c[, sha256]) of every file in ``pool`` (google-crc32c releases the GIL);
-    return the futures, so the uploads can run meanwhile (a pool of its own: uploads wait on these results)."""
+def upload_all(backend: Backend, prefix: str, files: list[LocalFile], *, sha256: bool, budget: float,
+               pool: ThreadPoolExecutor, progress: Progress | None = None) -> list[FileEntry]:
+    """Upload each file to ``<prefix>/<rel>`` and return its entry; raise TransferError when one can't be stored.
+
+    Each file is read once: the bytes handed to the store are hashed as they are read (:class:`~cloudckpt.source.
+    Source`), the store checks what it stored against that hash, and the entry records it. A file that changed
+    while it was read is uploaded again from a fresh read; one that keeps changing is a SourceChangedError.
+    """
 
     def one(f: LocalFile) -> FileEntry:
-        size = f.path.stat().st_size
-        sums = file_checksums(f.path, sha256=sha256)
-        if f.path.stat().st_size != size:
-            raise ConfigurationError(f"{f.path}: the file changed while it was read; push a finished checkpoint")
-        return FileEntry(path=f.rel, size=size, **sums)
-
-    return [pool.submit(one, f) for f in files]
-
-
-def upload_all(backend: Backend, prefix: str, files: list[LocalFile], sums: list[Future[FileEntry]], *,
-               budget: float, pool: ThreadPoolExecutor, progress: Progress | None = None) -> list[FileEntry]:
-    """Upload each file to ``<prefix>/<rel>`` while its checksums (``sums``, from :func:`checksum_all`) are still
-    being computed, check each against them, and return the entries; raise TransferError when one can't be stored.
-    Overlapping the two saves the checksum pass (~0.17 s/GB) from the push's wall time."""
-
-    def one(pair: tuple[LocalFile, Future[FileEntry]]) -> FileEntry:
-        f, fut = pair
         rel = f"{prefix}/{f.rel}"
-        size = f.path.stat().st_size
+        deadline = time.monotonic() + budget
         moved = _Moved(progress)
 
-        def attempt() -> None:
+        def attempt() -> FileEntry:
             moved.restart()  # a retried upload starts from zero: so does its share of the bar
-            backend.upload(f.path, rel, size=size, crc32c=lambda: fut.result().crc32c or "", progress=moved)
+            with Source(f.path, sha256=sha256) as src:
+                try:
+                    backend.upload(src, rel, deadline=deadline, progress=moved)
+                except Exception as exc:
+                    src.check_unchanged(exc)  # a mismatch or short read caused by the file changing: say so, retry
+                    raise
+                src.check_unchanged()
+                return FileEntry(path=f.rel, size=src.size, crc32c=src.crc32c(), sha256=src.sha256())
 
         try:
-            retry.run(attempt, url=backend.url, what=f"upload {rel}", budget=budget,
-                      retry_on=retry.transient_or_mismatch)
+            entry = retry.run(attempt, url=backend.url, what=f"upload {rel}", budget=budget, retry_on=_upload_retryable)
         except CloudCkptError:
             raise
         except Exception as exc:
             raise TransferError(f"{backend.url}/{rel}: upload failed after retries: {exc}") from exc
-        entry = fut.result()
-        if entry.size != size:
-            raise ConfigurationError(f"{f.path}: the file changed while it was pushed; push a finished checkpoint")
         moved.finish(entry.size)
         return entry
 
-    return _run_all(pool, one, list(zip(files, sums)))
+    return _run_all(pool, one, files)
+
+
+def _upload_retryable(exc: BaseException) -> bool:
+    """A file that changed is read again; so is an upload whose stored bytes didn't match (a transient fault)."""
+    return isinstance(exc, SourceChangedError) or retry.transient_or_mismatch(exc)
 
 
 def download_verified(backend: Backend, prefix: str, entries: Iterable[FileEntry], into: Path, *, budget: float,
@@ -121,11 +121,12 @@ def download_verified(backend: Backend, prefix: str, entries: Iterable[FileEntry
         dest.parent.mkdir(parents=True, exist_ok=True)
         rel = f"{prefix}/{e.path}"
 
+        deadline = time.monotonic() + budget
         moved = _Moved(progress)
 
         def fetch() -> str | None:
             moved.restart()
-            verified = backend.download(rel, dest, progress=moved)
+            verified = backend.download(rel, dest, deadline=deadline, progress=moved)
             size = dest.stat().st_size
             if size != e.size:
                 raise IntegrityError(f"{backend.url}/{rel}: downloaded {size} bytes, the index says {e.size}")
@@ -155,6 +156,7 @@ def verify_stored(backend: Backend, prefix: str, entries: Iterable[FileEntry], *
 
     def one(e: FileEntry) -> None:
         rel = f"{prefix}/{e.path}"
+        deadline = time.monotonic() + budget
         moved = _Moved(progress)
 
         def stream() -> StreamChecksums:
@@ -165,7 +167,7 @@ def verify_stored(backend: Backend, prefix: str, entries: Iterable[FileEntry], *
                 sums.update(block)
                 moved(len(block))
 
-            backend.read_stream(rel, sink)
+            backend.read_stream(rel, sink, deadline=deadline)
             return sums
 
         try:

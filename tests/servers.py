@@ -9,6 +9,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import urllib.error
 import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
@@ -44,11 +45,28 @@ class Server:
     probe: str = ""
     restarts: int = 0
 
-    def revive(self) -> None:
-        """Restart the server on the same port if its process has died (tests make fresh buckets each time), and
-        say so on stderr: an emulator crash must be visible, not silently absorbed."""
-        if self.proc.poll() is None or self.argv is None:
+    def answers(self, timeout: float = 3.0) -> bool:
+        """True if the server answers a probe within ``timeout`` seconds (any HTTP status counts)."""
+        try:
+            urllib.request.urlopen(self.endpoint + self.probe, timeout=timeout).close()
+        except urllib.error.HTTPError:
+            return True
+        except OSError:
+            return False
+        return True
+
+    def revive(self, probe_timeout: float = 3.0) -> None:
+        """Restart the server on the same port if its process has died or stopped answering (probed with a short
+        timeout, so a hung emulator is replaced rather than waited on; tests make fresh buckets each time), and say
+        so on stderr: an emulator crash or hang must be visible, not silently absorbed."""
+        if self.argv is None:
             return
+        if self.proc.poll() is None:
+            if self.answers(probe_timeout) or self.answers(probe_timeout):
+                return
+            sys.stderr.write(f"\n[servers] {self.argv[0]} stopped answering; killing it (log: {self.log})\n")
+            self.proc.kill()
+            self.proc.wait()
         sys.stderr.write(f"\n[servers] {self.argv[0]} exited with {self.proc.returncode}; restarting it "
                          f"(log: {self.log})\n")
         self.proc = subprocess.Popen(self.argv, stdout=open(self.log, "ab"), stderr=subprocess.STDOUT)

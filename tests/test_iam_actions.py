@@ -6,6 +6,11 @@ The training policy must grant exactly the actions that push / pull / prune / gc
 multipart upload use, and every recorded request must be allowed by it with its real resource ARN and list prefix
 (so the run-prefix scoping is exercised too). The CI restore policy must grant exactly what pull / ls / verify / show
 use, and nothing those requests did not need.
+
+The CI restore identity is also run with IAM enforced at the proxy (:class:`S3Enforcer`): every request its Terraform
+policy would deny gets 403, and so does a GET of a missing key when the identity may not list the bucket — real S3's
+rule, which moto doesn't model. Under it, a pull on an empty run must still say "nothing matches" (exit 3) and a pull
+whose checkpoint is pruned while it downloads must resolve again, not fail as "access denied".
 """
 
 from __future__ import annotations
@@ -22,6 +27,7 @@ from infra_support import tf
 from infra_support.s3_recorder import RecordingProxy, S3Call
 
 from cloudckpt import CheckpointStore, TransferError
+from cloudckpt.errors import AccessError, CheckpointNotFoundError
 
 ACCESS = tf.TERRAFORM / "modules" / "aws-access"
 PREFIX = "runs/r1"
@@ -130,6 +136,61 @@ def training_session(proxy: RecordingProxy, bucket: str, tmp: Path) -> list[S3Ca
     return proxy.take()
 
 
+class S3Enforcer:
+    """``fail_when`` for the recording proxy: one identity's Terraform policy, enforced as AWS does. A request the
+    statements don't allow gets 403 AccessDenied; so does a GET/HEAD of a key that doesn't exist unless the identity
+    may list the bucket ("If you don't have the s3:ListBucket permission, Amazon S3 returns 403"), which is taken
+    strictly: a ListBucket grant scoped by ``s3:prefix`` doesn't count (the request carries no prefix).
+    ``before(call)``, when set, runs first: a test's hook to change the store at a chosen request."""
+
+    ERROR = (403, "application/xml", b'<?xml version="1.0" encoding="UTF-8"?><Error><Code>AccessDenied</Code>'
+                                     b"<Message>Access Denied</Message><RequestId>enforcer</RequestId></Error>")
+
+    def __init__(self, statements: list[tf.Statement]) -> None:
+        import boto3
+
+        self.statements = statements
+        self.s3 = boto3.client("s3")  # straight to the server, as its own view of what exists
+        self.before = None
+        self.denied: list[tuple[str, str, str]] = []
+
+    def _allowed(self, action: str, resource: str, context: dict[str, str]) -> bool:
+        return any(st.allows(action, resource, context) for st in self.statements)
+
+    def __call__(self, call: S3Call):
+        if self.before is not None:
+            self.before(call)
+        for need in needs(call):
+            if not self._allowed(*need):
+                self.denied.append((call.method, call.key, need[0]))
+                return self.ERROR
+        if call.action == "s3:GetObject" and not self._allowed("s3:ListBucket", f"arn:aws:s3:::{call.bucket}", {}):
+            try:
+                self.s3.head_object(Bucket=call.bucket, Key=call.key)
+            except self.s3.exceptions.ClientError:
+                self.denied.append((call.method, call.key, "missing key without s3:ListBucket"))
+                return self.ERROR
+        return None
+
+
+def restore_statements(module, bucket: str, *, listing: bool = True) -> list[tf.Statement]:
+    """The restore policy's statements; ``listing=False``: without its ListBucket grant (a GetObject-only role)."""
+    return [st for st in tf.policy_statements(module, "restore", _values(bucket))
+            if listing or "s3:ListBucket" not in st.actions]
+
+
+def empty_run_session(proxy: RecordingProxy, bucket: str, tmp: Path) -> None:
+    """The CI restore step before the run's first commit: pull says "nothing matches" (exit 3), API and CLI."""
+    url = f"s3://{bucket}/{PREFIX}"
+    with CheckpointStore(url, budget=20, workers=2, endpoint_url=proxy.endpoint) as store:
+        with pytest.raises(CheckpointNotFoundError):
+            store.pull("latest", to=tmp / "empty-api")
+    if CLI.exists():
+        proc = _cli(proxy, "pull", "latest", "--from", url, "--to", str(tmp / "empty-cli"), check=False)
+        assert proc.returncode == 3, f"pull on an empty run → {proc.returncode}: {proc.stderr}"
+    assert not (tmp / "empty-api").exists() and not (tmp / "empty-cli").exists()
+
+
 def restore_session(proxy: RecordingProxy, bucket: str, tmp: Path) -> list[S3Call]:
     """What the CI restore step does: pull best (as in infra/ci), ls, show, verify; API and CLI."""
     url = f"s3://{bucket}/{PREFIX}"
@@ -188,6 +249,8 @@ def test_training_policy_grants_exactly_what_training_uses(module, proxy, bucket
 
 
 def test_restore_policy_grants_exactly_what_ci_restore_uses(module, proxy, bucket, tmp_path):
+    proxy.fail_when = S3Enforcer(restore_statements(module, bucket))
+    empty_run_session(proxy, bucket, tmp_path)
     _seed(bucket, tmp_path)
     calls = restore_session(proxy, bucket, tmp_path)
     used = {c.action for c in calls}
@@ -207,3 +270,48 @@ def test_kms_grants_only_with_a_key(module):
         dyn = tf.dynamic_statements(module, name)
         assert [set(d["actions"]) for d in dyn] == [expected]
         assert all("var.kms_key_arn == null ? []" in d["for_each"] for d in dyn)
+
+
+# --- the CI restore identity under enforced IAM: a missing key is a 403 there, not a 404 --------------------------
+
+def test_ci_restore_pull_on_an_empty_run_is_nothing_matches(module, proxy, bucket, tmp_path):
+    enforcer = S3Enforcer(restore_statements(module, bucket))
+    proxy.fail_when = enforcer
+    empty_run_session(proxy, bucket, tmp_path)
+    assert enforcer.denied, "the enforcer never answered 403: the case under test did not occur"
+    listed = [c for c in proxy.take() if c.action == "s3:ListBucket"]
+    assert listed and all(c.query["prefix"] == f"{PREFIX}/index.json" for c in listed)
+
+
+def test_ci_restore_without_list_right_says_why_it_cant_tell(module, proxy, bucket, tmp_path):
+    """A GetObject-only role (the old policy): a 403 is not taken for "missing" blindly; it stays an access error
+    (exit 5) whose message names the missing s3:ListBucket grant."""
+    proxy.fail_when = S3Enforcer(restore_statements(module, bucket, listing=False))
+    url = f"s3://{bucket}/{PREFIX}"
+    with CheckpointStore(url, budget=20, workers=2, endpoint_url=proxy.endpoint) as store:
+        with pytest.raises(AccessError, match="s3:ListBucket"):
+            store.pull("latest", to=tmp_path / "t")
+    assert not (tmp_path / "t").exists()
+
+
+def test_ci_restore_pull_racing_a_prune_resolves_again(module, proxy, bucket, tmp_path):
+    """The checkpoint a pull chose is pruned by the training job while its files download: the pull resolves the
+    selector again and restores the new latest, under the restore role."""
+    url = f"s3://{bucket}/{PREFIX}"
+    with CheckpointStore(url, budget=20, workers=2) as writer:
+        first = writer.push(_files(tmp_path / "a", 64 * 1024), epoch=1)
+        enforcer = S3Enforcer(restore_statements(module, bucket))
+        newer = []
+
+        def prune_under_the_pull(call: S3Call) -> None:
+            if not newer and call.method == "GET" and call.key.startswith(f"{PREFIX}/{first.id}/"):
+                newer.append(writer.push(_files(tmp_path / "b", 64 * 1024), epoch=2, keep_last=1))
+
+        enforcer.before = prune_under_the_pull
+        proxy.fail_when = enforcer
+        with CheckpointStore(url, budget=20, workers=2, endpoint_url=proxy.endpoint) as store:
+            result = store.pull("latest", to=tmp_path / "restored")
+    assert newer and [c.id for c in CheckpointStore(url).list()] == [newer[0].id], "the race did not happen"
+    assert result.entry.id == newer[0].id
+    assert (tmp_path / "restored" / "model.weights.h5").read_bytes() == (tmp_path / "b" / "model.weights.h5").read_bytes()
+    assert any(d[2] == "missing key without s3:ListBucket" for d in enforcer.denied)

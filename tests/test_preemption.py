@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import os
 import signal
 import threading
@@ -190,3 +191,139 @@ def test_a_second_sigterm_gets_the_previous_behaviour():
         watch.stop()
     finally:
         signal.signal(signal.SIGTERM, before)
+
+
+class Proxy:
+    """An HTTP proxy from the environment that answers every request with 200 and a body that reads as a notice
+    (``TRUE``, an instance-action, a Preempt event) and records what it was asked: a poller must never talk to it."""
+
+    BODY = json.dumps({"action": "terminate", "Events": [{"EventType": "Preempt"}]}).encode()
+
+    def __init__(self):
+        self.requests: list[tuple[str, str, dict]] = []
+        owner = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def log_message(self, *a):
+                pass
+
+            def _answer(self):
+                owner.requests.append((self.command, self.path, {k.lower(): v for k, v in self.headers.items()}))
+                body = b"TRUE" if "preempted" in self.path else Proxy.BODY
+                self.send_response(200)
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                self.wfile.write(body)
+
+            do_GET = do_PUT = _answer
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+    def close(self):
+        self.server.shutdown()
+        self.server.server_close()
+
+
+@pytest.mark.parametrize("cloud", ["aws", "gce", "azure"])
+def test_pollers_read_the_metadata_server_directly_whatever_http_proxy_says(metadata, monkeypatch, cloud):
+    import urllib.request
+
+    proxy = Proxy()
+    for name in ("no_proxy", "NO_PROXY"):
+        monkeypatch.delenv(name, raising=False)
+    for name in ("http_proxy", "HTTP_PROXY", "https_proxy", "HTTPS_PROXY", "all_proxy", "ALL_PROXY"):
+        monkeypatch.setenv(name, proxy.url)
+    monkeypatch.setattr(urllib.request, "_opener", None)  # as in a fresh process: urlopen reads the proxy env anew
+    watch = PreemptionWatch([cloud], endpoints={cloud: metadata.url}, interval=0.05, timeout=1)
+    watch.start()
+    try:
+        assert wait_for(lambda: len(metadata.requests) >= 3), f"the metadata server was never asked ({proxy.requests})"
+        assert not watch.triggered, f"no notice was posted, yet it triggered: {watch.reason}"
+        metadata.notice = True
+        assert watch.event.wait(10)
+    finally:
+        watch.stop()
+        proxy.close()
+    assert proxy.requests == [], "the proxy saw metadata requests (and, for AWS, the IMDSv2 token)"
+
+
+@pytest.mark.parametrize("slow,deadline", [(1.5, 8.0), (4.0, 1.5)])
+def test_the_deadline_counts_from_the_notice_not_from_the_next_batch_boundary(metadata, tmp_path, caplog, slow,
+                                                                               deadline):
+    """A training step that goes on for ``slow`` seconds after a GCE notice: the commit is either inside the
+    deadline counted from the notice, or the log says by how much it missed it."""
+    keras = pytest.importorskip("keras")
+    import re
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).parent))
+    from keras_job import build_model, data
+
+    from cloudckpt.keras import CloudCheckpoint
+    from cloudckpt.store import CheckpointStore
+
+    x, y = data()
+    cb = CloudCheckpoint(str(tmp_path / "ckpt" / "m.weights.h5"), save_weights_only=True,
+                         remote=str(tmp_path / "store"), preemption=["gce"],
+                         preemption_endpoints={"gce": metadata.url}, preemption_deadline=deadline,
+                         exit_on_preemption=False)
+    seen: dict[str, float] = {}
+
+    class SlowStep(keras.callbacks.Callback):
+        def on_train_batch_end(self, batch, logs=None):
+            if batch == 2 and not seen:
+                metadata.notice = True  # posted while this step is running
+                assert wait_for(lambda: cb._watch.triggered, 10)
+                seen["notice"] = time.monotonic()
+                seen["step"] = int(self.model.optimizer.iterations.numpy())
+                time.sleep(slow)  # the rest of a long step
+
+    caplog.set_level(logging.INFO, logger="cloudckpt")
+    keras.utils.set_random_seed(1)
+    build = build_model()
+    build.fit(x[:640], y[:640], batch_size=64, epochs=2, verbose=0, callbacks=[SlowStep(), cb])
+    done = time.monotonic()
+    assert cb.preempted
+    with CheckpointStore(str(tmp_path / "store")) as store:
+        assert store.latest().step == seen["step"], "the preemption checkpoint was committed"
+    text = "\n".join(r.getMessage() for r in caplog.records if "preemption (" in r.getMessage())
+    took = re.search(r"committed ([\d.]+)s after the notice", text)
+    assert took, text
+    reported = float(took.group(1))
+    assert slow <= reported <= done - seen["notice"] + 0.5, f"elapsed time counted from the notice: {text}"
+    missed = re.search(r"missed the [\d.]+s deadline by ([\d.]+)s", text)
+    if reported <= deadline:
+        assert not missed, text
+    else:
+        assert missed, f"committed after the deadline, and the log does not say by how much: {text}"
+        assert abs(float(missed.group(1)) - (reported - deadline)) < 0.05
+
+
+def test_a_sigterm_during_a_long_native_call_is_timed_when_it_arrives():
+    """Python runs the SIGTERM handler only once the main thread is back in the interpreter (a long TensorFlow step
+    keeps it out for seconds); the notice time is still the moment the signal arrived."""
+    import hashlib
+
+    t = time.monotonic()
+    hashlib.pbkdf2_hmac("sha256", b"k", b"salt", 100_000)  # one native call that never looks at signals
+    rounds = int(100_000 * 2.5 / max(time.monotonic() - t, 1e-3))
+    watch = PreemptionWatch(["sigterm"])
+    watch.start()
+    sent: dict[str, float] = {}
+
+    def kill() -> None:
+        sent["at"] = time.monotonic()
+        os.kill(os.getpid(), signal.SIGTERM)
+
+    try:
+        threading.Timer(0.3, kill).start()
+        hashlib.pbkdf2_hmac("sha256", b"k", b"salt", rounds)
+        back = time.monotonic()
+        assert watch.event.wait(5)
+    finally:
+        watch.stop()
+    assert back - sent["at"] > 1.0, "the signal arrived while the native call ran"
+    assert watch.notice_time - sent["at"] < 0.3, (watch.notice_time - sent["at"], back - sent["at"])

@@ -6,6 +6,7 @@ import os
 from typing import Any
 
 from ..errors import CloudCkptError, ConfigurationError
+from ..redact import Redactor, redact_url
 from ..retry import permanent_error
 from .base import Backend, ObjectInfo
 
@@ -21,6 +22,7 @@ def open_backend(url: str, storage_options: dict[str, Any] | None = None) -> Bac
     if not isinstance(url, str) or not url.strip():
         raise ConfigurationError(f"a store URL is required (s3://bucket/prefix, gs://bucket/prefix or a local path). Received: {url!r}")
     scheme = url.split("://", 1)[0].lower() if "://" in url else ""
+    shown = redact_url(url)  # errors name the URL without its credentials
     try:
         if scheme in ("", "file", "local"):
             from .local import LocalBackend
@@ -42,13 +44,16 @@ def open_backend(url: str, storage_options: dict[str, Any] | None = None) -> Bac
         return GenericBackend(url, storage_options)
     except ImportError as e:
         extra = {"s3": "s3", "s3a": "s3", "gs": "gcs", "gcs": "gcs"}.get(scheme, "all")
-        raise ConfigurationError(f"{url}: a client library is missing ({e.name}); pip install 'cloudckpt[{extra}]'") from e
+        raise ConfigurationError(f"{shown}: a client library is missing ({e.name}); pip install 'cloudckpt[{extra}]'") from e
     except CloudCkptError:
         raise
     except (TypeError, ValueError) as e:
-        raise ConfigurationError(f"{url}: bad storage options ({e})") from e
+        secrets = Redactor()
+        secrets.add_options(storage_options or {})
+        secrets.add_url(url)
+        raise ConfigurationError(f"{shown}: bad storage options ({secrets.scrub(str(e))})") from e
     except Exception as e:
-        typed = permanent_error(e, url)
+        typed = permanent_error(e, shown)
         if typed is not None:
             raise typed from e
         raise

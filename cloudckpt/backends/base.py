@@ -8,17 +8,27 @@ Everything above (commit protocol, restore, gc) is written once against this con
 from __future__ import annotations
 
 import logging
+import os
+import threading
+import time
 from abc import ABC, abstractmethod
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from collections.abc import Callable
 from typing import Any
 
-from ..errors import IntegrityError
+from .. import retry
+from ..errors import ConfigurationError, IntegrityError
+from ..redact import redact_url
+from ..source import Source
 
 log = logging.getLogger(__name__)
 Progress = Callable[[int], None]
 
+
+#: the storage option / environment variable that accepts a store whose conditional writes are not enforced
+UNSAFE_OPTION = "unsafe_no_cas"
+UNSAFE_ENV = "CLOUDCKPT_UNSAFE_NO_CAS"
 
 #: returned by ``read_index(known=token)`` instead of the bytes when the index is still at ``token``
 UNCHANGED = b"\x00cloudckpt-unchanged"
@@ -42,9 +52,21 @@ class Backend(ABC):
     verification: str = "size"
 
     def __init__(self, url: str, storage_options: dict[str, Any] | None = None) -> None:
-        self.url = url.rstrip("/")
+        self.url = redact_url(url.rstrip("/"))  # shown and recorded; a subclass connects with the real ``url``
         self.storage_options = dict(storage_options or {})
         self.verify_readback = bool(self.storage_options.pop("verify_readback", False))
+        unsafe = self.storage_options.pop(UNSAFE_OPTION, None)
+        self.unsafe_no_cas = _truthy(os.environ.get(UNSAFE_ENV) if unsafe is None else unsafe)
+        self._cas_checked = False
+        self._cas_lock = threading.Lock()
+        connect, read = self.storage_options.pop("connect_timeout", 10), self.storage_options.pop("read_timeout", 60)
+        try:
+            self.timeout = (float(connect), float(read))  # seconds for a connection / between bytes of an answer
+        except (TypeError, ValueError):
+            self.timeout = (-1.0, -1.0)
+        if min(self.timeout) <= 0:
+            raise ConfigurationError(f"{self.url}: connect_timeout and read_timeout are seconds > 0. Received: "
+                                     f"connect_timeout={connect!r}, read_timeout={read!r}")
 
     # --- the index: read with a version token, write only if the token still holds -----------------------------
 
@@ -61,32 +83,25 @@ class Backend(ABC):
     # --- objects ------------------------------------------------------------------------------------------------
 
     @abstractmethod
-    def upload(self, local: Path, rel: str, *, size: int, crc32c: Callable[[], str],
+    def upload(self, source: Source, rel: str, *, deadline: float | None = None,
                progress: Progress | None = None) -> None:
-        """Store the file at ``rel`` and check what the store can check (see :attr:`verification`). ``crc32c()``
-        gives the file's crc32c (hex); it may still be being computed while the bytes go out, so call it only once
-        the transfer is done. ``progress(n)`` is told of bytes sent as they go (negative when a part is resent)."""
+        """Store the bytes of ``source`` at ``rel``, read from it once in order (it hashes what is read; a client's
+        retry may seek back and read again), and check what the store can check against ``source.crc32c()`` (see
+        :attr:`verification`): raise IntegrityError when the stored object differs. ``deadline``
+        (``time.monotonic()``): stop with TimeoutError once it has passed. ``progress(n)`` is told of bytes sent as
+        they go (negative when bytes are sent again)."""
 
     @abstractmethod
-    def download(self, rel: str, local: Path, *, progress: Progress | None = None) -> str | None:
-        """Write the object at ``rel`` to the local file (streamed), telling ``progress(n)`` of bytes written.
-        Return the crc32c (hex) that the client verified the written bytes against while streaming, or None when
-        it verified none (the caller hashes)."""
+    def download(self, rel: str, local: Path, *, deadline: float | None = None,
+                 progress: Progress | None = None) -> str | None:
+        """Write the object at ``rel`` to the local file (streamed), telling ``progress(n)`` of bytes written. Return
+        the crc32c (hex) of exactly the bytes written, computed or checked as they were written, or None when it has
+        none (the caller hashes the file)."""
 
-    def read_stream(self, rel: str, sink: Callable[[bytes], None]) -> None:
+    @abstractmethod
+    def read_stream(self, rel: str, sink: Callable[[bytes], None], *, deadline: float | None = None) -> None:
         """Feed the object's bytes to ``sink`` in blocks as they arrive, writing no file (memory stays bounded).
-        FileNotFoundError when the object is missing. This default goes through a temporary file; the backends
-        here stream."""
-        import tempfile
-
-        from ..checksum import BLOCK
-
-        with tempfile.TemporaryDirectory(prefix="cloudckpt-read-") as tmp:
-            probe = Path(tmp) / "probe"
-            self.download(rel, probe)
-            with open(probe, "rb") as f:
-                while block := f.read(BLOCK):
-                    sink(block)
+        FileNotFoundError when the object is missing; TimeoutError once ``deadline`` has passed."""
 
     @abstractmethod
     def read_bytes(self, rel: str) -> bytes:
@@ -104,6 +119,41 @@ class Backend(ABC):
     def delete(self, rels: list[str]) -> None:
         """Delete these objects; missing ones are ignored."""
 
+    # --- is this store fit for the commit protocol? --------------------------------------------------------------
+
+    def ensure_conditional_writes(self, budget: float = 60.0) -> None:
+        """Before this backend's first write: check that the store enforces the conditional write the index relies
+        on (:meth:`conditional_write_problem`), once per backend object. Where it doesn't, raise ConfigurationError
+        naming the option that accepts the risk (``unsafe_no_cas=true`` / ``$CLOUDCKPT_UNSAFE_NO_CAS=1``)."""
+        with self._cas_lock:
+            if self._cas_checked:
+                return
+            if self.unsafe_no_cas:
+                log.warning("%s: conditional writes are not checked (%s): concurrent writers can lose index updates "
+                            "and a superseded writer is not fenced", self.url, UNSAFE_OPTION)
+            else:
+                problem = retry.run(self.conditional_write_problem, url=self.url, what="check conditional writes",
+                                    budget=budget)
+                if problem:
+                    raise ConfigurationError(
+                        f"{self.url}: refusing to write: {problem}; concurrent writers could lose index updates. "
+                        f"To accept the risk (one writer at a time), set the storage option {UNSAFE_OPTION}=true "
+                        f"(-o {UNSAFE_OPTION}=true) or {UNSAFE_ENV}=1")
+                log.debug("%s: conditional writes are enforced", self.url)
+            self._cas_checked = True
+
+    def conditional_write_problem(self) -> str | None:
+        """Why this store can't be trusted with the index's compare-and-swap, or None. Default: probe an object
+        with :meth:`put_if` (see :mod:`~cloudckpt.backends.capabilities`)."""
+        from .capabilities import object_cas_problem
+
+        return object_cas_problem(self.put_if, self.read_bytes, self.delete)
+
+    def put_if(self, rel: str, data: bytes, token: Any) -> Any:
+        """Write a small object only if it is still at ``token`` (None: only if absent), else raise
+        IndexConflictError; return the new token. The index's :meth:`write_index` is this on ``index.json``."""
+        raise NotImplementedError(f"{type(self).__name__} has no conditional write")
+
     def check_access(self) -> None:
         """Raise AccessError/CheckpointNotFoundError early for a missing bucket or denied access (default: no-op)."""
 
@@ -119,5 +169,25 @@ class Backend(ABC):
         if got != crc32c:
             raise IntegrityError(f"{self.url}/{rel}: read-back crc32c {got} != {crc32c}")
 
+    @staticmethod
+    def remaining(deadline: float | None) -> float | None:
+        """Seconds left until ``deadline`` (None: no deadline); TimeoutError once it has passed."""
+        if deadline is None:
+            return None
+        left = deadline - time.monotonic()
+        if left <= 0:
+            raise TimeoutError("the transfer's wall-clock budget is spent")
+        return left
+
     def describe(self) -> str:
         return self.url
+
+
+def _truthy(value: Any) -> bool:
+    if isinstance(value, str):
+        if value.strip().lower() in ("", "0", "false", "no", "off"):
+            return False
+        if value.strip().lower() in ("1", "true", "yes", "on"):
+            return True
+        raise ConfigurationError(f"{UNSAFE_OPTION} must be true or false. Received: {value!r}")
+    return bool(value)

@@ -8,17 +8,18 @@ conditional write). Subclasses set ``self.fs`` and ``self.root`` (the run's path
 from __future__ import annotations
 
 import base64
-from pathlib import Path
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 from ..errors import IntegrityError
 from ..checksum import BLOCK
+from ..source import Source
 from .base import ObjectInfo, Progress
 
 
 def _callback(progress: Progress | None) -> dict[str, Any]:
-    """``callback=`` for fsspec's put_file/get_file that tells ``progress`` of the bytes moved."""
+    """``callback=`` for fsspec's get_file that tells ``progress`` of the bytes moved."""
     if progress is None:
         return {}
     from fsspec.callbacks import Callback
@@ -32,6 +33,15 @@ def _callback(progress: Progress | None) -> dict[str, Any]:
                 progress(delta)
 
     return {"callback": _Bytes()}
+
+
+def _discard(out: Any) -> None:
+    """Throw away a write-mode fsspec file after a failure: closing it would store the bytes written so far."""
+    try:
+        out.discard()  # s3fs aborts its multipart upload, gcsfs cancels its resumable one
+    except Exception:
+        pass
+    out.closed = True  # or its __del__ would close it, finishing the upload with a partial file
 
 
 class FsspecObjects:
@@ -51,26 +61,39 @@ class FsspecObjects:
                 return None
         return None
 
-    def upload(self, local: Path, rel: str, *, size: int, crc32c: Callable[[], str],
+    def upload(self, source: Source, rel: str, *, deadline: float | None = None,
                progress: Progress | None = None) -> None:
+        # The bytes go to the filesystem through a write-mode file (it buffers one block and sends it as a part):
+        # what is sent is exactly what ``source`` hashed, in one pass, and no copy of the whole file is held.
         path = self._path(rel)
-        self.fs.put_file(str(local), path, **_callback(progress))
+        source.progress = progress
+        out = self.fs.open(path, "wb")
+        try:
+            for block in source.blocks():
+                out.write(block)
+                self.remaining(deadline)  # type: ignore[attr-defined]
+            out.close()
+        except BaseException:
+            _discard(out)
+            raise
         self.fs.invalidate_cache(path)
         info = self.fs.info(path)
-        if int(info.get("size") or 0) != size:
-            raise IntegrityError(f"{self.url}/{rel}: stored object is {info.get('size')} bytes, expected {size}")
-        server, want = self._fs_crc32c(info), crc32c()
+        if int(info.get("size") or 0) != source.size:
+            raise IntegrityError(f"{self.url}/{rel}: stored object is {info.get('size')} bytes, expected {source.size}")
+        server, want = self._fs_crc32c(info), source.crc32c()
         if server is not None and server != want:
-            raise IntegrityError(f"{self.url}/{rel}: server crc32c {server} differs from ours {want}")
+            raise IntegrityError(f"{self.url}/{rel}: server crc32c {server} differs from the bytes sent {want}")
         self.check_uploaded(rel, want)  # type: ignore[attr-defined]
 
-    def download(self, rel: str, local: Path, *, progress: Progress | None = None) -> None:
+    def download(self, rel: str, local: Path, *, deadline: float | None = None,
+                 progress: Progress | None = None) -> None:
         self.fs.get_file(self._path(rel), str(local), **_callback(progress))
 
-    def read_stream(self, rel: str, sink: Callable[[bytes], None]) -> None:
+    def read_stream(self, rel: str, sink: Callable[[bytes], None], *, deadline: float | None = None) -> None:
         with self.fs.open(self._path(rel), "rb", block_size=BLOCK, cache_type="none") as f:
             while block := f.read(BLOCK):
                 sink(block)
+                self.remaining(deadline)  # type: ignore[attr-defined]
 
     def read_bytes(self, rel: str) -> bytes:
         return self.fs.cat_file(self._path(rel))

@@ -1,5 +1,7 @@
-"""Google Cloud Storage through google-cloud-storage: resumable uploads in bounded chunks with the server's crc32c
-compared with ours, streamed crc32c-checked downloads, and the index swapped with ``ifGenerationMatch``.
+"""Google Cloud Storage through google-cloud-storage: resumable uploads in bounded chunks read from one pass over the
+file, the server's crc32c of the object compared with the crc32c of the bytes read; streamed downloads hashed here
+as they are written; the index swapped with ``ifGenerationMatch``; a connect/read timeout on every request and the
+client's retries ended at the transfer's deadline.
 
 gcsfs is not used on this path: its ``get_file`` grew memory to most of the object's size (tests/test_large_files.py),
 and google-cloud-storage exposes the generation preconditions the commit needs. With ``STORAGE_EMULATOR_HOST`` set,
@@ -11,12 +13,14 @@ from __future__ import annotations
 
 import base64
 import os
-from pathlib import Path
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 from ..errors import AccessError, ConfigurationError, IndexConflictError, IntegrityError
 from ..manifest import INDEX_NAME
+from ..checksum import HashingWriter
+from ..source import Source
 from .base import UNCHANGED, Backend, ObjectInfo, Progress
 from .fsspec_objects import FsspecObjects
 
@@ -42,39 +46,25 @@ def _forget_sent_body(response: Any, *args: Any, **kwargs: Any) -> Any:
     return response
 
 
-class _Reading:
-    """A file being uploaded: tells ``progress`` how far the upload has read (a chunk re-sent after a seek back
-    counts negative)."""
+class _Sink:
+    """A write-only file for ``download_to_file`` that hands each block to ``sink`` (no restart: a sink can't take
+    bytes back)."""
 
-    def __init__(self, f: Any, progress: Progress) -> None:
-        self._f, self._progress = f, progress
-
-    def read(self, *args: Any) -> bytes:
-        data = self._f.read(*args)
-        self._progress(len(data))
-        return data
-
-    def seek(self, *args: Any) -> int:
-        before = self._f.tell()
-        after = self._f.seek(*args)
-        self._progress(after - before)
-        return after
-
-    def __getattr__(self, name: str) -> Any:
-        return getattr(self._f, name)
-
-
-class _Writing:
-    """A file-like sink for ``download_to_file``: hands each block to ``sink`` and tells ``progress``."""
-
-    def __init__(self, sink: Callable[[bytes], None], progress: Progress | None) -> None:
-        self._sink, self._progress = sink, progress
+    def __init__(self, sink: Callable[[bytes], None]) -> None:
+        self._sink = sink
 
     def write(self, data: bytes) -> int:
         self._sink(data)
-        if self._progress:
-            self._progress(len(data))
         return len(data)
+
+    def seek(self, offset: int, whence: int = 0) -> int:
+        raise OSError("a streamed read can't restart")
+
+    def truncate(self, size: int | None = None) -> int:
+        raise OSError("a streamed read can't restart")
+
+    def flush(self) -> None:
+        pass
 
 
 class GCSBackend(Backend):
@@ -89,7 +79,7 @@ class GCSBackend(Backend):
         opts = self.storage_options
         unknown = set(opts) - self.OPTIONS
         if unknown:
-            raise ConfigurationError(f"{url}: unknown GCS storage option(s) {sorted(unknown)}; known: {sorted(self.OPTIONS)}")
+            raise ConfigurationError(f"{self.url}: unknown GCS storage option(s) {sorted(unknown)}; known: {sorted(self.OPTIONS)}")
         self.chunk_size = max(1, int(opts.get("chunk_size", 64 * _MB)) // (256 * 1024)) * (256 * 1024)
         emulator = os.environ.get("STORAGE_EMULATOR_HOST")
         if emulator:
@@ -104,7 +94,8 @@ class GCSBackend(Backend):
             self.client = storage.Client(project=project or "cloudckpt", credentials=AnonymousCredentials())
         elif opts.get("token") is not None:
             if not (isinstance(opts["token"], str) and os.path.isfile(opts["token"])):
-                raise ConfigurationError(f"{url}: token must be 'anon' or a service-account JSON file. Received: {opts['token']!r}")
+                raise ConfigurationError(f"{self.url}: token must be 'anon' or a service-account JSON file path. "
+                                         f"Received: a {type(opts['token']).__name__} that is neither (not shown)")
             self.client = storage.Client.from_service_account_json(opts["token"], project=project)
         else:
             self.client = storage.Client(project=project)
@@ -117,7 +108,7 @@ class GCSBackend(Backend):
         return f"{self.prefix}/{rel}" if self.prefix else rel
 
     def check_access(self) -> None:
-        self.client.get_bucket(self.bucket_name)
+        self.client.get_bucket(self.bucket_name, timeout=self.timeout)
 
     # --- index -------------------------------------------------------------------------------------------------
 
@@ -125,14 +116,14 @@ class GCSBackend(Backend):
         from google.api_core.exceptions import NotFound, PreconditionFailed
 
         for _ in range(5):
-            blob = self.bucket.get_blob(self._name(INDEX_NAME))
+            blob = self.bucket.get_blob(self._name(INDEX_NAME), timeout=self.timeout)
             if blob is None:
                 self._check_bucket()  # a missing bucket also reads as "no index": don't call it an empty run
                 return None, None
             if known is not None and blob.generation == known:
                 return UNCHANGED, known
             try:
-                return blob.download_as_bytes(if_generation_match=blob.generation), blob.generation
+                return blob.download_as_bytes(if_generation_match=blob.generation, timeout=self.timeout), blob.generation
             except (NotFound, PreconditionFailed):
                 continue  # replaced between the metadata read and the download: read again
         raise IndexConflictError(f"{self.url}: index keeps changing while being read")
@@ -141,76 +132,105 @@ class GCSBackend(Backend):
         from google.api_core.exceptions import Forbidden
 
         try:
-            exists = self.bucket.exists()
+            exists = self.bucket.exists(timeout=self.timeout)
         except Forbidden:
             return  # no right to look at the bucket itself; its objects may still be ours to use
         if not exists:
             raise AccessError(f"{self.url}: no such bucket {self.bucket_name!r}")
 
     def write_index(self, data: bytes, token: Any) -> Any:
+        return self.put_if(INDEX_NAME, data, token)
+
+    def put_if(self, rel: str, data: bytes, token: Any) -> Any:
         from google.api_core.exceptions import PreconditionFailed
 
-        blob = self.bucket.blob(self._name(INDEX_NAME))
+        blob = self.bucket.blob(self._name(rel))
         try:
-            blob.upload_from_string(data, content_type="application/json", if_generation_match=token or 0)
+            blob.upload_from_string(data, content_type="application/json", if_generation_match=token or 0,
+                                    timeout=self.timeout)
             return blob.generation
         except PreconditionFailed as e:
-            raise IndexConflictError(f"{self.url}: index changed since it was read") from e
+            raise IndexConflictError(f"{self.url}: {rel} changed since it was read") from e
 
     # --- objects -----------------------------------------------------------------------------------------------
 
-    def upload(self, local: Path, rel: str, *, size: int, crc32c: Callable[[], str],
+    def _retry(self, deadline: float | None) -> Any:
+        """google-cloud-storage's default retry, ending at ``deadline`` rather than after its own 120 s."""
+        from google.cloud.storage.retry import DEFAULT_RETRY
+
+        left = self.remaining(deadline)
+        if left is None:
+            return DEFAULT_RETRY
+        return DEFAULT_RETRY.with_timeout(left) if hasattr(DEFAULT_RETRY, "with_timeout") else DEFAULT_RETRY.with_deadline(left)
+
+    def upload(self, source: Source, rel: str, *, deadline: float | None = None,
                progress: Progress | None = None) -> None:
-        blob = self.bucket.blob(self._name(rel), chunk_size=self.chunk_size if size > self.chunk_size else None)
-        with open(local, "rb") as f:  # the server's crc32c is compared with ours below
-            blob.upload_from_file(_Reading(f, progress) if progress else f, size=size, checksum=None)
-        blob.reload()
-        server, want = (base64.b64decode(blob.crc32c).hex() if blob.crc32c else None), crc32c()
-        if blob.size != size or server != want:
-            raise IntegrityError(f"{self.url}/{rel}: stored object is {blob.size} bytes crc32c {server}, expected {size} {want}")
+        # The SDK reads ``source`` in order (a retried chunk seeks back and is read again); the manifest records
+        # the crc32c of the bytes read, and the server's crc32c of the stored object must equal it.
+        source.progress = progress  # counts the bytes read, and takes back a chunk read again after a seek
+        blob = self.bucket.blob(self._name(rel), chunk_size=self.chunk_size if source.size > self.chunk_size else None)
+        blob.upload_from_file(source, size=source.size, checksum=None, timeout=self.timeout,
+                              retry=self._retry(deadline))
+        if not blob.crc32c:
+            blob.reload(timeout=self.timeout)
+        server, want = (base64.b64decode(blob.crc32c).hex() if blob.crc32c else None), source.crc32c()
+        if blob.size != source.size or server != want:
+            raise IntegrityError(f"{self.url}/{rel}: stored object is {blob.size} bytes crc32c {server}, expected "
+                                 f"{source.size} {want}")
         self.check_uploaded(rel, want)
 
-    def download(self, rel: str, local: Path, *, progress: Progress | None = None) -> str | None:
-        # google-cloud-storage streams to the file and checks the bytes against the object's crc32c as they arrive
-        # (gcsfs get_file grew RSS to most of the object's size here). The generation is pinned, so the crc32c
-        # returned is the one of exactly the bytes written: the caller needn't hash the file again.
+    def download(self, rel: str, local: Path, *, deadline: float | None = None,
+                 progress: Progress | None = None) -> str:
+        # google-cloud-storage streams to the file (gcsfs get_file grew RSS to most of the object's size here). Its
+        # own hash check is skipped when the server sends no X-Goog-Hash header, so the bytes are hashed here as
+        # they are written, and that crc32c is compared with the object's (its generation pinned) and returned.
         with open(local, "wb") as f:
-            return self.read_stream(rel, f.write, progress)
+            return self._fetch(rel, HashingWriter(f, progress), deadline)
 
-    def read_stream(self, rel: str, sink: Callable[[bytes], None], progress: Progress | None = None) -> str | None:
+    def read_stream(self, rel: str, sink: Callable[[bytes], None], *, deadline: float | None = None) -> None:
+        self._fetch(rel, HashingWriter(_Sink(sink)), deadline)
+
+    def _fetch(self, rel: str, out: HashingWriter, deadline: float | None) -> str:
+        """Stream the object (its generation pinned) into ``out``; the crc32c of the bytes written must be the
+        object's."""
         from google.api_core.exceptions import NotFound
 
-        blob = self.bucket.get_blob(self._name(rel))
+        blob = self.bucket.get_blob(self._name(rel), timeout=self.timeout)
         if blob is None:
             raise FileNotFoundError(f"{self.url}/{rel}: no such object")
         try:
-            blob.download_to_file(_Writing(sink, progress), checksum="crc32c", if_generation_match=blob.generation)
+            blob.download_to_file(out, checksum=None, if_generation_match=blob.generation, timeout=self.timeout,
+                                  retry=self._retry(deadline))
         except NotFound as e:  # the contract's built-in: callers test FileNotFoundError
             raise FileNotFoundError(f"{self.url}/{rel}: no such object") from e
-        return base64.b64decode(blob.crc32c).hex() if blob.crc32c else None
+        got = out.crc32c()
+        stored = base64.b64decode(blob.crc32c).hex() if blob.crc32c else None
+        if stored is not None and got != stored:
+            raise IntegrityError(f"{self.url}/{rel}: downloaded bytes have crc32c {got}, the object {stored}")
+        return got
 
     def read_bytes(self, rel: str) -> bytes:
         from google.api_core.exceptions import NotFound
 
         try:
-            return self.bucket.blob(self._name(rel)).download_as_bytes()
+            return self.bucket.blob(self._name(rel)).download_as_bytes(timeout=self.timeout)
         except NotFound as e:
             raise FileNotFoundError(f"{self.url}/{rel}: no such object") from e
 
     def write_bytes(self, rel: str, data: bytes) -> None:
-        self.bucket.blob(self._name(rel)).upload_from_string(data)
+        self.bucket.blob(self._name(rel)).upload_from_string(data, timeout=self.timeout)
 
     def list_objects(self) -> list[ObjectInfo]:
         base = f"{self.prefix}/" if self.prefix else ""
         return [ObjectInfo(b.name[len(base):], b.size or 0, b.updated.timestamp() if b.updated else 0.0)
-                for b in self.client.list_blobs(self.bucket_name, prefix=base)]
+                for b in self.client.list_blobs(self.bucket_name, prefix=base, timeout=self.timeout)]
 
     def delete(self, rels: list[str]) -> None:
         from google.api_core.exceptions import NotFound
 
         for rel in rels:
             try:
-                self.bucket.blob(self._name(rel)).delete()
+                self.bucket.blob(self._name(rel)).delete(timeout=self.timeout)
             except NotFound:
                 pass
 
@@ -219,12 +239,15 @@ class GCSFsspecBackend(FsspecObjects, GCSBackend):
     """``transport="fsspec"``: data through gcsfs (its server crc32c is compared), the index still by
     google-cloud-storage generation preconditions."""
 
-    verification = "server crc32c and size (data through gcsfs)"
+    verification = "server crc32c of the whole object compared with the bytes sent, and its size (data through gcsfs)"
 
     def __init__(self, url: str, storage_options: dict[str, Any] | None = None) -> None:
         super().__init__(url, storage_options)
         import gcsfs
 
         opts = self.storage_options
-        self.fs = gcsfs.GCSFileSystem(**{k: opts[k] for k in ("token", "project") if k in opts})
+        import aiohttp
+
+        timeout = aiohttp.ClientTimeout(total=None, sock_connect=self.timeout[0], sock_read=self.timeout[1])
+        self.fs = gcsfs.GCSFileSystem(**{k: opts[k] for k in ("token", "project") if k in opts}, requests_timeout=timeout)
         self.root = f"{self.bucket_name}/{self.prefix}" if self.prefix else self.bucket_name

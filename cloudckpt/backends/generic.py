@@ -1,10 +1,10 @@
-"""Any other fsspec URL (memory://, sftp://, az://, ...). Works, but the index swap is check-then-write, not an
-atomic compare-and-swap, so two writers racing on one run can lose an update: a warning says so."""
+"""Any other fsspec URL (memory://, sftp://, az://, ...). Reading works; the index swap is check-then-write, not an
+atomic compare-and-swap, so two writers racing on one run can lose an update: writing needs the storage option
+``unsafe_no_cas=true`` (see :meth:`~cloudckpt.backends.base.Backend.ensure_conditional_writes`)."""
 
 from __future__ import annotations
 
 import hashlib
-import warnings
 from typing import Any
 
 import fsspec
@@ -21,10 +21,11 @@ class GenericBackend(FsspecObjects, Backend):
 
     def __init__(self, url: str, storage_options: dict[str, Any] | None = None) -> None:
         super().__init__(url, storage_options)
-        warnings.warn(f"{url}: this store has no conditional write; commits there are not atomic against a concurrent "
-                      "writer (use s3://, gs:// or a local path for that)", stacklevel=3)
-        self.fs, root = fsspec.core.url_to_fs(self.url, **self.storage_options)
+        self.fs, root = fsspec.core.url_to_fs(url.rstrip("/"), **self.storage_options)  # the real URL
         self.root = root.rstrip("/")
+
+    def conditional_write_problem(self) -> str | None:
+        return "this store has no conditional write (use s3://, gs:// or a local path for atomic commits)"
 
     def read_index(self, known: Any = None) -> tuple[bytes | None, Any]:
         try:

@@ -7,15 +7,16 @@ from __future__ import annotations
 import hashlib
 import os
 import uuid
-from pathlib import Path
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 from filelock import FileLock
 
-from ..checksum import BLOCK, file_checksums
+from ..checksum import BLOCK, HashingWriter, file_checksums
 from ..errors import ConfigurationError, IndexConflictError, IntegrityError
 from ..manifest import INDEX_NAME, TMP_MARK
+from ..source import Source
 from .base import UNCHANGED, Backend, ObjectInfo, Progress
 
 _LOCK_NAME = ".index.lock"
@@ -27,14 +28,6 @@ def _fsync_dir(path: Path) -> None:
         os.fsync(fd)
     finally:
         os.close(fd)
-
-
-def _copy(src, dst, progress: Progress | None) -> None:
-    """Copy in BLOCK-sized blocks, telling ``progress`` of each."""
-    while block := src.read(BLOCK):
-        dst.write(block)
-        if progress:
-            progress(len(block))
 
 
 class LocalBackend(Backend):
@@ -87,30 +80,44 @@ class LocalBackend(Backend):
             self._write_atomic(self._abs(INDEX_NAME), lambda f: f.write(data))
             return hashlib.sha256(data).hexdigest()
 
+    def conditional_write_problem(self) -> str | None:
+        """The index swap is safe only if ``flock`` excludes every writer: not on NFS mounted ``nolock`` /
+        ``local_lock``, nor on FUSE mounts (locks local to one machine), and only where it excludes at all."""
+        from .capabilities import flock_problem, mount_lock_problem
+
+        self.root.mkdir(parents=True, exist_ok=True)
+        return mount_lock_problem(self.root) or flock_problem(self.root / _LOCK_NAME)
+
     # --- objects -----------------------------------------------------------------------------------------------
 
-    def upload(self, local: Path, rel: str, *, size: int, crc32c: Callable[[], str],
+    def upload(self, source: Source, rel: str, *, deadline: float | None = None,
                progress: Progress | None = None) -> None:
         target = self._abs(rel)
+        source.progress = progress
 
         def copy(f) -> None:
-            with open(local, "rb") as src:
-                _copy(src, f, progress)
+            for block in source.blocks(BLOCK):
+                f.write(block)
 
         self._write_atomic(target, copy)
         got_size = target.stat().st_size
-        got, want = file_checksums(target)["crc32c"], crc32c()
-        if got_size != size or got != want:
-            raise IntegrityError(f"{self.url}/{rel}: stored copy is {got_size} bytes crc32c {got}, expected {size} {want}")
+        got, want = file_checksums(target)["crc32c"], source.crc32c()
+        if got_size != source.size or got != want:
+            raise IntegrityError(f"{self.url}/{rel}: stored copy is {got_size} bytes crc32c {got}, expected "
+                                 f"{source.size} {want}")
 
-    def download(self, rel: str, local: Path, *, progress: Progress | None = None) -> None:
-        with open(self._abs(rel), "rb") as src, open(local, "wb") as dst:
-            _copy(src, dst, progress)
+    def download(self, rel: str, local: Path, *, deadline: float | None = None,
+                 progress: Progress | None = None) -> str:
+        with open(local, "wb") as dst:
+            out = HashingWriter(dst, progress)
+            self.read_stream(rel, out.write, deadline=deadline)
+        return out.crc32c()
 
-    def read_stream(self, rel: str, sink: Callable[[bytes], None]) -> None:
+    def read_stream(self, rel: str, sink: Callable[[bytes], None], *, deadline: float | None = None) -> None:
         with open(self._abs(rel), "rb") as src:
             while block := src.read(BLOCK):
                 sink(block)
+                self.remaining(deadline)
 
     def read_bytes(self, rel: str) -> bytes:
         return self._abs(rel).read_bytes()

@@ -17,6 +17,7 @@ from keras import ops
 from ..preemption import PreemptionWatch
 from ..store import CheckpointStore
 from ..uploader import Uploader, new_staging_dir, remove_staging, snapshot
+from . import local_files as lf
 from . import resume as rs
 from .distributed import WorkerRole, current_role
 
@@ -45,7 +46,8 @@ class CloudCheckpoint(keras.callbacks.ModelCheckpoint):
     `tf.config.experimental.enable_op_determinism()` the final weights are bit-identical to an uninterrupted run.
 
     On SIGTERM or a cloud preemption notice (see :mod:`cloudckpt.preemption`) the callback checkpoints at the next
-    batch boundary, waits at most ``preemption_deadline`` seconds for the commit, and exits the process with status
+    batch boundary and waits for the commit until ``preemption_deadline`` seconds after the notice (a step that
+    outlasts the window still commits, and the log says by how much it missed), and exits the process with status
     ``143`` (:data:`EXIT_PREEMPTED`, raised as `SystemExit` from inside `fit`), so an orchestrator knows the work is
     unfinished; a restart resumes there, redoing nothing. If the commit misses the deadline the process still exits
     with 143 (the restart then resumes from the latest committed checkpoint) and the miss is logged as an error.
@@ -132,6 +134,7 @@ class CloudCheckpoint(keras.callbacks.ModelCheckpoint):
         self.role: WorkerRole | None = None  # this process's place in a multi-worker cluster (set by fit)
         self.uploader: Uploader | None = None
         self._folder = folder
+        self._root = lf.local_root(self.filepath)  # the only place local files are restored to or pruned from
         self._fitted = False
         self._reset_run_state()
 
@@ -290,7 +293,7 @@ class CloudCheckpoint(keras.callbacks.ModelCheckpoint):
             "best": None if self.best is None else float(self.best), "best_seen": self.best_seen,
             "batches_seen_since_last_saving": self._batches_seen_since_last_saving,
             "last_batch_seen": self._last_batch_seen,
-            "user_file": os.path.basename(saved) if saved else None, "local_path": saved,
+            "user_file": os.path.basename(saved) if saved else None,
             "keras_version": keras.__version__,
         }
         layout = plan.layout
@@ -299,8 +302,10 @@ class CloudCheckpoint(keras.callbacks.ModelCheckpoint):
         meta = {"kind": "model" if saved else "state", "batch": str(info["batches_done"] or 0),
                 "epoch_done": str(epoch_done).lower()}
         if saved:
-            meta["file"] = os.path.basename(saved)
-            meta["local_path"] = saved
+            meta["file"] = os.path.basename(saved)  # its name in the checkpoint
+            name = lf.local_name(self._root, saved)  # where it lives, relative to the callback's own folder
+            if name:
+                meta["local_file"] = name
             with self._local_lock:
                 self._local_files.pop(saved, None)
                 self._local_files[saved] = None
@@ -312,11 +317,12 @@ class CloudCheckpoint(keras.callbacks.ModelCheckpoint):
         self._last_staged_step = step
 
     def _on_commit(self, entry, job) -> None:
-        """Uploader thread: delete local files whose checkpoints retention removed from the store."""
-        live = {c.meta.get("local_path") for c in self.store.list()}
+        """Uploader thread: delete local files whose checkpoints retention removed from the store. Only files this
+        fit's Keras wrote inside the callback's folder are candidates; the index only says which are still live."""
+        live = lf.live_files(self._root, self.store.list(), lf.keras_suffix(self.filepath))
         with self._local_lock:
             paths = list(self._local_files)[:-1]  # never the most recent file
-            doomed = [p for p in paths if p not in live]
+            doomed = [p for p in paths if os.path.abspath(p) not in live and lf.local_name(self._root, p)]
             for p in doomed:
                 del self._local_files[p]
         for p in doomed:
@@ -332,7 +338,8 @@ class CloudCheckpoint(keras.callbacks.ModelCheckpoint):
         if self.preempted:
             return
         self.preempted = True
-        self._notice_time = time.monotonic()
+        # the deadline counts from the notice (recorded by the watch when it arrived), not from this batch boundary
+        self._notice_time = self._watch.notice_time or time.monotonic()
         if self.uploader is None:  # a non-chief worker: nothing of ours to commit
             log.warning("preemption (%s): stopping (not the chief: the chief commits)", self._watch.reason)
             self.model.stop_training = True
@@ -343,14 +350,23 @@ class CloudCheckpoint(keras.callbacks.ModelCheckpoint):
         if self._last_staged_step != self._step():
             self._stage(epoch, batch, logs or {}, saved=None, epoch_done=epoch_done,
                         position=epoch + 1 if epoch_done else epoch)
-        ok = self.uploader.flush(self.preemption_deadline)
+        left = self.preemption_deadline - (time.monotonic() - self._notice_time)
+        if left <= 0:  # the step outlasted the window: still commit what is in flight, for another window at most
+            log.error("preemption (%s): the notice came %.2fs ago, %.2fs past the %gs deadline, before training "
+                      "reached a batch boundary; committing anyway", self._watch.reason,
+                      self.preemption_deadline - left, -left, self.preemption_deadline)
+        ok = self.uploader.flush(left if left > 0 else self.preemption_deadline)
         elapsed = time.monotonic() - self._notice_time
+        missed = elapsed - self.preemption_deadline
         if ok and self.uploader.last_job is not None and self.uploader.last_job.entry is not None:
-            log.warning("preemption (%s): checkpoint %s at step %d committed %.2fs after the notice; stopping",
-                        self._watch.reason, self.uploader.last_job.entry.id, self._step(), elapsed)
+            log.log(logging.ERROR if missed > 0 else logging.WARNING,
+                    "preemption (%s): checkpoint %s at step %d committed %.2fs after the notice%s; stopping",
+                    self._watch.reason, self.uploader.last_job.entry.id, self._step(), elapsed,
+                    f": missed the {self.preemption_deadline:g}s deadline by {missed:.2f}s" if missed > 0 else "")
         else:
-            log.error("preemption (%s): the checkpoint was NOT committed within %.0fs; a restart resumes from the "
-                      "latest committed one", self._watch.reason, self.preemption_deadline)
+            log.error("preemption (%s): the checkpoint was NOT committed within %.0fs of the notice (%.2fs have "
+                      "passed); a restart resumes from the latest committed one", self._watch.reason,
+                      self.preemption_deadline, elapsed)
         self.model.stop_training = True
         if self.exit_on_preemption:
             if self._skip is not None:
@@ -373,7 +389,7 @@ class CloudCheckpoint(keras.callbacks.ModelCheckpoint):
             return
         latest, pulled, info, arrays = found
         rs.restore_variables(self.model, info, arrays, pulled)
-        rs.restore_local_files(self.store, latest, pulled, self._staging / "best")
+        lf.restore_local_files(self.store, latest, pulled, self._staging / "best", self.filepath)
         self.best = info.get("best")
         self.best_seen = info.get("best_seen")
         self._batches_seen_since_last_saving = info.get("batches_seen_since_last_saving", 0)

@@ -25,15 +25,17 @@ from __future__ import annotations
 
 import json
 import logging
-import os
-import shutil
+import zipfile
 from collections.abc import Callable, Mapping
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any, Literal
 
 import numpy as np
 
+from pydantic import BaseModel, ConfigDict, Field, Strict, ValidationError, field_validator
+
 from ..errors import ConfigurationError, IntegrityError
+from ..manifest import check_relative_path
 
 log = logging.getLogger(__name__)
 
@@ -147,6 +149,64 @@ def write_state(directory: Path, arrays: Mapping[str, np.ndarray], layout: Mappi
     return out
 
 
+_Count = Annotated[int, Strict(), Field(ge=0)]
+_Variable = Annotated[tuple[Annotated[str, Strict()], list[_Count]], Strict(False)]  # [path, shape] (a JSON list)
+
+
+class ResumeState(BaseModel):
+    """What ``state.json`` must hold to be acted on: read back from the store, so checked like a manifest (types,
+    ranges, a weights file that is a plain name the checkpoint holds). Unknown fields are ignored."""
+
+    model_config = ConfigDict(extra="ignore", strict=True)
+
+    format: Literal[1, 2]
+    epoch: _Count
+    epoch_done: bool
+    batches_done: _Count | None = None
+    initial_epoch: _Count
+    global_step: _Count
+    logs: dict[str, float] = {}
+    best: float | None = None
+    best_seen: float | None = None
+    batches_seen_since_last_saving: _Count = 0
+    last_batch_seen: int | None = None
+    weights_file: str | None = None
+    covered: dict[Literal["model", "optimizer"], list[_Count]] | None = None
+    layout: dict[Literal["model", "optimizer", "metrics"], list[_Variable]]
+
+    @field_validator("weights_file")
+    @classmethod
+    def _plain_name(cls, v: str | None) -> str | None:
+        if v is not None and "/" in check_relative_path(v):
+            raise ValueError(f"weights file {v!r} is not a plain file name")
+        return v
+
+    @field_validator("layout")
+    @classmethod
+    def _groups(cls, v: dict) -> dict:
+        if set(v) != set(GROUPS):
+            raise ValueError(f"layout must name the groups {GROUPS}")
+        return v
+
+
+def check_state(info: Any, files: Any = None) -> dict[str, Any]:
+    """``info`` (a parsed ``state.json``) if it is a valid resume state whose weights file is one of ``files`` (the
+    checkpoint's paths, when given); IntegrityError otherwise."""
+    try:
+        state = ResumeState.model_validate(info)
+    except ValidationError as exc:
+        err = exc.errors()[0]
+        raise IntegrityError(f"invalid resume state at {'.'.join(map(str, err['loc'])) or '<root>'}: "
+                             f"{err['msg']}") from None
+    except ValueError as exc:  # check_relative_path's UnsafePathError
+        raise IntegrityError(f"invalid resume state: {exc}") from None
+    if not state.epoch_done and state.batches_done is None:
+        raise IntegrityError("invalid resume state: a mid-epoch state without batches_done")
+    if state.weights_file and files is not None and f"{state.weights_file}" not in set(files):
+        raise IntegrityError(f"the resume state's weights file {state.weights_file!r} is not in the checkpoint")
+    return info
+
+
 def read_state(directory: Path) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
     """Read a checkpoint's state JSON and variables; IntegrityError when it holds none or they are malformed."""
     src = Path(directory) / STATE_DIR
@@ -156,8 +216,8 @@ def read_state(directory: Path) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
             arrays = {k: npz[k] for k in npz.files}
     except FileNotFoundError as exc:
         raise IntegrityError(f"{directory}: checkpoint holds no cloudckpt resume state ({exc.filename})") from None
-    except ValueError as exc:
-        raise IntegrityError(f"{directory}: unreadable resume state: {exc}") from None
+    except (ValueError, RecursionError, OSError, EOFError, KeyError, zipfile.BadZipFile) as exc:
+        raise IntegrityError(f"{directory}: unreadable resume state: {str(exc)[:200]}") from None
     if not isinstance(info, dict) or info.get("format") not in READABLE_FORMATS:
         raise IntegrityError(f"{directory}: unknown resume state format {info.get('format') if isinstance(info, dict) else info!r}")
     return info, arrays
@@ -296,6 +356,7 @@ def pull_resumable(store: Any, to: Path) -> tuple[Any, Path, dict[str, Any], dic
         try:
             pulled = store.pull(entry.id, to=to)
             info, arrays = read_state(pulled.path)
+            check_state(info, [f.path for f in entry.files])
         except IntegrityError as exc:
             log.warning("checkpoint %s can't be resumed from (%s); trying an older one", entry.id, exc)
             failures.append(f"{entry.id}: {exc}")
@@ -304,25 +365,3 @@ def pull_resumable(store: Any, to: Path) -> tuple[Any, Path, dict[str, Any], dic
             log.warning("resuming from %s: %d newer checkpoint(s) failed verification", entry.id, len(failures))
         return entry, pulled.path, info, arrays
     raise IntegrityError(f"{store.url}: no checkpoint with resume state verifies: " + "; ".join(failures))
-
-
-def restore_local_files(store: Any, latest: Any, pulled: Path, staging: Path) -> None:
-    """Put back the user's checkpoint files (of the latest and the best checkpoint) that this machine lacks, from
-    ``pulled`` (the latest, already downloaded) or a pull of the best into ``staging``."""
-    from ..errors import CheckpointNotFoundError
-
-    wanted = [latest]
-    try:
-        best = store.best()
-        if best.id != latest.id:
-            wanted.append(best)
-    except CheckpointNotFoundError:
-        pass
-    for entry in wanted:
-        local, name = entry.meta.get("local_path"), entry.meta.get("file")
-        if not local or not name or os.path.exists(local):
-            continue
-        src = pulled if entry.id == latest.id else store.pull(entry.id, to=staging).path
-        os.makedirs(os.path.dirname(os.path.abspath(local)), exist_ok=True)
-        shutil.copy2(src / name, local)
-        log.info("restored %s from checkpoint %s", local, entry.id)

@@ -1,6 +1,8 @@
 """A fault-injecting HTTP proxy for tests: sits on 127.0.0.1 in front of an S3 or GCS test server and, at
 configurable rates, answers 500 / 503 SlowDown / 429 itself, resets the connection, drops the answer after the
-server did the work, stalls past the client's timeout, or truncates the answer's body.
+server did the work, stalls past the client's timeout, or truncates the answer's body. With ``strip_conditions`` it
+plays a store that ignores conditional writes: it removes ``If-Match`` / ``If-None-Match`` headers (S3) and the
+``ifGenerationMatch``-style query parameters (GCS) from every request before forwarding it.
 
 It forwards bytes unchanged (requests and answers, chunked or not), one upstream connection per client connection,
 and counts every request per ``(method, path)`` so tests can bound the attempts of each logical operation.
@@ -19,7 +21,10 @@ import struct
 import threading
 import time
 from collections import Counter
-from urllib.parse import urlsplit
+from urllib.parse import parse_qsl, urlencode, urlsplit
+
+_CONDITION_HEADERS = (b"if-match:", b"if-none-match:")
+_CONDITION_PARAMS = {"ifGenerationMatch", "ifGenerationNotMatch", "ifMetagenerationMatch", "ifMetagenerationNotMatch"}
 
 KINDS = ("500", "503", "429", "reset", "drop_after", "stall", "truncate")
 
@@ -100,10 +105,17 @@ class FaultProxy:
         fault_filter: only requests for which ``fault_filter(method, target)`` is true may be faulted (``target``:
             path and query).
         max_faults: stop injecting after this many faults (None: no limit).
+        strip_conditions: remove the conditions of conditional requests (see the module docstring); ``stripped``
+            counts the requests that lost one.
+        on_request: ``on_request(method, target)`` is called once a request has been read, before it is forwarded
+            (a test's event "mid-upload", e.g. rewriting the file being pushed when part 2 arrives).
+        on_response: ``on_response(method, target, head, body) -> (head, body)`` may rewrite an answer (raw head
+            bytes and the body as read) before it goes to the client.
     """
 
     def __init__(self, upstream: str, *, rates: dict[str, float] | None = None, seed: int = 0, stall: float = 3.0,
-                 fault_filter=None, max_faults: int | None = None) -> None:
+                 fault_filter=None, max_faults: int | None = None, strip_conditions: bool = False,
+                 on_request=None, on_response=None) -> None:
         parts = urlsplit(upstream)
         self.upstream = (parts.hostname, parts.port)
         self.rates = dict(rates or {})
@@ -113,6 +125,10 @@ class FaultProxy:
         self.stall = stall
         self.fault_filter = fault_filter
         self.max_faults = max_faults
+        self.strip_conditions = strip_conditions
+        self.stripped = 0
+        self.on_request = on_request
+        self.on_response = on_response
         self._rnd = random.Random(seed)
         self._lock = threading.Lock()
         self.faults: Counter = Counter()  # kind -> injected
@@ -195,9 +211,14 @@ class FaultProxy:
                     head = b"".join(line + b"\r\n" for line in head.split(b"\r\n")[:-1]
                                     if not line.lower().startswith(b"expect:"))
                 body = _read_body(cfile, headers)
+                if self.strip_conditions:
+                    head = self._strip(head)
+                    start = head.split(b"\r\n", 1)[0] + b"\r\n"
                 method, target = start.decode("latin-1").split(" ")[:2]
                 path = urlsplit(target).path
                 kind = self._pick(method, target)
+                if self.on_request is not None:
+                    self.on_request(method, target)
                 if kind in _S3_BODIES:
                     client.sendall(self._error(kind, path))
                     continue
@@ -230,6 +251,8 @@ class FaultProxy:
                     client.sendall(rhead + rbody[: len(rbody) // 2])
                     _reset(client)
                     return
+                if self.on_response is not None:
+                    rhead, rbody = self.on_response(method, target, rhead, rbody)
                 client.sendall(rhead + rbody)
                 if close_delimited or h.get("connection", "").lower() == "close":
                     return
@@ -244,6 +267,21 @@ class FaultProxy:
                 pass
             if upstream is not None:
                 upstream.close()
+
+    def _strip(self, head: bytes) -> bytes:
+        """The request head without its conditions: If-Match / If-None-Match headers, GCS precondition parameters."""
+        lines = head.split(b"\r\n")
+        method, target, version = lines[0].split(b" ", 2)
+        parts = urlsplit(target.decode("latin-1"))
+        params = parse_qsl(parts.query, keep_blank_values=True)
+        kept = [(k, v) for k, v in params if k not in _CONDITION_PARAMS]
+        if len(kept) != len(params):
+            target = (parts.path + ("?" + urlencode(kept) if kept else "")).encode("latin-1")
+        headers = [line for line in lines[1:] if not line.lower().startswith(_CONDITION_HEADERS)]
+        if len(kept) != len(params) or len(headers) != len(lines) - 1:
+            with self._lock:
+                self.stripped += 1
+        return b"\r\n".join([b" ".join((method, target, version)), *headers])
 
     @staticmethod
     def _error(kind: str, path: str) -> bytes:

@@ -298,3 +298,87 @@ def valid_run(url: str, src_root: Path, target: Path) -> Run:
     raw, _ = store.backend.read_index()
     store.pull("latest", to=target)
     return Run(store, json.loads(raw), raw, target)
+
+
+# --- Keras resume: the index and the resume state are input, not instructions ---------------------------------------
+
+
+@dataclass
+class KerasRun:
+    """A run the Keras callback committed (``filepath`` in ``box/ckpt``) and the places a hostile entry aims at:
+    ``box/outside`` (beside the job's folder, holding a secret) and :data:`EVIL_ABS`."""
+
+    url: str
+    box: Path
+    filepath: str
+    good: str  # id of the valid latest checkpoint
+
+    @property
+    def outside(self) -> Path:
+        return self.box / "outside"
+
+    def push_copy(self, *, meta: dict | None = None, state: Callable[[dict], object] | bytes | None = None,
+                  best: bool = True) -> str:
+        """Commit a copy of the valid latest checkpoint as a new one, as anyone who can write to the bucket can:
+        with ``meta`` as its entry's metadata, its ``state.json`` edited by ``state`` (or replaced by bytes), and
+        (``best``) a metric that makes it the run's best. Returns its id."""
+        import tempfile
+
+        with CheckpointStore(self.url) as store:
+            good = store.index().get(self.good)
+            src = Path(tempfile.mkdtemp(dir=self.box.parent)) / "copy"
+            store.pull(self.good, to=src)
+            (src / ".cloudckpt.json").unlink()
+            if state is not None:
+                sj = src / "cloudckpt_state" / "state.json"
+                if isinstance(state, bytes):
+                    sj.write_bytes(state)
+                else:
+                    doc = json.loads(sj.read_text())
+                    state(doc)
+                    sj.write_text(json.dumps(doc))
+            entry = store.push(src, epoch=good.epoch, step=(good.step or 0) + 1,
+                               metrics={"val_loss": -1.0} if best else {}, meta={**good.meta, **(meta or {})},
+                               monitor="val_loss", keep_best=None, keep_last=None)
+            return entry.id
+
+
+@dataclass(frozen=True)
+class KerasCase:
+    name: str
+    mutate: Callable[[KerasRun], object]
+    skips_checkpoint: bool = False  # the hostile checkpoint can't be resumed from: resume takes the valid one
+
+
+def _meta(**meta: str) -> Callable[[KerasRun], object]:
+    def mutate(run: KerasRun) -> str:
+        where = dict(outside=run.outside, ckpt=run.box / "ckpt", evil=EVIL_ABS, up="../" * 40)
+        return run.push_copy(meta={k: v.format(**where).replace("//", "/") for k, v in meta.items()})
+
+    return mutate
+
+
+def _state(edit: Callable[[dict], object] | bytes) -> Callable[[KerasRun], object]:
+    return lambda run: run.push_copy(state=edit, best=False)
+
+
+KERAS_CORPUS: list[KerasCase] = [
+    KerasCase("best's local_path is a file outside the job's folder", _meta(local_path="{outside}/autostart.desktop")),
+    KerasCase("best's local_path is an absolute path in /tmp", _meta(local_path="{evil}")),
+    KerasCase("best's local_path can't be created on this machine", _meta(local_path="/proc/cloudckpt/m.weights.h5")),
+    KerasCase("best's file reads from outside the checkpoint",
+              _meta(file="{up}{outside}/secret.txt", local_path="{ckpt}/stolen.weights.h5")),
+    KerasCase("best's local_file escapes with '..'", _meta(local_file="../outside/escape.weights.h5")),
+    KerasCase("best's local_file is absolute", _meta(local_file="{outside}/abs.weights.h5")),
+    KerasCase("best's local_file has a suffix Keras never writes", _meta(local_file="autostart.sh")),
+    KerasCase("best's local_file is a dot file", _meta(local_file=".bashrc.weights.h5")),
+    KerasCase("state's weights_file escapes the checkpoint",
+              _state(lambda d: d.update(weights_file="../" * 40 + "etc/passwd")), skips_checkpoint=True),
+    KerasCase("state's weights_file names a file the checkpoint lacks",
+              _state(lambda d: d.update(weights_file="other.weights.h5")), skips_checkpoint=True),
+    KerasCase("state's initial_epoch is a string", _state(lambda d: d.update(initial_epoch="1")), skips_checkpoint=True),
+    KerasCase("state's batches_done is negative",
+              _state(lambda d: d.update(epoch_done=False, batches_done=-3)), skips_checkpoint=True),
+    KerasCase("state's layout is not a layout", _state(lambda d: d.update(layout={"model": 3})), skips_checkpoint=True),
+    KerasCase("state.json nested 100k deep", _state(b"[" * 100_000), skips_checkpoint=True),
+]

@@ -186,3 +186,60 @@ def test_cli_process_exit_codes_on_bad_runs(local_url, tmp_path, figures):
     assert out.returncode == 4 and out.stderr.startswith("cloudckpt: error: index is invalid")
     assert not (tmp_path / "t").exists()
     figures["bad_inputs_via_cli"]["process"] += 3
+
+
+def test_keras_resume_treats_the_index_as_input(tmp_path, figures, caplog):
+    """Each hostile entry of :data:`KERAS_CORPUS` pushed into a run the callback committed: a resumed ``fit`` goes
+    on (from the valid checkpoint when the hostile one can't be resumed from), says what it skipped, writes nothing
+    outside the callback's folder and nothing there but Keras' own file, even with ``prune_local``."""
+    keras = pytest.importorskip("keras")
+    import logging
+    import sys
+
+    sys.path.insert(0, str(Path(__file__).parents[1]))
+    from keras_job import build_model, data
+
+    from cloudckpt.keras import CloudCheckpoint
+
+    from .hostile_corpus import KERAS_CORPUS, KerasRun
+
+    x, y = data()
+    x, y = x[:640], y[:640]
+    box, store_dir = tmp_path / "box", tmp_path / "store"
+    (box / "outside").mkdir(parents=True)
+    (box / "outside" / "secret.txt").write_text("the user's secret")
+    filepath = str(box / "ckpt" / "m.weights.h5")
+
+    def fit(epochs: int) -> CloudCheckpoint:
+        keras.utils.set_random_seed(3)
+        cb = CloudCheckpoint(filepath, save_weights_only=True, remote=str(store_dir), keep_best=1, keep_last=2,
+                             prune_local=True, preemption=None, staging_dir=str(tmp_path / "staging"))
+        build_model().fit(x, y, batch_size=64, epochs=epochs, validation_split=0.2, verbose=0, callbacks=[cb])
+        return cb
+
+    first = fit(1)
+    run = KerasRun(str(store_dir), box, filepath, first.uploader.committed[-1].id)
+    pristine = tmp_path / "pristine"
+    shutil.copytree(store_dir, pristine)
+    failures = []
+    caplog.set_level(logging.WARNING, logger="cloudckpt")
+    for case in KERAS_CORPUS:
+        shutil.rmtree(store_dir)
+        shutil.copytree(pristine, store_dir)
+        (box / "ckpt" / "m.weights.h5").unlink(missing_ok=True)  # another machine: resume puts the file back
+        hostile = case.mutate(run)
+        before = {k: v for k, v in snapshot(box).items() if not k.startswith("ckpt")}
+        caplog.clear()
+        try:
+            cb = fit(2)
+            assert cb.resumed_from == (run.good if case.skips_checkpoint else hostile), cb.resumed_from
+            assert {k: v for k, v in snapshot(box).items() if not k.startswith("ckpt")} == before, \
+                "files outside the callback's folder changed"
+            assert not Path(EVIL_ABS).exists()
+            assert sorted(os.listdir(box / "ckpt")) == ["m.weights.h5"], "only Keras' own file in the folder"
+            warned = " ".join(r.getMessage() for r in caplog.records)
+            assert hostile in warned, f"no warning names the hostile checkpoint {hostile}: {warned[:300]}"
+        except Exception as exc:  # collect every failing case, then fail once with all of them
+            failures.append(f"{case.name}: {type(exc).__name__}: {str(exc)[:300]}")
+    figures["bad_inputs"]["keras-resume"] += len(KERAS_CORPUS)
+    assert not failures, f"{len(failures)} of {len(KERAS_CORPUS)} hostile Keras cases misbehaved:\n" + "\n".join(failures)

@@ -5,7 +5,9 @@
 #   training: push (PutObject incl. multipart parts/complete, HeadObject = GetObject), conditional index writes
 #             (PutObject with If-Match / If-None-Match), pull/verify (GetObject), prune/gc (DeleteObjects =
 #             DeleteObject, ListObjectsV2 = ListBucket), failed multipart uploads (AbortMultipartUpload);
-#   restore:  pull / ls / verify read the index, manifests and files (GetObject) and never list or write.
+#   restore:  pull / ls / verify read the index, manifests and files (GetObject) and never write; when a read gets
+#             403 (S3's answer for a missing key to a caller without s3:ListBucket) they list exactly that key
+#             (ListObjectsV2 = ListBucket, prefix-scoped) to tell a missing object from a forbidden one.
 # No s3:DeleteObjectVersion is granted: with versioning on, a prune or gc leaves noncurrent versions that only the
 # bucket's lifecycle rule removes, so a compromised training job cannot destroy history.
 
@@ -51,6 +53,21 @@ data "aws_iam_policy_document" "training" {
 }
 
 data "aws_iam_policy_document" "restore" {
+  # S3 answers a GET of a missing key with 403 instead of 404 to a caller that may not list: without this, a pull on
+  # an empty run (exit 3 expected) or of a checkpoint pruned while it downloads (re-resolved) looks like denied access.
+  statement {
+    sid       = "ListRunPrefix"
+    effect    = "Allow"
+    actions   = ["s3:ListBucket"]
+    resources = [var.bucket_arn]
+
+    condition {
+      test     = "StringLike"
+      variable = "s3:prefix"
+      values   = ["${local.restore_prefix}/*"]
+    }
+  }
+
   statement {
     sid     = "ReadRunObjects"
     effect  = "Allow"
@@ -80,7 +97,7 @@ resource "aws_iam_policy" "training" {
 
 resource "aws_iam_policy" "restore" {
   name        = "${var.name}-restore"
-  description = "cloudckpt CI restore: read-only under s3://${local.bucket_name}/${local.restore_prefix}/"
+  description = "cloudckpt CI restore: read/list-only under s3://${local.bucket_name}/${local.restore_prefix}/"
   policy      = data.aws_iam_policy_document.restore.json
   tags        = var.tags
 }

@@ -19,7 +19,7 @@ variable "run_prefix" {
 }
 
 variable "restore_prefix" {
-  description = "Key prefix the CI restore identity may read; null (default) means the same as run_prefix."
+  description = "Key prefix the CI restore identity may read and list; null (default) means the same as run_prefix."
   type        = string
   default     = null
 }

@@ -1,0 +1,141 @@
+"""The callback's local files: the folder they live in, how a checkpoint names them, and how resume puts them back.
+
+The run's index is input, not instructions. A checkpoint names the file Keras wrote by its path relative to the
+callback's own folder (``local_file`` in the entry's ``meta``); the folder itself comes from the current
+``filepath`` (its directory, up to the first ``{...}`` field), never from the index. A name that is not a plain
+relative path, that Keras could not have written for this ``filepath`` (another suffix), that the checkpoint does not
+hold, or that leads out of the folder (through ``..`` or a link) is skipped with a warning. Nothing is ever written
+or removed outside the folder, and nothing that exists there is replaced.
+
+Example:
+    >>> str(local_root("/jobs/7/ckpt/{epoch:02d}/m.keras"))
+    '/jobs/7/ckpt'
+    >>> local_name(local_root("/jobs/7/ckpt/m.keras"), "/jobs/7/ckpt/m.keras")
+    'm.keras'
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+import tempfile
+from collections.abc import Iterable
+from pathlib import Path
+from typing import Any
+
+from ..errors import CheckpointNotFoundError, CloudCkptError, UnsafePathError
+from ..manifest import check_relative_path
+
+log = logging.getLogger(__name__)
+
+KERAS_SUFFIXES = (".weights.h5", ".keras", ".h5")  # what ModelCheckpoint writes (longest first)
+
+
+def local_root(filepath: str) -> Path | None:
+    """The callback's folder: the absolute directory of ``filepath`` up to its first ``{...}`` field; None for a
+    remote ``filepath`` (``gs://...``), whose files are Keras' own business."""
+    if "://" in str(filepath):
+        return None
+    fixed = []
+    for part in Path(os.path.abspath(filepath)).parent.parts:
+        if "{" in part:
+            break
+        fixed.append(part)
+    return Path(*fixed)
+
+
+def keras_suffix(filepath: str) -> str | None:
+    """The file ending Keras requires for ``filepath`` (``.weights.h5``, ``.keras`` or ``.h5``), or None."""
+    return next((s for s in KERAS_SUFFIXES if str(filepath).endswith(s)), None)
+
+
+def local_name(root: Path | None, path: str) -> str | None:
+    """``path`` (a file Keras just wrote) relative to ``root`` as a POSIX path, or None when it is not inside."""
+    if root is None or "://" in path:
+        return None
+    rel = os.path.relpath(os.path.abspath(path), root)
+    return None if rel.startswith("..") or os.path.isabs(rel) else Path(rel).as_posix()
+
+
+def target_of(root: Path, name: Any, suffix: str | None) -> Path:
+    """Where the file a checkpoint calls ``name`` lives in ``root``; UnsafePathError unless it is a plain relative
+    path with the ``suffix`` Keras writes, that stays inside ``root`` (links resolved)."""
+    check_relative_path(name)
+    if suffix is None or not name.endswith(suffix) or name.rsplit("/", 1)[-1].startswith("."):
+        raise UnsafePathError(f"{name!r} is not a file name Keras writes for this filepath (*{suffix})")
+    target = root.joinpath(*name.split("/"))
+    real_root = os.path.realpath(root)
+    if os.path.commonpath([real_root, os.path.realpath(target.parent)]) != real_root:
+        raise UnsafePathError(f"{name!r} leads out of {root} through a link")
+    return target
+
+
+def live_files(root: Path | None, entries: Iterable[Any], suffix: str | None) -> set[str]:
+    """Absolute paths (inside ``root``) of the local files the listed ``entries`` name; unsafe names are ignored."""
+    live = set()
+    for entry in entries if root is not None else ():
+        try:
+            live.add(str(target_of(root, entry.meta.get("local_file") or entry.meta.get("file"), suffix)))
+        except UnsafePathError:
+            continue
+    return live
+
+
+def _copy_new(src: Path, target: Path) -> None:
+    """Copy ``src`` to ``target`` through a temporary file beside it; a link or file already there is left alone."""
+    target.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".cloudckpt-tmp", dir=target.parent)
+    try:
+        with os.fdopen(fd, "wb") as out, open(src, "rb") as inp:
+            shutil.copyfileobj(inp, out)
+        try:
+            os.link(tmp, target)  # fails if anything (a file, a link) appeared there meanwhile: never overwrites
+        except FileExistsError:
+            raise
+        except OSError:  # no hard links on this file system (FUSE): checked absent just before
+            os.replace(tmp, target)
+            return
+    finally:
+        if os.path.lexists(tmp):
+            os.unlink(tmp)
+
+
+def restore_local_files(store: Any, latest: Any, pulled: Path, staging: Path, filepath: str) -> list[Path]:
+    """Put back the user's files of the latest and the best checkpoint that the callback's folder lacks, from
+    ``pulled`` (the latest, already downloaded and verified) or a pull of the best into ``staging``. A hostile or
+    unusable entry is skipped with a warning: training goes on. Returns the files written."""
+    root, suffix = local_root(filepath), keras_suffix(filepath)
+    if root is None:
+        return []
+    wanted = [latest]
+    try:
+        best = store.best()
+        if best.id != latest.id:
+            wanted.append(best)
+    except CloudCkptError:  # no best, or an index that went bad since: nothing more to put back
+        pass
+    written = []
+    for entry in wanted:
+        name, stored = entry.meta.get("local_file") or entry.meta.get("file"), entry.meta.get("file")
+        if not name or not stored:
+            continue  # a state-only checkpoint
+        try:
+            target = target_of(root, name, suffix)
+            claimed = entry.meta.get("local_path")  # written by cloudckpt 0.1.0: never acted on
+            if claimed and os.path.abspath(claimed) != str(target):
+                log.warning("checkpoint %s names its local file %r, not %s in this callback's folder: ignored",
+                            entry.id, claimed, target)
+            if stored not in {f.path for f in entry.files}:
+                raise UnsafePathError(f"the checkpoint holds no file {stored!r}")
+            if os.path.lexists(target):
+                continue
+            src = pulled if entry.id == latest.id else store.pull(entry.id, to=staging).path
+            _copy_new(src.joinpath(*stored.split("/")), target)
+        except (CloudCkptError, OSError) as exc:  # CheckpointNotFoundError is an OSError too
+            kind = "pruned meanwhile" if isinstance(exc, CheckpointNotFoundError) else "skipped"
+            log.warning("not restoring the local file of checkpoint %s (%s): %s", entry.id, kind, exc)
+            continue
+        log.info("restored %s from checkpoint %s", target, entry.id)
+        written.append(target)
+    return written
