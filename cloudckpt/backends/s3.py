@@ -58,24 +58,27 @@ def _same_checksum(got: str | None, want: str) -> bool:
 
 
 class _Sending(io.BytesIO):
-    """A request body that tells ``progress`` of the bytes the client reads to send (a rewind for a retry, or after
-    the client hashed the body to sign it, takes them back)."""
+    """A request body that tells ``progress`` of the bytes the client reads to send. A rewind (for a retry, or after
+    the client hashed the body to sign it) takes back what was read past the new position; a seek that only
+    measures the body (to its end and back) counts nothing."""
 
     def __init__(self, data: bytes, progress: Progress) -> None:
         super().__init__(data)
         self._progress = progress
+        self._counted = 0  # bytes [0, _counted) have been reported
 
     def read(self, n: int | None = -1) -> bytes:
         data = super().read(n)
-        if data:
-            self._progress(len(data))
+        if self.tell() > self._counted:
+            self._progress(self.tell() - self._counted)
+            self._counted = self.tell()
         return data
 
     def seek(self, offset: int, whence: int = 0) -> int:
-        before = self.tell()
         after = super().seek(offset, whence)
-        if after < before:
-            self._progress(after - before)
+        if after < self._counted:
+            self._progress(after - self._counted)
+            self._counted = after
         return after
 
 
