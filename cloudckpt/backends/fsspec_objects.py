@@ -67,6 +67,7 @@ class FsspecObjects:
         # what is sent is exactly what ``source`` hashed, in one pass, and no copy of the whole file is held.
         path = self._path(rel)
         source.progress = progress
+        self.fs.mkdirs(self.fs._parent(path), exist_ok=True)  # as put_file does: FTP/SFTP need the directory
         out = self.fs.open(path, "wb")
         try:
             for block in source.blocks():

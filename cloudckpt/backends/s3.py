@@ -82,6 +82,13 @@ class _Sending(io.BytesIO):
         return after
 
 
+def _name_the_checksum(request: Any, **kwargs: Any) -> None:
+    """A request that carries its body's crc32c also names the algorithm (``x-amz-sdk-checksum-algorithm``, as
+    botocore does for ``ChecksumAlgorithm``): some S3-compatible servers record the checksum only then."""
+    if "x-amz-checksum-crc32c" in request.headers and "x-amz-sdk-checksum-algorithm" not in request.headers:
+        request.headers["x-amz-sdk-checksum-algorithm"] = "CRC32C"
+
+
 def _body(data: bytes, progress: Progress | None) -> Any:
     return data if progress is None else _Sending(data, progress)
 
@@ -159,6 +166,8 @@ class S3Backend(Backend):
         create = self.client.meta.service_model.operation_model("CreateMultipartUpload").input_shape.members
         self._full_object = "ChecksumType" in create  # botocore >= 1.36: full-object crc32c of multipart objects
         self._slots = threading.BoundedSemaphore(self.max_concurrency)  # parts in memory, over all uploads
+        for op in ("PutObject", "UploadPart"):
+            self.client.meta.events.register(f"before-sign.s3.{op}", _name_the_checksum)
 
     def _key(self, rel: str) -> str:
         return f"{self.prefix}/{rel}" if self.prefix else rel
@@ -244,7 +253,9 @@ class S3Backend(Backend):
         awscrt), or its Content-MD5 where the store takes no flexible checksums (``when_required``)."""
         if not self.send_checksums:
             return {"ContentMD5": base64.b64encode(hashlib.md5(data, usedforsecurity=False).digest()).decode()}
-        return {"ChecksumAlgorithm": "CRC32C", "ChecksumCRC32C": _b64(google_crc32c.value(data).to_bytes(4, "big"))}
+        # the value without ChecksumAlgorithm: botocore < 1.36 demands awscrt for CRC32C even when the value is
+        # given (_name_the_checksum adds the algorithm header instead)
+        return {"ChecksumCRC32C": _b64(google_crc32c.value(data).to_bytes(4, "big"))}
 
     def _put(self, key: str, source: Source, deadline: float | None, progress: Progress | None) -> str | None:
         """One PutObject from one read of the file; return the object crc32c to expect (base64)."""
