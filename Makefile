@@ -4,13 +4,21 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 # checkov pins boto3/botocore far below what the project needs, so it lives in its own venv (infra tests only).
 CHECKOV_VENV ?= .venv-checkov
+# The lowest admitted versions (uv --resolution lowest-direct: every declared floor, the newest of the rest) in a
+# venv of their own; LOWEST_TESTS runs there: the core, the CLI, the locks and the Keras callback.
+LOWEST_VENV ?= .venv-lowest
+LOWEST_STAMP := $(LOWEST_VENV)/.installed
+LOWEST_UV := $(LOWEST_VENV)/bin/uv pip install -q --python $(LOWEST_VENV)/bin/python
+LOWEST_TESTS ?= tests/test_store.py tests/test_cli.py tests/test_locks.py tests/test_versions.py \
+  tests/test_keras_callback.py::test_best_value_survives_a_restart \
+  tests/test_keras_callback.py::test_mode_max_is_recorded_as_max_and_best_is_the_highest
 
-.PHONY: install demo test bench clean tools
+.PHONY: install demo test test-main test-lowest bench clean tools
 
 $(STAMP): pyproject.toml Makefile
 	test -x $(PY) || python3 -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q -e '.[s3,gcs,keras-cpu,test]'
+	$(PY) -m pip install -q -e '.[s3,gcs,keras-cpu,test,test-backends]'
 	touch $(STAMP)
 
 $(CHECKOV_VENV)/bin/checkov:
@@ -28,11 +36,25 @@ install: $(STAMP)
 demo: $(STAMP)
 	$(PY) examples/demo.py
 
-test: $(STAMP) tools
+# The main suite on the newest versions, then the lowest-versions run (both are what CI runs: .ci/run).
+test: test-main test-lowest
+
+test-main: $(STAMP) tools
 	$(PY) -m pytest -q $(PYTEST_ARGS)
+
+# The floors' own venv: the project at its lowest admitted versions, then the test tools constrained to them.
+$(LOWEST_STAMP): pyproject.toml Makefile
+	test -x $(LOWEST_VENV)/bin/uv || { python3 -m venv $(LOWEST_VENV) && $(LOWEST_VENV)/bin/pip install -q uv; }
+	$(LOWEST_UV) --resolution lowest-direct -e '.[s3,gcs,keras-cpu]'
+	$(LOWEST_VENV)/bin/uv pip freeze --python $(LOWEST_VENV)/bin/python --exclude-editable > $(LOWEST_VENV)/floors.txt
+	$(LOWEST_UV) -c $(LOWEST_VENV)/floors.txt -e '.[test]'
+	touch $(LOWEST_STAMP)
+
+test-lowest: $(LOWEST_STAMP)
+	$(LOWEST_VENV)/bin/python -m pytest -q -p no:cacheprovider $(LOWEST_TESTS)
 
 bench: $(STAMP)
 	$(PY) bench/run.py $(BENCH_ARGS)
 
 clean:
-	rm -rf $(VENV) $(CHECKOV_VENV) .pytest_cache build *.egg-info
+	rm -rf $(VENV) $(CHECKOV_VENV) $(LOWEST_VENV) .pytest_cache build *.egg-info

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+from collections.abc import Callable
 from pathlib import Path
 
 import google_crc32c
@@ -10,19 +11,35 @@ import google_crc32c
 BLOCK = 8 * 2**20
 
 
+class StreamChecksums:
+    """Checksums of bytes fed in blocks (``update``), e.g. an object streamed from a store: size, crc32c, sha256."""
+
+    def __init__(self, *, sha256: bool = False) -> None:
+        self.size = 0
+        self._crc = google_crc32c.Checksum()
+        self._sha = hashlib.sha256() if sha256 else None
+
+    def update(self, block: bytes) -> None:
+        self.size += len(block)
+        self._crc.update(block)
+        if self._sha is not None:
+            self._sha.update(block)
+
+    def result(self) -> dict[str, str]:
+        """``{"crc32c": "<8 hex>"}``, plus ``"sha256"`` when asked for."""
+        out = {"crc32c": self._crc.digest().hex()}
+        if self._sha is not None:
+            out["sha256"] = self._sha.hexdigest()
+        return out
+
+
 def file_checksums(path: str | Path, *, sha256: bool = False) -> dict[str, str]:
     """Return ``{"crc32c": "<8 hex>"}`` (plus ``"sha256"`` when asked) for the file at ``path``."""
-    crc = google_crc32c.Checksum()
-    sha = hashlib.sha256() if sha256 else None
+    sums = StreamChecksums(sha256=sha256)
     with open(path, "rb", buffering=0) as f:
         while block := f.read(BLOCK):
-            crc.update(block)
-            if sha is not None:
-                sha.update(block)
-    out = {"crc32c": crc.digest().hex()}
-    if sha is not None:
-        out["sha256"] = sha.hexdigest()
-    return out
+            sums.update(block)
+    return sums.result()
 
 
 def matches(path: str | Path, expected_crc32c: str | None, expected_sha256: str | None) -> bool:
@@ -45,14 +62,17 @@ class HashingWriter:
         '923eaa45'
     """
 
-    def __init__(self, f) -> None:
+    def __init__(self, f, progress: Callable[[int], None] | None = None) -> None:
         self._f = f
+        self._progress = progress
         self._crc = google_crc32c.Checksum()
         self.written = 0
 
     def write(self, data) -> int:
         self._crc.update(data)
         self.written += len(data)
+        if self._progress is not None:
+            self._progress(len(data))
         return self._f.write(data)
 
     def tell(self) -> int:
@@ -64,6 +84,8 @@ class HashingWriter:
         self._f.seek(0)
         self._f.truncate()
         self._crc = google_crc32c.Checksum()
+        if self._progress is not None and self.written:
+            self._progress(-self.written)  # the bytes written so far are written again: take them back
         self.written = 0
         return 0
 

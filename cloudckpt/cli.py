@@ -41,10 +41,17 @@ Exit codes: 0 ok, 1 other error, 2 usage, 3 nothing matches, 4 integrity failure
 
 
 def _parse_value(text: str) -> Any:
-    try:
-        return json.loads(text)
-    except ValueError:
-        return text
+    """A ``-o KEY=VALUE`` value: a string as typed (``12e3``, ``null``, ``007`` stay strings: secrets are strings),
+    except ``true``/``false`` (booleans) and JSON objects, lists and quoted strings (``{...}``, ``[...]``, ``"true"``)."""
+    if text in ("true", "false"):
+        return text == "true"
+    if text[:1] in ("{", "[", '"'):
+        try:
+            return json.loads(text)
+        except ValueError:
+            raise click.BadParameter("a value starting with {, [ or \" must be valid JSON",
+                                     param_hint="--storage-option") from None
+    return text
 
 
 def _pairs(values: tuple[str, ...], what: str, convert: Callable[[str], Any], *, secret: bool = False
@@ -106,6 +113,30 @@ def _table(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
+class _RetrySummary(logging.Filter):
+    """Default verbosity: retry warnings are counted instead of printed, and reported as one line when the command
+    ends (before its error line, if any); ``-v`` prints each retry."""
+
+    def __init__(self, redactor: Redactor) -> None:
+        super().__init__()
+        self.redactor = redactor
+        self.count = 0
+        self.last = ""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.name == "cloudckpt.retry" and record.levelno == logging.WARNING:
+            self.count += 1
+            self.last = record.getMessage()
+            return False
+        return True
+
+    def report(self) -> None:
+        if self.count:
+            last = " ".join(self.redactor.scrub(self.last).split())  # as the log lines: no credentials
+            last = last if len(last) <= 200 else last[:197] + "..."
+            click.echo(f"cloudckpt: {self.count} failed attempt(s) retried (last: {last}); -v shows each", err=True)
+
+
 json_flag = click.option("--json", "as_json", is_flag=True, help="Machine-readable output on stdout.")
 keep_flags = [
     click.option("--keep-best", type=click.IntRange(min=0), help="Keep the K best by the run's monitor."),
@@ -136,6 +167,11 @@ def cli(ctx: click.Context, storage_options: tuple[str, ...], progress: bool | N
     redactor = obj.setdefault("redactor", Redactor.from_environ())
     for handler in set(root.handlers) - before:  # every log line, the SDKs' debug lines too, without credentials
         handler.addFilter(ScrubFilter(redactor))
+    if verbose == 0:
+        summary = _RetrySummary(redactor)
+        for handler in root.handlers:
+            handler.addFilter(summary)
+        ctx.call_on_close(summary.report)  # runs before main() prints the error line
     options = _pairs(storage_options, "--storage-option", _parse_value, secret=True)
     redactor.add_options(options)
     obj.update(storage_options=options, progress=progress)

@@ -26,6 +26,7 @@ import hashlib
 import logging
 import os
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import BinaryIO
 
@@ -54,9 +55,13 @@ class Source:
     Args:
         path: the local file.
         sha256: also compute sha256. Default False.
+        progress: told ``progress(n)`` of the bytes read as they go; a seek back takes back what was read past the
+            new position (those bytes are sent again). A backend may set :attr:`progress` instead. Default None.
     """
 
-    def __init__(self, path: str | Path, *, sha256: bool = False) -> None:
+    def __init__(self, path: str | Path, *, sha256: bool = False,
+                 progress: Callable[[int], None] | None = None) -> None:
+        self.progress = progress
         self.path = Path(path)
         self._f: BinaryIO = open(self.path, "rb", buffering=0)
         st = os.fstat(self._f.fileno())
@@ -67,6 +72,7 @@ class Source:
         self._sha = hashlib.sha256() if sha256 else None
         self._hashed = 0  # bytes [0, _hashed) went into the hashes, in order
         self._pos = 0
+        self._counted = 0  # bytes [0, _counted) were reported to ``progress``
 
     # --- file-like, for clients that read a stream ------------------------------------------------------------
 
@@ -85,6 +91,9 @@ class Source:
             if self._sha is not None:
                 self._sha.update(fresh)
             self._hashed = self._pos
+        if self.progress is not None and self._pos > self._counted:
+            self.progress(self._pos - self._counted)
+            self._counted = self._pos
         return data
 
     def readinto(self, buf) -> int:
@@ -100,6 +109,9 @@ class Source:
     def seek(self, offset: int, whence: int = os.SEEK_SET) -> int:
         base = {os.SEEK_SET: 0, os.SEEK_CUR: self._pos, os.SEEK_END: self.size}[whence]
         self._pos = max(0, base + offset)
+        if self.progress is not None and self._pos < self._counted:
+            self.progress(self._pos - self._counted)  # bytes to be sent again: take them back
+            self._counted = self._pos
         return self._pos
 
     def tell(self) -> int:

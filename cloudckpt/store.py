@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import logging
 import os
-import tempfile
 import threading
 import time
 import uuid
@@ -28,7 +27,7 @@ from .manifest import MANIFEST_NAME, CheckpointEntry, Index, Manifest, RunPolicy
 from .progress import byte_progress
 from .restore import pull_into
 from .retention import Record, plan_prune, policy_from
-from .transfer import download_verified, scan, upload_all
+from .transfer import scan, upload_all, verify_stored
 
 log = logging.getLogger(__name__)
 
@@ -330,8 +329,9 @@ class CheckpointStore:
                                                     what=f"read {rel}", budget=self.budget))
                 if manifest.checkpoint != entry:
                     raise IntegrityError(f"{entry.id}: its manifest differs from the index entry")
-                with tempfile.TemporaryDirectory(prefix="cloudckpt-verify-") as tmp:
-                    download_verified(self.backend, entry.id, entry.files, Path(tmp), budget=self.budget, pool=self._pool)
+                with byte_progress(entry.size, f"verify {entry.id}", self.progress) as advance:
+                    verify_stored(self.backend, entry.id, entry.files, budget=self.budget, pool=self._pool,
+                                  progress=advance)
                 results.append(VerifyResult(entry.id, True))
             except (IntegrityError, FileNotFoundError) as exc:
                 results.append(VerifyResult(entry.id, False, str(exc)))

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import logging
 import os
+import threading
 import time
 from collections.abc import Callable, Iterable
 from concurrent.futures import ThreadPoolExecutor
@@ -14,7 +15,7 @@ from pathlib import Path
 
 from . import retry
 from .backends import Backend
-from .checksum import file_checksums
+from .checksum import StreamChecksums, file_checksums
 from .errors import (CloudCkptError, ConfigurationError, IntegrityError, SourceChangedError, TransferError,
                      UnsafePathError)
 from .manifest import FileEntry, check_relative_path
@@ -78,11 +79,13 @@ def upload_all(backend: Backend, prefix: str, files: list[LocalFile], *, sha256:
     def one(f: LocalFile) -> FileEntry:
         rel = f"{prefix}/{f.rel}"
         deadline = time.monotonic() + budget
+        moved = _Moved(progress)
 
         def attempt() -> FileEntry:
+            moved.restart()  # a retried upload starts from zero: so does its share of the bar
             with Source(f.path, sha256=sha256) as src:
                 try:
-                    backend.upload(src, rel, deadline=deadline)
+                    backend.upload(src, rel, deadline=deadline, progress=moved)
                 except Exception as exc:
                     src.check_unchanged(exc)  # a mismatch or short read caused by the file changing: say so, retry
                     raise
@@ -95,8 +98,7 @@ def upload_all(backend: Backend, prefix: str, files: list[LocalFile], *, sha256:
             raise
         except Exception as exc:
             raise TransferError(f"{backend.url}/{rel}: upload failed after retries: {exc}") from exc
-        if progress:
-            progress(entry.size)
+        moved.finish(entry.size)
         return entry
 
     return _run_all(pool, one, files)
@@ -120,9 +122,11 @@ def download_verified(backend: Backend, prefix: str, entries: Iterable[FileEntry
         rel = f"{prefix}/{e.path}"
 
         deadline = time.monotonic() + budget
+        moved = _Moved(progress)
 
         def fetch() -> str | None:
-            verified = backend.download(rel, dest, deadline=deadline)
+            moved.restart()
+            verified = backend.download(rel, dest, deadline=deadline, progress=moved)
             size = dest.stat().st_size
             if size != e.size:
                 raise IntegrityError(f"{backend.url}/{rel}: downloaded {size} bytes, the index says {e.size}")
@@ -140,10 +144,74 @@ def download_verified(backend: Backend, prefix: str, entries: Iterable[FileEntry
             raise IntegrityError(f"{backend.url}/{rel}: checksum mismatch (stored crc32c {verified}, expected {e.crc32c})")
         if verified is None or e.sha256:  # the client checked no crc32c as it streamed (or sha256 is wanted): hash
             _check_file(dest, e, f"{backend.url}/{rel}")
-        if progress:
-            progress(e.size)
+        moved.finish(e.size)
 
     _run_all(pool, one, entries)
+
+
+def verify_stored(backend: Backend, prefix: str, entries: Iterable[FileEntry], *, budget: float,
+                  pool: ThreadPoolExecutor, progress: Progress | None = None) -> None:
+    """Check size and checksums of every stored entry by streaming its bytes through the hash: nothing is written
+    to disk (a RAM-backed temp directory can't fill up) and memory stays bounded by the backend's block size."""
+
+    def one(e: FileEntry) -> None:
+        rel = f"{prefix}/{e.path}"
+        deadline = time.monotonic() + budget
+        moved = _Moved(progress)
+
+        def stream() -> StreamChecksums:
+            moved.restart()
+            sums = StreamChecksums(sha256=e.sha256 is not None)
+
+            def sink(block: bytes) -> None:
+                sums.update(block)
+                moved(len(block))
+
+            backend.read_stream(rel, sink, deadline=deadline)
+            return sums
+
+        try:
+            sums = retry.run(stream, url=backend.url, what=f"verify {rel}", budget=budget)
+        except CloudCkptError:
+            raise
+        except FileNotFoundError as exc:
+            raise IntegrityError(f"{backend.url}/{rel}: listed in the index but missing from the store") from exc
+        except Exception as exc:
+            raise TransferError(f"{backend.url}/{rel}: read failed after retries: {exc}") from exc
+        got = sums.result()
+        if sums.size != e.size:
+            raise IntegrityError(f"{backend.url}/{rel}: stored object is {sums.size} bytes, the index says {e.size}")
+        if (e.crc32c and got["crc32c"] != e.crc32c) or (e.sha256 and got.get("sha256") != e.sha256):
+            raise IntegrityError(f"{backend.url}/{rel}: checksum mismatch (crc32c {got['crc32c']}, expected {e.crc32c})")
+        moved.finish(e.size)
+
+    _run_all(pool, one, entries)
+
+
+class _Moved:
+    """One file's share of a byte progress bar: counts what the backend reports, takes it back when the transfer
+    is retried, and tops it up to the file's size at the end (for a backend that reports nothing)."""
+
+    def __init__(self, progress: Progress | None) -> None:
+        self._progress = progress
+        self._lock = threading.Lock()
+        self.count = 0
+
+    def __call__(self, n: int) -> None:
+        if self._progress is None or not n:
+            return
+        with self._lock:
+            self.count += n
+        self._progress(n)
+
+    def restart(self) -> None:
+        with self._lock:
+            back, self.count = self.count, 0
+        if back and self._progress is not None:
+            self._progress(-back)
+
+    def finish(self, size: int) -> None:
+        self(size - self.count)
 
 
 def _check_file(dest: Path, e: FileEntry, where: str) -> None:

@@ -37,6 +37,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from filelock import FileLock, Timeout
+
 from .errors import StaleWriterError, TransferError
 from .manifest import CheckpointEntry
 from .store import CheckpointStore
@@ -75,22 +77,22 @@ def snapshot(files: dict[str, Path], into: Path) -> Path:
 
 
 STAGING_PREFIX = "cloudckpt-staging-"
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
+OWNER_LOCK = ".owner.lock"
+#: a staging directory without an owner lock is left alone this long (it may be being created)
+UNLOCKED_GRACE = 60.0
+_held: dict[Path, FileLock] = {}  # this process's staging directories and the locks that say they are in use
 
 
 def new_staging_dir(root: str | Path | None, near: Path) -> Path:
     """A fresh staging directory for this process, outside the checkpoint folder ``near`` but on its file system
     (so snapshots are hard links): under ``root`` if given, else the system temp dir when it is on the same file
-    system, else ``.cloudckpt-staging`` beside ``near``. Staging left by dead processes (killed runs) is removed."""
+    system, else ``.cloudckpt-staging`` beside ``near``.
+
+    The directory's owner holds an exclusive lock on ``<dir>/.owner.lock`` (filelock: flock, or a Windows lock)
+    until :func:`remove_staging`; the operating system drops it when the owner dies, however it dies. Staging
+    directories whose lock can be taken are abandoned and removed: the lock, not a PID, decides, so processes in
+    different PID namespaces (containers on one host) sharing a staging root never remove each other's.
+    """
     if root is None:
         near.mkdir(parents=True, exist_ok=True)
         tmp = Path(tempfile.gettempdir())
@@ -98,11 +100,40 @@ def new_staging_dir(root: str | Path | None, near: Path) -> Path:
     root = Path(root)
     root.mkdir(parents=True, exist_ok=True)
     for old in root.glob(f"{STAGING_PREFIX}*"):
-        pid = old.name[len(STAGING_PREFIX):].split("-", 1)[0]
-        if pid.isdigit() and not _alive(int(pid)):
-            log.info("removing staging left by a dead process: %s", old)
-            shutil.rmtree(old, ignore_errors=True)
-    return Path(tempfile.mkdtemp(prefix=f"{STAGING_PREFIX}{os.getpid()}-", dir=root))
+        if old.is_dir() and old not in _held:
+            _sweep_if_abandoned(old)
+    path = Path(tempfile.mkdtemp(prefix=f"{STAGING_PREFIX}{os.getpid()}-", dir=root))
+    lock = FileLock(path / OWNER_LOCK)
+    lock.acquire(timeout=0)  # a fresh directory: nobody else can hold it
+    _held[path] = lock
+    return path
+
+
+def _sweep_if_abandoned(old: Path) -> None:
+    lock_path = old / OWNER_LOCK
+    if not lock_path.exists():  # being created, or left by a version without owner locks: judge by age
+        try:
+            if time.time() - old.stat().st_mtime < UNLOCKED_GRACE:
+                return
+        except FileNotFoundError:
+            return
+    else:
+        lock = FileLock(lock_path)
+        try:
+            lock.acquire(timeout=0)
+        except Timeout:
+            return  # its owner is alive
+        lock.release()  # (Windows can't delete a locked file; the owner is gone, so nothing re-takes it)
+    log.info("removing staging left by a dead process: %s", old)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def remove_staging(path: Path) -> None:
+    """Remove a staging directory made by :func:`new_staging_dir` and drop its owner lock."""
+    lock = _held.pop(Path(path), None)
+    shutil.rmtree(path, ignore_errors=True)
+    if lock is not None:
+        lock.release()
 
 
 class Uploader:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -155,3 +156,46 @@ def test_help_shows_examples_and_exit_codes():
 def test_cli_imports_without_tensorflow():
     code = "import sys, cloudckpt.cli, cloudckpt.store; sys.exit(1 if 'tensorflow' in sys.modules or 'keras' in sys.modules else 0)"
     assert subprocess.run([sys.executable, "-c", code], timeout=60).returncode == 0
+
+
+def test_storage_option_values_stay_strings():
+    from cloudckpt.cli import _parse_value
+
+    assert _parse_value("12e3") == "12e3" and _parse_value("null") == "null" and _parse_value("007") == "007"
+    assert _parse_value("true") is True and _parse_value("false") is False
+    assert _parse_value('{"a":1}') == {"a": 1} and _parse_value("[1, 2]") == [1, 2]
+    assert _parse_value('"true"') == "true"  # a JSON-quoted string for a literal "true"
+
+
+def test_a_secret_that_looks_like_a_number_reaches_the_client_as_typed(s3_url, ckpt):
+    """moto accepts any secret; a secret coerced to 12000.0 can't even sign a request."""
+    entry = push(s3_url, ckpt, "--epoch", "1")
+    proc = run("-o", "key=testing", "-o", "secret=12e3", "ls", s3_url, "--json")
+    assert proc.returncode == 0, proc.stderr
+    assert [r["id"] for r in json.loads(proc.stdout)] == [entry["id"]]
+    bad = run("-o", "client_kwargs={not json", "ls", s3_url)
+    assert bad.returncode == 2 and "not json" not in bad.stderr and "valid JSON" in one_line_error(bad)
+
+
+def test_retries_are_one_summary_line_by_default_and_each_with_v(tmp_path):
+    """A dead endpoint: the clients and cloudckpt retry; by default stderr is the summary plus the error line."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]  # closed once the block ends: connections are refused
+    env = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing", "AWS_DEFAULT_REGION": "us-east-1",
+           "AWS_ENDPOINT_URL": "", "AWS_ENDPOINT_URL_S3": ""}
+    args = ("-o", f"endpoint_url=http://127.0.0.1:{port}", "ls", "s3://some-bucket/runs/r1")
+    proc = run(*args, env=env)
+    assert proc.returncode == 1
+    lines = [ln for ln in proc.stderr.splitlines() if ln.strip()]
+    assert len(lines) == 2, proc.stderr
+    summary = re.fullmatch(r"cloudckpt: (\d+) failed attempt\(s\) retried \(last: read index at s3://some-bucket/"
+                           r"runs/r1: attempt \d+ failed .*\); -v shows each", lines[0])
+    assert summary, lines[0]
+    assert lines[1].startswith("cloudckpt: error: ")
+    verbose = run("-v", *args, env=env)
+    assert verbose.returncode == 1
+    assert verbose.stderr.count("; retrying") == int(summary.group(1)) >= 1
+    assert "failed attempt(s) retried" not in verbose.stderr

@@ -7,6 +7,8 @@ from __future__ import annotations
 import ast
 import json
 import os
+import re
+import shlex
 import shutil
 import subprocess
 import sys
@@ -15,6 +17,7 @@ from pathlib import Path
 import pytest
 import yaml
 from infra_support.tf import ROOT
+from packaging.requirements import Requirement
 
 from cloudckpt import AccessError, CheckpointStore, IntegrityError, StaleWriterError
 
@@ -187,6 +190,67 @@ def test_dockerfile_installs_cloudckpt_and_restores_first():
     assert copied and sources <= allowed, f"COPY sources excluded by the dockerignore: {sources - allowed}"
     for src in sources:
         assert (ROOT / src).exists() or src == "README.md", src
+
+
+# --- cloudckpt is never installed by its bare name (no PyPI release: dependency confusion) --------------------------
+
+def _pip_installs(path: Path) -> list[list[str]]:
+    """The arguments of every ``pip install`` in a template (Dockerfile continuation lines joined)."""
+    text = path.read_text().replace("\\\n", " ")
+    out = []
+    for line in text.splitlines():
+        _, found, rest = line.partition("pip install")
+        if found:
+            try:
+                out.append(shlex.split(rest, comments=True))
+            except ValueError:
+                out.append(rest.split())
+    return out
+
+
+def test_no_template_installs_cloudckpt_by_bare_name():
+    files = [p for d in (INFRA, ROOT / "terraform") for p in d.rglob("*") if p.is_file()]
+    installs = {p: _pip_installs(p) for p in files}
+    assert sum(len(v) for v in installs.values()) >= 5, "the scan found no pip installs"
+    for path, commands in installs.items():
+        for args in commands:
+            for arg in args:
+                if arg.startswith("cloudckpt"):
+                    req = Requirement(arg)
+                    assert req.url and req.url.startswith("git+"), f"{path}: installs {arg!r} by name"
+        for default in re.findall(r"SPEC:-([^}]*)\}", path.read_text()):  # ${CLOUDCKPT_SPEC:-...}
+            assert not default.startswith("cloudckpt") or " @ " in default, f"{path}: default spec {default!r}"
+    gha = _gha_step("Install cloudckpt and the evaluation dependencies")
+    gitlab = yaml.safe_load(WORKFLOWS[1].read_text())["evaluate-checkpoint"]["before_script"]
+    for script in (gha, "\n".join(gitlab)):
+        assert '"cloudckpt[s3,gcs,keras] @ git+${CLOUDCKPT_REPO_URL}@${CLOUDCKPT_REF}"' in script
+
+
+SHA = "0123456789abcdef0123456789abcdef01234567"
+
+
+def _spec(script: str, **env: str) -> subprocess.CompletedProcess:
+    """Run a VM script's cloudckpt_spec function alone (nothing else of the script runs)."""
+    code = (f"set -euo pipefail\nlog() {{ printf '%s\\n' \"$*\" >&2; }}\n"
+            f"source <(sed -n '/^cloudckpt_spec() {{/,/^}}/p' {shlex.quote(str(INFRA / script))})\ncloudckpt_spec")
+    clean = {k: v for k, v in os.environ.items() if not k.startswith("CLOUDCKPT_")}
+    return subprocess.run(["bash", "-c", code], env={**clean, **env}, capture_output=True, text=True, timeout=30)
+
+
+@pytest.mark.parametrize("script,extras", [("aws/spot-user-data.sh", "s3,keras"), ("gcp/spot-startup-script.sh", "gcs,keras")])
+def test_vm_scripts_install_cloudckpt_from_a_pinned_commit(script, extras):
+    url = "https://git.example.com/ml/cloudckpt.git"
+    ok = _spec(script, CLOUDCKPT_REPO_URL=url, CLOUDCKPT_REF=SHA, CLOUDCKPT_EXTRAS=extras)
+    assert ok.returncode == 0, ok.stderr
+    req = Requirement(ok.stdout)
+    assert req.name == "cloudckpt" and req.extras == set(extras.split(",")) and req.url == f"git+{url}@{SHA}"
+    for bad in (dict(CLOUDCKPT_REPO_URL=url, CLOUDCKPT_REF="main"), dict(CLOUDCKPT_REF=SHA),
+                dict(CLOUDCKPT_SPEC="cloudckpt[s3,keras]"), dict(CLOUDCKPT_SPEC="cloudckpt>=0.1"),
+                dict(CLOUDCKPT_SPEC=" cloudckpt ")):
+        proc = _spec(script, CLOUDCKPT_EXTRAS=extras, **bad)
+        assert proc.returncode == 2 and not proc.stdout, bad
+    wheel = "cloudckpt[s3] @ file:///opt/wheels/cloudckpt-0.1.0-py3-none-any.whl"
+    assert _spec(script, CLOUDCKPT_SPEC=wheel).stdout == wheel
 
 
 # --- run the scripts for real against the storage servers ---------------------------------------------------------

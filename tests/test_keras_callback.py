@@ -309,3 +309,37 @@ def test_in_process_crash_and_resume_with_steps_per_execution(tmp_path):
     assert second.batches_skipped == 4  # 12 - 8: four batches into epoch 2, skipped two per call
     for a, b in zip(got, expected):
         assert a.tobytes() == b.tobytes()
+
+
+def test_mode_max_is_recorded_as_max_and_best_is_the_highest(tmp_path):
+    """On every admitted Keras (3.10 sets np.greater, later ones ops.greater) a `mode="max"` run is ranked as max,
+    so `pull best` returns the highest val_accuracy, not the lowest."""
+    remote = str(tmp_path / "store")
+    cb = CloudCheckpoint(str(tmp_path / "ckpt" / "m-{epoch}.weights.h5"), monitor="val_accuracy", mode="max",
+                         save_weights_only=True, remote=remote, keep_best=1, keep_last=5)
+    fit([cb], epochs=3)
+    with CheckpointStore(remote) as store:
+        index = store.index()
+        assert index.run.monitor == "val_accuracy" and index.run.mode == "max"
+        scored = [c for c in index.checkpoints if "val_accuracy" in c.metrics]
+        assert len(scored) == 3
+        assert store.best().metrics["val_accuracy"] == max(c.metrics["val_accuracy"] for c in scored)
+
+
+def test_a_new_runs_first_log_line_says_it_has_no_checkpoint(tmp_path, caplog):
+    """The callback's claim writes an index with no checkpoint: that is a new run, not a store of foreign checkpoints."""
+    import logging
+
+    src = tmp_path / "src"
+    src.mkdir()
+    (src / "model.pt").write_bytes(b"torch")
+    with CheckpointStore(str(tmp_path / "store")) as store, caplog.at_level(logging.INFO, logger="cloudckpt"):
+        store.claim()
+        assert rs.pull_resumable(store, tmp_path / "resume") is None
+        assert [r.getMessage() for r in caplog.records if r.name == "cloudckpt.keras.resume"] == [
+            f"no checkpoint in {store.url} yet: starting from scratch"]
+        caplog.clear()
+        store.push(src, epoch=1)  # another writer's checkpoint, without resume state
+        assert rs.pull_resumable(store, tmp_path / "resume") is None
+        (record,) = [r for r in caplog.records if r.name == "cloudckpt.keras.resume"]
+        assert record.levelno == logging.WARNING and "none written by CloudCheckpoint" in record.getMessage()

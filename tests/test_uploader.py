@@ -6,6 +6,7 @@ from __future__ import annotations
 import logging
 import os
 import threading
+import time
 from pathlib import Path
 
 import pytest
@@ -138,18 +139,25 @@ def test_staging_is_outside_the_folder_and_dead_runs_staging_is_swept(tmp_path):
     import subprocess
     import sys
 
-    from cloudckpt.uploader import new_staging_dir
+    from cloudckpt.uploader import UNLOCKED_GRACE, new_staging_dir, remove_staging
 
     folder = tmp_path / "ckpt"
     dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
-    leftover = tmp_path / "root" / f"cloudckpt-staging-{int(dead.stdout)}-abc"
+    leftover = tmp_path / "root" / f"cloudckpt-staging-{int(dead.stdout)}-abc"  # an older version's: no owner lock
     (leftover / "job-000001").mkdir(parents=True)
+    young = tmp_path / "root" / "cloudckpt-staging-1-young"  # no lock yet and just made: maybe being created
+    young.mkdir()
+    old_time = time.time() - UNLOCKED_GRACE - 5
+    os.utime(leftover, (old_time, old_time))
     mine = new_staging_dir(tmp_path / "root", folder)
-    live = new_staging_dir(tmp_path / "root", folder)  # this process is alive: its other staging stays
-    assert not leftover.exists()
+    live = new_staging_dir(tmp_path / "root", folder)  # this process holds the first one's lock: it stays
+    assert not leftover.exists() and young.exists()
     assert mine.exists() and live.exists() and mine.name.startswith(f"cloudckpt-staging-{os.getpid()}-")
+    remove_staging(live)
+    assert not live.exists() and mine.exists()
     default = new_staging_dir(None, folder)
     try:
         assert folder not in default.parents and os.stat(default).st_dev == os.stat(folder).st_dev
     finally:
-        default.rmdir()
+        remove_staging(default)
+        remove_staging(mine)

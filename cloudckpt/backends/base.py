@@ -12,6 +12,7 @@ import os
 import threading
 import time
 from abc import ABC, abstractmethod
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -22,6 +23,7 @@ from ..redact import redact_url
 from ..source import Source
 
 log = logging.getLogger(__name__)
+Progress = Callable[[int], None]
 
 
 #: the storage option / environment variable that accepts a store whose conditional writes are not enforced
@@ -81,16 +83,25 @@ class Backend(ABC):
     # --- objects ------------------------------------------------------------------------------------------------
 
     @abstractmethod
-    def upload(self, source: Source, rel: str, *, deadline: float | None = None) -> None:
+    def upload(self, source: Source, rel: str, *, deadline: float | None = None,
+               progress: Progress | None = None) -> None:
         """Store the bytes of ``source`` at ``rel``, read from it once in order (it hashes what is read; a client's
         retry may seek back and read again), and check what the store can check against ``source.crc32c()`` (see
         :attr:`verification`): raise IntegrityError when the stored object differs. ``deadline``
-        (``time.monotonic()``): stop with TimeoutError once it has passed."""
+        (``time.monotonic()``): stop with TimeoutError once it has passed. ``progress(n)`` is told of bytes sent as
+        they go (negative when bytes are sent again)."""
 
     @abstractmethod
-    def download(self, rel: str, local: Path, *, deadline: float | None = None) -> str | None:
-        """Write the object at ``rel`` to the local file (streamed). Return the crc32c (hex) of exactly the bytes
-        written, computed or checked as they were written, or None when it has none (the caller hashes the file)."""
+    def download(self, rel: str, local: Path, *, deadline: float | None = None,
+                 progress: Progress | None = None) -> str | None:
+        """Write the object at ``rel`` to the local file (streamed), telling ``progress(n)`` of bytes written. Return
+        the crc32c (hex) of exactly the bytes written, computed or checked as they were written, or None when it has
+        none (the caller hashes the file)."""
+
+    @abstractmethod
+    def read_stream(self, rel: str, sink: Callable[[bytes], None], *, deadline: float | None = None) -> None:
+        """Feed the object's bytes to ``sink`` in blocks as they arrive, writing no file (memory stays bounded).
+        FileNotFoundError when the object is missing; TimeoutError once ``deadline`` has passed."""
 
     @abstractmethod
     def read_bytes(self, rel: str) -> bytes:
@@ -150,13 +161,11 @@ class Backend(ABC):
         """With the ``verify_readback`` option: download the object again and compare its crc32c (any store)."""
         if not self.verify_readback:
             return
-        import tempfile
+        from ..checksum import StreamChecksums
 
-        from ..checksum import file_checksums
-
-        with tempfile.TemporaryDirectory(prefix="cloudckpt-readback-") as tmp:
-            probe = Path(tmp) / "probe"
-            got = self.download(rel, probe) or file_checksums(probe)["crc32c"]
+        sums = StreamChecksums()
+        self.read_stream(rel, sums.update)  # streamed through the hash: no copy in the temp directory
+        got = sums.result()["crc32c"]
         if got != crc32c:
             raise IntegrityError(f"{self.url}/{rel}: read-back crc32c {got} != {crc32c}")
 

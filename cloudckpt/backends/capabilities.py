@@ -17,7 +17,6 @@ Each returns None when the store is fit, else a short reason; the backend turns 
 from __future__ import annotations
 
 import errno
-import fcntl
 import logging
 import os
 import re
@@ -26,6 +25,11 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+
+try:
+    import fcntl
+except ImportError:  # Windows
+    fcntl = None  # type: ignore[assignment]
 
 from ..errors import IndexConflictError
 from ..manifest import PROBE_DIR
@@ -115,7 +119,10 @@ def mount_lock_problem(root: Path, mountinfo: str | None = None) -> str | None:
 
 def flock_problem(lock_file: Path) -> str | None:
     """Take an exclusive ``flock`` on ``lock_file`` through one open file description and try again, non-blocking,
-    through a second: the second must be refused. None when it is."""
+    through a second: the second must be refused. None when it is, and where there is no ``flock`` (Windows: the
+    index lock is ``LockFileEx``, which excludes every other handle)."""
+    if fcntl is None:
+        return None
     first = os.open(lock_file, os.O_RDWR | os.O_CREAT, 0o644)
     try:
         second = os.open(lock_file, os.O_RDWR)

@@ -8,12 +8,31 @@ conditional write). Subclasses set ``self.fs`` and ``self.root`` (the run's path
 from __future__ import annotations
 
 import base64
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 from ..errors import IntegrityError
+from ..checksum import BLOCK
 from ..source import Source
-from .base import ObjectInfo
+from .base import ObjectInfo, Progress
+
+
+def _callback(progress: Progress | None) -> dict[str, Any]:
+    """``callback=`` for fsspec's get_file that tells ``progress`` of the bytes moved."""
+    if progress is None:
+        return {}
+    from fsspec.callbacks import Callback
+
+    class _Bytes(Callback):
+        seen = 0
+
+        def call(self, *args: Any, **kwargs: Any) -> None:
+            delta, self.seen = self.value - self.seen, self.value
+            if delta:
+                progress(delta)
+
+    return {"callback": _Bytes()}
 
 
 def _discard(out: Any) -> None:
@@ -42,10 +61,13 @@ class FsspecObjects:
                 return None
         return None
 
-    def upload(self, source: Source, rel: str, *, deadline: float | None = None) -> None:
+    def upload(self, source: Source, rel: str, *, deadline: float | None = None,
+               progress: Progress | None = None) -> None:
         # The bytes go to the filesystem through a write-mode file (it buffers one block and sends it as a part):
         # what is sent is exactly what ``source`` hashed, in one pass, and no copy of the whole file is held.
         path = self._path(rel)
+        source.progress = progress
+        self.fs.mkdirs(self.fs._parent(path), exist_ok=True)  # as put_file does: FTP/SFTP need the directory
         out = self.fs.open(path, "wb")
         try:
             for block in source.blocks():
@@ -64,8 +86,15 @@ class FsspecObjects:
             raise IntegrityError(f"{self.url}/{rel}: server crc32c {server} differs from the bytes sent {want}")
         self.check_uploaded(rel, want)  # type: ignore[attr-defined]
 
-    def download(self, rel: str, local: Path, *, deadline: float | None = None) -> None:
-        self.fs.get_file(self._path(rel), str(local))
+    def download(self, rel: str, local: Path, *, deadline: float | None = None,
+                 progress: Progress | None = None) -> None:
+        self.fs.get_file(self._path(rel), str(local), **_callback(progress))
+
+    def read_stream(self, rel: str, sink: Callable[[bytes], None], *, deadline: float | None = None) -> None:
+        with self.fs.open(self._path(rel), "rb", block_size=BLOCK, cache_type="none") as f:
+            while block := f.read(BLOCK):
+                sink(block)
+                self.remaining(deadline)  # type: ignore[attr-defined]
 
     def read_bytes(self, rel: str) -> bytes:
         return self.fs.cat_file(self._path(rel))

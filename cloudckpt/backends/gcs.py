@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import base64
 import os
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -20,7 +21,7 @@ from ..errors import AccessError, ConfigurationError, IndexConflictError, Integr
 from ..manifest import INDEX_NAME
 from ..checksum import HashingWriter
 from ..source import Source
-from .base import UNCHANGED, Backend, ObjectInfo
+from .base import UNCHANGED, Backend, ObjectInfo, Progress
 from .fsspec_objects import FsspecObjects
 
 _MB = 2**20
@@ -43,6 +44,27 @@ def _forget_sent_body(response: Any, *args: Any, **kwargs: Any) -> Any:
     if request is not None and isinstance(getattr(request, "body", None), (bytes, bytearray)):
         request.body = None
     return response
+
+
+class _Sink:
+    """A write-only file for ``download_to_file`` that hands each block to ``sink`` (no restart: a sink can't take
+    bytes back)."""
+
+    def __init__(self, sink: Callable[[bytes], None]) -> None:
+        self._sink = sink
+
+    def write(self, data: bytes) -> int:
+        self._sink(data)
+        return len(data)
+
+    def seek(self, offset: int, whence: int = 0) -> int:
+        raise OSError("a streamed read can't restart")
+
+    def truncate(self, size: int | None = None) -> int:
+        raise OSError("a streamed read can't restart")
+
+    def flush(self) -> None:
+        pass
 
 
 class GCSBackend(Backend):
@@ -141,9 +163,11 @@ class GCSBackend(Backend):
             return DEFAULT_RETRY
         return DEFAULT_RETRY.with_timeout(left) if hasattr(DEFAULT_RETRY, "with_timeout") else DEFAULT_RETRY.with_deadline(left)
 
-    def upload(self, source: Source, rel: str, *, deadline: float | None = None) -> None:
+    def upload(self, source: Source, rel: str, *, deadline: float | None = None,
+               progress: Progress | None = None) -> None:
         # The SDK reads ``source`` in order (a retried chunk seeks back and is read again); the manifest records
         # the crc32c of the bytes read, and the server's crc32c of the stored object must equal it.
+        source.progress = progress  # counts the bytes read, and takes back a chunk read again after a seek
         blob = self.bucket.blob(self._name(rel), chunk_size=self.chunk_size if source.size > self.chunk_size else None)
         blob.upload_from_file(source, size=source.size, checksum=None, timeout=self.timeout,
                               retry=self._retry(deadline))
@@ -155,20 +179,28 @@ class GCSBackend(Backend):
                                  f"{source.size} {want}")
         self.check_uploaded(rel, want)
 
-    def download(self, rel: str, local: Path, *, deadline: float | None = None) -> str:
+    def download(self, rel: str, local: Path, *, deadline: float | None = None,
+                 progress: Progress | None = None) -> str:
         # google-cloud-storage streams to the file (gcsfs get_file grew RSS to most of the object's size here). Its
         # own hash check is skipped when the server sends no X-Goog-Hash header, so the bytes are hashed here as
         # they are written, and that crc32c is compared with the object's (its generation pinned) and returned.
+        with open(local, "wb") as f:
+            return self._fetch(rel, HashingWriter(f, progress), deadline)
+
+    def read_stream(self, rel: str, sink: Callable[[bytes], None], *, deadline: float | None = None) -> None:
+        self._fetch(rel, HashingWriter(_Sink(sink)), deadline)
+
+    def _fetch(self, rel: str, out: HashingWriter, deadline: float | None) -> str:
+        """Stream the object (its generation pinned) into ``out``; the crc32c of the bytes written must be the
+        object's."""
         from google.api_core.exceptions import NotFound
 
         blob = self.bucket.get_blob(self._name(rel), timeout=self.timeout)
         if blob is None:
             raise FileNotFoundError(f"{self.url}/{rel}: no such object")
         try:
-            with open(local, "wb") as f:
-                out = HashingWriter(f)
-                blob.download_to_file(out, checksum=None, if_generation_match=blob.generation, timeout=self.timeout,
-                                      retry=self._retry(deadline))
+            blob.download_to_file(out, checksum=None, if_generation_match=blob.generation, timeout=self.timeout,
+                                  retry=self._retry(deadline))
         except NotFound as e:  # the contract's built-in: callers test FileNotFoundError
             raise FileNotFoundError(f"{self.url}/{rel}: no such object") from e
         got = out.crc32c()

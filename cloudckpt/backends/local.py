@@ -1,21 +1,23 @@
 """The embedded default: a run in a local directory. Files are written to a temp name and renamed into place; the
-index is swapped with ``os.replace`` under an exclusive ``flock``, compare-and-swap on the bytes' hash."""
+index is swapped with ``os.replace`` under an exclusive lock (filelock: ``flock`` on POSIX, ``LockFileEx`` on Windows;
+released by the operating system if the holder dies), compare-and-swap on the bytes' hash."""
 
 from __future__ import annotations
 
-import fcntl
 import hashlib
 import os
-import shutil
 import uuid
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from ..checksum import file_checksums
+from filelock import FileLock
+
+from ..checksum import BLOCK, HashingWriter, file_checksums
 from ..errors import ConfigurationError, IndexConflictError, IntegrityError
 from ..manifest import INDEX_NAME, TMP_MARK
 from ..source import Source
-from .base import UNCHANGED, Backend, ObjectInfo
+from .base import UNCHANGED, Backend, ObjectInfo, Progress
 
 _LOCK_NAME = ".index.lock"
 
@@ -71,16 +73,12 @@ class LocalBackend(Backend):
 
     def write_index(self, data: bytes, token: Any) -> Any:
         self.root.mkdir(parents=True, exist_ok=True)
-        with open(self.root / _LOCK_NAME, "a+b") as lock:
-            fcntl.flock(lock, fcntl.LOCK_EX)
-            try:
-                _, current = self.read_index()
-                if current != token:
-                    raise IndexConflictError(f"{self.url}: index changed since it was read")
-                self._write_atomic(self._abs(INDEX_NAME), lambda f: f.write(data))
-                return hashlib.sha256(data).hexdigest()
-            finally:
-                fcntl.flock(lock, fcntl.LOCK_UN)
+        with FileLock(self.root / _LOCK_NAME):
+            _, current = self.read_index()
+            if current != token:
+                raise IndexConflictError(f"{self.url}: index changed since it was read")
+            self._write_atomic(self._abs(INDEX_NAME), lambda f: f.write(data))
+            return hashlib.sha256(data).hexdigest()
 
     def conditional_write_problem(self) -> str | None:
         """The index swap is safe only if ``flock`` excludes every writer: not on NFS mounted ``nolock`` /
@@ -92,11 +90,13 @@ class LocalBackend(Backend):
 
     # --- objects -----------------------------------------------------------------------------------------------
 
-    def upload(self, source: Source, rel: str, *, deadline: float | None = None) -> None:
+    def upload(self, source: Source, rel: str, *, deadline: float | None = None,
+               progress: Progress | None = None) -> None:
         target = self._abs(rel)
+        source.progress = progress
 
         def copy(f) -> None:
-            for block in source.blocks():
+            for block in source.blocks(BLOCK):
                 f.write(block)
 
         self._write_atomic(target, copy)
@@ -106,8 +106,18 @@ class LocalBackend(Backend):
             raise IntegrityError(f"{self.url}/{rel}: stored copy is {got_size} bytes crc32c {got}, expected "
                                  f"{source.size} {want}")
 
-    def download(self, rel: str, local: Path, *, deadline: float | None = None) -> None:
-        shutil.copyfile(self._abs(rel), local)
+    def download(self, rel: str, local: Path, *, deadline: float | None = None,
+                 progress: Progress | None = None) -> str:
+        with open(local, "wb") as dst:
+            out = HashingWriter(dst, progress)
+            self.read_stream(rel, out.write, deadline=deadline)
+        return out.crc32c()
+
+    def read_stream(self, rel: str, sink: Callable[[bytes], None], *, deadline: float | None = None) -> None:
+        with open(self._abs(rel), "rb") as src:
+            while block := src.read(BLOCK):
+                sink(block)
+                self.remaining(deadline)
 
     def read_bytes(self, rel: str) -> bytes:
         return self._abs(rel).read_bytes()

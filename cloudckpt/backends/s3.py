@@ -16,18 +16,22 @@ from __future__ import annotations
 
 import base64
 import hashlib
+import io
 import logging
 import threading
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor, wait
 from pathlib import Path
 from typing import Any
 
 import google_crc32c
 
+from ..checksum import HashingWriter
 from ..errors import ConfigurationError, IndexConflictError, IntegrityError
 from ..manifest import INDEX_NAME
 from ..source import Source
-from .base import UNCHANGED, Backend, ObjectInfo
+from ..versions import MIN_BOTOCORE, require
+from .base import UNCHANGED, Backend, ObjectInfo, Progress
 from .fsspec_objects import FsspecObjects
 
 _MB = 2**20
@@ -51,6 +55,42 @@ def _same_checksum(got: str | None, want: str) -> bool:
     if got is None:
         return False
     return got == want or ("-" in want and "-" not in got and got == want.partition("-")[0])
+
+
+class _Sending(io.BytesIO):
+    """A request body that tells ``progress`` of the bytes the client reads to send. A rewind (for a retry, or after
+    the client hashed the body to sign it) takes back what was read past the new position; a seek that only
+    measures the body (to its end and back) counts nothing."""
+
+    def __init__(self, data: bytes, progress: Progress) -> None:
+        super().__init__(data)
+        self._progress = progress
+        self._counted = 0  # bytes [0, _counted) have been reported
+
+    def read(self, n: int | None = -1) -> bytes:
+        data = super().read(n)
+        if self.tell() > self._counted:
+            self._progress(self.tell() - self._counted)
+            self._counted = self.tell()
+        return data
+
+    def seek(self, offset: int, whence: int = 0) -> int:
+        after = super().seek(offset, whence)
+        if after < self._counted:
+            self._progress(after - self._counted)
+            self._counted = after
+        return after
+
+
+def _name_the_checksum(request: Any, **kwargs: Any) -> None:
+    """A request that carries its body's crc32c also names the algorithm (``x-amz-sdk-checksum-algorithm``, as
+    botocore does for ``ChecksumAlgorithm``): some S3-compatible servers record the checksum only then."""
+    if "x-amz-checksum-crc32c" in request.headers and "x-amz-sdk-checksum-algorithm" not in request.headers:
+        request.headers["x-amz-sdk-checksum-algorithm"] = "CRC32C"
+
+
+def _body(data: bytes, progress: Progress | None) -> Any:
+    return data if progress is None else _Sending(data, progress)
 
 
 #: S3 error codes for a request whose body did not match the checksum sent with it
@@ -93,6 +133,7 @@ class S3Backend(Backend):
         self.part_size = max(5 * _MB, int(opts.get("part_size", 8 * _MB)))
         self.max_concurrency = max(1, int(opts.get("max_concurrency", 8)))
         import boto3
+        import botocore
         import botocore.config
 
         client_kwargs = dict(opts.get("client_kwargs") or {})
@@ -116,12 +157,17 @@ class S3Backend(Backend):
             config=botocore.config.Config(**config_kwargs),
             **client_kwargs,
         )
+        put_object = self.client.meta.service_model.operation_model("PutObject").input_shape.members
+        require("botocore", botocore.__version__, MIN_BOTOCORE, "S3 PutObject with IfMatch swaps the index",
+                ok="IfMatch" in put_object)
         # what the server checks: a crc32c per request and of the whole object, else (stores that take no flexible
         # checksums) a Content-MD5 per request
         self.send_checksums = opts.get("request_checksum_calculation", "when_supported") != "when_required"
         create = self.client.meta.service_model.operation_model("CreateMultipartUpload").input_shape.members
         self._full_object = "ChecksumType" in create  # botocore >= 1.36: full-object crc32c of multipart objects
         self._slots = threading.BoundedSemaphore(self.max_concurrency)  # parts in memory, over all uploads
+        for op in ("PutObject", "UploadPart"):
+            self.client.meta.events.register(f"before-sign.s3.{op}", _name_the_checksum)
 
     def _key(self, rel: str) -> str:
         return f"{self.prefix}/{rel}" if self.prefix else rel
@@ -180,13 +226,14 @@ class S3Backend(Backend):
 
     # --- objects -----------------------------------------------------------------------------------------------
 
-    def upload(self, source: Source, rel: str, *, deadline: float | None = None) -> None:
+    def upload(self, source: Source, rel: str, *, deadline: float | None = None,
+               progress: Progress | None = None) -> None:
         key = self._key(rel)
         try:
             if source.size <= self.part_size:
-                want = self._put(key, source, deadline)
+                want = self._put(key, source, deadline, progress)
             else:
-                want = self._put_multipart(key, source, deadline)
+                want = self._put_multipart(key, source, deadline, progress)
         except self.client.exceptions.ClientError as e:
             if e.response.get("Error", {}).get("Code") in _DIGEST_CODES:  # the server refused the bytes' checksum
                 raise IntegrityError(f"{self.url}/{rel}: the store refused a checksum of the bytes sent ({e})") from e
@@ -206,16 +253,18 @@ class S3Backend(Backend):
         awscrt), or its Content-MD5 where the store takes no flexible checksums (``when_required``)."""
         if not self.send_checksums:
             return {"ContentMD5": base64.b64encode(hashlib.md5(data, usedforsecurity=False).digest()).decode()}
-        return {"ChecksumAlgorithm": "CRC32C", "ChecksumCRC32C": _b64(google_crc32c.value(data).to_bytes(4, "big"))}
+        # the value without ChecksumAlgorithm: botocore < 1.36 demands awscrt for CRC32C even when the value is
+        # given (_name_the_checksum adds the algorithm header instead)
+        return {"ChecksumCRC32C": _b64(google_crc32c.value(data).to_bytes(4, "big"))}
 
-    def _put(self, key: str, source: Source, deadline: float | None) -> str | None:
+    def _put(self, key: str, source: Source, deadline: float | None, progress: Progress | None) -> str | None:
         """One PutObject from one read of the file; return the object crc32c to expect (base64)."""
         self._acquire_slot(deadline)
         try:
             data = source.read()
             args = self._body_checksum(data)
             self.remaining(deadline)
-            self.client.put_object(Bucket=self.bucket, Key=key, Body=data, **args)
+            self.client.put_object(Bucket=self.bucket, Key=key, Body=_body(data, progress), **args)
         finally:
             self._slots.release()
         return args.get("ChecksumCRC32C")
@@ -224,7 +273,8 @@ class S3Backend(Backend):
         if not self._slots.acquire(timeout=self.remaining(deadline)):
             raise TimeoutError("the transfer's wall-clock budget is spent")
 
-    def _put_multipart(self, key: str, source: Source, deadline: float | None) -> str | None:
+    def _put_multipart(self, key: str, source: Source, deadline: float | None,
+                       progress: Progress | None) -> str | None:
         """Parts read in order from one pass over the file (held in memory: at most ``max_concurrency`` parts per
         store), each sent with its own checksum; the object is checked as a whole: its full-object crc32c (or, where
         botocore predates full-object checksums, the composite of the part crc32cs) must be the one of the bytes
@@ -241,7 +291,7 @@ class S3Backend(Backend):
             try:
                 args = self._body_checksum(data)
                 r = self.client.upload_part(Bucket=self.bucket, Key=key, UploadId=upload_id, PartNumber=number,
-                                            Body=data, **args)
+                                            Body=_body(data, progress), **args)
                 return {"PartNumber": number, "ETag": r["ETag"],
                         **({"ChecksumCRC32C": args["ChecksumCRC32C"]} if "ChecksumCRC32C" in args else {})}
             except BaseException:
@@ -293,19 +343,21 @@ class S3Backend(Backend):
         pool.shutdown(wait=False)
         return want
 
-    def download(self, rel: str, local: Path, *, deadline: float | None = None) -> str:
+    def download(self, rel: str, local: Path, *, deadline: float | None = None,
+                 progress: Progress | None = None) -> str:
         # One streaming GET written in 256 KiB blocks: bounded memory (s3fs get_file grew RSS past the object size
         # here), and no ranged GETs (which S3-compatible test servers serve by re-reading the whole object). Reads
         # of 1-8 MiB cost urllib3 extra buffer copies: 1 GiB took ~1.7x longer, ~2x the CPU (docs/benchmarks.md).
         # The bytes are hashed as they are written: the caller compares that crc32c, no second pass over the file.
-        resp = self._get(rel)
-        crc = google_crc32c.Checksum()
         with open(local, "wb") as f:
-            for chunk in resp["Body"].iter_chunks(256 * 1024):
-                crc.update(chunk)
-                f.write(chunk)
-                self.remaining(deadline)
-        return crc.digest().hex()
+            out = HashingWriter(f, progress)
+            self.read_stream(rel, out.write, deadline=deadline)
+        return out.crc32c()
+
+    def read_stream(self, rel: str, sink: Callable[[bytes], None], *, deadline: float | None = None) -> None:
+        for chunk in self._get(rel)["Body"].iter_chunks(256 * 1024):
+            sink(chunk)
+            self.remaining(deadline)
 
     def read_bytes(self, rel: str) -> bytes:
         return self._get(rel)["Body"].read()

@@ -16,7 +16,7 @@ from keras import ops
 
 from ..preemption import PreemptionWatch
 from ..store import CheckpointStore
-from ..uploader import Uploader, new_staging_dir, snapshot
+from ..uploader import Uploader, new_staging_dir, remove_staging, snapshot
 from . import local_files as lf
 from . import resume as rs
 from . import trainers
@@ -260,7 +260,7 @@ class CloudCheckpoint(keras.callbacks.ModelCheckpoint):
         if self.store is not None and not (self.preempted and self.uploader is not None and self.uploader.pending()):
             self.store.close()
         if self._staging is not None:
-            shutil.rmtree(self._staging, ignore_errors=True)
+            remove_staging(self._staging)
         self._open = False
 
     # --- saving ------------------------------------------------------------------------------------------------
@@ -291,7 +291,8 @@ class CloudCheckpoint(keras.callbacks.ModelCheckpoint):
                 self._set_monitor_op()
             except ValueError:
                 return "min"
-        return "max" if self.monitor_op is ops.greater else "min"
+        # ask the comparison itself: Keras 3.10 sets np.greater/np.less, later releases ops.greater/ops.less
+        return "max" if bool(ops.convert_to_numpy(self.monitor_op(1.0, 0.0))) else "min"
 
     def _plan(self, saved: str | None) -> rs.StatePlan:
         """The :class:`resume.StatePlan` of this save (what the file Keras just wrote, if any, lacks), worked out

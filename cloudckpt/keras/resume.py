@@ -305,6 +305,9 @@ def pull_resumable(store: Any, to: Path) -> tuple[Any, Path, dict[str, Any], dic
     except CheckpointNotFoundError:
         log.info("no checkpoint in %s: starting from scratch", store.url)
         return None
+    if not index.checkpoints:  # a new run: the callback's claim wrote an index with no checkpoint yet
+        log.info("no checkpoint in %s yet: starting from scratch", store.url)
+        return None
     marker = f"{STATE_DIR}/{STATE_JSON}"
     candidates = [c for c in reversed(index.checkpoints) if any(f.path == marker for f in c.files)]
     if not candidates:

@@ -15,7 +15,13 @@
 #   CLOUDCKPT_REMOTE             attribute cloudckpt-remote         gs://bucket/runs/name (required)
 #   TRAIN_COMMAND                attribute cloudckpt-train-command  training command, run by bash -c (required)
 #   TRAIN_PACKAGE                attribute cloudckpt-train-package  pip requirement with the training code (optional)
-#   CLOUDCKPT_SPEC               pip requirement for cloudckpt (default "cloudckpt[gcs,keras]")
+#   CLOUDCKPT_REPO_URL           attribute cloudckpt-repo-url       https:// git URL of the cloudckpt repository (required to install)
+#   CLOUDCKPT_REF                attribute cloudckpt-ref            the commit to install: a full 40-hex sha (required to install)
+#   CLOUDCKPT_EXTRAS             extras to install (default "gcs,keras")
+#   CLOUDCKPT_SPEC               instead of the three above: a pip requirement for cloudckpt by path or URL (a
+#                                wheel baked into the image, "cloudckpt[...] @ https://.../cloudckpt-....whl"); never
+#                                the bare name: no cloudckpt release exists on PyPI, and an unclaimed name installed as
+#                                root is a dependency-confusion risk (docs/deploy.md)
 #   CLOUDCKPT_HOME               venv, checkpoint and working directory (default /opt/cloudckpt)
 #   CLOUDCKPT_VENV               virtualenv holding cloudckpt (default $CLOUDCKPT_HOME/venv)
 #   CLOUDCKPT_USER               user that trains (default cloudckpt; created when missing)
@@ -47,7 +53,7 @@ setting() { # setting NAME KEY [DEFAULT]: the variable if set (even empty), else
 
 CLOUDCKPT_HOME=${CLOUDCKPT_HOME:-/opt/cloudckpt}
 CLOUDCKPT_VENV=${CLOUDCKPT_VENV:-$CLOUDCKPT_HOME/venv}
-CLOUDCKPT_SPEC=${CLOUDCKPT_SPEC:-cloudckpt[gcs,keras]}
+CLOUDCKPT_EXTRAS=${CLOUDCKPT_EXTRAS:-gcs,keras}
 CLOUDCKPT_USER=${CLOUDCKPT_USER:-cloudckpt}
 CLOUDCKPT_PREEMPT_EXIT_CODE=${CLOUDCKPT_PREEMPT_EXIT_CODE:-143}
 CLOUDCKPT_STOP_TIMEOUT=${CLOUDCKPT_STOP_TIMEOUT:-30}
@@ -58,11 +64,30 @@ CKPT_DIR=$CLOUDCKPT_HOME/checkpoint
 CLOUDCKPT_REMOTE=$(setting CLOUDCKPT_REMOTE cloudckpt-remote)
 TRAIN_COMMAND=$(setting TRAIN_COMMAND cloudckpt-train-command)
 TRAIN_PACKAGE=$(setting TRAIN_PACKAGE cloudckpt-train-package)
+CLOUDCKPT_REPO_URL=$(setting CLOUDCKPT_REPO_URL cloudckpt-repo-url)
+CLOUDCKPT_REF=$(setting CLOUDCKPT_REF cloudckpt-ref)
 [[ -n $CLOUDCKPT_REMOTE ]] || { log "CLOUDCKPT_REMOTE is not set (env or metadata cloudckpt-remote)"; exit 2; }
 [[ -n $TRAIN_COMMAND ]] || { log "TRAIN_COMMAND is not set (env or metadata cloudckpt-train-command)"; exit 2; }
 export CLOUDCKPT_REMOTE
 
+cloudckpt_spec() { # the pip requirement for cloudckpt: a pinned commit of its repository, or CLOUDCKPT_SPEC by path/URL
+  if [[ -n ${CLOUDCKPT_SPEC:-} ]]; then
+    if [[ $CLOUDCKPT_SPEC =~ ^[[:space:]]*cloudckpt[[:space:]]*(\[[^]]*\])?[[:space:]]*([<>=!~;].*)?$ ]]; then
+      log "CLOUDCKPT_SPEC=$CLOUDCKPT_SPEC installs cloudckpt by name from the package index: there is no such release"
+      log "(dependency-confusion risk); give a wheel path/URL or CLOUDCKPT_REPO_URL + CLOUDCKPT_REF"
+      exit 2
+    fi
+    printf '%s' "$CLOUDCKPT_SPEC"
+    return
+  fi
+  [[ ${CLOUDCKPT_REPO_URL:-} == https://* ]] || { log "CLOUDCKPT_REPO_URL must be the https:// git URL of cloudckpt (attribute cloudckpt-repo-url)"; exit 2; }
+  [[ ${CLOUDCKPT_REF:-} =~ ^[0-9a-f]{40}$ ]] || { log "CLOUDCKPT_REF must be a full commit sha, 40 hex digits (attribute cloudckpt-ref)"; exit 2; }
+  printf 'cloudckpt[%s] @ git+%s@%s' "$CLOUDCKPT_EXTRAS" "$CLOUDCKPT_REPO_URL" "$CLOUDCKPT_REF"
+}
+
 install_cloudckpt() {
+  local spec
+  spec=$(cloudckpt_spec)
   if ! python3 -m venv --help >/dev/null 2>&1; then
     if command -v apt-get >/dev/null; then
       apt-get update -q && apt-get install -y -q python3-venv
@@ -70,10 +95,17 @@ install_cloudckpt() {
       dnf install -y -q python3
     fi
   fi
+  if [[ $spec == *git+* ]] && ! command -v git >/dev/null; then
+    if command -v apt-get >/dev/null; then
+      apt-get update -q && apt-get install -y -q git
+    else
+      dnf install -y -q git
+    fi
+  fi
   mkdir -p "$CLOUDCKPT_HOME"
   [[ -x $CLOUDCKPT_VENV/bin/python ]] || python3 -m venv "$CLOUDCKPT_VENV"
   "$CLOUDCKPT_VENV/bin/pip" install -q --upgrade pip
-  local packages=("$CLOUDCKPT_SPEC")
+  local packages=("$spec")
   [[ -z $TRAIN_PACKAGE ]] || packages+=("$TRAIN_PACKAGE")
   "$CLOUDCKPT_VENV/bin/pip" install -q "${packages[@]}"
   id -u "$CLOUDCKPT_USER" >/dev/null 2>&1 || useradd --system --home-dir "$CLOUDCKPT_HOME" "$CLOUDCKPT_USER"

@@ -61,3 +61,23 @@ variable "train_package" {
   type        = string
   default     = ""
 }
+
+variable "cloudckpt_repo_url" {
+  description = "https:// git URL of the cloudckpt repository the VM installs from (there is no PyPI release: never the bare name)."
+  type        = string
+
+  validation {
+    condition     = startswith(var.cloudckpt_repo_url, "https://")
+    error_message = "cloudckpt_repo_url must be an https:// git URL."
+  }
+}
+
+variable "cloudckpt_ref" {
+  description = "The cloudckpt commit to install: a full 40-hex commit sha (a branch or tag can move)."
+  type        = string
+
+  validation {
+    condition     = can(regex("^[0-9a-f]{40}$", var.cloudckpt_ref))
+    error_message = "cloudckpt_ref must be a full commit sha (40 lowercase hex digits)."
+  }
+}

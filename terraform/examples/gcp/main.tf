@@ -67,5 +67,7 @@ resource "google_compute_instance_template" "spot_training" {
     cloudckpt-remote        = module.access.remote_url
     cloudckpt-train-command = var.train_command
     cloudckpt-train-package = var.train_package
+    cloudckpt-repo-url      = var.cloudckpt_repo_url
+    cloudckpt-ref           = var.cloudckpt_ref
   }
 }

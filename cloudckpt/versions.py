@@ -1,0 +1,34 @@
+"""The oldest versions of the optional clients cloudckpt works with (the floors pyproject.toml declares and CI tests
+with ``make test-lowest``), and the checks that refuse older ones with a ConfigurationError naming the floor."""
+
+from __future__ import annotations
+
+import re
+
+from .errors import ConfigurationError
+
+#: the first botocore whose S3 PutObject takes ``IfMatch`` (1.35.69), as tested together with s3fs's aiobotocore
+MIN_BOTOCORE = "1.35.74"
+#: the first Keras with ``ModelCheckpoint._should_save_model``, which CloudCheckpoint extends
+MIN_KERAS = "3.10"
+
+
+def version_tuple(version: str) -> tuple[int, ...]:
+    """``"3.10.0rc1"`` → ``(3, 10, 0)``: the leading numeric release parts."""
+    parts = []
+    for part in version.split("."):
+        match = re.match(r"\d+", part)
+        if match is None:
+            break
+        parts.append(int(match.group()))
+        if match.end() != len(part):
+            break
+    return tuple(parts)
+
+
+def require(name: str, installed: str, minimum: str, why: str, *, ok: bool = True) -> None:
+    """Raise ConfigurationError when ``installed`` is below ``minimum`` or ``ok`` (a feature probe) is False."""
+    if ok and version_tuple(installed) >= version_tuple(minimum):
+        return
+    raise ConfigurationError(f"cloudckpt needs {name}>={minimum} ({why}); {name} {installed} is installed: "
+                             f"pip install '{name}>={minimum}'")
