@@ -12,6 +12,7 @@ from collections.abc import Callable, Iterable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TypeVar
 
 from . import retry
 from .backends import Backend
@@ -22,6 +23,7 @@ from .manifest import FileEntry, check_relative_path
 from .source import Source
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
 Progress = Callable[[int], None]
 
 
@@ -132,14 +134,7 @@ def download_verified(backend: Backend, prefix: str, entries: Iterable[FileEntry
                 raise IntegrityError(f"{backend.url}/{rel}: downloaded {size} bytes, the index says {e.size}")
             return verified
 
-        try:
-            verified = retry.run(fetch, url=backend.url, what=f"download {rel}", budget=budget)
-        except CloudCkptError:
-            raise
-        except FileNotFoundError as exc:
-            raise IntegrityError(f"{backend.url}/{rel}: listed in the index but missing from the store") from exc
-        except Exception as exc:
-            raise TransferError(f"{backend.url}/{rel}: download failed after retries: {exc}") from exc
+        verified = _read_listed(backend, rel, fetch, what="download", budget=budget)
         if verified is not None and verified != e.crc32c:
             raise IntegrityError(f"{backend.url}/{rel}: checksum mismatch (stored crc32c {verified}, expected {e.crc32c})")
         if verified is None or e.sha256:  # the client checked no crc32c as it streamed (or sha256 is wanted): hash
@@ -148,6 +143,19 @@ def download_verified(backend: Backend, prefix: str, entries: Iterable[FileEntry
 
     _run_all(pool, one, entries)
 
+
+
+def _read_listed(backend: Backend, rel: str, read: Callable[[], T], *, what: str, budget: float) -> T:
+    """Run ``read`` of an object the index lists, retried within ``budget``: a missing object is an IntegrityError
+    (the index promised it), retries spent a TransferError with the cause chained."""
+    try:
+        return retry.run(read, url=backend.url, what=f"{what} {rel}", budget=budget)
+    except CloudCkptError:
+        raise
+    except FileNotFoundError as exc:
+        raise IntegrityError(f"{backend.url}/{rel}: listed in the index but missing from the store") from exc
+    except Exception as exc:
+        raise TransferError(f"{backend.url}/{rel}: {what} failed after retries: {exc}") from exc
 
 def verify_stored(backend: Backend, prefix: str, entries: Iterable[FileEntry], *, budget: float,
                   pool: ThreadPoolExecutor, progress: Progress | None = None) -> None:
@@ -170,14 +178,7 @@ def verify_stored(backend: Backend, prefix: str, entries: Iterable[FileEntry], *
             backend.read_stream(rel, sink, deadline=deadline)
             return sums
 
-        try:
-            sums = retry.run(stream, url=backend.url, what=f"verify {rel}", budget=budget)
-        except CloudCkptError:
-            raise
-        except FileNotFoundError as exc:
-            raise IntegrityError(f"{backend.url}/{rel}: listed in the index but missing from the store") from exc
-        except Exception as exc:
-            raise TransferError(f"{backend.url}/{rel}: read failed after retries: {exc}") from exc
+        sums = _read_listed(backend, rel, stream, what="verify", budget=budget)
         got = sums.result()
         if sums.size != e.size:
             raise IntegrityError(f"{backend.url}/{rel}: stored object is {sums.size} bytes, the index says {e.size}")
