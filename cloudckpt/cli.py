@@ -15,13 +15,17 @@ import re
 import sys
 import traceback
 from collections.abc import Callable
-from typing import Any
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import click
 
 from .errors import CloudCkptError, IntegrityError
 from .manifest import CheckpointEntry, Index
 from .redact import Redactor, ScrubFilter, is_secret_name, url_secrets
+
+if TYPE_CHECKING:
+    from .store import CheckpointStore
 
 URL_ENV = "CLOUDCKPT_REMOTE"
 _SELECTOR_RE = re.compile(r"^(best|latest|\d+|ckpt-[A-Za-z0-9-]+)$")
@@ -69,7 +73,7 @@ def _pairs(values: tuple[str, ...], what: str, convert: Callable[[str], Any], *,
     return out
 
 
-def _store(ctx: click.Context, url: str | None):
+def _store(ctx: click.Context, url: str | None) -> CheckpointStore:
     from .store import CheckpointStore
 
     url = url or os.environ.get(URL_ENV)
@@ -145,7 +149,10 @@ keep_flags = [
 ]
 
 
-def with_keep(fn):
+F = TypeVar("F", bound=Callable[..., Any])
+
+
+def with_keep(fn: F) -> F:
     for opt in reversed(keep_flags):
         fn = opt(fn)
     return fn
@@ -330,7 +337,7 @@ def sync_cmd(ctx: click.Context, watch_dir: str, url: str | None, monitor: str |
     options = {k: v for k, v in dict(monitor=monitor, mode=mode, keep_best=keep_best, keep_last=keep_last,
                                      keep_every=keep_every).items() if v is not None}
     with _store(ctx, url) as store:
-        service = SyncService(store, watch_dir, settle=settle, poll=poll, name_pattern=name_pattern,
+        service = SyncService(store, Path(watch_dir), settle=settle, poll=poll, name_pattern=name_pattern,
                               push_options=options, exclusive=exclusive)
         service.run_forever(ready=lambda: click.echo(f"cloudckpt sync: watching {watch_dir} -> {store.url}", err=True))
         click.echo("cloudckpt sync: stopped", err=True)

@@ -12,7 +12,7 @@ import json
 import math
 import re
 from datetime import datetime, timezone
-from typing import Annotated, Literal
+from typing import Annotated, Literal, TypeVar
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
@@ -177,7 +177,7 @@ class Index(_Frozen):
     """The run's index. ``seq`` counts updates; ``checkpoints`` are in commit order (oldest first); ``applied``
     holds the last update of each of the most recent writer sessions (bounded; absent in older indexes)."""
 
-    schema_: Literal["cloudckpt/index"] = Field("cloudckpt/index", alias="schema")
+    schema_: Literal["cloudckpt/index"] = Field(default="cloudckpt/index", alias="schema")
     schema_version: int = SCHEMA_VERSION
     seq: Annotated[int, Field(ge=0)] = 0
     run: RunPolicy = RunPolicy()
@@ -279,7 +279,7 @@ def best_of(checkpoints: tuple[CheckpointEntry, ...], monitor: str | None, mode:
 class Manifest(_Frozen):
     """A checkpoint's own manifest (``<run>/<id>/_cloudckpt_manifest.json``), written before the index lists it."""
 
-    schema_: Literal["cloudckpt/manifest"] = Field("cloudckpt/manifest", alias="schema")
+    schema_: Literal["cloudckpt/manifest"] = Field(default="cloudckpt/manifest", alias="schema")
     schema_version: int = SCHEMA_VERSION
     checkpoint: CheckpointEntry
 
@@ -292,7 +292,10 @@ class Manifest(_Frozen):
         return self
 
 
-def _parse(model: type[BaseModel], data: bytes, what: str):
+M = TypeVar("M", bound=BaseModel)
+
+
+def _parse(model: type[M], data: bytes, what: str) -> M:
     try:
         return model.model_validate_json(data, strict=True)
     except ValidationError as e:

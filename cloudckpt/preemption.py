@@ -117,7 +117,7 @@ def _get(url: str, headers: Mapping[str, str], timeout: float, method: str = "GE
         return exc.code, b""
 
 
-def check_aws(base: str, timeout: float, state: dict) -> str | None:
+def check_aws(base: str, timeout: float, state: dict[str, str]) -> str | None:
     """One IMDSv2 poll; a reason string when a spot interruption is scheduled."""
     if "token" not in state:
         status, body = _get(f"{base}/latest/api/token", {"X-aws-ec2-metadata-token-ttl-seconds": "21600"}, timeout, "PUT")
@@ -137,7 +137,7 @@ def check_aws(base: str, timeout: float, state: dict) -> str | None:
     return f"AWS spot instance-action: {action}"
 
 
-def check_gce(base: str, timeout: float, state: dict) -> str | None:
+def check_gce(base: str, timeout: float, state: dict[str, str]) -> str | None:
     """One GCE metadata poll; a reason string when the instance is being preempted."""
     status, body = _get(f"{base}/computeMetadata/v1/instance/preempted", {"Metadata-Flavor": "Google"}, timeout)
     if status == 200 and body.strip().upper() == b"TRUE":
@@ -145,7 +145,7 @@ def check_gce(base: str, timeout: float, state: dict) -> str | None:
     return None
 
 
-def check_azure(base: str, timeout: float, state: dict) -> str | None:
+def check_azure(base: str, timeout: float, state: dict[str, str]) -> str | None:
     """One Azure Scheduled Events poll; a reason string when a Preempt event is scheduled."""
     status, body = _get(f"{base}/metadata/scheduledevents?api-version=2020-07-01", {"Metadata": "true"}, timeout)
     if status != 200:
@@ -279,7 +279,7 @@ class PreemptionWatch:
                 self._sigterm_at = time.monotonic()
 
     def _poll(self, cloud: str, base: str) -> None:
-        check, state = CHECKS[cloud], {}
+        check, state = CHECKS[cloud], dict[str, str]()
         interval = self.interval if self.interval is not None else DEFAULT_INTERVAL[cloud]
         failures = 0
         while not self._stop.is_set() and not self.event.is_set():

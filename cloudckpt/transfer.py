@@ -9,6 +9,7 @@ import os
 import threading
 import time
 from collections.abc import Callable, Iterable
+from typing import TypeVar
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -16,12 +17,20 @@ from pathlib import Path
 from . import retry
 from .backends import Backend
 from .checksum import StreamChecksums, file_checksums
-from .errors import (CloudCkptError, ConfigurationError, IntegrityError, SourceChangedError, TransferError,
-                     UnsafePathError)
+from .errors import (
+    CloudCkptError,
+    ConfigurationError,
+    IntegrityError,
+    SourceChangedError,
+    TransferError,
+    UnsafePathError,
+)
 from .manifest import FileEntry, check_relative_path
 from .source import Source
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
+R = TypeVar("R")
 Progress = Callable[[int], None]
 
 
@@ -220,7 +229,7 @@ def _check_file(dest: Path, e: FileEntry, where: str) -> None:
         raise IntegrityError(f"{where}: checksum mismatch (crc32c {got['crc32c']}, expected {e.crc32c})")
 
 
-def _run_all(pool: ThreadPoolExecutor, fn, items) -> list:
+def _run_all(pool: ThreadPoolExecutor, fn: Callable[[T], R], items: Iterable[T]) -> list[R]:
     """Run ``fn`` over ``items`` in ``pool``; wait for all, then raise the first error (no stray threads left) or
     return the results in order."""
     futures = [pool.submit(fn, item) for item in items]

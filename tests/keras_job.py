@@ -21,8 +21,8 @@ if os.environ.get("KERAS_BACKEND") in ("jax", "torch"):
     # import it (~10 s of CPU) only to seed it, and nothing here uses it.
     sys.modules.setdefault("tensorflow", None)
 
-import numpy as np  # noqa: E402
 import keras  # noqa: E402
+import numpy as np  # noqa: E402
 from sklearn.datasets import load_digits  # noqa: E402
 
 from cloudckpt.keras import CloudCheckpoint  # noqa: E402

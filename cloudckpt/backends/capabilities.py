@@ -130,13 +130,13 @@ def flock_problem(lock_file: Path) -> str | None:
             try:
                 fcntl.flock(first, fcntl.LOCK_EX)
             except OSError as e:
-                return f"flock fails there ({errno.errorcode.get(e.errno, e.errno)}: {e.strerror})"
+                return f"flock fails there ({errno.errorcode.get(e.errno or 0, e.errno)}: {e.strerror})"
             try:
                 fcntl.flock(second, fcntl.LOCK_EX | fcntl.LOCK_NB)
             except BlockingIOError:
                 return None
             except OSError as e:
-                return f"flock fails there ({errno.errorcode.get(e.errno, e.errno)}: {e.strerror})"
+                return f"flock fails there ({errno.errorcode.get(e.errno or 0, e.errno)}: {e.strerror})"
             return "flock there does not exclude: a second exclusive lock on the same file was granted"
         finally:
             os.close(second)

@@ -17,9 +17,9 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from ..checksum import HashingWriter
 from ..errors import AccessError, ConfigurationError, IndexConflictError, IntegrityError
 from ..manifest import INDEX_NAME
-from ..checksum import HashingWriter
 from ..source import Source
 from .base import UNCHANGED, Backend, ObjectInfo, Progress
 from .fsspec_objects import FsspecObjects
@@ -50,7 +50,7 @@ class _Sink:
     """A write-only file for ``download_to_file`` that hands each block to ``sink`` (no restart: a sink can't take
     bytes back)."""
 
-    def __init__(self, sink: Callable[[bytes], None]) -> None:
+    def __init__(self, sink: Callable[[bytes], object]) -> None:
         self._sink = sink
 
     def write(self, data: bytes) -> int:
@@ -180,14 +180,14 @@ class GCSBackend(Backend):
         self.check_uploaded(rel, want)
 
     def download(self, rel: str, local: Path, *, deadline: float | None = None,
-                 progress: Progress | None = None) -> str:
+                 progress: Progress | None = None) -> str | None:
         # google-cloud-storage streams to the file (gcsfs get_file grew RSS to most of the object's size here). Its
         # own hash check is skipped when the server sends no X-Goog-Hash header, so the bytes are hashed here as
         # they are written, and that crc32c is compared with the object's (its generation pinned) and returned.
         with open(local, "wb") as f:
             return self._fetch(rel, HashingWriter(f, progress), deadline)
 
-    def read_stream(self, rel: str, sink: Callable[[bytes], None], *, deadline: float | None = None) -> None:
+    def read_stream(self, rel: str, sink: Callable[[bytes], object], *, deadline: float | None = None) -> None:
         self._fetch(rel, HashingWriter(_Sink(sink)), deadline)
 
     def _fetch(self, rel: str, out: HashingWriter, deadline: float | None) -> str:

@@ -20,7 +20,7 @@ import io
 import logging
 import threading
 from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor, wait
+from concurrent.futures import Future, ThreadPoolExecutor, wait
 from pathlib import Path
 from typing import Any
 
@@ -301,7 +301,7 @@ class S3Backend(Backend):
                 self._slots.release()
 
         pool = ThreadPoolExecutor(self.max_concurrency, thread_name_prefix="cloudckpt-s3-part")
-        futures = []
+        futures: list[Future[dict]] = []
         try:
             while not failed.is_set():
                 self._acquire_slot(deadline)
@@ -344,7 +344,7 @@ class S3Backend(Backend):
         return want
 
     def download(self, rel: str, local: Path, *, deadline: float | None = None,
-                 progress: Progress | None = None) -> str:
+                 progress: Progress | None = None) -> str | None:
         # One streaming GET written in 256 KiB blocks: bounded memory (s3fs get_file grew RSS past the object size
         # here), and no ranged GETs (which S3-compatible test servers serve by re-reading the whole object). Reads
         # of 1-8 MiB cost urllib3 extra buffer copies: 1 GiB took ~1.7x longer, ~2x the CPU (docs/benchmarks.md).
@@ -354,7 +354,7 @@ class S3Backend(Backend):
             self.read_stream(rel, out.write, deadline=deadline)
         return out.crc32c()
 
-    def read_stream(self, rel: str, sink: Callable[[bytes], None], *, deadline: float | None = None) -> None:
+    def read_stream(self, rel: str, sink: Callable[[bytes], object], *, deadline: float | None = None) -> None:
         for chunk in self._get(rel)["Body"].iter_chunks(256 * 1024):
             sink(chunk)
             self.remaining(deadline)
@@ -405,7 +405,7 @@ class S3FsspecBackend(FsspecObjects, S3Backend):
         import s3fs
 
         opts = self.storage_options
-        fs_opts = {k: opts[k] for k in ("key", "secret", "token", "endpoint_url", "profile", "client_kwargs") if k in opts}
+        fs_opts: dict[str, Any] = {k: opts[k] for k in ("key", "secret", "token", "endpoint_url", "profile", "client_kwargs") if k in opts}
         fs_opts["config_kwargs"] = {"connect_timeout": self.timeout[0], "read_timeout": self.timeout[1],
                                     **(opts.get("config_kwargs") or {})}
         self.fs = s3fs.S3FileSystem(**fs_opts)

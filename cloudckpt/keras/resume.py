@@ -32,7 +32,6 @@ from pathlib import Path
 from typing import Annotated, Any, Literal
 
 import numpy as np
-
 from pydantic import BaseModel, ConfigDict, Field, Strict, ValidationError, field_validator
 
 from ..errors import ConfigurationError, IntegrityError
@@ -146,7 +145,8 @@ def write_state(directory: Path, arrays: Mapping[str, np.ndarray], layout: Mappi
     out = Path(directory) / STATE_DIR
     out.mkdir(parents=True, exist_ok=True)
     with open(out / VARIABLES, "wb") as f:
-        np.savez(f, **arrays)
+        named: dict[str, Any] = dict(arrays)  # savez's own keywords are typed too: a Mapping would not pass
+        np.savez(f, **named)
     doc = {"format": FORMAT, **info, "layout": dict(layout)}
     (out / STATE_JSON).write_text(json.dumps(doc, indent=1, default=float))
     return out

@@ -171,7 +171,8 @@ def test_restore_refuses_escaping_paths_even_past_validation(local_url, tmp_path
 
 def test_cli_process_exit_codes_on_bad_runs(local_url, tmp_path, figures):
     """The same mapping through a real ``cloudckpt`` process: tampered index 4, no run 3, foreign target 5."""
-    from .procs import cli_cmd, run as run_proc
+    from .procs import cli_cmd
+    from .procs import run as run_proc
 
     good = valid_run(local_url, tmp_path / "src", tmp_path / "first")
     good.store.close()
