@@ -9,10 +9,10 @@ import os
 import threading
 import time
 from collections.abc import Callable, Iterable
-from typing import TypeVar
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TypeVar
 
 from . import retry
 from .backends import Backend
