@@ -22,7 +22,8 @@ SCHEMA_VERSION = 1
 INDEX_NAME = "index.json"
 MANIFEST_NAME = "_cloudckpt_manifest.json"
 TMP_MARK = ".cloudckpt-tmp-"  # prefix of files being written; never listed, removed by gc
-PROBE_DIR = "_cloudckpt_probe"  # a writer's conditional-write probe objects (backends/capabilities.py); gc removes leftovers
+# a writer's conditional-write probe objects (backends/capabilities.py); gc removes leftovers
+PROBE_DIR = "_cloudckpt_probe"
 MAX_FILES = 100_000
 MAX_FILE_SIZE = 2**50  # 1 PiB: anything larger is a corrupt or hostile index
 MAX_APPLIED_READ = 1024  # applied-update records an index may carry (writers keep far fewer: commit.MAX_APPLIED)
@@ -192,7 +193,8 @@ class Index(_Frozen):
     @model_validator(mode="after")
     def _consistent(self) -> Index:
         if self.schema_version != SCHEMA_VERSION:
-            raise ValueError(f"unknown index schema_version {self.schema_version} (this cloudckpt reads {SCHEMA_VERSION})")
+            raise ValueError(
+                f"unknown index schema_version {self.schema_version} (this cloudckpt reads {SCHEMA_VERSION})")
         ids = [c.id for c in self.checkpoints]
         if len(set(ids)) != len(ids):
             raise ValueError("index lists a checkpoint id twice")
@@ -257,7 +259,8 @@ class Index(_Frozen):
     def with_writer(self, writer: WriterLease | None) -> Index:
         return self.model_copy(update={"writer": writer, "seq": self.seq + 1})
 
-    def _refreshed(self, checkpoints: tuple[CheckpointEntry, ...], *, latest: str | None, run: RunPolicy | None = None) -> Index:
+    def _refreshed(self, checkpoints: tuple[CheckpointEntry, ...], *, latest: str | None,
+                   run: RunPolicy | None = None) -> Index:
         run = run or self.run
         best = best_of(checkpoints, run.monitor, run.mode)
         return self.model_copy(
@@ -288,7 +291,8 @@ class Manifest(_Frozen):
     @model_validator(mode="after")
     def _version(self) -> Manifest:
         if self.schema_version != SCHEMA_VERSION:
-            raise ValueError(f"unknown manifest schema_version {self.schema_version} (this cloudckpt reads {SCHEMA_VERSION})")
+            raise ValueError(
+                f"unknown manifest schema_version {self.schema_version} (this cloudckpt reads {SCHEMA_VERSION})")
         return self
 
 

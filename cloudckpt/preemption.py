@@ -9,7 +9,8 @@ poller sees a notice:
 
 Pollers run on daemon threads with short timeouts, so they never slow training. They talk to the metadata server
 directly, never through a proxy named by ``http_proxy``/``HTTP_PROXY`` (a proxy's answer could hide a notice, and
-the IMDSv2 token must not leave the machine). The monotonic time of the notice is kept (:attr:`PreemptionWatch.notice_time`)
+the IMDSv2 token must not leave the machine). The monotonic time of the notice is kept
+(:attr:`PreemptionWatch.notice_time`)
 so a deadline counts from the notice, not from when training got round to it. They are started only when asked
 for, or with ``"auto"`` when the machine's DMI data (read from ``/sys``, no network) says it runs on that cloud.
 Endpoints come from arguments or the environment — ``CLOUDCKPT_AWS_METADATA_URL`` (default
@@ -120,7 +121,8 @@ def _get(url: str, headers: Mapping[str, str], timeout: float, method: str = "GE
 def check_aws(base: str, timeout: float, state: dict[str, str]) -> str | None:
     """One IMDSv2 poll; a reason string when a spot interruption is scheduled."""
     if "token" not in state:
-        status, body = _get(f"{base}/latest/api/token", {"X-aws-ec2-metadata-token-ttl-seconds": "21600"}, timeout, "PUT")
+        status, body = _get(f"{base}/latest/api/token", {"X-aws-ec2-metadata-token-ttl-seconds": "21600"}, timeout,
+                            "PUT")
         if status != 200:
             return None
         state["token"] = body.decode()

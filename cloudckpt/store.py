@@ -114,7 +114,8 @@ class CheckpointStore:
         if not url:
             raise ConfigurationError("no store URL given and $CLOUDCKPT_REMOTE is not set")
         if budget <= 0 or workers < 1:
-            raise ConfigurationError(f"budget must be > 0 and workers >= 1. Received: budget={budget}, workers={workers}")
+            raise ConfigurationError(
+                f"budget must be > 0 and workers >= 1. Received: budget={budget}, workers={workers}")
         self.backend = open_backend(url, storage_options)
         self.url = self.backend.url
         self.budget = budget
@@ -194,7 +195,8 @@ class CheckpointStore:
                 raise
             total = sum(e.size for e in entries)
             entry = CheckpointEntry(id=cid, epoch=epoch, step=step, created=utcnow(), metrics=metrics,
-                                    files=tuple(entries), size=total, writer=self.keeper.writer_id, meta=dict(meta or {}))
+                                    files=tuple(entries), size=total, writer=self.keeper.writer_id,
+                                    meta=dict(meta or {}))
             failpoints.hit("push.after_upload")
             manifest = dump(Manifest(checkpoint=entry))
             retry.run(lambda: self.backend.write_bytes(f"{cid}/{MANIFEST_NAME}", manifest), url=self.url,
@@ -290,7 +292,8 @@ class CheckpointStore:
 
     # --- restoring and checking -------------------------------------------------------------------------------
 
-    def pull(self, selector: str | int = "latest", to: str | Path = "checkpoint", *, fallback: bool = False) -> PullResult:
+    def pull(self, selector: str | int = "latest", to: str | Path = "checkpoint", *,
+             fallback: bool = False) -> PullResult:
         """Download a checkpoint into directory ``to``, verified, all or nothing.
 
         With ``fallback``, a checkpoint that fails verification is skipped for the newest older one that verifies.
@@ -325,7 +328,8 @@ class CheckpointStore:
                 finally:
                     self._hold(cand.id, False)
             else:
-                raise IntegrityError(f"{self.url}: no checkpoint at or before {chosen.id} verifies: " + "; ".join(errors))
+                raise IntegrityError(
+                    f"{self.url}: no checkpoint at or before {chosen.id} verifies: " + "; ".join(errors))
         raise CheckpointNotFoundError(f"{self.url}: {selector} kept being pruned while it was pulled")
 
     def verify(self, selector: str | int | None = "latest", *, all: bool = False) -> builtins.list[VerifyResult]:

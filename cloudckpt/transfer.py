@@ -150,7 +150,8 @@ def download_verified(backend: Backend, prefix: str, entries: Iterable[FileEntry
         except Exception as exc:
             raise TransferError(f"{backend.url}/{rel}: download failed after retries: {exc}") from exc
         if verified is not None and verified != e.crc32c:
-            raise IntegrityError(f"{backend.url}/{rel}: checksum mismatch (stored crc32c {verified}, expected {e.crc32c})")
+            raise IntegrityError(
+                f"{backend.url}/{rel}: checksum mismatch (stored crc32c {verified}, expected {e.crc32c})")
         if verified is None or e.sha256:  # the client checked no crc32c as it streamed (or sha256 is wanted): hash
             _check_file(dest, e, f"{backend.url}/{rel}")
         moved.finish(e.size)
@@ -191,7 +192,8 @@ def verify_stored(backend: Backend, prefix: str, entries: Iterable[FileEntry], *
         if sums.size != e.size:
             raise IntegrityError(f"{backend.url}/{rel}: stored object is {sums.size} bytes, the index says {e.size}")
         if (e.crc32c and got["crc32c"] != e.crc32c) or (e.sha256 and got.get("sha256") != e.sha256):
-            raise IntegrityError(f"{backend.url}/{rel}: checksum mismatch (crc32c {got['crc32c']}, expected {e.crc32c})")
+            raise IntegrityError(
+                f"{backend.url}/{rel}: checksum mismatch (crc32c {got['crc32c']}, expected {e.crc32c})")
         moved.finish(e.size)
 
     _run_all(pool, one, entries)

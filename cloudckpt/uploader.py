@@ -145,7 +145,8 @@ class Uploader:
             Default None.
     """
 
-    def __init__(self, store: CheckpointStore, *, on_commit: Callable[[CheckpointEntry, Job], None] | None = None) -> None:
+    def __init__(self, store: CheckpointStore, *,
+                 on_commit: Callable[[CheckpointEntry, Job], None] | None = None) -> None:
         self.store = store
         self.on_commit = on_commit
         self._queue: deque[Job] = deque()

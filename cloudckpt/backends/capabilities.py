@@ -93,7 +93,8 @@ def lock_problem(mount: Mount) -> str | None:
     if kind in ("nfs", "nfs4"):
         local = sorted(o for o in mount.options if o in _NFS_LOCAL)
         if local:
-            return f"it is on NFS ({mount.source}) mounted with {','.join(local)}, so file locks are local to this machine"
+            return (f"it is on NFS ({mount.source}) mounted with {','.join(local)}, "
+                    "so file locks are local to this machine")
     if kind == "fuse" or kind.startswith("fuse."):
         return (f"it is on a FUSE filesystem ({kind}, {mount.source}), whose file locks are local to this machine "
                 "(gcsfuse, s3fs and most FUSE mounts)")

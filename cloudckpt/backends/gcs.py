@@ -79,7 +79,8 @@ class GCSBackend(Backend):
         opts = self.storage_options
         unknown = set(opts) - self.OPTIONS
         if unknown:
-            raise ConfigurationError(f"{self.url}: unknown GCS storage option(s) {sorted(unknown)}; known: {sorted(self.OPTIONS)}")
+            raise ConfigurationError(
+                f"{self.url}: unknown GCS storage option(s) {sorted(unknown)}; known: {sorted(self.OPTIONS)}")
         self.chunk_size = max(1, int(opts.get("chunk_size", 64 * _MB)) // (256 * 1024)) * (256 * 1024)
         emulator = os.environ.get("STORAGE_EMULATOR_HOST")
         if emulator:
@@ -123,7 +124,8 @@ class GCSBackend(Backend):
             if known is not None and blob.generation == known:
                 return UNCHANGED, known
             try:
-                return blob.download_as_bytes(if_generation_match=blob.generation, timeout=self.timeout), blob.generation
+                data = blob.download_as_bytes(if_generation_match=blob.generation, timeout=self.timeout)
+                return data, blob.generation
             except (NotFound, PreconditionFailed):
                 continue  # replaced between the metadata read and the download: read again
         raise IndexConflictError(f"{self.url}: index keeps changing while being read")
@@ -161,7 +163,9 @@ class GCSBackend(Backend):
         left = self.remaining(deadline)
         if left is None:
             return DEFAULT_RETRY
-        return DEFAULT_RETRY.with_timeout(left) if hasattr(DEFAULT_RETRY, "with_timeout") else DEFAULT_RETRY.with_deadline(left)
+        if hasattr(DEFAULT_RETRY, "with_timeout"):
+            return DEFAULT_RETRY.with_timeout(left)
+        return DEFAULT_RETRY.with_deadline(left)
 
     def upload(self, source: Source, rel: str, *, deadline: float | None = None,
                progress: Progress | None = None) -> None:
@@ -249,5 +253,6 @@ class GCSFsspecBackend(FsspecObjects, GCSBackend):
         import aiohttp
 
         timeout = aiohttp.ClientTimeout(total=None, sock_connect=self.timeout[0], sock_read=self.timeout[1])
-        self.fs = gcsfs.GCSFileSystem(**{k: opts[k] for k in ("token", "project") if k in opts}, requests_timeout=timeout)
+        self.fs = gcsfs.GCSFileSystem(**{k: opts[k] for k in ("token", "project") if k in opts},
+                                      requests_timeout=timeout)
         self.root = f"{self.bucket_name}/{self.prefix}" if self.prefix else self.bucket_name

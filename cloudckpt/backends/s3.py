@@ -129,7 +129,8 @@ class S3Backend(Backend):
         opts = self.storage_options
         unknown = set(opts) - self.OPTIONS
         if unknown:
-            raise ConfigurationError(f"{self.url}: unknown S3 storage option(s) {sorted(unknown)}; known: {sorted(self.OPTIONS)}")
+            raise ConfigurationError(
+                f"{self.url}: unknown S3 storage option(s) {sorted(unknown)}; known: {sorted(self.OPTIONS)}")
         self.part_size = max(5 * _MB, int(opts.get("part_size", 8 * _MB)))
         self.max_concurrency = max(1, int(opts.get("max_concurrency", 8)))
         import boto3
@@ -202,9 +203,9 @@ class S3Backend(Backend):
             resp = self.client.list_objects_v2(Bucket=self.bucket, Prefix=key, MaxKeys=1)
         except self.client.exceptions.ClientError as e:
             if e.response.get("Error", {}).get("Code") == "AccessDenied":
-                raise PermissionError(f"{self.url}/{rel}: access denied, and so is listing the run prefix, so a missing "
-                                      "object can't be told from a forbidden one: grant s3:ListBucket on the run "
-                                      "prefix (docs/deploy.md)") from error
+                raise PermissionError(f"{self.url}/{rel}: access denied, and so is listing the run prefix, so a "
+                                      "missing object can't be told from a forbidden one: grant s3:ListBucket on "
+                                      "the run prefix (docs/deploy.md)") from error
             raise  # transient (or other) trouble listing: the caller's retry decides
         return not any(o.get("Key") == key for o in resp.get("Contents", []))
 
@@ -241,7 +242,8 @@ class S3Backend(Backend):
         self.remaining(deadline)
         head = self.client.head_object(Bucket=self.bucket, Key=key, ChecksumMode="ENABLED")
         if head["ContentLength"] != source.size:
-            raise IntegrityError(f"{self.url}/{rel}: stored object is {head['ContentLength']} bytes, expected {source.size}")
+            raise IntegrityError(
+                f"{self.url}/{rel}: stored object is {head['ContentLength']} bytes, expected {source.size}")
         got = head.get("ChecksumCRC32C")
         if want is not None and not _same_checksum(got, want):
             raise IntegrityError(f"{self.url}/{rel}: the store reports crc32c {got!r} for the object, the bytes "
@@ -398,14 +400,16 @@ class S3Backend(Backend):
 class S3FsspecBackend(FsspecObjects, S3Backend):
     """``transport="fsspec"``: data through s3fs (bounded by s3fs's own buffering), the index still by boto3 CAS."""
 
-    verification = "object size; the bytes written to s3fs are the bytes hashed, each request's CRC32 checked by the server"
+    verification = ("object size; the bytes written to s3fs are the bytes hashed, each request's CRC32 checked by "
+                    "the server")
 
     def __init__(self, url: str, storage_options: dict[str, Any] | None = None) -> None:
         super().__init__(url, storage_options)
         import s3fs
 
         opts = self.storage_options
-        fs_opts: dict[str, Any] = {k: opts[k] for k in ("key", "secret", "token", "endpoint_url", "profile", "client_kwargs") if k in opts}
+        fs_opts: dict[str, Any] = {k: opts[k] for k in ("key", "secret", "token", "endpoint_url", "profile",
+                                                         "client_kwargs") if k in opts}
         fs_opts["config_kwargs"] = {"connect_timeout": self.timeout[0], "read_timeout": self.timeout[1],
                                     **(opts.get("config_kwargs") or {})}
         self.fs = s3fs.S3FileSystem(**fs_opts)

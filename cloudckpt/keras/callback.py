@@ -39,7 +39,8 @@ class CloudCheckpoint(keras.callbacks.ModelCheckpoint):
     and save decisions, and the same local files written by Keras' own save. In addition, after each save point the
     callback snapshots the file (a hard link into a staging directory outside the checkpoint folder) together with
     the full training state (model, optimizer and metric variables — those not already in a Keras 3 weights file
-    Keras just wrote — epoch, batch, best value) and hands it to a background thread that commits it to ``remote``; training never waits on the network. If uploads fall behind,
+    Keras just wrote — epoch, batch, best value) and hands it to a background thread that commits it to
+    ``remote``; training never waits on the network. If uploads fall behind,
     queued checkpoints that are not a new best are superseded. At the end of training the callback commits the final
     state and raises if it could not.
 

@@ -222,7 +222,8 @@ def read_state(directory: Path) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
     except (ValueError, RecursionError, OSError, EOFError, KeyError, zipfile.BadZipFile) as exc:
         raise IntegrityError(f"{directory}: unreadable resume state: {str(exc)[:200]}") from None
     if not isinstance(info, dict) or info.get("format") not in READABLE_FORMATS:
-        raise IntegrityError(f"{directory}: unknown resume state format {info.get('format') if isinstance(info, dict) else info!r}")
+        shown = info.get("format") if isinstance(info, dict) else info
+        raise IntegrityError(f"{directory}: unknown resume state format {shown!r}")
     return info, arrays
 
 
