@@ -243,4 +243,5 @@ def test_keras_resume_treats_the_index_as_input(tmp_path, figures, caplog):
         except Exception as exc:  # collect every failing case, then fail once with all of them
             failures.append(f"{case.name}: {type(exc).__name__}: {str(exc)[:300]}")
     figures["bad_inputs"]["keras-resume"] += len(KERAS_CORPUS)
-    assert not failures, f"{len(failures)} of {len(KERAS_CORPUS)} hostile Keras cases misbehaved:\n" + "\n".join(failures)
+    assert not failures, (f"{len(failures)} of {len(KERAS_CORPUS)} hostile Keras cases misbehaved:\n"
+                          + "\n".join(failures))
