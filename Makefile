@@ -13,7 +13,7 @@ LOWEST_TESTS ?= tests/test_store.py tests/test_cli.py tests/test_locks.py tests/
   tests/test_keras_callback.py::test_best_value_survives_a_restart \
   tests/test_keras_callback.py::test_mode_max_is_recorded_as_max_and_best_is_the_highest
 
-.PHONY: install demo test test-main test-lowest bench clean tools
+.PHONY: install demo lint test test-main test-lowest bench clean tools
 
 $(STAMP): pyproject.toml Makefile
 	test -x $(PY) || python3 -m venv $(VENV)
@@ -39,7 +39,12 @@ demo: $(STAMP)
 # The main suite on the newest versions, then the lowest-versions run (both are what CI runs: .ci/run).
 test: test-main test-lowest
 
-test-main: $(STAMP) tools
+# ruff over the whole tree, mypy (settings in pyproject.toml) over the package.
+lint: $(STAMP)
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/mypy cloudckpt
+
+test-main: $(STAMP) tools lint
 	$(PY) -m pytest -q $(PYTEST_ARGS)
 
 # The floors' own venv: the project at its lowest admitted versions, then the test tools constrained to them.

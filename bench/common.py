@@ -4,7 +4,6 @@ interleaved repetitions, result records and the machine description."""
 from __future__ import annotations
 
 import copy
-
 import importlib.metadata
 import logging
 import os

@@ -14,7 +14,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from .common import MiB, Ctx, Section, fmt_bytes, log, make_file
+from .common import Ctx, MiB, Section, fmt_bytes, log, make_file
 
 S3FS_IDLE = "import s3fs,sys; fs=s3fs.S3FileSystem(); fs.ls(sys.argv[1])"
 S3FS_PUT = ("import s3fs,sys; fs=s3fs.S3FileSystem(); fs.ls(sys.argv[1]); "

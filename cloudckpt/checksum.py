@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 from collections.abc import Callable
 from pathlib import Path
+from typing import Protocol
 
 import google_crc32c
 
@@ -50,6 +51,15 @@ def matches(path: str | Path, expected_crc32c: str | None, expected_sha256: str 
     return expected_sha256 is None or got["sha256"] == expected_sha256
 
 
+class WritableFile(Protocol):
+    """What :class:`HashingWriter` writes through to: a binary file that can restart from the beginning."""
+
+    def write(self, data: bytes, /) -> int: ...
+    def seek(self, offset: int, whence: int = 0, /) -> int: ...
+    def truncate(self, size: int | None = None, /) -> int: ...
+    def flush(self) -> None: ...
+
+
 class HashingWriter:
     """A write-only file that computes the crc32c of exactly the bytes written to it, in order (a client that
     restarts from the beginning seeks to 0: the file is truncated and the hash starts over).
@@ -62,13 +72,13 @@ class HashingWriter:
         '923eaa45'
     """
 
-    def __init__(self, f, progress: Callable[[int], None] | None = None) -> None:
+    def __init__(self, f: WritableFile, progress: Callable[[int], None] | None = None) -> None:
         self._f = f
         self._progress = progress
         self._crc = google_crc32c.Checksum()
         self.written = 0
 
-    def write(self, data) -> int:
+    def write(self, data: bytes) -> int:
         self._crc.update(data)
         self.written += len(data)
         if self._progress is not None:

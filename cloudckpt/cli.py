@@ -15,13 +15,17 @@ import re
 import sys
 import traceback
 from collections.abc import Callable
-from typing import Any
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import click
 
 from .errors import CloudCkptError, IntegrityError
 from .manifest import CheckpointEntry, Index
 from .redact import Redactor, ScrubFilter, is_secret_name, url_secrets
+
+if TYPE_CHECKING:
+    from .store import CheckpointStore
 
 URL_ENV = "CLOUDCKPT_REMOTE"
 _SELECTOR_RE = re.compile(r"^(best|latest|\d+|ckpt-[A-Za-z0-9-]+)$")
@@ -42,7 +46,8 @@ Exit codes: 0 ok, 1 other error, 2 usage, 3 nothing matches, 4 integrity failure
 
 def _parse_value(text: str) -> Any:
     """A ``-o KEY=VALUE`` value: a string as typed (``12e3``, ``null``, ``007`` stay strings: secrets are strings),
-    except ``true``/``false`` (booleans) and JSON objects, lists and quoted strings (``{...}``, ``[...]``, ``"true"``)."""
+    except ``true``/``false`` (booleans) and JSON objects, lists and quoted strings (``{...}``, ``[...]``,
+    ``"true"``)."""
     if text in ("true", "false"):
         return text == "true"
     if text[:1] in ("{", "[", '"'):
@@ -69,7 +74,7 @@ def _pairs(values: tuple[str, ...], what: str, convert: Callable[[str], Any], *,
     return out
 
 
-def _store(ctx: click.Context, url: str | None):
+def _store(ctx: click.Context, url: str | None) -> CheckpointStore:
     from .store import CheckpointStore
 
     url = url or os.environ.get(URL_ENV)
@@ -141,11 +146,15 @@ json_flag = click.option("--json", "as_json", is_flag=True, help="Machine-readab
 keep_flags = [
     click.option("--keep-best", type=click.IntRange(min=0), help="Keep the K best by the run's monitor."),
     click.option("--keep-last", type=click.IntRange(min=0), help="Keep the N most recent."),
-    click.option("--keep-every", type=click.IntRange(min=1), help="Keep every checkpoint whose epoch is a multiple of N."),
+    click.option("--keep-every", type=click.IntRange(min=1),
+                 help="Keep every checkpoint whose epoch is a multiple of N."),
 ]
 
 
-def with_keep(fn):
+F = TypeVar("F", bound=Callable[..., Any])
+
+
+def with_keep(fn: F) -> F:
     for opt in reversed(keep_flags):
         fn = opt(fn)
     return fn
@@ -153,8 +162,10 @@ def with_keep(fn):
 
 @click.group(epilog=EXAMPLES, context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 110})
 @click.option("--storage-option", "-o", "storage_options", multiple=True, metavar="KEY=VALUE",
-              help="Passed to the storage client (fsspec/boto3/google-cloud-storage), e.g. endpoint_url=..., verify_readback=true.")
-@click.option("--progress/--no-progress", default=None, help="Byte progress bars on stderr (default: only on a terminal).")
+              help="Passed to the storage client (fsspec/boto3/google-cloud-storage), "
+                   "e.g. endpoint_url=..., verify_readback=true.")
+@click.option("--progress/--no-progress", default=None,
+              help="Byte progress bars on stderr (default: only on a terminal).")
 @click.option("-v", "--verbose", count=True, help="-v: one line per save/commit/prune; -vv: debug.")
 @click.version_option(package_name="cloudckpt")
 @click.pass_context
@@ -207,7 +218,8 @@ def show_cmd(ctx: click.Context, selector: str, url: str | None, as_json: bool) 
 @click.option("--from", "url", help="Run URL (default: $CLOUDCKPT_REMOTE).")
 @click.option("--to", "to", default="checkpoint", show_default=True, type=click.Path(file_okay=False),
               help="Local directory to restore into (replaced only once everything verified).")
-@click.option("--fallback", is_flag=True, help="If the chosen checkpoint fails verification, take the newest older one that verifies.")
+@click.option("--fallback", is_flag=True,
+              help="If the chosen checkpoint fails verification, take the newest older one that verifies.")
 @json_flag
 @click.pass_context
 def pull_cmd(ctx: click.Context, selector: str, url: str | None, to: str, fallback: bool, as_json: bool) -> None:
@@ -228,7 +240,8 @@ def pull_cmd(ctx: click.Context, selector: str, url: str | None, to: str, fallba
 @click.option("--to", "url", help="Run URL (default: $CLOUDCKPT_REMOTE).")
 @click.option("--epoch", type=click.IntRange(min=0))
 @click.option("--step", type=click.IntRange(min=0))
-@click.option("--metric", "metrics", multiple=True, metavar="NAME=VALUE", help="A metric of this checkpoint (repeatable).")
+@click.option("--metric", "metrics", multiple=True, metavar="NAME=VALUE",
+              help="A metric of this checkpoint (repeatable).")
 @click.option("--monitor", help="The metric that ranks checkpoints (becomes the run's policy).")
 @click.option("--mode", type=click.Choice(["min", "max"]), help="Whether lower or higher --monitor is better.")
 @with_keep
@@ -330,7 +343,7 @@ def sync_cmd(ctx: click.Context, watch_dir: str, url: str | None, monitor: str |
     options = {k: v for k, v in dict(monitor=monitor, mode=mode, keep_best=keep_best, keep_last=keep_last,
                                      keep_every=keep_every).items() if v is not None}
     with _store(ctx, url) as store:
-        service = SyncService(store, watch_dir, settle=settle, poll=poll, name_pattern=name_pattern,
+        service = SyncService(store, Path(watch_dir), settle=settle, poll=poll, name_pattern=name_pattern,
                               push_options=options, exclusive=exclusive)
         service.run_forever(ready=lambda: click.echo(f"cloudckpt sync: watching {watch_dir} -> {store.url}", err=True))
         click.echo("cloudckpt sync: stopped", err=True)

@@ -127,13 +127,15 @@ class IndexKeeper:
             return
         if index.writer.generation != self.lease.generation or index.writer.id != self.lease.id:
             raise StaleWriterError(
-                f"{self.backend.url}: this writer ({self.lease.id}, generation {self.lease.generation}) was superseded by "
+                f"{self.backend.url}: this writer ({self.lease.id}, generation {self.lease.generation}) was "
+                "superseded by "
                 f"{index.writer.id} (generation {index.writer.generation}) since {index.writer.since.isoformat()}; "
                 "it stops writing to this run"
             )
 
     def update(self, change: Callable[[Index], Index | None], *, what: str = "update index") -> Index:
-        """Apply ``change`` (pure: Index -> new Index, or None for no change) with compare-and-swap; return the result."""
+        """Apply ``change`` (pure: Index -> new Index, or None for no change) with compare-and-swap; return the
+        result."""
         return self.apply(change, what=what).after
 
     def apply(self, change: Callable[[Index], Index | None], *, what: str = "update index") -> Update:

@@ -12,7 +12,7 @@ import json
 import math
 import re
 from datetime import datetime, timezone
-from typing import Annotated, Literal
+from typing import Annotated, Literal, TypeVar
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
@@ -22,7 +22,8 @@ SCHEMA_VERSION = 1
 INDEX_NAME = "index.json"
 MANIFEST_NAME = "_cloudckpt_manifest.json"
 TMP_MARK = ".cloudckpt-tmp-"  # prefix of files being written; never listed, removed by gc
-PROBE_DIR = "_cloudckpt_probe"  # a writer's conditional-write probe objects (backends/capabilities.py); gc removes leftovers
+# a writer's conditional-write probe objects (backends/capabilities.py); gc removes leftovers
+PROBE_DIR = "_cloudckpt_probe"
 MAX_FILES = 100_000
 MAX_FILE_SIZE = 2**50  # 1 PiB: anything larger is a corrupt or hostile index
 MAX_APPLIED_READ = 1024  # applied-update records an index may carry (writers keep far fewer: commit.MAX_APPLIED)
@@ -177,7 +178,7 @@ class Index(_Frozen):
     """The run's index. ``seq`` counts updates; ``checkpoints`` are in commit order (oldest first); ``applied``
     holds the last update of each of the most recent writer sessions (bounded; absent in older indexes)."""
 
-    schema_: Literal["cloudckpt/index"] = Field("cloudckpt/index", alias="schema")
+    schema_: Literal["cloudckpt/index"] = Field(default="cloudckpt/index", alias="schema")
     schema_version: int = SCHEMA_VERSION
     seq: Annotated[int, Field(ge=0)] = 0
     run: RunPolicy = RunPolicy()
@@ -192,7 +193,8 @@ class Index(_Frozen):
     @model_validator(mode="after")
     def _consistent(self) -> Index:
         if self.schema_version != SCHEMA_VERSION:
-            raise ValueError(f"unknown index schema_version {self.schema_version} (this cloudckpt reads {SCHEMA_VERSION})")
+            raise ValueError(
+                f"unknown index schema_version {self.schema_version} (this cloudckpt reads {SCHEMA_VERSION})")
         ids = [c.id for c in self.checkpoints]
         if len(set(ids)) != len(ids):
             raise ValueError("index lists a checkpoint id twice")
@@ -257,7 +259,8 @@ class Index(_Frozen):
     def with_writer(self, writer: WriterLease | None) -> Index:
         return self.model_copy(update={"writer": writer, "seq": self.seq + 1})
 
-    def _refreshed(self, checkpoints: tuple[CheckpointEntry, ...], *, latest: str | None, run: RunPolicy | None = None) -> Index:
+    def _refreshed(self, checkpoints: tuple[CheckpointEntry, ...], *, latest: str | None,
+                   run: RunPolicy | None = None) -> Index:
         run = run or self.run
         best = best_of(checkpoints, run.monitor, run.mode)
         return self.model_copy(
@@ -279,7 +282,7 @@ def best_of(checkpoints: tuple[CheckpointEntry, ...], monitor: str | None, mode:
 class Manifest(_Frozen):
     """A checkpoint's own manifest (``<run>/<id>/_cloudckpt_manifest.json``), written before the index lists it."""
 
-    schema_: Literal["cloudckpt/manifest"] = Field("cloudckpt/manifest", alias="schema")
+    schema_: Literal["cloudckpt/manifest"] = Field(default="cloudckpt/manifest", alias="schema")
     schema_version: int = SCHEMA_VERSION
     checkpoint: CheckpointEntry
 
@@ -288,11 +291,15 @@ class Manifest(_Frozen):
     @model_validator(mode="after")
     def _version(self) -> Manifest:
         if self.schema_version != SCHEMA_VERSION:
-            raise ValueError(f"unknown manifest schema_version {self.schema_version} (this cloudckpt reads {SCHEMA_VERSION})")
+            raise ValueError(
+                f"unknown manifest schema_version {self.schema_version} (this cloudckpt reads {SCHEMA_VERSION})")
         return self
 
 
-def _parse(model: type[BaseModel], data: bytes, what: str):
+M = TypeVar("M", bound=BaseModel)
+
+
+def _parse(model: type[M], data: bytes, what: str) -> M:
     try:
         return model.model_validate_json(data, strict=True)
     except ValidationError as e:

@@ -9,7 +9,8 @@ poller sees a notice:
 
 Pollers run on daemon threads with short timeouts, so they never slow training. They talk to the metadata server
 directly, never through a proxy named by ``http_proxy``/``HTTP_PROXY`` (a proxy's answer could hide a notice, and
-the IMDSv2 token must not leave the machine). The monotonic time of the notice is kept (:attr:`PreemptionWatch.notice_time`)
+the IMDSv2 token must not leave the machine). The monotonic time of the notice is kept
+(:attr:`PreemptionWatch.notice_time`)
 so a deadline counts from the notice, not from when training got round to it. They are started only when asked
 for, or with ``"auto"`` when the machine's DMI data (read from ``/sys``, no network) says it runs on that cloud.
 Endpoints come from arguments or the environment — ``CLOUDCKPT_AWS_METADATA_URL`` (default
@@ -117,10 +118,11 @@ def _get(url: str, headers: Mapping[str, str], timeout: float, method: str = "GE
         return exc.code, b""
 
 
-def check_aws(base: str, timeout: float, state: dict) -> str | None:
+def check_aws(base: str, timeout: float, state: dict[str, str]) -> str | None:
     """One IMDSv2 poll; a reason string when a spot interruption is scheduled."""
     if "token" not in state:
-        status, body = _get(f"{base}/latest/api/token", {"X-aws-ec2-metadata-token-ttl-seconds": "21600"}, timeout, "PUT")
+        status, body = _get(f"{base}/latest/api/token", {"X-aws-ec2-metadata-token-ttl-seconds": "21600"}, timeout,
+                            "PUT")
         if status != 200:
             return None
         state["token"] = body.decode()
@@ -137,7 +139,7 @@ def check_aws(base: str, timeout: float, state: dict) -> str | None:
     return f"AWS spot instance-action: {action}"
 
 
-def check_gce(base: str, timeout: float, state: dict) -> str | None:
+def check_gce(base: str, timeout: float, state: dict[str, str]) -> str | None:
     """One GCE metadata poll; a reason string when the instance is being preempted."""
     status, body = _get(f"{base}/computeMetadata/v1/instance/preempted", {"Metadata-Flavor": "Google"}, timeout)
     if status == 200 and body.strip().upper() == b"TRUE":
@@ -145,7 +147,7 @@ def check_gce(base: str, timeout: float, state: dict) -> str | None:
     return None
 
 
-def check_azure(base: str, timeout: float, state: dict) -> str | None:
+def check_azure(base: str, timeout: float, state: dict[str, str]) -> str | None:
     """One Azure Scheduled Events poll; a reason string when a Preempt event is scheduled."""
     status, body = _get(f"{base}/metadata/scheduledevents?api-version=2020-07-01", {"Metadata": "true"}, timeout)
     if status != 200:
@@ -279,7 +281,7 @@ class PreemptionWatch:
                 self._sigterm_at = time.monotonic()
 
     def _poll(self, cloud: str, base: str) -> None:
-        check, state = CHECKS[cloud], {}
+        check, state = CHECKS[cloud], dict[str, str]()
         interval = self.interval if self.interval is not None else DEFAULT_INTERVAL[cloud]
         failures = 0
         while not self._stop.is_set() and not self.event.is_set():

@@ -19,7 +19,8 @@ def byte_progress(total: int, desc: str, enabled: bool | None = None) -> Iterato
     from tqdm import tqdm
 
     lock = threading.Lock()
-    with tqdm(total=total, desc=desc, unit="B", unit_scale=True, unit_divisor=1024, file=sys.stderr, leave=False) as bar:
+    with tqdm(total=total, desc=desc, unit="B", unit_scale=True, unit_divisor=1024, file=sys.stderr,
+              leave=False) as bar:
 
         def advance(n: int) -> None:
             with lock:

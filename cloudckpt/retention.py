@@ -103,7 +103,8 @@ def policy_from(
     parts: list[Policy] = []
     if keep_best is not None:
         if not monitor:
-            raise ConfigurationError(f"keep_best needs a monitor (the metric to rank by). Received: keep_best={keep_best}, monitor={monitor!r}")
+            raise ConfigurationError("keep_best needs a monitor (the metric to rank by). "
+                                     f"Received: keep_best={keep_best}, monitor={monitor!r}")
         parts.append(KeepBest(keep_best, monitor, "max" if mode == "max" else "min"))
     if keep_last is not None:
         parts.append(KeepLast(keep_last))

@@ -58,14 +58,16 @@ def permanent_error(exc: BaseException, url: str) -> CloudCkptError | None:
     if isinstance(exc, CloudCkptError):
         return None
     if name in ("NoCredentialsError", "PartialCredentialsError", "DefaultCredentialsError", "CredentialRetrievalError"):
-        return AccessError(f"{url}: no usable credentials ({name}: {exc}); set AWS_* / GOOGLE_APPLICATION_CREDENTIALS or pass storage options")
+        return AccessError(f"{url}: no usable credentials ({name}: {exc}); "
+                           "set AWS_* / GOOGLE_APPLICATION_CREDENTIALS or pass storage options")
     if name in ("NoRegionError", "ProfileNotFound", "InvalidConfigError"):
         return AccessError(f"{url}: client configuration is incomplete ({name}: {exc})")
     if name == "RefreshError" and module.startswith("google"):
         return AccessError(f"{url}: credentials could not be refreshed ({exc})")
     code = _error_code(exc)
     if code in _ACCESS_CODES or isinstance(exc, PermissionError) or name in ("Forbidden", "Unauthorized"):
-        return AccessError(f"{url}: access denied ({code or name}: {exc}); the credentials lack permission for this run")
+        return AccessError(
+            f"{url}: access denied ({code or name}: {exc}); the credentials lack permission for this run")
     if code in _MISSING_BUCKET_CODES and "bucket" in str(exc).lower():
         return AccessError(f"{url}: no such bucket ({exc})")
     return None

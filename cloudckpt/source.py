@@ -26,7 +26,7 @@ import hashlib
 import logging
 import os
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import BinaryIO
 
@@ -96,12 +96,12 @@ class Source:
             self._counted = self._pos
         return data
 
-    def readinto(self, buf) -> int:
+    def readinto(self, buf: bytearray | memoryview) -> int:
         data = self.read(len(buf))
         buf[:len(data)] = data
         return len(data)
 
-    def blocks(self, size: int = BLOCK):
+    def blocks(self, size: int = BLOCK) -> Iterator[bytes]:
         """Yield the rest of the file in blocks of ``size`` bytes."""
         while block := self.read(size):
             yield block

@@ -7,12 +7,13 @@ pruned. Readers trust only the index, so a crash at any step leaves either the o
 
 from __future__ import annotations
 
+import builtins
 import logging
 import os
 import threading
 import time
 import uuid
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -23,7 +24,17 @@ from .backends import open_backend
 from .commit import IndexKeeper, OutcomeUnknownError, Update
 from .errors import CheckpointNotFoundError, ConfigurationError, IntegrityError
 from .garbage import plan_gc
-from .manifest import MANIFEST_NAME, CheckpointEntry, Index, Manifest, RunPolicy, WriterLease, dump, parse_manifest, utcnow
+from .manifest import (
+    MANIFEST_NAME,
+    CheckpointEntry,
+    Index,
+    Manifest,
+    RunPolicy,
+    WriterLease,
+    dump,
+    parse_manifest,
+    utcnow,
+)
 from .progress import byte_progress
 from .restore import pull_into
 from .retention import Record, plan_prune, policy_from
@@ -103,7 +114,8 @@ class CheckpointStore:
         if not url:
             raise ConfigurationError("no store URL given and $CLOUDCKPT_REMOTE is not set")
         if budget <= 0 or workers < 1:
-            raise ConfigurationError(f"budget must be > 0 and workers >= 1. Received: budget={budget}, workers={workers}")
+            raise ConfigurationError(
+                f"budget must be > 0 and workers >= 1. Received: budget={budget}, workers={workers}")
         self.backend = open_backend(url, storage_options)
         self.url = self.backend.url
         self.budget = budget
@@ -183,7 +195,8 @@ class CheckpointStore:
                 raise
             total = sum(e.size for e in entries)
             entry = CheckpointEntry(id=cid, epoch=epoch, step=step, created=utcnow(), metrics=metrics,
-                                    files=tuple(entries), size=total, writer=self.keeper.writer_id, meta=dict(meta or {}))
+                                    files=tuple(entries), size=total, writer=self.keeper.writer_id,
+                                    meta=dict(meta or {}))
             failpoints.hit("push.after_upload")
             manifest = dump(Manifest(checkpoint=entry))
             retry.run(lambda: self.backend.write_bytes(f"{cid}/{MANIFEST_NAME}", manifest), url=self.url,
@@ -216,7 +229,7 @@ class CheckpointStore:
         self._delete_checkpoints(pruned)
         return entry
 
-    def _apply(self, change, *, what: str) -> Update:
+    def _apply(self, change: Callable[[Index], Index | None], *, what: str) -> Update:
         """One index update; when its outcome can't be known, still delete what it pruned that is no longer listed
         (a checkpoint once unlisted is never listed again), then raise."""
         try:
@@ -225,7 +238,7 @@ class CheckpointStore:
             self._delete_checkpoints(exc.gone)
             raise
 
-    def _discard_upload(self, cid: str, rels: list[str]) -> None:
+    def _discard_upload(self, cid: str, rels: builtins.list[str]) -> None:
         """Best effort after a failed upload: remove what this push stored (gc removes anything left)."""
         try:
             self.backend.delete([f"{cid}/{rel}" for rel in rels])
@@ -241,7 +254,7 @@ class CheckpointStore:
         return plan_prune(_records(index), policy, always=always)  # type: ignore[arg-type]
 
     def prune(self, *, keep_best: int | None = None, keep_last: int | None = None, keep_every: int | None = None,
-              dry_run: bool = False) -> list[CheckpointEntry]:
+              dry_run: bool = False) -> builtins.list[CheckpointEntry]:
         """Delete what retention doesn't keep (the given keep-* settings, else the run's policy); return it.
 
         The index is updated first, then the objects are deleted; the latest, best, pinned and in-flight
@@ -279,7 +292,8 @@ class CheckpointStore:
 
     # --- restoring and checking -------------------------------------------------------------------------------
 
-    def pull(self, selector: str | int = "latest", to: str | Path = "checkpoint", *, fallback: bool = False) -> PullResult:
+    def pull(self, selector: str | int = "latest", to: str | Path = "checkpoint", *,
+             fallback: bool = False) -> PullResult:
         """Download a checkpoint into directory ``to``, verified, all or nothing.
 
         With ``fallback``, a checkpoint that fails verification is skipped for the newest older one that verifies.
@@ -314,10 +328,11 @@ class CheckpointStore:
                 finally:
                     self._hold(cand.id, False)
             else:
-                raise IntegrityError(f"{self.url}: no checkpoint at or before {chosen.id} verifies: " + "; ".join(errors))
+                raise IntegrityError(
+                    f"{self.url}: no checkpoint at or before {chosen.id} verifies: " + "; ".join(errors))
         raise CheckpointNotFoundError(f"{self.url}: {selector} kept being pruned while it was pulled")
 
-    def verify(self, selector: str | int | None = "latest", *, all: bool = False) -> list[VerifyResult]:
+    def verify(self, selector: str | int | None = "latest", *, all: bool = False) -> builtins.list[VerifyResult]:
         """Download and check every file (and the manifest) of one checkpoint, or of all with ``all=True``."""
         index = self.index()
         targets = list(index.checkpoints) if all else [index.resolve(selector if selector is not None else "latest")]
@@ -325,8 +340,8 @@ class CheckpointStore:
         for entry in targets:
             try:
                 rel = f"{entry.id}/{MANIFEST_NAME}"
-                manifest = parse_manifest(retry.run(lambda: self.backend.read_bytes(rel), url=self.url,
-                                                    what=f"read {rel}", budget=self.budget))
+                manifest = parse_manifest(retry.run(lambda: self.backend.read_bytes(rel),  # noqa: B023 (run here)
+                                                    url=self.url, what=f"read {rel}", budget=self.budget))
                 if manifest.checkpoint != entry:
                     raise IntegrityError(f"{entry.id}: its manifest differs from the index entry")
                 with byte_progress(entry.size, f"verify {entry.id}", self.progress) as advance:

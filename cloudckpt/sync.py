@@ -20,8 +20,8 @@ import logging
 import re
 import signal
 import threading
-from collections.abc import Callable
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 

@@ -17,13 +17,20 @@ from typing import TypeVar
 from . import retry
 from .backends import Backend
 from .checksum import StreamChecksums, file_checksums
-from .errors import (CloudCkptError, ConfigurationError, IntegrityError, SourceChangedError, TransferError,
-                     UnsafePathError)
+from .errors import (
+    CloudCkptError,
+    ConfigurationError,
+    IntegrityError,
+    SourceChangedError,
+    TransferError,
+    UnsafePathError,
+)
 from .manifest import FileEntry, check_relative_path
 from .source import Source
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
+R = TypeVar("R")
 Progress = Callable[[int], None]
 
 
@@ -136,7 +143,8 @@ def download_verified(backend: Backend, prefix: str, entries: Iterable[FileEntry
 
         verified = _read_listed(backend, rel, fetch, what="download", budget=budget)
         if verified is not None and verified != e.crc32c:
-            raise IntegrityError(f"{backend.url}/{rel}: checksum mismatch (stored crc32c {verified}, expected {e.crc32c})")
+            raise IntegrityError(
+                f"{backend.url}/{rel}: checksum mismatch (stored crc32c {verified}, expected {e.crc32c})")
         if verified is None or e.sha256:  # the client checked no crc32c as it streamed (or sha256 is wanted): hash
             _check_file(dest, e, f"{backend.url}/{rel}")
         moved.finish(e.size)
@@ -183,7 +191,8 @@ def verify_stored(backend: Backend, prefix: str, entries: Iterable[FileEntry], *
         if sums.size != e.size:
             raise IntegrityError(f"{backend.url}/{rel}: stored object is {sums.size} bytes, the index says {e.size}")
         if (e.crc32c and got["crc32c"] != e.crc32c) or (e.sha256 and got.get("sha256") != e.sha256):
-            raise IntegrityError(f"{backend.url}/{rel}: checksum mismatch (crc32c {got['crc32c']}, expected {e.crc32c})")
+            raise IntegrityError(
+                f"{backend.url}/{rel}: checksum mismatch (crc32c {got['crc32c']}, expected {e.crc32c})")
         moved.finish(e.size)
 
     _run_all(pool, one, entries)
@@ -221,7 +230,7 @@ def _check_file(dest: Path, e: FileEntry, where: str) -> None:
         raise IntegrityError(f"{where}: checksum mismatch (crc32c {got['crc32c']}, expected {e.crc32c})")
 
 
-def _run_all(pool: ThreadPoolExecutor, fn, items) -> list:
+def _run_all(pool: ThreadPoolExecutor, fn: Callable[[T], R], items: Iterable[T]) -> list[R]:
     """Run ``fn`` over ``items`` in ``pool``; wait for all, then raise the first error (no stray threads left) or
     return the results in order."""
     futures = [pool.submit(fn, item) for item in items]

@@ -53,7 +53,7 @@ class Job:
     path: Path
     push_args: dict[str, Any]
     protected: bool = False
-    prepare: Callable[[Path], None] | None = None
+    prepare: Callable[[Path], object] | None = None
     seq: int = 0
     entry: CheckpointEntry | None = None
     error: BaseException | None = None
@@ -145,7 +145,8 @@ class Uploader:
             Default None.
     """
 
-    def __init__(self, store: CheckpointStore, *, on_commit: Callable[[CheckpointEntry, Job], None] | None = None) -> None:
+    def __init__(self, store: CheckpointStore, *,
+                 on_commit: Callable[[CheckpointEntry, Job], None] | None = None) -> None:
         self.store = store
         self.on_commit = on_commit
         self._queue: deque[Job] = deque()
@@ -164,7 +165,7 @@ class Uploader:
     # --- training thread ---------------------------------------------------------------------------------------
 
     def submit(self, path: Path, push_args: dict[str, Any], *, protected: bool = False,
-               prepare: Callable[[Path], None] | None = None) -> Job:
+               prepare: Callable[[Path], object] | None = None) -> Job:
         """Queue the staged directory ``path`` (now owned by the uploader); return its job. Never blocks on I/O.
 
         ``prepare(path)``, if given, runs on the uploader's thread just before the push (e.g. to write files from

@@ -11,6 +11,7 @@ import argparse
 import os
 
 from _digits import digits, get_model
+
 from cloudckpt.keras import CloudCheckpoint
 
 parser = argparse.ArgumentParser()

@@ -12,8 +12,8 @@ import glob
 import os
 
 import keras
-
 from _digits import digits, get_model
+
 from cloudckpt.keras import CloudCheckpoint
 
 parser = argparse.ArgumentParser()

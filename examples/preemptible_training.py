@@ -14,8 +14,8 @@ import os
 
 import keras
 import tensorflow as tf
-
 from _digits import digits, get_model
+
 from cloudckpt.keras import CloudCheckpoint
 
 

@@ -21,8 +21,8 @@ if os.environ.get("KERAS_BACKEND") in ("jax", "torch"):
     # import it (~10 s of CPU) only to seed it, and nothing here uses it.
     sys.modules.setdefault("tensorflow", None)
 
-import numpy as np  # noqa: E402
 import keras  # noqa: E402
+import numpy as np  # noqa: E402
 from sklearn.datasets import load_digits  # noqa: E402
 
 from cloudckpt.keras import CloudCheckpoint  # noqa: E402
@@ -159,7 +159,8 @@ def main(argv=None):
                            preemption=args.preemption, preemption_deadline=args.deadline,
                            preemption_endpoints=json.loads(args.endpoints) if args.endpoints else None)
     # Steps first: a step is reported before the checkpoint callback may stop the process at it
-    callbacks = [Steps(ckpt, args.kill_at, args.signal, not args.no_wait_commit)] + ([] if args.no_checkpoint else [ckpt])
+    callbacks = ([Steps(ckpt, args.kill_at, args.signal, not args.no_wait_commit)]
+                 + ([] if args.no_checkpoint else [ckpt]))
     model.fit(x, y, batch_size=64 // shards, epochs=args.epochs, validation_split=0.2, shuffle=args.shuffle, verbose=0,
               callbacks=callbacks)
     if not args.no_checkpoint:

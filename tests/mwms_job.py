@@ -67,7 +67,8 @@ def main(argv=None) -> int:
     a = p.parse_args(argv)
     os.environ["TF_CONFIG"] = json.dumps({"cluster": {"worker": [f"127.0.0.1:{port}" for port in a.ports.split(",")]},
                                           "task": {"type": "worker", "index": a.index}})
-    logging.basicConfig(level=logging.INFO, format=f"w{a.index} %(relativeCreated)6d %(name)s %(levelname)s %(message)s")
+    logging.basicConfig(level=logging.INFO,
+                        format=f"w{a.index} %(relativeCreated)6d %(name)s %(levelname)s %(message)s")
 
     import keras
     import numpy as np

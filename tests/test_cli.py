@@ -63,7 +63,8 @@ def test_push_ls_show_pull_json_on_each_store(kind, request, ckpt, tmp_path):
     pulled = json.loads(proc.stdout)
     assert pulled["id"] == first["id"] and Path(pulled["path"]) == tmp_path / "out"
     assert (tmp_path / "out" / "model.weights.h5").read_bytes() == (ckpt / "model.weights.h5").read_bytes()
-    assert sorted(pulled["local_files"]) == sorted(str(tmp_path / "out" / p) for p in ("model.weights.h5", "opt/state.json"))
+    assert sorted(pulled["local_files"]) == sorted(str(tmp_path / "out" / p)
+                                                   for p in ("model.weights.h5", "opt/state.json"))
 
 
 def test_remote_from_environment_and_default_target(ckpt, tmp_path, local_url):
@@ -154,7 +155,8 @@ def test_help_shows_examples_and_exit_codes():
 
 
 def test_cli_imports_without_tensorflow():
-    code = "import sys, cloudckpt.cli, cloudckpt.store; sys.exit(1 if 'tensorflow' in sys.modules or 'keras' in sys.modules else 0)"
+    code = ("import sys, cloudckpt.cli, cloudckpt.store; "
+            "sys.exit(1 if 'tensorflow' in sys.modules or 'keras' in sys.modules else 0)")
     assert subprocess.run([sys.executable, "-c", code], timeout=60).returncode == 0
 
 

@@ -313,5 +313,6 @@ def test_ci_restore_pull_racing_a_prune_resolves_again(module, proxy, bucket, tm
             result = store.pull("latest", to=tmp_path / "restored")
     assert newer and [c.id for c in CheckpointStore(url).list()] == [newer[0].id], "the race did not happen"
     assert result.entry.id == newer[0].id
-    assert (tmp_path / "restored" / "model.weights.h5").read_bytes() == (tmp_path / "b" / "model.weights.h5").read_bytes()
+    restored = (tmp_path / "restored" / "model.weights.h5").read_bytes()
+    assert restored == (tmp_path / "b" / "model.weights.h5").read_bytes()
     assert any(d[2] == "missing key without s3:ListBucket" for d in enforcer.denied)

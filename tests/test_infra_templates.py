@@ -237,7 +237,8 @@ def _spec(script: str, **env: str) -> subprocess.CompletedProcess:
     return subprocess.run(["bash", "-c", code], env={**clean, **env}, capture_output=True, text=True, timeout=30)
 
 
-@pytest.mark.parametrize("script,extras", [("aws/spot-user-data.sh", "s3,keras"), ("gcp/spot-startup-script.sh", "gcs,keras")])
+@pytest.mark.parametrize("script,extras", [("aws/spot-user-data.sh", "s3,keras"),
+                                           ("gcp/spot-startup-script.sh", "gcs,keras")])
 def test_vm_scripts_install_cloudckpt_from_a_pinned_commit(script, extras):
     url = "https://git.example.com/ml/cloudckpt.git"
     ok = _spec(script, CLOUDCKPT_REPO_URL=url, CLOUDCKPT_REF=SHA, CLOUDCKPT_EXTRAS=extras)

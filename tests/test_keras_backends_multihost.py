@@ -9,7 +9,6 @@ import importlib.util
 import re
 import signal
 import socket
-import subprocess
 import sys
 from pathlib import Path
 

@@ -327,7 +327,8 @@ def test_mode_max_is_recorded_as_max_and_best_is_the_highest(tmp_path):
 
 
 def test_a_new_runs_first_log_line_says_it_has_no_checkpoint(tmp_path, caplog):
-    """The callback's claim writes an index with no checkpoint: that is a new run, not a store of foreign checkpoints."""
+    """The callback's claim writes an index with no checkpoint: that is a new run, not a store of foreign
+    checkpoints."""
     import logging
 
     src = tmp_path / "src"

@@ -10,7 +10,7 @@ import re
 import signal
 import subprocess
 import sys
-from functools import lru_cache
+from functools import cache
 from pathlib import Path
 
 import numpy as np
@@ -67,7 +67,7 @@ def run_until(tmp: Path, step: int, sig: int, *args: str) -> Run:
     return finish(proc, "".join(out))
 
 
-@lru_cache(maxsize=None)
+@cache
 def baseline(shuffle: bool, tmp: str) -> tuple[list[np.ndarray], dict]:
     args = ["--no-checkpoint", "--remote", "unused", "--filepath", "m.keras", "--out", f"{tmp}/base-{shuffle}.npz"]
     r = run(Path(tmp), *args, *(["--shuffle"] if shuffle else []))

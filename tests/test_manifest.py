@@ -49,7 +49,8 @@ def test_roundtrip_and_best_latest_follow_updates():
     (lambda d: d["checkpoints"][0]["files"][0].update(crc32c="xyz"), "crc32c"),
     (lambda d: d["checkpoints"][0].update(epoch="3"), "epoch"),
     (lambda d: d["checkpoints"][0].update(files=[]), "no files"),
-    (lambda d: d["checkpoints"][0]["files"].append({"path": "w.bin/x", "size": 0, "crc32c": "00000000"}), "also a directory"),
+    (lambda d: d["checkpoints"][0]["files"].append({"path": "w.bin/x", "size": 0, "crc32c": "00000000"}),
+     "also a directory"),
     (lambda d: d.update(extra_field=1), "extra"),
 ])
 def test_malformed_indexes_are_integrity_errors(mutate, message):

@@ -47,7 +47,8 @@ class Metadata:
                     if self.headers.get("X-aws-ec2-metadata-token") != owner.token:
                         return self._send(401)
                     if owner.notice:
-                        return self._send(200, json.dumps({"action": "terminate", "time": "2026-01-01T00:00:00Z"}).encode())
+                        notice = {"action": "terminate", "time": "2026-01-01T00:00:00Z"}
+                        return self._send(200, json.dumps(notice).encode())
                     return self._send(404)
                 if self.path == "/computeMetadata/v1/instance/preempted":
                     if self.headers.get("Metadata-Flavor") != "Google":
@@ -56,7 +57,8 @@ class Metadata:
                 if self.path.startswith("/metadata/scheduledevents"):
                     if self.headers.get("Metadata") != "true":
                         return self._send(400)
-                    events = [{"EventId": "1", "EventType": "Preempt", "ResourceType": "VirtualMachine"}] if owner.notice else []
+                    event = {"EventId": "1", "EventType": "Preempt", "ResourceType": "VirtualMachine"}
+                    events = [event] if owner.notice else []
                     return self._send(200, json.dumps({"DocumentIncarnation": 1, "Events": events}).encode())
                 self._send(404)
 
@@ -118,7 +120,8 @@ def test_aws_uses_an_imdsv2_token_and_renews_it(metadata):
 
 
 def test_unreachable_metadata_never_triggers_or_blocks():
-    watch = PreemptionWatch(["gce", "aws", "azure"], endpoints={c: "http://127.0.0.1:9" for c in ("gce", "aws", "azure")},
+    watch = PreemptionWatch(["gce", "aws", "azure"],
+                            endpoints={c: "http://127.0.0.1:9" for c in ("gce", "aws", "azure")},
                             interval=0.05, timeout=0.2)
     t0 = time.monotonic()
     watch.start()

@@ -15,7 +15,8 @@ import threading
 
 import pytest
 
-from cloudckpt import CheckpointStore, store as store_module
+from cloudckpt import CheckpointStore
+from cloudckpt import store as store_module
 from cloudckpt.backends import local as local_backend
 
 SIZE = 9 * 2**20 + 12345  # one file, above GCS's 8 MiB single-request limit: several blocks on every store

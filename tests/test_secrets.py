@@ -132,8 +132,8 @@ def every_command(t: Transcript, url: str, opts: list[str], tmp: Path, kind: str
     """push, ls, show, pull, verify, prune, gc and sync on one run, logged at -vv, JSON where offered."""
     v = ["-vv", *opts]
     for i in range(3):
-        t.run(*v, "push", str(make_source(tmp, f"{kind}-src{i}", nested=kind != "ftp")), "--to", url, "--epoch", str(i), "--metric",
-              f"val_loss={1 - i / 10}", "--monitor", "val_loss", "--json")
+        t.run(*v, "push", str(make_source(tmp, f"{kind}-src{i}", nested=kind != "ftp")), "--to", url,
+              "--epoch", str(i), "--metric", f"val_loss={1 - i / 10}", "--monitor", "val_loss", "--json")
     t.run(*v, "ls", url, "--json")
     t.run("-v", *opts, "ls", url)
     t.run(*v, "show", "latest", "--from", url, "--json")

@@ -17,11 +17,11 @@ import urllib.error
 import urllib.request
 
 import pytest
-
 import servers
+from reliability.faultproxy import FaultProxy
+
 from cloudckpt import CheckpointStore
 from cloudckpt.errors import IntegrityError, TransferError
-from reliability.faultproxy import FaultProxy
 
 MiB = 2**20
 BUDGET = 6.0

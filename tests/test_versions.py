@@ -7,10 +7,10 @@ from __future__ import annotations
 import subprocess
 import sys
 import textwrap
-import tomllib
 from pathlib import Path
 
 import pytest
+import tomllib
 from packaging.markers import Marker
 from packaging.requirements import Requirement
 
@@ -77,7 +77,7 @@ def test_an_older_keras_is_refused_at_import():
 def test_a_botocore_without_put_object_if_match_is_refused_with_exit_5():
     """A botocore whose S3 model lacks PutObject IfMatch (before 1.35.69) can't swap the index: the store refuses to
     open, naming the floor, instead of failing on the second commit."""
-    proc = _python(f"""
+    proc = _python("""
         import sys
         import botocore.loaders
         load = botocore.loaders.Loader.load_service_model

@@ -20,7 +20,8 @@ def open_backend(url: str, storage_options: dict[str, Any] | None = None) -> Bac
     through s3fs/gcsfs instead, the index still being swapped with the SDK's conditional write.
     """
     if not isinstance(url, str) or not url.strip():
-        raise ConfigurationError(f"a store URL is required (s3://bucket/prefix, gs://bucket/prefix or a local path). Received: {url!r}")
+        raise ConfigurationError("a store URL is required (s3://bucket/prefix, gs://bucket/prefix or a local path). "
+                                 f"Received: {url!r}")
     scheme = url.split("://", 1)[0].lower() if "://" in url else ""
     shown = redact_url(url)  # errors name the URL without its credentials
     try:
@@ -34,17 +35,20 @@ def open_backend(url: str, storage_options: dict[str, Any] | None = None) -> Bac
         if scheme in ("s3", "s3a"):
             from .s3 import S3Backend, S3FsspecBackend
 
-            return (S3FsspecBackend if transport == "fsspec" else S3Backend)("s3://" + url.split("://", 1)[1], storage_options)
+            s3_cls = S3FsspecBackend if transport == "fsspec" else S3Backend
+            return s3_cls("s3://" + url.split("://", 1)[1], storage_options)
         if scheme in ("gs", "gcs"):
             from .gcs import GCSBackend, GCSFsspecBackend
 
-            return (GCSFsspecBackend if transport == "fsspec" else GCSBackend)("gs://" + url.split("://", 1)[1], storage_options)
+            gcs_cls = GCSFsspecBackend if transport == "fsspec" else GCSBackend
+            return gcs_cls("gs://" + url.split("://", 1)[1], storage_options)
         from .generic import GenericBackend
 
         return GenericBackend(url, storage_options)
     except ImportError as e:
         extra = {"s3": "s3", "s3a": "s3", "gs": "gcs", "gcs": "gcs"}.get(scheme, "all")
-        raise ConfigurationError(f"{shown}: a client library is missing ({e.name}); pip install 'cloudckpt[{extra}]'") from e
+        raise ConfigurationError(
+            f"{shown}: a client library is missing ({e.name}); pip install 'cloudckpt[{extra}]'") from e
     except CloudCkptError:
         raise
     except (TypeError, ValueError) as e:

@@ -99,7 +99,7 @@ class Backend(ABC):
         none (the caller hashes the file)."""
 
     @abstractmethod
-    def read_stream(self, rel: str, sink: Callable[[bytes], None], *, deadline: float | None = None) -> None:
+    def read_stream(self, rel: str, sink: Callable[[bytes], object], *, deadline: float | None = None) -> None:
         """Feed the object's bytes to ``sink`` in blocks as they arrive, writing no file (memory stays bounded).
         FileNotFoundError when the object is missing; TimeoutError once ``deadline`` has passed."""
 
@@ -154,7 +154,7 @@ class Backend(ABC):
         IndexConflictError; return the new token. The index's :meth:`write_index` is this on ``index.json``."""
         raise NotImplementedError(f"{type(self).__name__} has no conditional write")
 
-    def check_access(self) -> None:
+    def check_access(self) -> None:  # noqa: B027 (an optional hook: no-op by default)
         """Raise AccessError/CheckpointNotFoundError early for a missing bucket or denied access (default: no-op)."""
 
     def check_uploaded(self, rel: str, crc32c: str) -> None:

@@ -93,7 +93,8 @@ def lock_problem(mount: Mount) -> str | None:
     if kind in ("nfs", "nfs4"):
         local = sorted(o for o in mount.options if o in _NFS_LOCAL)
         if local:
-            return f"it is on NFS ({mount.source}) mounted with {','.join(local)}, so file locks are local to this machine"
+            return (f"it is on NFS ({mount.source}) mounted with {','.join(local)}, "
+                    "so file locks are local to this machine")
     if kind == "fuse" or kind.startswith("fuse."):
         return (f"it is on a FUSE filesystem ({kind}, {mount.source}), whose file locks are local to this machine "
                 "(gcsfuse, s3fs and most FUSE mounts)")
@@ -130,13 +131,13 @@ def flock_problem(lock_file: Path) -> str | None:
             try:
                 fcntl.flock(first, fcntl.LOCK_EX)
             except OSError as e:
-                return f"flock fails there ({errno.errorcode.get(e.errno, e.errno)}: {e.strerror})"
+                return f"flock fails there ({errno.errorcode.get(e.errno or 0, e.errno)}: {e.strerror})"
             try:
                 fcntl.flock(second, fcntl.LOCK_EX | fcntl.LOCK_NB)
             except BlockingIOError:
                 return None
             except OSError as e:
-                return f"flock fails there ({errno.errorcode.get(e.errno, e.errno)}: {e.strerror})"
+                return f"flock fails there ({errno.errorcode.get(e.errno or 0, e.errno)}: {e.strerror})"
             return "flock there does not exclude: a second exclusive lock on the same file was granted"
         finally:
             os.close(second)

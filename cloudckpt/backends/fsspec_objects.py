@@ -12,8 +12,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from ..errors import IntegrityError
 from ..checksum import BLOCK
+from ..errors import IntegrityError
 from ..source import Source
 from .base import ObjectInfo, Progress
 
@@ -24,13 +24,15 @@ def _callback(progress: Progress | None) -> dict[str, Any]:
         return {}
     from fsspec.callbacks import Callback
 
+    report = progress  # narrowed to not-None for the class body
+
     class _Bytes(Callback):
         seen = 0
 
         def call(self, *args: Any, **kwargs: Any) -> None:
             delta, self.seen = self.value - self.seen, self.value
             if delta:
-                progress(delta)
+                report(delta)
 
     return {"callback": _Bytes()}
 
@@ -90,7 +92,7 @@ class FsspecObjects:
                  progress: Progress | None = None) -> None:
         self.fs.get_file(self._path(rel), str(local), **_callback(progress))
 
-    def read_stream(self, rel: str, sink: Callable[[bytes], None], *, deadline: float | None = None) -> None:
+    def read_stream(self, rel: str, sink: Callable[[bytes], object], *, deadline: float | None = None) -> None:
         with self.fs.open(self._path(rel), "rb", block_size=BLOCK, cache_type="none") as f:
             while block := f.read(BLOCK):
                 sink(block)

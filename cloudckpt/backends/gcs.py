@@ -17,9 +17,9 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from ..checksum import HashingWriter
 from ..errors import AccessError, ConfigurationError, IndexConflictError, IntegrityError
 from ..manifest import INDEX_NAME
-from ..checksum import HashingWriter
 from ..source import Source
 from .base import UNCHANGED, Backend, ObjectInfo, Progress
 from .fsspec_objects import FsspecObjects
@@ -50,7 +50,7 @@ class _Sink:
     """A write-only file for ``download_to_file`` that hands each block to ``sink`` (no restart: a sink can't take
     bytes back)."""
 
-    def __init__(self, sink: Callable[[bytes], None]) -> None:
+    def __init__(self, sink: Callable[[bytes], object]) -> None:
         self._sink = sink
 
     def write(self, data: bytes) -> int:
@@ -79,7 +79,8 @@ class GCSBackend(Backend):
         opts = self.storage_options
         unknown = set(opts) - self.OPTIONS
         if unknown:
-            raise ConfigurationError(f"{self.url}: unknown GCS storage option(s) {sorted(unknown)}; known: {sorted(self.OPTIONS)}")
+            raise ConfigurationError(
+                f"{self.url}: unknown GCS storage option(s) {sorted(unknown)}; known: {sorted(self.OPTIONS)}")
         self.chunk_size = max(1, int(opts.get("chunk_size", 64 * _MB)) // (256 * 1024)) * (256 * 1024)
         emulator = os.environ.get("STORAGE_EMULATOR_HOST")
         if emulator:
@@ -123,7 +124,8 @@ class GCSBackend(Backend):
             if known is not None and blob.generation == known:
                 return UNCHANGED, known
             try:
-                return blob.download_as_bytes(if_generation_match=blob.generation, timeout=self.timeout), blob.generation
+                data = blob.download_as_bytes(if_generation_match=blob.generation, timeout=self.timeout)
+                return data, blob.generation
             except (NotFound, PreconditionFailed):
                 continue  # replaced between the metadata read and the download: read again
         raise IndexConflictError(f"{self.url}: index keeps changing while being read")
@@ -161,7 +163,9 @@ class GCSBackend(Backend):
         left = self.remaining(deadline)
         if left is None:
             return DEFAULT_RETRY
-        return DEFAULT_RETRY.with_timeout(left) if hasattr(DEFAULT_RETRY, "with_timeout") else DEFAULT_RETRY.with_deadline(left)
+        if hasattr(DEFAULT_RETRY, "with_timeout"):
+            return DEFAULT_RETRY.with_timeout(left)
+        return DEFAULT_RETRY.with_deadline(left)
 
     def upload(self, source: Source, rel: str, *, deadline: float | None = None,
                progress: Progress | None = None) -> None:
@@ -180,14 +184,14 @@ class GCSBackend(Backend):
         self.check_uploaded(rel, want)
 
     def download(self, rel: str, local: Path, *, deadline: float | None = None,
-                 progress: Progress | None = None) -> str:
+                 progress: Progress | None = None) -> str | None:
         # google-cloud-storage streams to the file (gcsfs get_file grew RSS to most of the object's size here). Its
         # own hash check is skipped when the server sends no X-Goog-Hash header, so the bytes are hashed here as
         # they are written, and that crc32c is compared with the object's (its generation pinned) and returned.
         with open(local, "wb") as f:
             return self._fetch(rel, HashingWriter(f, progress), deadline)
 
-    def read_stream(self, rel: str, sink: Callable[[bytes], None], *, deadline: float | None = None) -> None:
+    def read_stream(self, rel: str, sink: Callable[[bytes], object], *, deadline: float | None = None) -> None:
         self._fetch(rel, HashingWriter(_Sink(sink)), deadline)
 
     def _fetch(self, rel: str, out: HashingWriter, deadline: float | None) -> str:
@@ -249,5 +253,6 @@ class GCSFsspecBackend(FsspecObjects, GCSBackend):
         import aiohttp
 
         timeout = aiohttp.ClientTimeout(total=None, sock_connect=self.timeout[0], sock_read=self.timeout[1])
-        self.fs = gcsfs.GCSFileSystem(**{k: opts[k] for k in ("token", "project") if k in opts}, requests_timeout=timeout)
+        self.fs = gcsfs.GCSFileSystem(**{k: opts[k] for k in ("token", "project") if k in opts},
+                                      requests_timeout=timeout)
         self.root = f"{self.bucket_name}/{self.prefix}" if self.prefix else self.bucket_name

@@ -9,7 +9,7 @@ import os
 import uuid
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 from filelock import FileLock
 
@@ -46,7 +46,7 @@ class LocalBackend(Backend):
     def _abs(self, rel: str) -> Path:
         return self.root.joinpath(*rel.split("/"))
 
-    def _write_atomic(self, target: Path, write) -> None:
+    def _write_atomic(self, target: Path, write: Callable[[BinaryIO], object]) -> None:
         target.parent.mkdir(parents=True, exist_ok=True)
         tmp = target.with_name(f"{TMP_MARK}{uuid.uuid4().hex}-{target.name}")
         try:
@@ -95,7 +95,7 @@ class LocalBackend(Backend):
         target = self._abs(rel)
         source.progress = progress
 
-        def copy(f) -> None:
+        def copy(f: BinaryIO) -> None:
             for block in source.blocks(BLOCK):
                 f.write(block)
 
@@ -113,7 +113,7 @@ class LocalBackend(Backend):
             self.read_stream(rel, out.write, deadline=deadline)
         return out.crc32c()
 
-    def read_stream(self, rel: str, sink: Callable[[bytes], None], *, deadline: float | None = None) -> None:
+    def read_stream(self, rel: str, sink: Callable[[bytes], object], *, deadline: float | None = None) -> None:
         with open(self._abs(rel), "rb") as src:
             while block := src.read(BLOCK):
                 sink(block)
@@ -126,7 +126,7 @@ class LocalBackend(Backend):
         self._write_atomic(self._abs(rel), lambda f: f.write(data))
 
     def list_objects(self) -> list[ObjectInfo]:
-        out = []
+        out: list[ObjectInfo] = []
         if not self.root.is_dir():
             return out
         for dirpath, _dirs, files in os.walk(self.root):

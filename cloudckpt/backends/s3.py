@@ -20,7 +20,7 @@ import io
 import logging
 import threading
 from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor, wait
+from concurrent.futures import Future, ThreadPoolExecutor, wait
 from pathlib import Path
 from typing import Any
 
@@ -129,7 +129,8 @@ class S3Backend(Backend):
         opts = self.storage_options
         unknown = set(opts) - self.OPTIONS
         if unknown:
-            raise ConfigurationError(f"{self.url}: unknown S3 storage option(s) {sorted(unknown)}; known: {sorted(self.OPTIONS)}")
+            raise ConfigurationError(
+                f"{self.url}: unknown S3 storage option(s) {sorted(unknown)}; known: {sorted(self.OPTIONS)}")
         self.part_size = max(5 * _MB, int(opts.get("part_size", 8 * _MB)))
         self.max_concurrency = max(1, int(opts.get("max_concurrency", 8)))
         import boto3
@@ -202,9 +203,9 @@ class S3Backend(Backend):
             resp = self.client.list_objects_v2(Bucket=self.bucket, Prefix=key, MaxKeys=1)
         except self.client.exceptions.ClientError as e:
             if e.response.get("Error", {}).get("Code") == "AccessDenied":
-                raise PermissionError(f"{self.url}/{rel}: access denied, and so is listing the run prefix, so a missing "
-                                      "object can't be told from a forbidden one: grant s3:ListBucket on the run "
-                                      "prefix (docs/deploy.md)") from error
+                raise PermissionError(f"{self.url}/{rel}: access denied, and so is listing the run prefix, so a "
+                                      "missing object can't be told from a forbidden one: grant s3:ListBucket on "
+                                      "the run prefix (docs/deploy.md)") from error
             raise  # transient (or other) trouble listing: the caller's retry decides
         return not any(o.get("Key") == key for o in resp.get("Contents", []))
 
@@ -241,7 +242,8 @@ class S3Backend(Backend):
         self.remaining(deadline)
         head = self.client.head_object(Bucket=self.bucket, Key=key, ChecksumMode="ENABLED")
         if head["ContentLength"] != source.size:
-            raise IntegrityError(f"{self.url}/{rel}: stored object is {head['ContentLength']} bytes, expected {source.size}")
+            raise IntegrityError(
+                f"{self.url}/{rel}: stored object is {head['ContentLength']} bytes, expected {source.size}")
         got = head.get("ChecksumCRC32C")
         if want is not None and not _same_checksum(got, want):
             raise IntegrityError(f"{self.url}/{rel}: the store reports crc32c {got!r} for the object, the bytes "
@@ -301,7 +303,7 @@ class S3Backend(Backend):
                 self._slots.release()
 
         pool = ThreadPoolExecutor(self.max_concurrency, thread_name_prefix="cloudckpt-s3-part")
-        futures = []
+        futures: list[Future[dict]] = []
         try:
             while not failed.is_set():
                 self._acquire_slot(deadline)
@@ -344,7 +346,7 @@ class S3Backend(Backend):
         return want
 
     def download(self, rel: str, local: Path, *, deadline: float | None = None,
-                 progress: Progress | None = None) -> str:
+                 progress: Progress | None = None) -> str | None:
         # One streaming GET written in 256 KiB blocks: bounded memory (s3fs get_file grew RSS past the object size
         # here), and no ranged GETs (which S3-compatible test servers serve by re-reading the whole object). Reads
         # of 1-8 MiB cost urllib3 extra buffer copies: 1 GiB took ~1.7x longer, ~2x the CPU (docs/benchmarks.md).
@@ -354,7 +356,7 @@ class S3Backend(Backend):
             self.read_stream(rel, out.write, deadline=deadline)
         return out.crc32c()
 
-    def read_stream(self, rel: str, sink: Callable[[bytes], None], *, deadline: float | None = None) -> None:
+    def read_stream(self, rel: str, sink: Callable[[bytes], object], *, deadline: float | None = None) -> None:
         for chunk in self._get(rel)["Body"].iter_chunks(256 * 1024):
             sink(chunk)
             self.remaining(deadline)
@@ -398,14 +400,16 @@ class S3Backend(Backend):
 class S3FsspecBackend(FsspecObjects, S3Backend):
     """``transport="fsspec"``: data through s3fs (bounded by s3fs's own buffering), the index still by boto3 CAS."""
 
-    verification = "object size; the bytes written to s3fs are the bytes hashed, each request's CRC32 checked by the server"
+    verification = ("object size; the bytes written to s3fs are the bytes hashed, each request's CRC32 checked by "
+                    "the server")
 
     def __init__(self, url: str, storage_options: dict[str, Any] | None = None) -> None:
         super().__init__(url, storage_options)
         import s3fs
 
         opts = self.storage_options
-        fs_opts = {k: opts[k] for k in ("key", "secret", "token", "endpoint_url", "profile", "client_kwargs") if k in opts}
+        fs_opts: dict[str, Any] = {k: opts[k] for k in ("key", "secret", "token", "endpoint_url", "profile",
+                                                         "client_kwargs") if k in opts}
         fs_opts["config_kwargs"] = {"connect_timeout": self.timeout[0], "read_timeout": self.timeout[1],
                                     **(opts.get("config_kwargs") or {})}
         self.fs = s3fs.S3FileSystem(**fs_opts)

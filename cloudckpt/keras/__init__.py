@@ -11,6 +11,6 @@ from ..versions import MIN_KERAS, require
 require("keras", _keras.__version__, MIN_KERAS, "ModelCheckpoint._should_save_model",
         ok=hasattr(_keras.callbacks.ModelCheckpoint, "_should_save_model"))
 
-from .callback import DEFAULT_STORE_DIR, EXIT_PREEMPTED, CloudCheckpoint
+from .callback import DEFAULT_STORE_DIR, EXIT_PREEMPTED, CloudCheckpoint  # noqa: E402 (after the version check)
 
 __all__ = ["CloudCheckpoint", "DEFAULT_STORE_DIR", "EXIT_PREEMPTED"]

@@ -14,9 +14,10 @@ from typing import Any
 import keras
 from keras import ops
 
+from ..manifest import CheckpointEntry
 from ..preemption import PreemptionWatch
 from ..store import CheckpointStore
-from ..uploader import Uploader, new_staging_dir, remove_staging, snapshot
+from ..uploader import Job, Uploader, new_staging_dir, remove_staging, snapshot
 from . import local_files as lf
 from . import resume as rs
 from . import trainers
@@ -38,7 +39,8 @@ class CloudCheckpoint(keras.callbacks.ModelCheckpoint):
     and save decisions, and the same local files written by Keras' own save. In addition, after each save point the
     callback snapshots the file (a hard link into a staging directory outside the checkpoint folder) together with
     the full training state (model, optimizer and metric variables — those not already in a Keras 3 weights file
-    Keras just wrote — epoch, batch, best value) and hands it to a background thread that commits it to ``remote``; training never waits on the network. If uploads fall behind,
+    Keras just wrote — epoch, batch, best value) and hands it to a background thread that commits it to
+    ``remote``; training never waits on the network. If uploads fall behind,
     queued checkpoints that are not a new best are superseded. At the end of training the callback commits the final
     state and raises if it could not.
 
@@ -108,13 +110,16 @@ class CloudCheckpoint(keras.callbacks.ModelCheckpoint):
         store_budget: seconds each store operation may retry for. Default 300.
     """
 
-    def __init__(self, filepath, monitor="val_loss", verbose=0, save_best_only=False, save_weights_only=False,
-                 mode="auto", save_freq="epoch", initial_value_threshold=None, *, remote: str | None = None,
+    best: float | None  # ModelCheckpoint's (its __init__ sets it; resume restores it)
+
+    def __init__(self, filepath: str, monitor: str = "val_loss", verbose: int = 0, save_best_only: bool = False,
+                 save_weights_only: bool = False, mode: str = "auto", save_freq: str | int = "epoch",
+                 initial_value_threshold: float | None = None, *, remote: str | None = None,
                  keep_best: int | None = 1, keep_last: int | None = 2, keep_every_n_epochs: int | None = None,
                  resume: bool = True, storage_options: dict | None = None, preemption: Any = "auto",
                  preemption_endpoints: dict | None = None, preemption_deadline: float = 25.0,
                  exit_on_preemption: bool = True, prune_local: bool = False, staging_dir: str | None = None,
-                 store_budget: float = 300.0):
+                 store_budget: float = 300.0) -> None:
         super().__init__(filepath, monitor=monitor, verbose=verbose, save_best_only=save_best_only,
                          save_weights_only=save_weights_only, mode=mode, save_freq=save_freq,
                          initial_value_threshold=initial_value_threshold)
@@ -150,6 +155,23 @@ class CloudCheckpoint(keras.callbacks.ModelCheckpoint):
         self._open = False  # a fit's uploader, watch and staging are live (on_train_end closes them)
         self._reset_run_state()
 
+    # --- what on_train_begin sets, for the hooks that run after it -------------------------------------------------
+
+    @property
+    def _trainer(self) -> trainers.TrainerAdapter:
+        assert self._adapter is not None, "set by on_train_begin"
+        return self._adapter
+
+    @property
+    def _store(self) -> CheckpointStore:
+        assert self.store is not None, "set by on_train_begin"
+        return self.store
+
+    @property
+    def _staging_dir(self) -> Path:
+        assert self._staging is not None, "set by on_train_begin"
+        return self._staging
+
     # --- fit lifecycle -----------------------------------------------------------------------------------------
 
     def _reset_run_state(self) -> None:
@@ -169,7 +191,7 @@ class CloudCheckpoint(keras.callbacks.ModelCheckpoint):
         self._epoch_rng: dict | None = None  # the host random generators at the start of this epoch
         self._rng_to_restore: tuple[dict, str] | None = None  # ... of the resumed epoch (arrays, key prefix)
 
-    def on_train_begin(self, logs=None):
+    def on_train_begin(self, logs: dict[str, Any] | None = None) -> None:
         self._close_interrupted_fit()
         self._reset_run_state()
         self.preempted = False
@@ -193,15 +215,15 @@ class CloudCheckpoint(keras.callbacks.ModelCheckpoint):
         self._watch = PreemptionWatch(self.preemption, endpoints=self.preemption_endpoints)
         self._watch.start()
 
-    def on_epoch_begin(self, epoch, logs=None):
+    def on_epoch_begin(self, epoch: int, logs: dict[str, Any] | None = None) -> None:
         super().on_epoch_begin(epoch, logs)
         self._epoch_in_progress = epoch
         if self._rng_to_restore is not None:  # the resumed epoch: draw its data order as the interrupted run did
-            self._adapter.randomness.restore(*self._rng_to_restore)
+            self._trainer.randomness.restore(*self._rng_to_restore)
             self._rng_to_restore = None
-        self._epoch_rng = self._adapter.randomness.capture(EPOCH_RNG)
+        self._epoch_rng = self._trainer.randomness.capture(EPOCH_RNG)
 
-    def on_train_batch_end(self, batch, logs=None):
+    def on_train_batch_end(self, batch: int, logs: dict[str, Any] | None = None) -> None:
         if self._skip_k and self._epoch_in_progress == self._skip_epoch and batch < self._skip_k:
             return  # a batch trained before the interruption, skipped now
         self._check_fatal()
@@ -209,7 +231,7 @@ class CloudCheckpoint(keras.callbacks.ModelCheckpoint):
         if self._watch is not None and self._watch.triggered:
             self._on_preemption(self._epoch_in_progress, batch, logs, epoch_done=False)
 
-    def on_epoch_end(self, epoch, logs=None):
+    def on_epoch_end(self, epoch: int, logs: dict[str, Any] | None = None) -> None:
         if self.preempted:
             return  # stopped mid-epoch: this is not a finished epoch
         self._check_fatal()
@@ -217,7 +239,7 @@ class CloudCheckpoint(keras.callbacks.ModelCheckpoint):
         if self._watch is not None and self._watch.triggered:
             self._on_preemption(epoch, None, logs, epoch_done=True)
 
-    def on_train_end(self, logs=None):
+    def on_train_end(self, logs: dict[str, Any] | None = None) -> None:
         try:
             if self._skip is not None:
                 self._skip.uninstall()
@@ -265,13 +287,13 @@ class CloudCheckpoint(keras.callbacks.ModelCheckpoint):
 
     # --- saving ------------------------------------------------------------------------------------------------
 
-    def _should_save_model(self, epoch, batch, logs, filepath):
+    def _should_save_model(self, epoch: int, batch: int | None, logs: dict[str, Any] | None, filepath: str) -> bool:
         decision = super()._should_save_model(epoch, batch, logs, filepath)
         if decision:
             self._saved_path = filepath
         return decision
 
-    def _save_model(self, epoch, batch, logs):
+    def _save_model(self, epoch: int, batch: int | None, logs: dict[str, Any] | None) -> None:
         t0 = time.perf_counter()
         self._saved_path = None
         path = self._get_file_path(epoch, batch, logs or {})
@@ -311,8 +333,8 @@ class CloudCheckpoint(keras.callbacks.ModelCheckpoint):
         # Copy what Keras' file lacks now (written on the uploader's thread). Every worker reads the same variables,
         # as a sync-on-read variable's read is a collective; non-chief workers then upload nothing.
         step, plan = self._step(), self._plan(saved if saved and "://" not in saved else None)
-        arrays = plan.capture(metrics=not epoch_done, to_host=self._adapter.to_host)
-        arrays.update(self._adapter.randomness.capture())
+        arrays = plan.capture(metrics=not epoch_done, to_host=self._trainer.to_host)
+        arrays.update(self._trainer.randomness.capture())
         if self._epoch_rng and not epoch_done:
             arrays.update(self._epoch_rng)
         if self.uploader is None:
@@ -329,7 +351,7 @@ class CloudCheckpoint(keras.callbacks.ModelCheckpoint):
             saved = None
             metrics.pop(self.monitor, None)  # a state-only checkpoint must never become the run's best
         self._seq += 1
-        job_dir = self._staging / f"job-{self._seq:06d}"
+        job_dir = self._staging_dir / f"job-{self._seq:06d}"
         snapshot({os.path.basename(saved): Path(saved)} if saved else {}, job_dir)
         info = {
             "epoch": epoch, "epoch_done": epoch_done, "batches_done": None if epoch_done else (batch or 0) + 1,
@@ -341,7 +363,7 @@ class CloudCheckpoint(keras.callbacks.ModelCheckpoint):
             "keras_version": keras.__version__,
         }
         layout = plan.layout
-        info["weights_file"] = os.path.basename(saved) if plan.covered else None
+        info["weights_file"] = os.path.basename(saved) if plan.covered and saved else None  # covered: saved is a file
         info["covered"] = plan.covered
         meta = {"kind": "model" if saved else "state", "batch": str(info["batches_done"] or 0),
                 "epoch_done": str(epoch_done).lower()}
@@ -360,10 +382,10 @@ class CloudCheckpoint(keras.callbacks.ModelCheckpoint):
                              prepare=lambda path: rs.write_state(path, arrays, layout, info))
         self._last_staged_step = step
 
-    def _on_commit(self, entry, job) -> None:
+    def _on_commit(self, entry: CheckpointEntry, job: Job) -> None:
         """Uploader thread: delete local files whose checkpoints retention removed from the store. Only files this
         fit's Keras wrote inside the callback's folder are candidates; the index only says which are still live."""
-        live = lf.live_files(self._root, self.store.list(), lf.keras_suffix(self.filepath))
+        live = lf.live_files(self._root, self._store.list(), lf.keras_suffix(self.filepath))
         with self._local_lock:
             paths = list(self._local_files)[:-1]  # never the most recent file
             doomed = [p for p in paths if os.path.abspath(p) not in live and lf.local_name(self._root, p)]
@@ -378,14 +400,16 @@ class CloudCheckpoint(keras.callbacks.ModelCheckpoint):
 
     # --- preemption --------------------------------------------------------------------------------------------
 
-    def _on_preemption(self, epoch: int, batch: int | None, logs, *, epoch_done: bool) -> None:
+    def _on_preemption(self, epoch: int, batch: int | None, logs: dict[str, Any] | None, *, epoch_done: bool) -> None:
         if self.preempted:
             return
         self.preempted = True
         # the deadline counts from the notice (recorded by the watch when it arrived), not from this batch boundary
-        self._notice_time = self._watch.notice_time or time.monotonic()
+        watch = self._watch
+        assert watch is not None  # only a triggered watch calls this
+        self._notice_time = watch.notice_time or time.monotonic()
         if self.uploader is None:  # a non-chief worker: nothing of ours to commit
-            log.warning("preemption (%s): stopping (not the chief: the chief commits)", self._watch.reason)
+            log.warning("preemption (%s): stopping (not the chief: the chief commits)", watch.reason)
             self.model.stop_training = True
             if self.exit_on_preemption:
                 self._cleanup()
@@ -397,7 +421,7 @@ class CloudCheckpoint(keras.callbacks.ModelCheckpoint):
         left = self.preemption_deadline - (time.monotonic() - self._notice_time)
         if left <= 0:  # the step outlasted the window: still commit what is in flight, for another window at most
             log.error("preemption (%s): the notice came %.2fs ago, %.2fs past the %gs deadline, before training "
-                      "reached a batch boundary; committing anyway", self._watch.reason,
+                      "reached a batch boundary; committing anyway", watch.reason,
                       self.preemption_deadline - left, -left, self.preemption_deadline)
         ok = self.uploader.flush(left if left > 0 else self.preemption_deadline)
         elapsed = time.monotonic() - self._notice_time
@@ -405,11 +429,11 @@ class CloudCheckpoint(keras.callbacks.ModelCheckpoint):
         if ok and self.uploader.last_job is not None and self.uploader.last_job.entry is not None:
             log.log(logging.ERROR if missed > 0 else logging.WARNING,
                     "preemption (%s): checkpoint %s at step %d committed %.2fs after the notice%s; stopping",
-                    self._watch.reason, self.uploader.last_job.entry.id, self._step(), elapsed,
+                    watch.reason, self.uploader.last_job.entry.id, self._step(), elapsed,
                     f": missed the {self.preemption_deadline:g}s deadline by {missed:.2f}s" if missed > 0 else "")
         else:
             log.error("preemption (%s): the checkpoint was NOT committed within %.0fs of the notice (%.2fs have "
-                      "passed); a restart resumes from the latest committed one", self._watch.reason,
+                      "passed); a restart resumes from the latest committed one", watch.reason,
                       self.preemption_deadline, elapsed)
         self.model.stop_training = True
         if self.exit_on_preemption:
@@ -428,12 +452,12 @@ class CloudCheckpoint(keras.callbacks.ModelCheckpoint):
     # --- resume ------------------------------------------------------------------------------------------------
 
     def _resume(self) -> None:
-        found = rs.pull_resumable(self.store, self._staging / "resume")
+        found = rs.pull_resumable(self._store, self._staging_dir / "resume")
         if found is None:
             return
         latest, pulled, info, arrays = found
         rs.restore_variables(self.model, info, arrays, pulled)
-        lf.restore_local_files(self.store, latest, pulled, self._staging / "best", self.filepath)
+        lf.restore_local_files(self._store, latest, pulled, self._staging_dir / "best", self.filepath)
         self.best = info.get("best")
         self.best_seen = info.get("best_seen")
         self._batches_seen_since_last_saving = info.get("batches_seen_since_last_saving", 0)
@@ -446,14 +470,14 @@ class CloudCheckpoint(keras.callbacks.ModelCheckpoint):
         if k:
             self._skip_epoch = info["epoch"]
 
-            def skipped_all(data):
+            def skipped_all(data: Any) -> None:
                 rs.restore_metrics(self.model, info, arrays, data)
-                self._adapter.randomness.restore(arrays)  # where the generators stood at the save point
+                self._trainer.randomness.restore(arrays)  # where the generators stood at the save point
 
-            self._skip = self._adapter.skip_batches(self.model, k, info.get("logs", {}), skipped_all)
+            self._skip = self._trainer.skip_batches(self.model, k, info.get("logs", {}), skipped_all)
             self.batches_skipped = self._skip_k = k
         log.info("resumed from %s (%s): epoch %d, %d batches into it, global step %d, best %s", latest.id,
-                 self.store.url, info["epoch"] + 1, k, info["global_step"], self.best)
+                 self._store.url, info["epoch"] + 1, k, info["global_step"], self.best)
         shutil.rmtree(pulled, ignore_errors=True)
 
 

@@ -126,7 +126,7 @@ def role_from_tf_config(tf_config: str | Mapping[str, Any] | None) -> WorkerRole
         try:
             tf_config = json.loads(tf_config)
         except ValueError as exc:
-            raise ConfigurationError(f"TF_CONFIG is not valid JSON: {exc}. Received: {tf_config[:200]!r}") from exc
+            raise ConfigurationError(f"TF_CONFIG is not valid JSON: {exc}. Received: {str(tf_config)[:200]!r}") from exc
     if not isinstance(tf_config, Mapping):
         raise ConfigurationError(f"TF_CONFIG must be a JSON object. Received: {tf_config!r}")
     task = tf_config.get("task") or {}

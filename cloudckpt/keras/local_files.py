@@ -73,8 +73,10 @@ def target_of(root: Path, name: Any, suffix: str | None) -> Path:
 
 def live_files(root: Path | None, entries: Iterable[Any], suffix: str | None) -> set[str]:
     """Absolute paths (inside ``root``) of the local files the listed ``entries`` name; unsafe names are ignored."""
-    live = set()
-    for entry in entries if root is not None else ():
+    live: set[str] = set()
+    if root is None:
+        return live
+    for entry in entries:
         try:
             live.add(str(target_of(root, entry.meta.get("local_file") or entry.meta.get("file"), suffix)))
         except UnsafePathError:

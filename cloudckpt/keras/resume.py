@@ -32,7 +32,6 @@ from pathlib import Path
 from typing import Annotated, Any, Literal
 
 import numpy as np
-
 from pydantic import BaseModel, ConfigDict, Field, Strict, ValidationError, field_validator
 
 from ..errors import ConfigurationError, IntegrityError
@@ -146,7 +145,8 @@ def write_state(directory: Path, arrays: Mapping[str, np.ndarray], layout: Mappi
     out = Path(directory) / STATE_DIR
     out.mkdir(parents=True, exist_ok=True)
     with open(out / VARIABLES, "wb") as f:
-        np.savez(f, **arrays)
+        named: dict[str, Any] = dict(arrays)  # savez's own keywords are typed too: a Mapping would not pass
+        np.savez(f, **named)
     doc = {"format": FORMAT, **info, "layout": dict(layout)}
     (out / STATE_JSON).write_text(json.dumps(doc, indent=1, default=float))
     return out
@@ -222,7 +222,8 @@ def read_state(directory: Path) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
     except (ValueError, RecursionError, OSError, EOFError, KeyError, zipfile.BadZipFile) as exc:
         raise IntegrityError(f"{directory}: unreadable resume state: {str(exc)[:200]}") from None
     if not isinstance(info, dict) or info.get("format") not in READABLE_FORMATS:
-        raise IntegrityError(f"{directory}: unknown resume state format {info.get('format') if isinstance(info, dict) else info!r}")
+        shown = info.get("format") if isinstance(info, dict) else info
+        raise IntegrityError(f"{directory}: unknown resume state format {shown!r}")
     return info, arrays
 
 

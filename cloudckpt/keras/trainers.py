@@ -131,7 +131,7 @@ class HostRandomness:
         """The generators' states now, as arrays."""
         version, internal, gauss = random.getstate()
         _kind, keys, pos, has_gauss, cached = np.random.get_state()
-        out = {"python": np.array([version, *internal], dtype=np.int64),
+        out: dict[str, np.ndarray] = {"python": np.array([version, *internal], dtype=np.int64),
                "python_gauss": np.array([] if gauss is None else [gauss], dtype=np.float64),
                "numpy_keys": np.array(keys, dtype=np.uint32),
                "numpy_pos": np.array([pos, has_gauss], dtype=np.int64),

@@ -202,8 +202,9 @@ class Explorer:
             src = self.work / f"src-{self.pushes}"
             src.mkdir(parents=True)
             (src / "model.bin").write_bytes(os.urandom(16 + self.pushes % 7))
-            fn = lambda: store.push(src, epoch=self.pushes, metrics={"val_loss": loss}, monitor="val_loss",
-                                    mode="min", keep_last=self.keep_last, keep_best=1)
+            def fn() -> object:
+                return store.push(src, epoch=self.pushes, metrics={"val_loss": loss}, monitor="val_loss",
+                                  mode="min", keep_last=self.keep_last, keep_best=1)
         elif kind == "prune":
             fn = store.prune
         elif kind == "claim":

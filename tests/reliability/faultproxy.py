@@ -287,7 +287,7 @@ class FaultProxy:
     def _error(kind: str, path: str) -> bytes:
         status, reason, code, message = _S3_BODIES[kind]
         if path.startswith(("/storage/", "/upload/", "/download/")) or path.startswith("/b/"):
-            body = ('{"error": {"code": %d, "message": "%s", "errors": [{"reason": "%s"}]}}'
+            body = ('{"error": {"code": %d, "message": "%s", "errors": [{"reason": "%s"}]}}'  # noqa: UP031 (JSON braces)
                     % (status, message, code)).encode()
             ctype = "application/json"
         else:

@@ -218,7 +218,8 @@ CORPUS: list[Case] = [
     Case("index nested 100k deep", lambda r: r.put_index(b"[" * 100_000)),
     Case("unknown schema_version 2", _set("schema_version", 2)),
     Case("schema_version as string", _set("schema_version", "1")),
-    Case("schema_version 1e400", lambda r: r.put_index(r.raw.replace(b'"schema_version":1', b'"schema_version":1e400'))),
+    Case("schema_version 1e400",
+         lambda r: r.put_index(r.raw.replace(b'"schema_version":1', b'"schema_version":1e400'))),
     Case("schema names a manifest", _set("schema", "cloudckpt/manifest")),
     Case("unknown top-level field", _set("owned", True)),
     Case("checkpoints is an object", _set("checkpoints", {"a": 1})),
@@ -242,7 +243,7 @@ CORPUS: list[Case] = [
     Case("enormous file count (100,001)", _many_files),
     Case("a file listed twice", _dup_file),
     Case("a file that is also a directory", _file_and_dir),
-    # --- files: sizes, checksums, hostile paths ------------------------------------------------------------------------
+    # --- files: sizes, checksums, hostile paths ---------------------------------------------------------------
     Case("negative file size", _set("file.size", -5)),
     Case("absurd file size 2**60", _set("file.size", 2**60)),
     Case("file size 1e400", lambda r: r.put_index(r.raw.replace(b'"size":', b'"size":1e400,"y":', 1))),
@@ -261,7 +262,7 @@ CORPUS: list[Case] = [
     Case("path '.'", _bad_path(".")),
     Case("path is the manifest's name", _bad_path(MANIFEST_NAME)),
     Case("path 2000 chars", _bad_path("p" * 2000)),
-    # --- a valid index over bad bytes ------------------------------------------------------------------------------------
+    # --- a valid index over bad bytes -------------------------------------------------------------------------
     Case("checksum mismatch (a byte flipped)", _flip_byte),
     Case("object truncated", _truncate_object),
     Case("object extended", _extend_object),
@@ -279,7 +280,7 @@ CORPUS: list[Case] = [
     Case("manifest unknown schema_version", _manifest_edit(lambda m: m.update(schema_version=7)), op="verify"),
     Case("manifest with a '..' path", _manifest_edit(lambda m: m["checkpoint"]["files"][0].update(path="../x")),
          op="verify"),
-    # --- the pull target -----------------------------------------------------------------------------------------------
+    # --- the pull target --------------------------------------------------------------------------------------
     Case("pull target is a symlink", _target_symlink, error=ConfigurationError, exit_code=5),
     Case("pull target is someone else's directory", _target_foreign_dir, error=ConfigurationError, exit_code=5),
     Case("pull target is a file", _target_is_file, error=ConfigurationError, exit_code=2),  # click checks --to: usage
@@ -376,7 +377,8 @@ KERAS_CORPUS: list[KerasCase] = [
               _state(lambda d: d.update(weights_file="../" * 40 + "etc/passwd")), skips_checkpoint=True),
     KerasCase("state's weights_file names a file the checkpoint lacks",
               _state(lambda d: d.update(weights_file="other.weights.h5")), skips_checkpoint=True),
-    KerasCase("state's initial_epoch is a string", _state(lambda d: d.update(initial_epoch="1")), skips_checkpoint=True),
+    KerasCase("state's initial_epoch is a string", _state(lambda d: d.update(initial_epoch="1")),
+              skips_checkpoint=True),
     KerasCase("state's batches_done is negative",
               _state(lambda d: d.update(epoch_done=False, batches_done=-3)), skips_checkpoint=True),
     KerasCase("state's layout is not a layout", _state(lambda d: d.update(layout={"model": 3})), skips_checkpoint=True),

@@ -89,7 +89,8 @@ NO_AWS_CREDENTIALS = {"AWS_ACCESS_KEY_ID": None, "AWS_SECRET_ACCESS_KEY": None, 
 def test_missing_aws_credentials_fail_at_once_with_exit_5(s3_url, tmp_path, figures):
     with CheckpointStore(s3_url) as store:
         store.push(_ckpt(tmp_path / "c"))
-    out = run(cli_cmd("pull", "latest", "--from", s3_url, "--to", str(tmp_path / "t")), env=env_with(**NO_AWS_CREDENTIALS))
+    out = run(cli_cmd("pull", "latest", "--from", s3_url, "--to", str(tmp_path / "t")),
+              env=env_with(**NO_AWS_CREDENTIALS))
     assert out.returncode == 5, out.stderr
     assert "credentials" in out.stderr and s3_url in out.stderr and out.stderr.count("\n") == 1
     out = run(cli_cmd("push", str(tmp_path / "c"), "--to", s3_url), env=env_with(**NO_AWS_CREDENTIALS))

@@ -171,7 +171,8 @@ def test_restore_refuses_escaping_paths_even_past_validation(local_url, tmp_path
 
 def test_cli_process_exit_codes_on_bad_runs(local_url, tmp_path, figures):
     """The same mapping through a real ``cloudckpt`` process: tampered index 4, no run 3, foreign target 5."""
-    from .procs import cli_cmd, run as run_proc
+    from .procs import cli_cmd
+    from .procs import run as run_proc
 
     good = valid_run(local_url, tmp_path / "src", tmp_path / "first")
     good.store.close()
@@ -242,4 +243,5 @@ def test_keras_resume_treats_the_index_as_input(tmp_path, figures, caplog):
         except Exception as exc:  # collect every failing case, then fail once with all of them
             failures.append(f"{case.name}: {type(exc).__name__}: {str(exc)[:300]}")
     figures["bad_inputs"]["keras-resume"] += len(KERAS_CORPUS)
-    assert not failures, f"{len(failures)} of {len(KERAS_CORPUS)} hostile Keras cases misbehaved:\n" + "\n".join(failures)
+    assert not failures, (f"{len(failures)} of {len(KERAS_CORPUS)} hostile Keras cases misbehaved:\n"
+                          + "\n".join(failures))

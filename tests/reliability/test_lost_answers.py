@@ -143,7 +143,10 @@ def test_writer_processes_racing_through_lost_index_answers_on_s3(writers, s3_ur
     of the index writes are carried out by the server and their answer dropped (a proxy resets the connection).
     Every run ends readable: every listed checkpoint verifies, latest pulls, nothing unlisted is left behind."""
     rounds = 12 if full else 5
-    index_put = lambda m, t: m == "PUT" and t.split("?")[0].endswith("/index.json")
+
+    def index_put(m: str, t: str) -> bool:
+        return m == "PUT" and t.split("?")[0].endswith("/index.json")
+
     with FaultProxy(s3_server.endpoint, rates={"drop_after": 0.5}, fault_filter=index_put, seed=writers) as proxy:
         env = env_with(AWS_ENDPOINT_URL=proxy.endpoint, AWS_ENDPOINT_URL_S3=proxy.endpoint)
         go = tmp_path / "go"

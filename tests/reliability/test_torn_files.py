@@ -20,6 +20,7 @@ import pytest
 
 from cloudckpt import CheckpointStore
 from cloudckpt.errors import CloudCkptError
+
 from .faultproxy import FaultProxy
 
 MiB = 2**20
