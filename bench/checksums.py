@@ -32,25 +32,32 @@ def _zlib(path: Path) -> None:
 
 
 def checksum_threads(ctx: Ctx, path: Path) -> list[str]:
-    """Names of the threads that ran ``file_checksums`` during a push and a verified pull called from this thread."""
-    import cloudckpt.transfer as transfer
+    """Names of the threads that hashed bytes during a push and a verified pull called from this thread: a push hashes
+    the bytes it sends as ``Source`` reads them, a pull hashes what ``HashingWriter`` writes."""
     from cloudckpt import CheckpointStore
+    from cloudckpt.checksum import HashingWriter
+    from cloudckpt.source import Source
 
-    seen: list[str] = []
-    real = transfer.file_checksums
+    seen: set[str] = set()
+    spied = [(Source, "read"), (Source, "readinto"), (HashingWriter, "write")]
+    originals = [getattr(cls, name) for cls, name in spied]
 
-    def spy(*args, **kwargs):
-        seen.append(threading.current_thread().name)
-        return real(*args, **kwargs)
+    def spy(real):
+        def call(*args, **kwargs):
+            seen.add(threading.current_thread().name)
+            return real(*args, **kwargs)
+        return call
 
-    transfer.file_checksums = spy
+    for (cls, name), real in zip(spied, originals):
+        setattr(cls, name, spy(real))
     try:
         with CheckpointStore(str(ctx.scratch / "checksum-run")) as store:
             store.push(path, epoch=1)
             store.pull("latest", to=ctx.scratch / "checksum-pulled")
     finally:
-        transfer.file_checksums = real
-    return sorted(set(seen))
+        for (cls, name), real in zip(spied, originals):
+            setattr(cls, name, real)
+    return sorted(seen)
 
 
 def run(ctx: Ctx) -> list[Section]:
@@ -82,9 +89,9 @@ def run(ctx: Ctx) -> list[Section]:
     sec.params = {"bytes": size, "threads_that_ran_checksums": threads}
     sec.notes.append(
         f"Checksums ran on threads {threads} during a push and a verified pull called from thread "
-        f"{threading.current_thread().name!r}: the store's I/O pool (transfer.checksum_all / download_verified), "
-        "never the caller's thread. In training, CloudCheckpoint hands the push to its uploader, so the training "
-        "thread never hashes.")
+        f"{threading.current_thread().name!r}: the store's I/O pool (Source reads on upload, HashingWriter on "
+        "download), never the caller's thread. In training, CloudCheckpoint hands the push to its uploader, so the "
+        "training thread never hashes.")
     log.info("  checksum threads: %s", threads)
     path.unlink()
     sec.seconds = round(time.monotonic() - t_start, 1)
