@@ -7,7 +7,6 @@ from typing import Any
 
 from ..errors import CloudCkptError, ConfigurationError
 from ..redact import Redactor, redact_url
-from ..retry import permanent_error
 from .base import Backend, ObjectInfo
 
 __all__ = ["Backend", "ObjectInfo", "open_backend"]
@@ -56,8 +55,4 @@ def open_backend(url: str, storage_options: dict[str, Any] | None = None) -> Bac
         secrets.add_options(storage_options or {})
         secrets.add_url(url)
         raise ConfigurationError(f"{shown}: bad storage options ({secrets.scrub(str(e))})") from e
-    except Exception as e:
-        typed = permanent_error(e, shown)
-        if typed is not None:
-            raise typed from e
-        raise
+

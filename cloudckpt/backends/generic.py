@@ -9,15 +9,23 @@ from typing import Any
 
 import fsspec
 
-from ..errors import IndexConflictError
+from ..errors import IndexConflictError, StoreError
 from ..manifest import INDEX_NAME
 from .base import UNCHANGED, Backend
 from .fsspec_objects import FsspecObjects
 
 
 class GenericBackend(FsspecObjects, Backend):
-    atomic = False
     verification = "object size"
+    kind = "fsspec"
+    OPTIONS = None  # passed to the fsspec filesystem, which refuses what it doesn't take
+
+    def translate(self, exc: Exception) -> BaseException | None:
+        """fsspec filesystems raise built-in errors (FileNotFoundError, PermissionError, OSError): those pass. Any
+        other error of an implementation's own library is a StoreError (its retries are the implementation's)."""
+        if type(exc).__module__ == "builtins":
+            return None
+        return StoreError(f"{self.url}: {type(exc).__name__}: {exc}")
 
     def __init__(self, url: str, storage_options: dict[str, Any] | None = None) -> None:
         super().__init__(url, storage_options)
