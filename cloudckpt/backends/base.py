@@ -25,7 +25,7 @@ from pathlib import Path
 from typing import Any
 
 from .. import retry
-from ..errors import CloudCkptError, ConfigurationError, IntegrityError
+from ..errors import CloudCkptError, ConfigurationError, IntegrityError, StoreError
 from ..redact import redact_url
 from ..source import Source
 
@@ -120,7 +120,19 @@ class Backend(ABC):
 
     def translate(self, exc: Exception) -> BaseException | None:
         """The typed error ``exc``, raised by this store's client library, stands for (see the module docstring);
-        None lets it through as it is (a built-in the contract names, or a programming error). Default: None."""
+        None lets it through as it is (a built-in the contract names, or a programming error). Default: a broken
+        connection or answer of the HTTP stack under the clients (urllib3, http.client) is a transient StoreError."""
+        import http.client
+
+        broken: tuple[type[Exception], ...] = (http.client.HTTPException,)
+        try:
+            import urllib3  # under boto3 and requests; not needed by a local store
+
+            broken += (urllib3.exceptions.HTTPError,)
+        except ImportError:
+            pass
+        if isinstance(exc, broken):
+            return StoreError(f"{self.url}: {type(exc).__name__}: {exc}", transient=True)
         return None
 
     # --- the index: read with a version token, write only if the token still holds -----------------------------

@@ -134,7 +134,7 @@ class GCSBackend(Backend):
         return f"{self.prefix}/{rel}" if self.prefix else rel
 
     def translate(self, exc: Exception) -> BaseException | None:
-        return _translate(exc, self.url)
+        return _translate(exc, self.url) or super().translate(exc)
 
     # --- index -------------------------------------------------------------------------------------------------
 

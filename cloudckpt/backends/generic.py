@@ -25,7 +25,7 @@ class GenericBackend(FsspecObjects, Backend):
         other error of an implementation's own library is a StoreError (its retries are the implementation's)."""
         if type(exc).__module__ == "builtins":
             return None
-        return StoreError(f"{self.url}: {type(exc).__name__}: {exc}")
+        return super().translate(exc) or StoreError(f"{self.url}: {type(exc).__name__}: {exc}")
 
     def __init__(self, url: str, storage_options: dict[str, Any] | None = None) -> None:
         super().__init__(url, storage_options)

@@ -148,7 +148,7 @@ class S3Backend(S3Uploads, Backend):
         return f"{self.prefix}/{rel}" if self.prefix else rel
 
     def translate(self, exc: Exception) -> BaseException | None:
-        return _translate(exc, self.url)
+        return _translate(exc, self.url) or super().translate(exc)
 
     # --- index -------------------------------------------------------------------------------------------------
 
@@ -265,3 +265,11 @@ class S3FsspecBackend(FsspecObjects, S3Backend):
         self.fs = s3fs.S3FileSystem(**fs_opts)
         self.fs.retries = 2  # botocore already retries each request; s3fs's own loop would multiply it
         self.root = f"{self.bucket}/{self.prefix}" if self.prefix else self.bucket
+
+    def translate(self, exc: Exception) -> BaseException | None:
+        """aiohttp's errors under s3fs (a dropped connection, a short answer) are worth a retry; then botocore's."""
+        import aiohttp
+
+        if isinstance(exc, aiohttp.ClientError):
+            return StoreError(f"{self.url}: {type(exc).__name__}: {exc}", transient=True)
+        return super().translate(exc)
