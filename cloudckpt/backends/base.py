@@ -119,9 +119,11 @@ class Backend(ABC):
                                      f"connect_timeout={connect!r}, read_timeout={read!r}")
 
     def translate(self, exc: Exception) -> BaseException | None:
-        """The typed error ``exc``, raised by this store's client library, stands for (see the module docstring);
-        None lets it through as it is (a built-in the contract names, or a programming error). Default: a broken
-        connection or answer of the HTTP stack under the clients (urllib3, http.client) is a transient StoreError."""
+        """The typed error that ``exc``, raised by this store's client library, stands for.
+
+        None lets ``exc`` through as it is: a built-in the contract names, or a programming error. Default: a broken
+        connection or answer of the HTTP stack under the clients (urllib3, http.client) is a transient StoreError.
+        """
         import http.client
 
         broken: tuple[type[Exception], ...] = (http.client.HTTPException,)
@@ -139,24 +141,31 @@ class Backend(ABC):
 
     @abstractmethod
     def read_index(self, known: Any = None) -> tuple[bytes | None, Any]:
-        """Return ``(bytes, token)``, ``(None, None)`` when the run has no index yet, or ``(UNCHANGED, known)`` when
-        the index is still at the ``known`` token (so a writer's cached copy needn't be downloaded or parsed)."""
+        """Return the index's ``(bytes, token)``.
+
+        ``(None, None)`` when the run has no index yet; ``(UNCHANGED, known)`` when the index is still at the ``known``
+        token (so a writer's cached copy needn't be downloaded or parsed).
+        """
 
     @abstractmethod
     def write_index(self, data: bytes, token: Any) -> Any:
-        """Replace the index if it is still at ``token`` (None: only if absent), else raise IndexConflictError;
-        return the new token."""
+        """Replace the index if it is still at ``token`` (None: only if absent); return the new token.
+
+        Raises IndexConflictError when the index is no longer at ``token``.
+        """
 
     # --- objects ------------------------------------------------------------------------------------------------
 
     @abstractmethod
     def upload(self, source: Source, rel: str, *, deadline: float | None = None,
                progress: Progress | None = None) -> None:
-        """Store the bytes of ``source`` at ``rel``, read from it once in order (it hashes what is read; a client's
-        retry may seek back and read again), and check what the store can check against ``source.crc32c()`` (see
-        :attr:`verification`): raise IntegrityError when the stored object differs. ``deadline``
-        (``time.monotonic()``): stop with TimeoutError once it has passed. ``progress(n)`` is told of bytes sent as
-        they go (negative when bytes are sent again)."""
+        """Store the bytes of ``source`` at ``rel`` and check them.
+
+        ``source`` is read once in order (it hashes what is read; a client's retry may seek back and read again);
+        what the store can check is compared with ``source.crc32c()`` (see :attr:`verification`): IntegrityError
+        when the stored object differs. ``deadline`` (``time.monotonic()``): stop with TimeoutError once it has
+        passed. ``progress(n)`` is told of bytes sent as they go (negative when bytes are sent again).
+        """
 
     @abstractmethod
     def download(self, rel: str, local: Path, *, deadline: float | None = None,

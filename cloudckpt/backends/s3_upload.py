@@ -179,26 +179,35 @@ class S3Uploads:
             if waiting:
                 raise TimeoutError("the transfer's wall-clock budget is spent")
             parts = [f.result() for f in futures]
-            complete: dict[str, Any] = {}
-            want = None
-            if self.send_checksums and self._full_object:
-                want = _b64(bytes.fromhex(source.crc32c()))
-                complete = {"ChecksumCRC32C": want, "ChecksumType": "FULL_OBJECT"}
-            elif self.send_checksums:
-                joined = b"".join(base64.b64decode(p["ChecksumCRC32C"]) for p in parts)
-                want = f"{_b64(google_crc32c.value(joined).to_bytes(4, 'big'))}-{len(parts)}"
+            want, complete = self._completion(parts, source)
             self.remaining(deadline)
             self.client.complete_multipart_upload(Bucket=self.bucket, Key=key, UploadId=upload_id,
                                                   MultipartUpload={"Parts": parts}, **complete)
         except BaseException:
-            pool.shutdown(wait=False, cancel_futures=True)
-            for f in futures:
-                if f.cancelled():  # never ran: its slot is still held
-                    self._slots.release()
-            try:
-                self.client.abort_multipart_upload(Bucket=self.bucket, Key=key, UploadId=upload_id)
-            except Exception as exc:  # the original error matters more; gc / the bucket's lifecycle rule clean up
-                log.debug("could not abort the multipart upload of %s (%s)", key, exc)
+            self._abort(key, upload_id, pool, futures)
             raise
         pool.shutdown(wait=False)
         return want
+
+    def _completion(self, parts: list[dict], source: Source) -> tuple[str | None, dict[str, Any]]:
+        """The object crc32c to expect (base64; None when no checksums are sent) and the checksum arguments of
+        CompleteMultipartUpload: the full-object crc32c of the bytes read, or (botocore < 1.36) none, the store
+        then reporting the composite of the part crc32cs."""
+        if self.send_checksums and self._full_object:
+            want = _b64(bytes.fromhex(source.crc32c()))
+            return want, {"ChecksumCRC32C": want, "ChecksumType": "FULL_OBJECT"}
+        if self.send_checksums:
+            joined = b"".join(base64.b64decode(p["ChecksumCRC32C"]) for p in parts)
+            return f"{_b64(google_crc32c.value(joined).to_bytes(4, 'big'))}-{len(parts)}", {}
+        return None, {}
+
+    def _abort(self, key: str, upload_id: str, pool: ThreadPoolExecutor, futures: list[Future[dict]]) -> None:
+        """After a failure: stop the parts not yet sent (releasing their slots) and abort the upload, best effort."""
+        pool.shutdown(wait=False, cancel_futures=True)
+        for f in futures:
+            if f.cancelled():  # never ran: its slot is still held
+                self._slots.release()
+        try:
+            self.client.abort_multipart_upload(Bucket=self.bucket, Key=key, UploadId=upload_id)
+        except Exception as exc:  # the original error matters more; gc / the bucket's lifecycle rule clean up
+            log.debug("could not abort the multipart upload of %s (%s)", key, exc)
