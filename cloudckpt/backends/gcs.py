@@ -77,7 +77,8 @@ def _translate(exc: Exception, url: str) -> BaseException | None:
         from google.cloud.storage.exceptions import DataCorruption, InvalidResponse
     except ImportError:  # google-cloud-storage < 3
         from google.resumable_media.common import DataCorruption, InvalidResponse
-    status = exc.response.status_code if isinstance(exc, InvalidResponse) else getattr(exc, "code", None)
+    status = getattr(exc.response, "status_code", None) if isinstance(exc, InvalidResponse) \
+        else getattr(exc, "code", None)
     if isinstance(exc, (auth.DefaultCredentialsError, auth.RefreshError)):
         return AccessError(f"{url}: no usable credentials ({type(exc).__name__}: {exc}); "
                            "set GOOGLE_APPLICATION_CREDENTIALS or pass the token storage option")
