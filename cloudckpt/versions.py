@@ -34,3 +34,5 @@ def require(name: str, installed: str, minimum: str, why: str, *, ok: bool = Tru
                              f"pip install '{name}>={minimum}'")
 #: the first torch whose ``torch.load(weights_only=True)`` can't be made to run code (CVE-2025-32434, fixed in 2.6)
 MIN_TORCH = "2.6"
+#: the first transformers whose Trainer reads every resume file with torch.load(weights_only=True) (rng_state too)
+MIN_TRANSFORMERS = "4.50"
