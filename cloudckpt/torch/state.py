@@ -24,14 +24,15 @@ STATE_FILE = "state.pt"
 _PLAIN = (type(None), bool, int, float, str, bytes, torch.dtype, torch.Size)
 
 
-def copy_to_cpu(state: Any, path: str = "state") -> Any:
-    """A copy of ``state`` whose tensors live in CPU memory and share nothing with the originals.
+def copy_to_cpu(state: Any, path: str = "state", *, copy: bool = True) -> Any:
+    """A copy of ``state`` whose tensors live in CPU memory and share nothing with the originals (with
+    ``copy=False``: only the check below, ``state`` is returned as it is).
 
     Raises:
         ConfigurationError: a leaf is neither a tensor nor plain data (its place in the tree is named).
     """
     if isinstance(state, torch.Tensor):
-        return state.detach().to("cpu", copy=True)
+        return state.detach().to("cpu", copy=True) if copy else state
     if isinstance(state, _PLAIN):
         return state
     if isinstance(state, Mapping):
@@ -39,10 +40,12 @@ def copy_to_cpu(state: Any, path: str = "state") -> Any:
         for k, v in state.items():
             if not isinstance(k, (str, int)):
                 raise ConfigurationError(f"{path}: keys must be str or int. Received: {k!r}")
-            out[k] = copy_to_cpu(v, f"{path}[{k!r}]")
-        return out
+            out[k] = copy_to_cpu(v, f"{path}[{k!r}]", copy=copy)
+        return out if copy else state
     if isinstance(state, (list, tuple)):
-        items = [copy_to_cpu(v, f"{path}[{i}]") for i, v in enumerate(state)]
+        items = [copy_to_cpu(v, f"{path}[{i}]", copy=copy) for i, v in enumerate(state)]
+        if not copy:
+            return state
         return items if isinstance(state, list) else tuple(items)
     raise ConfigurationError(
         f"{path}: only tensors, plain data (None, bool, int, float, str, bytes) and dicts/lists/tuples of them can "
