@@ -1,5 +1,6 @@
-"""A small, deterministic PyTorch training loop on generated data, checkpointed with cloudckpt.torch.CheckpointManager (run as a process
-by tests/test_torch_manager.py, killed and restarted with the same command).
+"""A small, deterministic PyTorch training loop on generated data, checkpointed with
+cloudckpt.torch.CheckpointManager (run as a process by tests/test_torch_manager.py, killed and restarted with the
+same command).
 
 Usage: torch_job.py REMOTE OUT [--epochs E] [--save-every N] [--step-delay S]
 
@@ -36,7 +37,8 @@ def main() -> None:
     x = torch.randn(1500, 64, generator=data)
     y = (x @ torch.randn(64, 10, generator=data)).argmax(1)
     xv, yv, xt, yt = x[:300], y[:300], x[300:], y[300:]
-    model = torch.nn.Sequential(torch.nn.Linear(64, 32), torch.nn.ReLU(), torch.nn.Dropout(0.2), torch.nn.Linear(32, 10))
+    model = torch.nn.Sequential(torch.nn.Linear(64, 32), torch.nn.ReLU(), torch.nn.Dropout(0.2),
+                                torch.nn.Linear(32, 10))
     opt = torch.optim.Adam(model.parameters(), lr=1e-2)
     sched = torch.optim.lr_scheduler.StepLR(opt, step_size=20, gamma=0.9)
     gen = torch.Generator().manual_seed(1)

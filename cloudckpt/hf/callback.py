@@ -103,7 +103,7 @@ class CloudCheckpointCallback(TrainerCallback):
         self.store = CheckpointStore(self.remote, budget=self.store_budget, **self.storage_options)
         self.store.claim()
         self._best = self._stored_best()
-        out = Path(args.output_dir)
+        out = Path(args.output_dir or ".")
         self._staging = new_staging_dir(self.staging_dir or os.environ.get("CLOUDCKPT_STAGING"), out)
         self.uploader = Uploader(self.store)
         self._watch = PreemptionWatch(self.preemption, endpoints=self.preemption_endpoints)
@@ -122,7 +122,7 @@ class CloudCheckpointCallback(TrainerCallback):
         if self.uploader is None or self._staging is None:
             return
         step = state.global_step
-        folder = Path(args.output_dir) / f"checkpoint-{step}"
+        folder = Path(args.output_dir or ".") / f"checkpoint-{step}"
         files = {p.relative_to(folder).as_posix(): p for p in folder.rglob("*")
                  if p.is_file() and p.name not in SKIPPED}
         job_dir = snapshot(files, self._staging / f"save-{step:010d}-{time.monotonic_ns()}")

@@ -14,8 +14,8 @@ from lightning.pytorch.plugins.io import TorchCheckpointIO
 from ..errors import CheckpointNotFoundError, IntegrityError
 from ..manifest import CheckpointEntry
 from ..store import CheckpointStore
-from ..uploader import Job, Uploader, new_staging_dir, remove_staging, snapshot
 from ..torch.state import copy_to_cpu, rng_state, set_rng_state
+from ..uploader import Job, Uploader, new_staging_dir, remove_staging, snapshot
 
 log = logging.getLogger(__name__)
 

@@ -11,6 +11,7 @@ from typing import Any
 
 import lightning.pytorch as pl
 from lightning.pytorch.callbacks import Callback, ModelCheckpoint
+from lightning.pytorch.utilities.exceptions import SIGTERMException
 
 from ..errors import ConfigurationError
 from ..preemption import PreemptionWatch
@@ -55,13 +56,20 @@ class CloudPreemption(Callback):
         self._stop()
 
     def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException) -> None:
+        # Lightning's own SIGTERM handler (it runs beside ours) raises SIGTERMException, an exit with status 0, at
+        # the end of a batch when the signal came after our check: checkpoint here instead, still at a boundary
+        if self._watch is not None and self._watch.triggered and isinstance(exception, SIGTERMException):
+            self._commit_and_exit(trainer)
         self._stop()
 
     def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any,
                            batch_idx: int) -> None:
+        if self._watch is not None and self._watch.triggered:
+            self._commit_and_exit(trainer)
+
+    def _commit_and_exit(self, trainer: pl.Trainer) -> None:
         watch = self._watch
-        if watch is None or not watch.triggered:
-            return
+        assert watch is not None
         notice = watch.notice_time or time.monotonic()
         folder = next((cb.dirpath for cb in trainer.checkpoint_callbacks
                        if isinstance(cb, ModelCheckpoint) and cb.dirpath), None) or trainer.default_root_dir
