@@ -154,3 +154,10 @@ def test_state_that_is_not_tensors_or_plain_data_is_refused_at_save(local_url):
     with CheckpointManager(local_url, preemption=None) as mgr:
         with pytest.raises(ValueError, match=r"state\['opt'\]"):
             mgr.save(1, {"opt": object()})
+
+
+def test_core_and_cli_import_no_framework():
+    code = ("import sys, cloudckpt, cloudckpt.cli, cloudckpt.store; "
+            "print(sorted({'torch', 'lightning', 'transformers', 'keras'} & set(sys.modules)))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=_env(), timeout=120)
+    assert out.returncode == 0 and out.stdout.strip() == "[]", out.stdout + out.stderr
