@@ -37,4 +37,4 @@ MIN_TORCH = "2.6"
 #: the first transformers whose Trainer reads every resume file with torch.load(weights_only=True) (rng_state too)
 MIN_TRANSFORMERS = "4.50"
 #: the first lightning whose CheckpointIO.load_checkpoint takes ``weights_only``
-MIN_LIGHTNING = "2.5"
+MIN_LIGHTNING = "2.6"
