@@ -46,6 +46,16 @@ def gcs_server():
     server.stop()
 
 
+@pytest.fixture(scope="session")
+def azure_server():
+    if servers.azurite_binary() is None:
+        pytest.skip("Azurite is not installed (node + `make tools` install it under .tools/azurite)")
+    server = servers.start_azurite()
+    servers.apply_env(servers.azure_env(server.endpoint))
+    yield server
+    server.stop()
+
+
 def _name(prefix: str) -> str:
     return f"{prefix}-{uuid.uuid4().hex[:12]}"
 
@@ -67,11 +77,19 @@ def gcs_url(gcs_server) -> str:
 
 
 @pytest.fixture
+def az_url(azure_server) -> str:
+    azure_server.revive()
+    container = _name("ckpt")
+    servers.make_azure_container(container)
+    return f"az://{container}/runs/r1"
+
+
+@pytest.fixture
 def local_url(tmp_path) -> str:
     return str(tmp_path / "store" / "runs" / "r1")
 
 
-@pytest.fixture(params=["local", "s3", "gcs"])
+@pytest.fixture(params=["local", "s3", "gcs", "az"])
 def store_url(request) -> str:
     """A fresh, empty run URL on each kind of store."""
     return request.getfixturevalue(f"{request.param}_url")
