@@ -90,6 +90,8 @@ def translate(exc: BaseException, where: str) -> BaseException | None:
         return TimeoutError(f"{where}: the store did not answer in time ({code})")
     if isinstance(exc, (ae.ServiceRequestError, ae.ServiceResponseError, ae.IncompleteReadError, ae.DecodeError)):
         return ConnectionError(f"{where}: connection failed ({code}: {type(exc).__name__})")
+    if status is None and isinstance(exc, ae.HttpResponseError):  # no answer: the body broke off mid-stream
+        return ConnectionError(f"{where}: the connection broke while reading an answer ({type(exc).__name__})")
     if status is not None and (status == 429 or status >= 500):
         return ConnectionError(f"{where}: the store answered {status} ({code}); worth a retry")
     return None
@@ -139,8 +141,9 @@ class AzureBackend(Backend):
         from azure.storage.blob import BlobServiceClient, ExponentialRetry
 
         client_kwargs: dict[str, Any] = {
-            # the SDK's default waits 15 s before its first retry; ours retries whole operations on top
-            "retry_policy": ExponentialRetry(initial_backoff=1, increment_base=2, retry_total=3),
+            # 3 attempts per request, as botocore "standard" (the default waits 15 s first); ours retry whole operations
+            "retry_policy": ExponentialRetry(initial_backoff=1, increment_base=2, retry_total=2,
+                                             random_jitter_range=1),
             "connection_timeout": self.timeout[0], "read_timeout": self.timeout[1],
             "max_single_get_size": _CHUNK, "max_chunk_get_size": _CHUNK,
             "max_single_put_size": self.block_size, "max_block_size": self.block_size,
