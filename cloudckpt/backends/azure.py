@@ -36,6 +36,7 @@ from ..errors import AccessError, ConfigurationError, IndexConflictError, Integr
 from ..manifest import INDEX_NAME
 from ..source import Source
 from .base import UNCHANGED, Backend, ObjectInfo, Progress
+from .s3 import _body  # a request body that tells ``progress`` of the bytes the client reads to send
 
 log = logging.getLogger(__name__)
 _MB = 2**20
@@ -240,10 +241,9 @@ class AzureBackend(Backend):
     @_translated
     def upload(self, source: Source, rel: str, *, deadline: float | None = None,
                progress: Progress | None = None) -> None:
-        source.progress = progress  # counts the bytes read (each read once; a client retry re-sends them)
         blob = self._blob(rel)
         if source.size <= self.block_size:
-            md5 = self._put(blob, source, deadline)
+            md5 = self._put(blob, source, deadline, progress)
             self.remaining(deadline)
             props = blob.get_blob_properties()
             stored_md5 = props.content_settings.content_md5
@@ -251,7 +251,7 @@ class AzureBackend(Backend):
                 raise IntegrityError(f"{self.url}/{rel}: stored object is {props.size} bytes, Content-MD5 "
                                      f"{bytes(stored_md5 or b'').hex()}; sent {source.size} bytes, MD5 {md5.hex()}")
         else:
-            sent = self._put_blocks(blob, source, deadline)
+            sent = self._put_blocks(blob, source, deadline, progress)
             self.remaining(deadline)
             committed = [(b.id, b.size) for b in blob.get_block_list("committed")[0]]
             size = blob.get_blob_properties().size
@@ -264,7 +264,7 @@ class AzureBackend(Backend):
         if not self._slots.acquire(timeout=self.remaining(deadline)):
             raise TimeoutError("the transfer's wall-clock budget is spent")
 
-    def _put(self, blob: Any, source: Source, deadline: float | None) -> bytes:
+    def _put(self, blob: Any, source: Source, deadline: float | None, progress: Progress | None) -> bytes:
         """One Put Blob from one read of the file, its MD5 checked by the service; return that MD5."""
         from azure.storage.blob import ContentSettings
 
@@ -273,13 +273,14 @@ class AzureBackend(Backend):
             data = source.read()
             md5 = hashlib.md5(data, usedforsecurity=False).digest()
             self.remaining(deadline)
-            blob.upload_blob(data, length=len(data), overwrite=True, max_concurrency=1,
+            blob.upload_blob(_body(data, progress), length=len(data), overwrite=True, max_concurrency=1,
                              content_settings=ContentSettings(content_md5=bytearray(md5)))
         finally:
             self._slots.release()
         return md5
 
-    def _put_blocks(self, blob: Any, source: Source, deadline: float | None) -> list[tuple[str, int]]:
+    def _put_blocks(self, blob: Any, source: Source, deadline: float | None,
+                    progress: Progress | None) -> list[tuple[str, int]]:
         """Blocks read in order from one pass over the file, staged in parallel, each with its Content-MD5; then the
         block list committed. Return ``[(block id, size)]`` as committed."""
         block_size = max(self.block_size, -(-source.size // _MAX_BLOCKS))
@@ -289,7 +290,7 @@ class AzureBackend(Backend):
             try:
                 md5 = hashlib.md5(data, usedforsecurity=False).digest()
                 block_id = f"{number:05d}-{md5.hex()}"  # every id of a blob has the same length
-                blob.stage_block(block_id, data, length=len(data), transactional_content_md5=md5)
+                blob.stage_block(block_id, _body(data, progress), length=len(data), transactional_content_md5=md5)
                 return block_id, len(data)
             except BaseException:
                 failed.set()
