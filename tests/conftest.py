@@ -51,6 +51,7 @@ def gcs_server():
 def azure_server():
     if servers.azurite_binary() is None:
         pytest.skip("Azurite is not installed (node + `make tools` install it under .tools/azurite)")
+    pytest.importorskip("azure.storage.blob", reason="the azure extra is not installed (pip install '.[azure]')")
     server = servers.start_azurite()
     servers.apply_env(servers.azure_env(server.endpoint))
     yield server

@@ -13,14 +13,13 @@ from pathlib import Path
 
 import pytest
 import servers
+from reliability.faultproxy import FaultProxy
 
 from cloudckpt import CheckpointStore
 from cloudckpt.backends import open_backend
 from cloudckpt.backends.azure import split_url
 from cloudckpt.errors import AccessError, ConfigurationError
 from cloudckpt.redact import Redactor
-
-from reliability.faultproxy import FaultProxy  # noqa: I001 (tests/ is on sys.path)
 
 MiB = 2**20
 CONN_ENV = "AZURE_STORAGE_CONNECTION_STRING"
