@@ -172,3 +172,33 @@ def test_redactor_masks_azure_key_fragments_it_was_never_told_of():
     for secret in ("Zm9vYmFyYmF6cXV4MTIzNDU2Nzg5MA", "QWxhZGRpbjpvcGVu", "YWJjZGVmZ2hpamtsbW5vcA", "c2lnbmF0dXJl"):
         assert secret not in out, out
     assert "AccountName=a" in out and "BlobEndpoint=https://a.blob.core.windows.net" in out
+
+
+def test_requests_fit_the_roles_of_terraform_azure_access(az_url, azure_server, tmp_path, monkeypatch):
+    """Every request cloudckpt makes, recorded at a proxy: restore (pull, ls, show, verify) only reads (GET/HEAD:
+    Storage Blob Data Reader), and training (claim, push, prune, gc) touches blobs only, never the container itself
+    (Storage Blob Data Contributor grants blob read/write/delete, not container writes)."""
+    seen: list[tuple[str, str]] = []
+    src = _ckpt(tmp_path / "src", {"w.bin": 2 * MiB + 1, "s.bin": 10})
+    with FaultProxy(azure_server.endpoint.rsplit("/", 1)[0], on_request=lambda m, t: seen.append((m, t))) as proxy:
+        monkeypatch.setenv(CONN_ENV, servers.azure_connection_string(f"{proxy.endpoint}/{servers.AZURITE_ACCOUNT}"))
+        with CheckpointStore(az_url, block_size=MiB) as store:
+            store.claim()
+            for epoch in range(3):
+                store.push(src, epoch=epoch, metrics={"val_loss": 1.0 / (epoch + 1)}, monitor="val_loss")
+            store.prune(keep_last=1)
+            store.gc(min_age=0)
+        training, seen[:] = list(seen), []
+        with CheckpointStore(az_url) as store:
+            store.list()
+            store.get("best")
+            store.pull("best", to=tmp_path / "out")
+            assert all(r.ok for r in store.verify(all=True))
+        restore = list(seen)
+    container = f"/{servers.AZURITE_ACCOUNT}/{_container(az_url)}"
+    assert training and restore
+    assert {m for m, _ in restore} <= {"GET", "HEAD"}, sorted({m for m, _ in restore})
+    for method, target in training:
+        path, _, query = target.partition("?")
+        assert path.startswith(container), target
+        assert not (path == container and method not in ("GET", "HEAD")), f"a container-level write: {target}"
