@@ -68,6 +68,7 @@ def test_default_azure_credential_when_no_key_or_sas_is_given(monkeypatch):
     backend = open_backend("abfs://ckpts@acct.dfs.core.windows.net/r")
     assert isinstance(backend.service.credential, DefaultAzureCredential)  # built lazily, no request made
     assert backend.service.account_name == "acct" and backend.service.url.startswith("https://acct.blob.core")
+    assert backend.url == "abfs://ckpts/r"  # shown without the host part, which would read as user info
     monkeypatch.delenv("AZURE_STORAGE_ACCOUNT_NAME", raising=False)
     with pytest.raises(ConfigurationError, match="no Azure storage account"):
         open_backend("az://ckpts/r")

@@ -137,6 +137,9 @@ class AzureBackend(Backend):
             raise ConfigurationError(f"{self.url}: Azure moves data with azure-storage-blob only. "
                                      f"Received: transport={opts['transport']!r}")
         self.container_name, self.prefix, account = split_url(url)
+        if account:  # container@account.dfs.core.windows.net: shown without the host (it reads as user info)
+            scheme = url.split("://", 1)[0]
+            self.url = f"{scheme}://{self.container_name}" + (f"/{self.prefix}" if self.prefix else "")
         self.block_size = max(1 * _MB, min(4000 * _MB, int(opts.get("block_size", 8 * _MB))))
         self.max_concurrency = max(1, int(opts.get("max_concurrency", 8)))
         from azure.storage.blob import BlobServiceClient, ExponentialRetry
