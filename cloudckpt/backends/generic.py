@@ -33,7 +33,7 @@ class GenericBackend(FsspecObjects, Backend):
         self.root = root.rstrip("/")
 
     def conditional_write_problem(self) -> str | None:
-        return "this store has no conditional write (use s3://, gs:// or a local path for atomic commits)"
+        return "this store has no conditional write (use s3://, gs://, az:// or a local path for atomic commits)"
 
     def read_index(self, known: Any = None) -> tuple[bytes | None, Any]:
         try:

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import base64
 import hashlib
-import io
 import logging
 import threading
 from collections.abc import Callable
@@ -23,6 +22,7 @@ import google_crc32c
 from ..errors import IntegrityError
 from ..source import Source
 from .base import Progress
+from .body import request_body as _body
 
 log = logging.getLogger(__name__)
 
@@ -37,41 +37,11 @@ def _same_checksum(got: str | None, want: str) -> bool:
     return got == want or ("-" in want and "-" not in got and got == want.partition("-")[0])
 
 
-class _Sending(io.BytesIO):
-    """A request body that tells ``progress`` of the bytes the client reads to send. A rewind (for a retry, or after
-    the client hashed the body to sign it) takes back what was read past the new position; a seek that only
-    measures the body (to its end and back) counts nothing."""
-
-    def __init__(self, data: bytes, progress: Progress) -> None:
-        super().__init__(data)
-        self._progress = progress
-        self._counted = 0  # bytes [0, _counted) have been reported
-
-    def read(self, n: int | None = -1) -> bytes:
-        data = super().read(n)
-        if self.tell() > self._counted:
-            self._progress(self.tell() - self._counted)
-            self._counted = self.tell()
-        return data
-
-    def seek(self, offset: int, whence: int = 0) -> int:
-        after = super().seek(offset, whence)
-        if after < self._counted:
-            self._progress(after - self._counted)
-            self._counted = after
-        return after
-
-
 def _name_the_checksum(request: Any, **kwargs: Any) -> None:
     """A request that carries its body's crc32c also names the algorithm (``x-amz-sdk-checksum-algorithm``, as
     botocore does for ``ChecksumAlgorithm``): some S3-compatible servers record the checksum only then."""
     if "x-amz-checksum-crc32c" in request.headers and "x-amz-sdk-checksum-algorithm" not in request.headers:
         request.headers["x-amz-sdk-checksum-algorithm"] = "CRC32C"
-
-
-def _body(data: bytes, progress: Progress | None) -> Any:
-    return data if progress is None else _Sending(data, progress)
-
 
 
 class S3Uploads:
