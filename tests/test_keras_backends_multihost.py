@@ -14,8 +14,8 @@ collective mismatch"), so the model-parallel runs here stop before step 22 (the 
 from __future__ import annotations
 
 import importlib.util
-import shutil
 import re
+import shutil
 import signal
 import socket
 import sys
