@@ -39,7 +39,8 @@ deadlock (gloo on the CPU fails with a collective mismatch or a timeout instead)
   at a save point (one process of a job that does not fit it would need per-shard files, e.g. Orbax).
 - Preemption: a notice (SIGTERM, a cloud's metadata) reaches one process, or each at its own batch. At every batch
   boundary (and epoch end) the processes agree whether any of them has one (:func:`jax_any`, an all-gather of one
-  flag), so all of them checkpoint at the same batch and stop; process 0 commits.
+  flag), so all of them checkpoint at the same batch and stop; process 0 commits. Measured ~8 ms per batch for two
+  processes over gloo on one loaded 2-core machine; nothing when ``preemption=None`` or on one process.
 
 With ``DataParallel`` every variable is replicated and nothing is gathered. Tested with two processes on the CPU
 (gloo): data parallel killed and resumed on one process; model parallel preempted by a SIGTERM to one process (both
