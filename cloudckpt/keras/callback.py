@@ -228,7 +228,7 @@ class CloudCheckpoint(keras.callbacks.ModelCheckpoint):
             return  # a batch trained before the interruption, skipped now
         self._check_fatal()
         super().on_train_batch_end(batch, logs)
-        if self._watch is not None and self._watch.triggered:
+        if self._preemption_agreed():
             self._on_preemption(self._epoch_in_progress, batch, logs, epoch_done=False)
 
     def on_epoch_end(self, epoch: int, logs: dict[str, Any] | None = None) -> None:
@@ -236,7 +236,7 @@ class CloudCheckpoint(keras.callbacks.ModelCheckpoint):
             return  # stopped mid-epoch: this is not a finished epoch
         self._check_fatal()
         super().on_epoch_end(epoch, logs)
-        if self._watch is not None and self._watch.triggered:
+        if self._preemption_agreed():
             self._on_preemption(epoch, None, logs, epoch_done=True)
 
     def on_train_end(self, logs: dict[str, Any] | None = None) -> None:
@@ -302,9 +302,10 @@ class CloudCheckpoint(keras.callbacks.ModelCheckpoint):
                 os.unlink(path)  # a snapshot still holds this inode: let Keras write a new file
         except FileNotFoundError:
             pass
-        super()._save_model(epoch, batch, logs)
-        self._stage(epoch, batch, logs or {}, saved=self._saved_path, epoch_done=batch is None,
-                    position=epoch + 1 if batch is None else epoch)
+        with self._trainer.whole_values(self.model):  # JAX: variables split across processes, gathered
+            super()._save_model(epoch, batch, logs)
+            self._stage(epoch, batch, logs or {}, saved=self._saved_path, epoch_done=batch is None,
+                        position=epoch + 1 if batch is None else epoch)
         self.stall_seconds.append(time.perf_counter() - t0)
 
     def _mode(self) -> str:
@@ -408,6 +409,9 @@ class CloudCheckpoint(keras.callbacks.ModelCheckpoint):
         watch = self._watch
         assert watch is not None  # only a triggered watch calls this
         self._notice_time = watch.notice_time or time.monotonic()
+        if self._last_staged_step != self._step():  # every process: reading a variable may be a collective
+            self._stage(epoch, batch, logs or {}, saved=None, epoch_done=epoch_done,
+                        position=epoch + 1 if epoch_done else epoch)
         if self.uploader is None:  # a non-chief worker: nothing of ours to commit
             log.warning("preemption (%s): stopping (not the chief: the chief commits)", watch.reason)
             self.model.stop_training = True
@@ -415,9 +419,6 @@ class CloudCheckpoint(keras.callbacks.ModelCheckpoint):
                 self._cleanup()
                 raise SystemExit(EXIT_PREEMPTED)
             return
-        if self._last_staged_step != self._step():
-            self._stage(epoch, batch, logs or {}, saved=None, epoch_done=epoch_done,
-                        position=epoch + 1 if epoch_done else epoch)
         left = self.preemption_deadline - (time.monotonic() - self._notice_time)
         if left <= 0:  # the step outlasted the window: still commit what is in flight, for another window at most
             log.error("preemption (%s): the notice came %.2fs ago, %.2fs past the %gs deadline, before training "
@@ -444,6 +445,15 @@ class CloudCheckpoint(keras.callbacks.ModelCheckpoint):
                 os._exit(EXIT_PREEMPTED)
             self._cleanup()
             raise SystemExit(EXIT_PREEMPTED)
+
+    def _preemption_agreed(self) -> bool:
+        """Whether to checkpoint and stop now: a notice reached this process or, in a multi-process JAX job, any
+        other (every process asks at every batch boundary, so all stop at the same one)."""
+        if self._watch is None or not self._watch.sources:
+            return False
+        if self._trainer.any_process(self._watch.triggered) and not self._watch.triggered:
+            self._watch.trigger("another process's preemption notice")
+        return self._watch.triggered
 
     def _check_fatal(self) -> None:
         if self.uploader is not None and self.uploader.fatal is not None:
