@@ -22,9 +22,9 @@ from collections import Counter
 from pathlib import Path
 
 import pytest
-import servers
 from infra_support import tf
 from infra_support.s3_recorder import RecordingProxy, S3Call
+from support import servers
 
 from cloudckpt import CheckpointStore, TransferError
 from cloudckpt.errors import AccessError, CheckpointNotFoundError

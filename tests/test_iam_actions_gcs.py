@@ -14,10 +14,10 @@ import sys
 from pathlib import Path
 
 import pytest
-import servers
 from infra_support import tf
 from infra_support.gcs_recorder import OBJECT_USER, OBJECT_VIEWER, ROLES, GcsCall, parse_gcs
 from infra_support.s3_recorder import RecordingProxy
+from support import servers
 
 from cloudckpt import CheckpointStore
 
