@@ -64,7 +64,7 @@ class Ctx:
 
     def bucket(self, kind: str) -> str:
         """A fresh bucket on the S3 ("s3") or GCS ("gcs") server."""
-        import servers
+        from tests.support import servers
 
         name = f"bench-{uuid.uuid4().hex[:10]}"
         (servers.make_s3_bucket if kind == "s3" else servers.make_gcs_bucket)(name)

@@ -1,4 +1,4 @@
-"""One fit of measurement 2: ``python bench/overhead_child.py VARIANT WORKDIR MB EPOCHS THREADS [URL]``.
+"""One fit of measurement 2: ``python -m bench.overhead_child VARIANT WORKDIR MB EPOCHS THREADS [URL]``.
 
 Trains the digits MLP (scikit-learn digits x10, batch 32) for EPOCHS epochs with no checkpoint, Keras'
 ``ModelCheckpoint`` (local) or ``CloudCheckpoint`` (URL) saving every epoch, TensorFlow limited to THREADS intra- and
@@ -14,7 +14,6 @@ import os
 import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 
 
@@ -29,8 +28,8 @@ def main() -> None:
         tf.config.threading.set_inter_op_parallelism_threads(threads)
     import keras
 
-    from bench.training import build_model, digits
-    from bench.training_more import EpochClock
+    from bench.epoch_overhead import EpochClock
+    from bench.model import build_model, digits
 
     model = build_model(mb)
     x, y = digits(10)
