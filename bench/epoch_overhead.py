@@ -57,7 +57,7 @@ def section(ctx: Ctx) -> Section:
         d = ctx.scratch / "overhead" / uuid.uuid4().hex[:8]
         d.mkdir(parents=True)
         argv = [sys.executable, "-m", "bench.overhead_child", VARIANTS[name], str(d), str(mb), str(epochs),
-                str(threads)]
+                str(threads), str(ctx.sizes.overhead_repeat)]
         if VARIANTS[name] == "cloud":
             argv.append(f"s3://{ctx.bucket('s3')}/run")
         out = subprocess.run(argv, capture_output=True, text=True, timeout=1200, env=os.environ, cwd=ROOT)

@@ -1,6 +1,7 @@
-"""One fit of measurement 2: ``python -m bench.overhead_child VARIANT WORKDIR MB EPOCHS THREADS [URL]``.
+"""One fit of measurement 2: ``python -m bench.overhead_child VARIANT WORKDIR MB EPOCHS THREADS REPEAT
+[URL]``.
 
-Trains the digits MLP (scikit-learn digits x10, batch 32) for EPOCHS epochs with no checkpoint, Keras'
+Trains the digits MLP (scikit-learn digits xREPEAT, batch 32) for EPOCHS epochs with no checkpoint, Keras'
 ``ModelCheckpoint`` (local) or ``CloudCheckpoint`` (URL) saving every epoch, TensorFlow limited to THREADS intra- and
 inter-op threads (0: TensorFlow's default), and prints one JSON line: the wall and CPU (this process, all threads)
 seconds of every epoch, each stamped after every callback's ``on_epoch_end``. A fresh process per fit, so no fit
@@ -20,7 +21,8 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 def main() -> None:
     variant, workdir, mb, epochs, threads = sys.argv[1], Path(sys.argv[2]), float(sys.argv[3]), int(sys.argv[4]), \
         int(sys.argv[5])
-    url = sys.argv[6] if len(sys.argv) > 6 else None
+    repeat = int(sys.argv[6])
+    url = sys.argv[7] if len(sys.argv) > 7 else None
     import tensorflow as tf
 
     if threads:
@@ -32,7 +34,7 @@ def main() -> None:
     from bench.model import build_model, digits
 
     model = build_model(mb)
-    x, y = digits(10)
+    x, y = digits(repeat)
     path = str(workdir / "model.weights.h5")
     common = dict(save_weights_only=True, monitor="loss", save_freq="epoch")
     callbacks = []
