@@ -37,7 +37,7 @@ def quick_run(tmp_path_factory) -> Path:
     for var in ("AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3", "STORAGE_EMULATOR_HOST"):
         env.pop(var, None)  # the harness starts its own servers
     proc = subprocess.run([sys.executable, "-m", "bench.run", "--quick", "--out", str(out)],
-                          capture_output=True, text=True, timeout=300, env=env, cwd=ROOT)
+                          capture_output=True, text=True, timeout=540, env=env, cwd=ROOT)
     assert proc.returncode == 0, f"bench.run --quick failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}"
     return out
 
