@@ -1,1 +1,1 @@
-"""cloudckpt's benchmark harness: ``python bench/run.py [--quick]`` (or ``make bench``). See docs/benchmarks.md."""
+"""cloudckpt's benchmark harness: ``python -m bench.run [--quick]`` (or ``make bench``). See docs/benchmarks.md."""

@@ -4,7 +4,7 @@ Standalone (not yet wired into ``bench/run.py``): starts Azurite from ``.tools/a
 variant ``--reps`` times interleaved, and prints the medians as a Markdown table. "Verified" means the bytes on disk
 are hashed after the transfer (crc32c) for the raw clients; cloudckpt's pull checks them against the manifest.
 
-    python bench/azure_transfers.py --size-mib 256 --reps 3
+    python -m bench.azure_transfers --size-mib 256 --reps 3
 """
 
 from __future__ import annotations
@@ -15,7 +15,6 @@ import shutil
 import socket
 import statistics
 import subprocess
-import sys
 import tempfile
 import time
 import urllib.error
@@ -125,5 +124,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    sys.path.insert(0, str(ROOT))
     main()

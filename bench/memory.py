@@ -94,7 +94,7 @@ def run(ctx: Ctx) -> list[Section]:
 
     def ours(to: str) -> tuple[list[str], list[str]]:
         if cli:
-            return cli + ["ls", to], cli + ["push", str(src), "--to", to, "--epoch", "1"]
+            return cli + ["ls", "--remote", to], cli + ["push", str(src), "--remote", to, "--epoch", "1"]
         return [sys.executable, "-c", API_IDLE, to], [sys.executable, "-c", API_PUSH, to, str(src)]
 
     how = "cloudckpt CLI (`cloudckpt push` vs `cloudckpt ls`)" if cli else "python -c with the API (no CLI)"

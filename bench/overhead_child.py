@@ -1,6 +1,7 @@
-"""One fit of measurement 2: ``python bench/overhead_child.py VARIANT WORKDIR MB EPOCHS THREADS [URL]``.
+"""One fit of measurement 2: ``python -m bench.overhead_child VARIANT WORKDIR MB EPOCHS THREADS REPEAT
+[URL]``.
 
-Trains the digits MLP (scikit-learn digits x10, batch 32) for EPOCHS epochs with no checkpoint, Keras'
+Trains the digits MLP (scikit-learn digits xREPEAT, batch 32) for EPOCHS epochs with no checkpoint, Keras'
 ``ModelCheckpoint`` (local) or ``CloudCheckpoint`` (URL) saving every epoch, TensorFlow limited to THREADS intra- and
 inter-op threads (0: TensorFlow's default), and prints one JSON line: the wall and CPU (this process, all threads)
 seconds of every epoch, each stamped after every callback's ``on_epoch_end``. A fresh process per fit, so no fit
@@ -14,14 +15,14 @@ import os
 import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 
 
 def main() -> None:
     variant, workdir, mb, epochs, threads = sys.argv[1], Path(sys.argv[2]), float(sys.argv[3]), int(sys.argv[4]), \
         int(sys.argv[5])
-    url = sys.argv[6] if len(sys.argv) > 6 else None
+    repeat = int(sys.argv[6])
+    url = sys.argv[7] if len(sys.argv) > 7 else None
     import tensorflow as tf
 
     if threads:
@@ -29,11 +30,11 @@ def main() -> None:
         tf.config.threading.set_inter_op_parallelism_threads(threads)
     import keras
 
-    from bench.training import build_model, digits
-    from bench.training_more import EpochClock
+    from bench.epoch_overhead import EpochClock
+    from bench.model import build_model, digits
 
     model = build_model(mb)
-    x, y = digits(10)
+    x, y = digits(repeat)
     path = str(workdir / "model.weights.h5")
     common = dict(save_weights_only=True, monitor="loss", save_freq="epoch")
     callbacks = []

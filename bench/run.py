@@ -4,7 +4,7 @@ Usage::
 
     make bench                               # full run (~15 min), results in bench/results/full/
     make bench BENCH_ARGS="--quick"          # CI-sized run (< 1 min): proves the harness works
-    .venv/bin/python bench/run.py --only push,restore --out /tmp/b
+    .venv/bin/python -m bench.run --only push,restore --out /tmp/b   # from the repository root
 
 Starts moto's S3 server and fake-gcs-server in their own processes, runs every comparison with interleaved
 repetitions (A, B, C, A, B, C...), prints a Markdown table and writes ``results.json`` (every sample, the machine,
@@ -24,12 +24,15 @@ import time
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
-sys.path[:0] = [str(HERE.parent), str(HERE.parent / "tests")]  # the repo (bench package) and tests/servers.py
+if __package__ != "bench":  # run as a file, the bench and tests.support packages would not be importable
+    sys.exit("run the benchmarks from the repository root: python -m bench.run [--quick] (or make bench)")
 os.environ.setdefault("GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT", "false")
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
-from bench import checksums, index_scale, memory, report, training, transfers  # noqa: E402
-from bench.common import Ctx, Section, Sizes, code_version, log, machine  # noqa: E402
+from tests.support import servers  # noqa: E402  (the storage servers the test suite runs, shared)
+
+from . import checksums, index_scale, memory, report, training, transfers  # noqa: E402
+from .common import Ctx, Section, Sizes, code_version, log, machine  # noqa: E402
 
 GROUPS = {
     "push": transfers, "restore": transfers,  # one module measures both (same file, same servers)
@@ -55,8 +58,6 @@ def main(argv: list[str] | None = None) -> int:
     for noisy in ("cloudckpt", "botocore", "boto3", "s3transfer", "urllib3", "google", "gcsfs", "s3fs", "fsspec"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
     logging.getLogger("urllib3.connectionpool").setLevel(logging.ERROR)  # "pool is full" notes under parallel parts
-    import servers
-
     sizes = Sizes.quick() if args.quick else Sizes()
     if args.reps:
         sizes.reps = sizes.gcs_reps = args.reps

@@ -1,4 +1,4 @@
-"""The training process of measurement 6: ``python bench/sigterm_child.py URL WORKDIR MB``.
+"""The training process of measurement 6: ``python -m bench.sigterm_child URL WORKDIR MB`` (from the repo root).
 
 Trains a ~MB model with CloudCheckpoint (every epoch) to URL. Once its first checkpoint is committed, it prints
 ``READY <step>`` from the middle of the next epoch and keeps training (each batch slowed a little so that the
@@ -12,7 +12,6 @@ import sys
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 
@@ -20,7 +19,7 @@ def main() -> None:
     url, workdir, mb = sys.argv[1], Path(sys.argv[2]), float(sys.argv[3])
     import keras
 
-    from bench.training import build_model, digits
+    from bench.model import build_model, digits
     from cloudckpt import CheckpointStore
     from cloudckpt.keras import CloudCheckpoint
 

@@ -1,6 +1,8 @@
 """The ``cloudckpt`` command: a thin layer over :class:`cloudckpt.CheckpointStore`.
 
-Each command checks its flags, calls the library, and prints through :func:`emit` (text, or ``--json`` on stdout).
+Every command names its run with ``--remote URL`` (``-r``; default ``$CLOUDCKPT_REMOTE``); positional arguments are
+only what it acts on (SELECTOR, PATH, WATCH_DIR). Each command checks its flags, calls the library, and prints
+through :func:`emit` (text, or ``--json`` on stdout).
 Errors are turned into one line on stderr and an exit code in :func:`main` only; ``CLOUDCKPT_DEBUG=1`` shows the
 traceback. Exit codes: 0 ok, 1 other error, 2 usage, 3 nothing matches, 4 integrity failure, 5 access or
 configuration error, 6 fenced (a newer writer took over the run).
@@ -11,7 +13,6 @@ from __future__ import annotations
 import json
 import logging
 import os
-import re
 import sys
 import traceback
 from collections.abc import Callable
@@ -20,6 +21,7 @@ from typing import TYPE_CHECKING, Any, TypeVar
 
 import click
 
+from . import cli_legacy
 from .errors import CloudCkptError, IntegrityError
 from .manifest import CheckpointEntry, Index
 from .redact import Redactor, ScrubFilter, is_secret_name, url_secrets
@@ -28,16 +30,16 @@ if TYPE_CHECKING:
     from .store import CheckpointStore
 
 URL_ENV = "CLOUDCKPT_REMOTE"
-_SELECTOR_RE = re.compile(r"^(best|latest|\d+|ckpt-[A-Za-z0-9-]+)$")
 EXAMPLES = """
 \b
 Examples:
-  cloudckpt push ./ckpt --to s3://bucket/runs/r1 --epoch 3 --metric val_loss=0.31 --monitor val_loss
-  cloudckpt ls s3://bucket/runs/r1
-  cloudckpt pull best --from gs://bucket/runs/r1 --to ./checkpoint
+  cloudckpt push ./ckpt -r s3://bucket/runs/r1 --epoch 3 --metric val_loss=0.31 --monitor val_loss
+  cloudckpt ls --remote s3://bucket/runs/r1
+  cloudckpt pull best --remote gs://bucket/runs/r1 --to ./checkpoint
   CLOUDCKPT_REMOTE=./store cloudckpt pull latest --json
-  cloudckpt prune s3://bucket/runs/r1 --keep-best 2 --keep-last 3 --dry-run
-  cloudckpt sync ./checkpoints --to s3://bucket/runs/r1 --monitor val_loss --keep-last 3
+  cloudckpt verify ckpt-e000003-s0000000900-1a2b3c4d -r s3://bucket/runs/r1
+  cloudckpt prune -r s3://bucket/runs/r1 --keep-best 2 --keep-last 3 --dry-run
+  cloudckpt sync ./checkpoints -r s3://bucket/runs/r1 --monitor val_loss --keep-last 3
 \b
 Exit codes: 0 ok, 1 other error, 2 usage, 3 nothing matches, 4 integrity failure,
             5 access or configuration error, 6 fenced writer.
@@ -77,9 +79,9 @@ def _pairs(values: tuple[str, ...], what: str, convert: Callable[[str], Any], *,
 def _store(ctx: click.Context, url: str | None) -> CheckpointStore:
     from .store import CheckpointStore
 
-    url = url or os.environ.get(URL_ENV)
+    url = cli_legacy.or_given(ctx, url) or os.environ.get(URL_ENV)
     if not url:
-        raise click.UsageError(f"no store URL: pass one, or set ${URL_ENV}")
+        raise click.UsageError(f"no run: pass --remote URL, or set ${URL_ENV}")
     obj = ctx.find_root().obj
     obj["redactor"].add_url(url)
     return CheckpointStore(url, progress=obj["progress"], **obj["storage_options"])
@@ -143,6 +145,7 @@ class _RetrySummary(logging.Filter):
 
 
 json_flag = click.option("--json", "as_json", is_flag=True, help="Machine-readable output on stdout.")
+remote = click.option("--remote", "-r", "url", metavar="URL", help=f"The run's URL (default: ${URL_ENV}).")
 keep_flags = [
     click.option("--keep-best", type=click.IntRange(min=0), help="Keep the K best by the run's monitor."),
     click.option("--keep-last", type=click.IntRange(min=0), help="Keep the N most recent."),
@@ -189,11 +192,12 @@ def cli(ctx: click.Context, storage_options: tuple[str, ...], progress: bool | N
 
 
 @cli.command("ls")
-@click.argument("url", required=False)
+@remote
+@cli_legacy.legacy_url("URL")
 @json_flag
 @click.pass_context
 def ls_cmd(ctx: click.Context, url: str | None, as_json: bool) -> None:
-    """List the committed checkpoints of the run at URL (default: $CLOUDCKPT_REMOTE)."""
+    """List the committed checkpoints of the run."""
     with _store(ctx, url) as store:
         index = store.index()
         emit([_row(c, index) for c in index.checkpoints], as_json, _table)
@@ -201,7 +205,8 @@ def ls_cmd(ctx: click.Context, url: str | None, as_json: bool) -> None:
 
 @cli.command("show")
 @click.argument("selector")
-@click.option("--from", "url", help="Run URL (default: $CLOUDCKPT_REMOTE).")
+@remote
+@cli_legacy.legacy_url("--from")
 @json_flag
 @click.pass_context
 def show_cmd(ctx: click.Context, selector: str, url: str | None, as_json: bool) -> None:
@@ -215,7 +220,8 @@ def show_cmd(ctx: click.Context, selector: str, url: str | None, as_json: bool) 
 
 @cli.command("pull")
 @click.argument("selector")
-@click.option("--from", "url", help="Run URL (default: $CLOUDCKPT_REMOTE).")
+@remote
+@cli_legacy.legacy_url("--from")
 @click.option("--to", "to", default="checkpoint", show_default=True, type=click.Path(file_okay=False),
               help="Local directory to restore into (replaced only once everything verified).")
 @click.option("--fallback", is_flag=True,
@@ -237,7 +243,8 @@ def pull_cmd(ctx: click.Context, selector: str, url: str | None, to: str, fallba
 
 @cli.command("push")
 @click.argument("path", type=click.Path(exists=True))
-@click.option("--to", "url", help="Run URL (default: $CLOUDCKPT_REMOTE).")
+@remote
+@cli_legacy.legacy_url("--to")
 @click.option("--epoch", type=click.IntRange(min=0))
 @click.option("--step", type=click.IntRange(min=0))
 @click.option("--metric", "metrics", multiple=True, metavar="NAME=VALUE",
@@ -260,7 +267,8 @@ def push_cmd(ctx: click.Context, path: str, url: str | None, epoch: int | None, 
 
 
 @cli.command("prune")
-@click.argument("url", required=False)
+@remote
+@cli_legacy.legacy_url("URL")
 @with_keep
 @click.option("--dry-run", is_flag=True, help="Say what would be deleted; delete nothing.")
 @json_flag
@@ -276,17 +284,18 @@ def prune_cmd(ctx: click.Context, url: str | None, keep_best: int | None, keep_l
 
 
 @cli.command("verify")
-@click.argument("args", nargs=-1, metavar="[URL] [SELECTOR]")
+@click.argument("selectors", nargs=-1, metavar="[SELECTOR]")
+@remote
 @click.option("--all", "all_", is_flag=True, help="Verify every committed checkpoint.")
 @json_flag
 @click.pass_context
-def verify_cmd(ctx: click.Context, args: tuple[str, ...], all_: bool, as_json: bool) -> None:
+def verify_cmd(ctx: click.Context, selectors: tuple[str, ...], url: str | None, all_: bool, as_json: bool) -> None:
     """Download and check checkpoints' bytes against the index (default: latest). Exit 4 if any fails."""
-    url, selector = _split_url_selector(args)
-    if all_ and selector:
-        raise click.UsageError("give a SELECTOR or --all, not both")
+    selectors = cli_legacy.verify_selectors(ctx, selectors)
+    if len(selectors) > 1 or (all_ and selectors):
+        raise click.UsageError("give one SELECTOR or --all (the run is --remote URL)")
     with _store(ctx, url) as store:
-        results = store.verify(selector or "latest", all=all_)
+        results = store.verify(selectors[0] if selectors else "latest", all=all_)
     rows = [{"id": r.id, "ok": r.ok, "error": r.error} for r in results]
     emit(rows, as_json, lambda rs: "\n".join(
         f"{'ok  ' if r['ok'] else 'FAIL'} {r['id']}" + (f": {r['error']}" if r["error"] else "") for r in rs))
@@ -295,18 +304,9 @@ def verify_cmd(ctx: click.Context, args: tuple[str, ...], all_: bool, as_json: b
         raise IntegrityError(f"{len(bad)} of {len(results)} checkpoints failed verification (first: {bad[0].id})")
 
 
-def _split_url_selector(args: tuple[str, ...]) -> tuple[str | None, str | None]:
-    if len(args) > 2:
-        raise click.UsageError("expected at most [URL] [SELECTOR]")
-    if len(args) == 2:
-        return args[0], args[1]
-    if len(args) == 1:
-        return (None, args[0]) if _SELECTOR_RE.match(args[0]) else (args[0], None)
-    return None, None
-
-
 @cli.command("gc")
-@click.argument("url", required=False)
+@remote
+@cli_legacy.legacy_url("URL")
 @click.option("--dry-run", is_flag=True, help="Say what would be deleted; delete nothing.")
 @click.option("--min-age", type=click.FloatRange(min=0), default=3600.0, show_default=True,
               help="Leave objects younger than this many seconds (uploads in flight).")
@@ -324,7 +324,8 @@ def gc_cmd(ctx: click.Context, url: str | None, dry_run: bool, min_age: float, a
 
 @cli.command("sync")
 @click.argument("watch_dir", type=click.Path(exists=True, file_okay=False))
-@click.option("--to", "url", help="Run URL (default: $CLOUDCKPT_REMOTE).")
+@remote
+@cli_legacy.legacy_url("--to")
 @click.option("--monitor", help="The metric that ranks checkpoints.")
 @click.option("--mode", type=click.Choice(["min", "max"]))
 @with_keep

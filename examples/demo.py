@@ -99,7 +99,8 @@ def main() -> int:
         return 1
 
     step(4, "list the run and pull the best model with the CLI")
-    for cmd in (CLI + ["ls", str(store)], CLI + ["pull", "best", "--from", str(store), "--to", str(work / "pulled")]):
+    for cmd in (CLI + ["ls", "--remote", str(store)],
+                CLI + ["pull", "best", "--remote", str(store), "--to", str(work / "pulled")]):
         say("   $ cloudckpt " + " ".join(cmd[3:]))
         done = subprocess.run(cmd, cwd=work, env=env, capture_output=True, text=True)
         for line in (done.stdout + done.stderr).splitlines():

@@ -3,7 +3,7 @@ cloudckpt.hf.CloudCheckpointCallback; on a new machine, pull_latest + resume_fro
 
 Store: $CLOUDCKPT_REMOTE, else ./hf-store. SIGTERM saves the current step, commits it and exits with status 143.
 
-    python examples/hf_trainer.py && cloudckpt ls hf-store && cloudckpt pull best --from hf-store --to best
+    python examples/hf_trainer.py && cloudckpt ls -r hf-store && cloudckpt pull best -r hf-store --to best
 """
 
 import os

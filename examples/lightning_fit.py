@@ -3,8 +3,8 @@ cloudckpt.lightning.CloudCheckpointIO; on a new machine, pull_last + fit(ckpt_pa
 
 Store: $CLOUDCKPT_REMOTE, else ./lightning-store. SIGTERM saves last.ckpt at the next batch, commits it, exits 143.
 
-    python examples/lightning_fit.py && cloudckpt ls lightning-store
-    cloudckpt pull best --from lightning-store --to best
+    python examples/lightning_fit.py && cloudckpt ls -r lightning-store
+    cloudckpt pull best -r lightning-store --to best
 """
 
 import os

@@ -3,7 +3,7 @@
 Run it, interrupt it (Ctrl-C, SIGTERM or kill -9), run it again: it continues from the latest committed step.
 SIGTERM commits the current step and exits with status 143. Store: $CLOUDCKPT_REMOTE, else ./torch-store.
 
-    python examples/torch_loop.py && cloudckpt ls torch-store && cloudckpt pull best --from torch-store --to best
+    python examples/torch_loop.py && cloudckpt ls -r torch-store && cloudckpt pull best -r torch-store --to best
 """
 
 import os

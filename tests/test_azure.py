@@ -12,8 +12,8 @@ from datetime import datetime, timedelta, timezone
 from pathlib import Path
 
 import pytest
-import servers
 from reliability.faultproxy import FaultProxy
+from support import servers
 
 from cloudckpt import CheckpointStore
 from cloudckpt.backends import open_backend
@@ -137,18 +137,18 @@ def test_bytes_damaged_in_transit_are_refused_and_sent_again(az_url, azure_serve
 
 def test_cli_exit_codes_on_azure(az_url, tmp_path):
     src = _ckpt(tmp_path / "src", {"model.weights.h5": 5000})
-    proc = _cli("ls", az_url)
+    proc = _cli("ls", "--remote", az_url)
     assert proc.returncode == 3, proc.stderr  # an empty run: nothing matches
-    proc = _cli("push", str(src), "--to", az_url, "--epoch", "1", "--json")
+    proc = _cli("push", str(src), "--remote", az_url, "--epoch", "1", "--json")
     assert proc.returncode == 0, proc.stderr
     entry = json.loads(proc.stdout)
     with CheckpointStore(az_url) as store:  # the object replaced behind the index's back
         store.backend._blob(f"{entry['id']}/model.weights.h5").upload_blob(b"\0" * 5000, overwrite=True)
-    proc = _cli("pull", "latest", "--from", az_url, "--to", str(tmp_path / "x"))
+    proc = _cli("pull", "latest", "--remote", az_url, "--to", str(tmp_path / "x"))
     assert proc.returncode == 4 and "checksum mismatch" in proc.stderr and not (tmp_path / "x").exists()
-    proc = _cli("ls", "az://no-such-container-here/run")
+    proc = _cli("ls", "--remote", "az://no-such-container-here/run")
     assert proc.returncode == 5 and "no such container" in proc.stderr and proc.stderr.count("\n") == 1
-    proc = _cli("-o", "bogus=1", "ls", az_url)
+    proc = _cli("-o", "bogus=1", "ls", "--remote", az_url)
     assert proc.returncode == 5 and "unknown Azure storage option" in proc.stderr
 
 
@@ -160,7 +160,7 @@ def test_no_key_reaches_cli_output_when_credentials_are_wrong(az_url, azure_serv
                       (("-o", f"connection_string={bad}"), {CONN_ENV: None}),
                       (("-o", f"account_key={key}", "-o", f"account_host={azure_server.endpoint}", "-o",
                         f"account_name={servers.AZURITE_ACCOUNT}"), {CONN_ENV: None, "CLOUDCKPT_DEBUG": "1"})):
-        proc = _cli("-vv", *args, "ls", az_url, env=env)
+        proc = _cli("-vv", *args, "ls", "--remote", az_url, env=env)
         assert proc.returncode == 5, proc.stderr
         assert key not in proc.stderr + proc.stdout and key[:20] not in proc.stderr + proc.stdout
 

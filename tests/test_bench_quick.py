@@ -1,4 +1,4 @@
-"""The benchmark harness runs end to end (``bench/run.py --quick``) and writes a complete, well-formed report.
+"""The benchmark harness runs end to end (``python -m bench.run --quick``) and writes a complete, well-formed report.
 
 Benchmarks are not timed tests: nothing here looks at a time or a ratio, only at the report's shape — every
 comparison present, every sample a number, the plot a real PNG.
@@ -36,9 +36,9 @@ def quick_run(tmp_path_factory) -> Path:
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     for var in ("AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3", "STORAGE_EMULATOR_HOST"):
         env.pop(var, None)  # the harness starts its own servers
-    proc = subprocess.run([sys.executable, str(ROOT / "bench" / "run.py"), "--quick", "--out", str(out)],
-                          capture_output=True, text=True, timeout=300, env=env, cwd=ROOT)
-    assert proc.returncode == 0, f"bench/run.py --quick failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}"
+    proc = subprocess.run([sys.executable, "-m", "bench.run", "--quick", "--out", str(out)],
+                          capture_output=True, text=True, timeout=540, env=env, cwd=ROOT)
+    assert proc.returncode == 0, f"bench.run --quick failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}"
     return out
 
 

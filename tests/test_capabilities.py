@@ -129,15 +129,15 @@ def test_local_store_on_a_node_local_lock_mount_is_refused(fstype, options, tmp_
             store.push(_ckpt(tmp_path / "c"), epoch=1)
         assert "local to this machine" in str(info.value)
     assert not [p for p in root.rglob("*") if p.name != ".index.lock"], "something was written before the refusal"
-    code, err = cli_exit("push", str(tmp_path / "c"), "--to", str(root))
+    code, err = cli_exit("push", str(tmp_path / "c"), "--remote", str(root))
     assert code == 5 and err.count("\n") == 1 and "unsafe_no_cas" in err, (code, err)
     with CheckpointStore(str(root), unsafe_no_cas=True) as store:  # the documented way to accept the risk
         store.push(tmp_path / "c", epoch=1)
         assert len(store.list()) == 1
-    assert cli_exit("-o", "unsafe_no_cas=true", "push", str(tmp_path / "c"), "--to", str(root))[0] == 0
+    assert cli_exit("-o", "unsafe_no_cas=true", "push", str(tmp_path / "c"), "--remote", str(root))[0] == 0
     monkeypatch.setenv("CLOUDCKPT_UNSAFE_NO_CAS", "1")
-    assert cli_exit("push", str(tmp_path / "c"), "--to", str(root))[0] == 0
-    assert cli_exit("ls", str(root))[0] == 0
+    assert cli_exit("push", str(tmp_path / "c"), "--remote", str(root))[0] == 0
+    assert cli_exit("ls", "--remote", str(root))[0] == 0
 
 
 # --- object stores behind a proxy that strips the conditions ------------------------------------------------------
@@ -206,11 +206,11 @@ def test_cli_refuses_with_exit_5_and_one_line(s3_url, s3_stripping, tmp_path):
         pytest.skip("the cloudckpt CLI is not installed in this venv")
     src = _ckpt(tmp_path / "c")
     env = {**os.environ, "AWS_ENDPOINT_URL": s3_stripping.endpoint, "AWS_ENDPOINT_URL_S3": s3_stripping.endpoint}
-    proc = subprocess.run([str(CLI), "push", str(src), "--to", s3_url], env=env, capture_output=True, text=True,
+    proc = subprocess.run([str(CLI), "push", str(src), "--remote", s3_url], env=env, capture_output=True, text=True,
                           timeout=120)
     assert proc.returncode == 5 and proc.stderr.count("\n") == 1, proc.stderr
     assert proc.stderr.startswith("cloudckpt: error:") and "-o unsafe_no_cas=true" in proc.stderr
-    proc = subprocess.run([str(CLI), "-o", "unsafe_no_cas=true", "push", str(src), "--to", s3_url], env=env,
+    proc = subprocess.run([str(CLI), "-o", "unsafe_no_cas=true", "push", str(src), "--remote", s3_url], env=env,
                           capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr
 

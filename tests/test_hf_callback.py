@@ -101,7 +101,7 @@ def test_pull_best_is_the_lowest_eval_loss(tmp_path, reference):
     _, store, lines = reference
     evals = {int(s): float(v) for _, s, v in (ln.split() for ln in lines if ln.startswith("eval "))}
     best_step = min(evals, key=evals.__getitem__)
-    out = subprocess.run([sys.executable, "-m", "cloudckpt", "pull", "best", "--from", str(store), "--to",
+    out = subprocess.run([sys.executable, "-m", "cloudckpt", "pull", "best", "--remote", str(store), "--to",
                           str(tmp_path / "best")], capture_output=True, text=True, env=_env(), timeout=120)
     assert out.returncode == 0, out.stderr
     state = (tmp_path / "best" / "trainer_state.json").read_text()

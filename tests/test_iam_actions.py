@@ -22,9 +22,9 @@ from collections import Counter
 from pathlib import Path
 
 import pytest
-import servers
 from infra_support import tf
 from infra_support.s3_recorder import RecordingProxy, S3Call
+from support import servers
 
 from cloudckpt import CheckpointStore, TransferError
 from cloudckpt.errors import AccessError, CheckpointNotFoundError
@@ -126,13 +126,13 @@ def training_session(proxy: RecordingProxy, bucket: str, tmp: Path) -> list[S3Ca
         assert report.deleted == ["ckpt-e000099-deadbeef/orphan.bin"]
     assert any(c.action == "s3:AbortMultipartUpload" for c in proxy.calls), "the failed upload was not aborted"
     if CLI.exists():
-        _cli(proxy, "push", str(_files(tmp / "cli", 1024)), "--to", url, "--epoch", "9", "--metric", "val_loss=0.4")
-        _cli(proxy, "ls", url)
-        _cli(proxy, "pull", "best", "--from", url, "--to", str(tmp / "cli-restored"))
-        _cli(proxy, "verify", url, "--all")
-        _cli(proxy, "prune", url, "--keep-last", "1")
+        _cli(proxy, "push", str(_files(tmp / "cli", 1024)), "--remote", url, "--epoch", "9", "--metric", "val_loss=0.4")
+        _cli(proxy, "ls", "--remote", url)
+        _cli(proxy, "pull", "best", "--remote", url, "--to", str(tmp / "cli-restored"))
+        _cli(proxy, "verify", "--remote", url, "--all")
+        _cli(proxy, "prune", "--remote", url, "--keep-last", "1")
         _orphan(bucket)
-        assert "orphan.bin" in _cli(proxy, "gc", url, "--min-age", "0", "--json").stdout
+        assert "orphan.bin" in _cli(proxy, "gc", "--remote", url, "--min-age", "0", "--json").stdout
     return proxy.take()
 
 
@@ -186,7 +186,7 @@ def empty_run_session(proxy: RecordingProxy, bucket: str, tmp: Path) -> None:
         with pytest.raises(CheckpointNotFoundError):
             store.pull("latest", to=tmp / "empty-api")
     if CLI.exists():
-        proc = _cli(proxy, "pull", "latest", "--from", url, "--to", str(tmp / "empty-cli"), check=False)
+        proc = _cli(proxy, "pull", "latest", "--remote", url, "--to", str(tmp / "empty-cli"), check=False)
         assert proc.returncode == 3, f"pull on an empty run → {proc.returncode}: {proc.stderr}"
     assert not (tmp / "empty-api").exists() and not (tmp / "empty-cli").exists()
 
@@ -200,10 +200,10 @@ def restore_session(proxy: RecordingProxy, bucket: str, tmp: Path) -> list[S3Cal
         store.verify("best")
         store.verify(all=True)
     if CLI.exists():
-        _cli(proxy, "pull", "best", "--from", url, "--to", str(tmp / "checkpoint"))
-        _cli(proxy, "ls", url)
-        _cli(proxy, "show", "latest", "--from", url)
-        _cli(proxy, "verify", url, "best")
+        _cli(proxy, "pull", "best", "--remote", url, "--to", str(tmp / "checkpoint"))
+        _cli(proxy, "ls", "--remote", url)
+        _cli(proxy, "show", "latest", "--remote", url)
+        _cli(proxy, "verify", "--remote", url, "best")
     return proxy.take()
 
 

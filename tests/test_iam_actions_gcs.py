@@ -14,10 +14,10 @@ import sys
 from pathlib import Path
 
 import pytest
-import servers
 from infra_support import tf
 from infra_support.gcs_recorder import OBJECT_USER, OBJECT_VIEWER, ROLES, GcsCall, parse_gcs
 from infra_support.s3_recorder import RecordingProxy
+from support import servers
 
 from cloudckpt import CheckpointStore
 
@@ -105,16 +105,16 @@ def test_training_works_with_object_admin_under_the_prefix_condition(gcs_server,
             store.claim()
         for epoch, loss in ((1, 0.9), (2, 0.5), (3, 0.7)):
             size = 600 * 1024 if epoch == 2 else 4096  # > chunk_size: a resumable upload
-            _cli("-o", "chunk_size=262144", "push", str(_dir(tmp_path / f"e{epoch}", size)), "--to", url,
+            _cli("-o", "chunk_size=262144", "push", str(_dir(tmp_path / f"e{epoch}", size)), "--remote", url,
                  "--epoch", str(epoch), "--metric", f"val_loss={loss}", "--monitor", "val_loss", "--mode", "min",
                  "--keep-last", "2", "--keep-best", "1")
-        _cli("ls", url)
-        _cli("pull", "best", "--from", url, "--to", str(tmp_path / "restored"))
-        _cli("verify", url, "--all")
-        _cli("prune", url, "--keep-last", "1")
+        _cli("ls", "--remote", url)
+        _cli("pull", "best", "--remote", url, "--to", str(tmp_path / "restored"))
+        _cli("verify", "--remote", url, "--all")
+        _cli("prune", "--remote", url, "--keep-last", "1")
         calls = proxy.take()
         _orphan(gcs_server.endpoint, bucket)  # what a crashed commit leaves; written past the proxy
-        assert "orphan.bin" in _cli("gc", url, "--min-age", "0", "--json")
+        assert "orphan.bin" in _cli("gc", "--remote", url, "--min-age", "0", "--json")
         calls += proxy.take()
     used = _check(calls, enforcer)
     print(f"\nGCS training: {sorted(used)} in {len(calls)} requests under {enforcer.role}; "
@@ -127,16 +127,16 @@ def test_training_works_with_object_admin_under_the_prefix_condition(gcs_server,
 def test_restore_works_with_object_viewer_under_the_prefix_condition(gcs_server, bucket, tmp_path, monkeypatch):
     url = f"gs://{bucket}/{PREFIX}"
     for epoch, loss in ((1, 0.4), (2, 0.6)):
-        _cli("push", str(_dir(tmp_path / f"s{epoch}", 4096 * epoch)), "--to", url, "--epoch", str(epoch),
+        _cli("push", str(_dir(tmp_path / f"s{epoch}", 4096 * epoch)), "--remote", url, "--epoch", str(epoch),
              "--metric", f"val_loss={loss}", "--monitor", "val_loss", "--mode", "min")
     enforcer = Enforcer("restore", bucket)
     assert enforcer.role == "roles/storage.objectViewer"
     with RecordingProxy(gcs_server.endpoint, parse=parse_gcs, fail_when=enforcer) as proxy:
         monkeypatch.setenv("STORAGE_EMULATOR_HOST", proxy.endpoint)
-        _cli("pull", "best", "--from", url, "--to", str(tmp_path / "checkpoint"))
-        _cli("ls", url)
-        _cli("show", "latest", "--from", url)
-        _cli("verify", url, "best")
+        _cli("pull", "best", "--remote", url, "--to", str(tmp_path / "checkpoint"))
+        _cli("ls", "--remote", url)
+        _cli("show", "latest", "--remote", url)
+        _cli("verify", "--remote", url, "best")
         calls = proxy.take()
     used = _check(calls, enforcer)
     print(f"\nGCS restore: {sorted(used)} in {len(calls)} requests under {enforcer.role}; "

@@ -339,12 +339,12 @@ def _gha_step(name: str) -> str:
 def test_ci_restore_step_pulls_the_best_checkpoint(ci, s3_url, tmp_path):
     if ci == "github":
         script = _gha_step("Restore the best checkpoint")
-        assert 'cloudckpt pull best --from "$CLOUDCKPT_REMOTE" --to ./checkpoint' in script
+        assert 'cloudckpt pull best --remote "$CLOUDCKPT_REMOTE" --to ./checkpoint' in script
         assert "python evaluate.py --checkpoint ./checkpoint" in _gha_step("Evaluate")
     else:
         job = yaml.safe_load(WORKFLOWS[1].read_text())["evaluate-checkpoint"]
         script = job["script"][0]
-        assert script.startswith('cloudckpt pull best --from "$CLOUDCKPT_REMOTE" --to ./checkpoint')
+        assert script.startswith('cloudckpt pull best --remote "$CLOUDCKPT_REMOTE" --to ./checkpoint')
         assert job["script"][1].startswith("python evaluate.py --checkpoint ./checkpoint")
     work = tmp_path / "work"
     work.mkdir()

@@ -2,7 +2,7 @@
 test_keras_callback.py, test_keras_backends_refit.py and test_keras_modelcheckpoint_parity.py, run in this process).
 
 Each backend gets its own processes, since Keras reads ``KERAS_BACKEND`` once, at import:
-- a real training job (tests/keras_job.py) SIGKILLed mid-epoch, restarted, preempted with SIGTERM (exit 143),
+- a real training job (tests/support/keras_job.py) SIGKILLed mid-epoch, restarted, preempted with SIGTERM (exit 143),
   restarted again: the final weights are bit-identical to an uninterrupted run, one batch is trained twice (the one
   after the last commit before the SIGKILL) and none after the preemption;
 - the in-process suites, run by pytest under that backend: Keras' own ModelCheckpoint tests with CloudCheckpoint in
@@ -24,7 +24,6 @@ import pytest
 pytest.importorskip("keras")
 
 HERE = Path(__file__).parent
-sys.path.insert(0, str(HERE))
 from test_keras_resume import EPOCHS, JOB, STEPS_PER_EPOCH, Run, assert_bit_identical, finish, load, redone  # noqa: E402,I001
 
 BACKENDS = [pytest.param(name, marks=pytest.mark.skipif(importlib.util.find_spec(module) is None,

@@ -18,16 +18,12 @@ import re
 import shutil
 import signal
 import socket
-import sys
 from pathlib import Path
 
 import pytest
 
 from cloudckpt.errors import ConfigurationError
 from cloudckpt.keras.distributed import WorkerRole, role_from_processes
-
-HERE = Path(__file__).parent
-sys.path.insert(0, str(HERE))
 
 needs_jax = pytest.mark.skipif(importlib.util.find_spec("jax") is None, reason="jax is not installed")
 

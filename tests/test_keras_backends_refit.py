@@ -6,16 +6,13 @@ file again under JAX and PyTorch)."""
 
 from __future__ import annotations
 
-import sys
 from pathlib import Path
 
 import pytest
 
 keras = pytest.importorskip("keras")
 import numpy as np  # noqa: E402
-
-sys.path.insert(0, str(Path(__file__).parent))
-from keras_job import deterministic  # noqa: E402
+from support.keras_job import deterministic  # noqa: E402
 
 from cloudckpt.keras import CloudCheckpoint  # noqa: E402
 

@@ -5,17 +5,13 @@ failures that must not pass silently."""
 from __future__ import annotations
 
 import os
-import sys
-from pathlib import Path
 
 import pytest
 
 keras = pytest.importorskip("keras")
 import numpy as np  # noqa: E402
 import tensorflow as tf  # noqa: E402
-
-sys.path.insert(0, str(Path(__file__).parent))
-from keras_job import build_model, data  # noqa: E402
+from support.keras_job import build_model, data  # noqa: E402
 
 from cloudckpt.errors import StaleWriterError, TransferError  # noqa: E402
 from cloudckpt.keras import CloudCheckpoint  # noqa: E402

@@ -2,7 +2,7 @@
 
 The chief rule is a pure function of TF_CONFIG / the strategy's cluster resolver (unit tests below). The
 integration test runs two real worker processes of a `tf.distribute.MultiWorkerMirroredStrategy` on 127.0.0.1
-(``tests/mwms_job.py``, which carries a shim for keras-team/keras#20585 — Keras 3.15's ``fit`` fails under
+(``tests/support/mwms_job.py``, which carries a shim for keras-team/keras#20585 — Keras 3.15's ``fit`` fails under
 multi-worker MWMS without it), SIGKILLs both mid-run, restarts both, and checks who wrote what.
 """
 
@@ -23,7 +23,7 @@ import pytest
 from cloudckpt.errors import ConfigurationError
 from cloudckpt.keras.distributed import WorkerRole, current_role, role_from_tf_config
 
-JOB = str(Path(__file__).parent / "mwms_job.py")
+JOB = str(Path(__file__).parent / "support" / "mwms_job.py")
 
 
 def cfg(cluster, task_type, index):

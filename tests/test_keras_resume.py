@@ -1,5 +1,5 @@
-"""Exact resume, proven with real processes: training runs (tests/keras_job.py) are killed with SIGKILL or SIGTERM,
-or told of a GCE preemption by a local metadata server, then restarted with the same command; the final weights
+"""Exact resume, proven with real processes: training runs (tests/support/keras_job.py) are killed with SIGKILL or
+SIGTERM, or told of a GCE preemption by a local metadata server, then restarted with the same command; the final weights
 must be bit-identical to an uninterrupted run without the callback, and the batches trained twice are counted."""
 
 from __future__ import annotations
@@ -18,10 +18,9 @@ import pytest
 
 pytest.importorskip("keras")
 
-sys.path.insert(0, str(Path(__file__).parent))
 from test_preemption import Metadata  # noqa: E402
 
-JOB = str(Path(__file__).parent / "keras_job.py")
+JOB = str(Path(__file__).parent / "support" / "keras_job.py")
 STEPS_PER_EPOCH = 23  # 1437 training samples of digits, batches of 64
 EPOCHS = 3
 

@@ -100,7 +100,7 @@ def test_store_mirrors_lightning_top_k_and_pull_best_is_lightnings_best(tmp_path
     _, best_name, best_score = next(ln.split() for ln in lines if ln.startswith("best "))
     local = sorted(os.listdir(d / "root" / "ckpts"))
     assert sorted(c.meta["name"] for c in CheckpointStore(str(store)).list()) == local
-    out = subprocess.run([sys.executable, "-m", "cloudckpt", "pull", "best", "--from", str(store), "--to",
+    out = subprocess.run([sys.executable, "-m", "cloudckpt", "pull", "best", "--remote", str(store), "--to",
                           str(tmp_path / "best")], capture_output=True, text=True, env=_env(), timeout=120)
     assert out.returncode == 0, out.stderr
     assert (tmp_path / "best" / best_name).is_file()

@@ -259,11 +259,8 @@ def test_the_deadline_counts_from_the_notice_not_from_the_next_batch_boundary(me
     deadline counted from the notice, or the log says by how much it missed it."""
     keras = pytest.importorskip("keras")
     import re
-    import sys
-    from pathlib import Path
 
-    sys.path.insert(0, str(Path(__file__).parent))
-    from keras_job import build_model, data
+    from support.keras_job import build_model, data
 
     from cloudckpt.keras import CloudCheckpoint
     from cloudckpt.store import CheckpointStore

@@ -66,7 +66,7 @@ def test_cli_draws_byte_bars_on_a_terminal(local_url, tmp_path):
     src = tmp_path / "model.weights.h5"
     src.write_bytes(os.urandom(SIZE))
     out = {}
-    for args in (["push", str(src), "--to", local_url], ["verify", local_url]):
+    for args in (["push", str(src), "--remote", local_url], ["verify", "--remote", local_url]):
         main, child = pty.openpty()
         fcntl.ioctl(child, termios.TIOCSWINSZ, struct.pack("HHHH", 24, 120, 0, 0))  # a 120-column terminal
         env = dict(os.environ)

@@ -11,6 +11,7 @@ import signal
 import subprocess
 import sys
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
@@ -37,12 +38,15 @@ def pem(body: str) -> str:
     return f"-----BEGIN PRIVATE KEY-----\nMIIE{body}\nAAAA\n-----END PRIVATE KEY-----\n"
 
 
+PARALLEL = 2  # CLI processes at a time: each spends most of its life starting Python or waiting for a server
+
+
 INLINE_TOKEN = json.dumps({"type": "service_account", "project_id": "p", "private_key_id": S["key_id_id"],
                            "private_key": pem(S["private_key"]), "client_email": "ci@p.iam.gserviceaccount.com"})
 
 
 class Transcript:
-    """Every CLI run of the test: its command, exit code, stdout and stderr."""
+    """Every CLI run of the test: its command, exit code, stdout and stderr. Runs may come from several threads."""
 
     def __init__(self, tmp: Path) -> None:
         self.tmp = tmp
@@ -59,6 +63,12 @@ class Transcript:
         if expect is not None:
             assert proc.returncode == expect, f"{args}: exit {proc.returncode}: {proc.stderr[-600:]}"
         return proc
+
+    def run_all(self, calls: list[tuple[tuple[str, ...], dict]]) -> None:
+        """Independent runs, :data:`PARALLEL` at a time: each is still a process of its own, checked as by run()."""
+        with ThreadPoolExecutor(PARALLEL) as pool:
+            for done in [pool.submit(self.run, *args, **kwargs) for args, kwargs in calls]:
+                done.result()
 
     def leaks(self) -> list[str]:
         found = []
@@ -132,23 +142,23 @@ def every_command(t: Transcript, url: str, opts: list[str], tmp: Path, kind: str
     """push, ls, show, pull, verify, prune, gc and sync on one run, logged at -vv, JSON where offered."""
     v = ["-vv", *opts]
     for i in range(3):
-        t.run(*v, "push", str(make_source(tmp, f"{kind}-src{i}", nested=kind != "ftp")), "--to", url,
+        t.run(*v, "push", str(make_source(tmp, f"{kind}-src{i}", nested=kind != "ftp")), "--remote", url,
               "--epoch", str(i), "--metric", f"val_loss={1 - i / 10}", "--monitor", "val_loss", "--json")
-    t.run(*v, "ls", url, "--json")
-    t.run("-v", *opts, "ls", url)
-    t.run(*v, "show", "latest", "--from", url, "--json")
-    t.run(*v, "pull", "best", "--from", url, "--to", str(tmp / f"{kind}-pulled"), "--json")
-    t.run("-v", *opts, "pull", "latest", "--from", url, "--to", str(tmp / f"{kind}-pulled"))
-    t.run(*v, "verify", url, "--all", "--json")
-    t.run(*v, "prune", url, "--keep-last", "1", "--json")
-    t.run(*v, "gc", url, "--min-age", "0", "--json")
-    t.run(*v, "pull", "no-such-checkpoint", "--from", url, "--to", str(tmp / f"{kind}-x"), expect=3)
+    t.run(*v, "ls", "--remote", url, "--json")
+    t.run("-v", *opts, "ls", "--remote", url)
+    t.run(*v, "show", "latest", "--remote", url, "--json")
+    t.run(*v, "pull", "best", "--remote", url, "--to", str(tmp / f"{kind}-pulled"), "--json")
+    t.run("-v", *opts, "pull", "latest", "--remote", url, "--to", str(tmp / f"{kind}-pulled"))
+    t.run(*v, "verify", "--remote", url, "--all", "--json")
+    t.run(*v, "prune", "--remote", url, "--keep-last", "1", "--json")
+    t.run(*v, "gc", "--remote", url, "--min-age", "0", "--json")
+    t.run(*v, "pull", "no-such-checkpoint", "--remote", url, "--to", str(tmp / f"{kind}-x"), expect=3)
     watch = tmp / f"{kind}-watch"
     (watch / "e01").mkdir(parents=True)
     (watch / "e01" / "w.bin").write_bytes(b"w" * 100)
     env = {**os.environ, **ENV}
     env.pop("CLOUDCKPT_DEBUG", None)
-    proc = subprocess.Popen([*CLI, *v, "sync", str(watch), "--to", url, "--settle", "0.2", "--poll", "0.1",
+    proc = subprocess.Popen([*CLI, *v, "sync", str(watch), "--remote", url, "--settle", "0.2", "--poll", "0.1",
                              "--name-pattern", r"e(?P<epoch>\d+)"], stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True, env=env, cwd=tmp)
     deadline = time.monotonic() + 60
@@ -171,27 +181,31 @@ def _api_options(opts: list[str]) -> dict:
 def failure_paths(t: Transcript, s3_url: str, gcs_url: str, ftp_url: str, tmp: Path) -> None:
     """Each failure path: a one-line error (or, with CLOUDCKPT_DEBUG, a traceback) that names no credential."""
     secret_opts = ["-o", f"key={S['key_id']}", "-o", f"secret={S['secret']}", "-o", f"token={S['token']}"]
-    # a bad option beside secret ones, and a malformed option holding a secret
-    t.run("-vv", *secret_opts, "-o", "bogus_option=1", "ls", s3_url, expect=5)
-    t.run("-o", f"token{S['token']}", "ls", s3_url, expect=2)
-    # an endpoint nobody answers at
-    t.run("-vv", *secret_opts, "-o", "endpoint_url=http://127.0.0.1:9", "ls", s3_url, expect=None, timeout=300)
-    # URLs that can't be used: credentials in an S3 URL, a bad bucket name, a SAS signature in the query
-    t.run("-vv", "ls", f"s3://{S['key_id']}:{S['secret']}@{s3_url[5:]}", expect=None)
-    t.run("-vv", "ls", f"gs://x?sig={S['sas']}", expect=None)
-    # a generic fsspec URL with user:password: a wrong password, a missing run, the traceback on request
     wrong = ftp_url.replace(S["password"], S["password"] + "x")
-    t.run("-vv", "ls", wrong, expect=None)
-    t.run("-vv", "ls", ftp_url + "-missing", expect=3)
-    t.run("-vv", "ls", wrong, env={"CLOUDCKPT_DEBUG": "1"}, expect=None)
-    t.run("-vv", "pull", "latest", "--from", ftp_url + "-missing", "--to", str(tmp / "ftp-x"), expect=3)
-    # GCS: an inline service-account token, and a credentials file from the environment (no emulator)
-    t.run("-vv", "-o", f"token={INLINE_TOKEN}", "ls", gcs_url, expect=5)
-    t.run("-vv", "-o", f"token={INLINE_TOKEN}", "ls", gcs_url, env={"CLOUDCKPT_DEBUG": "1"}, expect=5)
     creds = tmp / "gcp-creds.json"
     creds.write_text(INLINE_TOKEN.replace(S["private_key"], S["google_file_key"]))
-    t.run("-vv", "ls", gcs_url, env={"GOOGLE_APPLICATION_CREDENTIALS": str(creds)},
-          drop=("STORAGE_EMULATOR_HOST",), expect=None, timeout=300)
+    t.run_all([
+        # an endpoint nobody answers at (first: its retries take the longest)
+        (("-vv", *secret_opts, "-o", "endpoint_url=http://127.0.0.1:9", "ls", "--remote", s3_url),
+         dict(expect=None, timeout=300)),
+        # a bad option beside secret ones, and a malformed option holding a secret
+        (("-vv", *secret_opts, "-o", "bogus_option=1", "ls", "--remote", s3_url), dict(expect=5)),
+        (("-o", f"token{S['token']}", "ls", "--remote", s3_url), dict(expect=2)),
+        # URLs that can't be used: credentials in an S3 URL, a bad bucket name, a SAS signature in the query
+        (("-vv", "ls", "--remote", f"s3://{S['key_id']}:{S['secret']}@{s3_url[5:]}"), dict(expect=None)),
+        (("-vv", "ls", "--remote", f"gs://x?sig={S['sas']}"), dict(expect=None)),
+        # a generic fsspec URL with user:password: a wrong password, a missing run, the traceback on request
+        (("-vv", "ls", "--remote", wrong), dict(expect=None)),
+        (("-vv", "ls", "--remote", ftp_url + "-missing"), dict(expect=3)),
+        (("-vv", "ls", "--remote", wrong), dict(env={"CLOUDCKPT_DEBUG": "1"}, expect=None)),
+        (("-vv", "pull", "latest", "--remote", ftp_url + "-missing", "--to", str(tmp / "ftp-x")), dict(expect=3)),
+        # GCS: an inline service-account token, and a credentials file from the environment (no emulator)
+        (("-vv", "-o", f"token={INLINE_TOKEN}", "ls", "--remote", gcs_url), dict(expect=5)),
+        (("-vv", "-o", f"token={INLINE_TOKEN}", "ls", "--remote", gcs_url), dict(env={"CLOUDCKPT_DEBUG": "1"},
+                                                                                 expect=5)),
+        (("-vv", "ls", "--remote", gcs_url), dict(env={"GOOGLE_APPLICATION_CREDENTIALS": str(creds)},
+                                                  drop=("STORAGE_EMULATOR_HOST",), expect=None, timeout=300)),
+    ])
     # access denied: a bucket whose policy refuses everyone
     import boto3
 
@@ -199,20 +213,20 @@ def failure_paths(t: Transcript, s3_url: str, gcs_url: str, ftp_url: str, tmp: P
     boto3.client("s3").put_bucket_policy(Bucket=bucket, Policy=json.dumps({"Version": "2012-10-17", "Statement": [
         {"Effect": "Deny", "Principal": "*", "Action": "s3:*", "Resource": [f"arn:aws:s3:::{bucket}",
                                                                              f"arn:aws:s3:::{bucket}/*"]}]}))
-    t.run("-vv", *secret_opts, "ls", s3_url, "--json", expect=5)
-    t.run("-vv", *secret_opts, "push", str(make_source(tmp, "denied-src")), "--to", s3_url, expect=5)
+    t.run("-vv", *secret_opts, "ls", "--remote", s3_url, "--json", expect=5)
+    t.run("-vv", *secret_opts, "push", str(make_source(tmp, "denied-src")), "--remote", s3_url, expect=5)
 
 
 def test_no_credential_reaches_output_logs_or_files(tmp_path, local_url, s3_url, gcs_url, ftp_url):
     t = Transcript(tmp_path)
     s3_opts = ["-o", f"key={S['key_id']}", "-o", f"secret={S['secret']}", "-o", f"token={S['token']}"]
-    every_command(t, local_url, [], tmp_path, "local")
-    every_command(t, s3_url, s3_opts, tmp_path, "s3")
-    every_command(t, gcs_url, [], tmp_path, "gcs")
-    every_command(t, ftp_url, ["-o", "unsafe_no_cas=true"], tmp_path, "ftp")  # a generic store: writes need the option
-    stores = [local_url, s3_url, gcs_url, ftp_url]
+    stores = {"local": (local_url, []), "s3": (s3_url, s3_opts), "gcs": (gcs_url, []),
+              "ftp": (ftp_url, ["-o", "unsafe_no_cas=true"])}  # a generic store: writes need the option
+    with ThreadPoolExecutor(PARALLEL) as pool:  # the stores side by side; each store's commands in order
+        for done in [pool.submit(every_command, t, url, opts, tmp_path, kind) for kind, (url, opts) in stores.items()]:
+            done.result()
     leaks = t.leaks() + files_leaks(tmp_path, {tmp_path / "gcp-creds.json"})
-    for url in stores:
+    for url, _ in stores.values():
         leaks += objects_leaks(url)
     failure_paths(t, s3_url, gcs_url, ftp_url, tmp_path)
     leaks += t.leaks() + files_leaks(tmp_path, {tmp_path / "gcp-creds.json"})

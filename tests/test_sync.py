@@ -72,7 +72,7 @@ def test_sync_process_commits_then_stops_on_sigterm(kind, request, tmp_path):
     url = request.getfixturevalue(f"{kind}_url")
     watch = tmp_path / "watch"
     watch.mkdir()
-    proc = subprocess.Popen([sys.executable, "-m", "cloudckpt", "sync", str(watch), "--to", url, "--settle", "0.3",
+    proc = subprocess.Popen([sys.executable, "-m", "cloudckpt", "sync", str(watch), "--remote", url, "--settle", "0.3",
                              "--poll", "0.1", "--keep-last", "2"], stderr=subprocess.PIPE, text=True)
     try:
         for epoch in range(3):
@@ -94,8 +94,8 @@ def test_sync_process_commits_then_stops_on_sigterm(kind, request, tmp_path):
 def test_exclusive_sync_exits_6_when_fenced(tmp_path, local_url):
     watch = tmp_path / "watch"
     watch.mkdir()
-    proc = subprocess.Popen([sys.executable, "-m", "cloudckpt", "sync", str(watch), "--to", local_url, "--exclusive",
-                             "--settle", "0", "--poll", "0.1"], stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen([sys.executable, "-m", "cloudckpt", "sync", str(watch), "--remote", local_url,
+                             "--exclusive", "--settle", "0", "--poll", "0.1"], stderr=subprocess.PIPE, text=True)
     try:
         assert _wait_for(lambda: Path(local_url, "index.json").exists())
         with CheckpointStore(local_url) as newer:

@@ -17,8 +17,8 @@ import urllib.error
 import urllib.request
 
 import pytest
-import servers
 from reliability.faultproxy import FaultProxy
+from support import servers
 
 from cloudckpt import CheckpointStore
 from cloudckpt.errors import IntegrityError, TransferError

@@ -101,10 +101,10 @@ def test_pull_best_returns_the_lowest_val_loss(tmp_path, reference):
     saved = {int(s): float(v) for _, s, v in (ln.split() for ln in lines if ln.startswith("saved "))}
     best_step = min(saved, key=saved.__getitem__)
     cli = [sys.executable, "-m", "cloudckpt"]
-    out = subprocess.run([*cli, "pull", "best", "--from", str(store), "--to", str(tmp_path / "best")],
+    out = subprocess.run([*cli, "pull", "best", "--remote", str(store), "--to", str(tmp_path / "best")],
                          capture_output=True, text=True, env=_env(), timeout=120)
     assert out.returncode == 0, out.stderr
-    ls = subprocess.run([*cli, "ls", str(store)], capture_output=True, text=True, env=_env(), timeout=120)
+    ls = subprocess.run([*cli, "ls", "--remote", str(store)], capture_output=True, text=True, env=_env(), timeout=120)
     assert ls.returncode == 0 and "[best]" in ls.stdout
     state = torch.load(tmp_path / "best" / "state.pt", weights_only=True)
     assert set(state) >= {"model", "optimizer", "scheduler", "rng", "data"}

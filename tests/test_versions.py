@@ -91,7 +91,7 @@ def test_a_botocore_without_put_object_if_match_is_refused_with_exit_5():
         botocore.loaders.Loader.load_service_model = old_model
         botocore.__version__ = "1.35.60"
         from cloudckpt.cli import main
-        sys.exit(main(["ls", "s3://some-bucket/run"]))
+        sys.exit(main(["ls", "--remote", "s3://some-bucket/run"]))
         """)
     assert proc.returncode == 5, proc.stderr
     assert f"cloudckpt needs botocore>={MIN_BOTOCORE}" in proc.stderr and "1.35.60" in proc.stderr

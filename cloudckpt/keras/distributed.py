@@ -54,8 +54,8 @@ Known upstream limit (Keras 3.15, TensorFlow 2.21): ``model.fit`` under a two-wo
 fails before the first step with ``ValueError: Attempt to convert a value (PerReplica:{...}) with an unsupported
 type (<class '...PerReplica'>) to a Tensor.`` (keras-team/keras#20585, tensorflow/tensorflow#72388); once past
 that, scalar logs fail in the step with ``Invalid reduction dimension 0 for input with 0 dimensions``. Both are in
-Keras' TensorFlow trainer, not in cloudckpt; ``tests/mwms_job.py`` carries the two-function shim the multi-worker
-test runs under.
+Keras' TensorFlow trainer, not in cloudckpt; ``tests/support/mwms_job.py`` carries the two-function shim the
+multi-worker test runs under.
 """
 
 from __future__ import annotations

@@ -118,7 +118,7 @@ restore() { # pull the latest checkpoint into CKPT_DIR; set CLOUDCKPT_RESUME_DIR
   local rc attempt
   for attempt in 1 2 3; do
     rc=0
-    "$CLOUDCKPT_VENV/bin/cloudckpt" pull latest --from "$CLOUDCKPT_REMOTE" --to "$CKPT_DIR" --fallback || rc=$?
+    "$CLOUDCKPT_VENV/bin/cloudckpt" pull latest --remote "$CLOUDCKPT_REMOTE" --to "$CKPT_DIR" --fallback || rc=$?
     case $rc in
       0) log "restored the latest checkpoint of $CLOUDCKPT_REMOTE into $CKPT_DIR"
          CLOUDCKPT_RESUME_DIR=$CKPT_DIR; return 0 ;;

@@ -22,7 +22,7 @@ selector=${CLOUDCKPT_PULL_SELECTOR:-latest}
 cloudckpt=${CLOUDCKPT_BIN:-cloudckpt}
 
 rc=0
-"$cloudckpt" pull "$selector" --from "$CLOUDCKPT_REMOTE" --to "$ckpt_dir" --fallback || rc=$?
+"$cloudckpt" pull "$selector" --remote "$CLOUDCKPT_REMOTE" --to "$ckpt_dir" --fallback || rc=$?
 case $rc in
   0) log "restored $selector of $CLOUDCKPT_REMOTE into $ckpt_dir"
      export CLOUDCKPT_RESUME_DIR=$ckpt_dir ;;

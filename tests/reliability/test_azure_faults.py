@@ -11,7 +11,7 @@ from __future__ import annotations
 import random
 
 import pytest
-import servers
+from support import servers
 
 from cloudckpt import CheckpointStore
 

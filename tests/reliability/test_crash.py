@@ -128,7 +128,7 @@ def test_kill_at_every_step_cli_push(crash_url, tmp_path, figures):
     (src / "model.weights.h5").write_bytes(random.randbytes(50_000))
     (src / "opt").mkdir()
     (src / "opt" / "state.bin").write_bytes(random.randbytes(3000))
-    base = ["push", str(src), "--to", crash_url, "--metric", "val_loss=0.5", "--monitor", "val_loss"]
+    base = ["push", str(src), "--remote", crash_url, "--metric", "val_loss=0.5", "--monitor", "val_loss"]
     assert run(cli_cmd(*base, "--epoch", "0")).returncode == 0
     committed = _ids(crash_url)
     for i, point in enumerate(POINTS[:3], start=1):
@@ -143,7 +143,7 @@ def test_kill_at_every_step_cli_push(crash_url, tmp_path, figures):
         check_run(crash_url)
         committed = _ids(crash_url)
     # a pull through the CLI after all that
-    out = run(cli_cmd("pull", "latest", "--from", crash_url, "--to", str(tmp_path / "restored"), "--json"))
+    out = run(cli_cmd("pull", "latest", "--remote", crash_url, "--to", str(tmp_path / "restored"), "--json"))
     assert out.returncode == 0, out.stderr
     assert json.loads("\n".join(out.lines))["id"] == committed[-1]
     assert (tmp_path / "restored" / "opt" / "state.bin").read_bytes() == (src / "opt" / "state.bin").read_bytes()
@@ -203,8 +203,8 @@ def test_random_sigkill_cli_push(crash_url, tmp_path, full, figures):
         src.mkdir()
         for j in range(rnd.randint(1, 3)):
             (src / f"f{j}.bin").write_bytes(rnd.randbytes(rnd.randint(1, 400_000)))
-        cmd = cli_cmd("push", str(src), "--to", crash_url, "--epoch", str(i), "--metric", f"val_loss={rnd.random()}",
-                      "--monitor", "val_loss", "--keep-last", "3", "--json")
+        cmd = cli_cmd("push", str(src), "--remote", crash_url, "--epoch", str(i),
+                      "--metric", f"val_loss={rnd.random()}", "--monitor", "val_loss", "--keep-last", "3", "--json")
         out = run_and_kill(cmd, delay=rnd.uniform(0.1, 0.7), ready=None)
         figures["kills" if out.killed else "cli_push_completed"][f"{kind}/random-cli-push"] += 1
         if out.returncode == 0:
@@ -222,7 +222,7 @@ def test_random_sigkill_sync_service(crash_url, tmp_path, full, figures):
     kind = _kind(crash_url)
     watch = tmp_path / "watch"
     watch.mkdir()
-    sync = cli_cmd("sync", str(watch), "--to", crash_url, "--settle", "0", "--poll", "0.05",
+    sync = cli_cmd("sync", str(watch), "--remote", crash_url, "--settle", "0", "--poll", "0.05",
                    "--name-pattern", r"model-(?P<epoch>\d+)", "--keep-last", "2")
     for i in range(6 if full else 3):
         for j in range(3):

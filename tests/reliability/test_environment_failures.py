@@ -10,20 +10,17 @@ import json
 import os
 import shutil
 import subprocess
-import sys
 import urllib.request
 from pathlib import Path
 
 import pytest
+from support import servers
 
 from cloudckpt import CheckpointStore, cli
 from cloudckpt.errors import AccessError, CheckpointNotFoundError, CloudCkptError, ConfigurationError, TransferError
 
 from .invariants import check_run
 from .procs import cli_cmd, env_with, run
-
-sys.path.insert(0, str(Path(__file__).parents[1]))
-import servers  # noqa: E402
 
 
 def cli_exit(*args: str) -> tuple[int, str]:
@@ -51,7 +48,7 @@ def test_bad_url_is_a_configuration_error(url, tmp_path, figures):
     with pytest.raises(ConfigurationError):
         with CheckpointStore(url) as store:
             store.push(src)
-    code, err = cli_exit("push", str(tmp_path / "c"), "--to", url)
+    code, err = cli_exit("push", str(tmp_path / "c"), "--remote", url)
     assert code == 5 and err.startswith("cloudckpt: error:") and err.count("\n") == 1, (code, err)
     figures["bad_inputs"]["bad-url"] += 1
 
@@ -67,7 +64,7 @@ def test_missing_bucket_is_an_access_error_at_once(kind, request, tmp_path, figu
                 store.pull("latest", to=tmp_path / "t") if op == "pull" else store.push(_ckpt(tmp_path / "c"))
         assert "no-such-bucket-cloudckpt" in str(info.value)
         assert not (tmp_path / "t").exists()
-    code, err = cli_exit("pull", "latest", "--from", url, "--to", str(tmp_path / "t"))
+    code, err = cli_exit("pull", "latest", "--remote", url, "--to", str(tmp_path / "t"))
     assert code == 5, err
     figures["bad_inputs"][f"missing-bucket/{kind}"] += 3
 
@@ -76,7 +73,7 @@ def test_no_run_at_url_is_nothing_matches(local_url, s3_url, tmp_path):
     for url in (local_url, s3_url):
         with pytest.raises(CheckpointNotFoundError):
             CheckpointStore(url).pull("latest", to=tmp_path / "t")
-        assert cli_exit("ls", url)[0] == 3
+        assert cli_exit("ls", "--remote", url)[0] == 3
 
 
 # --- missing credentials --------------------------------------------------------------------------------------------
@@ -90,11 +87,11 @@ NO_AWS_CREDENTIALS = {"AWS_ACCESS_KEY_ID": None, "AWS_SECRET_ACCESS_KEY": None, 
 def test_missing_aws_credentials_fail_at_once_with_exit_5(s3_url, tmp_path, figures):
     with CheckpointStore(s3_url) as store:
         store.push(_ckpt(tmp_path / "c"))
-    out = run(cli_cmd("pull", "latest", "--from", s3_url, "--to", str(tmp_path / "t")),
+    out = run(cli_cmd("pull", "latest", "--remote", s3_url, "--to", str(tmp_path / "t")),
               env=env_with(**NO_AWS_CREDENTIALS))
     assert out.returncode == 5, out.stderr
     assert "credentials" in out.stderr and s3_url in out.stderr and out.stderr.count("\n") == 1
-    out = run(cli_cmd("push", str(tmp_path / "c"), "--to", s3_url), env=env_with(**NO_AWS_CREDENTIALS))
+    out = run(cli_cmd("push", str(tmp_path / "c"), "--remote", s3_url), env=env_with(**NO_AWS_CREDENTIALS))
     assert out.returncode == 5, out.stderr
     assert not (tmp_path / "t").exists()
     figures["bad_inputs"]["missing-credentials"] += 2
@@ -174,11 +171,11 @@ def test_denied_access_is_an_access_error_with_exit_5(iam_moto, tmp_path, figure
         assert {o.rel for o in store.backend.list_objects()} - before == set()
     # the CLI: one line, exit 5
     code, err = cli_exit("--storage-option", f"endpoint_url={ep}", "--storage-option", f"key={keys['nobody'][0]}",
-                         "--storage-option", f"secret={keys['nobody'][1]}", "pull", "latest", "--from", url,
+                         "--storage-option", f"secret={keys['nobody'][1]}", "pull", "latest", "--remote", url,
                          "--to", str(tmp_path / "t2"))
     assert code == 5 and "access denied" in err, err
     code, err = cli_exit("--storage-option", f"endpoint_url={ep}", "--storage-option", "key=AKIAUNKNOWN0000000000",
-                         "--storage-option", "secret=x", "ls", url)
+                         "--storage-option", "secret=x", "ls", "--remote", url)
     assert code == 5, err
 
 
@@ -217,7 +214,7 @@ def test_full_disk_during_pull_leaves_target_and_disk_as_they_were(small_fs, loc
         assert _tree(small_fs) == before, "a partial download was left behind"
         assert shutil.disk_usage(small_fs).free == free
         assert json.loads((small_fs / "target" / ".cloudckpt.json").read_text())["checkpoint"]["id"] == small.id
-    code, err = cli_exit("pull", big.id, "--from", local_url, "--to", str(small_fs / "target"))
+    code, err = cli_exit("pull", big.id, "--remote", local_url, "--to", str(small_fs / "target"))
     assert code == 1 and "No space left" in err and err.count("\n") == 1, err
     assert _tree(small_fs) == before
     figures["bad_inputs"]["full-disk/pull"] += 2
@@ -231,7 +228,7 @@ def test_full_disk_during_push_keeps_the_committed_run(small_fs, tmp_path, figur
             store.push(_ckpt(tmp_path / "b", 5 * 2**20), epoch=2)
         assert "No space left" in str(info.value)
         assert [c.id for c in store.list()] == [first.id]
-    code, err = cli_exit("push", str(tmp_path / "b"), "--to", url, "--epoch", "3")
+    code, err = cli_exit("push", str(tmp_path / "b"), "--remote", url, "--epoch", "3")
     assert code == 1 and "No space left" in err, err
     state = check_run(url)  # gc frees the partial upload; the first checkpoint is intact
     assert [c.id for c in state.index.checkpoints] == [first.id]

@@ -107,11 +107,11 @@ def test_hostile_corpus(hostile_url, tmp_path, figures):
                 if case.op == "pull":
                     with pytest.raises(case.error):
                         store.pull("latest", to=target)
-                    args = ["pull", "latest", "--from", hostile_url, "--to", str(target)]
+                    args = ["pull", "latest", "--remote", hostile_url, "--to", str(target)]
                 else:
                     results = store.verify(all=True)
                     assert [r.ok for r in results].count(False) == 1, results
-                    args = ["verify", hostile_url, "--all"]
+                    args = ["verify", "--remote", hostile_url, "--all"]
                 assert snapshot(sandbox) == before, "the failed API call changed files beside or in the target"
                 if kind != "local" and tried % 3 and case.exit_code == 4:
                     continue  # each CLI call opens a fresh S3 client (~0.35 s of botocore set-up): a third suffice
@@ -143,7 +143,7 @@ def test_fallback_skips_a_tampered_latest(hostile_url, tmp_path, figures):
         assert result.skipped == (run.index["latest"],)
         assert result.entry.id != run.index["latest"]
         assert (tmp_path / "restored" / "sub" / "opt.bin").read_bytes() == b"optimizer-state-0" * 500
-    code, err = cli_exit("pull", "latest", "--from", hostile_url, "--to", str(tmp_path / "cli"), "--fallback")
+    code, err = cli_exit("pull", "latest", "--remote", hostile_url, "--to", str(tmp_path / "cli"), "--fallback")
     assert code == 0 and "failed verification" in err
     figures["bad_inputs"]["fallback"] += 1
 
@@ -178,12 +178,12 @@ def test_cli_process_exit_codes_on_bad_runs(local_url, tmp_path, figures):
     good.store.close()
     (tmp_path / "foreign").mkdir()
     (tmp_path / "foreign" / "notes.txt").write_text("mine")
-    out = run_proc(cli_cmd("pull", "latest", "--from", local_url, "--to", str(tmp_path / "foreign")))
+    out = run_proc(cli_cmd("pull", "latest", "--remote", local_url, "--to", str(tmp_path / "foreign")))
     assert out.returncode == 5 and (tmp_path / "foreign" / "notes.txt").read_text() == "mine"
-    out = run_proc(cli_cmd("ls", str(tmp_path / "no-such-run")))
+    out = run_proc(cli_cmd("ls", "--remote", str(tmp_path / "no-such-run")))
     assert out.returncode == 3, out.stderr
     good.put_index(good.raw[:-20])
-    out = run_proc(cli_cmd("pull", "latest", "--from", local_url, "--to", str(tmp_path / "t")))
+    out = run_proc(cli_cmd("pull", "latest", "--remote", local_url, "--to", str(tmp_path / "t")))
     assert out.returncode == 4 and out.stderr.startswith("cloudckpt: error: index is invalid")
     assert not (tmp_path / "t").exists()
     figures["bad_inputs_via_cli"]["process"] += 3
@@ -195,10 +195,8 @@ def test_keras_resume_treats_the_index_as_input(tmp_path, figures, caplog):
     outside the callback's folder and nothing there but Keras' own file, even with ``prune_local``."""
     keras = pytest.importorskip("keras")
     import logging
-    import sys
 
-    sys.path.insert(0, str(Path(__file__).parents[1]))
-    from keras_job import build_model, data
+    from support.keras_job import build_model, data
 
     from cloudckpt.keras import CloudCheckpoint
 

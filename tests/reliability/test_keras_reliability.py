@@ -1,5 +1,5 @@
 """The Keras callback on the bad day: SIGKILLed at random while it trains and commits, saving through 20% network
-faults, and training on a full disk. Training runs in a real subprocess (``tests/keras_job.py``: digits, a small
+faults, and training on a full disk. Training runs in a real subprocess (``tests/support/keras_job.py``: digits, a small
 dense model, ``CloudCheckpoint`` committing every 5 batches)."""
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ from .invariants import check_run
 from .procs import ROOT, env_with, run, run_and_kill
 
 pytestmark = pytest.mark.skipif(importlib.util.find_spec("keras") is None, reason="keras is not installed")
-JOB = str(ROOT / "tests" / "keras_job.py")
+JOB = str(ROOT / "tests" / "support" / "keras_job.py")
 
 
 def job_cmd(remote: str, filepath: Path, *extra: str) -> list[str]:
@@ -161,7 +161,7 @@ def test_sync_service_beside_the_callback_on_one_run(local_url, tmp_path, figure
     sync = None
     try:
         _wait_for_commit(local_url)  # the callback has claimed the run and committed
-        sync = _popen([sys.executable, "-m", "cloudckpt", "-v", "sync", str(watch), "--to", local_url,
+        sync = _popen([sys.executable, "-m", "cloudckpt", "-v", "sync", str(watch), "--remote", local_url,
                        "--settle", "0", "--poll", "0.05"])
         for i in range(4):
             (watch / f"export-{i}.tmp").write_bytes(random.Random(i).randbytes(50_000))
