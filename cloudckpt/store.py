@@ -204,16 +204,16 @@ class CheckpointStore:
         """
         policy = _policy(policy, monitor=monitor, mode=mode, keep_best=keep_best, keep_last=keep_last,
                          keep_every=keep_every)
+        values = {k: float(v) for k, v in (metrics or {}).items()}
         files = scan(source)
         self.backend.ensure_conditional_writes(self.budget)  # refuse a store without CAS before uploading anything
         cid = layout.new_checkpoint_id(epoch, step)
         with self._busy.holding(cid):
             t0 = time.monotonic()
             stored = self._upload(cid, files, sha256=sha256)
-            entry = CheckpointEntry(id=cid, epoch=epoch, step=step, created=utcnow(),
-                                    metrics={k: float(v) for k, v in (metrics or {}).items()}, files=tuple(stored),
-                                    size=sum(e.size for e in stored), writer=self.keeper.writer_id,
-                                    meta=dict(meta or {}))
+            entry = CheckpointEntry(id=cid, epoch=epoch, step=step, created=utcnow(), metrics=values,
+                                    files=tuple(stored), size=sum(e.size for e in stored),
+                                    writer=self.keeper.writer_id, meta=dict(meta or {}))
             failpoints.hit("push.after_upload")
             self._write_manifest(entry)
             failpoints.hit("push.after_manifest")
