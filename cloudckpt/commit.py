@@ -140,26 +140,7 @@ class IndexKeeper:
         written: dict[int, Update] = {}  # update number -> what that write would make of the index
 
         def attempt() -> Update:
-            index, token = self.read()
-            if written:
-                done = self._resolve(index, written, what)
-                if done is not None:
-                    return done
-            self._check_fence(index)
-            proposed = change(index)
-            if proposed.index is None:
-                return Update(index, index)
-            self.backend.ensure_conditional_writes(self.budget)  # once per backend: refuse a store without CAS
-            op = next(self._ops)
-            new = _stamped(proposed.index, index, self.session, op)
-            written[op] = Update(index, new, proposed.pruned)
-            try:
-                new_token = self.backend.write_index(dump(new), token)
-            except IndexConflictError:
-                self.conflicts += 1
-                raise
-            self._cached = (new_token, new) if new_token is not None else None
-            return written[op]
+            return self._attempt(change, written, what)
 
         def retryable(exc: BaseException) -> bool:
             return isinstance(exc, IndexConflictError) or retry.is_transient(exc)
@@ -177,6 +158,29 @@ class IndexKeeper:
                 if not (retry.is_transient(exc) or isinstance(exc, OSError)):
                     raise  # a programming error: let it show as itself
                 raise TransferError(f"{self.backend.url}: {what} failed: {exc}") from exc
+
+    def _attempt(self, change: Callable[[Index], Change], written: dict[int, Update], what: str) -> Update:
+        """One try of an update: settle an earlier write of it whose answer was lost, else apply ``change`` to the
+        index as it is now and write the result conditionally, recording it in ``written`` first."""
+        index, token = self.read()
+        done = self._resolve(index, written, what) if written else None
+        if done is not None:
+            return done
+        self._check_fence(index)
+        proposed = change(index)
+        if proposed.index is None:
+            return Update(index, index)
+        self.backend.ensure_conditional_writes(self.budget)  # once per backend: refuse a store without CAS
+        op = next(self._ops)
+        new = _stamped(proposed.index, index, self.session, op)
+        written[op] = Update(index, new, proposed.pruned)
+        try:
+            new_token = self.backend.write_index(dump(new), token)
+        except IndexConflictError:
+            self.conflicts += 1
+            raise
+        self._cached = (new_token, new) if new_token is not None else None
+        return written[op]
 
     def _resolve(self, index: Index, written: dict[int, Update], what: str) -> Update | None:
         """Which earlier write of this update the index shows applied; None when none did; raise when unknowable."""
