@@ -339,13 +339,14 @@ def sync_cmd(ctx: click.Context, watch_dir: str, url: str | None, monitor: str |
              keep_best: int | None, keep_last: int | None, keep_every: int | None, name_pattern: str | None,
              settle: float, poll: float, exclusive: bool) -> None:
     """Watch WATCH_DIR and commit each finished checkpoint until stopped (SIGTERM finishes what is in flight)."""
+    from .retention import Retention
     from .sync import SyncService
 
-    options = {k: v for k, v in dict(monitor=monitor, mode=mode, keep_best=keep_best, keep_last=keep_last,
-                                     keep_every=keep_every).items() if v is not None}
+    policy = Retention(monitor=monitor, mode=mode, keep_best=keep_best, keep_last=keep_last,  # type: ignore[arg-type]
+                       keep_every=keep_every)  # mode: click.Choice(["min", "max"])
     with _store(ctx, url) as store:
         service = SyncService(store, Path(watch_dir), settle=settle, poll=poll, name_pattern=name_pattern,
-                              push_options=options, exclusive=exclusive)
+                              policy=policy, exclusive=exclusive)
         service.run_forever(ready=lambda: click.echo(f"cloudckpt sync: watching {watch_dir} -> {store.url}", err=True))
         click.echo("cloudckpt sync: stopped", err=True)
 

@@ -1,9 +1,9 @@
 """The index's compare-and-swap loop, how a write whose answer was lost is resolved, and writer fencing.
 
 Every change to a run's index goes through :meth:`IndexKeeper.apply`: read the index and its version token, apply
-a pure change, write it back only if the token still holds; on a lost race read again and re-apply. A writer that
-has claimed the run (:meth:`IndexKeeper.claim`) carries a lease; once a newer writer claims the run, every update
-of the older one raises :class:`~cloudckpt.errors.StaleWriterError` instead of writing.
+a pure change (:mod:`cloudckpt.changes`), write it back only if the token still holds; on a lost race read again and
+re-apply. A writer that has claimed the run (:meth:`IndexKeeper.claim`) carries a lease; once a newer writer claims
+the run, every update of the older one raises :class:`~cloudckpt.errors.StaleWriterError` instead of writing.
 
 A write can fail ambiguously: a timeout or reset after the store carried it out, or a 412 answering a client's
 internal retry of a write that already succeeded. Re-applying the change then is wrong when another writer changed
@@ -33,6 +33,7 @@ import tenacity
 from . import retry
 from .backends import Backend
 from .backends.base import UNCHANGED
+from .changes import Change, claim_writer
 from .errors import CheckpointNotFoundError, IndexConflictError, StaleWriterError, TransferError
 from .manifest import Applied, CheckpointEntry, Index, WriterLease, dump, parse_index, utcnow
 
@@ -44,20 +45,16 @@ MAX_APPLIED = 32
 
 @dataclass(frozen=True)
 class Update:
-    """One applied index update: the index it was applied to and the one written (the same when nothing changed).
+    """One applied index update: the index it was applied to, the one written (the same when nothing changed) and
+    the checkpoints it took out (pruned: their objects are the caller's to delete).
 
     ``resolved`` is True when the write's answer was lost and the index showed afterwards that it happened.
     """
 
     before: Index
     after: Index
+    pruned: tuple[CheckpointEntry, ...] = ()
     resolved: bool = False
-
-    @property
-    def removed(self) -> list[CheckpointEntry]:
-        """Checkpoints this update took out of the index (pruned): their objects are the caller's to delete."""
-        kept = {c.id for c in self.after.checkpoints}
-        return [c for c in self.before.checkpoints if c.id not in kept]
 
 
 class OutcomeUnknownError(TransferError):
@@ -133,13 +130,9 @@ class IndexKeeper:
                 "it stops writing to this run"
             )
 
-    def update(self, change: Callable[[Index], Index | None], *, what: str = "update index") -> Index:
-        """Apply ``change`` (pure: Index -> new Index, or None for no change) with compare-and-swap; return the
-        result."""
-        return self.apply(change, what=what).after
-
-    def apply(self, change: Callable[[Index], Index | None], *, what: str = "update index") -> Update:
-        """Like :meth:`update`, returning the index the change was applied to as well (see :class:`Update`).
+    def apply(self, change: Callable[[Index], Change], *, what: str = "update index") -> Update:
+        """Apply ``change`` (pure: the index -> a :class:`~cloudckpt.changes.Change`) with compare-and-swap; return
+        what was written (see :class:`Update`).
 
         A write whose answer was lost is resolved before anything is re-applied (module docstring); raises
         :class:`OutcomeUnknownError` when that can't be decided.
@@ -147,26 +140,7 @@ class IndexKeeper:
         written: dict[int, Update] = {}  # update number -> what that write would make of the index
 
         def attempt() -> Update:
-            index, token = self.read()
-            if written:
-                done = self._resolve(index, written, what)
-                if done is not None:
-                    return done
-            self._check_fence(index)
-            new = change(index)
-            if new is None:
-                return Update(index, index)
-            self.backend.ensure_conditional_writes(self.budget)  # once per backend: refuse a store without CAS
-            op = next(self._ops)
-            new = _stamped(new, index, self.session, op)
-            written[op] = Update(index, new)
-            try:
-                new_token = self.backend.write_index(dump(new), token)
-            except IndexConflictError:
-                self.conflicts += 1
-                raise
-            self._cached = (new_token, new) if new_token is not None else None
-            return Update(index, new)
+            return self._attempt(change, written, what)
 
         def retryable(exc: BaseException) -> bool:
             return isinstance(exc, IndexConflictError) or retry.is_transient(exc)
@@ -179,6 +153,29 @@ class IndexKeeper:
             except IndexConflictError as e:  # other failures are typed by retry.run
                 raise TransferError(f"{self.backend.url}: {what}: gave up after {self.conflicts} lost races") from e
 
+    def _attempt(self, change: Callable[[Index], Change], written: dict[int, Update], what: str) -> Update:
+        """One try of an update: settle an earlier write of it whose answer was lost, else apply ``change`` to the
+        index as it is now and write the result conditionally, recording it in ``written`` first."""
+        index, token = self.read()
+        done = self._resolve(index, written, what) if written else None
+        if done is not None:
+            return done
+        self._check_fence(index)
+        proposed = change(index)
+        if proposed.index is None:
+            return Update(index, index)
+        self.backend.ensure_conditional_writes(self.budget)  # once per backend: refuse a store without CAS
+        op = next(self._ops)
+        new = _stamped(proposed.index, index, self.session, op)
+        written[op] = Update(index, new, proposed.pruned)
+        try:
+            new_token = self.backend.write_index(dump(new), token)
+        except IndexConflictError:
+            self.conflicts += 1
+            raise
+        self._cached = (new_token, new) if new_token is not None else None
+        return written[op]
+
     def _resolve(self, index: Index, written: dict[int, Update], what: str) -> Update | None:
         """Which earlier write of this update the index shows applied; None when none did; raise when unknowable."""
         mine = next((r for r in index.applied if r.writer == self.session), None)
@@ -186,12 +183,12 @@ class IndexKeeper:
             done = written[mine.op]
             log.info("%s at %s: an earlier write's answer was lost; the index (seq %d) shows it applied at seq %d",
                      what, self.backend.url, index.seq, mine.seq)
-            return Update(done.before, done.after, resolved=True)
+            return Update(done.before, done.after, done.pruned, resolved=True)
         if mine is None and len(index.applied) >= MAX_APPLIED:
             oldest = min(r.seq for r in index.applied)
             if any(u.after.seq < oldest for u in written.values()):  # its record may have been pushed out
                 listed = {c.id for c in index.checkpoints}
-                gone = {c.id: c for u in written.values() for c in u.removed if c.id not in listed}
+                gone = {c.id: c for u in written.values() for c in u.pruned if c.id not in listed}
                 raise OutcomeUnknownError(
                     f"{self.backend.url}: {what}: a write's answer was lost and {len(index.applied)} other writers "
                     "wrote since, so whether it happened is unknown; nothing was re-applied",
@@ -201,13 +198,8 @@ class IndexKeeper:
     def claim(self) -> WriterLease:
         """Become the run's writer: a generation above every earlier writer's, which fences them out."""
         self.lease = None
-
-        def change(index: Index) -> Index:
-            gen = (index.writer.generation + 1) if index.writer else 1
-            return index.with_writer(WriterLease(id=self.writer_id, generation=gen, host=socket.gethostname(),
-                                                 since=utcnow()))
-
-        lease = self.apply(change, what="claim run").after.writer
+        host, now = socket.gethostname(), utcnow()
+        lease = self.apply(lambda index: claim_writer(index, self.writer_id, host, now), what="claim run").after.writer
         assert lease is not None
         self.lease = lease  # a claim that lost its answer and was superseded since: the next update is fenced
         log.info("claimed %s as writer generation %d", self.backend.url, self.lease.generation)

@@ -9,13 +9,11 @@ upload in flight.
 
 from __future__ import annotations
 
-import re
 from dataclasses import dataclass, field
 
 from .backends import ObjectInfo
-from .manifest import INDEX_NAME, MANIFEST_NAME, PROBE_DIR, TMP_MARK, Index
-
-CHECKPOINT_ID_RE = re.compile(r"^ckpt-[A-Za-z0-9-]*[0-9a-f]{8}$")
+from .layout import MANIFEST_NAME, is_generated_id, is_scratch
+from .manifest import Index
 
 
 @dataclass
@@ -34,13 +32,12 @@ def plan_gc(objects: list[ObjectInfo], index: Index, *, now: float, min_age: flo
     plan = GcPlan()
     for obj in objects:
         top, _, rest = obj.rel.partition("/")
-        name = obj.rel.rsplit("/", 1)[-1]
-        if name.startswith(TMP_MARK) or (top == PROBE_DIR and rest):
+        if is_scratch(obj.rel):
             if now - obj.mtime >= min_age:
                 plan.delete.append(obj.rel)
                 plan.bytes += obj.size
             continue
-        if obj.rel == INDEX_NAME or not rest or not CHECKPOINT_ID_RE.match(top):
+        if not rest or not is_generated_id(top):
             continue
         if top in listed:
             if rest not in listed[top]:

@@ -17,20 +17,17 @@ from typing import Annotated, Literal, TypeVar
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from .errors import CheckpointNotFoundError, IntegrityError, UnsafePathError
+from .layout import INDEX_NAME as INDEX_NAME  # the layout's names, re-exported for existing callers
+from .layout import MANIFEST_NAME as MANIFEST_NAME
+from .layout import PROBE_DIR as PROBE_DIR
+from .layout import TMP_MARK as TMP_MARK
+from .layout import is_checkpoint_id, reserved_path_problem
+from .retention import Objective, Retention
 
 SCHEMA_VERSION = 1
-INDEX_NAME = "index.json"
-MANIFEST_NAME = "_cloudckpt_manifest.json"
-TMP_MARK = ".cloudckpt-tmp-"  # prefix of files being written; never listed, removed by gc
-# a writer's conditional-write probe objects (backends/capabilities.py); gc removes leftovers
-PROBE_DIR = "_cloudckpt_probe"
 MAX_FILES = 100_000
 MAX_FILE_SIZE = 2**50  # 1 PiB: anything larger is a corrupt or hostile index
 MAX_APPLIED_READ = 1024  # applied-update records an index may carry (writers keep far fewer: commit.MAX_APPLIED)
-_ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
-_RESERVED_IDS = {INDEX_NAME, "index.json.lock"}
-
-
 _CONTROL = re.compile(r"[\x00-\x1f\x7f]")
 _DRIVE = re.compile(r"^[A-Za-z]:")
 
@@ -46,8 +43,9 @@ def check_relative_path(path: str) -> str:
     wrapped = f"/{path}/"
     if "//" in wrapped or "/./" in wrapped or "/../" in wrapped:
         raise UnsafePathError(f"unsafe path in manifest: {path!r} (empty, '.' or '..' component)")
-    if path == MANIFEST_NAME:
-        raise UnsafePathError(f"unsafe path in manifest: {path!r} (reserved name)")
+    reserved = reserved_path_problem(path)
+    if reserved:
+        raise UnsafePathError(f"unsafe path in manifest: {path!r} ({reserved})")
     return path
 
 
@@ -95,7 +93,7 @@ class CheckpointEntry(_Frozen):
     @field_validator("id")
     @classmethod
     def _id(cls, v: str) -> str:
-        if not _ID_RE.match(v) or v in _RESERVED_IDS:
+        if not is_checkpoint_id(v):
             raise ValueError(f"invalid checkpoint id {v!r}")
         return v
 
@@ -144,6 +142,17 @@ class RunPolicy(_Frozen):
     keep_best: Annotated[int, Field(ge=0)] | None = None
     keep_last: Annotated[int, Field(ge=0)] | None = None
     keep_every: Annotated[int, Field(ge=1)] | None = None
+
+    @property
+    def retention(self) -> Retention:
+        """This policy as the retention object the planner and callers use."""
+        return Retention(monitor=self.monitor, mode=self.mode, keep_best=self.keep_best, keep_last=self.keep_last,
+                         keep_every=self.keep_every)
+
+    @classmethod
+    def of(cls, retention: Retention) -> RunPolicy:
+        """The stored form of ``retention`` (validated: a negative count is refused here)."""
+        return cls.model_validate({**vars(retention), "mode": retention.objective.mode})
 
 
 class WriterLease(_Frozen):
@@ -255,21 +264,16 @@ class Index(_Frozen):
     def _refreshed(self, checkpoints: tuple[CheckpointEntry, ...], *, latest: str | None,
                    run: RunPolicy | None = None) -> Index:
         run = run or self.run
-        best = best_of(checkpoints, run.monitor, run.mode)
+        best = best_of(checkpoints, run.retention.objective)
         return self.model_copy(
             update={"checkpoints": checkpoints, "latest": latest, "best": best, "run": run, "seq": self.seq + 1}
         )
 
 
-def best_of(checkpoints: tuple[CheckpointEntry, ...], monitor: str | None, mode: str) -> str | None:
-    """Id of the best checkpoint by ``monitor`` and ``mode`` (ties go to the earliest), or None."""
-    if not monitor:
-        return None
-    scored = [c for c in checkpoints if monitor in c.metrics and not math.isnan(c.metrics[monitor])]
-    if not scored:
-        return None
-    pick = min if mode == "min" else max
-    return pick(scored, key=lambda c: c.metrics[monitor]).id
+def best_of(checkpoints: tuple[CheckpointEntry, ...], objective: Objective) -> str | None:
+    """Id of the best checkpoint by ``objective`` (ties go to the earliest), or None."""
+    ranked = objective.ranked(checkpoints, lambda c: c.metrics)
+    return ranked[0].id if ranked else None
 
 
 class Manifest(_Frozen):

@@ -18,12 +18,13 @@ from pathlib import Path
 
 from .backends import Backend
 from .errors import ConfigurationError
+from .layout import PULL_MARKER
 from .manifest import CheckpointEntry
 from .redact import redact_url
 from .transfer import Progress, download_verified
 
 log = logging.getLogger(__name__)
-MARKER = ".cloudckpt.json"
+MARKER = PULL_MARKER
 _UMASK = os.umask(0o022)
 os.umask(_UMASK)
 

@@ -1,5 +1,7 @@
 """Retention policies: pure, composable decisions of which checkpoints to keep. No I/O, no clock.
 
+:class:`Objective` is the one definition of "better" (the index's best, :class:`KeepBest` and the Keras callback
+all ask it); :class:`Retention` is a run's policy as one object (what ranks checkpoints and how many to keep).
 Each policy is a frozen dataclass with one method, ``keep(records) -> set of ids``. They see a minimal
 :class:`Record` (id, epoch, step, metrics), in commit order, oldest first. :func:`plan_prune` combines a policy with
 what is always kept — the latest, the best, pinned and protected (in-flight, being restored) checkpoints.
@@ -16,13 +18,52 @@ from __future__ import annotations
 
 import logging
 import math
-from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
-from typing import Literal, Protocol
+from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Set as AbstractSet
+from dataclasses import dataclass, field, fields, replace
+from typing import Literal, Protocol, TypeVar
 
 from .errors import ConfigurationError
 
 log = logging.getLogger(__name__)
+
+Mode = Literal["min", "max"]
+T = TypeVar("T")
+
+
+@dataclass(frozen=True)
+class Objective:
+    """What "better" means: a lower (``mode="min"``) or higher (``"max"``) value of the metric ``monitor``.
+
+    A value is missing when there is no monitor, the metrics lack it, or it is NaN; a missing value is never better.
+    """
+
+    monitor: str | None = None
+    mode: Mode = "min"
+
+    def __post_init__(self) -> None:
+        if self.mode not in ("min", "max"):
+            raise ConfigurationError(f"mode must be 'min' or 'max'. Received: mode={self.mode!r}")
+
+    def value(self, metrics: Mapping[str, float]) -> float | None:
+        """The monitored value in ``metrics``, or None when it is missing."""
+        v = metrics.get(self.monitor) if self.monitor else None
+        return None if v is None or math.isnan(v) else v
+
+    def better(self, value: float | None, than: float | None) -> bool:
+        """Whether ``value`` strictly improves on ``than`` (anything present improves on a missing ``than``)."""
+        if value is None or math.isnan(value):
+            return False
+        if than is None or math.isnan(than):
+            return True
+        return value < than if self.mode == "min" else value > than
+
+    def ranked(self, items: Sequence[T], metrics: Callable[[T], Mapping[str, float]]) -> list[T]:
+        """The items that have a value, best first; ties keep their order (the earlier one ranks higher)."""
+        scored = [(v, i, item) for i, item in enumerate(items) if (v := self.value(metrics(item))) is not None]
+        sign = 1 if self.mode == "min" else -1
+        scored.sort(key=lambda t: (sign * t[0], t[1]))
+        return [item for _, _, item in scored]
 
 
 @dataclass(frozen=True)
@@ -62,11 +103,8 @@ class KeepBest:
     mode: Literal["min", "max"] = "min"
 
     def keep(self, records: Sequence[Record]) -> set[str]:
-        scored = [(r.metrics[self.monitor], i, r.id) for i, r in enumerate(records)
-                  if self.monitor in r.metrics and not math.isnan(r.metrics[self.monitor])]
-        sign = 1 if self.mode == "min" else -1
-        scored.sort(key=lambda t: (sign * t[0], t[1]))
-        return {cid for _, _, cid in scored[: self.k]} if self.k > 0 else set()
+        ranked = Objective(self.monitor, self.mode).ranked(records, lambda r: r.metrics)
+        return {r.id for r in ranked[: self.k]} if self.k > 0 else set()
 
 
 @dataclass(frozen=True)
@@ -96,28 +134,74 @@ class AnyOf:
         return kept
 
 
-def policy_from(
-    *, keep_best: int | None, keep_last: int | None, keep_every: int | None, monitor: str | None, mode: str
-) -> Policy | None:
-    """Build the combined policy from the keep-* settings; None when nothing is set (keep everything)."""
-    parts: list[Policy] = []
-    if keep_best is not None:
-        if not monitor:
-            raise ConfigurationError("keep_best needs a monitor (the metric to rank by). "
-                                     f"Received: keep_best={keep_best}, monitor={monitor!r}")
-        parts.append(KeepBest(keep_best, monitor, "max" if mode == "max" else "min"))
-    if keep_last is not None:
-        parts.append(KeepLast(keep_last))
-    if keep_every is not None:
-        parts.append(KeepEvery(keep_every))
-    return AnyOf(tuple(parts)) if parts else None
+@dataclass(frozen=True, kw_only=True)
+class Retention:
+    """A run's policy as one object: what ranks checkpoints (``monitor``, ``mode``) and how many to keep.
+
+    As a run's own policy, a ``keep_*`` of None turns that rule off and no rule keeps everything. As settings a
+    caller gives (``push(policy=...)``), None leaves the run's setting as it is (:meth:`over`).
+
+    Example:
+        >>> run = Retention(monitor="val_loss", mode="min", keep_best=1, keep_last=2)
+        >>> Retention(keep_last=5).over(run).keep_last, Retention(keep_last=5).over(run).keep_best
+        (5, 1)
+
+    Args:
+        monitor: the metric that ranks checkpoints. Default None.
+        mode: ``"min"`` or ``"max"``: whether lower or higher ``monitor`` is better. Default None (``"min"``).
+        keep_best: the best checkpoints by ``monitor`` to keep. Default None.
+        keep_last: the most recent checkpoints to keep. Default None.
+        keep_every: keep each epoch that is a multiple of this. Default None.
+    """
+
+    monitor: str | None = None
+    mode: Mode | None = None
+    keep_best: int | None = None
+    keep_last: int | None = None
+    keep_every: int | None = None
+
+    def __post_init__(self) -> None:
+        if self.mode not in (None, "min", "max"):
+            raise ConfigurationError(f"mode must be 'min' or 'max'. Received: mode={self.mode!r}")
+
+    @property
+    def objective(self) -> Objective:
+        return Objective(self.monitor, self.mode or "min")
+
+    @property
+    def keeps_some(self) -> bool:
+        """Whether any keep-* rule is set (else nothing is ever pruned)."""
+        return any(v is not None for v in (self.keep_best, self.keep_last, self.keep_every))
+
+    def over(self, base: Retention) -> Retention:
+        """``base`` with each setting given here (not None) in its place."""
+        given = {f.name: v for f in fields(self) if (v := getattr(self, f.name)) is not None}
+        return replace(base, **given)
+
+    def policy(self) -> Policy | None:
+        """The combined keep-* policy; None when no rule is set (keep everything)."""
+        parts: list[Policy] = []
+        if self.keep_best is not None:
+            if not self.monitor:
+                raise ConfigurationError("keep_best needs a monitor (the metric to rank by). "
+                                         f"Received: keep_best={self.keep_best}, monitor={self.monitor!r}")
+            parts.append(KeepBest(self.keep_best, self.monitor, self.objective.mode))
+        if self.keep_last is not None:
+            parts.append(KeepLast(self.keep_last))
+        if self.keep_every is not None:
+            parts.append(KeepEvery(self.keep_every))
+        return AnyOf(tuple(parts)) if parts else None
+
+    def plan(self, records: Sequence[Record], *, always: AbstractSet[str] = frozenset()) -> set[str]:
+        """Ids to delete under this policy (see :func:`plan_prune`)."""
+        return plan_prune(records, self.policy(), always=always)
 
 
 def plan_prune(
     records: Sequence[Record],
     policy: Policy | None,
     *,
-    always: set[str] = frozenset(),  # type: ignore[assignment]
+    always: AbstractSet[str] = frozenset(),
 ) -> set[str]:
     """Ids to delete: everything the policy does not keep, minus pinned ones and ``always`` (latest, best, in-flight).
 

@@ -2,7 +2,8 @@
 
 A push uploads and checks every file under ``<run>/<id>/``, writes the checkpoint's manifest, then adds the entry
 to the index with a compare-and-swap (applying the run's retention in the same update), then deletes what was
-pruned. Readers trust only the index, so a crash at any step leaves either the old index or the new one.
+pruned. Readers trust only the index, so a crash at any step leaves either the old index or the new one. Where the
+objects live is :mod:`cloudckpt.layout`; the index changes are the pure functions of :mod:`cloudckpt.changes`.
 """
 
 from __future__ import annotations
@@ -12,45 +13,27 @@ import logging
 import os
 import threading
 import time
-import uuid
-from collections.abc import Callable, Iterable, Mapping
+from collections import Counter
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from . import failpoints, retry
+from . import failpoints, layout, retry
 from .backends import open_backend
+from .changes import Change, commit_checkpoint, discard_checkpoints, prune_checkpoints
 from .commit import IndexKeeper, OutcomeUnknownError, Update
 from .errors import CheckpointNotFoundError, ConfigurationError, IntegrityError
 from .garbage import plan_gc
-from .manifest import (
-    MANIFEST_NAME,
-    CheckpointEntry,
-    Index,
-    Manifest,
-    RunPolicy,
-    WriterLease,
-    dump,
-    parse_manifest,
-    utcnow,
-)
+from .manifest import CheckpointEntry, FileEntry, Index, Manifest, WriterLease, dump, parse_manifest, utcnow
 from .progress import byte_progress
 from .restore import pull_into
-from .retention import Record, plan_prune, policy_from
-from .transfer import scan, upload_all, verify_stored
+from .retention import Retention
+from .transfer import LocalFile, scan, upload_all, verify_stored
 
 log = logging.getLogger(__name__)
-
-
-def new_checkpoint_id(epoch: int | None, step: int | None) -> str:
-    parts = ["ckpt"]
-    if epoch is not None:
-        parts.append(f"e{epoch:06d}")
-    if step is not None:
-        parts.append(f"s{step:010d}")
-    parts.append(uuid.uuid4().hex[:8])
-    return "-".join(parts)
 
 
 @dataclass(frozen=True)
@@ -78,8 +61,55 @@ class GcReport:
     dry_run: bool = False
 
 
-def _records(index: Index) -> list[Record]:
-    return [Record(c.id, c.epoch, c.step, c.metrics, c.pinned) for c in index.checkpoints]
+class BusySet:
+    """Checkpoint ids this process is committing or restoring: retention never prunes them.
+
+    Example:
+        >>> busy = BusySet()
+        >>> with busy.holding("ckpt-a"):
+        ...     sorted(busy.ids())
+        ['ckpt-a']
+        >>> busy.ids()
+        frozenset()
+    """
+
+    def __init__(self) -> None:
+        self._held: Counter[str] = Counter()
+        self._lock = threading.Lock()
+
+    @contextmanager
+    def holding(self, cid: str) -> Iterator[None]:
+        with self._lock:
+            self._held[cid] += 1
+        try:
+            yield
+        finally:
+            with self._lock:
+                self._held[cid] -= 1
+                if not self._held[cid]:
+                    del self._held[cid]
+
+    def ids(self) -> frozenset[str]:
+        with self._lock:
+            return frozenset(self._held)
+
+
+def _candidates(index: Index, chosen: CheckpointEntry, *, fallback: bool,
+                failed: Iterable[str]) -> list[CheckpointEntry]:
+    """What a pull tries, in order: ``chosen``, then with ``fallback`` each older checkpoint, newest first; none
+    that already ``failed``."""
+    order = list(index.checkpoints)
+    older = list(reversed(order[:order.index(chosen)])) if fallback else []
+    skip = set(failed)
+    return [c for c in [chosen, *older] if c.id not in skip]
+
+
+def _policy(policy: Retention | None, **settings: Any) -> Retention:
+    """One policy object from ``policy=`` or the shorthand keyword settings (not both)."""
+    given = {k: v for k, v in settings.items() if v is not None}
+    if policy is not None and given:
+        raise ConfigurationError(f"give policy= or {', '.join(sorted(given))}, not both")
+    return policy if policy is not None else Retention(**given)
 
 
 class CheckpointStore:
@@ -122,8 +152,7 @@ class CheckpointStore:
         self.progress = progress
         self.keeper = IndexKeeper(self.backend, budget=min(budget, 120.0), writer_id=writer_id)
         self._pool = ThreadPoolExecutor(workers, thread_name_prefix="cloudckpt-io")
-        self._busy: set[str] = set()  # in flight or being restored by this process: never pruned
-        self._busy_lock = threading.Lock()
+        self._busy = BusySet()  # in flight or being restored by this process: never pruned
 
     # --- lifecycle ---------------------------------------------------------------------------------------------
 
@@ -135,10 +164,6 @@ class CheckpointStore:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
-
-    def _hold(self, cid: str, on: bool) -> None:
-        with self._busy_lock:
-            (self._busy.add if on else self._busy.discard)(cid)
 
     # --- reading -----------------------------------------------------------------------------------------------
 
@@ -168,68 +193,55 @@ class CheckpointStore:
 
     def push(self, source: str | Path, *, epoch: int | None = None, step: int | None = None,
              metrics: Mapping[str, float] | None = None, meta: Mapping[str, str] | None = None,
-             monitor: str | None = None, mode: str | None = None, keep_best: int | None = None,
-             keep_last: int | None = None, keep_every: int | None = None, sha256: bool = False,
-             prune: bool = True) -> CheckpointEntry:
+             policy: Retention | None = None, monitor: str | None = None, mode: str | None = None,
+             keep_best: int | None = None, keep_last: int | None = None, keep_every: int | None = None,
+             sha256: bool = False, prune: bool = True) -> CheckpointEntry:
         """Commit the file or directory at ``source`` as a checkpoint; return its index entry.
 
-        ``monitor``/``mode``/``keep_*``, when given, become the run's policy; retention is applied in the same index
-        update (the new checkpoint, the latest, the best and pinned ones are always kept).
+        The settings given in ``policy`` (or as ``monitor``/``mode``/``keep_*``, not both) become the run's policy;
+        with ``prune`` retention is applied in the same index update (the new checkpoint, the latest, the best and
+        pinned ones are always kept).
         """
-        if mode not in (None, "min", "max"):
-            raise ConfigurationError(f"mode must be 'min' or 'max'. Received: mode={mode!r}")
+        policy = _policy(policy, monitor=monitor, mode=mode, keep_best=keep_best, keep_last=keep_last,
+                         keep_every=keep_every)
+        values = {k: float(v) for k, v in (metrics or {}).items()}
         files = scan(source)
         self.backend.ensure_conditional_writes(self.budget)  # refuse a store without CAS before uploading anything
-        metrics = {k: float(v) for k, v in (metrics or {}).items()}
-        cid = new_checkpoint_id(epoch, step)
-        self._hold(cid, True)
-        try:
+        cid = layout.new_checkpoint_id(epoch, step)
+        with self._busy.holding(cid):
             t0 = time.monotonic()
-            total = sum(f.path.stat().st_size for f in files)
-            try:
-                with byte_progress(total, f"push {cid}", self.progress) as advance:
-                    entries = upload_all(self.backend, cid, files, sha256=sha256, budget=self.budget, pool=self._pool,
-                                         progress=advance)
-            except Exception:
-                self._discard_upload(cid, [f.rel for f in files])
-                raise
-            total = sum(e.size for e in entries)
-            entry = CheckpointEntry(id=cid, epoch=epoch, step=step, created=utcnow(), metrics=metrics,
-                                    files=tuple(entries), size=total, writer=self.keeper.writer_id,
-                                    meta=dict(meta or {}))
+            stored = self._upload(cid, files, sha256=sha256)
+            entry = CheckpointEntry(id=cid, epoch=epoch, step=step, created=utcnow(), metrics=values,
+                                    files=tuple(stored), size=sum(e.size for e in stored),
+                                    writer=self.keeper.writer_id, meta=dict(meta or {}))
             failpoints.hit("push.after_upload")
-            manifest = dump(Manifest(checkpoint=entry))
-            retry.run(lambda: self.backend.write_bytes(f"{cid}/{MANIFEST_NAME}", manifest), url=self.url,
-                      what="write manifest", budget=self.budget)
+            self._write_manifest(entry)
             failpoints.hit("push.after_manifest")
-            overrides = {k: v for k, v in dict(monitor=monitor, mode=mode, keep_best=keep_best, keep_last=keep_last,
-                                                keep_every=keep_every).items() if v is not None}
-
-            def change(index: Index) -> Index | None:
-                if any(c.id == cid for c in index.checkpoints):
-                    return None  # defensive: only this push adds cid, and a write that happened is never re-applied
-                new = index
-                if overrides:
-                    run = RunPolicy.model_validate({**index.run.model_dump(), **overrides})
-                    if run != index.run:
-                        new = new.with_policy(run)
-                new = new.with_checkpoint(entry)
-                if prune:
-                    doomed = self._plan(new, None)
-                    new = new.without(doomed) if doomed else new
-                return new
-
-            done = self._apply(change, what=f"commit {cid}")
-            pruned = done.removed
-            log.info("committed %s to %s (%d files, %d bytes, %.2fs)", cid, self.url, len(entries), total,
+            done = self._apply(lambda index: commit_checkpoint(index, entry, policy, prune=prune,
+                                                               busy=self._busy.ids()), what=f"commit {cid}")
+            log.info("committed %s to %s (%d files, %d bytes, %.2fs)", cid, self.url, len(stored), entry.size,
                      time.monotonic() - t0)
-        finally:
-            self._hold(cid, False)
         failpoints.hit("push.after_index")
-        self._delete_checkpoints(pruned)
+        self._delete_checkpoints(done.pruned)
         return entry
 
-    def _apply(self, change: Callable[[Index], Index | None], *, what: str) -> Update:
+    def _upload(self, cid: str, files: builtins.list[LocalFile], *, sha256: bool) -> builtins.list[FileEntry]:
+        """Store and check every file under ``<cid>/``; on failure remove what was stored (best effort), raise."""
+        total = sum(f.path.stat().st_size for f in files)
+        try:
+            with byte_progress(total, f"push {cid}", self.progress) as advance:
+                return upload_all(self.backend, cid, files, sha256=sha256, budget=self.budget, pool=self._pool,
+                                  progress=advance)
+        except Exception:
+            self._discard_upload(cid, [f.rel for f in files])
+            raise
+
+    def _write_manifest(self, entry: CheckpointEntry) -> None:
+        data = dump(Manifest(checkpoint=entry))
+        key = layout.manifest_key(entry.id)
+        retry.run(lambda: self.backend.write_bytes(key, data), url=self.url, what="write manifest", budget=self.budget)
+
+    def _apply(self, change: Callable[[Index], Change], *, what: str) -> Update:
         """One index update; when its outcome can't be known, still delete what it pruned that is no longer listed
         (a checkpoint once unlisted is never listed again), then raise."""
         try:
@@ -241,17 +253,9 @@ class CheckpointStore:
     def _discard_upload(self, cid: str, rels: builtins.list[str]) -> None:
         """Best effort after a failed upload: remove what this push stored (gc removes anything left)."""
         try:
-            self.backend.delete([f"{cid}/{rel}" for rel in rels])
+            self.backend.delete([layout.object_key(cid, rel) for rel in rels])
         except Exception as exc:  # the original error matters more; gc cleans up later
             log.warning("could not remove the partial upload %s at %s (%s); `cloudckpt gc` will", cid, self.url, exc)
-
-    def _plan(self, index: Index, policy_args: dict | None) -> set[str]:
-        run = index.run
-        args = policy_args or dict(keep_best=run.keep_best, keep_last=run.keep_last, keep_every=run.keep_every)
-        policy = policy_from(**args, monitor=run.monitor, mode=run.mode)
-        with self._busy_lock:
-            always = {index.latest, index.best, *self._busy} - {None}
-        return plan_prune(_records(index), policy, always=always)  # type: ignore[arg-type]
 
     def prune(self, *, keep_best: int | None = None, keep_last: int | None = None, keep_every: int | None = None,
               dry_run: bool = False) -> builtins.list[CheckpointEntry]:
@@ -260,46 +264,30 @@ class CheckpointStore:
         The index is updated first, then the objects are deleted; the latest, best, pinned and in-flight
         checkpoints are always kept.
         """
-        args = None
-        if any(v is not None for v in (keep_best, keep_last, keep_every)):
-            args = dict(keep_best=keep_best, keep_last=keep_last, keep_every=keep_every)
-        planned: list[CheckpointEntry] = []
-
-        def change(index: Index) -> Index | None:
-            doomed = self._plan(index, args)
-            planned[:] = [c for c in index.checkpoints if c.id in doomed]
-            return index.without(doomed) if doomed and not dry_run else None
-
-        self.index()  # a missing run is an error, not an empty prune
-        done = self._apply(change, what="prune")
+        keep = Retention(keep_best=keep_best, keep_last=keep_last, keep_every=keep_every)
+        rules = keep if keep.keeps_some else None
+        index = self.index()  # a missing run is an error, not an empty prune
         if dry_run:
-            return planned
-        pruned = done.removed  # what the write that happened pruned, even when its answer was lost
+            return list(prune_checkpoints(index, rules, busy=self._busy.ids()).pruned)
+        done = self._apply(lambda index: prune_checkpoints(index, rules, busy=self._busy.ids()), what="prune")
         failpoints.hit("prune.after_index")
-        self._delete_checkpoints(pruned)
-        for c in pruned:
+        self._delete_checkpoints(done.pruned)  # what the write that happened pruned, even when its answer was lost
+        for c in done.pruned:
             log.info("pruned %s from %s", c.id, self.url)
-        return pruned
+        return list(done.pruned)
 
     def discard(self, ids: Iterable[str]) -> builtins.list[CheckpointEntry]:
         """Remove the checkpoints ``ids`` (a framework dropped them) from the index, then their objects; the latest,
         best, pinned and in-flight checkpoints are never removed. Returns what was removed."""
-        wanted = set(ids)
-
-        def change(index: Index) -> Index | None:
-            with self._busy_lock:
-                keep = {index.latest, index.best, *self._busy} | {c.id for c in index.checkpoints if c.pinned}
-            doomed = {c.id for c in index.checkpoints if c.id in wanted} - keep
-            return index.without(doomed) if doomed else None
-
-        done = self._apply(change, what="discard")
-        self._delete_checkpoints(done.removed)
-        for c in done.removed:
+        wanted = frozenset(ids)
+        done = self._apply(lambda index: discard_checkpoints(index, wanted, busy=self._busy.ids()), what="discard")
+        self._delete_checkpoints(done.pruned)
+        for c in done.pruned:
             log.info("discarded %s from %s", c.id, self.url)
-        return done.removed
+        return list(done.pruned)
 
     def _delete_checkpoints(self, entries: Iterable[CheckpointEntry]) -> None:
-        rels = [f"{c.id}/{f.path}" for c in entries for f in c.files] + [f"{c.id}/{MANIFEST_NAME}" for c in entries]
+        rels = [key for c in entries for key in layout.checkpoint_keys(c.id, (f.path for f in c.files))]
         if not rels:
             return
         try:
@@ -315,39 +303,45 @@ class CheckpointStore:
 
         With ``fallback``, a checkpoint that fails verification is skipped for the newest older one that verifies.
         """
-        skipped: list[str] = []
-        errors: list[str] = []
-        for _ in range(3):  # re-resolve if the chosen checkpoint is pruned while we download it
+        failed: dict[str, str] = {}  # id -> why it failed verification, in the order tried
+        for _ in range(3):  # resolve again when the checkpoint being pulled is pruned meanwhile
             index = self.index()
-            chosen = index.resolve(selector)
-            order = [c for c in index.checkpoints]
-            pos = order.index(chosen)
-            candidates = [chosen] + (list(reversed(order[:pos])) if fallback else [])
-            for cand in candidates:
-                if cand.id in skipped:
-                    continue
-                self._hold(cand.id, True)
-                try:
-                    with byte_progress(cand.size, f"pull {cand.id}", self.progress) as advance:
-                        path = pull_into(self.backend, cand, Path(to), budget=self.budget, pool=self._pool,
-                                         progress=advance, source_url=self.url)
-                    if skipped:
-                        log.warning("restored %s instead of %s, which failed verification", cand.id, skipped[0])
-                    return PullResult(cand, path, tuple(skipped))
-                except IntegrityError as exc:
-                    if cand.id not in {c.id for c in self.index().checkpoints}:
-                        break  # pruned meanwhile: resolve again
-                    if not fallback:
-                        raise
-                    log.warning("checkpoint %s failed verification (%s); trying an older one", cand.id, exc)
-                    skipped.append(cand.id)
-                    errors.append(f"{cand.id}: {exc}")
-                finally:
-                    self._hold(cand.id, False)
-            else:
-                raise IntegrityError(
-                    f"{self.url}: no checkpoint at or before {chosen.id} verifies: " + "; ".join(errors))
+            result = self._pull_first(index, index.resolve(selector), Path(to), fallback=fallback, failed=failed)
+            if result is not None:
+                if result.skipped:
+                    log.warning("restored %s instead of %s, which failed verification", result.entry.id,
+                                result.skipped[0])
+                return result
         raise CheckpointNotFoundError(f"{self.url}: {selector} kept being pruned while it was pulled")
+
+    def _pull_first(self, index: Index, chosen: CheckpointEntry, to: Path, *, fallback: bool,
+                    failed: dict[str, str]) -> PullResult | None:
+        """Pull ``chosen`` or, with ``fallback``, the newest older one that verifies, recording each that doesn't in
+        ``failed``; None when one was pruned while it was pulled (the selector must be resolved again)."""
+        for cand in _candidates(index, chosen, fallback=fallback, failed=failed):
+            try:
+                path = self._pull_listed(cand, to)
+            except IntegrityError as exc:
+                if not fallback:
+                    raise
+                log.warning("checkpoint %s failed verification (%s); trying an older one", cand.id, exc)
+                failed[cand.id] = str(exc)
+                continue
+            return PullResult(cand, path, tuple(failed)) if path is not None else None
+        raise IntegrityError(f"{self.url}: no checkpoint at or before {chosen.id} verifies: "
+                             + "; ".join(f"{cid}: {why}" for cid, why in failed.items()))
+
+    def _pull_listed(self, entry: CheckpointEntry, to: Path) -> Path | None:
+        """Pull ``entry`` into ``to``; None when it failed because it is no longer listed (pruned meanwhile)."""
+        with self._busy.holding(entry.id):
+            try:
+                with byte_progress(entry.size, f"pull {entry.id}", self.progress) as advance:
+                    return pull_into(self.backend, entry, to, budget=self.budget, pool=self._pool,
+                                     progress=advance, source_url=self.url)
+            except IntegrityError:
+                if entry.id in {c.id for c in self.index().checkpoints}:
+                    raise
+                return None
 
     def verify(self, selector: str | int | None = "latest", *, all: bool = False) -> builtins.list[VerifyResult]:
         """Download and check every file (and the manifest) of one checkpoint, or of all with ``all=True``."""
@@ -356,7 +350,7 @@ class CheckpointStore:
         results = []
         for entry in targets:
             try:
-                rel = f"{entry.id}/{MANIFEST_NAME}"
+                rel = layout.manifest_key(entry.id)
                 manifest = parse_manifest(retry.run(lambda: self.backend.read_bytes(rel),  # noqa: B023 (run here)
                                                     url=self.url, what=f"read {rel}", budget=self.budget))
                 if manifest.checkpoint != entry:
@@ -376,14 +370,12 @@ class CheckpointStore:
         if not objects and not index.checkpoints:
             self.index()  # nothing at all at the URL: say there is no run
         plan = plan_gc(objects, index, now=time.time(), min_age=min_age)
-        with self._busy_lock:
-            busy = set(self._busy)
+        busy = self._busy.ids()
         doomed = [rel for rel in plan.delete if rel.split("/", 1)[0] not in busy]
         if doomed and not dry_run:
             # the index may have changed since: never delete what a newer index lists
             fresh, _ = self.keeper.read()
-            listed = {f"{c.id}/{f.path}" for c in fresh.checkpoints for f in c.files}
-            listed |= {f"{c.id}/{MANIFEST_NAME}" for c in fresh.checkpoints}
+            listed = {key for c in fresh.checkpoints for key in layout.checkpoint_keys(c.id, (f.path for f in c.files))}
             doomed = [rel for rel in doomed if rel not in listed]
             failpoints.hit("gc.before_delete")
             retry.run(lambda: self.backend.delete(doomed), url=self.url, what="gc delete", budget=self.budget)

@@ -27,6 +27,7 @@ from pathlib import Path
 
 from .errors import CloudCkptError, ConfigurationError, StaleWriterError
 from .manifest import CheckpointEntry
+from .retention import Retention
 from .store import CheckpointStore
 
 log = logging.getLogger(__name__)
@@ -72,7 +73,7 @@ class SyncService:
         settle: seconds a candidate must stay unchanged before it is pushed. Default 5.
         poll: seconds between scans. Default 2.
         name_pattern: regex (named groups ``epoch``, ``step``, metrics) matched against entry names. Default None.
-        push_options: passed to :meth:`CheckpointStore.push` (monitor, mode, keep_*).
+        policy: the run's policy settings each push gives (:class:`~cloudckpt.retention.Retention`). Default: none.
         exclusive: claim the run (fence out earlier writers). Default False.
     """
 
@@ -81,7 +82,7 @@ class SyncService:
     settle: float = 5.0
     poll: float = 2.0
     name_pattern: str | None = None
-    push_options: dict = field(default_factory=dict)
+    policy: Retention = field(default_factory=Retention)
     exclusive: bool = False
     _seen: dict[str, _Candidate] = field(default_factory=dict, init=False)
     _pushed: dict[str, Signature] = field(default_factory=dict, init=False)
@@ -139,7 +140,7 @@ class SyncService:
                 seen = self._seen[path.name]
             if now - seen.since < self.settle:
                 continue
-            entry = self.store.push(path, **self._fields(path.name), **self.push_options)
+            entry = self.store.push(path, **self._fields(path.name), policy=self.policy)
             if signature(path) != sig:
                 log.warning("sync: %s changed while it was pushed; it will be pushed again when it settles", path.name)
             self._pushed[path.name] = sig

@@ -18,6 +18,7 @@ from . import retry
 from .backends import Backend
 from .checksum import StreamChecksums, file_checksums
 from .errors import ConfigurationError, IntegrityError, SourceChangedError, UnsafePathError
+from .layout import object_key
 from .manifest import FileEntry, check_relative_path
 from .source import Source
 
@@ -80,7 +81,7 @@ def upload_all(backend: Backend, prefix: str, files: list[LocalFile], *, sha256:
     """
 
     def one(f: LocalFile) -> FileEntry:
-        rel = f"{prefix}/{f.rel}"
+        rel = object_key(prefix, f.rel)
         deadline = time.monotonic() + budget
         moved = _Moved(progress)
 
@@ -117,7 +118,7 @@ def download_verified(backend: Backend, prefix: str, entries: Iterable[FileEntry
         if not dest.resolve().is_relative_to(base):
             raise UnsafePathError(f"manifest path {e.path!r} escapes the target directory")
         dest.parent.mkdir(parents=True, exist_ok=True)
-        rel = f"{prefix}/{e.path}"
+        rel = object_key(prefix, e.path)
 
         deadline = time.monotonic() + budget
         moved = _Moved(progress)
@@ -156,7 +157,7 @@ def verify_stored(backend: Backend, prefix: str, entries: Iterable[FileEntry], *
     to disk (a RAM-backed temp directory can't fill up) and memory stays bounded by the backend's block size."""
 
     def one(e: FileEntry) -> None:
-        rel = f"{prefix}/{e.path}"
+        rel = object_key(prefix, e.path)
         deadline = time.monotonic() + budget
         moved = _Moved(progress)
 

@@ -17,7 +17,8 @@ def entry(cid: str, epoch: int, loss: float | None = None, paths=("w.bin",)) -> 
 
 
 @pytest.mark.parametrize("path", ["../x", "/etc/passwd", "a/../../b", "a//b", "./a", "a\\b", "C:/x", "a/\x00b", "",
-                                  "_cloudckpt_manifest.json"])
+                                  "_cloudckpt_manifest.json", ".cloudckpt.json", ".cloudckpt-tmp-x",
+                                  "a/.cloudckpt-tmp-x"])
 def test_unsafe_paths_are_refused(path):
     with pytest.raises(UnsafePathError):
         check_relative_path(path)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from cloudckpt.errors import ConfigurationError
-from cloudckpt.retention import AnyOf, KeepBest, KeepEvery, KeepLast, Record, plan_prune, policy_from
+from cloudckpt.retention import AnyOf, KeepBest, KeepEvery, KeepLast, Record, Retention, plan_prune
 
 RECS = [Record(f"c{i}", epoch=i, step=i * 10, metrics={"loss": v, "acc": 1 - v})
         for i, v in enumerate([0.9, 0.2, 0.5, 0.1, 0.7, 0.3])]
@@ -41,9 +41,9 @@ def test_any_of_and_plan_prune_protects_always_and_pinned():
 
 def test_no_policy_deletes_nothing():
     assert plan_prune(RECS, None) == set()
-    assert policy_from(keep_best=None, keep_last=None, keep_every=None, monitor=None, mode="min") is None
+    assert Retention(mode="min").policy() is None
 
 
 def test_keep_best_without_monitor_is_a_configuration_error():
     with pytest.raises(ConfigurationError, match="keep_best=2"):
-        policy_from(keep_best=2, keep_last=None, keep_every=None, monitor=None, mode="min")
+        Retention(keep_best=2, mode="min").policy()

@@ -300,3 +300,33 @@ def test_push_refuses_symlinks_and_empty_dirs_without_writing(tmp_path, local_ur
             with pytest.raises(ConfigurationError):
                 store.push(bad, epoch=1)
         assert store.backend.list_objects() == []
+
+
+@pytest.mark.parametrize("name", [".cloudckpt.json", "sub/.cloudckpt-tmp-0123-part.bin"])
+def test_a_file_named_like_cloudckpts_own_is_refused_before_anything_is_stored(tmp_path, local_url, name):
+    """A top-level ``.cloudckpt.json`` would be overwritten by the pull marker on restore, and a ``.cloudckpt-tmp-*``
+    file is what gc removes as a leftover write: both names are reserved (cloudckpt/layout.py)."""
+    from cloudckpt import ConfigurationError
+
+    src = make_ckpt(tmp_path / "src", 1, files=1)
+    (src / name).parent.mkdir(parents=True, exist_ok=True)
+    (src / name).write_bytes(b"the user's own bytes")
+    with CheckpointStore(local_url) as store:
+        with pytest.raises(ConfigurationError, match="reserved name"):
+            store.push(src, epoch=1)
+        assert store.backend.list_objects() == []
+
+
+def test_push_takes_the_policy_as_one_object_or_as_settings_not_both(tmp_path, local_url):
+    from cloudckpt import ConfigurationError
+    from cloudckpt.retention import Retention
+
+    src = make_ckpt(tmp_path / "src", 1, files=1)
+    with CheckpointStore(local_url) as store:
+        with pytest.raises(ConfigurationError, match="not both"):
+            store.push(src, epoch=1, policy=Retention(keep_last=1), keep_last=2)
+        for epoch in (1, 2, 3):
+            store.push(src, epoch=epoch, metrics={"loss": 1.0 / epoch}, policy=Retention(monitor="loss", keep_last=1))
+        index = store.index()
+    assert index.run.retention == Retention(monitor="loss", mode="min", keep_last=1)
+    assert [c.epoch for c in index.checkpoints] == [3]

@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 
 from cloudckpt import CheckpointStore
+from cloudckpt.retention import Retention
 from cloudckpt.sync import SyncService
 
 
@@ -23,7 +24,7 @@ def test_scan_commits_only_settled_and_recommits_changes(tmp_path, local_url):
     (watch / "partial.tmp").write_bytes(b"x")
     with CheckpointStore(local_url) as store:
         svc = SyncService(store, watch, settle=10, name_pattern=r"model-(?P<epoch>\d+)-(?P<val_loss>[\d.]+)",
-                          push_options={"monitor": "val_loss"})
+                          policy=Retention(monitor="val_loss"))
         assert svc.scan_once(now=100) == []  # first sight: not settled yet
         assert svc.scan_once(now=105) == []
         [entry] = svc.scan_once(now=111)

@@ -32,7 +32,7 @@ except ImportError:  # Windows
     fcntl = None  # type: ignore[assignment]
 
 from ..errors import IndexConflictError
-from ..manifest import PROBE_DIR
+from ..layout import probe_key
 
 log = logging.getLogger(__name__)
 
@@ -147,7 +147,7 @@ def flock_problem(lock_file: Path) -> str | None:
 
 def object_cas_problem(put_if: Callable[[str, bytes, Any], Any], read: Callable[[str], bytes],
                        delete: Callable[[list[str]], None]) -> str | None:
-    """Probe an object store's conditional write with a fresh object under ``PROBE_DIR``.
+    """Probe an object store's conditional write with a fresh object under ``layout.PROBE_DIR``.
 
     ``put_if(rel, data, token)`` writes ``rel`` only if its version is still ``token`` (None: only if absent) and
     returns the new token, or raises IndexConflictError when the store refuses; ``read(rel)`` returns an object's
@@ -156,7 +156,7 @@ def object_cas_problem(put_if: Callable[[str, bytes, Any], Any], read: Callable[
     rels: list[str] = []
     try:
         for _ in range(3):
-            rels.append(f"{PROBE_DIR}/{uuid.uuid4().hex}")
+            rels.append(probe_key(uuid.uuid4().hex))
             try:
                 first = put_if(rels[-1], b"cloudckpt conditional-write probe 1\n", None)
                 break

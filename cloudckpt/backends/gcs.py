@@ -19,7 +19,7 @@ from typing import Any
 
 from ..checksum import HashingWriter
 from ..errors import AccessError, ConfigurationError, IndexConflictError, IntegrityError, StoreError
-from ..manifest import INDEX_NAME
+from ..layout import INDEX_NAME
 from ..source import Source
 from .base import UNCHANGED, Backend, ObjectInfo, Progress
 from .fsspec_objects import FsspecObjects

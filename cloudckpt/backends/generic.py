@@ -10,7 +10,7 @@ from typing import Any
 import fsspec
 
 from ..errors import IndexConflictError, StoreError
-from ..manifest import INDEX_NAME
+from ..layout import INDEX_NAME
 from .base import UNCHANGED, Backend
 from .fsspec_objects import FsspecObjects
 

@@ -15,11 +15,9 @@ from filelock import FileLock
 
 from ..checksum import BLOCK, HashingWriter, file_checksums
 from ..errors import ConfigurationError, IndexConflictError, IntegrityError
-from ..manifest import INDEX_NAME, TMP_MARK
+from ..layout import INDEX_NAME, LOCK_NAME, TMP_MARK
 from ..source import Source
 from .base import UNCHANGED, Backend, ObjectInfo, Progress
-
-_LOCK_NAME = ".index.lock"
 
 
 def _fsync_dir(path: Path) -> None:
@@ -74,7 +72,7 @@ class LocalBackend(Backend):
 
     def write_index(self, data: bytes, token: Any) -> Any:
         self.root.mkdir(parents=True, exist_ok=True)
-        with FileLock(self.root / _LOCK_NAME):
+        with FileLock(self.root / LOCK_NAME):
             _, current = self.read_index()
             if current != token:
                 raise IndexConflictError(f"{self.url}: index changed since it was read")
@@ -87,7 +85,7 @@ class LocalBackend(Backend):
         from .capabilities import flock_problem, mount_lock_problem
 
         self.root.mkdir(parents=True, exist_ok=True)
-        return mount_lock_problem(self.root) or flock_problem(self.root / _LOCK_NAME)
+        return mount_lock_problem(self.root) or flock_problem(self.root / LOCK_NAME)
 
     # --- objects -----------------------------------------------------------------------------------------------
 
@@ -134,7 +132,7 @@ class LocalBackend(Backend):
             for name in files:
                 p = Path(dirpath) / name
                 rel = p.relative_to(self.root).as_posix()
-                if rel == _LOCK_NAME:
+                if rel == LOCK_NAME:
                     continue
                 try:
                     st = p.lstat()

@@ -17,7 +17,7 @@ from typing import Any
 
 from ..checksum import HashingWriter
 from ..errors import AccessError, ConfigurationError, IndexConflictError, StoreError
-from ..manifest import INDEX_NAME
+from ..layout import INDEX_NAME
 from ..versions import MIN_BOTOCORE, require
 from .base import UNCHANGED, Backend, ObjectInfo, Progress
 from .fsspec_objects import FsspecObjects

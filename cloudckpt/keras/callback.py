@@ -16,6 +16,7 @@ from keras import ops
 
 from ..manifest import CheckpointEntry
 from ..preemption import PreemptionWatch
+from ..retention import Mode, Objective, Retention
 from ..store import CheckpointStore
 from ..uploader import Job, Uploader, new_staging_dir, remove_staging, snapshot
 from . import local_files as lf
@@ -308,7 +309,7 @@ class CloudCheckpoint(keras.callbacks.ModelCheckpoint):
                         position=epoch + 1 if batch is None else epoch)
         self.stall_seconds.append(time.perf_counter() - t0)
 
-    def _mode(self) -> str:
+    def _mode(self) -> Mode:
         if self.monitor_op is None:
             try:
                 self._set_monitor_op()
@@ -344,8 +345,7 @@ class CloudCheckpoint(keras.callbacks.ModelCheckpoint):
         metrics = {k: float(v) for k, v in logs.items() if _finite(v)}
         current = metrics.get(self.monitor)
         mode = self._mode()
-        improved = current is not None and (self.best_seen is None or (current < self.best_seen if mode == "min"
-                                                                       else current > self.best_seen))
+        improved = Objective(self.monitor, mode).better(current, self.best_seen)
         if improved and saved is not None:
             self.best_seen = current
         if saved is None or "://" in saved:
@@ -376,9 +376,9 @@ class CloudCheckpoint(keras.callbacks.ModelCheckpoint):
             with self._local_lock:
                 self._local_files.pop(saved, None)
                 self._local_files[saved] = None
-        self.uploader.submit(job_dir, dict(epoch=epoch + 1, step=step, metrics=metrics, meta=meta,
-                                           monitor=self.monitor, mode=mode, keep_best=self.keep_best,
-                                           keep_last=self.keep_last, keep_every=self.keep_every_n_epochs),
+        policy = Retention(monitor=self.monitor, mode=mode, keep_best=self.keep_best, keep_last=self.keep_last,
+                           keep_every=self.keep_every_n_epochs)
+        self.uploader.submit(job_dir, dict(epoch=epoch + 1, step=step, metrics=metrics, meta=meta, policy=policy),
                              protected=bool(improved and saved),
                              prepare=lambda path: rs.write_state(path, arrays, layout, info))
         self._last_staged_step = step

@@ -13,7 +13,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Any
 
 from cloudckpt.manifest import Index, best_of
-from cloudckpt.retention import Record, plan_prune, policy_from
+from cloudckpt.retention import Record, plan_prune
 
 from .invariants import listed_objects
 
@@ -57,9 +57,8 @@ class Model:
         if removed:
             merged = (old.checkpoints if old else ()) + tuple(new.get(i) for i in added)
             run = new.run
-            policy = policy_from(keep_best=run.keep_best, keep_last=run.keep_last, keep_every=run.keep_every,
-                                 monitor=run.monitor, mode=run.mode)
-            always = {merged[-1].id if added else old.latest, best_of(merged, run.monitor, run.mode)} - {None}
+            policy = run.retention.policy()
+            always = {merged[-1].id if added else old.latest, best_of(merged, run.retention.objective)} - {None}
             allowed = plan_prune(_records(new, merged), policy, always=always)
             assert set(removed) <= allowed, f"{by.name} removed {set(removed) - allowed}, which retention keeps"
         by.op.removed |= set(removed)

@@ -17,7 +17,7 @@ from hypothesis import strategies as st
 
 from cloudckpt import CheckpointStore
 from cloudckpt.manifest import best_of
-from cloudckpt.retention import Record, plan_prune, policy_from
+from cloudckpt.retention import Objective, Record, Retention, plan_prune
 
 from .conftest import FIGURES
 
@@ -86,7 +86,7 @@ def test_prune_keeps_what_must_be_kept_and_deletes_exactly_the_rest(records, pol
     latest = ids[-1] if ids else None
     best = _best(records, pol["mode"])
     always = protected | {latest, best} - {None}
-    policy = policy_from(monitor=MONITOR, **pol)
+    policy = Retention(monitor=MONITOR, **pol).policy()
     doomed = plan_prune(records, policy, always=always)
 
     pinned = {r.id for r in records if r.pinned}
@@ -107,7 +107,7 @@ def test_prune_keeps_what_must_be_kept_and_deletes_exactly_the_rest(records, pol
 def test_keep_last_with_fewer_checkpoints_than_n_keeps_them_all():
     """Regression: KeepLast(3) over 2 records used to keep only the last one."""
     records = [Record("ckpt-a-00000000"), Record("ckpt-b-00000000")]
-    policy = policy_from(keep_last=3, keep_best=None, keep_every=None, monitor=None, mode="min")
+    policy = Retention(keep_last=3, mode="min").policy()
     assert plan_prune(records, policy) == set()
 
 
@@ -139,5 +139,5 @@ def test_store_retention_matches_the_policy_over_the_whole_history(pushes, pol):
     expected = {r.id for r in records} if keep is None else keep | {records[-1].id, best} - {None}
     assert listed == expected
     assert index.latest == records[-1].id
-    assert index.best == best == best_of(index.checkpoints, MONITOR, pol["mode"])
+    assert index.best == best == best_of(index.checkpoints, Objective(MONITOR, pol["mode"]))
     assert objects == listed  # pruned checkpoints' objects were deleted too
