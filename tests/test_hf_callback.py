@@ -1,6 +1,6 @@
 """cloudckpt.hf: a Trainer run killed (SIGKILL) and restarted on an emptied output_dir ends identical to an
 uninterrupted one; SIGTERM commits the current step and exits 143; `pull best` is the best eval_loss. Real
-processes (tests/hf_job.py)."""
+processes (tests/support/hf_job.py)."""
 
 from __future__ import annotations
 
@@ -19,7 +19,7 @@ pytest.importorskip("transformers")
 
 from cloudckpt import CheckpointStore  # noqa: E402
 
-JOB = Path(__file__).with_name("hf_job.py")
+JOB = Path(__file__).parent / "support" / "hf_job.py"
 ROOT = Path(__file__).resolve().parents[1]
 SAVE_EVERY = 10
 EXIT_PREEMPTED = 143

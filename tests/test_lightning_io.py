@@ -1,7 +1,7 @@
 """cloudckpt.lightning: Lightning's own ModelCheckpoint commits through CloudCheckpointIO; a run killed (SIGKILL) and
 restarted on an emptied folder with fit(ckpt_path="last") ends identical to an uninterrupted one; SIGTERM commits the
 current step and exits 143; Lightning's removals are mirrored in the store; `pull best` is Lightning's best. Real
-processes (tests/lightning_job.py)."""
+processes (tests/support/lightning_job.py)."""
 
 from __future__ import annotations
 
@@ -20,7 +20,7 @@ pytest.importorskip("lightning")
 
 from cloudckpt import CheckpointStore  # noqa: E402
 
-JOB = Path(__file__).with_name("lightning_job.py")
+JOB = Path(__file__).parent / "support" / "lightning_job.py"
 ROOT = Path(__file__).resolve().parents[1]
 SAVE_EVERY = 10
 EXIT_PREEMPTED = 143

@@ -1,5 +1,5 @@
 """cloudckpt.torch.CheckpointManager: exact resume after SIGKILL, SIGTERM commits and exits 143, `pull best`, fencing,
-and no unpickling of what the bucket holds. The training runs are real processes (tests/torch_job.py)."""
+and no unpickling of what the bucket holds. The training runs are real processes (tests/support/torch_job.py)."""
 
 from __future__ import annotations
 
@@ -17,7 +17,7 @@ torch = pytest.importorskip("torch")
 from cloudckpt import CheckpointStore, IntegrityError, StaleWriterError  # noqa: E402
 from cloudckpt.torch import EXIT_PREEMPTED, CheckpointManager  # noqa: E402
 
-JOB = Path(__file__).with_name("torch_job.py")
+JOB = Path(__file__).parent / "support" / "torch_job.py"
 ROOT = Path(__file__).resolve().parents[1]
 SAVE_EVERY = 10
 

@@ -120,7 +120,7 @@ def start_fake_gcs(port: int | None = None) -> Server:
 #: Azurite's well-known development account (public: documented by Microsoft for the emulator)
 AZURITE_ACCOUNT = "devstoreaccount1"
 AZURITE_KEY = "Eby8vdM02xNOcqFlqUwJPLlmEtlCDXJ1OUzFT50uSRZ6IFsuFq2UVErCz4I6tq/K1SZFPTOtr/KBHBeksoGMGw=="
-AZURITE_DIR = Path(__file__).resolve().parent.parent / ".tools" / "azurite"
+AZURITE_DIR = Path(__file__).resolve().parents[2] / ".tools" / "azurite"
 
 
 def azurite_binary() -> Path | None:
