@@ -5,7 +5,6 @@ from __future__ import annotations
 import logging
 import math
 import os
-import shutil
 import time
 from pathlib import Path
 from typing import Any, NoReturn
@@ -387,23 +386,16 @@ class CloudCheckpoint(keras.callbacks.ModelCheckpoint):
     # --- resume ------------------------------------------------------------------------------------------------
 
     def _resume(self) -> None:
-        found = rs.pull_resumable(self._store, self._staging_dir / "resume")
-        if found is None:
+        resumed = rs.resume(self.model, self._trainer, self._store, self._staging_dir, self.filepath)
+        if resumed is None:
             return
+        found, self._resumed = resumed
         state = found.state
-        rs.restore_variables(self.model, state, found.arrays, found.path)
-        lf.restore_local_files(self._store, found.entry, found.path, self._staging_dir / "best", self.filepath)
         self.best, self.best_seen = state.best, state.best_seen
         internals.set_save_counters(self, internals.SaveCounters(state.batches_seen_since_last_saving,
                                                                  state.last_batch_seen))
         self._last_staged_step = state.global_step
-        internals.set_initial_epoch(self.model, state.initial_epoch)
-        self.resumed_from = found.entry.id
-        self._resumed = rs.ResumedEpoch(self.model, self._trainer, state, found.arrays)
-        self.batches_skipped = self._resumed.k
-        log.info("resumed from %s (%s): epoch %d, %d batches into it, global step %d, best %s", found.entry.id,
-                 self._store.url, state.epoch + 1, self._resumed.k, state.global_step, self.best)
-        shutil.rmtree(found.path, ignore_errors=True)
+        self.resumed_from, self.batches_skipped = found.entry.id, self._resumed.k
 
 
 def _finite(value: Any) -> bool:

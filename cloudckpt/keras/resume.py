@@ -26,6 +26,7 @@ process: the state is still restored exactly, but the remaining batches' order d
 from __future__ import annotations
 
 import logging
+import shutil
 import zipfile
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
@@ -38,6 +39,7 @@ from ..errors import CheckpointNotFoundError, ConfigurationError, IntegrityError
 from ..manifest import CheckpointEntry
 from ..store import CheckpointStore
 from . import internals
+from .local_files import restore_local_files
 from .state import EPOCH_RNG, MARKER, STATE_DIR, Covered, Group, Layout, ResumeState, read_state
 from .trainers import SkipBatches, TrainerAdapter
 
@@ -147,6 +149,26 @@ class StatePlans:
 
 
 # --- resume side: which checkpoint, and restoring it ---------------------------------------------------------------
+
+
+def resume(model: Any, trainer: TrainerAdapter, store: CheckpointStore, staging: Path,
+           filepath: str) -> tuple[Resumable, ResumedEpoch] | None:
+    """Continue the run in ``store`` where it stopped: restore the model's and optimizer's variables from the
+    newest resumable checkpoint (pulled under ``staging``), put its local files back beside ``filepath``, make the
+    next ``fit`` start at its epoch and set up that epoch (:class:`ResumedEpoch`). None when there is nothing to
+    resume from; the callback's own state (best value, counters) is the caller's to set from the result."""
+    found = pull_resumable(store, staging / "resume")
+    if found is None:
+        return None
+    state = found.state
+    restore_variables(model, state, found.arrays, found.path)
+    restore_local_files(store, found.entry, found.path, staging / "best", filepath)
+    internals.set_initial_epoch(model, state.initial_epoch)
+    first = ResumedEpoch(model, trainer, state, found.arrays)
+    log.info("resumed from %s (%s): epoch %d, %d batches into it, global step %d, best %s", found.entry.id,
+             store.url, state.epoch + 1, first.k, state.global_step, state.best)
+    shutil.rmtree(found.path, ignore_errors=True)
+    return found, first
 
 
 @dataclass(frozen=True)
