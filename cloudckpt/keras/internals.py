@@ -24,7 +24,8 @@ class SaveCounters:
 
 def save_counters(callback: Any) -> SaveCounters:
     """The counters as ``callback`` (a ``ModelCheckpoint``) holds them now."""
-    return SaveCounters(int(callback._batches_seen_since_last_saving), callback._last_batch_seen)
+    last = callback._last_batch_seen
+    return SaveCounters(int(callback._batches_seen_since_last_saving), None if last is None else int(last))
 
 
 def set_save_counters(callback: Any, counters: SaveCounters) -> None:
