@@ -18,9 +18,9 @@ from ..uploader import Job, Uploader, new_staging_dir, remove_staging, snapshot
 from . import internals, trainers
 from . import local_files as lf
 from . import resume as rs
+from . import state as st
 from .deadline import commit_within
 from .distributed import WorkerRole
-from .state import EPOCH_RNG, CheckpointMeta, ResumeState, SavePoint, write_state
 
 log = logging.getLogger(__name__)
 
@@ -212,7 +212,7 @@ class CloudCheckpoint(keras.callbacks.ModelCheckpoint):
         self._epoch_in_progress = epoch
         if self._resumed is not None:  # the resumed epoch: draw its data order as the interrupted run did
             self._resumed.begin_epoch()
-        self._epoch_rng = self._trainer.randomness.capture(EPOCH_RNG)
+        self._epoch_rng = self._trainer.randomness.capture(st.EPOCH_RNG)
 
     def on_train_batch_end(self, batch: int, logs: dict[str, Any] | None = None) -> None:
         if self._resumed is not None and self._resumed.skipped(self._epoch_in_progress, batch):
@@ -287,12 +287,7 @@ class CloudCheckpoint(keras.callbacks.ModelCheckpoint):
     def _save_model(self, epoch: int, batch: int | None, logs: dict[str, Any] | None) -> None:
         t0 = time.perf_counter()
         self._saved_path = None
-        path = internals.file_path(self, epoch, batch, logs or {})
-        try:
-            if "://" not in path and os.stat(path).st_nlink > 1:
-                os.unlink(path)  # a snapshot still holds this inode: let Keras write a new file
-        except FileNotFoundError:
-            pass
+        self._local.release(internals.file_path(self, epoch, batch, logs or {}))
         super()._save_model(epoch, batch, logs)
         self._stage(epoch, batch, logs or {}, saved=self._saved_path, epoch_done=batch is None,
                     position=epoch + 1 if batch is None else epoch)
@@ -329,19 +324,21 @@ class CloudCheckpoint(keras.callbacks.ModelCheckpoint):
         snapshot({os.path.basename(saved): Path(saved)} if saved else {}, job_dir)
         name = os.path.basename(saved) if saved else None  # its name in the checkpoint
         counters = internals.save_counters(self)
-        state = ResumeState(epoch=epoch, epoch_done=epoch_done, batches_done=None if epoch_done else (batch or 0) + 1,
-                            initial_epoch=position, global_step=step, logs=metrics,
-                            best=None if self.best is None else float(self.best), best_seen=self.best_seen,
-                            batches_seen_since_last_saving=counters.batches_seen_since_last_saving,
-                            last_batch_seen=counters.last_batch_seen, user_file=name, keras_version=keras.__version__,
-                            weights_file=name if plan.covered else None, covered=plan.covered, layout=plan.layout)
-        meta = CheckpointMeta(kind="model" if saved else "state", batch=state.batches_done or 0, epoch_done=epoch_done,
-                              file=name, local_file=self._local.wrote(saved) if saved else None)
+        state = st.ResumeState(
+            epoch=epoch, epoch_done=epoch_done, batches_done=None if epoch_done else (batch or 0) + 1,
+            initial_epoch=position, global_step=step, logs=metrics,
+            best=None if self.best is None else float(self.best), best_seen=self.best_seen,
+            batches_seen_since_last_saving=counters.batches_seen_since_last_saving,
+            last_batch_seen=counters.last_batch_seen, user_file=name, keras_version=keras.__version__,
+            weights_file=name if plan.covered else None, covered=plan.covered, layout=plan.layout)
+        meta = st.CheckpointMeta(kind="model" if saved else "state", batch=state.batches_done or 0,
+                                 epoch_done=epoch_done, file=name,
+                                 local_file=self._local.wrote(saved) if saved else None)
         policy = RunPolicy(monitor=self.monitor, mode=mode, keep_best=self.keep_best, keep_last=self.keep_last,
                            keep_every=self.keep_every_n_epochs)
-        self.uploader.submit(job_dir, SavePoint(epoch + 1, step, metrics, meta, policy).push_args(),
+        self.uploader.submit(job_dir, st.SavePoint(epoch + 1, step, metrics, meta, policy).push_args(),
                              protected=bool(improved and saved),
-                             prepare=lambda path: write_state(path, arrays, state))
+                             prepare=lambda path: st.write_state(path, arrays, state))
         self._last_staged_step = step
 
     def _on_commit(self, entry: CheckpointEntry, job: Job) -> None:

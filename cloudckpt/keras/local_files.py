@@ -112,6 +112,15 @@ class LocalFiles:
             self._files[path] = None
         return local_name(self.root, path)
 
+    def release(self, path: str) -> None:
+        """Before Keras writes ``path``: unlink it if a snapshot still holds its inode (a hard link in staging), so
+        Keras writes a new file instead of changing the snapshot."""
+        try:
+            if "://" not in path and os.stat(path).st_nlink > 1:
+                os.unlink(path)
+        except FileNotFoundError:
+            pass
+
     def prune(self, store: CheckpointStore) -> list[str]:
         """Delete the recorded files that no checkpoint listed in ``store`` names any more; return them."""
         live = live_files(self.root, store.list(), self.suffix)
