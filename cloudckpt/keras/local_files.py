@@ -6,8 +6,8 @@ callback's own folder (``local_file`` in the entry's ``meta``); the folder itsel
 ``filepath`` (its directory, up to the first ``{...}`` field), never from the index. A name that is not a plain
 relative path (see :class:`~cloudckpt.keras.state.CheckpointMeta`), that Keras could not have written for this
 ``filepath`` (another suffix), that the checkpoint does not hold, or that leads out of the folder (through ``..`` or a
-link) is skipped with a warning. Nothing is ever written
-or removed outside the folder, and nothing that exists there is replaced.
+link) is skipped with a warning. Nothing is ever written or removed outside the folder, and nothing that exists there
+is replaced.
 
 Example:
     >>> str(local_root("/jobs/7/ckpt/{epoch:02d}/m.keras"))
