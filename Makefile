@@ -18,20 +18,29 @@ LOWEST_TESTS ?= tests/test_store.py tests/test_cli.py tests/test_locks.py tests/
 $(STAMP): pyproject.toml Makefile
 	test -x $(PY) || python3 -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q -e '.[s3,gcs,keras-cpu,test,test-backends]'
+	$(PY) -m pip install -q -e '.[s3,gcs,azure,keras-cpu,test,test-backends]'
 	touch $(STAMP)
 
 $(CHECKOV_VENV)/bin/checkov:
 	python3 -m venv $(CHECKOV_VENV)
 	$(CHECKOV_VENV)/bin/pip install -q checkov==3.3.30
 
+# Azurite (Azure's Blob emulator, npm) for the Azure tests, pinned; without node/npm those tests skip.
+AZURITE_VERSION ?= 3.37.0
+AZURITE := .tools/azurite/node_modules/.bin/azurite-blob
+
+$(AZURITE):
+	@if command -v npm >/dev/null 2>&1; then \
+	  npm install --prefix .tools/azurite --no-audit --no-fund --loglevel=error azurite@$(AZURITE_VERSION); \
+	else echo "make: npm not found; the Azure (Azurite) tests will skip"; fi
+
 # shellcheck (Debian package) for the infra script tests; installed when we can (root, apt), else those tests skip.
-tools: $(CHECKOV_VENV)/bin/checkov
+tools: $(CHECKOV_VENV)/bin/checkov $(AZURITE)
 	@command -v shellcheck >/dev/null 2>&1 || { [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1 && \
 	  { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq shellcheck >/dev/null; } ; } || \
 	  echo "make: shellcheck not installed; the shellcheck tests will skip"
 
-install: $(STAMP)
+install: $(STAMP) $(AZURITE)
 
 demo: $(STAMP)
 	$(PY) examples/demo.py
@@ -50,7 +59,7 @@ test-main: $(STAMP) tools lint
 # The floors' own venv: the project at its lowest admitted versions, then the test tools constrained to them.
 $(LOWEST_STAMP): pyproject.toml Makefile
 	test -x $(LOWEST_VENV)/bin/uv || { python3 -m venv $(LOWEST_VENV) && $(LOWEST_VENV)/bin/pip install -q uv; }
-	$(LOWEST_UV) --resolution lowest-direct -e '.[s3,gcs,keras-cpu]'
+	$(LOWEST_UV) --resolution lowest-direct -e '.[s3,gcs,azure,keras-cpu]'
 	$(LOWEST_VENV)/bin/uv pip freeze --python $(LOWEST_VENV)/bin/python --exclude-editable > $(LOWEST_VENV)/floors.txt
 	$(LOWEST_UV) -c $(LOWEST_VENV)/floors.txt -e '.[test]'
 	touch $(LOWEST_STAMP)
@@ -62,4 +71,4 @@ bench: $(STAMP)
 	$(PY) bench/run.py $(BENCH_ARGS)
 
 clean:
-	rm -rf $(VENV) $(CHECKOV_VENV) $(LOWEST_VENV) .pytest_cache build *.egg-info
+	rm -rf $(VENV) $(CHECKOV_VENV) $(LOWEST_VENV) .tools .pytest_cache build *.egg-info

@@ -33,7 +33,7 @@ import tenacity
 from . import retry
 from .backends import Backend
 from .backends.base import UNCHANGED
-from .errors import CheckpointNotFoundError, CloudCkptError, IndexConflictError, StaleWriterError, TransferError
+from .errors import CheckpointNotFoundError, IndexConflictError, StaleWriterError, TransferError
 from .manifest import Applied, CheckpointEntry, Index, WriterLease, dump, parse_index, utcnow
 
 log = logging.getLogger(__name__)
@@ -176,14 +176,8 @@ class IndexKeeper:
                 return retry.run(attempt, url=self.backend.url, what=what, budget=self.budget, attempts=200,
                                  retry_on=retryable, wait=tenacity.wait_random_exponential(multiplier=0.005, max=0.5),
                                  log_level=logging.DEBUG)
-            except IndexConflictError as e:
+            except IndexConflictError as e:  # other failures are typed by retry.run
                 raise TransferError(f"{self.backend.url}: {what}: gave up after {self.conflicts} lost races") from e
-            except CloudCkptError:
-                raise
-            except Exception as exc:
-                if not (retry.is_transient(exc) or isinstance(exc, OSError)):
-                    raise  # a programming error: let it show as itself
-                raise TransferError(f"{self.backend.url}: {what} failed: {exc}") from exc
 
     def _resolve(self, index: Index, written: dict[int, Update], what: str) -> Update | None:
         """Which earlier write of this update the index shows applied; None when none did; raise when unknowable."""

@@ -57,9 +57,22 @@ class StaleWriterError(CloudCkptError, RuntimeError):
 
 
 class TransferError(CloudCkptError, OSError):
-    """An upload, download or index update failed after its retry budget was spent; ``__cause__`` says why."""
+    """An upload, download, listing or index update failed (after its retry budget was spent, where retrying could
+    help); ``__cause__`` says why. :func:`cloudckpt.retry.run` raises it, once, for every logical operation."""
 
     exit_code = 1
+
+
+class StoreError(CloudCkptError, OSError):
+    """One store request failed: a backend's translation of its client's error (``__cause__``) at its boundary.
+
+    ``transient``: another attempt may succeed (a 5xx, throttling, a reset or timeout, a body the server found
+    corrupted). :func:`cloudckpt.retry.run` retries the transient ones and raises TransferError from what is left.
+    """
+
+    def __init__(self, message: str, *, transient: bool = False) -> None:
+        super().__init__(message)
+        self.transient = transient
 
 
 class IndexConflictError(CloudCkptError):

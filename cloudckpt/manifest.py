@@ -51,13 +51,6 @@ def check_relative_path(path: str) -> str:
     return path
 
 
-def check_checkpoint_id(cid: str) -> str:
-    """Return ``cid`` if it is a valid checkpoint id, else raise IntegrityError."""
-    if not isinstance(cid, str) or not _ID_RE.match(cid) or cid in _RESERVED_IDS:
-        raise IntegrityError(f"invalid checkpoint id: {cid!r}")
-    return cid
-
-
 class _Frozen(BaseModel):
     model_config = ConfigDict(frozen=True, extra="forbid", strict=True)
 

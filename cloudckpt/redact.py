@@ -6,8 +6,8 @@ a URL: a store's URL is shown and recorded only in that form, the real one being
 ``password``, ``sas_token``, ``account_key``, ``connection_string``, ``credentials``..., inline service-account
 JSON included), the credentials in the environment (``AWS_SECRET_ACCESS_KEY``, ``AWS_SESSION_TOKEN``, the contents
 of ``GOOGLE_APPLICATION_CREDENTIALS``...) and URL user info — and :meth:`Redactor.scrub` masks them, and any URL
-user info or private key, in a text (an error from an SDK, a log line). The CLI passes every error and log record
-through it.
+user info, private key or Azure key (``AccountKey=``, ``SharedAccessSignature=``, ``SharedKey``), in a text (an
+error from an SDK, a log line). The CLI passes every error and log record through it.
 
 Example:
     >>> redact_url("ftp://alice:s3cr3t@files.example/runs/r1")
@@ -44,6 +44,10 @@ SECRET_ENV = ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN",
 _CREDENTIAL_FILES = ("GOOGLE_APPLICATION_CREDENTIALS", "CLOUDSDK_AUTH_CREDENTIAL_FILE_OVERRIDE")
 _USERINFO = re.compile(r"(?P<scheme>\b[A-Za-z][A-Za-z0-9+.-]*://)(?P<user>[^/\s@?#'\"]+)@")
 _QUERY = re.compile(r"(?P<name>[?&][^=&\s?#]+)=(?P<value>[^&#\s'\"]+)")
+#: Azure credentials inside connection strings and headers: ``AccountKey=...;``, ``SharedAccessSignature=...``,
+#: ``SharedAccessKey=...``, ``Authorization: SharedKey account:signature``
+_AZURE = re.compile(r"(?P<name>\b(?:AccountKey|SharedAccessKey|SharedAccessSignature)=)(?P<value>[^;\s'\"]+)|"
+                    r"(?P<shared>\bSharedKey(?:Lite)? [^:\s]+:)(?P<sig>[A-Za-z0-9+/=%]+)", re.I)
 _PEM = re.compile(r"-----BEGIN [A-Z ]*PRIVATE KEY-----.*?(-----END [A-Z ]*PRIVATE KEY-----|$)", re.S)
 _MIN_LEN = 6  # shorter values (e.g. "anon", "true") are too common to mask everywhere
 
@@ -151,6 +155,7 @@ class Redactor:
             return text
         out = _PEM.sub(MASK, text)
         out = _USERINFO.sub(lambda m: m["scheme"] + MASK + "@", out)
+        out = _AZURE.sub(lambda m: (m["name"] or m["shared"]) + MASK, out)
         out = _QUERY.sub(lambda m: f"{m['name']}={MASK}" if is_secret_name(m["name"][1:]) else m[0], out)
         for secret in sorted(self._secrets, key=len, reverse=True):
             if secret in out:

@@ -73,11 +73,3 @@ def _swap_into_place(staging: Path, target: Path) -> None:
     finally:
         if old is not None:
             shutil.rmtree(old, ignore_errors=True)
-
-
-def read_marker(directory: str | Path) -> dict | None:
-    """The checkpoint entry a pulled directory holds (its ``.cloudckpt.json``), or None."""
-    try:
-        return json.loads((Path(directory) / MARKER).read_text())
-    except (FileNotFoundError, ValueError):
-        return None

@@ -63,7 +63,11 @@ class Source:
                  progress: Callable[[int], None] | None = None) -> None:
         self.progress = progress
         self.path = Path(path)
-        self._f: BinaryIO = open(self.path, "rb", buffering=0)
+        try:
+            self._f: BinaryIO = open(self.path, "rb", buffering=0)
+        except FileNotFoundError as e:
+            raise SourceChangedError(f"{self.path}: the file was removed while it was pushed; push a finished "
+                                     "checkpoint") from e
         st = os.fstat(self._f.fileno())
         self._before = _signature(st)
         self.size = st.st_size

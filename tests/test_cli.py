@@ -43,7 +43,7 @@ def push(url: str, path: Path, *extra: str) -> dict:
     return json.loads(proc.stdout)
 
 
-@pytest.mark.parametrize("kind", ["local", "s3", "gcs"])
+@pytest.mark.parametrize("kind", ["local", "s3", "gcs", "az"])
 def test_push_ls_show_pull_json_on_each_store(kind, request, ckpt, tmp_path):
     url = request.getfixturevalue(f"{kind}_url")
     first = push(url, ckpt, "--epoch", "1", "--step", "70", "--metric", "val_loss=0.4", "--monitor", "val_loss")

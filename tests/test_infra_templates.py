@@ -105,6 +105,8 @@ def _docs(name: str) -> dict[str, dict]:
 @pytest.mark.parametrize("name,url,selector,sa_annotation", [
     ("train-job-eks.yaml", "s3://", {"eks.amazonaws.com/capacityType": "SPOT"}, "eks.amazonaws.com/role-arn"),
     ("train-job-gke.yaml", "gs://", {"cloud.google.com/gke-spot": "true"}, "iam.gke.io/gcp-service-account"),
+    ("train-job-aks.yaml", "az://", {"kubernetes.azure.com/scalesetpriority": "spot"},
+     "azure.workload.identity/client-id"),
 ])
 def test_kubernetes_job_for_spot_gpus(name, url, selector, sa_annotation):
     consts = _callback_constants()
@@ -119,6 +121,10 @@ def test_kubernetes_job_for_spot_gpus(name, url, selector, sa_annotation):
     if url == "gs://":
         assert {"key": "cloud.google.com/gke-spot", "operator": "Equal", "value": "true",
                 "effect": "NoSchedule"} in pod["tolerations"]
+    if url == "az://":  # AKS taints Spot pools; workload identity is switched on per pod
+        assert {"key": "kubernetes.azure.com/scalesetpriority", "operator": "Equal", "value": "spot",
+                "effect": "NoSchedule"} in pod["tolerations"]
+        assert job["template"]["metadata"]["labels"]["azure.workload.identity/use"] == "true"
     # the grace period covers the callback's preemption deadline with a margin
     assert pod["terminationGracePeriodSeconds"] >= consts["preemption_deadline"] + 10
     (container,) = pod["containers"]
@@ -148,7 +154,7 @@ def test_kubernetes_manifests_match_the_api_schema(version):
         for doc in yaml.safe_load_all(path.read_text()):
             kubernetes_validate.validate(doc, version, strict=True)  # raises ValidationError
             kinds.append(doc["kind"])
-    assert kinds.count("Job") == 2, kinds  # the EKS and GKE Jobs were both validated
+    assert kinds.count("Job") == 3, kinds  # the EKS, GKE and AKS Jobs were all validated
 
 
 def test_ci_templates_match_their_schemas():

@@ -27,7 +27,8 @@ def test_tf_file_parses(path):
 
 
 def test_layout_covers_both_clouds():
-    assert {p.name for p in MODULES.iterdir()} == {"aws-bucket", "aws-access", "gcp-bucket", "gcp-access"}
+    assert {p.name for p in MODULES.iterdir()} == {"aws-bucket", "aws-access", "gcp-bucket", "gcp-access",
+                                                   "azure-storage", "azure-access"}
     assert {p.name for p in EXAMPLES.iterdir()} == {"aws", "gcp"}
     for module in [*MODULES.iterdir(), *EXAMPLES.iterdir()]:
         providers = [t["required_providers"] for t in tf.load_dir(module)["terraform"]]
@@ -120,6 +121,29 @@ def test_gcp_service_accounts_get_object_roles_under_conditions():
     assert members["training"]["condition"][0]["expression"] == "${local.training_condition}"
     assert members["restore"]["condition"][0]["expression"] == "${local.restore_condition}"
     assert not tf.blocks(m, "resource", "google_service_account_key"), "no long-lived keys"
+
+
+def test_azure_storage_is_secure_by_default():
+    m = tf.load_dir(MODULES / "azure-storage")
+    account = _one(m, "azurerm_storage_account")
+    assert account["shared_access_key_enabled"] is False and account["default_to_oauth_authentication"] is True
+    assert account["min_tls_version"] == "TLS1_2" and account["https_traffic_only_enabled"] is True
+    assert account["allow_nested_items_to_be_public"] is False
+    assert account["network_rules"][0]["default_action"] == "Deny"
+    blob = account["blob_properties"][0]
+    assert blob["versioning_enabled"] is True
+    assert blob["delete_retention_policy"][0]["days"] == "${var.soft_delete_retention_days}"
+    assert _one(m, "azurerm_storage_container")["container_access_type"] == "private"
+
+
+def test_azure_identities_get_blob_data_roles_on_the_container_only():
+    m = tf.load_dir(MODULES / "azure-access")
+    roles = tf.blocks(m, "resource", "azurerm_role_assignment")
+    assert roles["training"]["role_definition_name"] == "Storage Blob Data Contributor"
+    assert roles["restore"]["role_definition_name"] == "Storage Blob Data Reader"
+    assert {r["scope"] for r in roles.values()} == {"${var.container_id}"}, "scoped to the container, nothing wider"
+    assert set(roles) == {"training", "restore"}
+    assert not tf.blocks(m, "resource", "azurerm_storage_account_sas"), "no long-lived keys"
 
 
 # --- checkov ---------------------------------------------------------------------------------------------------

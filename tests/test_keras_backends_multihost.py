@@ -1,12 +1,21 @@
 """Multi-host JAX: `keras.distribution` over ``jax.distributed``, two real processes on the CPU (JAX's gloo
-collectives, coordinator on 127.0.0.1). Process 0 claims the run and commits; the other never writes the store; every
-variable is whole in each process, so a restart on another number of processes resumes from the same checkpoint.
-(Variables split across processes by ModelParallel are not supported: see cloudckpt/keras/distributed.py.)"""
+collectives, coordinator on 127.0.0.1). Process 0 claims the run and commits; the other never writes the store.
+
+- DataParallel: every variable whole in each process; both killed, a restart on one process resumes.
+- ModelParallel with the Dense kernels split across the two processes: the saves gather them (collectives both
+  processes enter), a SIGTERM to ONE process stops both at the same batch boundary with exit 143 after process 0's
+  commit, and the checkpoint resumes on two processes (re-split, bit-identical to an uninterrupted run) and on one.
+
+Keras 3.15 + jax 0.10.2 on the CPU: ModelParallel training itself (without any checkpoint callback) aborts in gloo
+at the last batch of the training data ("Received data size doesn't match expected size. Is there a distributed
+collective mismatch"), so the model-parallel runs here stop before step 22 (the data has 23 batches).
+"""
 
 from __future__ import annotations
 
 import importlib.util
 import re
+import shutil
 import signal
 import socket
 import sys
@@ -65,3 +74,72 @@ def test_two_data_parallel_processes_killed_then_one_resumes_from_process_zeros_
     assert alone.rc == 0, alone.err
     assert re.search(r"resumed from ckpt-e000002-s0000000030-\w+ .*: epoch 2, 7 batches into it", alone.err)
     assert alone.steps[0] == 31 and alone.steps[-1] == 46
+
+
+def pair(tmp: Path, name: str, *args: str, kill0: int | None = None) -> list:
+    """Start processes 0 and 1 of a model-parallel job in ``tmp/name/p0`` and ``p1``."""
+    port, procs = free_port(), []
+    from test_keras_backends import start
+
+    for i in range(2):
+        (tmp / name / f"p{i}").mkdir(parents=True)
+        procs.append(start(tmp / name / f"p{i}", "jax", *args, "--model-parallel", "--jax-processes",
+                           f"127.0.0.1:{port},2,{i}", *(["--kill-at", str(kill0)] if i == 0 and kill0 else [])))
+    return procs
+
+
+def weights_at(store: Path, step: int, to: Path) -> dict:
+    """The arrays of the Keras weights file of ``store``'s checkpoint at ``step``, by their path in the file."""
+    import h5py
+
+    from cloudckpt.store import CheckpointStore
+
+    entry = next(e for e in CheckpointStore(str(store)).list() if e.step == step)
+    pulled = CheckpointStore(str(store)).pull(entry.id, to=to)
+    out: dict = {}
+    with h5py.File(pulled.path / "m.weights.h5", "r") as f:
+        f.visititems(lambda name, obj: out.__setitem__(name, obj[()]) if isinstance(obj, h5py.Dataset) else None)
+    return out
+
+
+@needs_jax
+def test_model_parallel_sigterm_to_one_process_then_resume_on_two_and_on_one(tmp_path):
+    from test_keras_backends import finish, start
+
+    common = ["--weights-only", "--save-freq", "5", "--shuffle", "--filepath", "ckpt/m.weights.h5"]
+    preempted = pair(tmp_path, "pre", "--remote", str(tmp_path / "store"), *common)
+    out = []
+    for line in preempted[1].stdout:  # process 1 alone gets a real SIGTERM at step 7
+        out.append(line)
+        if line.strip() == "STEP 7":
+            preempted[1].send_signal(signal.SIGTERM)
+            break
+    other = finish(preempted[1], "".join(out))
+    first = finish(preempted[0])
+    assert (first.rc, other.rc) == (143, 143), first.err + other.err
+    assert re.search(r"^SPLIT [1-9]", first.out, re.M), "the Dense kernels are split across the processes"
+    at = re.search(r"preemption \(another process's preemption notice\): checkpoint (\S+) at step (\d+) "
+                   r"committed", first.err)
+    assert at, first.err
+    stop = int(at.group(2))
+    assert first.steps[-1] == other.steps[-1] == stop >= 7, "both stopped at the same batch boundary"
+    assert "committed ckpt-e000001-s0000000005" in first.err, "a save with split variables (Keras' file) commits"
+    assert "committed" not in other.err and "claimed" not in other.err, "only process 0 writes the store"
+    kernel = weights_at(tmp_path / "store", 5, tmp_path / "pulled")["layers/dense/vars/0"]
+    assert kernel.shape == (64, 32), "whole kernels in Keras' file, not one process's part"
+
+    # resume on two processes (the whole arrays split again) until step 12, and on one process to the end
+    shutil.copytree(tmp_path / "store", tmp_path / "store-one")
+    (tmp_path / "one").mkdir()
+    two = pair(tmp_path, "two", "--remote", str(tmp_path / "store"), *common, kill0=12)
+    one = start(tmp_path / "one", "jax", "--remote", str(tmp_path / "store-one"), *common)
+    r0 = finish(two[0])  # SIGKILLs itself after step 12, once step 10 is committed
+    two[1].kill()
+    r1 = finish(two[1])
+    alone = finish(one)
+    assert r0.rc == -signal.SIGKILL, r0.err
+    for r in (r0, r1, alone):
+        assert re.search(rf"resumed from {at.group(1)} .*: epoch 1, {stop} batches into it", r.err), r.err
+    assert r0.steps[0] == r1.steps[0] == alone.steps[0] == stop + 1 and r0.steps[-1] == 12
+    assert re.search(r"committed ckpt-e000001-s0000000010", r0.err), "the resumed pair trains and saves on"
+    assert alone.rc == 0 and alone.steps[-1] == 3 * 23, alone.err

@@ -135,6 +135,20 @@ def test_sigkill_at_an_arbitrary_moment_on_s3_with_epoch_saves(tmp_path, basedir
     assert redone(first, second) == first.steps[-1] - committed, "only what came after that commit is redone"
 
 
+def test_sigkill_mid_epoch_on_azure_resumes_bit_identical(tmp_path, basedir, az_url):
+    """remote="az://...": batch saves committed to Azure (Azurite), a SIGKILL mid-epoch, a bit-identical resume."""
+    expected, _ = baseline(True, basedir)
+    args = ["--remote", az_url, "--filepath", "ckpt/m.weights.h5", "--weights-only", "--save-freq", "5",
+            "--out", str(tmp_path / "final.npz"), "--shuffle"]
+    first = run(tmp_path, *args, "--kill-at", "31")  # mid-epoch 2; last commit at step 30
+    assert first.rc == -signal.SIGKILL
+    second = run(tmp_path, *args)
+    assert second.rc == 0, second.err
+    assert second.steps[0] == 31, "resumed right after the last committed step"
+    assert_bit_identical(tmp_path / "final.npz", expected)
+    assert redone(first, second) == 1
+
+
 def test_preemption_notices_commit_and_exit_143_then_resume_bit_identical(tmp_path, basedir):
     expected, epochs = baseline(True, basedir)
     meta = Metadata()

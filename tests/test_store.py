@@ -1,4 +1,4 @@
-"""The store suite: the same behaviour on local, S3 (moto server) and GCS (fake-gcs-server)."""
+"""The store suite: the same behaviour on local, S3 (moto server), GCS (fake-gcs-server) and Azure (Azurite)."""
 
 from __future__ import annotations
 
@@ -19,7 +19,7 @@ from cloudckpt.checksum import file_checksums
 from cloudckpt.manifest import INDEX_NAME, MANIFEST_NAME
 
 
-@pytest.fixture(params=["local", "s3", "gcs", "s3-fsspec", "gcs-fsspec"])
+@pytest.fixture(params=["local", "s3", "gcs", "s3-fsspec", "gcs-fsspec", "az"])
 def store_url(request, monkeypatch) -> str:
     """Each store, and S3/GCS once more with data through s3fs/gcsfs instead of boto3/google-cloud-storage."""
     kind, _, transport = request.param.partition("-")
@@ -168,7 +168,7 @@ def test_fencing_superseded_writer_stops(store_url, tmp_path):
 
 def test_racing_writers_lose_no_update(store_url, tmp_path):
     """Two writers (separate store objects, as two machines would be) commit concurrently: every commit is listed."""
-    rounds = 6 if store_url.startswith(("s3", "gs")) else 15
+    rounds = 6 if store_url.startswith(("s3", "gs", "az")) else 15
     src = make_ckpt(tmp_path / "a", 1, files=1)
     committed: list[str] = []
     errors: list[BaseException] = []

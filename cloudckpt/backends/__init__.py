@@ -1,4 +1,5 @@
-"""Storage backends, chosen by URL scheme: local path / ``file://`` (default), ``s3://``, ``gs://``, else fsspec."""
+"""Storage backends, chosen by URL scheme: local path / ``file://`` (default), ``s3://``, ``gs://``, ``az://`` (also
+``abfs://``, ``abfss://``), else fsspec."""
 
 from __future__ import annotations
 
@@ -7,10 +8,12 @@ from typing import Any
 
 from ..errors import CloudCkptError, ConfigurationError
 from ..redact import Redactor, redact_url
-from ..retry import permanent_error
 from .base import Backend, ObjectInfo
 
 __all__ = ["Backend", "ObjectInfo", "open_backend"]
+
+#: the pip extra that installs a scheme's client library
+_EXTRAS = {"s3": "s3", "s3a": "s3", "gs": "gcs", "gcs": "gcs", "az": "azure", "abfs": "azure", "abfss": "azure"}
 
 
 def open_backend(url: str, storage_options: dict[str, Any] | None = None) -> Backend:
@@ -42,11 +45,15 @@ def open_backend(url: str, storage_options: dict[str, Any] | None = None) -> Bac
 
             gcs_cls = GCSFsspecBackend if transport == "fsspec" else GCSBackend
             return gcs_cls("gs://" + url.split("://", 1)[1], storage_options)
+        if scheme in ("az", "abfs", "abfss"):
+            from .azure import AzureBackend
+
+            return AzureBackend(url, storage_options)
         from .generic import GenericBackend
 
         return GenericBackend(url, storage_options)
     except ImportError as e:
-        extra = {"s3": "s3", "s3a": "s3", "gs": "gcs", "gcs": "gcs"}.get(scheme, "all")
+        extra = _EXTRAS.get(scheme, "all")
         raise ConfigurationError(
             f"{shown}: a client library is missing ({e.name}); pip install 'cloudckpt[{extra}]'") from e
     except CloudCkptError:
@@ -56,8 +63,4 @@ def open_backend(url: str, storage_options: dict[str, Any] | None = None) -> Bac
         secrets.add_options(storage_options or {})
         secrets.add_url(url)
         raise ConfigurationError(f"{shown}: bad storage options ({secrets.scrub(str(e))})") from e
-    except Exception as e:
-        typed = permanent_error(e, shown)
-        if typed is not None:
-            raise typed from e
-        raise
+

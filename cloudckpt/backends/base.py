@@ -3,10 +3,17 @@
 A backend knows nothing of checkpoints: it moves bytes to and from ``<root>/<rel>``, lists and deletes them, and
 reads/writes the index with compare-and-swap. ``rel`` is always a ``/``-separated path relative to the run root.
 Everything above (commit protocol, restore, gc) is written once against this contract.
+
+Errors are translated where they arise: every contract method (and the constructor) of every backend runs inside
+its :meth:`Backend.translate`, which turns its client library's errors into the cloudckpt hierarchy (access denied,
+no credentials or no such bucket: AccessError; a lost conditional write: IndexConflictError; anything else the
+store answered: StoreError, transient or not) or the built-ins the contract names (a missing object:
+FileNotFoundError). Nothing above a backend sees an SDK's exception.
 """
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
 import threading
@@ -18,7 +25,7 @@ from pathlib import Path
 from typing import Any
 
 from .. import retry
-from ..errors import ConfigurationError, IntegrityError
+from ..errors import CloudCkptError, ConfigurationError, IntegrityError, StoreError
 from ..redact import redact_url
 from ..source import Source
 
@@ -33,6 +40,32 @@ UNSAFE_ENV = "CLOUDCKPT_UNSAFE_NO_CAS"
 #: returned by ``read_index(known=token)`` instead of the bytes when the index is still at ``token``
 UNCHANGED = b"\x00cloudckpt-unchanged"
 
+#: storage options every store understands (read by :class:`Backend` itself)
+COMMON_OPTIONS = frozenset({"verify_readback", UNSAFE_OPTION, "connect_timeout", "read_timeout"})
+
+#: the methods that run inside :meth:`Backend.translate` (the constructor and the contract)
+_BOUNDARY = ("__init__", "read_index", "write_index", "put_if", "upload", "download", "read_stream", "read_bytes",
+             "write_bytes", "list_objects", "delete", "conditional_write_problem")
+
+
+def _at_boundary(method: Callable[..., Any]) -> Callable[..., Any]:
+    """``method`` with its client's errors translated by the backend's :meth:`Backend.translate`."""
+
+    @functools.wraps(method)
+    def translated(self: Backend, *args: Any, **kwargs: Any) -> Any:
+        try:
+            return method(self, *args, **kwargs)
+        except (CloudCkptError, ImportError):  # typed already; a missing client library is open_backend's to name
+            raise
+        except Exception as exc:
+            typed = self.translate(exc)
+            if typed is None or typed is exc:
+                raise
+            raise typed from exc
+
+    translated.at_boundary = True  # type: ignore[attr-defined]
+    return translated
+
 
 @dataclass(frozen=True)
 class ObjectInfo:
@@ -44,16 +77,33 @@ class ObjectInfo:
 
 
 class Backend(ABC):
-    """Bytes under one run URL. Subclasses implement the abstract methods; the rest is shared."""
+    """Bytes under one run URL. Subclasses implement the abstract methods and :meth:`translate`; the rest is shared.
 
-    #: True when :meth:`write_index` is a real atomic compare-and-swap on this store.
-    atomic: bool = True
+    Storage options other than :data:`COMMON_OPTIONS` and the subclass's :attr:`OPTIONS` are refused at once.
+    """
+
     #: What a verified upload checked on this store, for logs and docs.
     verification: str = "size"
+    #: the store's name in messages
+    kind: str = "local"
+    #: storage options this store understands besides :data:`COMMON_OPTIONS`; None: any (passed to its client)
+    OPTIONS: frozenset[str] | None = frozenset()
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        for name in _BOUNDARY:
+            method = getattr(cls, name, None)
+            if callable(method) and not getattr(method, "at_boundary", False) \
+                    and not getattr(method, "__isabstractmethod__", False):
+                setattr(cls, name, _at_boundary(method))
 
     def __init__(self, url: str, storage_options: dict[str, Any] | None = None) -> None:
         self.url = redact_url(url.rstrip("/"))  # shown and recorded; a subclass connects with the real ``url``
         self.storage_options = dict(storage_options or {})
+        unknown = set(self.storage_options) - COMMON_OPTIONS - (self.OPTIONS or set())
+        if self.OPTIONS is not None and unknown:
+            raise ConfigurationError(f"{self.url}: unknown {self.kind} storage option(s) {sorted(unknown)}; known: "
+                                     f"{sorted(COMMON_OPTIONS | self.OPTIONS)}")
         self.verify_readback = bool(self.storage_options.pop("verify_readback", False))
         unsafe = self.storage_options.pop(UNSAFE_OPTION, None)
         self.unsafe_no_cas = _truthy(os.environ.get(UNSAFE_ENV) if unsafe is None else unsafe)
@@ -68,28 +118,54 @@ class Backend(ABC):
             raise ConfigurationError(f"{self.url}: connect_timeout and read_timeout are seconds > 0. Received: "
                                      f"connect_timeout={connect!r}, read_timeout={read!r}")
 
+    def translate(self, exc: Exception) -> BaseException | None:
+        """The typed error that ``exc``, raised by this store's client library, stands for.
+
+        None lets ``exc`` through as it is: a built-in the contract names, or a programming error. Default: a broken
+        connection or answer of the HTTP stack under the clients (urllib3, http.client) is a transient StoreError.
+        """
+        import http.client
+
+        broken: tuple[type[Exception], ...] = (http.client.HTTPException,)
+        try:
+            import urllib3  # under boto3 and requests; not needed by a local store
+
+            broken += (urllib3.exceptions.HTTPError,)
+        except ImportError:
+            pass
+        if isinstance(exc, broken):
+            return StoreError(f"{self.url}: {type(exc).__name__}: {exc}", transient=True)
+        return None
+
     # --- the index: read with a version token, write only if the token still holds -----------------------------
 
     @abstractmethod
     def read_index(self, known: Any = None) -> tuple[bytes | None, Any]:
-        """Return ``(bytes, token)``, ``(None, None)`` when the run has no index yet, or ``(UNCHANGED, known)`` when
-        the index is still at the ``known`` token (so a writer's cached copy needn't be downloaded or parsed)."""
+        """Return the index's ``(bytes, token)``.
+
+        ``(None, None)`` when the run has no index yet; ``(UNCHANGED, known)`` when the index is still at the ``known``
+        token (so a writer's cached copy needn't be downloaded or parsed).
+        """
 
     @abstractmethod
     def write_index(self, data: bytes, token: Any) -> Any:
-        """Replace the index if it is still at ``token`` (None: only if absent), else raise IndexConflictError;
-        return the new token."""
+        """Replace the index if it is still at ``token`` (None: only if absent); return the new token.
+
+        Raises IndexConflictError when the index is no longer at ``token``.
+        """
 
     # --- objects ------------------------------------------------------------------------------------------------
 
     @abstractmethod
     def upload(self, source: Source, rel: str, *, deadline: float | None = None,
                progress: Progress | None = None) -> None:
-        """Store the bytes of ``source`` at ``rel``, read from it once in order (it hashes what is read; a client's
-        retry may seek back and read again), and check what the store can check against ``source.crc32c()`` (see
-        :attr:`verification`): raise IntegrityError when the stored object differs. ``deadline``
-        (``time.monotonic()``): stop with TimeoutError once it has passed. ``progress(n)`` is told of bytes sent as
-        they go (negative when bytes are sent again)."""
+        """Store the bytes of ``source`` at ``rel`` and check them.
+
+        ``source`` is read once in order (it hashes what is read; a client's retry may seek back and read again);
+        what the store can check is compared with ``source.crc32c()`` (see :attr:`verification`): IntegrityError
+        when the stored object differs. ``deadline`` (``time.monotonic()``): stop with TimeoutError once it has
+        passed. ``progress(n)`` is told of bytes sent as they go (negative when bytes are sent again).
+        """
 
     @abstractmethod
     def download(self, rel: str, local: Path, *, deadline: float | None = None,
@@ -154,9 +230,6 @@ class Backend(ABC):
         IndexConflictError; return the new token. The index's :meth:`write_index` is this on ``index.json``."""
         raise NotImplementedError(f"{type(self).__name__} has no conditional write")
 
-    def check_access(self) -> None:  # noqa: B027 (an optional hook: no-op by default)
-        """Raise AccessError/CheckpointNotFoundError early for a missing bucket or denied access (default: no-op)."""
-
     def check_uploaded(self, rel: str, crc32c: str) -> None:
         """With the ``verify_readback`` option: download the object again and compare its crc32c (any store)."""
         if not self.verify_readback:
@@ -178,9 +251,6 @@ class Backend(ABC):
         if left <= 0:
             raise TimeoutError("the transfer's wall-clock budget is spent")
         return left
-
-    def describe(self) -> str:
-        return self.url
 
 
 def _truthy(value: Any) -> bool:

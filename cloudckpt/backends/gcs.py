@@ -5,8 +5,8 @@ client's retries ended at the transfer's deadline.
 
 gcsfs is not used on this path: its ``get_file`` grew memory to most of the object's size (tests/test_large_files.py),
 and google-cloud-storage exposes the generation preconditions the commit needs. With ``STORAGE_EMULATOR_HOST`` set,
-anonymous credentials are used, and ``GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT=false`` is set for any gcsfs use in the
-same process (an emulator doesn't serve gcsfs's storage-control probe, which stalls ~60 s per bucket).
+anonymous credentials are used, and ``transport="fsspec"`` uses gcsfs's plain filesystem class (an emulator doesn't
+serve the storage-control probe of its default class, which stalls ~60 s per bucket). The environment is only read.
 """
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from ..checksum import HashingWriter
-from ..errors import AccessError, ConfigurationError, IndexConflictError, IntegrityError
+from ..errors import AccessError, ConfigurationError, IndexConflictError, IntegrityError, StoreError
 from ..manifest import INDEX_NAME
 from ..source import Source
 from .base import UNCHANGED, Backend, ObjectInfo, Progress
@@ -67,24 +67,50 @@ class _Sink:
         pass
 
 
+def _translate(exc: Exception, url: str) -> BaseException | None:
+    """google-cloud-storage's (google-api-core, google-auth, its resumable-media) errors in the cloudckpt hierarchy;
+    requests' errors are OSErrors already (transient)."""
+    from google.api_core import exceptions as api
+    from google.auth import exceptions as auth
+
+    try:
+        from google.cloud.storage.exceptions import DataCorruption, InvalidResponse
+    except ImportError:  # google-cloud-storage < 3
+        from google.resumable_media.common import DataCorruption, InvalidResponse
+    status = getattr(exc.response, "status_code", None) if isinstance(exc, InvalidResponse) \
+        else getattr(exc, "code", None)
+    if isinstance(exc, (auth.DefaultCredentialsError, auth.RefreshError)):
+        return AccessError(f"{url}: no usable credentials ({type(exc).__name__}: {exc}); "
+                           "set GOOGLE_APPLICATION_CREDENTIALS or pass the token storage option")
+    if isinstance(exc, (api.Forbidden, api.Unauthorized)) or status in (401, 403):
+        return AccessError(f"{url}: access denied ({exc}); the credentials lack permission for this run")
+    if isinstance(exc, api.NotFound) or status == 404:
+        if "bucket" in str(exc).lower():
+            return AccessError(f"{url}: no such bucket ({exc})")
+        return FileNotFoundError(f"{url}: no such object ({exc})")
+    if isinstance(exc, api.PreconditionFailed) or status == 412:
+        return IndexConflictError(f"{url}: a conditional write was refused ({exc})")
+    transient = isinstance(exc, (api.ServerError, api.TooManyRequests, api.RetryError,
+                                 auth.TransportError, DataCorruption)) or status in (408, 429) \
+        or (isinstance(status, int) and status >= 500)
+    if isinstance(exc, (api.GoogleAPIError, auth.GoogleAuthError, DataCorruption, InvalidResponse)):
+        return StoreError(f"{url}: {type(exc).__name__}: {exc}", transient=transient)
+    return None
+
+
 class GCSBackend(Backend):
     verification = "server crc32c of the whole object compared with ours, and its size"
-
-    #: storage options understood here: ``token`` (a service-account JSON path, or "anon"), ``project``, ``chunk_size``
-    OPTIONS = {"token", "project", "chunk_size", "transport"}
+    kind = "GCS"
+    #: ``token`` (a service-account JSON path, or "anon"), ``project``, ``chunk_size``, ``transport``
+    OPTIONS = frozenset({"token", "project", "chunk_size", "transport"})
 
     def __init__(self, url: str, storage_options: dict[str, Any] | None = None) -> None:
         super().__init__(url, storage_options)
         self.bucket_name, self.prefix = _split(self.url)
         opts = self.storage_options
-        unknown = set(opts) - self.OPTIONS
-        if unknown:
-            raise ConfigurationError(
-                f"{self.url}: unknown GCS storage option(s) {sorted(unknown)}; known: {sorted(self.OPTIONS)}")
         self.chunk_size = max(1, int(opts.get("chunk_size", 64 * _MB)) // (256 * 1024)) * (256 * 1024)
-        emulator = os.environ.get("STORAGE_EMULATOR_HOST")
-        if emulator:
-            os.environ.setdefault("GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT", "false")
+        self.emulator = bool(os.environ.get("STORAGE_EMULATOR_HOST"))
+        if self.emulator:
             opts.setdefault("token", "anon")
         from google.cloud import storage
 
@@ -108,8 +134,8 @@ class GCSBackend(Backend):
     def _name(self, rel: str) -> str:
         return f"{self.prefix}/{rel}" if self.prefix else rel
 
-    def check_access(self) -> None:
-        self.client.get_bucket(self.bucket_name, timeout=self.timeout)
+    def translate(self, exc: Exception) -> BaseException | None:
+        return _translate(exc, self.url) or super().translate(exc)
 
     # --- index -------------------------------------------------------------------------------------------------
 
@@ -247,12 +273,28 @@ class GCSFsspecBackend(FsspecObjects, GCSBackend):
 
     def __init__(self, url: str, storage_options: dict[str, Any] | None = None) -> None:
         super().__init__(url, storage_options)
+        import aiohttp
         import gcsfs
+        import gcsfs.core
 
         opts = self.storage_options
-        import aiohttp
-
         timeout = aiohttp.ClientTimeout(total=None, sock_connect=self.timeout[0], sock_read=self.timeout[1])
-        self.fs = gcsfs.GCSFileSystem(**{k: opts[k] for k in ("token", "project") if k in opts},
-                                      requests_timeout=timeout)
+        filesystem = gcsfs.core.GCSFileSystem if self.emulator else gcsfs.GCSFileSystem
+        self.fs = filesystem(**{k: opts[k] for k in ("token", "project") if k in opts}, requests_timeout=timeout)
         self.root = f"{self.bucket_name}/{self.prefix}" if self.prefix else self.bucket_name
+
+    def translate(self, exc: Exception) -> BaseException | None:
+        """gcsfs's own errors (its HttpError carries the status), aiohttp's, then google-cloud-storage's."""
+        import aiohttp
+        from gcsfs.retry import ChecksumError, HttpError
+
+        if isinstance(exc, HttpError):
+            status = exc.code if isinstance(exc.code, int) else 0
+            if status in (401, 403):
+                return AccessError(f"{self.url}: access denied ({exc}); the credentials lack permission for this run")
+            if status == 404:
+                return FileNotFoundError(f"{self.url}: no such object ({exc})")
+            return StoreError(f"{self.url}: {exc}", transient=status in (408, 429) or status >= 500)
+        if isinstance(exc, (aiohttp.ClientError, ChecksumError)):
+            return StoreError(f"{self.url}: {type(exc).__name__}: {exc}", transient=True)
+        return super().translate(exc)

@@ -9,15 +9,23 @@ from typing import Any
 
 import fsspec
 
-from ..errors import IndexConflictError
+from ..errors import IndexConflictError, StoreError
 from ..manifest import INDEX_NAME
 from .base import UNCHANGED, Backend
 from .fsspec_objects import FsspecObjects
 
 
 class GenericBackend(FsspecObjects, Backend):
-    atomic = False
     verification = "object size"
+    kind = "fsspec"
+    OPTIONS = None  # passed to the fsspec filesystem, which refuses what it doesn't take
+
+    def translate(self, exc: Exception) -> BaseException | None:
+        """fsspec filesystems raise built-in errors (FileNotFoundError, PermissionError, OSError): those pass. Any
+        other error of an implementation's own library is a StoreError (its retries are the implementation's)."""
+        if type(exc).__module__ == "builtins":
+            return None
+        return super().translate(exc) or StoreError(f"{self.url}: {type(exc).__name__}: {exc}")
 
     def __init__(self, url: str, storage_options: dict[str, Any] | None = None) -> None:
         super().__init__(url, storage_options)
@@ -25,7 +33,7 @@ class GenericBackend(FsspecObjects, Backend):
         self.root = root.rstrip("/")
 
     def conditional_write_problem(self) -> str | None:
-        return "this store has no conditional write (use s3://, gs:// or a local path for atomic commits)"
+        return "this store has no conditional write (use s3://, gs://, az:// or a local path for atomic commits)"
 
     def read_index(self, known: Any = None) -> tuple[bytes | None, Any]:
         try:

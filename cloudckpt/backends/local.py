@@ -32,6 +32,7 @@ def _fsync_dir(path: Path) -> None:
 
 class LocalBackend(Backend):
     verification = "size and crc32c of the written copy"
+    OPTIONS = frozenset({"fsync"})
 
     def __init__(self, url: str, storage_options: dict[str, Any] | None = None) -> None:
         super().__init__(url, storage_options)

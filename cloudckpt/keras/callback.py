@@ -219,7 +219,7 @@ class CloudCheckpoint(keras.callbacks.ModelCheckpoint):
             return  # a batch trained before the interruption, skipped now
         self._check_fatal()
         super().on_train_batch_end(batch, logs)
-        if self._watch is not None and self._watch.triggered:
+        if self._preemption_agreed():
             self._on_preemption(self._epoch_in_progress, batch, logs, epoch_done=False)
 
     def on_epoch_end(self, epoch: int, logs: dict[str, Any] | None = None) -> None:
@@ -227,7 +227,7 @@ class CloudCheckpoint(keras.callbacks.ModelCheckpoint):
             return  # stopped mid-epoch: this is not a finished epoch
         self._check_fatal()
         super().on_epoch_end(epoch, logs)
-        if self._watch is not None and self._watch.triggered:
+        if self._preemption_agreed():
             self._on_preemption(epoch, None, logs, epoch_done=True)
 
     def on_train_end(self, logs: dict[str, Any] | None = None) -> None:
@@ -288,9 +288,10 @@ class CloudCheckpoint(keras.callbacks.ModelCheckpoint):
         t0 = time.perf_counter()
         self._saved_path = None
         self._local.release(internals.file_path(self, epoch, batch, logs or {}))
-        super()._save_model(epoch, batch, logs)
-        self._stage(epoch, batch, logs or {}, saved=self._saved_path, epoch_done=batch is None,
-                    position=epoch + 1 if batch is None else epoch)
+        with self._trainer.whole_values(self.model):  # JAX: variables split across processes, gathered
+            super()._save_model(epoch, batch, logs)
+            self._stage(epoch, batch, logs or {}, saved=self._saved_path, epoch_done=batch is None,
+                        position=epoch + 1 if batch is None else epoch)
         self.stall_seconds.append(time.perf_counter() - t0)
 
     def _step(self) -> int:
@@ -354,15 +355,16 @@ class CloudCheckpoint(keras.callbacks.ModelCheckpoint):
         self.preempted = True
         watch = self._watch
         assert watch is not None  # only a triggered watch calls this
+        notice = watch.notice_time or time.monotonic()  # the deadline counts from the notice, not from here
+        if self._last_staged_step != self._step():  # every process: reading a variable may be a collective
+            self._stage(epoch, batch, logs or {}, saved=None, epoch_done=epoch_done,
+                        position=epoch + 1 if epoch_done else epoch)
         flushed = True
         if self.uploader is None:  # a non-chief worker: nothing of ours to commit
             log.warning("preemption (%s): stopping (not the chief: the chief commits)", watch.reason)
         else:
-            if self._last_staged_step != self._step():
-                self._stage(epoch, batch, logs or {}, saved=None, epoch_done=epoch_done,
-                            position=epoch + 1 if epoch_done else epoch)
-            flushed = commit_within(self.uploader, notice_time=watch.notice_time or time.monotonic(),
-                                    deadline=self.preemption_deadline, reason=watch.reason, step=self._step())
+            flushed = commit_within(self.uploader, notice_time=notice, deadline=self.preemption_deadline,
+                                    reason=watch.reason, step=self._step())
         self.model.stop_training = True
         if self.exit_on_preemption:
             self._exit_preempted(flushed)
@@ -375,6 +377,15 @@ class CloudCheckpoint(keras.callbacks.ModelCheckpoint):
             os._exit(EXIT_PREEMPTED)
         self._cleanup()
         raise SystemExit(EXIT_PREEMPTED)
+
+    def _preemption_agreed(self) -> bool:
+        """Whether to checkpoint and stop now: a notice reached this process or, in a multi-process JAX job, any
+        other (every process asks at every batch boundary, so all stop at the same one)."""
+        if self._watch is None or not self._watch.sources:
+            return False
+        if self._trainer.any_process(self._watch.triggered) and not self._watch.triggered:
+            self._watch.trigger("another process's preemption notice")
+        return self._watch.triggered
 
     def _check_fatal(self) -> None:
         if self.uploader is not None and self.uploader.fatal is not None:

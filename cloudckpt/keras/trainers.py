@@ -16,9 +16,10 @@ the trainer's state back into the variables first (`Model.jax_state_sync`), so i
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import random
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -26,7 +27,7 @@ import keras
 import numpy as np
 
 from ..errors import ConfigurationError, IntegrityError
-from .distributed import WorkerRole, current_role, jax_role
+from .distributed import WorkerRole, current_role, jax_any, jax_gather, jax_role, spans_processes
 
 log = logging.getLogger(__name__)
 
@@ -194,14 +195,62 @@ class TrainerAdapter:
         return current_role(getattr(model, "distribute_strategy", None))
 
     def to_host(self, variable: Any) -> np.ndarray:
-        """A host copy of ``variable``'s value (``v.numpy()`` copies on every backend)."""
+        """A host copy of ``variable``'s whole value (``v.numpy()`` copies on every backend). On JAX, a value split
+        across processes is gathered: a collective every process must enter, in the same order."""
+        if self.multi_process == "jax" and spans_processes(variable.value):
+            return jax_gather([variable.value])[0]
         return np.asarray(variable.numpy())
+
+    @contextlib.contextmanager
+    def whole_values(self, model: Any) -> Iterator[int]:
+        """For the duration of a save: each of ``model``'s variables (model, optimizer, metrics) whose value is split
+        across the processes of a JAX job holds its whole value, gathered, so Keras' own save can read it; the split
+        values are put back after. A collective every process enters with the same model; nothing to do on a single
+        process, on other backends or when no variable is split. Yields how many variables were gathered.
+
+        The value is swapped in the variable's private ``_value`` slot: an assignment would split it again (Keras
+        lays out every assigned value per the distribution). Keras' NNX variables have no such slot.
+
+        Raises:
+            ConfigurationError: split variables under Keras' NNX mode (``KERAS_NNX_ENABLED``).
+        """
+        split = []
+        if self.multi_process == "jax":
+            seen: set[int] = set()
+            for v in _all_variables(model):
+                if id(v) not in seen and spans_processes(v.value):
+                    split.append(v)
+                seen.add(id(v))
+        if split and keras.config.is_nnx_enabled():
+            raise ConfigurationError("variables split across processes can't be saved with Keras' NNX mode on "
+                                     "(KERAS_NNX_ENABLED): its variables re-split every value they are given")
+        originals = [v._value for v in split]
+        for v, whole in zip(split, jax_gather([v.value for v in split]), strict=True):
+            v._value = whole
+        try:
+            yield len(split)
+        finally:
+            for v, original in zip(split, originals, strict=True):
+                v._value = original
+
+    def any_process(self, flag: bool) -> bool:
+        """True on every process when ``flag`` is True on any process of the job: on JAX a collective every
+        process enters at the same point (:func:`~cloudckpt.keras.distributed.jax_any`). TensorFlow's
+        multi-worker strategy is not covered: ``flag`` as it is."""
+        return jax_any(flag) if self.multi_process == "jax" else flag
 
     def skip_batches(self, model: Any, k: int, logs: Mapping[str, float],
                      on_last: Callable[[Any], Any]) -> SkipBatches:
         """Install this backend's :class:`SkipBatches` on ``model`` (see there for the arguments)."""
         log.debug("skipping %d batches with the %s trainer's adapter", k, self.backend)
         return self.skipper(model, k, logs, on_last)
+
+
+def _all_variables(model: Any) -> list:
+    """The model's, its optimizer's and its metrics' variables, in a fixed order (the same on every process)."""
+    optimizer = getattr(model, "optimizer", None)
+    return [*model.variables, *(optimizer.variables if optimizer is not None else ()),
+            *(v for m in model.metrics for v in m.variables)]
 
 
 _ADAPTERS = {

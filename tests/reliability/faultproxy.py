@@ -111,11 +111,13 @@ class FaultProxy:
             (a test's event "mid-upload", e.g. rewriting the file being pushed when part 2 arrives).
         on_response: ``on_response(method, target, head, body) -> (head, body)`` may rewrite an answer (raw head
             bytes and the body as read) before it goes to the client.
+        on_request_body: ``on_request_body(method, target, body) -> body`` may rewrite a request's body (as read,
+            same length) before it is forwarded: bytes damaged in transit.
     """
 
     def __init__(self, upstream: str, *, rates: dict[str, float] | None = None, seed: int = 0, stall: float = 3.0,
                  fault_filter=None, max_faults: int | None = None, strip_conditions: bool = False,
-                 on_request=None, on_response=None) -> None:
+                 on_request=None, on_response=None, on_request_body=None) -> None:
         parts = urlsplit(upstream)
         self.upstream = (parts.hostname, parts.port)
         self.rates = dict(rates or {})
@@ -129,6 +131,7 @@ class FaultProxy:
         self.stripped = 0
         self.on_request = on_request
         self.on_response = on_response
+        self.on_request_body = on_request_body
         self._rnd = random.Random(seed)
         self._lock = threading.Lock()
         self.faults: Counter = Counter()  # kind -> injected
@@ -219,6 +222,8 @@ class FaultProxy:
                 kind = self._pick(method, target)
                 if self.on_request is not None:
                     self.on_request(method, target)
+                if self.on_request_body is not None:
+                    body = self.on_request_body(method, target, body)
                 if kind in _S3_BODIES:
                     client.sendall(self._error(kind, path))
                     continue

@@ -24,15 +24,16 @@ from .procs import ROOT, cli_cmd, env_with, run, run_and_kill, writer_cmd
 
 POINTS = ["push.after_upload", "push.after_manifest", "push.after_index", "prune.after_index", "gc.before_delete"]
 S3_MULTIPART = {"part_size": 5 * 2**20}
+AZ_BLOCKS = {"block_size": 2**20}  # the 3 MiB big file goes up in staged blocks, killed between them
 
 
-@pytest.fixture(params=["local", "s3"])
+@pytest.fixture(params=["local", "s3", "az"])
 def crash_url(request) -> str:
     return request.getfixturevalue(f"{request.param}_url")
 
 
 def _kind(url: str) -> str:
-    return "s3" if url.startswith("s3://") else "local"
+    return url.split("://", 1)[0] if url.startswith(("s3://", "az://")) else "local"
 
 
 def _seed(url: str, tmp_path, n: int = 3) -> list[str]:
@@ -155,7 +156,7 @@ def _random_kills(url: str, n: int, rnd: random.Random, figures, *, label: str) 
     keep_last = 3
     acked: list[tuple[str, float]] = []
     kills_since_ack = killed = 0
-    opts = S3_MULTIPART if kind == "s3" else {}
+    opts = {"s3": S3_MULTIPART, "az": AZ_BLOCKS}.get(kind, {})
     big = 6 * 2**20 if kind == "s3" else 3 * 2**20
     for i in range(n):
         args = ["--seed", str(rnd.randrange(2**31)), "--keep-last", str(keep_last), "--gc-every", "4",

@@ -56,10 +56,11 @@ def test_bad_url_is_a_configuration_error(url, tmp_path, figures):
     figures["bad_inputs"]["bad-url"] += 1
 
 
-@pytest.mark.parametrize("kind", ["s3", "gcs"])
+@pytest.mark.parametrize("kind", ["s3", "gcs", "azure"])
 def test_missing_bucket_is_an_access_error_at_once(kind, request, tmp_path, figures):
     request.getfixturevalue(f"{kind}_server")
-    url = {"s3": "s3://no-such-bucket-cloudckpt/run", "gcs": "gs://no-such-bucket-cloudckpt/run"}[kind]
+    url = {"s3": "s3://no-such-bucket-cloudckpt/run", "gcs": "gs://no-such-bucket-cloudckpt/run",
+           "azure": "az://no-such-bucket-cloudckpt/run"}[kind]
     for op in ("pull", "push"):
         with pytest.raises(AccessError) as info:
             with CheckpointStore(url, budget=30) as store:

@@ -33,7 +33,7 @@ def _stored(store: CheckpointStore) -> set[str]:
     return {o.rel for o in store.backend.list_objects()}
 
 
-@pytest.mark.parametrize("kind", ["local", "s3", "gcs"])
+@pytest.mark.parametrize("kind", ["local", "s3", "gcs", "az"])
 def test_lost_commit_answer_with_a_second_writer_never_resurrects_a_pruned_checkpoint(kind, request, tmp_path):
     """A commits X (keep-last 1, pruning Y0); before A hears back, B commits Y1 and prunes X; A's answer is lost.
     A's push is acknowledged (committed, then pruned by B's retention); Y1 stays listed and readable."""

@@ -1,6 +1,6 @@
 """Concurrency: writer processes racing on one run lose no index update; a superseded writer is fenced.
 
-Two real processes push to the same run at the same time (compare-and-swap on the index: S3 If-Match, local
+Two real processes push to the same run at the same time (compare-and-swap on the index: S3 and Azure If-Match, local
 os.replace under flock). Every push that returned is listed at the end — counted one by one — and the lost races
 they survived are reported. A writer that claimed the run is fenced with StaleWriterError (CLI/process exit 6) once a
 newer writer claims it, and nothing it pushes after that is listed.
@@ -38,10 +38,10 @@ def _race(url: str, rounds_each: int, go: Path, *extra: str) -> list[Outcome]:
     return [_finish(p) for p in procs]
 
 
-@pytest.mark.parametrize("kind", ["local", "s3"])
+@pytest.mark.parametrize("kind", ["local", "s3", "az"])
 def test_two_writers_race_without_losing_an_update(kind, request, tmp_path, full, figures):
     url = request.getfixturevalue(f"{kind}_url")
-    rounds_each = {"local": 500, "s3": 40}[kind] * (3 if full else 1)
+    rounds_each = {"local": 500, "s3": 40, "az": 40}[kind] * (3 if full else 1)
     outs = _race(url, rounds_each, tmp_path / "go")
     for out in outs:
         assert out.returncode == 0, out.stderr[-3000:]
@@ -59,14 +59,14 @@ def test_two_writers_race_without_losing_an_update(kind, request, tmp_path, full
     figures["races"][f"{kind}/rounds"] += 2 * rounds_each
     figures["races"][f"{kind}/lost_cas_retried"] += conflicts
     figures["races"][f"{kind}/updates_lost"] += len(set(acked) - set(listed))
-    assert conflicts > 0 or kind == "s3", "the writers never collided: the race proved nothing"
+    assert conflicts > 0 or kind in ("s3", "az"), "the writers never collided: the race proved nothing"
 
 
-@pytest.mark.parametrize("kind", ["local", "s3"])
+@pytest.mark.parametrize("kind", ["local", "s3", "az"])
 def test_racing_writers_with_retention_keep_the_policy(kind, request, tmp_path, figures):
     """Both writers apply keep-last 4 in every commit: the end state is exactly the last 4 commits plus the best."""
     url = request.getfixturevalue(f"{kind}_url")
-    rounds_each = {"local": 100, "s3": 25}[kind]
+    rounds_each = {"local": 100, "s3": 25, "az": 25}[kind]
     outs = _race(url, rounds_each, tmp_path / "go", "--keep-last", "4")
     assert all(out.returncode == 0 for out in outs), [out.stderr[-2000:] for out in outs]
     state = check_run(url)
@@ -80,7 +80,7 @@ def test_racing_writers_with_retention_keep_the_policy(kind, request, tmp_path, 
     figures["races"][f"{kind}/rounds-with-retention"] += 2 * rounds_each
 
 
-@pytest.mark.parametrize("kind", ["local", "s3"])
+@pytest.mark.parametrize("kind", ["local", "s3", "az"])
 def test_superseded_writer_is_fenced(kind, request, tmp_path, figures):
     """Writer A claims the run and pushes in a loop; B claims it: A's next commit fails with StaleWriterError
     (exit 6), every commit A acknowledged before is listed, and nothing of A's lands after B's claim."""

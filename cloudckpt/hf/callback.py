@@ -1,0 +1,224 @@
+"""CloudCheckpointCallback: each ``checkpoint-N`` folder the Hugging Face Trainer writes, committed to a store."""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+import time
+from pathlib import Path
+from typing import Any
+
+from transformers import TrainerCallback, TrainerControl, TrainerState, TrainingArguments
+
+from ..errors import CheckpointNotFoundError, ConfigurationError
+from ..preemption import PreemptionWatch
+from ..store import CheckpointStore
+from ..uploader import Job, Uploader, new_staging_dir, remove_staging, snapshot
+
+log = logging.getLogger(__name__)
+
+EXIT_PREEMPTED = 143
+"""Exit status after a preemption checkpoint (128 + SIGTERM), the same as the Keras callback's."""
+FRAMEWORK = "hf"
+#: written by the Trainer but never read on resume, and a full pickle of TrainingArguments: not committed
+SKIPPED = frozenset({"training_args.bin"})
+
+
+def monitor_of(args: TrainingArguments) -> tuple[str | None, str]:
+    """The logged metric and mode behind ``metric_for_best_model``/``greater_is_better`` (as the Trainer reads them)."""
+    name = args.metric_for_best_model
+    if not name:
+        return None, "min"
+    monitor = name if name.startswith("eval_") else f"eval_{name}"
+    greater = args.greater_is_better if args.greater_is_better is not None else not name.endswith("loss")
+    return monitor, "max" if greater else "min"
+
+
+class CloudCheckpointCallback(TrainerCallback):
+    """Commits every checkpoint the `transformers.Trainer` saves to a store, in the background.
+
+    Right after the Trainer writes ``<output_dir>/checkpoint-N`` the callback hard-links its files into a staging
+    directory (the Trainer's own ``save_total_limit`` may delete the folder later) and a background thread commits
+    them, verified and atomically, with the metric of ``metric_for_best_model`` logged at that step. Retention
+    (``keep_best`` by that metric, ``keep_last``) is the store's and never drops the best or the latest. The main
+    process claims the run (fencing older writers); other processes of a distributed run do nothing.
+
+    On SIGTERM or a cloud preemption notice the callback asks the Trainer to save at the end of the current step,
+    commits that checkpoint and exits the process with status 143. :func:`pull_latest` brings the latest committed
+    checkpoint into ``output_dir`` on a new machine, so ``trainer.train(resume_from_checkpoint=True)`` continues.
+    ``training_args.bin`` (a pickle the Trainer never reads back) is not committed.
+
+    Example:
+
+    ```python
+    args = TrainingArguments("out", eval_strategy="steps", save_steps=50, eval_steps=50,
+                             metric_for_best_model="loss", greater_is_better=False)
+    found = pull_latest("s3://bucket/runs/bert", "out")
+    trainer = Trainer(model, args, train_dataset=train, eval_dataset=val,
+                      callbacks=[CloudCheckpointCallback("s3://bucket/runs/bert")])
+    trainer.train(resume_from_checkpoint=True if found else None)
+    ```
+
+    Args:
+        remote: the store URL. Default None: ``$CLOUDCKPT_REMOTE``.
+        keep_best: best checkpoints kept, by ``metric_for_best_model`` (ignored without it). Default 1.
+        keep_last: most recent checkpoints kept. Default 2.
+        preemption: ``"auto"``, a list of ``sigterm``/``aws``/``gce``/``azure``, or None. Default ``"auto"``.
+        preemption_endpoints: metadata base URLs per cloud. Default None.
+        preemption_deadline: seconds from the notice within which the commit must finish. Default 25.
+        staging_dir: where snapshots are hard-linked; default the system temporary directory when it is on the
+            output directory's file system, else ``.cloudckpt-staging`` beside it.
+        store_budget: seconds each store operation may retry for. Default 300.
+        storage_options: options for the store's backend. Default None.
+    """
+
+    def __init__(self, remote: str | None = None, *, keep_best: int | None = 1, keep_last: int | None = 2,
+                 preemption: Any = "auto", preemption_endpoints: dict | None = None,
+                 preemption_deadline: float = 25.0, staging_dir: str | Path | None = None,
+                 store_budget: float = 300.0, storage_options: dict | None = None) -> None:
+        if preemption_deadline <= 0:
+            raise ConfigurationError(f"preemption_deadline must be > 0. Received: {preemption_deadline}")
+        self.remote, self.keep_best, self.keep_last = remote, keep_best, keep_last
+        self.preemption, self.preemption_endpoints = preemption, preemption_endpoints
+        self.preemption_deadline, self.staging_dir = preemption_deadline, staging_dir
+        self.store_budget, self.storage_options = store_budget, dict(storage_options or {})
+        self.store: CheckpointStore | None = None
+        self.uploader: Uploader | None = None
+        self._watch: PreemptionWatch | None = None
+        self._staging: Path | None = None
+        self._preempting = False
+        self._best: float | None = None
+        self._best_job: Job | None = None
+
+    @property
+    def preempted(self) -> bool:
+        return self._watch is not None and self._watch.triggered
+
+    def on_train_begin(self, args: TrainingArguments, state: TrainerState, control: TrainerControl,
+                       **kwargs: Any) -> None:
+        if not args.should_save:
+            return  # not the process that writes checkpoints
+        self.monitor, self.mode = monitor_of(args)
+        self.store = CheckpointStore(self.remote, budget=self.store_budget, **self.storage_options)
+        self.store.claim()
+        self._best = self._stored_best()
+        out = Path(args.output_dir or ".")
+        self._staging = new_staging_dir(self.staging_dir or os.environ.get("CLOUDCKPT_STAGING"), out)
+        self.uploader = Uploader(self.store)
+        self._watch = PreemptionWatch(self.preemption, endpoints=self.preemption_endpoints)
+        self._watch.start()
+
+    def on_step_end(self, args: TrainingArguments, state: TrainerState, control: TrainerControl,
+                    **kwargs: Any) -> None:
+        if self.uploader is not None and self.uploader.fatal is not None:
+            raise self.uploader.fatal
+        if self.preempted and not self._preempting:
+            self._preempting = True
+            control.should_save = True
+            control.should_training_stop = True
+
+    def on_save(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any) -> None:
+        if self.uploader is None or self._staging is None:
+            return
+        step = state.global_step
+        folder = Path(args.output_dir or ".") / f"checkpoint-{step}"
+        files = {p.relative_to(folder).as_posix(): p for p in folder.rglob("*")
+                 if p.is_file() and p.name not in SKIPPED}
+        job_dir = snapshot(files, self._staging / f"save-{step:010d}-{time.monotonic_ns()}")
+        metrics = self._metrics_at(state, step)
+        improved = self._improves(metrics)
+        if improved and self._best_job is not None:
+            self._best_job.protected = False
+        job = self.uploader.submit(job_dir, dict(
+            step=step, metrics=metrics, meta={"framework": FRAMEWORK}, monitor=self.monitor, mode=self.mode,
+            keep_best=self.keep_best if self.monitor else None, keep_last=self.keep_last), protected=improved)
+        if improved:
+            self._best, self._best_job = metrics[self.monitor], job  # type: ignore[index]
+        if self._preempting:
+            self._exit_after(job, step)
+
+    def on_train_end(self, args: TrainingArguments, state: TrainerState, control: TrainerControl,
+                     **kwargs: Any) -> None:
+        if self.uploader is None:
+            return
+        try:
+            self.uploader.close()
+            self.uploader.raise_if_final_failed()
+        finally:
+            self._shutdown()
+
+    # --- internals ---------------------------------------------------------------------------------------------
+
+    def _exit_after(self, job: Job, step: int) -> None:
+        watch = self._watch
+        assert watch is not None and self.uploader is not None
+        notice = watch.notice_time or time.monotonic()
+        ok = self.uploader.flush(max(self.preemption_deadline - (time.monotonic() - notice), 1.0))
+        if ok and job.entry is not None:
+            log.warning("preemption (%s): checkpoint-%d committed as %s %.2fs after the notice; exiting",
+                        watch.reason, step, job.entry.id, time.monotonic() - notice)
+        else:
+            log.error("preemption (%s): checkpoint-%d was NOT committed within %gs of the notice", watch.reason,
+                      step, self.preemption_deadline)
+            logging.shutdown()
+            os._exit(EXIT_PREEMPTED)
+        self._shutdown()
+        raise SystemExit(EXIT_PREEMPTED)
+
+    def _metrics_at(self, state: TrainerState, step: int) -> dict[str, float]:
+        out: dict[str, float] = {}
+        for rec in state.log_history:
+            if rec.get("step") == step:
+                out.update({k: float(v) for k, v in rec.items() if k.startswith("eval_")
+                            and not k.endswith(("_runtime", "_per_second"))
+                            and isinstance(v, (int, float)) and not isinstance(v, bool)})
+        return out
+
+    def _improves(self, metrics: dict[str, float]) -> bool:
+        value = metrics.get(self.monitor) if self.monitor else None
+        if value is None or math.isnan(value):
+            return False
+        return self._best is None or (value < self._best if self.mode == "min" else value > self._best)
+
+    def _stored_best(self) -> float | None:
+        assert self.store is not None
+        try:
+            best = self.store.best()
+        except CheckpointNotFoundError:
+            return None
+        return best.metrics.get(self.monitor) if self.monitor else None
+
+    def _shutdown(self) -> None:
+        if self._watch is not None:
+            self._watch.stop()
+            self._watch = None
+        if self._staging is not None:
+            remove_staging(self._staging)
+            self._staging = None
+        if self.store is not None:
+            self.store.close()
+        self.uploader = None
+
+
+def pull_latest(remote: str | None, output_dir: str | Path, *, storage_options: dict | None = None) -> Path | None:
+    """Pull the latest checkpoint committed by :class:`CloudCheckpointCallback` into ``output_dir/checkpoint-N``
+    (verified); return its path, or None when the run has none. Then ``trainer.train(resume_from_checkpoint=True)``
+    continues from it (the Trainer takes the highest ``checkpoint-N`` in ``output_dir``)."""
+    with CheckpointStore(remote, **(storage_options or {})) as store:
+        try:
+            index = store.index()
+        except CheckpointNotFoundError:
+            return None
+        ours = [c for c in index.checkpoints if c.meta.get("framework") == FRAMEWORK and c.step is not None]
+        if not ours:
+            return None
+        entry = ours[-1]
+        target = Path(output_dir) / f"checkpoint-{entry.step}"
+        if target.is_dir() and any(target.iterdir()) and not (target / ".cloudckpt.json").exists():
+            log.info("%s already exists locally: resuming from it", target)
+            return target
+        store.pull(entry.id, to=target)
+        log.info("pulled %s (step %d) from %s into %s", entry.id, entry.step, store.url, target)
+        return target
+
