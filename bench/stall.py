@@ -116,10 +116,10 @@ STATE_CALLS: list[tuple[str, float, str]] = []  # (function, seconds, thread) of
 
 def _time_state_calls() -> None:
     """Wrap the resume-state functions once, so the stall can be split and the thread doing each part named."""
-    from cloudckpt.keras import resume
+    from cloudckpt.keras import resume, state
 
     for owner, name, label in ((getattr(resume, "StatePlan", None), "capture", "capture"),
-                               (resume, "capture", "capture"), (resume, "write_state", "write_state")):
+                               (resume, "capture", "capture"), (state, "write_state", "write_state")):
         real = getattr(owner, name, None)
         if real is None or getattr(real, "_bench_timed", False):
             continue

@@ -16,6 +16,7 @@ from support.keras_job import build_model, data  # noqa: E402
 from cloudckpt.errors import StaleWriterError, TransferError  # noqa: E402
 from cloudckpt.keras import CloudCheckpoint  # noqa: E402
 from cloudckpt.keras import resume as rs  # noqa: E402
+from cloudckpt.keras import state as st  # noqa: E402
 from cloudckpt.store import CheckpointStore  # noqa: E402
 
 pytestmark = pytest.mark.filterwarnings("ignore:Skipping variable loading for optimizer")
@@ -97,8 +98,8 @@ def test_commits_to_each_store_with_complete_resume_state(store_url, tmp_path):
         assert best.metrics["val_loss"] == pytest.approx(cb.best)
         pulled = store.pull("best", to=tmp_path / "pulled")
         assert (pulled.path / path.name).read_bytes() == path.read_bytes()
-        info, arrays = rs.read_state(pulled.path)
-        names = [p for p, _ in info["layout"]["optimizer"]]
+        state, arrays = st.read_state(pulled.path)
+        names = [p for p, _ in state.layout["optimizer"]]
         assert any("iteration" in n for n in names) and any("momentum" in n for n in names), \
             "optimizer state is in the checkpoint even with save_weights_only"
         assert len(store.list()) <= 3  # keep_best=1 + keep_last=2 (overlapping)
@@ -142,16 +143,16 @@ def test_resume_state_reuses_the_keras_file_only_when_it_holds_the_variables(tmp
     with CheckpointStore(remote) as store:
         models = [c for c in store.list() if c.meta["kind"] == "model"]
         assert models, "Keras wrote a file at every epoch"
-        info, arrays = rs.read_state(store.pull(models[-1].id, to=tmp_path / "pulled").path)
-    n_model, n_opt = len(info["layout"]["model"]), len(info["layout"]["optimizer"])
+        state, arrays = st.read_state(store.pull(models[-1].id, to=tmp_path / "pulled").path)
+    n_model, n_opt = len(state.layout["model"]), len(state.layout["optimizer"])
     in_npz = {k for k in arrays if not k.startswith(("metrics_", "rng_"))}  # rng_: host generators, not variables
     if from_file:
-        assert info["weights_file"] == name
-        assert len(info["covered"]["optimizer"]) == n_opt and len(info["covered"]["model"]) == n_model - 1
-        assert in_npz == {f"model_{i}" for i in range(n_model) if i not in info["covered"]["model"]}, \
+        assert state.weights_file == name and state.covered is not None
+        assert len(state.covered["optimizer"]) == n_opt and len(state.covered["model"]) == n_model - 1
+        assert in_npz == {f"model_{i}" for i in range(n_model) if i not in state.covered["model"]}, \
             "only what the Keras file lacks (the dropout seed state) is stored a second time"
     else:
-        assert info["weights_file"] is None and info["covered"] is None
+        assert state.weights_file is None and state.covered is None
         assert len(in_npz) == n_model + n_opt, "everything is captured when the file can't stand in"
     resumed, cb = run(3, seed=99)  # another seed: every variable must come from the checkpoint
     assert cb.resumed_from is not None
@@ -165,13 +166,14 @@ def test_resume_state_reuses_the_keras_file_only_when_it_holds_the_variables(tmp
 
 def test_a_format_1_checkpoint_with_every_variable_in_the_npz_still_restores(tmp_path):
     model = fit([], epochs=1)
-    arrays, layout = rs.capture(model)
-    rs.write_state(tmp_path, arrays, layout, {})
-    state = tmp_path / rs.STATE_DIR / rs.STATE_JSON
-    state.write_text(state.read_text().replace('"format": 2', '"format": 1'))
-    info, arrays = rs.read_state(tmp_path)
+    plan = rs.StatePlan(model)
+    st.write_state(tmp_path, plan.capture(), st.ResumeState(epoch=0, epoch_done=True, initial_epoch=1, global_step=8,
+                                                            layout=plan.layout))
+    path = tmp_path / st.STATE_DIR / st.STATE_JSON
+    path.write_text(path.read_text().replace('"format": 2', '"format": 1'))
+    state, arrays = st.read_state(tmp_path)
     other = fit([], epochs=1, seed=7)
-    rs.restore_variables(other, info, arrays)
+    rs.restore_variables(other, state, arrays)
     for a, b in zip(model.variables + model.optimizer.variables, other.variables + other.optimizer.variables):
         np.testing.assert_array_equal(a.numpy(), b.numpy())
 
@@ -239,7 +241,8 @@ def test_a_newer_writer_stops_training(tmp_path):
 
 def test_captured_state_is_a_snapshot_unchanged_by_later_training():
     model = fit([], epochs=1)
-    arrays, layout = rs.capture(model)
+    plan = rs.StatePlan(model)
+    arrays, layout = plan.capture(), plan.layout
     frozen = {k: v.copy() for k, v in arrays.items()}
     fit([], epochs=1, model=model)  # the uploader writes `arrays` later, while training goes on
     assert all(np.array_equal(arrays[k], frozen[k]) for k in arrays)

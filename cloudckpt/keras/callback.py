@@ -5,23 +5,22 @@ from __future__ import annotations
 import logging
 import math
 import os
-import shutil
-import threading
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 import keras
-from keras import ops
 
-from ..manifest import CheckpointEntry
+from ..manifest import CheckpointEntry, RunPolicy
 from ..preemption import PreemptionWatch
-from ..retention import Mode, Objective, Retention
+from ..retention import Objective
 from ..store import CheckpointStore
 from ..uploader import Job, Uploader, new_staging_dir, remove_staging, snapshot
+from . import internals, trainers
 from . import local_files as lf
 from . import resume as rs
-from . import trainers
+from . import state as st
+from .deadline import commit_within
 from .distributed import WorkerRole
 
 log = logging.getLogger(__name__)
@@ -30,7 +29,6 @@ EXIT_PREEMPTED = 143
 """Exit status after a preemption checkpoint (128 + SIGTERM, what orchestrators read as "terminated")."""
 
 DEFAULT_STORE_DIR = ".cloudckpt-store"
-EPOCH_RNG = "rng_epoch_"  # key prefix of the host generators' states at the start of a checkpoint's epoch
 
 
 class CloudCheckpoint(keras.callbacks.ModelCheckpoint):
@@ -150,7 +148,6 @@ class CloudCheckpoint(keras.callbacks.ModelCheckpoint):
         self._adapter: trainers.TrainerAdapter | None = None  # what this backend's trainer needs (set by fit)
         self.uploader: Uploader | None = None
         self._folder = folder
-        self._root = lf.local_root(self.filepath)  # the only place local files are restored to or pruned from
         self._initial_best = self.best
         self._completed = False  # the last fit ended normally (not by an exception or a preemption)
         self._open = False  # a fit's uploader, watch and staging are live (on_train_end closes them)
@@ -177,20 +174,15 @@ class CloudCheckpoint(keras.callbacks.ModelCheckpoint):
 
     def _reset_run_state(self) -> None:
         self._epoch_in_progress = 0
-        self._skip: trainers.SkipBatches | None = None
-        self._skip_epoch: int | None = None
-        self._skip_k = 0
+        self._resumed: rs.ResumedEpoch | None = None  # the first epoch after a resume (set by on_train_begin)
         self._saved_path: str | None = None
         self._last_staged_step: int | None = None
         self._watch: PreemptionWatch | None = None
-        self._notice_time: float | None = None
         self._staging: Path | None = None
         self._seq = 0
-        self._local_files: dict[str, None] = {}  # files Keras wrote in this fit, oldest first
-        self._local_lock = threading.Lock()
-        self._plans: dict[tuple, rs.StatePlan] = {}
+        self._local = lf.LocalFiles(self.filepath)  # files Keras wrote in this fit
+        self._plans = rs.StatePlans()
         self._epoch_rng: dict | None = None  # the host random generators at the start of this epoch
-        self._rng_to_restore: tuple[dict, str] | None = None  # ... of the resumed epoch (arrays, key prefix)
 
     def on_train_begin(self, logs: dict[str, Any] | None = None) -> None:
         self._close_interrupted_fit()
@@ -219,13 +211,12 @@ class CloudCheckpoint(keras.callbacks.ModelCheckpoint):
     def on_epoch_begin(self, epoch: int, logs: dict[str, Any] | None = None) -> None:
         super().on_epoch_begin(epoch, logs)
         self._epoch_in_progress = epoch
-        if self._rng_to_restore is not None:  # the resumed epoch: draw its data order as the interrupted run did
-            self._trainer.randomness.restore(*self._rng_to_restore)
-            self._rng_to_restore = None
-        self._epoch_rng = self._trainer.randomness.capture(EPOCH_RNG)
+        if self._resumed is not None:  # the resumed epoch: draw its data order as the interrupted run did
+            self._resumed.begin_epoch()
+        self._epoch_rng = self._trainer.randomness.capture(st.EPOCH_RNG)
 
     def on_train_batch_end(self, batch: int, logs: dict[str, Any] | None = None) -> None:
-        if self._skip_k and self._epoch_in_progress == self._skip_epoch and batch < self._skip_k:
+        if self._resumed is not None and self._resumed.skipped(self._epoch_in_progress, batch):
             return  # a batch trained before the interruption, skipped now
         self._check_fatal()
         super().on_train_batch_end(batch, logs)
@@ -242,8 +233,8 @@ class CloudCheckpoint(keras.callbacks.ModelCheckpoint):
 
     def on_train_end(self, logs: dict[str, Any] | None = None) -> None:
         try:
-            if self._skip is not None:
-                self._skip.uninstall()
+            if self._resumed is not None:
+                self._resumed.uninstall()
             if self.role is not None and not self.preempted:
                 step = self._step()
                 if self._last_staged_step != step:  # commit the final state, whatever the save schedule
@@ -262,8 +253,8 @@ class CloudCheckpoint(keras.callbacks.ModelCheckpoint):
         if not self._open:
             return
         log.info("the previous fit with this callback was interrupted: committing what it queued, then resuming")
-        if self._skip is not None:
-            self._skip.uninstall()
+        if self._resumed is not None:
+            self._resumed.uninstall()
         if self.uploader is not None:
             self.uploader.flush()
         self._cleanup()
@@ -271,11 +262,11 @@ class CloudCheckpoint(keras.callbacks.ModelCheckpoint):
     def _reset_monitor_state(self) -> None:
         """What a new callback starts with (a resume then sets what the checkpoint holds)."""
         self.best, self.best_seen = self._initial_best, None
-        self._batches_seen_since_last_saving, self._last_batch_seen = 0, None
+        internals.set_save_counters(self, internals.SaveCounters())
 
     def _cleanup(self) -> None:
-        if self.model is not None and getattr(self.model, "_initial_epoch", None) is not None:
-            self.model._initial_epoch = None
+        if self.model is not None:
+            internals.set_initial_epoch(self.model, None)
         if self._watch is not None:
             self._watch.stop()
         if self.uploader is not None:
@@ -297,34 +288,12 @@ class CloudCheckpoint(keras.callbacks.ModelCheckpoint):
     def _save_model(self, epoch: int, batch: int | None, logs: dict[str, Any] | None) -> None:
         t0 = time.perf_counter()
         self._saved_path = None
-        path = self._get_file_path(epoch, batch, logs or {})
-        try:
-            if "://" not in path and os.stat(path).st_nlink > 1:
-                os.unlink(path)  # a snapshot still holds this inode: let Keras write a new file
-        except FileNotFoundError:
-            pass
+        self._local.release(internals.file_path(self, epoch, batch, logs or {}))
         with self._trainer.whole_values(self.model):  # JAX: variables split across processes, gathered
             super()._save_model(epoch, batch, logs)
             self._stage(epoch, batch, logs or {}, saved=self._saved_path, epoch_done=batch is None,
                         position=epoch + 1 if batch is None else epoch)
         self.stall_seconds.append(time.perf_counter() - t0)
-
-    def _mode(self) -> Mode:
-        if self.monitor_op is None:
-            try:
-                self._set_monitor_op()
-            except ValueError:
-                return "min"
-        # ask the comparison itself: Keras 3.10 sets np.greater/np.less, later releases ops.greater/ops.less
-        return "max" if bool(ops.convert_to_numpy(self.monitor_op(1.0, 0.0))) else "min"
-
-    def _plan(self, saved: str | None) -> rs.StatePlan:
-        """The :class:`resume.StatePlan` of this save (what the file Keras just wrote, if any, lacks), worked out
-        once per fit and kind of file: reading the file's layout costs more than small models' copies."""
-        key = (None if not saved else saved.endswith(".keras"), len(getattr(self.model.optimizer, "variables", ())))
-        if key not in self._plans:
-            self._plans[key] = rs.StatePlan(self.model, rs.file_coverage(self.model, saved) if saved else None)
-        return self._plans[key]
 
     def _step(self) -> int:
         return int(self.model.optimizer.iterations.numpy()) if getattr(self.model, "optimizer", None) else 0
@@ -334,7 +303,7 @@ class CloudCheckpoint(keras.callbacks.ModelCheckpoint):
         """Snapshot the user's file (if Keras just saved it) and the resume state; queue them for upload."""
         # Copy what Keras' file lacks now (written on the uploader's thread). Every worker reads the same variables,
         # as a sync-on-read variable's read is a collective; non-chief workers then upload nothing.
-        step, plan = self._step(), self._plan(saved if saved and "://" not in saved else None)
+        step, plan = self._step(), self._plans.for_save(self.model, saved if saved and "://" not in saved else None)
         arrays = plan.capture(metrics=not epoch_done, to_host=self._trainer.to_host)
         arrays.update(self._trainer.randomness.capture())
         if self._epoch_rng and not epoch_done:
@@ -344,7 +313,7 @@ class CloudCheckpoint(keras.callbacks.ModelCheckpoint):
             return
         metrics = {k: float(v) for k, v in logs.items() if _finite(v)}
         current = metrics.get(self.monitor)
-        mode = self._mode()
+        mode = internals.monitor_mode(self)
         improved = Objective(self.monitor, mode).better(current, self.best_seen)
         if improved and saved is not None:
             self.best_seen = current
@@ -354,97 +323,60 @@ class CloudCheckpoint(keras.callbacks.ModelCheckpoint):
         self._seq += 1
         job_dir = self._staging_dir / f"job-{self._seq:06d}"
         snapshot({os.path.basename(saved): Path(saved)} if saved else {}, job_dir)
-        info = {
-            "epoch": epoch, "epoch_done": epoch_done, "batches_done": None if epoch_done else (batch or 0) + 1,
-            "initial_epoch": position, "global_step": step, "logs": metrics,
-            "best": None if self.best is None else float(self.best), "best_seen": self.best_seen,
-            "batches_seen_since_last_saving": self._batches_seen_since_last_saving,
-            "last_batch_seen": self._last_batch_seen,
-            "user_file": os.path.basename(saved) if saved else None,
-            "keras_version": keras.__version__,
-        }
-        layout = plan.layout
-        info["weights_file"] = os.path.basename(saved) if plan.covered and saved else None  # covered: saved is a file
-        info["covered"] = plan.covered
-        meta = {"kind": "model" if saved else "state", "batch": str(info["batches_done"] or 0),
-                "epoch_done": str(epoch_done).lower()}
-        if saved:
-            meta["file"] = os.path.basename(saved)  # its name in the checkpoint
-            name = lf.local_name(self._root, saved)  # where it lives, relative to the callback's own folder
-            if name:
-                meta["local_file"] = name
-            with self._local_lock:
-                self._local_files.pop(saved, None)
-                self._local_files[saved] = None
-        policy = Retention(monitor=self.monitor, mode=mode, keep_best=self.keep_best, keep_last=self.keep_last,
+        name = os.path.basename(saved) if saved else None  # its name in the checkpoint
+        counters = internals.save_counters(self)
+        state = st.ResumeState(
+            epoch=epoch, epoch_done=epoch_done, batches_done=None if epoch_done else (batch or 0) + 1,
+            initial_epoch=position, global_step=step, logs=metrics,
+            best=None if self.best is None else float(self.best), best_seen=self.best_seen,
+            batches_seen_since_last_saving=counters.batches_seen_since_last_saving,
+            last_batch_seen=counters.last_batch_seen, user_file=name, keras_version=keras.__version__,
+            weights_file=name if plan.covered else None, covered=plan.covered, layout=plan.layout)
+        meta = st.CheckpointMeta(kind="model" if saved else "state", batch=state.batches_done or 0,
+                                 epoch_done=epoch_done, file=name,
+                                 local_file=self._local.wrote(saved) if saved else None)
+        policy = RunPolicy(monitor=self.monitor, mode=mode, keep_best=self.keep_best, keep_last=self.keep_last,
                            keep_every=self.keep_every_n_epochs)
-        self.uploader.submit(job_dir, dict(epoch=epoch + 1, step=step, metrics=metrics, meta=meta, policy=policy),
+        self.uploader.submit(job_dir, st.SavePoint(epoch + 1, step, metrics, meta, policy).push_args(),
                              protected=bool(improved and saved),
-                             prepare=lambda path: rs.write_state(path, arrays, layout, info))
+                             prepare=lambda path: st.write_state(path, arrays, state))
         self._last_staged_step = step
 
     def _on_commit(self, entry: CheckpointEntry, job: Job) -> None:
-        """Uploader thread: delete local files whose checkpoints retention removed from the store. Only files this
-        fit's Keras wrote inside the callback's folder are candidates; the index only says which are still live."""
-        live = lf.live_files(self._root, self._store.list(), lf.keras_suffix(self.filepath))
-        with self._local_lock:
-            paths = list(self._local_files)[:-1]  # never the most recent file
-            doomed = [p for p in paths if os.path.abspath(p) not in live and lf.local_name(self._root, p)]
-            for p in doomed:
-                del self._local_files[p]
-        for p in doomed:
-            try:
-                os.remove(p)
-                log.info("removed local %s (its checkpoint was pruned from the store)", p)
-            except FileNotFoundError:
-                pass
+        """Uploader thread: delete the local files whose checkpoints retention removed from the store."""
+        self._local.prune(self._store)
 
     # --- preemption --------------------------------------------------------------------------------------------
 
     def _on_preemption(self, epoch: int, batch: int | None, logs: dict[str, Any] | None, *, epoch_done: bool) -> None:
+        """Checkpoint now (the chief), wait for the commit within the deadline, stop training, and exit if asked."""
         if self.preempted:
             return
         self.preempted = True
-        # the deadline counts from the notice (recorded by the watch when it arrived), not from this batch boundary
         watch = self._watch
         assert watch is not None  # only a triggered watch calls this
-        self._notice_time = watch.notice_time or time.monotonic()
+        notice = watch.notice_time or time.monotonic()  # the deadline counts from the notice, not from here
         if self._last_staged_step != self._step():  # every process: reading a variable may be a collective
             self._stage(epoch, batch, logs or {}, saved=None, epoch_done=epoch_done,
                         position=epoch + 1 if epoch_done else epoch)
+        flushed = True
         if self.uploader is None:  # a non-chief worker: nothing of ours to commit
             log.warning("preemption (%s): stopping (not the chief: the chief commits)", watch.reason)
-            self.model.stop_training = True
-            if self.exit_on_preemption:
-                self._cleanup()
-                raise SystemExit(EXIT_PREEMPTED)
-            return
-        left = self.preemption_deadline - (time.monotonic() - self._notice_time)
-        if left <= 0:  # the step outlasted the window: still commit what is in flight, for another window at most
-            log.error("preemption (%s): the notice came %.2fs ago, %.2fs past the %gs deadline, before training "
-                      "reached a batch boundary; committing anyway", watch.reason,
-                      self.preemption_deadline - left, -left, self.preemption_deadline)
-        ok = self.uploader.flush(left if left > 0 else self.preemption_deadline)
-        elapsed = time.monotonic() - self._notice_time
-        missed = elapsed - self.preemption_deadline
-        if ok and self.uploader.last_job is not None and self.uploader.last_job.entry is not None:
-            log.log(logging.ERROR if missed > 0 else logging.WARNING,
-                    "preemption (%s): checkpoint %s at step %d committed %.2fs after the notice%s; stopping",
-                    watch.reason, self.uploader.last_job.entry.id, self._step(), elapsed,
-                    f": missed the {self.preemption_deadline:g}s deadline by {missed:.2f}s" if missed > 0 else "")
         else:
-            log.error("preemption (%s): the checkpoint was NOT committed within %.0fs of the notice (%.2fs have "
-                      "passed); a restart resumes from the latest committed one", watch.reason,
-                      self.preemption_deadline, elapsed)
+            flushed = commit_within(self.uploader, notice_time=notice, deadline=self.preemption_deadline,
+                                    reason=watch.reason, step=self._step())
         self.model.stop_training = True
         if self.exit_on_preemption:
-            if self._skip is not None:
-                self._skip.uninstall()
-            if not ok:  # an upload still hangs: don't let interpreter shutdown wait for it past the deadline
-                logging.shutdown()
-                os._exit(EXIT_PREEMPTED)
-            self._cleanup()
-            raise SystemExit(EXIT_PREEMPTED)
+            self._exit_preempted(flushed)
+
+    def _exit_preempted(self, flushed: bool) -> NoReturn:
+        if self._resumed is not None:
+            self._resumed.uninstall()
+        if not flushed:  # an upload still hangs: don't let interpreter shutdown wait for it past the deadline
+            logging.shutdown()
+            os._exit(EXIT_PREEMPTED)
+        self._cleanup()
+        raise SystemExit(EXIT_PREEMPTED)
 
     def _preemption_agreed(self) -> bool:
         """Whether to checkpoint and stop now: a notice reached this process or, in a multi-process JAX job, any
@@ -462,33 +394,16 @@ class CloudCheckpoint(keras.callbacks.ModelCheckpoint):
     # --- resume ------------------------------------------------------------------------------------------------
 
     def _resume(self) -> None:
-        found = rs.pull_resumable(self._store, self._staging_dir / "resume")
-        if found is None:
+        resumed = rs.resume(self.model, self._trainer, self._store, self._staging_dir, self.filepath)
+        if resumed is None:
             return
-        latest, pulled, info, arrays = found
-        rs.restore_variables(self.model, info, arrays, pulled)
-        lf.restore_local_files(self._store, latest, pulled, self._staging_dir / "best", self.filepath)
-        self.best = info.get("best")
-        self.best_seen = info.get("best_seen")
-        self._batches_seen_since_last_saving = info.get("batches_seen_since_last_saving", 0)
-        self._last_batch_seen = info.get("last_batch_seen")
-        self._last_staged_step = info.get("global_step")
-        self.model._initial_epoch = info["initial_epoch"]
-        self.resumed_from = latest.id
-        k = 0 if info["epoch_done"] else int(info["batches_done"] or 0)
-        self._rng_to_restore = (arrays, EPOCH_RNG if k else "rng_")
-        if k:
-            self._skip_epoch = info["epoch"]
-
-            def skipped_all(data: Any) -> None:
-                rs.restore_metrics(self.model, info, arrays, data)
-                self._trainer.randomness.restore(arrays)  # where the generators stood at the save point
-
-            self._skip = self._trainer.skip_batches(self.model, k, info.get("logs", {}), skipped_all)
-            self.batches_skipped = self._skip_k = k
-        log.info("resumed from %s (%s): epoch %d, %d batches into it, global step %d, best %s", latest.id,
-                 self._store.url, info["epoch"] + 1, k, info["global_step"], self.best)
-        shutil.rmtree(pulled, ignore_errors=True)
+        found, self._resumed = resumed
+        state = found.state
+        self.best, self.best_seen = state.best, state.best_seen
+        internals.set_save_counters(self, internals.SaveCounters(state.batches_seen_since_last_saving,
+                                                                 state.last_batch_seen))
+        self._last_staged_step = state.global_step
+        self.resumed_from, self.batches_skipped = found.entry.id, self._resumed.k
 
 
 def _finite(value: Any) -> bool:

@@ -1,11 +1,13 @@
-"""The callback's local files: the folder they live in, how a checkpoint names them, and how resume puts them back.
+"""The callback's local files: the folder they live in, how a checkpoint names them, how resume puts them back, and
+(``prune_local``) which of them retention has made obsolete.
 
 The run's index is input, not instructions. A checkpoint names the file Keras wrote by its path relative to the
 callback's own folder (``local_file`` in the entry's ``meta``); the folder itself comes from the current
 ``filepath`` (its directory, up to the first ``{...}`` field), never from the index. A name that is not a plain
-relative path, that Keras could not have written for this ``filepath`` (another suffix), that the checkpoint does not
-hold, or that leads out of the folder (through ``..`` or a link) is skipped with a warning. Nothing is ever written
-or removed outside the folder, and nothing that exists there is replaced.
+relative path (see :class:`~cloudckpt.keras.state.CheckpointMeta`), that Keras could not have written for this
+``filepath`` (another suffix), that the checkpoint does not hold, or that leads out of the folder (through ``..`` or a
+link) is skipped with a warning. Nothing is ever written or removed outside the folder, and nothing that exists there
+is replaced.
 
 Example:
     >>> str(local_root("/jobs/7/ckpt/{epoch:02d}/m.keras"))
@@ -20,12 +22,15 @@ import logging
 import os
 import shutil
 import tempfile
+import threading
 from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
-from ..errors import CheckpointNotFoundError, CloudCkptError, UnsafePathError
-from ..manifest import check_relative_path
+from ..errors import CheckpointNotFoundError, CloudCkptError, IntegrityError, UnsafePathError
+from ..manifest import CheckpointEntry, check_relative_path
+from ..store import CheckpointStore
+from .state import CheckpointMeta
 
 log = logging.getLogger(__name__)
 
@@ -71,17 +76,66 @@ def target_of(root: Path, name: Any, suffix: str | None) -> Path:
     return target
 
 
-def live_files(root: Path | None, entries: Iterable[Any], suffix: str | None) -> set[str]:
+def live_files(root: Path | None, entries: Iterable[CheckpointEntry], suffix: str | None) -> set[str]:
     """Absolute paths (inside ``root``) of the local files the listed ``entries`` name; unsafe names are ignored."""
     live: set[str] = set()
     if root is None:
         return live
     for entry in entries:
         try:
-            live.add(str(target_of(root, entry.meta.get("local_file") or entry.meta.get("file"), suffix)))
-        except UnsafePathError:
+            meta = CheckpointMeta.of(entry.meta)
+            live.add(str(target_of(root, meta.local_file or meta.file, suffix)))
+        except IntegrityError:  # UnsafePathError is one too
             continue
     return live
+
+
+class LocalFiles:
+    """The local files Keras wrote in one fit, oldest first, and (``prune_local``) the removal of those whose
+    checkpoints retention has removed from the store. Only files inside the callback's folder are candidates, the
+    most recent one never; the index only says which are still live.
+
+    Args:
+        filepath: the callback's ``filepath``.
+    """
+
+    def __init__(self, filepath: str) -> None:
+        self.root, self.suffix = local_root(filepath), keras_suffix(filepath)
+        self._files: dict[str, None] = {}
+        self._lock = threading.Lock()
+
+    def wrote(self, path: str) -> str | None:
+        """Record that Keras just wrote ``path``; return its name relative to the callback's folder (None if
+        outside)."""
+        with self._lock:
+            self._files.pop(path, None)
+            self._files[path] = None
+        return local_name(self.root, path)
+
+    def release(self, path: str) -> None:
+        """Before Keras writes ``path``: unlink it if a snapshot still holds its inode (a hard link in staging), so
+        Keras writes a new file instead of changing the snapshot."""
+        try:
+            if "://" not in path and os.stat(path).st_nlink > 1:
+                os.unlink(path)
+        except FileNotFoundError:
+            pass
+
+    def prune(self, store: CheckpointStore) -> list[str]:
+        """Delete the recorded files that no checkpoint listed in ``store`` names any more; return them."""
+        live = live_files(self.root, store.list(), self.suffix)
+        with self._lock:
+            paths = list(self._files)[:-1]  # never the most recent file
+            doomed = [p for p in paths if os.path.abspath(p) not in live and local_name(self.root, p)]
+            for p in doomed:
+                del self._files[p]
+        for p in doomed:
+            try:
+                os.remove(p)
+                log.info("removed local %s (its checkpoint was pruned from the store)", p)
+            except FileNotFoundError:
+                pass
+        return doomed
 
 
 def _copy_new(src: Path, target: Path) -> None:
@@ -103,7 +157,8 @@ def _copy_new(src: Path, target: Path) -> None:
             os.unlink(tmp)
 
 
-def restore_local_files(store: Any, latest: Any, pulled: Path, staging: Path, filepath: str) -> list[Path]:
+def restore_local_files(store: CheckpointStore, latest: CheckpointEntry, pulled: Path, staging: Path,
+                        filepath: str) -> list[Path]:
     """Put back the user's files of the latest and the best checkpoint that the callback's folder lacks, from
     ``pulled`` (the latest, already downloaded and verified) or a pull of the best into ``staging``. A hostile or
     unusable entry is skipped with a warning: training goes on. Returns the files written."""
@@ -119,15 +174,15 @@ def restore_local_files(store: Any, latest: Any, pulled: Path, staging: Path, fi
         pass
     written = []
     for entry in wanted:
-        name, stored = entry.meta.get("local_file") or entry.meta.get("file"), entry.meta.get("file")
-        if not name or not stored:
-            continue  # a state-only checkpoint
         try:
+            meta = CheckpointMeta.of(entry.meta)
+            name, stored = meta.local_file or meta.file, meta.file
+            if not name or not stored:
+                continue  # a state-only checkpoint
             target = target_of(root, name, suffix)
-            claimed = entry.meta.get("local_path")  # written by cloudckpt 0.1.0: never acted on
-            if claimed and os.path.abspath(claimed) != str(target):
+            if meta.local_path and os.path.abspath(meta.local_path) != str(target):
                 log.warning("checkpoint %s names its local file %r, not %s in this callback's folder: ignored",
-                            entry.id, claimed, target)
+                            entry.id, meta.local_path, target)
             if stored not in {f.path for f in entry.files}:
                 raise UnsafePathError(f"the checkpoint holds no file {stored!r}")
             if os.path.lexists(target):

@@ -1,9 +1,10 @@
-"""The resume state of a Keras training run: what a checkpoint holds besides the user's file, and how to restore it.
+"""Resuming a Keras training run: what a save copies, which checkpoint a resume pulls, and how it is restored.
 
-Every checkpoint the callback pushes carries ``cloudckpt_state/``: ``state.json`` with the position (epoch, batches
-done in it, global step), the callback's best value and save-frequency counters, and ``variables.npz`` with the
-variables needed to resume: every model variable (including dropout seed-generator states), every optimizer variable
-(iterations, learning rate, slots) and the training metrics' variables. When the checkpoint also holds the file Keras
+Every checkpoint the callback pushes carries ``cloudckpt_state/`` (its format: :mod:`cloudckpt.keras.state`):
+``state.json`` with the position (epoch, batches done in it, global step), the callback's best value and
+save-frequency counters, and ``variables.npz`` with the variables needed to resume: every model variable (including
+dropout seed-generator states), every optimizer variable (iterations, learning rate, slots) and the training
+metrics' variables. When the checkpoint also holds the file Keras
 has just written, and that file is a Keras 3 ``.weights.h5`` or ``.keras`` (both hold the model's weights and the
 optimizer's variables, written by Keras' own save from the same live variables), those variables are not copied a
 second time: ``state.json`` names the file (``weights_file``) and which variables it covers (``covered``), and
@@ -24,31 +25,30 @@ process: the state is still restored exactly, but the remaining batches' order d
 
 from __future__ import annotations
 
-import json
 import logging
+import shutil
 import zipfile
 from collections.abc import Callable, Mapping
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import Any
 
 import numpy as np
-from pydantic import BaseModel, ConfigDict, Field, Strict, ValidationError, field_validator
 
-from ..errors import ConfigurationError, IntegrityError
-from ..manifest import check_relative_path
+from ..errors import CheckpointNotFoundError, ConfigurationError, IntegrityError
+from ..manifest import CheckpointEntry
+from ..store import CheckpointStore
+from . import internals
+from .local_files import restore_local_files
+from .state import EPOCH_RNG, MARKER, STATE_DIR, Covered, Group, Layout, ResumeState, read_state
+from .trainers import SkipBatches, TrainerAdapter
 
 log = logging.getLogger(__name__)
 
-STATE_DIR = "cloudckpt_state"
-STATE_JSON = "state.json"
-VARIABLES = "variables.npz"
-FORMAT = 2
-READABLE_FORMATS = (1, 2)  # 1: every variable in variables.npz (cloudckpt 0.1)
 KERAS_WEIGHT_FILES = (".weights.h5", ".keras")  # Keras 3 saves whose weights store holds the optimizer too
-GROUPS = ("model", "optimizer", "metrics")
 
 
-def _groups(model: Any) -> dict[str, list]:
+def _groups(model: Any) -> dict[Group, list]:
     optimizer = getattr(model, "optimizer", None)
     opt_vars = list(optimizer.variables) if optimizer is not None else []
     metric_vars = [v for m in model.metrics for v in m.variables]
@@ -60,6 +60,9 @@ def ensure_optimizer_built(model: Any) -> None:
     optimizer = getattr(model, "optimizer", None)
     if optimizer is not None and not optimizer.built:
         optimizer.build(model.trainable_variables)
+
+
+# --- save side: what a save copies ------------------------------------------------------------------------------
 
 
 def _h5_shapes(path: str) -> list[tuple[int, ...]]:
@@ -74,8 +77,6 @@ def _h5_shapes(path: str) -> list[tuple[int, ...]]:
             shapes.append(tuple(obj.shape))
 
     if path.endswith(".keras"):
-        import zipfile
-
         with zipfile.ZipFile(path) as archive, archive.open("model.weights.h5") as member, \
                 h5py.File(member, "r") as f:
             f.visititems(visit)
@@ -85,11 +86,11 @@ def _h5_shapes(path: str) -> list[tuple[int, ...]]:
     return shapes
 
 
-def file_coverage(model: Any, path: str) -> dict[str, list[int]] | None:
-    """Which of the model's and optimizer's variables (indices into the groups of :func:`capture`) the Keras file
-    ``path``, just written by Keras' save, holds; None when it isn't a Keras 3 weights file or doesn't hold exactly
-    the model's weights and the optimizer's variables (a custom ``save_own_variables``, a legacy ``.h5``...), in
-    which case everything is captured as before."""
+def file_coverage(model: Any, path: str) -> Covered | None:
+    """Which of the model's and optimizer's variables (indices into the groups of :class:`StatePlan`) the Keras
+    file ``path``, just written by Keras' save, holds; None when it isn't a Keras 3 weights file or doesn't hold
+    exactly the model's weights and the optimizer's variables (a custom ``save_own_variables``, a legacy ``.h5``...),
+    in which case everything is captured as before."""
     if not path.endswith(KERAS_WEIGHT_FILES):
         return None
     groups = _groups(model)
@@ -110,135 +111,139 @@ def file_coverage(model: Any, path: str) -> dict[str, list[int]] | None:
 
 
 class StatePlan:
-    """What a save copies on the training thread, worked out once per fit: every model, optimizer and metric
-    variable except those ``covered`` by the file Keras has just written (see :func:`file_coverage`), and the layout
-    (path and shape of every variable, copied or not) that restore checks against."""
+    """What a save copies on the training thread: every model, optimizer and metric variable except those
+    ``covered`` by the file Keras has just written (see :func:`file_coverage`), and the layout (path and shape of
+    every variable, copied or not) that restore checks against."""
 
-    def __init__(self, model: Any, covered: Mapping[str, list[int]] | None = None) -> None:
-        self.covered = {g: list(ix) for g, ix in (covered or {}).items()} or None
-        self.layout: dict[str, list] = {}
+    def __init__(self, model: Any, covered: Covered | None = None) -> None:
+        self.covered: Covered | None = {g: list(ix) for g, ix in (covered or {}).items()} or None
+        self.layout: Layout = {}
         self.copies: list[tuple[str, Any]] = []
         for group, variables in _groups(model).items():
-            skip = set((covered or {}).get(group, ()))
-            self.layout[group] = [[v.path, list(v.shape)] for v in variables]
+            skip = set(covered.get(group, ())) if covered and group != "metrics" else set()
+            self.layout[group] = [(str(v.path), [int(d) for d in v.shape]) for v in variables]
             self.copies += [(f"{group}_{i}", v) for i, v in enumerate(variables) if i not in skip]
 
     def capture(self, *, metrics: bool = True, to_host: Callable[[Any], np.ndarray] | None = None
                 ) -> dict[str, np.ndarray]:
-        """Copy the variables to host memory now; :func:`write_state` writes them later on the uploader's thread.
-        ``metrics=False`` leaves out the training metrics' accumulators (only a mid-epoch resume needs them);
-        ``to_host`` reads one variable (default ``v.numpy()``, a copy on every backend)."""
+        """Copy the variables to host memory now; :func:`~cloudckpt.keras.state.write_state` writes them later on
+        the uploader's thread. ``metrics=False`` leaves out the training metrics' accumulators (only a mid-epoch
+        resume needs them); ``to_host`` reads one variable (default ``v.numpy()``, a copy on every backend)."""
         read = to_host or (lambda v: np.asarray(v.numpy()))
         return {key: read(v) for key, v in self.copies if metrics or not key.startswith("metrics_")}
 
 
-def capture(model: Any, covered: Mapping[str, list[int]] | None = None
-            ) -> tuple[dict[str, np.ndarray], dict[str, list]]:
-    """Copy the variables not ``covered`` by a Keras file (all by default) now; return them and the layout."""
-    plan = StatePlan(model, covered)
-    return plan.capture(), plan.layout
+class StatePlans:
+    """The :class:`StatePlan` of each kind of save in one fit (no file, a ``.keras``, another file), worked out
+    once: reading a file's layout costs more than small models' copies."""
+
+    def __init__(self) -> None:
+        self._plans: dict[tuple, StatePlan] = {}
+
+    def for_save(self, model: Any, saved: str | None) -> StatePlan:
+        """The plan of a save point where Keras wrote the local file ``saved`` (None: none)."""
+        key = (None if not saved else saved.endswith(".keras"), len(getattr(model.optimizer, "variables", ())))
+        if key not in self._plans:
+            self._plans[key] = StatePlan(model, file_coverage(model, saved) if saved else None)
+        return self._plans[key]
 
 
-def write_state(directory: Path, arrays: Mapping[str, np.ndarray], layout: Mapping[str, list],
-                info: Mapping[str, Any]) -> Path:
-    """Write ``cloudckpt_state/`` (the captured variables + ``info`` as JSON) into ``directory``; return it."""
-    out = Path(directory) / STATE_DIR
-    out.mkdir(parents=True, exist_ok=True)
-    with open(out / VARIABLES, "wb") as f:
-        named: dict[str, Any] = dict(arrays)  # savez's own keywords are typed too: a Mapping would not pass
-        np.savez(f, **named)
-    doc = {"format": FORMAT, **info, "layout": dict(layout)}
-    (out / STATE_JSON).write_text(json.dumps(doc, indent=1, default=float))
-    return out
+# --- resume side: which checkpoint, and restoring it ---------------------------------------------------------------
 
 
-_Count = Annotated[int, Strict(), Field(ge=0)]
-_Variable = Annotated[tuple[Annotated[str, Strict()], list[_Count]], Strict(False)]  # [path, shape] (a JSON list)
+def resume(model: Any, trainer: TrainerAdapter, store: CheckpointStore, staging: Path,
+           filepath: str) -> tuple[Resumable, ResumedEpoch] | None:
+    """Continue the run in ``store`` where it stopped: restore the model's and optimizer's variables from the
+    newest resumable checkpoint (pulled under ``staging``), put its local files back beside ``filepath``, make the
+    next ``fit`` start at its epoch and set up that epoch (:class:`ResumedEpoch`). None when there is nothing to
+    resume from; the callback's own state (best value, counters) is the caller's to set from the result."""
+    found = pull_resumable(store, staging / "resume")
+    if found is None:
+        return None
+    state = found.state
+    restore_variables(model, state, found.arrays, found.path)
+    restore_local_files(store, found.entry, found.path, staging / "best", filepath)
+    internals.set_initial_epoch(model, state.initial_epoch)
+    first = ResumedEpoch(model, trainer, state, found.arrays)
+    log.info("resumed from %s (%s): epoch %d, %d batches into it, global step %d, best %s", found.entry.id,
+             store.url, state.epoch + 1, first.k, state.global_step, state.best)
+    shutil.rmtree(found.path, ignore_errors=True)
+    return found, first
 
 
-class ResumeState(BaseModel):
-    """What ``state.json`` must hold to be acted on: read back from the store, so checked like a manifest (types,
-    ranges, a weights file that is a plain name the checkpoint holds). Unknown fields are ignored."""
+@dataclass(frozen=True)
+class Resumable:
+    """A checkpoint a resume can start from: its entry, where it was pulled to, and its verified state."""
 
-    model_config = ConfigDict(extra="ignore", strict=True)
-
-    format: Literal[1, 2]
-    epoch: _Count
-    epoch_done: bool
-    batches_done: _Count | None = None
-    initial_epoch: _Count
-    global_step: _Count
-    logs: dict[str, float] = {}
-    best: float | None = None
-    best_seen: float | None = None
-    batches_seen_since_last_saving: _Count = 0
-    last_batch_seen: int | None = None
-    weights_file: str | None = None
-    covered: dict[Literal["model", "optimizer"], list[_Count]] | None = None
-    layout: dict[Literal["model", "optimizer", "metrics"], list[_Variable]]
-
-    @field_validator("weights_file")
-    @classmethod
-    def _plain_name(cls, v: str | None) -> str | None:
-        if v is not None and "/" in check_relative_path(v):
-            raise ValueError(f"weights file {v!r} is not a plain file name")
-        return v
-
-    @field_validator("layout")
-    @classmethod
-    def _groups(cls, v: dict) -> dict:
-        if set(v) != set(GROUPS):
-            raise ValueError(f"layout must name the groups {GROUPS}")
-        return v
+    entry: CheckpointEntry
+    path: Path
+    state: ResumeState
+    arrays: dict[str, np.ndarray]
 
 
-def check_state(info: Any, files: Any = None) -> dict[str, Any]:
-    """``info`` (a parsed ``state.json``) if it is a valid resume state whose weights file is one of ``files`` (the
-    checkpoint's paths, when given); IntegrityError otherwise."""
+def pull_resumable(store: CheckpointStore, to: Path) -> Resumable | None:
+    """Pull the newest checkpoint that holds resume state and verifies; None when the run has none.
+
+    Checkpoints committed by other writers on the same run (``cloudckpt push``, the sync service) carry no
+    ``cloudckpt_state/`` and are passed over; one that fails verification is skipped for an older one, with a
+    warning. Every worker of a multi-worker job sees the same index, so they all choose the same checkpoint.
+    """
     try:
-        state = ResumeState.model_validate(info)
-    except ValidationError as exc:
-        err = exc.errors()[0]
-        raise IntegrityError(f"invalid resume state at {'.'.join(map(str, err['loc'])) or '<root>'}: "
-                             f"{err['msg']}") from None
-    except ValueError as exc:  # check_relative_path's UnsafePathError
-        raise IntegrityError(f"invalid resume state: {exc}") from None
-    if not state.epoch_done and state.batches_done is None:
-        raise IntegrityError("invalid resume state: a mid-epoch state without batches_done")
-    if state.weights_file and files is not None and f"{state.weights_file}" not in set(files):
-        raise IntegrityError(f"the resume state's weights file {state.weights_file!r} is not in the checkpoint")
-    return info
+        index = store.index()
+    except CheckpointNotFoundError:
+        log.info("no checkpoint in %s: starting from scratch", store.url)
+        return None
+    if not index.checkpoints:  # a new run: the callback's claim wrote an index with no checkpoint yet
+        log.info("no checkpoint in %s yet: starting from scratch", store.url)
+        return None
+    candidates = [c for c in reversed(index.checkpoints) if any(f.path == MARKER for f in c.files)]
+    if not candidates:
+        log.warning("%s holds checkpoints, but none written by CloudCheckpoint (no %s): starting from scratch",
+                    store.url, STATE_DIR)
+        return None
+    failures = []
+    for entry in candidates:
+        try:
+            found = _verified(store, entry, to)
+        except IntegrityError as exc:
+            log.warning("checkpoint %s can't be resumed from (%s); trying an older one", entry.id, exc)
+            failures.append(f"{entry.id}: {exc}")
+            continue
+        if failures:
+            log.warning("resuming from %s: %d newer checkpoint(s) failed verification", entry.id, len(failures))
+        return found
+    raise IntegrityError(f"{store.url}: no checkpoint with resume state verifies: " + "; ".join(failures))
 
 
-def read_state(directory: Path) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
-    """Read a checkpoint's state JSON and variables; IntegrityError when it holds none or they are malformed."""
-    src = Path(directory) / STATE_DIR
-    try:
-        info = json.loads((src / STATE_JSON).read_text())
-        with np.load(src / VARIABLES, allow_pickle=False) as npz:
-            arrays = {k: npz[k] for k in npz.files}
-    except FileNotFoundError as exc:
-        raise IntegrityError(f"{directory}: checkpoint holds no cloudckpt resume state ({exc.filename})") from None
-    except (ValueError, RecursionError, OSError, EOFError, KeyError, zipfile.BadZipFile) as exc:
-        raise IntegrityError(f"{directory}: unreadable resume state: {str(exc)[:200]}") from None
-    if not isinstance(info, dict) or info.get("format") not in READABLE_FORMATS:
-        shown = info.get("format") if isinstance(info, dict) else info
-        raise IntegrityError(f"{directory}: unknown resume state format {shown!r}")
-    return info, arrays
+def _verified(store: CheckpointStore, entry: CheckpointEntry, to: Path) -> Resumable:
+    """Pull ``entry`` and check its state, its variables and its weights file against each other."""
+    pulled = store.pull(entry.id, to=to)
+    state, arrays = read_state(pulled.path, [f.path for f in entry.files])
+    if state.weights_file:
+        expected = sorted(tuple(state.layout[g][i][1]) for g in ("model", "optimizer") for i in state.covers(g))
+        try:
+            found = sorted(_h5_shapes(str(pulled.path / state.weights_file)))
+        except Exception as exc:  # h5py and zipfile raise OSError, KeyError, ValueError... on a damaged file
+            raise IntegrityError(f"the checkpoint's {state.weights_file} is not a Keras weights file: "
+                                 f"{str(exc)[:200]}") from None
+        if found != expected:
+            raise IntegrityError(f"the checkpoint's {state.weights_file} does not hold the variables its resume "
+                                 "state says it covers")
+    return Resumable(entry, pulled.path, state, arrays)
 
 
-def _check_count(group: str, variables: list, info: Mapping[str, Any]) -> None:
-    layout = info["layout"][group]
+def _check_count(group: Group, variables: list, state: ResumeState) -> None:
+    layout = state.layout[group]
     if len(layout) != len(variables):
         raise ConfigurationError(
             f"the checkpoint's {group} has {len(layout)} variables but this model's has {len(variables)}: "
             "resume needs the same model and optimizer as the run that saved it")
 
 
-def _assign(group: str, variables: list, info: Mapping[str, Any], arrays: Mapping[str, np.ndarray]) -> None:
-    _check_count(group, variables, info)
-    layout = info["layout"][group]
-    covered = set((info.get("covered") or {}).get(group, ()))
+def _assign(group: Group, variables: list, state: ResumeState, arrays: Mapping[str, np.ndarray]) -> None:
+    _check_count(group, variables, state)
+    layout = state.layout[group]
+    covered = state.covers(group)
     for i, v in enumerate(variables):
         if i in covered:
             continue  # loaded from the Keras file
@@ -251,40 +256,39 @@ def _assign(group: str, variables: list, info: Mapping[str, Any], arrays: Mappin
         v.assign(value)
 
 
-def restore_variables(model: Any, info: Mapping[str, Any], arrays: Mapping[str, np.ndarray],
+def restore_variables(model: Any, state: ResumeState, arrays: Mapping[str, np.ndarray],
                       directory: Path | None = None) -> None:
     """Assign the saved model and optimizer variables (the optimizer is built first): those the checkpoint's Keras
     file covers through Keras' ``load_weights`` from ``directory`` (the pulled checkpoint), the rest from ``arrays``."""
     ensure_optimizer_built(model)
     groups = _groups(model)
-    name = info.get("weights_file")
+    name = state.weights_file
     if name:
         for group in ("model", "optimizer"):
-            _check_count(group, groups[group], info)
+            _check_count(group, groups[group], state)
         if directory is None or not (Path(directory) / name).is_file():
             raise IntegrityError(f"the resume state's weights file {name} is not in the checkpoint")
         try:
             model.load_weights(str(Path(directory) / name))
         except ValueError as exc:
             raise ConfigurationError(f"the checkpoint's {name} does not fit this model: {exc}") from None
-    _assign("model", groups["model"], info, arrays)
-    _assign("optimizer", groups["optimizer"], info, arrays)
+        except OSError as exc:  # h5py: not an HDF5 file after all
+            raise IntegrityError(f"the checkpoint's {name} is not a Keras weights file: {exc}") from None
+    _assign("model", groups["model"], state, arrays)
+    _assign("optimizer", groups["optimizer"], state, arrays)
 
 
-def restore_metrics(model: Any, info: Mapping[str, Any], arrays: Mapping[str, np.ndarray], data: Any) -> bool:
+def restore_metrics(model: Any, state: ResumeState, arrays: Mapping[str, np.ndarray], data: Any) -> bool:
     """Restore the epoch's metric accumulators; ``data`` (a batch) builds metrics Keras has not built yet."""
     try:
         variables = _groups(model)["metrics"]
-        if len(variables) != len(info["layout"]["metrics"]) and data is not None:
+        if len(variables) != len(state.layout["metrics"]) and data is not None:
             from keras.utils import unpack_x_y_sample_weight
 
             x, y, _ = unpack_x_y_sample_weight(data)
-            y_pred = model(x, training=False)
-            for part in (getattr(model, "_compile_metrics", None), getattr(model, "_compile_loss", None)):
-                if part is not None and not part.built:
-                    part.build(y, y_pred)
+            internals.build_compiled_metrics(model, y, model(x, training=False))
             variables = _groups(model)["metrics"]
-        _assign("metrics", variables, info, arrays)
+        _assign("metrics", variables, state, arrays)
         return True
     except Exception as exc:  # only the logged training metrics of this epoch are affected, never the weights
         log.warning("could not restore this epoch's training-metric accumulators (%s); the epoch's logged training "
@@ -292,40 +296,42 @@ def restore_metrics(model: Any, info: Mapping[str, Any], arrays: Mapping[str, np
         return False
 
 
-def pull_resumable(store: Any, to: Path) -> tuple[Any, Path, dict[str, Any], dict[str, np.ndarray]] | None:
-    """Pull the newest checkpoint that holds resume state and verifies; None when the run has none.
+class ResumedEpoch:
+    """The first epoch of a resumed fit, as the interrupted run had it: at its start the host random generators are
+    put where they stood when it began (so it draws the same data order); mid-epoch, the ``k`` batches it had
+    already trained are skipped through the backend's :class:`~cloudckpt.keras.trainers.SkipBatches`, and the last
+    of them restores the epoch's metric accumulators and the generators as they stood at the save point.
 
-    Checkpoints committed by other writers on the same run (``cloudckpt push``, the sync service) carry no
-    ``cloudckpt_state/`` and are passed over; one that fails verification is skipped for an older one, with a
-    warning. Every worker of a multi-worker job sees the same index, so they all choose the same checkpoint.
+    Args:
+        model: the Keras model (variables already restored).
+        trainer: the backend's adapter.
+        state, arrays: the checkpoint's resume state and variables.
     """
-    from ..errors import CheckpointNotFoundError
 
-    try:
-        index = store.index()
-    except CheckpointNotFoundError:
-        log.info("no checkpoint in %s: starting from scratch", store.url)
-        return None
-    if not index.checkpoints:  # a new run: the callback's claim wrote an index with no checkpoint yet
-        log.info("no checkpoint in %s yet: starting from scratch", store.url)
-        return None
-    marker = f"{STATE_DIR}/{STATE_JSON}"
-    candidates = [c for c in reversed(index.checkpoints) if any(f.path == marker for f in c.files)]
-    if not candidates:
-        log.warning("%s holds checkpoints, but none written by CloudCheckpoint (no %s): starting from scratch",
-                    store.url, STATE_DIR)
-        return None
-    failures = []
-    for entry in candidates:
-        try:
-            pulled = store.pull(entry.id, to=to)
-            info, arrays = read_state(pulled.path)
-            check_state(info, [f.path for f in entry.files])
-        except IntegrityError as exc:
-            log.warning("checkpoint %s can't be resumed from (%s); trying an older one", entry.id, exc)
-            failures.append(f"{entry.id}: {exc}")
-            continue
-        if failures:
-            log.warning("resuming from %s: %d newer checkpoint(s) failed verification", entry.id, len(failures))
-        return entry, pulled.path, info, arrays
-    raise IntegrityError(f"{store.url}: no checkpoint with resume state verifies: " + "; ".join(failures))
+    def __init__(self, model: Any, trainer: TrainerAdapter, state: ResumeState,
+                 arrays: Mapping[str, np.ndarray]) -> None:
+        self.epoch, self.k = state.epoch, state.batches_to_skip
+        self._trainer, self._arrays = trainer, arrays
+        self._rng_pending = True
+        self._skip: SkipBatches | None = None
+        if self.k:
+            def skipped_all(data: Any) -> None:
+                restore_metrics(model, state, arrays, data)
+                trainer.randomness.restore(arrays)  # where the generators stood at the save point
+
+            self._skip = trainer.skip_batches(model, self.k, state.logs, skipped_all)
+
+    def begin_epoch(self) -> None:
+        """At the resumed epoch's start (the first call only): the generators as they stood when it began."""
+        if self._rng_pending:
+            self._trainer.randomness.restore(self._arrays, EPOCH_RNG if self.k else "rng_")
+            self._rng_pending = False
+
+    def skipped(self, epoch: int, batch: int) -> bool:
+        """Whether ``batch`` of ``epoch`` was trained before the interruption (and is skipped now)."""
+        return epoch == self.epoch and batch < self.k
+
+    def uninstall(self) -> None:
+        """Put the trainer's own ``train_function`` back (idempotent)."""
+        if self._skip is not None:
+            self._skip.uninstall()

@@ -319,10 +319,10 @@ class KerasRun:
         return self.box / "outside"
 
     def push_copy(self, *, meta: dict | None = None, state: Callable[[dict], object] | bytes | None = None,
-                  best: bool = True) -> str:
+                  files: Callable[[Path], object] | None = None, best: bool = True) -> str:
         """Commit a copy of the valid latest checkpoint as a new one, as anyone who can write to the bucket can:
-        with ``meta`` as its entry's metadata, its ``state.json`` edited by ``state`` (or replaced by bytes), and
-        (``best``) a metric that makes it the run's best. Returns its id."""
+        with ``meta`` as its entry's metadata, its ``state.json`` edited by ``state`` (or replaced by bytes), its
+        directory edited by ``files``, and (``best``) a metric that makes it the run's best. Returns its id."""
         import tempfile
 
         with CheckpointStore(self.url) as store:
@@ -338,6 +338,8 @@ class KerasRun:
                     doc = json.loads(sj.read_text())
                     state(doc)
                     sj.write_text(json.dumps(doc))
+            if files is not None:
+                files(src)
             entry = store.push(src, epoch=good.epoch, step=(good.step or 0) + 1,
                                metrics={"val_loss": -1.0} if best else {}, meta={**good.meta, **(meta or {})},
                                monitor="val_loss", keep_best=None, keep_last=None)
@@ -363,6 +365,21 @@ def _state(edit: Callable[[dict], object] | bytes) -> Callable[[KerasRun], objec
     return lambda run: run.push_copy(state=edit, best=False)
 
 
+def _files(edit: Callable[[Path], object]) -> Callable[[KerasRun], object]:
+    return lambda run: run.push_copy(files=edit, best=False)
+
+
+def _text_variables(checkpoint: Path) -> None:
+    """Every array in ``variables.npz`` replaced by text of the same shape."""
+    import numpy as np
+
+    npz = checkpoint / "cloudckpt_state" / "variables.npz"
+    with np.load(npz) as z:
+        arrays = {k: np.full(z[k].shape, "x") for k in z.files}
+    with open(npz, "wb") as f:
+        np.savez(f, **arrays)
+
+
 KERAS_CORPUS: list[KerasCase] = [
     KerasCase("best's local_path is a file outside the job's folder", _meta(local_path="{outside}/autostart.desktop")),
     KerasCase("best's local_path is an absolute path in /tmp", _meta(local_path="{evil}")),
@@ -383,4 +400,9 @@ KERAS_CORPUS: list[KerasCase] = [
               _state(lambda d: d.update(epoch_done=False, batches_done=-3)), skips_checkpoint=True),
     KerasCase("state's layout is not a layout", _state(lambda d: d.update(layout={"model": 3})), skips_checkpoint=True),
     KerasCase("state.json nested 100k deep", _state(b"[" * 100_000), skips_checkpoint=True),
+    KerasCase("state's variables are text", _files(_text_variables), skips_checkpoint=True),
+    KerasCase("the weights file is not an HDF5 file",
+              _files(lambda d: (d / "m.weights.h5").write_bytes(b"not hdf5" * 64)), skips_checkpoint=True),
+    KerasCase("state's covered variables have no weights file to come from",
+              _state(lambda d: d.update(weights_file=None)), skips_checkpoint=True),
 ]

@@ -1,0 +1,64 @@
+"""The private members of Keras 3 that CloudCheckpoint reads or sets, in one place (Keras 3.10 to 3.15).
+
+Besides these, :class:`~cloudckpt.keras.callback.CloudCheckpoint` overrides two hooks of ``ModelCheckpoint``
+(``_should_save_model``, ``_save_model``; :mod:`cloudckpt.keras` refuses a Keras without them) and
+:mod:`cloudckpt.keras.trainers` swaps ``model.train_function``. When a Keras release moves one of these, this module
+is where to adapt.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Literal
+
+from keras import ops
+
+
+@dataclass(frozen=True)
+class SaveCounters:
+    """ModelCheckpoint's integer ``save_freq`` counters (``_batches_seen_since_last_saving``, ``_last_batch_seen``)."""
+
+    batches_seen_since_last_saving: int = 0
+    last_batch_seen: int | None = None
+
+
+def save_counters(callback: Any) -> SaveCounters:
+    """The counters as ``callback`` (a ``ModelCheckpoint``) holds them now."""
+    last = callback._last_batch_seen
+    return SaveCounters(int(callback._batches_seen_since_last_saving), None if last is None else int(last))
+
+
+def set_save_counters(callback: Any, counters: SaveCounters) -> None:
+    """Put ``callback``'s counters where ``counters`` say (a new callback's, or a checkpoint's)."""
+    callback._batches_seen_since_last_saving = counters.batches_seen_since_last_saving
+    callback._last_batch_seen = counters.last_batch_seen
+
+
+def file_path(callback: Any, epoch: int, batch: int | None, logs: dict[str, Any]) -> str:
+    """The file ``callback`` (a ``ModelCheckpoint``) writes at this save point."""
+    return str(callback._get_file_path(epoch, batch, logs))
+
+
+def monitor_mode(callback: Any) -> Literal["min", "max"]:
+    """Whether ``callback``'s monitored value improves downwards or upwards (``"min"`` when Keras can't tell yet)."""
+    if callback.monitor_op is None:
+        try:
+            callback._set_monitor_op()
+        except ValueError:
+            return "min"
+    # ask the comparison itself: Keras 3.10 sets np.greater/np.less, later releases ops.greater/ops.less
+    return "max" if bool(ops.convert_to_numpy(callback.monitor_op(1.0, 0.0))) else "min"
+
+
+def set_initial_epoch(model: Any, epoch: int | None) -> None:
+    """Make the next ``fit`` start at ``epoch`` (read by Keras' ``fit`` through ``model._initial_epoch``); None
+    clears it."""
+    if epoch is not None or getattr(model, "_initial_epoch", None) is not None:
+        model._initial_epoch = epoch
+
+
+def build_compiled_metrics(model: Any, y: Any, y_pred: Any) -> None:
+    """Build the compiled metrics and loss trackers Keras builds lazily at the first step."""
+    for part in (getattr(model, "_compile_metrics", None), getattr(model, "_compile_loss", None)):
+        if part is not None and not part.built:
+            part.build(y, y_pred)
