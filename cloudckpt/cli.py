@@ -2,7 +2,7 @@
 
 Every command names its run with ``--remote URL`` (``-r``; default ``$CLOUDCKPT_REMOTE``); positional arguments are
 only what it acts on (SELECTOR, PATH, WATCH_DIR). Each command checks its flags, calls the library, and prints
-through :func:`emit` (text, or ``--json`` on stdout).
+through :func:`cloudckpt.cli_output.emit` (text, or ``--json`` on stdout).
 Errors are turned into one line on stderr and an exit code in :func:`main` only; ``CLOUDCKPT_DEBUG=1`` shows the
 traceback. Exit codes: 0 ok, 1 other error, 2 usage, 3 nothing matches, 4 integrity failure, 5 access or
 configuration error, 6 fenced (a newer writer took over the run).
@@ -22,8 +22,8 @@ from typing import TYPE_CHECKING, Any, TypeVar
 import click
 
 from . import cli_legacy
+from . import cli_output as out
 from .errors import CloudCkptError, IntegrityError
-from .manifest import CheckpointEntry, Index
 from .redact import Redactor, ScrubFilter, is_secret_name, url_secrets
 
 if TYPE_CHECKING:
@@ -87,63 +87,6 @@ def _store(ctx: click.Context, url: str | None) -> CheckpointStore:
     return CheckpointStore(url, progress=obj["progress"], **obj["storage_options"])
 
 
-def emit(data: Any, as_json: bool, text: Callable[[Any], str]) -> None:
-    """The one place results are printed: JSON on stdout with ``--json``, else human-readable text."""
-    click.echo(json.dumps(data, indent=2, default=str) if as_json else text(data))
-
-
-def _human(n: int) -> str:
-    size = float(n)
-    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
-        if size < 1024 or unit == "TiB":
-            return f"{size:.0f} {unit}" if unit == "B" else f"{size:.1f} {unit}"
-        size /= 1024
-    return str(n)
-
-
-def _row(entry: CheckpointEntry, index: Index) -> dict:
-    return entry.summary(index.tags(entry.id))
-
-
-def _table(rows: list[dict]) -> str:
-    if not rows:
-        return "(no checkpoints)"
-    lines = [f"{'ID':<40} {'EPOCH':>5} {'STEP':>9} {'CREATED':<20} {'SIZE':>10}  METRICS / TAGS"]
-    for r in rows:
-        metrics = " ".join(f"{k}={v:.6g}" for k, v in r["metrics"].items())
-        tags = ",".join(r["tags"])
-        created = str(r["created"])[:19].replace("T", " ")
-        epoch = "" if r["epoch"] is None else r["epoch"]
-        step = "" if r["step"] is None else r["step"]
-        lines.append(f"{r['id']:<40} {epoch!s:>5} {step!s:>9} {created:<20} {_human(r['size']):>10}  {metrics}"
-                     + (f"  [{tags}]" if tags else ""))
-    return "\n".join(lines)
-
-
-class _RetrySummary(logging.Filter):
-    """Default verbosity: retry warnings are counted instead of printed, and reported as one line when the command
-    ends (before its error line, if any); ``-v`` prints each retry."""
-
-    def __init__(self, redactor: Redactor) -> None:
-        super().__init__()
-        self.redactor = redactor
-        self.count = 0
-        self.last = ""
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        if record.name == "cloudckpt.retry" and record.levelno == logging.WARNING:
-            self.count += 1
-            self.last = record.getMessage()
-            return False
-        return True
-
-    def report(self) -> None:
-        if self.count:
-            last = " ".join(self.redactor.scrub(self.last).split())  # as the log lines: no credentials
-            last = last if len(last) <= 200 else last[:197] + "..."
-            click.echo(f"cloudckpt: {self.count} failed attempt(s) retried (last: {last}); -v shows each", err=True)
-
-
 json_flag = click.option("--json", "as_json", is_flag=True, help="Machine-readable output on stdout.")
 remote = click.option("--remote", "-r", "url", metavar="URL", help=f"The run's URL (default: ${URL_ENV}).")
 keep_flags = [
@@ -182,7 +125,7 @@ def cli(ctx: click.Context, storage_options: tuple[str, ...], progress: bool | N
     for handler in set(root.handlers) - before:  # every log line, the SDKs' debug lines too, without credentials
         handler.addFilter(ScrubFilter(redactor))
     if verbose == 0:
-        summary = _RetrySummary(redactor)
+        summary = out.RetrySummary(redactor)
         for handler in root.handlers:
             handler.addFilter(summary)
         ctx.call_on_close(summary.report)  # runs before main() prints the error line
@@ -200,7 +143,7 @@ def ls_cmd(ctx: click.Context, url: str | None, as_json: bool) -> None:
     """List the committed checkpoints of the run."""
     with _store(ctx, url) as store:
         index = store.index()
-        emit([_row(c, index) for c in index.checkpoints], as_json, _table)
+        out.emit([out.row(c, index) for c in index.checkpoints], as_json, out.table)
 
 
 @cli.command("show")
@@ -213,9 +156,9 @@ def show_cmd(ctx: click.Context, selector: str, url: str | None, as_json: bool) 
     """Show one checkpoint: SELECTOR is best, latest, an epoch number or a checkpoint id."""
     with _store(ctx, url) as store:
         index = store.index()
-        row = _row(index.resolve(selector), index)
-        emit(row, as_json, lambda r: _table([r]) + "\n" + "\n".join(
-            f"  {f['path']}  {_human(f['size'])}  crc32c={f['crc32c']}" for f in r["files"]))
+        row = out.row(index.resolve(selector), index)
+        out.emit(row, as_json, lambda r: out.table([r]) + "\n" + "\n".join(
+            f"  {f['path']}  {out.human_size(f['size'])}  crc32c={f['crc32c']}" for f in r["files"]))
 
 
 @cli.command("pull")
@@ -238,7 +181,8 @@ def pull_cmd(ctx: click.Context, selector: str, url: str | None, to: str, fallba
         if result.skipped:
             click.echo(f"cloudckpt: warning: {', '.join(result.skipped)} failed verification; "
                        f"restored {result.entry.id} instead", err=True)
-        emit(row, as_json, lambda r: f"pulled {r['id']} (epoch {r['epoch']}, {_human(r['size'])}) into {r['path']}")
+        out.emit(row, as_json,
+                 lambda r: f"pulled {r['id']} (epoch {r['epoch']}, {out.human_size(r['size'])}) into {r['path']}")
 
 
 @cli.command("push")
@@ -263,7 +207,8 @@ def push_cmd(ctx: click.Context, path: str, url: str | None, epoch: int | None, 
     with _store(ctx, url) as store:
         entry = store.push(path, epoch=epoch, step=step, metrics=values, monitor=monitor, mode=mode,
                            keep_best=keep_best, keep_last=keep_last, keep_every=keep_every, sha256=sha256)
-        emit(entry.summary(), as_json, lambda r: f"committed {r['id']} ({len(r['files'])} files, {_human(r['size'])})")
+        out.emit(entry.summary(), as_json,
+                 lambda r: f"committed {r['id']} ({len(r['files'])} files, {out.human_size(r['size'])})")
 
 
 @cli.command("prune")
@@ -279,7 +224,7 @@ def prune_cmd(ctx: click.Context, url: str | None, keep_best: int | None, keep_l
     with _store(ctx, url) as store:
         pruned = store.prune(keep_best=keep_best, keep_last=keep_last, keep_every=keep_every, dry_run=dry_run)
         verb = "would prune" if dry_run else "pruned"
-        emit({"dry_run": dry_run, "pruned": [c.summary() for c in pruned]}, as_json,
+        out.emit({"dry_run": dry_run, "pruned": [c.summary() for c in pruned]}, as_json,
              lambda r: "\n".join(f"{verb} {c['id']}" for c in r["pruned"]) or "nothing to prune")
 
 
@@ -297,7 +242,7 @@ def verify_cmd(ctx: click.Context, selectors: tuple[str, ...], url: str | None, 
     with _store(ctx, url) as store:
         results = store.verify(selectors[0] if selectors else "latest", all=all_)
     rows = [{"id": r.id, "ok": r.ok, "error": r.error} for r in results]
-    emit(rows, as_json, lambda rs: "\n".join(
+    out.emit(rows, as_json, lambda rs: "\n".join(
         f"{'ok  ' if r['ok'] else 'FAIL'} {r['id']}" + (f": {r['error']}" if r["error"] else "") for r in rs))
     bad = [r for r in results if not r.ok]
     if bad:
@@ -318,8 +263,8 @@ def gc_cmd(ctx: click.Context, url: str | None, dry_run: bool, min_age: float, a
         report = store.gc(dry_run=dry_run, min_age=min_age)
     data = {"dry_run": dry_run, "deleted": report.deleted, "bytes": report.bytes, "checkpoints": report.checkpoints,
             "kept_young": report.kept_young}
-    emit(data, as_json, lambda r: f"{'would remove' if dry_run else 'removed'} {len(r['deleted'])} objects "
-                                  f"({_human(r['bytes'])}) of {len(r['checkpoints'])} uncommitted checkpoints")
+    out.emit(data, as_json, lambda r: f"{'would remove' if dry_run else 'removed'} {len(r['deleted'])} objects "
+             f"({out.human_size(r['bytes'])}) of {len(r['checkpoints'])} uncommitted checkpoints")
 
 
 @cli.command("sync")

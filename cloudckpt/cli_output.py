@@ -1,0 +1,70 @@
+"""How the ``cloudckpt`` command prints: results (text or JSON), the checkpoint table, and the retry summary line."""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import Callable
+from typing import Any
+
+import click
+
+from .manifest import CheckpointEntry, Index
+from .redact import Redactor
+
+
+def emit(data: Any, as_json: bool, text: Callable[[Any], str]) -> None:
+    """The one place results are printed: JSON on stdout with ``--json``, else human-readable text."""
+    click.echo(json.dumps(data, indent=2, default=str) if as_json else text(data))
+
+
+def human_size(n: int) -> str:
+    size = float(n)
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if size < 1024 or unit == "TiB":
+            return f"{size:.0f} {unit}" if unit == "B" else f"{size:.1f} {unit}"
+        size /= 1024
+    return str(n)
+
+
+def row(entry: CheckpointEntry, index: Index) -> dict:
+    return entry.summary(index.tags(entry.id))
+
+
+def table(rows: list[dict]) -> str:
+    if not rows:
+        return "(no checkpoints)"
+    lines = [f"{'ID':<40} {'EPOCH':>5} {'STEP':>9} {'CREATED':<20} {'SIZE':>10}  METRICS / TAGS"]
+    for r in rows:
+        metrics = " ".join(f"{k}={v:.6g}" for k, v in r["metrics"].items())
+        tags = ",".join(r["tags"])
+        created = str(r["created"])[:19].replace("T", " ")
+        epoch = "" if r["epoch"] is None else r["epoch"]
+        step = "" if r["step"] is None else r["step"]
+        lines.append(f"{r['id']:<40} {epoch!s:>5} {step!s:>9} {created:<20} {human_size(r['size']):>10}  {metrics}"
+                     + (f"  [{tags}]" if tags else ""))
+    return "\n".join(lines)
+
+
+class RetrySummary(logging.Filter):
+    """Default verbosity: retry warnings are counted instead of printed, and reported as one line when the command
+    ends (before its error line, if any); ``-v`` prints each retry."""
+
+    def __init__(self, redactor: Redactor) -> None:
+        super().__init__()
+        self.redactor = redactor
+        self.count = 0
+        self.last = ""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.name == "cloudckpt.retry" and record.levelno == logging.WARNING:
+            self.count += 1
+            self.last = record.getMessage()
+            return False
+        return True
+
+    def report(self) -> None:
+        if self.count:
+            last = " ".join(self.redactor.scrub(self.last).split())  # as the log lines: no credentials
+            last = last if len(last) <= 200 else last[:197] + "..."
+            click.echo(f"cloudckpt: {self.count} failed attempt(s) retried (last: {last}); -v shows each", err=True)
