@@ -4,7 +4,6 @@ processes (tests/support/hf_job.py)."""
 
 from __future__ import annotations
 
-import os
 import random
 import shutil
 import signal
@@ -17,46 +16,20 @@ import pytest
 torch = pytest.importorskip("torch")
 pytest.importorskip("transformers")
 
+from support import trainer_runs as runs  # noqa: E402
+
 from cloudckpt import CheckpointStore  # noqa: E402
 
-JOB = Path(__file__).parent / "support" / "hf_job.py"
-ROOT = Path(__file__).resolve().parents[1]
 SAVE_EVERY = 10
-EXIT_PREEMPTED = 143
-
-
-def _env() -> dict:
-    return {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}
+EXIT_PREEMPTED = runs.EXIT_PREEMPTED
 
 
 def _start(remote: str, d: Path, *extra: str) -> subprocess.Popen:
-    return subprocess.Popen([sys.executable, str(JOB), remote, str(d / "out"), str(d / "final.pt"), *extra],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=_env())
+    return runs.start("hf_job.py", [remote, str(d / "out"), str(d / "final.pt"), *extra])
 
 
-def _run(remote: str, d: Path) -> list[str]:
-    proc = _start(remote, d)
-    stdout, stderr = proc.communicate(timeout=300)
-    assert proc.returncode == 0, stderr
-    return stdout.splitlines()
-
-
-def _read_until_step(proc: subprocess.Popen, step: int) -> list[str]:
-    lines = []
-    for line in proc.stdout:  # type: ignore[union-attr]
-        lines.append(line.strip())
-        if line.startswith("step ") and int(line.split()[1]) >= step:
-            return lines
-    raise AssertionError(f"the job ended before step {step}: {lines[-3:]} {proc.stderr.read()}")  # type: ignore
-
-
-def _assert_same_training(a: Path, b: Path) -> None:
-    x, y = torch.load(a, weights_only=True), torch.load(b, weights_only=True)
-    for k, v in x["model"].items():
-        assert torch.equal(v, y["model"][k]), k
-    for i, st in x["optimizer"]["state"].items():
-        for k, v in st.items():
-            assert torch.equal(v, y["optimizer"]["state"][i][k]), (i, k)
+def _run(remote: str, d: Path, *extra: str) -> list[str]:
+    return runs.run("hf_job.py", [remote, str(d / "out"), str(d / "final.pt"), *extra])
 
 
 @pytest.fixture(scope="module")
@@ -70,7 +43,7 @@ def reference(tmp_path_factory) -> tuple[Path, Path, list[str]]:
 def test_sigkill_then_restart_on_a_new_machine_ends_identical(tmp_path, local_url, reference):
     kill_at = random.Random().randint(SAVE_EVERY + 3, 50)
     proc = _start(local_url, tmp_path, "--step-delay", "0.05")
-    _read_until_step(proc, kill_at)
+    runs.read_until_step(proc, kill_at)
     proc.send_signal(signal.SIGKILL)
     proc.wait(timeout=30)
     committed = CheckpointStore(local_url).latest().step
@@ -79,12 +52,12 @@ def test_sigkill_then_restart_on_a_new_machine_ends_identical(tmp_path, local_ur
     assert f"resumed {committed}" in lines
     assert kill_at - committed <= 2 * SAVE_EVERY, f"killed after step {kill_at}, resumed from {committed}"
     print(f"killed after step {kill_at}, resumed from step {committed}")
-    _assert_same_training(reference[0], tmp_path / "final.pt")
+    runs.assert_same_training(reference[0], tmp_path / "final.pt")
 
 
 def test_sigterm_mid_interval_commits_that_step_and_exits_143(tmp_path, s3_url, reference):
     proc = _start(s3_url, tmp_path, "--step-delay", "0.05")
-    before = _read_until_step(proc, SAVE_EVERY + SAVE_EVERY // 2)
+    before = runs.read_until_step(proc, SAVE_EVERY + SAVE_EVERY // 2)
     proc.send_signal(signal.SIGTERM)
     rest, stderr = proc.communicate(timeout=120)
     assert proc.returncode == EXIT_PREEMPTED, stderr
@@ -94,7 +67,7 @@ def test_sigterm_mid_interval_commits_that_step_and_exits_143(tmp_path, s3_url, 
     shutil.rmtree(tmp_path / "out")
     lines = _run(s3_url, tmp_path)
     assert f"resumed {last}" in lines
-    _assert_same_training(reference[0], tmp_path / "final.pt")
+    runs.assert_same_training(reference[0], tmp_path / "final.pt")
 
 
 def test_pull_best_is_the_lowest_eval_loss(tmp_path, reference):
@@ -102,7 +75,7 @@ def test_pull_best_is_the_lowest_eval_loss(tmp_path, reference):
     evals = {int(s): float(v) for _, s, v in (ln.split() for ln in lines if ln.startswith("eval "))}
     best_step = min(evals, key=evals.__getitem__)
     out = subprocess.run([sys.executable, "-m", "cloudckpt", "pull", "best", "--remote", str(store), "--to",
-                          str(tmp_path / "best")], capture_output=True, text=True, env=_env(), timeout=120)
+                          str(tmp_path / "best")], capture_output=True, text=True, env=runs.env(), timeout=120)
     assert out.returncode == 0, out.stderr
     state = (tmp_path / "best" / "trainer_state.json").read_text()
     assert f'"global_step": {best_step},' in state

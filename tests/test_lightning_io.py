@@ -18,46 +18,20 @@ import pytest
 torch = pytest.importorskip("torch")
 pytest.importorskip("lightning")
 
+from support import trainer_runs as runs  # noqa: E402
+
 from cloudckpt import CheckpointStore  # noqa: E402
 
-JOB = Path(__file__).parent / "support" / "lightning_job.py"
-ROOT = Path(__file__).resolve().parents[1]
 SAVE_EVERY = 10
-EXIT_PREEMPTED = 143
-
-
-def _env() -> dict:
-    return {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}
+EXIT_PREEMPTED = runs.EXIT_PREEMPTED
 
 
 def _start(remote: str, d: Path, *extra: str) -> subprocess.Popen:
-    return subprocess.Popen([sys.executable, str(JOB), remote, str(d / "root"), str(d / "final.pt"), *extra],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=_env())
+    return runs.start("lightning_job.py", [remote, str(d / "root"), str(d / "final.pt"), *extra])
 
 
-def _run(remote: str, d: Path) -> list[str]:
-    proc = _start(remote, d)
-    stdout, stderr = proc.communicate(timeout=300)
-    assert proc.returncode == 0, stderr
-    return stdout.splitlines()
-
-
-def _read_until_step(proc: subprocess.Popen, step: int) -> list[str]:
-    lines = []
-    for line in proc.stdout:  # type: ignore[union-attr]
-        lines.append(line.strip())
-        if line.startswith("step ") and int(line.split()[1]) >= step:
-            return lines
-    raise AssertionError(f"the job ended before step {step}: {lines[-3:]} {proc.stderr.read()}")  # type: ignore
-
-
-def _assert_same_training(a: Path, b: Path) -> None:
-    x, y = torch.load(a, weights_only=True), torch.load(b, weights_only=True)
-    for k, v in x["model"].items():
-        assert torch.equal(v, y["model"][k]), k
-    for i, st in x["optimizer"]["state"].items():
-        for k, v in st.items():
-            assert torch.equal(v, y["optimizer"]["state"][i][k]), (i, k)
+def _run(remote: str, d: Path, *extra: str) -> list[str]:
+    return runs.run("lightning_job.py", [remote, str(d / "root"), str(d / "final.pt"), *extra])
 
 
 @pytest.fixture(scope="module")
@@ -71,7 +45,7 @@ def reference(tmp_path_factory) -> tuple[Path, Path, list[str]]:
 def test_sigkill_then_fit_last_on_a_new_machine_ends_identical(tmp_path, local_url, reference):
     kill_at = random.Random().randint(SAVE_EVERY + 3, 50)
     proc = _start(local_url, tmp_path, "--step-delay", "0.05")
-    _read_until_step(proc, kill_at)
+    runs.read_until_step(proc, kill_at)
     proc.send_signal(signal.SIGKILL)
     proc.wait(timeout=30)
     committed = CheckpointStore(local_url).latest().step
@@ -80,12 +54,12 @@ def test_sigkill_then_fit_last_on_a_new_machine_ends_identical(tmp_path, local_u
     assert any(ln.startswith("resumed ") for ln in lines), lines[:5]
     assert kill_at - committed <= 2 * SAVE_EVERY, f"killed after step {kill_at}, resumed from {committed}"
     print(f"killed after step {kill_at}, resumed from step {committed}")
-    _assert_same_training(reference[0] / "final.pt", tmp_path / "final.pt")
+    runs.assert_same_training(reference[0] / "final.pt", tmp_path / "final.pt")
 
 
 def test_sigterm_mid_epoch_commits_that_step_and_exits_143(tmp_path, s3_url):
     proc = _start(s3_url, tmp_path, "--step-delay", "0.05")
-    before = _read_until_step(proc, SAVE_EVERY + SAVE_EVERY // 2)
+    before = runs.read_until_step(proc, SAVE_EVERY + SAVE_EVERY // 2)
     proc.send_signal(signal.SIGTERM)
     rest, stderr = proc.communicate(timeout=120)
     assert proc.returncode == EXIT_PREEMPTED, stderr
@@ -101,7 +75,7 @@ def test_store_mirrors_lightning_top_k_and_pull_best_is_lightnings_best(tmp_path
     local = sorted(os.listdir(d / "root" / "ckpts"))
     assert sorted(c.meta["name"] for c in CheckpointStore(str(store)).list()) == local
     out = subprocess.run([sys.executable, "-m", "cloudckpt", "pull", "best", "--remote", str(store), "--to",
-                          str(tmp_path / "best")], capture_output=True, text=True, env=_env(), timeout=120)
+                          str(tmp_path / "best")], capture_output=True, text=True, env=runs.env(), timeout=120)
     assert out.returncode == 0, out.stderr
     assert (tmp_path / "best" / best_name).is_file()
     assert CheckpointStore(str(store)).best().metrics["val_loss"] == pytest.approx(float(best_score), rel=1e-6)

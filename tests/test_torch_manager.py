@@ -14,47 +14,24 @@ import pytest
 
 torch = pytest.importorskip("torch")
 
+from support import trainer_runs as runs  # noqa: E402
+
 from cloudckpt import CheckpointStore, IntegrityError, StaleWriterError  # noqa: E402
 from cloudckpt.torch import EXIT_PREEMPTED, CheckpointManager  # noqa: E402
 
-JOB = Path(__file__).parent / "support" / "torch_job.py"
-ROOT = Path(__file__).resolve().parents[1]
 SAVE_EVERY = 10
 
 
-def _env() -> dict:
-    return {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}
-
-
 def _start(remote: str, out: Path, *extra: str) -> subprocess.Popen:
-    return subprocess.Popen([sys.executable, str(JOB), remote, str(out), "--save-every", str(SAVE_EVERY), *extra],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=_env())
+    return runs.start("torch_job.py", [remote, str(out), "--save-every", str(SAVE_EVERY), *extra])
 
 
 def _run(remote: str, out: Path, *extra: str) -> list[str]:
-    proc = _start(remote, out, *extra)
-    stdout, stderr = proc.communicate(timeout=300)
-    assert proc.returncode == 0, stderr
-    return stdout.splitlines()
-
-
-def _read_until_step(proc: subprocess.Popen, step: int) -> list[str]:
-    lines = []
-    for line in proc.stdout:  # type: ignore[union-attr]
-        lines.append(line.strip())
-        if line.startswith("step ") and int(line.split()[1]) >= step:
-            return lines
-    raise AssertionError(f"the job ended before step {step}: {lines[-3:]} {proc.stderr.read()}")  # type: ignore
+    return runs.run("torch_job.py", [remote, str(out), "--save-every", str(SAVE_EVERY), *extra])
 
 
 def _assert_same_training(a: Path, b: Path) -> None:
-    x, y = torch.load(a, weights_only=True), torch.load(b, weights_only=True)
-    for k, v in x["model"].items():
-        assert torch.equal(v, y["model"][k]), k
-    assert x["optimizer"]["param_groups"] == y["optimizer"]["param_groups"]
-    for i, st in x["optimizer"]["state"].items():
-        for k, v in st.items():
-            assert torch.equal(v, y["optimizer"]["state"][i][k]), (i, k)
+    runs.assert_same_training(a, b, param_groups=True)
 
 
 @pytest.fixture(scope="module")
@@ -69,7 +46,7 @@ def reference(tmp_path_factory) -> tuple[Path, Path, list[str]]:
 def test_sigkill_at_a_random_step_then_restart_ends_identical(tmp_path, local_url, reference):
     kill_at = random.Random().randint(SAVE_EVERY + 3, 60)
     proc = _start(local_url, tmp_path / "final.pt", "--step-delay", "0.02")
-    _read_until_step(proc, kill_at)
+    runs.read_until_step(proc, kill_at)
     proc.send_signal(signal.SIGKILL)
     proc.wait(timeout=30)
     committed = CheckpointStore(local_url).latest().step
@@ -84,7 +61,7 @@ def test_sigkill_at_a_random_step_then_restart_ends_identical(tmp_path, local_ur
 def test_sigterm_mid_interval_commits_that_step_and_exits_143(tmp_path, s3_url, reference):
     stop_at = SAVE_EVERY + SAVE_EVERY // 2  # between two periodic saves
     proc = _start(s3_url, tmp_path / "final.pt", "--step-delay", "0.02")
-    before = _read_until_step(proc, stop_at)
+    before = runs.read_until_step(proc, stop_at)
     proc.send_signal(signal.SIGTERM)
     rest, stderr = proc.communicate(timeout=120)
     assert proc.returncode == EXIT_PREEMPTED, stderr
@@ -102,9 +79,10 @@ def test_pull_best_returns_the_lowest_val_loss(tmp_path, reference):
     best_step = min(saved, key=saved.__getitem__)
     cli = [sys.executable, "-m", "cloudckpt"]
     out = subprocess.run([*cli, "pull", "best", "--remote", str(store), "--to", str(tmp_path / "best")],
-                         capture_output=True, text=True, env=_env(), timeout=120)
+                         capture_output=True, text=True, env=runs.env(), timeout=120)
     assert out.returncode == 0, out.stderr
-    ls = subprocess.run([*cli, "ls", "--remote", str(store)], capture_output=True, text=True, env=_env(), timeout=120)
+    ls = subprocess.run([*cli, "ls", "--remote", str(store)], capture_output=True, text=True, env=runs.env(),
+                        timeout=120)
     assert ls.returncode == 0 and "[best]" in ls.stdout
     state = torch.load(tmp_path / "best" / "state.pt", weights_only=True)
     assert set(state) >= {"model", "optimizer", "scheduler", "rng", "data"}
@@ -159,5 +137,5 @@ def test_state_that_is_not_tensors_or_plain_data_is_refused_at_save(local_url):
 def test_core_and_cli_import_no_framework():
     code = ("import sys, cloudckpt, cloudckpt.cli, cloudckpt.store; "
             "print(sorted({'torch', 'lightning', 'transformers', 'keras'} & set(sys.modules)))")
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=_env(), timeout=120)
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=runs.env(), timeout=120)
     assert out.returncode == 0 and out.stdout.strip() == "[]", out.stdout + out.stderr

@@ -26,7 +26,7 @@ import logging
 import os
 import threading
 from collections.abc import Callable
-from concurrent.futures import Future, ThreadPoolExecutor, wait
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -36,6 +36,7 @@ from ..layout import INDEX_NAME
 from ..source import Source
 from .base import UNCHANGED, Backend, ObjectInfo, Progress
 from .body import request_body as _body
+from .parts import acquire, send_parts
 
 log = logging.getLogger(__name__)
 _MB = 2**20
@@ -239,15 +240,11 @@ class AzureBackend(Backend):
                                      f"sent {source.size} bytes in {len(sent)} blocks (or their ids differ)")
         self.check_uploaded(rel, source.crc32c())
 
-    def _acquire_slot(self, deadline: float | None) -> None:
-        if not self._slots.acquire(timeout=self.remaining(deadline)):
-            raise TimeoutError("the transfer's wall-clock budget is spent")
-
     def _put(self, blob: Any, source: Source, deadline: float | None, progress: Progress | None) -> bytes:
         """One Put Blob from one read of the file, its MD5 checked by the service; return that MD5."""
         from azure.storage.blob import ContentSettings
 
-        self._acquire_slot(deadline)
+        acquire(self._slots, self.remaining(deadline))
         try:
             data = source.read()
             md5 = hashlib.md5(data, usedforsecurity=False).digest()
@@ -263,48 +260,18 @@ class AzureBackend(Backend):
         """Blocks read in order from one pass over the file, staged in parallel, each with its Content-MD5; then the
         block list committed. Return ``[(block id, size)]`` as committed."""
         block_size = max(self.block_size, -(-source.size // _MAX_BLOCKS))
-        failed = threading.Event()
 
         def stage(number: int, data: bytes) -> tuple[str, int]:
-            try:
-                md5 = hashlib.md5(data, usedforsecurity=False).digest()
-                block_id = f"{number:05d}-{md5.hex()}"  # every id of a blob has the same length
-                blob.stage_block(block_id, _body(data, progress), length=len(data), transactional_content_md5=md5)
-                return block_id, len(data)
-            except BaseException:
-                failed.set()
-                raise
-            finally:
-                self._slots.release()
+            md5 = hashlib.md5(data, usedforsecurity=False).digest()
+            block_id = f"{number:05d}-{md5.hex()}"  # every id of a blob has the same length
+            blob.stage_block(block_id, _body(data, progress), length=len(data), transactional_content_md5=md5)
+            return block_id, len(data)
 
-        pool = ThreadPoolExecutor(self.max_concurrency, thread_name_prefix="cloudckpt-az-block")
-        futures: list[Future[tuple[str, int]]] = []
-        try:
-            while not failed.is_set():
-                self._acquire_slot(deadline)
-                try:
-                    data = source.read(block_size)
-                    if data:
-                        futures.append(pool.submit(stage, len(futures), data))  # stage releases the slot
-                except BaseException:
-                    self._slots.release()
-                    raise
-                if not data:
-                    self._slots.release()
-                    break
-            _, waiting = wait(futures, timeout=self.remaining(deadline))
-            if waiting:
-                raise TimeoutError("the transfer's wall-clock budget is spent")
-            sent = [f.result() for f in futures]
-            self.remaining(deadline)
-            blob.commit_block_list([block_id for block_id, _ in sent])
-        except BaseException:  # staged blocks that are never committed are discarded by the service after 7 days
-            pool.shutdown(wait=False, cancel_futures=True)
-            for f in futures:
-                if f.cancelled():  # never ran: its slot is still held
-                    self._slots.release()
-            raise
-        pool.shutdown(wait=False)
+        # staged blocks that are never committed are discarded by the service after 7 days
+        sent = send_parts(source, block_size, stage, slots=self._slots, remaining=lambda: self.remaining(deadline),
+                          workers=self.max_concurrency, name="cloudckpt-az-block")
+        self.remaining(deadline)
+        blob.commit_block_list([block_id for block_id, _ in sent])
         return sent
 
     def download(self, rel: str, local: Path, *, deadline: float | None = None,

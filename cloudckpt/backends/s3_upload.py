@@ -14,7 +14,6 @@ import hashlib
 import logging
 import threading
 from collections.abc import Callable
-from concurrent.futures import Future, ThreadPoolExecutor, wait
 from typing import Any
 
 import google_crc32c
@@ -23,6 +22,7 @@ from ..errors import IntegrityError
 from ..source import Source
 from .base import Progress
 from .body import request_body as _body
+from .parts import acquire, send_parts
 
 log = logging.getLogger(__name__)
 
@@ -89,7 +89,7 @@ class S3Uploads:
 
     def _put(self, key: str, source: Source, deadline: float | None, progress: Progress | None) -> str | None:
         """One PutObject from one read of the file; return the object crc32c to expect (base64)."""
-        self._acquire_slot(deadline)
+        acquire(self._slots, self.remaining(deadline))
         try:
             data = source.read()
             args = self._body_checksum(data)
@@ -98,10 +98,6 @@ class S3Uploads:
         finally:
             self._slots.release()
         return args.get("ChecksumCRC32C")
-
-    def _acquire_slot(self, deadline: float | None) -> None:
-        if not self._slots.acquire(timeout=self.remaining(deadline)):
-            raise TimeoutError("the transfer's wall-clock budget is spent")
 
     def _put_multipart(self, key: str, source: Source, deadline: float | None,
                        progress: Progress | None) -> str | None:
@@ -115,48 +111,23 @@ class S3Uploads:
             create = {"ChecksumAlgorithm": "CRC32C", **({"ChecksumType": "FULL_OBJECT"} if self._full_object else {})}
         upload_id = self.client.create_multipart_upload(Bucket=self.bucket, Key=key, **create)["UploadId"]
 
-        failed = threading.Event()
-
         def send(number: int, data: bytes) -> dict:
-            try:
-                args = self._body_checksum(data)
-                r = self.client.upload_part(Bucket=self.bucket, Key=key, UploadId=upload_id, PartNumber=number,
-                                            Body=_body(data, progress), **args)
-                return {"PartNumber": number, "ETag": r["ETag"],
-                        **({"ChecksumCRC32C": args["ChecksumCRC32C"]} if "ChecksumCRC32C" in args else {})}
-            except BaseException:
-                failed.set()
-                raise
-            finally:
-                self._slots.release()
+            args = self._body_checksum(data)
+            r = self.client.upload_part(Bucket=self.bucket, Key=key, UploadId=upload_id, PartNumber=number,
+                                        Body=_body(data, progress), **args)
+            return {"PartNumber": number, "ETag": r["ETag"],
+                    **({"ChecksumCRC32C": args["ChecksumCRC32C"]} if "ChecksumCRC32C" in args else {})}
 
-        pool = ThreadPoolExecutor(self.max_concurrency, thread_name_prefix="cloudckpt-s3-part")
-        futures: list[Future[dict]] = []
         try:
-            while not failed.is_set():
-                self._acquire_slot(deadline)
-                try:
-                    data = source.read(part_size)
-                    if data:
-                        futures.append(pool.submit(send, len(futures) + 1, data))  # send releases the slot
-                except BaseException:
-                    self._slots.release()
-                    raise
-                if not data:
-                    self._slots.release()
-                    break
-            done, waiting = wait(futures, timeout=self.remaining(deadline))
-            if waiting:
-                raise TimeoutError("the transfer's wall-clock budget is spent")
-            parts = [f.result() for f in futures]
+            parts = send_parts(source, part_size, send, slots=self._slots, remaining=lambda: self.remaining(deadline),
+                               workers=self.max_concurrency, name="cloudckpt-s3-part")
             want, complete = self._completion(parts, source)
             self.remaining(deadline)
             self.client.complete_multipart_upload(Bucket=self.bucket, Key=key, UploadId=upload_id,
                                                   MultipartUpload={"Parts": parts}, **complete)
         except BaseException:
-            self._abort(key, upload_id, pool, futures)
+            self._abort(key, upload_id)
             raise
-        pool.shutdown(wait=False)
         return want
 
     def _completion(self, parts: list[dict], source: Source) -> tuple[str | None, dict[str, Any]]:
@@ -171,12 +142,8 @@ class S3Uploads:
             return f"{_b64(google_crc32c.value(joined).to_bytes(4, 'big'))}-{len(parts)}", {}
         return None, {}
 
-    def _abort(self, key: str, upload_id: str, pool: ThreadPoolExecutor, futures: list[Future[dict]]) -> None:
-        """After a failure: stop the parts not yet sent (releasing their slots) and abort the upload, best effort."""
-        pool.shutdown(wait=False, cancel_futures=True)
-        for f in futures:
-            if f.cancelled():  # never ran: its slot is still held
-                self._slots.release()
+    def _abort(self, key: str, upload_id: str) -> None:
+        """After a failure: abort the upload, best effort (parts still being sent may land after it)."""
         try:
             self.client.abort_multipart_upload(Bucket=self.bucket, Key=key, UploadId=upload_id)
         except Exception as exc:  # the original error matters more; gc / the bucket's lifecycle rule clean up
