@@ -45,7 +45,7 @@ def reference(tmp_path_factory) -> tuple[Path, Path, list[str]]:
 def test_sigkill_then_fit_last_on_a_new_machine_ends_identical(tmp_path, local_url, reference):
     kill_at = random.Random().randint(SAVE_EVERY + 3, 50)
     proc = _start(local_url, tmp_path, "--step-delay", "0.05")
-    runs.read_until_step(proc, kill_at)
+    kill_at = runs.read_until_committed(proc, kill_at, local_url)
     proc.send_signal(signal.SIGKILL)
     proc.wait(timeout=30)
     committed = CheckpointStore(local_url).latest().step

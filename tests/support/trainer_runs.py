@@ -43,6 +43,28 @@ def read_until_step(proc: subprocess.Popen, step: int) -> list[str]:
     raise AssertionError(f"the job ended before step {step}: {lines[-3:]} {proc.stderr.read()}")  # type: ignore
 
 
+def read_until_committed(proc: subprocess.Popen, step: int, remote: str) -> int:
+    """Read the job's output up to ``step``, then on until the store lists a checkpoint (commits run in the
+    background: under load the first one may land a few steps later); return the last step read (the job is left
+    running, to be killed there)."""
+    from cloudckpt import CheckpointStore
+    from cloudckpt.errors import CheckpointNotFoundError
+
+    lines = read_until_step(proc, step)
+    last = int(lines[-1].split()[1])
+    while True:
+        try:
+            CheckpointStore(remote).latest()
+            return last
+        except CheckpointNotFoundError:
+            pass
+        line = proc.stdout.readline()  # type: ignore[union-attr]
+        if not line:
+            raise AssertionError(f"the job ended before any checkpoint was committed: {proc.stderr.read()}")  # type: ignore
+        if line.startswith("step "):
+            last = int(line.split()[1])
+
+
 def assert_same_training(a: Path, b: Path, *, param_groups: bool = False) -> None:
     """The two final states (``torch.save`` of model and optimizer state dicts) are bit-identical."""
     import torch
