@@ -139,3 +139,27 @@ def test_model_parallel_sigterm_to_one_process_then_resume_on_two_and_on_one(tmp
     assert r0.steps[0] == r1.steps[0] == alone.steps[0] == stop + 1 and r0.steps[-1] == 12
     assert re.search(r"committed ckpt-e000001-s0000000010", r0.err), "the resumed pair trains and saves on"
     assert alone.rc == 0 and alone.steps[-1] == 3 * 23, alone.err
+
+
+def test_a_notice_arriving_during_the_vote_counts_at_the_next_boundary_on_every_process(tmp_path):
+    """The per-batch preemption vote is a collective: this process must act on what the vote decided, not on its
+    flag read again after it. A SIGTERM landing while the vote runs (seen in a CI run: process 1 staged and gathered
+    while process 0 trained on, both hung in gloo) must count at the next boundary, for every process alike."""
+    from cloudckpt.keras import CloudCheckpoint
+    from cloudckpt.preemption import PreemptionWatch
+
+    votes: list[bool] = []
+
+    class Vote:  # this process's side of the collective; the other process voted False at this boundary
+        def any_process(self, flag: bool) -> bool:
+            votes.append(flag)
+            if len(votes) == 1:
+                watch.trigger("SIGTERM")  # arrives while the collective runs
+            return flag
+
+    cb = CloudCheckpoint(str(tmp_path / "m.weights.h5"), remote=str(tmp_path / "store"))
+    watch = PreemptionWatch(["sigterm"])  # not started: no handler installed
+    cb._watch, cb._adapter = watch, Vote()
+    assert cb._preemption_agreed() is False  # what the vote decided, which the other process also got
+    assert cb._preemption_agreed() is True  # the next boundary: this process's flag is in the vote
+    assert votes == [False, True]

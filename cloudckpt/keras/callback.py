@@ -383,9 +383,11 @@ class CloudCheckpoint(keras.callbacks.ModelCheckpoint):
         other (every process asks at every batch boundary, so all stop at the same one)."""
         if self._watch is None or not self._watch.sources:
             return False
-        if self._trainer.any_process(self._watch.triggered) and not self._watch.triggered:
+        mine = self._watch.triggered  # read once: a notice arriving during the vote counts at the next boundary
+        agreed = self._trainer.any_process(mine)
+        if agreed and not mine and not self._watch.triggered:
             self._watch.trigger("another process's preemption notice")
-        return self._watch.triggered
+        return agreed
 
     def _check_fatal(self) -> None:
         if self.uploader is not None and self.uploader.fatal is not None:
