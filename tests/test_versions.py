@@ -39,7 +39,7 @@ def test_no_extra_names_its_own_package():
     """pip 23.2 (bundled with Python 3.11) fails with ResolutionImpossible on ``all = ["cloudckpt[...]"]``."""
     for extra, reqs in EXTRAS.items():
         assert all(r.name != PROJECT["name"] for r in reqs), extra
-    runtime = {r.name for extra in ("s3", "gcs", "keras") for r in EXTRAS[extra]}
+    runtime = {r.name for extra in ("s3", "gcs", "azure", "keras") for r in EXTRAS[extra]}
     assert {r.name for r in EXTRAS["all"]} == runtime
 
 
