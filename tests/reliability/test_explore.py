@@ -91,12 +91,15 @@ def exploring(monkeypatch):
     monkeypatch.setattr(tenacity.nap, "time", types.SimpleNamespace(sleep=lambda s: None))
 
 
-def explore(new_url, opts: dict, *, aging: bool, examples: int, steps: int, figures) -> None:
+def explore(new_url, opts: dict, *, aging: bool, examples: int, steps: int, figures) -> dict[str, int]:
+    """Run the state machine (its invariants are checked after every step); return the outcomes it saw, by kind."""
+    before = dict(figures["explore_outcomes"])
     machine = type("Machine", (CommitProtocol,), {"new_url": staticmethod(new_url), "opts": opts, "aging": aging,
                                                         "figures": figures})
     run_state_machine_as_test(machine, settings=settings(
         max_examples=examples, stateful_step_count=steps, deadline=None, database=None, print_blob=True,
         suppress_health_check=list(HealthCheck)))
+    return {k: v - before.get(k, 0) for k, v in figures["explore_outcomes"].items() if v > before.get(k, 0)}
 
 
 @pytest.fixture
@@ -159,10 +162,12 @@ def test_shrunk_lost_claim_answer_then_newer_claim(scripted):
 
 
 def test_explore_local(tmp_path, exploring, full, figures):
-    explore(lambda: str(tmp_path / uuid.uuid4().hex / "run"), {"fsync": False}, aging=True,
-            examples=600 if full else 40, steps=80 if full else 40, figures=figures)
+    seen = explore(lambda: str(tmp_path / uuid.uuid4().hex / "run"), {"fsync": False}, aging=True,
+                   examples=600 if full else 40, steps=80 if full else 40, figures=figures)
+    assert seen.get("push/ok", 0) > 0 and seen.get("push/Crash", 0) > 0, seen  # commits and crashes both explored
 
 
 def test_explore_s3(s3_url, exploring, full, figures):
-    explore(lambda: f"{s3_url}/{uuid.uuid4().hex}", {}, aging=False,
-            examples=60 if full else 5, steps=40 if full else 25, figures=figures)
+    seen = explore(lambda: f"{s3_url}/{uuid.uuid4().hex}", {}, aging=False,
+                   examples=60 if full else 5, steps=40 if full else 25, figures=figures)
+    assert seen.get("push/ok", 0) > 0, seen  # the invariants held over explored runs that did commit

@@ -96,7 +96,8 @@ def test_a_file_rewritten_mid_upload_is_never_committed_torn(kind, request, tmp_
     assert outcome in ("v1", "refused")  # retried from a fresh read (v1), or a typed error; never torn
 
 
-def _rounds(url: str, tmp_path: Path, n: int, options: dict, figures, label: str, caplog) -> None:
+def _rounds(url: str, tmp_path: Path, n: int, options: dict, figures, label: str, caplog) -> list[str]:
+    """``n`` pushes each racing an in-place rewrite; what each committed (v0, v1) or that it was refused."""
     rnd = random.Random(label)
     src = tmp_path / "model.bin"
     size = 12 * MiB
@@ -105,6 +106,7 @@ def _rounds(url: str, tmp_path: Path, n: int, options: dict, figures, label: str
         t0 = time.monotonic()
         store.push(src, epoch=0)  # warm-up: how long a push takes here, to aim the rewrites inside it
         span = time.monotonic() - t0
+        outcomes = []
         for i in range(n):
             a, b = rnd.randbytes(size), rnd.randbytes(size)
             src.write_bytes(a)
@@ -115,10 +117,12 @@ def _rounds(url: str, tmp_path: Path, n: int, options: dict, figures, label: str
                 got = _check_outcome(store, lambda: store.push(src, epoch=i + 1), (a, b), tmp_path / f"out{i}")
             finally:
                 rewriter.join()
+            outcomes.append(got)
             figures["torn_file_pushes"][f"{label}/{got}"] += 1  # v0: before the rewrite, v1: after, or refused
             if any("changed while it was pushed" in r.getMessage() for r in caplog.records):
                 figures["torn_file_pushes"][f"{label}/read-again-after-a-change"] += 1
         assert all(r.ok for r in store.verify(all=True)), "a listed checkpoint fails verify"
+    return outcomes
 
 
 @pytest.mark.parametrize("kind,options", [
@@ -134,4 +138,5 @@ def test_random_in_place_rewrites_during_push_never_commit_a_torn_file(kind, opt
     url = request.getfixturevalue(f"{kind}_url")
     n = (40 if full else 8) if "transport" not in options and kind != "az" else (20 if full else 4)
     caplog.set_level(logging.WARNING, logger="cloudckpt.retry")
-    _rounds(url, tmp_path, n, options, figures, f"{kind}{'-fsspec' if 'transport' in options else ''}", caplog)
+    got = _rounds(url, tmp_path, n, options, figures, f"{kind}{'-fsspec' if 'transport' in options else ''}", caplog)
+    assert len(got) == n and set(got) <= {"v0", "v1", "refused"}, got  # each push: one whole version, or refused
