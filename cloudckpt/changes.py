@@ -1,7 +1,8 @@
 """The index changes a store makes, as pure functions of the index. No I/O.
 
 Each takes the current index and returns a :class:`Change`: the index to write (None when there is nothing to
-write) and the checkpoints it pruned (whose objects the store deletes once the write has happened).
+write) and the checkpoints it pruned (whose objects the store deletes once the write has happened), plus any sealed
+index segments to write before that index (:mod:`cloudckpt.segments`; read through ``load``, only when needed).
 :meth:`~cloudckpt.commit.IndexKeeper.apply` runs a change with compare-and-swap, again on every lost race, so a
 change must depend only on its arguments.
 
@@ -20,7 +21,8 @@ from dataclasses import dataclass, replace
 from datetime import datetime
 
 from .manifest import CheckpointEntry, Index, RunPolicy, WriterLease
-from .retention import Record, Retention
+from .retention import Retention
+from .segments import Loader, NewSegment, doomed, locate, no_segments, retarget, without
 
 log = logging.getLogger(__name__)
 
@@ -31,36 +33,42 @@ class Change:
 
     index: Index | None
     pruned: tuple[CheckpointEntry, ...] = ()
+    segments: tuple[NewSegment, ...] = ()
 
 
 def commit_checkpoint(index: Index, entry: CheckpointEntry, policy: Retention, *, prune: bool,
-                      busy: AbstractSet[str]) -> Change:
+                      busy: AbstractSet[str], load: Loader = no_segments) -> Change:
     """Add ``entry`` as the latest checkpoint; the settings given in ``policy`` become the run's; with ``prune``,
     apply the run's retention in the same update (``busy`` ids, the new latest and the best are kept)."""
     if any(c.id == entry.id for c in index.checkpoints):
         return Change(None)  # defensive: only this push adds the id, and a write that happened is never re-applied
     run = RunPolicy.of(policy.over(index.run.retention))
-    new = (index.with_policy(run) if run != index.run else index).with_checkpoint(entry)
+    if run != index.run:
+        if index.segments and (run.monitor, run.mode) != (index.run.monitor, index.run.mode):
+            index = retarget(index, run.retention.objective, load)  # rare: the run's objective changed
+        index = index.with_policy(run)
+    new = index.with_checkpoint(entry)
     if not prune:
         return Change(new)
-    doomed = _doomed(new, new.run.retention, busy)
-    return Change(new.without(doomed) if doomed else new, _entries(new, doomed))
+    return _take_out(new, doomed(new, new.run.retention, _always(new, busy), load), load)
 
 
-def prune_checkpoints(index: Index, keep: Retention | None, *, busy: AbstractSet[str]) -> Change:
+def prune_checkpoints(index: Index, keep: Retention | None, *, busy: AbstractSet[str],
+                      load: Loader = no_segments) -> Change:
     """Take out what retention doesn't keep: the keep-* rules of ``keep`` in place of the run's (the run's monitor
     still ranks), or the run's own policy when ``keep`` is None. The latest, best, pinned and ``busy`` stay."""
     run = index.run.retention
     rules = run if keep is None else replace(keep, monitor=run.monitor, mode=run.mode)
-    doomed = _doomed(index, rules, busy)
-    return Change(index.without(doomed) if doomed else None, _entries(index, doomed))
+    change = _take_out(index, doomed(index, rules, _always(index, busy), load), load)
+    return change if change.pruned else Change(None)
 
 
-def discard_checkpoints(index: Index, ids: AbstractSet[str], *, busy: AbstractSet[str]) -> Change:
+def discard_checkpoints(index: Index, ids: AbstractSet[str], *, busy: AbstractSet[str],
+                        load: Loader = no_segments) -> Change:
     """Take out the checkpoints ``ids`` (a framework dropped them); the latest, best, pinned and ``busy`` stay."""
-    keep = {index.latest, index.best, *busy} | {c.id for c in index.checkpoints if c.pinned}
-    doomed = {c.id for c in index.checkpoints if c.id in ids} - keep
-    return Change(index.without(doomed) if doomed else None, _entries(index, doomed))
+    keep = _always(index, busy) | {c.id for c in index.checkpoints if c.pinned}
+    change = _take_out(index, locate(index, set(ids) - keep, load), load)
+    return change if change.pruned else Change(None)
 
 
 def claim_writer(index: Index, writer_id: str, host: str, now: datetime) -> Change:
@@ -69,11 +77,12 @@ def claim_writer(index: Index, writer_id: str, host: str, now: datetime) -> Chan
     return Change(index.with_writer(WriterLease(id=writer_id, generation=generation, host=host, since=now)))
 
 
-def _doomed(index: Index, retention: Retention, busy: AbstractSet[str]) -> set[str]:
-    always = {cid for cid in (index.latest, index.best, *busy) if cid is not None}
-    records = [Record(c.id, c.epoch, c.step, c.metrics, c.pinned) for c in index.checkpoints]
-    return retention.plan(records, always=always)
+def _always(index: Index, busy: AbstractSet[str]) -> set[str]:
+    return {cid for cid in (index.latest, index.best, *busy) if cid is not None}
 
 
-def _entries(index: Index, ids: AbstractSet[str]) -> tuple[CheckpointEntry, ...]:
-    return tuple(c for c in index.checkpoints if c.id in ids)
+def _take_out(index: Index, gone, load: Loader) -> Change:  # noqa: ANN001 (a segments.Doomed)
+    if not gone:
+        return Change(index)
+    new, made, pruned = without(index, gone, load)
+    return Change(new, pruned, made)

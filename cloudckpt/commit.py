@@ -15,6 +15,11 @@ and its result is returned as is — never re-applied, even if what it added has
 write of this update happened and the change is applied afresh. If the record may have been evicted (more than
 :data:`MAX_APPLIED` other sessions wrote meanwhile) the outcome is unknown and :class:`OutcomeUnknownError` is
 raised rather than guessed.
+
+The index is a head with sealed segments (:mod:`cloudckpt.segments`): after a change, the keeper seals what the head
+holds beyond its limit, writes the new segment objects, and only then swaps in the head that references them. It
+reads segments on demand (:meth:`IndexKeeper.segment`), each checked against its reference, and keeps those it read
+or wrote (they are immutable).
 """
 
 from __future__ import annotations
@@ -25,22 +30,26 @@ import os
 import socket
 import threading
 import uuid
+from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass
 
 import tenacity
 
-from . import retry
+from . import layout, retry
 from .backends import Backend
 from .backends.base import UNCHANGED
 from .changes import Change, claim_writer
-from .errors import CheckpointNotFoundError, IndexConflictError, StaleWriterError, TransferError
-from .manifest import Applied, CheckpointEntry, Index, WriterLease, dump, parse_index, utcnow
+from .errors import CheckpointNotFoundError, IndexConflictError, IntegrityError, StaleWriterError, TransferError
+from .manifest import Applied, CheckpointEntry, Index, SegmentRef, WriterLease, dump, parse_index, utcnow
+from .segments import NewSegment, Sealing, check, decode, full_view, seal
 
 log = logging.getLogger(__name__)
 
 #: writer sessions whose last update the index remembers (about 60 bytes each)
 MAX_APPLIED = 32
+#: sealed segments a keeper keeps in memory once read or written
+SEGMENT_CACHE = 64
 
 
 @dataclass(frozen=True)
@@ -93,6 +102,43 @@ class IndexKeeper:
         self._ops = itertools.count(1)
         self._lock = threading.Lock()  # one update at a time: the session's record must be its latest update
         self._cached: tuple[object, Index] | None = None  # (token, index) last read or written by us
+        self.sealing = Sealing.from_env()
+        self._segments: OrderedDict[str, tuple[SegmentRef, tuple[CheckpointEntry, ...]]] = OrderedDict()
+        self._segments_lock = threading.Lock()
+
+    def segment(self, ref: SegmentRef) -> tuple[CheckpointEntry, ...]:
+        """The checkpoints of the sealed segment ``ref`` names, read once and checked against ``ref``
+        (IntegrityError when it is missing, altered or not what ``ref`` summarizes)."""
+        with self._segments_lock:
+            known = self._segments.get(ref.sha256)
+            if known is not None:
+                self._segments.move_to_end(ref.sha256)
+                if known[0] == ref:
+                    return known[1]
+        key = layout.segment_key(ref.sha256)
+        if known is None:
+            try:
+                data = retry.run(lambda: self.backend.read_bytes(key), url=self.backend.url, what=f"read {key}",
+                                 budget=self.budget)
+            except FileNotFoundError:
+                raise IntegrityError(f"{self.backend.url}: the index references the segment {key}, which is "
+                                     "missing") from None
+            entries = decode(ref, data)
+        else:
+            entries = check(ref, known[1])  # the same object, summarized again (another objective)
+        self._remember(ref, entries)
+        return entries
+
+    def _remember(self, ref: SegmentRef, entries: tuple[CheckpointEntry, ...]) -> None:
+        with self._segments_lock:
+            self._segments[ref.sha256] = (ref, entries)
+            self._segments.move_to_end(ref.sha256)
+            while len(self._segments) > SEGMENT_CACHE:
+                self._segments.popitem(last=False)
+
+    def read_all(self, index: Index) -> Index:
+        """``index`` with every sealed checkpoint read into ``checkpoints`` (see :func:`segments.full_view`)."""
+        return full_view(index, self.segment)
 
     def _fetch(self) -> tuple[Index | None, object]:
         cached = self._cached
@@ -165,8 +211,12 @@ class IndexKeeper:
         if proposed.index is None:
             return Update(index, index)
         self.backend.ensure_conditional_writes(self.budget)  # once per backend: refuse a store without CAS
+        for made in proposed.segments:
+            self._remember(made.ref, made.entries)
+        sealed, more = seal(proposed.index, self.sealing, self.segment)
+        self._write_segments(sealed, (*proposed.segments, *more))
         op = next(self._ops)
-        new = _stamped(proposed.index, index, self.session, op)
+        new = _stamped(sealed, index, self.session, op)
         written[op] = Update(index, new, proposed.pruned)
         try:
             new_token = self.backend.write_index(dump(new), token)
@@ -175,6 +225,13 @@ class IndexKeeper:
             raise
         self._cached = (new_token, new) if new_token is not None else None
         return written[op]
+
+    def _write_segments(self, index: Index, made: tuple[NewSegment, ...]) -> None:
+        """Write the new segments ``index`` references (before the swap that makes them part of the run)."""
+        wanted = {r.sha256 for r in index.segments}
+        for seg in {m.ref.sha256: m for m in made if m.ref.sha256 in wanted}.values():
+            self._remember(seg.ref, seg.entries)
+            self.backend.write_bytes(seg.key, seg.data)
 
     def _resolve(self, index: Index, written: dict[int, Update], what: str) -> Update | None:
         """Which earlier write of this update the index shows applied; None when none did; raise when unknowable."""
@@ -187,7 +244,7 @@ class IndexKeeper:
         if mine is None and len(index.applied) >= MAX_APPLIED:
             oldest = min(r.seq for r in index.applied)
             if any(u.after.seq < oldest for u in written.values()):  # its record may have been pushed out
-                listed = {c.id for c in index.checkpoints}
+                listed = {c.id for c in self.read_all(index).checkpoints}
                 gone = {c.id: c for u in written.values() for c in u.pruned if c.id not in listed}
                 raise OutcomeUnknownError(
                     f"{self.backend.url}: {what}: a write's answer was lost and {len(index.applied)} other writers "

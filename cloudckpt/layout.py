@@ -3,7 +3,8 @@
 A run at ``<url>`` holds ``index.json`` (the only thing readers trust) and one directory per checkpoint,
 ``<id>/<path>`` for each file plus ``<id>/_cloudckpt_manifest.json``. Around them cloudckpt writes a few names of its
 own: temporary files (``.cloudckpt-tmp-…``, renamed into place or removed by gc), conditional-write probes under
-``_cloudckpt_probe/``, the local store's lock ``.index.lock`` beside the index, and ``.cloudckpt.json`` at the top
+``_cloudckpt_probe/``, the index's sealed segments under ``_cloudckpt_index/<sha256>.json`` (immutable, named by
+their content's digest, referenced from ``index.json``), the local store's lock ``.index.lock`` beside the index, and ``.cloudckpt.json`` at the top
 of a pulled directory. No checkpoint id and no file of a checkpoint may take one of these names.
 
 Example:
@@ -24,9 +25,11 @@ TMP_MARK = ".cloudckpt-tmp-"  # prefix of files being written; never listed, rem
 PROBE_DIR = "_cloudckpt_probe"  # a writer's conditional-write probe objects (backends/capabilities.py)
 LOCK_NAME = ".index.lock"  # the local store's lock file beside the index (backends/local.py)
 PULL_MARKER = ".cloudckpt.json"  # written at the top of a pulled directory, naming the checkpoint (restore.py)
+SEGMENT_DIR = "_cloudckpt_index"  # the index's sealed segments (segments.py), content-addressed
 
 #: top-level names of a run that are never a checkpoint
-RESERVED_IDS = frozenset({INDEX_NAME, LOCK_NAME, PROBE_DIR})
+RESERVED_IDS = frozenset({INDEX_NAME, LOCK_NAME, PROBE_DIR, SEGMENT_DIR})
+_SEGMENT_RE = re.compile(r"^_cloudckpt_index/([0-9a-f]{64})\.json$")
 
 _ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
 _GENERATED_ID_RE = re.compile(r"^ckpt-[A-Za-z0-9-]*[0-9a-f]{8}$")
@@ -82,6 +85,19 @@ def checkpoint_keys(cid: str, paths: Iterable[str]) -> list[str]:
 def probe_key(token: str) -> str:
     """The key of one conditional-write probe object."""
     return f"{PROBE_DIR}/{token}"
+
+
+def segment_key(sha256: str) -> str:
+    """The key of the sealed index segment whose content has this sha256 (64 lowercase hex digits)."""
+    if not re.fullmatch(r"[0-9a-f]{64}", sha256):
+        raise ValueError(f"not a sha256 digest: {sha256!r}")
+    return f"{SEGMENT_DIR}/{sha256}.json"
+
+
+def segment_digest(rel: str) -> str | None:
+    """The digest named by a segment key (what gc may treat as a segment), else None."""
+    m = _SEGMENT_RE.match(rel)
+    return m.group(1) if m else None
 
 
 def is_scratch(rel: str) -> bool:

@@ -24,7 +24,9 @@ from .layout import TMP_MARK as TMP_MARK
 from .layout import is_checkpoint_id, reserved_path_problem
 from .retention import Objective, Retention
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 1  # the manifest's (and an index without sealed segments: what older cloudckpt reads)
+INDEX_VERSION = 2  # an index that references sealed segments; older cloudckpt refuses it (schema_version check)
+TOP_SCORES = 16  # best values a segment reference keeps (retention's keep_best up to this needs no segment read)
 MAX_FILES = 100_000
 MAX_FILE_SIZE = 2**50  # 1 PiB: anything larger is a corrupt or hostile index
 MAX_APPLIED_READ = 1024  # applied-update records an index may carry (writers keep far fewer: commit.MAX_APPLIED)
@@ -176,9 +178,43 @@ class Applied(_Frozen):
     seq: Annotated[int, Field(ge=0)]
 
 
+class Scored(_Frozen):
+    """A monitored value in a sealed segment and the position (0-based) of its checkpoint there."""
+
+    value: float
+    at: Annotated[int, Field(ge=0)]
+
+
+class SegmentRef(_Frozen):
+    """What the index knows of one sealed segment without reading it (see :mod:`cloudckpt.segments`).
+
+    ``sha256`` names the segment's object (``layout.segment_key``) and checks its bytes; the rest summarizes its
+    checkpoints (in commit order) for resolution and retention: their count, first and last ids, how many are
+    pinned, their epochs, and for the run's objective (``monitor``, ``mode``) how many have a value, the best
+    :data:`TOP_SCORES` values (best first) and the best checkpoint's entry.
+    """
+
+    sha256: Annotated[str, Field(pattern=r"^[0-9a-f]{64}$")]
+    count: Annotated[int, Field(ge=1)]
+    first: str
+    last: str
+    pinned: Annotated[int, Field(ge=0)] = 0
+    epoch_min: int | None = None  # None: some checkpoint has no epoch
+    epoch_max: int | None = None
+    epoch_gcd: int | None = None
+    epochs_increasing: bool = False  # every checkpoint has an epoch, strictly increasing
+    monitor: str | None = None
+    mode: Literal["min", "max"] = "min"
+    scored: Annotated[int, Field(ge=0)] = 0
+    top: Annotated[tuple[Scored, ...], Field(max_length=TOP_SCORES)] = ()
+    best: CheckpointEntry | None = None
+
+
 class Index(_Frozen):
-    """The run's index. ``seq`` counts updates; ``checkpoints`` are in commit order (oldest first); ``applied``
-    holds the last update of each of the most recent writer sessions (bounded; absent in older indexes)."""
+    """The run's index (its head). ``seq`` counts updates; ``checkpoints`` are the most recent ones in commit order
+    (oldest first), after the older ones sealed in ``segments`` (oldest first; absent in older indexes);
+    ``applied`` holds the last update of each of the most recent writer sessions (bounded; absent in older indexes).
+    """
 
     schema_: Literal["cloudckpt/index"] = Field(default="cloudckpt/index", alias="schema")
     schema_version: int = SCHEMA_VERSION
@@ -189,32 +225,46 @@ class Index(_Frozen):
     best: str | None = None
     latest: str | None = None
     applied: Annotated[tuple[Applied, ...], Field(max_length=MAX_APPLIED_READ)] = ()
+    segments: tuple[SegmentRef, ...] = ()
 
     model_config = ConfigDict(frozen=True, extra="forbid", strict=True, populate_by_name=True)
 
     @model_validator(mode="after")
     def _consistent(self) -> Index:
-        if self.schema_version != SCHEMA_VERSION:
-            raise ValueError(
-                f"unknown index schema_version {self.schema_version} (this cloudckpt reads {SCHEMA_VERSION})")
+        if self.schema_version not in (SCHEMA_VERSION, INDEX_VERSION):
+            raise ValueError(f"unknown index schema_version {self.schema_version} (this cloudckpt reads "
+                             f"{SCHEMA_VERSION} and {INDEX_VERSION})")
+        if self.segments and self.schema_version != INDEX_VERSION:
+            raise ValueError(f"an index with segments must have schema_version {INDEX_VERSION}")
         ids = [c.id for c in self.checkpoints]
         if len(set(ids)) != len(ids):
             raise ValueError("index lists a checkpoint id twice")
         known = set(ids)
-        for name in ("best", "latest"):
-            ref = getattr(self, name)
-            if ref is not None and ref not in known:
-                raise ValueError(f"index {name}={ref!r} is not a listed checkpoint")
-        if ids and self.latest is None:
+        sealed = {r.best.id for r in self.segments if r.best is not None}
+        objective = (self.run.monitor, self.run.mode)
+        for r in self.segments:
+            if {r.first, r.last} & known or (r.best is not None and r.best.id in known):
+                raise ValueError("index lists a checkpoint id twice (in a segment and in the head)")
+            if (r.monitor, r.mode) != objective:
+                raise ValueError(f"segment {r.sha256[:12]} is summarized for another monitor than the run's")
+        if self.latest is not None and self.latest not in known:
+            raise ValueError(f"index latest={self.latest!r} is not a listed checkpoint")
+        if self.best is not None and self.best not in known | sealed:
+            raise ValueError(f"index best={self.best!r} is not a listed checkpoint")
+        if (ids or self.segments) and self.latest is None:
             raise ValueError("index lists checkpoints but names no latest")
         return self
 
     # --- queries -------------------------------------------------------------------------------------------------
 
     def get(self, cid: str) -> CheckpointEntry:
+        """The entry ``cid`` among the head's checkpoints (and the segments' best ones); CheckpointNotFoundError."""
         for c in self.checkpoints:
             if c.id == cid:
                 return c
+        for r in self.segments:
+            if r.best is not None and r.best.id == cid:
+                return r.best
         raise CheckpointNotFoundError(f"no checkpoint {cid!r} in this run")
 
     def tags(self, cid: str) -> list[str]:
@@ -224,8 +274,11 @@ class Index(_Frozen):
         return tags
 
     def resolve(self, selector: str | int) -> CheckpointEntry:
-        """Find the checkpoint named by ``selector``: ``best``, ``latest``, an epoch number or a checkpoint id."""
-        if not self.checkpoints:
+        """Find the checkpoint named by ``selector``: ``best``, ``latest``, an epoch number or a checkpoint id.
+
+        On a head with segments an epoch or id not found may be in a segment (``cloudckpt.segments.full_view``).
+        """
+        if not self.checkpoints and not self.segments:
             raise CheckpointNotFoundError("the run has no committed checkpoint")
         sel = str(selector)
         if sel == "latest":
@@ -264,7 +317,10 @@ class Index(_Frozen):
     def _refreshed(self, checkpoints: tuple[CheckpointEntry, ...], *, latest: str | None,
                    run: RunPolicy | None = None) -> Index:
         run = run or self.run
-        best = best_of(checkpoints, run.retention.objective)
+        if any((r.monitor, r.mode) != (run.monitor, run.mode) for r in self.segments):
+            raise ValueError("a new objective needs the segments summarized again first (segments.retarget)")
+        sealed = tuple(r.best for r in self.segments if r.best is not None)  # each segment's best, oldest first
+        best = best_of(sealed + checkpoints, run.retention.objective)
         return self.model_copy(
             update={"checkpoints": checkpoints, "latest": latest, "best": best, "run": run, "seq": self.seq + 1}
         )
@@ -302,10 +358,10 @@ def _parse(model: type[M], data: bytes, what: str) -> M:
     except ValidationError as e:
         err = e.errors()[0]
         version = _schema_version(data)
-        if version is not None and version != SCHEMA_VERSION:
-            raise IntegrityError(
-                f"{what} has schema_version {version}; this cloudckpt reads {SCHEMA_VERSION} (upgrade cloudckpt)"
-            ) from None
+        known = (SCHEMA_VERSION, INDEX_VERSION) if model is Index else (SCHEMA_VERSION,)
+        if version is not None and version not in known:
+            raise IntegrityError(f"{what} has schema_version {version}; this cloudckpt reads "
+                                 f"{' and '.join(map(str, known))} (upgrade cloudckpt)") from None
         loc = ".".join(str(x) for x in err["loc"])
         raise IntegrityError(f"{what} is invalid at {loc or '<root>'}: {err['msg']}") from None
 
@@ -329,7 +385,15 @@ def parse_manifest(data: bytes) -> Manifest:
 
 
 def dump(model: BaseModel) -> bytes:
-    """Serialize an Index or Manifest to JSON bytes."""
+    """Serialize an Index or Manifest to JSON bytes. An index without segments is written as older cloudckpt
+    writes it (schema_version 1, no ``segments`` key), so older readers still read it; one with segments has
+    schema_version 2, which they refuse."""
+    if isinstance(model, Index):
+        version = INDEX_VERSION if model.segments else SCHEMA_VERSION
+        if model.schema_version != version:
+            model = model.model_copy(update={"schema_version": version})
+        if not model.segments:
+            return model.model_dump_json(by_alias=True, indent=None, exclude={"segments"}).encode()
     return model.model_dump_json(by_alias=True, indent=None).encode()
 
 

@@ -94,11 +94,11 @@ class BusySet:
             return frozenset(self._held)
 
 
-def _candidates(index: Index, chosen: CheckpointEntry, *, fallback: bool,
+def _candidates(index: Index | None, chosen: CheckpointEntry, *, fallback: bool,
                 failed: Iterable[str]) -> list[CheckpointEntry]:
-    """What a pull tries, in order: ``chosen``, then with ``fallback`` each older checkpoint, newest first; none
-    that already ``failed``."""
-    order = list(index.checkpoints)
+    """What a pull tries, in order: ``chosen``, then with ``fallback`` each older checkpoint of ``index`` (all
+    listed), newest first; none that already ``failed``."""
+    order = list(index.checkpoints) if index is not None else [chosen]
     older = list(reversed(order[:order.index(chosen)])) if fallback else []
     skip = set(failed)
     return [c for c in [chosen, *older] if c.id not in skip]
@@ -168,16 +168,24 @@ class CheckpointStore:
     # --- reading -----------------------------------------------------------------------------------------------
 
     def index(self) -> Index:
-        """The run's index; CheckpointNotFoundError when there is no run at the URL."""
-        return self.keeper.read_existing()
+        """The run's index with every checkpoint listed, sealed segments read and checked (IntegrityError when one
+        is missing or altered); CheckpointNotFoundError when there is no run at the URL."""
+        return self.keeper.read_all(self.keeper.read_existing())
 
     def list(self) -> list[CheckpointEntry]:
         """Committed checkpoints, oldest first."""
         return list(self.index().checkpoints)
 
     def get(self, selector: str | int) -> CheckpointEntry:
-        """``best``, ``latest``, an epoch number or a checkpoint id."""
-        return self.index().resolve(selector)
+        """``best``, ``latest``, an epoch number or a checkpoint id. ``best`` and ``latest`` are read from the
+        index's head alone; an epoch or id not there is looked up in the sealed segments."""
+        head = self.keeper.read_existing()
+        try:
+            return head.resolve(selector)
+        except CheckpointNotFoundError:
+            if not head.segments:
+                raise
+        return self.keeper.read_all(head).resolve(selector)
 
     def best(self) -> CheckpointEntry:
         return self.get("best")
@@ -217,8 +225,8 @@ class CheckpointStore:
             failpoints.hit("push.after_upload")
             self._write_manifest(entry)
             failpoints.hit("push.after_manifest")
-            done = self._apply(lambda index: commit_checkpoint(index, entry, policy, prune=prune,
-                                                               busy=self._busy.ids()), what=f"commit {cid}")
+            done = self._apply(lambda index: commit_checkpoint(index, entry, policy, prune=prune, busy=self._busy.ids(),
+                                                               load=self.keeper.segment), what=f"commit {cid}")
             log.info("committed %s to %s (%d files, %d bytes, %.2fs)", cid, self.url, len(stored), entry.size,
                      time.monotonic() - t0)
         failpoints.hit("push.after_index")
@@ -266,10 +274,12 @@ class CheckpointStore:
         """
         keep = Retention(keep_best=keep_best, keep_last=keep_last, keep_every=keep_every)
         rules = keep if keep.keeps_some else None
-        index = self.index()  # a missing run is an error, not an empty prune
+        index = self.keeper.read_existing()  # a missing run is an error, not an empty prune
+        load = self.keeper.segment
         if dry_run:
-            return list(prune_checkpoints(index, rules, busy=self._busy.ids()).pruned)
-        done = self._apply(lambda index: prune_checkpoints(index, rules, busy=self._busy.ids()), what="prune")
+            return list(prune_checkpoints(index, rules, busy=self._busy.ids(), load=load).pruned)
+        done = self._apply(lambda index: prune_checkpoints(index, rules, busy=self._busy.ids(), load=load),
+                           what="prune")
         failpoints.hit("prune.after_index")
         self._delete_checkpoints(done.pruned)  # what the write that happened pruned, even when its answer was lost
         for c in done.pruned:
@@ -280,7 +290,8 @@ class CheckpointStore:
         """Remove the checkpoints ``ids`` (a framework dropped them) from the index, then their objects; the latest,
         best, pinned and in-flight checkpoints are never removed. Returns what was removed."""
         wanted = frozenset(ids)
-        done = self._apply(lambda index: discard_checkpoints(index, wanted, busy=self._busy.ids()), what="discard")
+        done = self._apply(lambda index: discard_checkpoints(index, wanted, busy=self._busy.ids(),
+                                                             load=self.keeper.segment), what="discard")
         self._delete_checkpoints(done.pruned)
         for c in done.pruned:
             log.info("discarded %s from %s", c.id, self.url)
@@ -305,8 +316,9 @@ class CheckpointStore:
         """
         failed: dict[str, str] = {}  # id -> why it failed verification, in the order tried
         for _ in range(3):  # resolve again when the checkpoint being pulled is pruned meanwhile
-            index = self.index()
-            result = self._pull_first(index, index.resolve(selector), Path(to), fallback=fallback, failed=failed)
+            index = self.index() if fallback else None  # every checkpoint only when older ones may be tried
+            chosen = index.resolve(selector) if index is not None else self.get(selector)
+            result = self._pull_first(index, chosen, Path(to), fallback=fallback, failed=failed)
             if result is not None:
                 if result.skipped:
                     log.warning("restored %s instead of %s, which failed verification", result.entry.id,
@@ -314,7 +326,7 @@ class CheckpointStore:
                 return result
         raise CheckpointNotFoundError(f"{self.url}: {selector} kept being pruned while it was pulled")
 
-    def _pull_first(self, index: Index, chosen: CheckpointEntry, to: Path, *, fallback: bool,
+    def _pull_first(self, index: Index | None, chosen: CheckpointEntry, to: Path, *, fallback: bool,
                     failed: dict[str, str]) -> PullResult | None:
         """Pull ``chosen`` or, with ``fallback``, the newest older one that verifies, recording each that doesn't in
         ``failed``; None when one was pruned while it was pulled (the selector must be resolved again)."""
@@ -339,14 +351,20 @@ class CheckpointStore:
                     return pull_into(self.backend, entry, to, budget=self.budget, pool=self._pool,
                                      progress=advance, source_url=self.url)
             except IntegrityError:
-                if entry.id in {c.id for c in self.index().checkpoints}:
+                if self._listed(entry.id):
                     raise
                 return None
 
+    def _listed(self, cid: str) -> bool:
+        """Whether the run lists ``cid`` now (the head first, the segments only when it isn't there)."""
+        head = self.keeper.read_existing()
+        if any(c.id == cid for c in head.checkpoints):
+            return True
+        return bool(head.segments) and any(c.id == cid for c in self.keeper.read_all(head).checkpoints)
+
     def verify(self, selector: str | int | None = "latest", *, all: bool = False) -> builtins.list[VerifyResult]:
         """Download and check every file (and the manifest) of one checkpoint, or of all with ``all=True``."""
-        index = self.index()
-        targets = list(index.checkpoints) if all else [index.resolve(selector if selector is not None else "latest")]
+        targets = self.list() if all else [self.get(selector if selector is not None else "latest")]
         results = []
         for entry in targets:
             try:
@@ -365,17 +383,21 @@ class CheckpointStore:
 
     def gc(self, *, dry_run: bool = False, min_age: float = 3600.0) -> GcReport:
         """Delete objects no committed checkpoint owns (left by crashed commits), older than ``min_age`` seconds."""
-        index, _ = self.keeper.read()  # no index yet: a run whose first commit crashed still has leftovers
+        head, _ = self.keeper.read()  # no index yet: a run whose first commit crashed still has leftovers
+        index = self.keeper.read_all(head)  # a missing or altered segment stops gc: it can't know what is listed
         objects = retry.run(self.backend.list_objects, url=self.url, what="list objects", budget=self.budget)
         if not objects and not index.checkpoints:
             self.index()  # nothing at all at the URL: say there is no run
-        plan = plan_gc(objects, index, now=time.time(), min_age=min_age)
+        plan = plan_gc(objects, index, now=time.time(), min_age=min_age,
+                       segments={layout.segment_key(r.sha256) for r in head.segments})
         busy = self._busy.ids()
         doomed = [rel for rel in plan.delete if rel.split("/", 1)[0] not in busy]
         if doomed and not dry_run:
             # the index may have changed since: never delete what a newer index lists
-            fresh, _ = self.keeper.read()
+            fresh_head, _ = self.keeper.read()
+            fresh = self.keeper.read_all(fresh_head)
             listed = {key for c in fresh.checkpoints for key in layout.checkpoint_keys(c.id, (f.path for f in c.files))}
+            listed |= {layout.segment_key(r.sha256) for r in fresh_head.segments}
             doomed = [rel for rel in doomed if rel not in listed]
             failpoints.hit("gc.before_delete")
             retry.run(lambda: self.backend.delete(doomed), url=self.url, what="gc delete", budget=self.budget)
