@@ -34,7 +34,7 @@ class Sizes:
     memory: int = 2 * GiB
     checksum: int = 1 * GiB
     reps: int = 3
-    index_counts: tuple[int, ...] = (10, 1_000, 10_000)
+    index_counts: tuple[int, ...] = (20, 1_000, 5_000, 10_000)
     models_mb: tuple[int, ...] = (10, 100, 1000)
     stall_saves: int = 10
     overhead_epochs: int = 5  # per fit; the first (graph tracing) is not measured
@@ -48,7 +48,7 @@ class Sizes:
     @classmethod
     def quick(cls) -> Sizes:
         return cls(transfer=32 * MiB, gcs_transfer=32 * MiB, memory=64 * MiB, checksum=64 * MiB, reps=2,
-                   index_counts=(10, 100), models_mb=(2, 8), stall_saves=2, overhead_epochs=2, overhead_repeat=1,
+                   index_counts=(20, 5_000), models_mb=(2, 8), stall_saves=2, overhead_epochs=2, overhead_repeat=1,
                    overhead_reps=1, gcs_reps=2, sigterm_mb=4, framework_mb=(10,), framework_saves=3)
 
 

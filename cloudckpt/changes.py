@@ -22,7 +22,7 @@ from datetime import datetime
 
 from .manifest import CheckpointEntry, Index, RunPolicy, WriterLease
 from .retention import Retention
-from .segments import Loader, NewSegment, doomed, locate, no_segments, retarget, without
+from .segments import Doomed, Loader, NewSegment, doomed, locate, no_segments, retarget, without
 
 log = logging.getLogger(__name__)
 
@@ -81,7 +81,7 @@ def _always(index: Index, busy: AbstractSet[str]) -> set[str]:
     return {cid for cid in (index.latest, index.best, *busy) if cid is not None}
 
 
-def _take_out(index: Index, gone, load: Loader) -> Change:  # noqa: ANN001 (a segments.Doomed)
+def _take_out(index: Index, gone: Doomed, load: Loader) -> Change:
     if not gone:
         return Change(index)
     new, made, pruned = without(index, gone, load)

@@ -2,10 +2,10 @@
 checkpoints whose deletion was cut short) and temporary files. Pure: it sees the object list, the index and "now".
 
 Only cloudckpt's own names are ever touched (checkpoint directories named ``ckpt-…``, ``.cloudckpt-tmp-`` files,
-conditional-write probes left under ``_cloudckpt_probe/``, index segments ``_cloudckpt_index/<sha256>.json`` that the
-index doesn't reference: left by a lost compare-and-swap or replaced since), so a run URL that shares a prefix with other data never
-loses that data. A checkpoint directory with any object younger than ``min_age`` seconds is left alone: it may be an
-upload in flight.
+conditional-write probes left under ``_cloudckpt_probe/``, index segments ``_cloudckpt_index/<sha256>.json`` that
+the index doesn't reference: left by a lost compare-and-swap or replaced since), so a run URL that shares a prefix
+with other data never loses that data. A checkpoint directory with any object younger than ``min_age`` seconds is
+left alone: it may be an upload in flight.
 """
 
 from __future__ import annotations

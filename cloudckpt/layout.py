@@ -4,8 +4,9 @@ A run at ``<url>`` holds ``index.json`` (the only thing readers trust) and one d
 ``<id>/<path>`` for each file plus ``<id>/_cloudckpt_manifest.json``. Around them cloudckpt writes a few names of its
 own: temporary files (``.cloudckpt-tmp-…``, renamed into place or removed by gc), conditional-write probes under
 ``_cloudckpt_probe/``, the index's sealed segments under ``_cloudckpt_index/<sha256>.json`` (immutable, named by
-their content's digest, referenced from ``index.json``), the local store's lock ``.index.lock`` beside the index, and ``.cloudckpt.json`` at the top
-of a pulled directory. No checkpoint id and no file of a checkpoint may take one of these names.
+their content's digest, referenced from ``index.json``), the local store's lock ``.index.lock`` beside the index,
+and ``.cloudckpt.json`` at the top of a pulled directory. No checkpoint id and no file of a checkpoint may take one
+of these names.
 
 Example:
     >>> cid = new_checkpoint_id(3, None)

@@ -38,7 +38,6 @@ from .layout import segment_key
 from .manifest import TOP_SCORES, CheckpointEntry, Index, Scored, SegmentRef, _Frozen, _parse
 from .retention import KeepEvery, KeepLast, Objective, Record, Retention
 
-SEGMENT_VERSION = 1
 HEAD_ENV, SEGMENT_ENV = "CLOUDCKPT_INDEX_HEAD_MAX", "CLOUDCKPT_INDEX_SEGMENT_MAX"
 
 Loader = Callable[[SegmentRef], tuple[CheckpointEntry, ...]]
@@ -53,7 +52,7 @@ class Segment(_Frozen):
     """A sealed segment's document: checkpoints in commit order."""
 
     schema_: Literal["cloudckpt/index-segment"] = Field(default="cloudckpt/index-segment", alias="schema")
-    schema_version: Literal[1] = SEGMENT_VERSION
+    schema_version: Literal[1] = 1
     checkpoints: Annotated[tuple[CheckpointEntry, ...], Field(min_length=1)]
 
     model_config = ConfigDict(frozen=True, extra="forbid", strict=True, populate_by_name=True)
@@ -202,7 +201,8 @@ def doomed(index: Index, retention: Retention, always: AbstractSet[str], load: L
         if not summarized or any(len(r.top) < r.scored and k > len(r.top) for r in refs):
             return _exact(index, retention, always, load)
         scored = [(s.value, starts[i] + s.at) for i, r in enumerate(refs) for s in r.top]
-        scored += [(v, total - len(head) + j) for j, c in enumerate(head) if (v := objective.value(c.metrics)) is not None]
+        scored += [(v, total - len(head) + j) for j, c in enumerate(head)
+                   if (v := objective.value(c.metrics)) is not None]
         sign = 1 if objective.mode == "min" else -1
         best = {pos for _, pos in sorted(scored, key=lambda t: (sign * t[0], t[1]))[:k]}
     after = [c.epoch for c in head if c.epoch is not None]  # epochs after segment i, kept as a running minimum
@@ -223,9 +223,9 @@ def doomed(index: Index, retention: Retention, always: AbstractSet[str], load: L
         return _exact(index, retention, always, load)  # which is the last of its epoch needs the later segments
     sealed = {}
     for i in uncovered:  # only keep_last, keep_best, pinned and always decide here: all known by position
-        gone = frozenset(c.id for j, c in enumerate(load(refs[i])) if not (
-            c.pinned or c.id in always or (retention.keep_last is not None and starts[i] + j >= total - retention.keep_last)
-            or starts[i] + j in best))
+        last = total - retention.keep_last if retention.keep_last is not None else total  # positions kept by keep_last
+        gone = frozenset(c.id for j, c in enumerate(load(refs[i]))
+                         if not (c.pinned or c.id in always or starts[i] + j >= last or starts[i] + j in best))
         if gone:
             sealed[i] = gone
     kept: set[str] = {c.id for c in head if c.pinned} | set(always)
@@ -260,7 +260,8 @@ def locate(index: Index, ids: AbstractSet[str], load: Loader) -> Doomed:
     return Doomed(head, sealed)
 
 
-def without(index: Index, gone: Doomed, load: Loader) -> tuple[Index, tuple[NewSegment, ...], tuple[CheckpointEntry, ...]]:
+def without(index: Index, gone: Doomed,
+            load: Loader) -> tuple[Index, tuple[NewSegment, ...], tuple[CheckpointEntry, ...]]:
     """``index`` without the checkpoints ``gone`` names (each segment that loses one written again, or dropped when
     it loses all): the index, the segments to write first and the entries taken out (oldest first)."""
     refs: list[SegmentRef | None] = list(index.segments)

@@ -131,7 +131,8 @@ T0 = datetime(2026, 1, 1, tzinfo=timezone.utc)
 keeps = st.tuples(st.none() | st.integers(0, 3), st.none() | st.integers(0, 12), st.none() | st.integers(1, 3))
 push = st.tuples(st.just("push"), st.integers(0, 9), st.one_of(st.none(), st.floats(0, 3), st.sampled_from([1.0])),
                  st.integers(0, 9).map(lambda i: i == 0), st.sampled_from([None, None, None, "a", "b"]),
-                 st.sampled_from([None, None, "min", "max"]), st.just((None, None, None)) | st.just((None, None, None)) | keeps)
+                 st.sampled_from([None, None, "min", "max"]),
+                 st.just((None, None, None)) | st.just((None, None, None)) | keeps)
 ops = st.lists(st.one_of(
     push, push, push, push, push,
     st.tuples(st.just("prune"), st.none() | st.integers(0, 3), st.none() | st.integers(0, 20),
@@ -203,3 +204,19 @@ def test_segments_prune_exactly_what_one_list_would(ops, head_max, segment_max):
         if model:
             assert index.resolve("best" if index.best else "latest").id in (index.best, index.latest)
             assert len(index.checkpoints) <= max(head_max, 1)
+
+
+def test_the_bench_writes_runs_as_commits_leave_them(monkeypatch):
+    """bench/index_scale.py writes big runs directly: the same head and segments as commit after commit."""
+    monkeypatch.syspath_prepend(str(Path(__file__).resolve().parent.parent))
+    from bench.index_scale import _entries, build_run
+
+    sealing, blobs, index = Sealing(6, 7), {}, Index()
+    for e in _entries(61):
+        change = commit_checkpoint(index, e, Retention(monitor="val_loss"), prune=True, busy=frozenset(),
+                                   load=lambda r: blobs[r.sha256])
+        index, made = seal(change.index, sealing, lambda r: blobs[r.sha256])
+        blobs.update({m.ref.sha256: m.entries for m in made})
+    built, made = build_run(61, sealing)
+    assert len(built.segments) > 1 and {m.ref.sha256 for m in made} == {r.sha256 for r in index.segments}
+    assert dump(built) == dump(index.model_copy(update={"applied": (), "seq": built.seq}))
