@@ -13,16 +13,24 @@ from pathlib import Path
 
 from cloudckpt import CheckpointStore, GcReport
 from cloudckpt.errors import CheckpointNotFoundError
+from cloudckpt.layout import segment_key
 from cloudckpt.manifest import INDEX_NAME, MANIFEST_NAME, Index
 
 
 def listed_objects(index: Index) -> set[str]:
-    """Every object a committed run consists of: each listed checkpoint's files and manifest, and the index."""
-    rels = {INDEX_NAME}
+    """Every object a committed run consists of: each listed checkpoint's files and manifest, the index and the
+    sealed segments it references (an index from ``store.index()`` lists every checkpoint and no segment: add
+    :func:`segment_objects`)."""
+    rels = {INDEX_NAME} | {segment_key(r.sha256) for r in index.segments}
     for c in index.checkpoints:
         rels |= {f"{c.id}/{f.path}" for f in c.files}
         rels.add(f"{c.id}/{MANIFEST_NAME}")
     return rels
+
+
+def segment_objects(store: CheckpointStore) -> set[str]:
+    """The sealed index segments the run's index references now."""
+    return {segment_key(r.sha256) for r in store.keeper.read_existing().segments}
 
 
 @dataclass
@@ -63,7 +71,7 @@ def check_run(url: str, **storage_options) -> RunState:
         after = store.index()
         assert after == index, "gc changed the index"
         stored = {o.rel for o in store.backend.list_objects()}
-        expected = listed_objects(index)
+        expected = listed_objects(index) | segment_objects(store)
         assert stored == expected, (
             f"after gc the store holds {sorted(stored - expected)} unlisted and misses {sorted(expected - stored)}"
         )
