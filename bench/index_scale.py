@@ -20,6 +20,7 @@ from datetime import datetime, timedelta, timezone
 from .common import Ctx, Section, log, make_file
 
 LO, HI, LIMIT = 20, 5_000, 3.0  # the target's sizes and bound
+RESOLVE_REPS = 15  # cold resolutions per size (a millisecond each on a local store: this machine's noise is larger)
 
 
 def _entries(n: int):
@@ -75,26 +76,41 @@ def _timed(fn) -> float:
     return time.perf_counter() - t0
 
 
-def _measure(sec: Section, url: str, n: int, reps: int, tiny) -> None:
+def _measure(sec: Section, urls: dict[int, str], reps: int, tiny) -> None:
+    """Every size's runs side by side: each round times every size (A, B, C, then C, B, A, ...), so drifting load
+    hits all sizes alike."""
     from cloudckpt import CheckpointStore
 
-    def cold(selector: str) -> None:
+    def cold(url: str, selector: str) -> None:
         with CheckpointStore(url) as reader:  # a fresh store, as a new `cloudckpt pull best` process has
             reader.get(selector)
 
-    def ls() -> None:
+    def ls(url: str, n: int) -> None:
         with CheckpointStore(url) as reader:
             assert len(reader.list()) >= n
 
-    sec.variant(f"head bytes @ {n}").extra["bytes"] = _write_run(url, n)
-    for _ in range(max(5, reps)):  # interleaved, so drifting load hits all three alike
-        for name, fn in (("best", lambda: cold("best")), ("latest", lambda: cold("latest")), ("ls", ls)):
-            sec.variant(f"{name} @ {n}").samples.append(_timed(fn))
-    with CheckpointStore(url) as store:
-        store.push(tiny, epoch=n, metrics={"val_loss": 5.0})  # warm-up: the conditional-write probe, connections
-        for r in range(max(5, reps)):
-            sec.variant(f"commit @ {n}").samples.append(
-                _timed(lambda: store.push(tiny, epoch=n + 1 + r, metrics={"val_loss": 5.0})))  # noqa: B023
+    for n, url in urls.items():
+        sec.variant(f"head bytes @ {n}").extra["bytes"] = _write_run(url, n)
+    sizes = list(urls)
+    for r in range(RESOLVE_REPS):
+        for n in sizes if r % 2 == 0 else sizes[::-1]:
+            url = urls[n]
+            sec.variant(f"best @ {n}").samples.append(_timed(lambda: cold(url, "best")))  # noqa: B023
+            sec.variant(f"latest @ {n}").samples.append(_timed(lambda: cold(url, "latest")))  # noqa: B023
+            if r < max(3, reps):  # ls reads every segment: O(N), a few samples are enough
+                sec.variant(f"ls @ {n}").samples.append(_timed(lambda: ls(url, n)))  # noqa: B023
+    writers = {n: CheckpointStore(url) for n, url in urls.items()}  # long-lived, as a training writer's
+    try:
+        for n, store in writers.items():
+            store.push(tiny, epoch=n, metrics={"val_loss": 5.0})  # warm-up: the conditional-write probe, connections
+        for r in range(max(7, reps)):
+            for n in sizes if r % 2 == 0 else sizes[::-1]:
+                push = writers[n].push
+                sec.variant(f"commit @ {n}").samples.append(
+                    _timed(lambda: push(tiny, epoch=n + 1 + r, metrics={"val_loss": 5.0})))  # noqa: B023
+    finally:
+        for store in writers.values():
+            store.close()
 
 
 def _target(sec: Section, what: str, kind: str) -> None:
@@ -119,12 +135,10 @@ def run(ctx: Ctx) -> list[Section]:
         t_start = time.monotonic()
         sec = Section(f"index_{kind}", f"7. Index scale on {kind}: cold best/latest, ls and one commit vs "
                       "checkpoints in the run", "s", target=f"best, latest and a commit @ {HI:,} <= {LIMIT:g}x @ {LO}")
+        urls = {n: str(ctx.scratch / "index" / f"{kind}-{n}") if kind == "local"
+                else f"{'s3' if kind == 's3' else 'gs'}://{ctx.bucket(kind)}/run" for n in counts}
+        _measure(sec, urls, ctx.sizes.reps, tiny)
         for n in counts:
-            if kind == "local":
-                url = str(ctx.scratch / "index" / f"run-{n}")
-            else:
-                url = f"{'s3' if kind == 's3' else 'gs'}://{ctx.bucket(kind)}/run"
-            _measure(sec, url, n, ctx.sizes.reps, tiny)
             log.info("  %s n=%d: best %.4fs, latest %.4fs, ls %.3fs, commit %.3fs", kind, n,
                      sec.variant(f"best @ {n}").median, sec.variant(f"latest @ {n}").median,
                      sec.variant(f"ls @ {n}").median, sec.variant(f"commit @ {n}").median)

@@ -178,20 +178,14 @@ class Applied(_Frozen):
     seq: Annotated[int, Field(ge=0)]
 
 
-class Scored(_Frozen):
-    """A monitored value in a sealed segment and the position (0-based) of its checkpoint there."""
-
-    value: float
-    at: Annotated[int, Field(ge=0)]
-
-
 class SegmentRef(_Frozen):
     """What the index knows of one sealed segment without reading it (see :mod:`cloudckpt.segments`).
 
     ``sha256`` names the segment's object (``layout.segment_key``) and checks its bytes; the rest summarizes its
     checkpoints (in commit order) for resolution and retention: their count, first and last ids, how many are
     pinned, their epochs, and for the run's objective (``monitor``, ``mode``) how many have a value, the best
-    :data:`TOP_SCORES` values (best first) and the best checkpoint's entry.
+    :data:`TOP_SCORES` values (best first, each with its checkpoint's position in the segment) and the best
+    checkpoint's entry.
     """
 
     sha256: Annotated[str, Field(pattern=r"^[0-9a-f]{64}$")]
@@ -206,7 +200,7 @@ class SegmentRef(_Frozen):
     monitor: str | None = None
     mode: Literal["min", "max"] = "min"
     scored: Annotated[int, Field(ge=0)] = 0
-    top: Annotated[tuple[Scored, ...], Field(max_length=TOP_SCORES)] = ()
+    top: Annotated[tuple[tuple[float, Annotated[int, Field(ge=0)]], ...], Field(max_length=TOP_SCORES)] = ()
     best: CheckpointEntry | None = None
 
 

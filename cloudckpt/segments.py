@@ -35,7 +35,7 @@ from pydantic import ConfigDict, Field, model_validator
 
 from .errors import ConfigurationError, IntegrityError
 from .layout import segment_key
-from .manifest import TOP_SCORES, CheckpointEntry, Index, Scored, SegmentRef, _Frozen, _parse
+from .manifest import TOP_SCORES, CheckpointEntry, Index, SegmentRef, _Frozen, _parse
 from .retention import KeepEvery, KeepLast, Objective, Record, Retention
 
 HEAD_ENV, SEGMENT_ENV = "CLOUDCKPT_INDEX_HEAD_MAX", "CLOUDCKPT_INDEX_SEGMENT_MAX"
@@ -104,7 +104,7 @@ def summarize(entries: Sequence[CheckpointEntry], objective: Objective, sha256: 
     epochs = [c.epoch for c in entries if c.epoch is not None]
     increasing = len(epochs) == len(entries) and all(a < b for a, b in zip(epochs, epochs[1:]))
     ranked = objective.ranked(range(len(entries)), lambda i: entries[i].metrics)
-    top = tuple(Scored(value=objective.value(entries[i].metrics), at=i) for i in ranked[:TOP_SCORES])  # type: ignore[arg-type]
+    top = tuple((float(objective.value(entries[i].metrics)), i) for i in ranked[:TOP_SCORES])  # type: ignore[arg-type]
     return SegmentRef(
         sha256=sha256, count=len(entries), first=entries[0].id, last=entries[-1].id,
         pinned=sum(c.pinned for c in entries), epoch_min=min(epochs, default=None), epoch_max=max(epochs, default=None),
@@ -200,7 +200,7 @@ def doomed(index: Index, retention: Retention, always: AbstractSet[str], load: L
         k = retention.keep_best
         if not summarized or any(len(r.top) < r.scored and k > len(r.top) for r in refs):
             return _exact(index, retention, always, load)
-        scored = [(s.value, starts[i] + s.at) for i, r in enumerate(refs) for s in r.top]
+        scored = [(value, starts[i] + at) for i, r in enumerate(refs) for value, at in r.top]
         scored += [(v, total - len(head) + j) for j, c in enumerate(head)
                    if (v := objective.value(c.metrics)) is not None]
         sign = 1 if objective.mode == "min" else -1
