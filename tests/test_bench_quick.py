@@ -91,7 +91,7 @@ def test_every_store_comparison_is_present_side_by_side(quick_run):
     for kind in ("local", "s3", "gcs"):
         names = {v["name"] for v in sections[f"index_{kind}"]["variants"]}
         counts = _doc(quick_run)["sizes"]["index_counts"]
-        assert names == {f"{what} @ {n}" for what in ("ls", "commit") for n in counts}
+        assert names == {f"{what} @ {n}" for what in ("best", "latest", "ls", "commit") for n in counts}
     threads = sections["checksum"]["params"]["threads_that_ran_checksums"]
     assert threads and all(t.startswith("cloudckpt-io") for t in threads)
 
