@@ -170,3 +170,24 @@ def test_targets_at_a_glance_lists_every_verdict_computed_from_the_measurements(
         ran = {v["name"] for v in sections[sid]["variants"]}
         skipped = sections[sid]["params"].get("skipped_clients", {})
         assert all(why.startswith("not installed") for why in skipped.values()) and not ran & set(skipped)
+
+
+def test_a_client_that_is_not_installed_is_skipped_with_the_reason(monkeypatch, tmp_path):
+    """Without s5cmd's binary or the obstore module the comparison runs without them and says why (no crash)."""
+    from bench import s3_clients
+
+    monkeypatch.setattr(s3_clients, "s5cmd_exe", lambda: None)
+    monkeypatch.setitem(sys.modules, "obstore", None)  # import obstore raises ImportError
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "testing")
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "testing")
+    monkeypatch.setenv("AWS_DEFAULT_REGION", "us-east-1")
+    src = tmp_path / "f.bin"
+    src.write_bytes(b"x")
+    push, push_skipped = s3_clients.push_clients("http://127.0.0.1:9", "bucket", src)
+    pull, pull_skipped = s3_clients.pull_clients("http://127.0.0.1:9", "bucket", "k", tmp_path, size=1,
+                                                 crc32c="00000000", extra=lambda n: {})
+    assert set(push) == {"boto3 upload_file", "s3fs put_file"} and set(pull) == {
+        "boto3 download_file (1 stream) + crc32c", "s3fs get_file + crc32c"}
+    assert set(push_skipped) == {"s5cmd cp", "obstore put"}
+    assert set(pull_skipped) == {"s5cmd cp (1 stream) + crc32c", "obstore get + crc32c"}
+    assert all(why.startswith("not installed: ") for why in (*push_skipped.values(), *pull_skipped.values()))
