@@ -112,7 +112,7 @@ def main(argv: list[str] | None = None) -> int:
     }
     table = report.table(sections)
     report.write_json(args.out / "results.json", doc, sections)
-    (args.out / "results.md").write_text(table + "\n")
+    (args.out / "results.md").write_text(report.markdown(sections))
     m = doc["machine"]
     title = (f"cloudckpt benchmarks ({doc['mode']}, {doc['started']}): {m['cpu']}, {m['cores_logical']} cores, "
              f"{m['ram_gib']} GiB RAM, Python {m['python']}; load {load_start[0]:.2f} -> {load_end[0]:.2f}")
@@ -120,6 +120,8 @@ def main(argv: list[str] | None = None) -> int:
     print(table)
     print()
     print(report.summary(sections))
+    print()
+    print(report.targets_table(sections))
     print(f"\n{title}\nwrote {args.out / 'results.json'}, results.md, results.png in {doc['seconds']:.0f} s")
     return 0
 
