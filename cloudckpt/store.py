@@ -196,8 +196,11 @@ class CheckpointStore:
              metrics: Mapping[str, float] | None = None, meta: Mapping[str, str] | None = None,
              policy: Retention | None = None, monitor: str | None = None, mode: str | None = None,
              keep_best: int | None = None, keep_last: int | None = None, keep_every: int | None = None,
-             sha256: bool = False, prune: bool = True) -> CheckpointEntry:
+             sha256: bool = False, prune: bool = True, inline_small: bool = False) -> CheckpointEntry:
         """Commit the file or directory at ``source`` as a checkpoint; return its index entry.
+
+        With ``inline_small`` the small files (:mod:`cloudckpt.inline`: each up to 256 KiB, 1 MiB in all) ride inside
+        the checkpoint's manifest object instead of taking a PUT each; a pull materializes them like any file.
 
         The settings given in ``policy`` (or as ``monitor``/``mode``/``keep_*``, not both) become the run's policy;
         with ``prune`` retention is applied in the same index update (the new checkpoint, the latest, the best and
@@ -211,7 +214,7 @@ class CheckpointStore:
         cid = layout.new_checkpoint_id(epoch, step)
         with self._busy.holding(cid):
             t0 = time.monotonic()
-            big, small = split_inline(files)  # small files ride inside the manifest object (cloudckpt.inline)
+            big, small = split_inline(files) if inline_small else (files, [])
             inline = read_inline(small, sha256=sha256, budget=self.budget)
             by_path = {e.path: e for e in self._upload(cid, big, sha256=sha256)} | {e.path: e for e, _ in inline}
             stored = [by_path[f.rel] for f in files]
