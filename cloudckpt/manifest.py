@@ -14,8 +14,16 @@ import re
 from datetime import datetime, timezone
 from typing import Annotated, Literal, TypeVar
 
-from pydantic import (BaseModel, ConfigDict, Field, SerializerFunctionWrapHandler, ValidationError, field_validator,
-                      model_serializer, model_validator)
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    SerializerFunctionWrapHandler,
+    ValidationError,
+    field_validator,
+    model_serializer,
+    model_validator,
+)
 
 from .errors import CheckpointNotFoundError, IntegrityError, UnsafePathError
 from .layout import INDEX_NAME as INDEX_NAME  # the layout's names, re-exported for existing callers
