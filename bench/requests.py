@@ -1,7 +1,7 @@
 """Measurement: requests per checkpoint per store, by method, counted at a real HTTP proxy in front of each server.
 
-Two shapes, each pushed by one long-lived store (as the Keras callback's uploader is) after a warm-up push (the
-conditional-write probe runs once per store object, not per checkpoint): a Keras-shaped checkpoint (a 1 MiB
+Two shapes, each pushed by one long-lived store that has claimed the run (as the Keras callback's uploader is) after
+a warm-up push (the conditional-write probe runs once per store object, not per checkpoint): a Keras-shaped checkpoint (a 1 MiB
 ``model.weights.h5`` and ``cloudckpt_state/state.json`` + ``variables.npz``, pushed with ``inline_small`` as the
 callback does) and a plain one-file push. S3 is moto, GCS fake-gcs-server, Azure Azurite (skipped without node).
 The local store makes no requests: its file writes (opened for writing) and renames are counted through Python's
@@ -110,6 +110,7 @@ def _count(kind: str, url: str, scratch: Path, proxy_seen: list | None) -> dict[
 
     out: dict[str, list[Counter]] = {"keras": [], "plain": []}
     with CheckpointStore(url) as store:
+        store.claim()  # a fenced writer, as the Keras callback is
         store.push(_keras_shaped(scratch / "warm"), epoch=0, inline_small=True)
         for i in range(PUSHES):
             for shape, make in (("keras", _keras_shaped), ("plain", _plain)):
