@@ -8,6 +8,9 @@ checkpoint (a 1 MiB ``model.weights.h5`` and ``cloudckpt_state/state.json`` + ``
 The local store makes no requests: its file writes (opened for writing) and renames are counted through Python's
 audit hooks (``open``, ``os.rename`` events) instead.
 
+fake-gcs-server answers object metadata with a media link to its own address (``-external-url``), so a media
+download (of the index, when another writer changed it) would bypass the proxy; with one writer none happens.
+
 The verdict per store: writes (PUT/POST; an Azure Put Block is a part of one object's write, as an S3 multipart part
 would be) <= the user's files (those outside ``cloudckpt_state/``) + 2 (manifest, index), and no HEAD.
 """

@@ -84,7 +84,9 @@ def test_a_push_writes_one_object_per_stored_file_plus_two_and_reads_none_back(c
     assert methods["HEAD"] == 0, seen
     reads = [t for m, t in seen if m == "GET" and entry.id in t]
     assert not reads, f"stored objects read back after their upload: {reads}"
-    assert methods["GET"] == 1, seen  # the index, read once (conditionally: this writer holds it)
+    # the index, read once (conditionally: this writer holds it). fake-gcs-server's media links name its own
+    # address, so a GCS media download would bypass the proxy: there the metadata reads are what is counted
+    assert methods["GET"] == 1, seen
 
 
 def test_inline_files_pull_and_verify_like_stored_ones_and_a_tampered_one_is_refused(local_url, tmp_path):
