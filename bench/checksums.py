@@ -85,7 +85,11 @@ def run(ctx: Ctx) -> list[Section]:
     sec.ratio = crc.extra["s_per_GB"]
     sec.ratio_desc = "crc32c seconds per GB"
     on_caller = threading.current_thread().name in threads
-    sec.met = not on_caller
+    sec.met = sec.add_target(
+        "checksum", "crc32c never on the caller's (training) thread",
+        f"ran on {', '.join(threads) or 'no thread seen'}; the caller {threading.current_thread().name!r} "
+        f"{'among them' if on_caller else 'never'}; crc32c {crc.extra['s_per_GB']} s/GB",
+        value=float(on_caller), limit=0.0)["met"]
     sec.params = {"bytes": size, "threads_that_ran_checksums": threads}
     sec.notes.append(
         f"Checksums ran on threads {threads} during a push and a verified pull called from thread "

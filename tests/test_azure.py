@@ -105,7 +105,8 @@ def test_large_file_is_staged_in_md5_checked_blocks_and_the_block_list_checked(a
         committed = blob.get_block_list("committed")[0]
         data = (src / "big.bin").read_bytes()
         chunks = [data[i:i + MiB] for i in range(0, len(data), MiB)]
-        assert [b.id for b in committed] == [f"{i:05d}-{hashlib.md5(c).hexdigest()}" for i, c in enumerate(chunks, start=1)]
+        expected = [f"{i:05d}-{hashlib.md5(c).hexdigest()}" for i, c in enumerate(chunks, start=1)]
+        assert [b.id for b in committed] == expected
         small = store.backend._blob(f"{entry.id}/small.bin").get_blob_properties()
         assert bytes(small.content_settings.content_md5) == hashlib.md5((src / "small.bin").read_bytes()).digest()
         assert _same(src, store.pull("latest", to=tmp_path / "out").path, ["big.bin", "small.bin"])

@@ -5,9 +5,11 @@
   refuses a body that doesn't match it and stores it as the blob's Content-MD5); a larger one is staged in blocks read
   in one pass over the file (at most ``max_concurrency`` blocks in memory per store), each Put Block carrying its
   ``Content-MD5`` (checked by the service), and committed with Put Block List. Each block id names its index and MD5.
-- The whole object is then checked against the bytes read (whose crc32c the manifest records): its size, and either
-  its Content-MD5 (one Put Blob) or its committed block list — ids (so each block's MD5 the service verified) and
-  sizes, in order — must be what was sent.
+- The answers prove the stored object, with no request after them: a Put Blob answers with the Content-MD5 the
+  service computed of the blob it stored, which must be the MD5 of the bytes read (only an answer without it, or
+  with another, makes the blob's properties be read and compared); a Put Block List succeeds only if every id it
+  names is a block the service staged, and each id names that block's MD5, which the service verified at Put Block —
+  so the committed blob is exactly the blocks sent, in order.
 - Downloads stream in 4 MiB ranges pinned to the blob's ETag (the SDK sends ``If-Match``), hashed as written.
 - The index: created with ``If-None-Match: *``, replaced with ``If-Match: <etag>``; read with ``If-None-Match:
   <etag>`` to skip an unchanged one.
@@ -104,8 +106,9 @@ def _truthy(value: Any) -> bool:
 
 class AzureBackend(Backend):
     kind = "Azure"
-    verification = ("MD5 of every request body checked by the service; object size and Content-MD5 (one Put Blob) or "
-                    "committed block list (ids carrying each block's MD5, and sizes) compared with the bytes sent")
+    verification = ("MD5 of every request body checked by the service; the Put Blob answer's Content-MD5 (the "
+                    "service's) compared with the bytes sent, or the block list committed by ids carrying each "
+                    "block's verified MD5")
 
     #: storage options understood here (names follow adlfs where adlfs has one)
     OPTIONS = frozenset({"connection_string", "account_name", "account_key", "sas_token", "account_host", "anon",
@@ -223,25 +226,25 @@ class AzureBackend(Backend):
                progress: Progress | None = None) -> None:
         blob = self._blob(rel)
         if source.size <= self.block_size:
-            md5 = self._put(blob, source, deadline, progress)
-            self.remaining(deadline)
-            props = blob.get_blob_properties()
-            stored_md5 = props.content_settings.content_md5
-            if props.size != source.size or stored_md5 is None or bytes(stored_md5) != md5:
-                raise IntegrityError(f"{self.url}/{rel}: stored object is {props.size} bytes, Content-MD5 "
-                                     f"{bytes(stored_md5 or b'').hex()}; sent {source.size} bytes, MD5 {md5.hex()}")
+            md5, answered = self._put(blob, source, deadline, progress)
+            if answered is None or bytes(answered) != md5:  # the answer proves nothing: read the blob's properties
+                self.remaining(deadline)
+                props = blob.get_blob_properties()
+                stored_md5 = props.content_settings.content_md5
+                if props.size != source.size or stored_md5 is None or bytes(stored_md5) != md5:
+                    raise IntegrityError(f"{self.url}/{rel}: stored object is {props.size} bytes, Content-MD5 "
+                                         f"{bytes(stored_md5 or b'').hex()}; sent {source.size} bytes, MD5 {md5.hex()}")
         else:
             sent = self._put_blocks(blob, source, deadline, progress)
-            self.remaining(deadline)
-            committed = [(b.id, b.size) for b in blob.get_block_list("committed")[0]]
-            size = blob.get_blob_properties().size
-            if size != source.size or committed != sent:
-                raise IntegrityError(f"{self.url}/{rel}: stored object is {size} bytes in {len(committed)} blocks, "
-                                     f"sent {source.size} bytes in {len(sent)} blocks (or their ids differ)")
+            if sum(size for _, size in sent) != source.size:
+                raise IntegrityError(f"{self.url}/{rel}: committed {sum(size for _, size in sent)} bytes in blocks, "
+                                     f"read {source.size}")
         self.check_uploaded(rel, source.crc32c())
 
-    def _put(self, blob: Any, source: Source, deadline: float | None, progress: Progress | None) -> bytes:
-        """One Put Blob from one read of the file, its MD5 checked by the service; return that MD5."""
+    def _put(self, blob: Any, source: Source, deadline: float | None,
+             progress: Progress | None) -> tuple[bytes, Any]:
+        """One Put Blob from one read of the file, its MD5 checked by the service; return that MD5 and the Content-MD5
+        of the answer (the service's MD5 of the blob it stored; None when it sent none)."""
         from azure.storage.blob import ContentSettings
 
         acquire(self._slots, self.remaining(deadline))
@@ -249,11 +252,11 @@ class AzureBackend(Backend):
             data = source.read()
             md5 = hashlib.md5(data, usedforsecurity=False).digest()
             self.remaining(deadline)
-            blob.upload_blob(_body(data, progress), length=len(data), overwrite=True, max_concurrency=1,
-                             content_settings=ContentSettings(content_md5=bytearray(md5)))
+            answer = blob.upload_blob(_body(data, progress), length=len(data), overwrite=True, max_concurrency=1,
+                                      content_settings=ContentSettings(content_md5=bytearray(md5)))
         finally:
             self._slots.release()
-        return md5
+        return md5, (answer or {}).get("content_md5")
 
     def _put_blocks(self, blob: Any, source: Source, deadline: float | None,
                     progress: Progress | None) -> list[tuple[str, int]]:

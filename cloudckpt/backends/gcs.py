@@ -1,5 +1,7 @@
 """Google Cloud Storage through google-cloud-storage: resumable uploads in bounded chunks read from one pass over the
-file, the server's crc32c of the object compared with the crc32c of the bytes read; streamed downloads hashed here
+file, the server's crc32c of the object compared with the crc32c of the bytes read (the upload's answer carries the
+stored object's crc32c and size, computed by the server from what it stored: no request after it, unless an answer
+lacks the crc32c); streamed downloads hashed here
 as they are written; the index swapped with ``ifGenerationMatch``; a connect/read timeout on every request and the
 client's retries ended at the transfer's deadline.
 

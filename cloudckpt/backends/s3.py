@@ -93,8 +93,9 @@ def _botocore_session() -> Any:
 
 
 class S3Backend(S3Uploads, Backend):
-    verification = ("crc32c of every request body checked by the server; object size and full-object crc32c (composite "
-                    "of the parts' with botocore < 1.36) compared with the bytes sent")
+    verification = ("crc32c of every request body checked by the server; a PutObject answer whose ETag is the MD5 of "
+                    "the bytes sent, else (multipart, SSE-KMS) object size and full-object crc32c (composite of the "
+                    "parts' with botocore < 1.36) from a HEAD, compared with the bytes sent")
 
     kind = "S3"
     #: storage options understood here (names follow s3fs where s3fs has one)
@@ -224,7 +225,8 @@ class S3Backend(S3Uploads, Backend):
             raise
 
     def write_bytes(self, rel: str, data: bytes) -> None:
-        self.client.put_object(Bucket=self.bucket, Key=self._key(rel), Body=data)
+        # the body's crc32c (or Content-MD5) rides with it: a manifest can carry small files inline (cloudckpt.inline)
+        self.client.put_object(Bucket=self.bucket, Key=self._key(rel), Body=data, **self._body_checksum(data))
 
     def list_objects(self) -> list[ObjectInfo]:
         out = []

@@ -2,6 +2,12 @@
 sent in parallel, each request's body checked by the server against a crc32c computed from exactly the bytes sent,
 and the stored object checked as a whole (size, and its full-object crc32c: the crc32c the manifest records).
 
+A PutObject whose answer's ETag is the MD5 of the bytes sent needs no HEAD: the server computed that digest of what
+it stored (the request carried a crc32c, no MD5 to echo). Not every server checks the crc32c a request carries (moto
+stores and echoes a wrong one), so the crc32c echoed in an answer is never taken as proof; where the ETag is not the
+MD5 (SSE-KMS, SSE-C, ``request_checksum_calculation=when_required`` which sends Content-MD5) and for multipart
+objects, a HEAD compares the stored object's size and crc32c.
+
 Why not boto3's transfer manager: it reads the file again for each part and each retry, so a file that changes
 during the push can be stored torn while the checksum came from another read; here a part is read once into
 memory (at most ``max_concurrency`` parts per store) and a retry re-sends those same bytes.
@@ -64,9 +70,12 @@ class S3Uploads:
                progress: Progress | None = None) -> None:
         key = self._key(rel)
         if source.size <= self.part_size:
-            want = self._put(key, source, deadline, progress)
+            want, proven = self._put(key, source, deadline, progress)
         else:
-            want = self._put_multipart(key, source, deadline, progress)
+            want, proven = self._put_multipart(key, source, deadline, progress), False
+        if proven:  # the PutObject answer proves the stored bytes: no HEAD
+            self.check_uploaded(rel, source.crc32c())
+            return
         self.remaining(deadline)
         head = self.client.head_object(Bucket=self.bucket, Key=key, ChecksumMode="ENABLED")
         if head["ContentLength"] != source.size:
@@ -87,17 +96,22 @@ class S3Uploads:
         # given (_name_the_checksum adds the algorithm header instead)
         return {"ChecksumCRC32C": _b64(google_crc32c.value(data).to_bytes(4, "big"))}
 
-    def _put(self, key: str, source: Source, deadline: float | None, progress: Progress | None) -> str | None:
-        """One PutObject from one read of the file; return the object crc32c to expect (base64)."""
+    def _put(self, key: str, source: Source, deadline: float | None,
+             progress: Progress | None) -> tuple[str | None, bool]:
+        """One PutObject from one read of the file; return the object crc32c to expect (base64), and whether the
+        answer proves the stored object: its ETag is the MD5 of exactly the bytes sent, which the server computed
+        (S3's ETag of a single-part object stored plain or with SSE-S3; we sent no MD5 it could echo)."""
         acquire(self._slots, self.remaining(deadline))
         try:
             data = source.read()
             args = self._body_checksum(data)
             self.remaining(deadline)
-            self.client.put_object(Bucket=self.bucket, Key=key, Body=_body(data, progress), **args)
+            answer = self.client.put_object(Bucket=self.bucket, Key=key, Body=_body(data, progress), **args)
+            proven = self.send_checksums and answer.get("ETag", "").strip('"') == hashlib.md5(
+                data, usedforsecurity=False).hexdigest()
         finally:
             self._slots.release()
-        return args.get("ChecksumCRC32C")
+        return args.get("ChecksumCRC32C"), proven
 
     def _put_multipart(self, key: str, source: Source, deadline: float | None,
                        progress: Progress | None) -> str | None:

@@ -241,7 +241,7 @@ class SavePoint:
     def push_args(self) -> dict[str, Any]:
         """The keyword arguments of the push (the uploader's job)."""
         return dict(epoch=self.epoch, step=self.step, metrics=self.metrics, meta=self.meta.to_meta(),
-                    policy=self.policy.retention)
+                    policy=self.policy.retention, inline_small=True)  # the resume state rides in the manifest
 
 
 def _validated(model: type[Any], doc: Any, what: str) -> Any:
