@@ -110,6 +110,23 @@ def file_coverage(model: Any, path: str) -> Covered | None:
     return {"model": model_idx, "optimizer": list(range(len(groups["optimizer"])))}
 
 
+def snapshot_coverage(model: Any, sources: list) -> Covered | None:
+    """Which of the model's and optimizer's variables a Keras file written from a background capture holds, from
+    what Keras' saving walk assigned (``sources``, see :class:`~cloudckpt.keras.capture.RecordingStore`): the same
+    rule as :func:`file_coverage` — exactly the model's weights and the optimizer's variables, each once — decided by
+    identity instead of by reading the file; None otherwise."""
+    groups = _groups(model)
+    weight_ids = {id(w) for w in model.weights}
+    opt_ids = {id(v) for v in groups["optimizer"]}
+    ids = [id(s) for s in sources]
+    if len(ids) != len(set(ids)) or set(ids) != weight_ids | opt_ids or weight_ids & opt_ids:
+        return None
+    model_idx = [i for i, v in enumerate(groups["model"]) if id(v) in weight_ids]
+    if len(model_idx) != len(weight_ids):
+        return None
+    return {"model": model_idx, "optimizer": list(range(len(groups["optimizer"])))}
+
+
 class StatePlan:
     """What a save copies on the training thread: every model, optimizer and metric variable except those
     ``covered`` by the file Keras has just written (see :func:`file_coverage`), and the layout (path and shape of
@@ -145,6 +162,19 @@ class StatePlans:
         key = (None if not saved else saved.endswith(".keras"), len(getattr(model.optimizer, "variables", ())))
         if key not in self._plans:
             self._plans[key] = StatePlan(model, file_coverage(model, saved) if saved else None)
+        return self._plans[key]
+
+    def for_snapshot(self, model: Any, sources: list) -> StatePlan:
+        """The plan of a save point whose Keras file is written in the background from a capture that assigned
+        ``sources`` (see :func:`snapshot_coverage`)."""
+        covered = snapshot_coverage(model, sources)
+        shape = None if covered is None else tuple((g, tuple(ix)) for g, ix in covered.items())
+        key = ("snapshot", len(_groups(model)["optimizer"]), shape)
+        if key not in self._plans:
+            if covered is None:
+                log.info("the Keras file does not hold exactly the model's and optimizer's variables: the resume "
+                         "state copies all of them")
+            self._plans[key] = StatePlan(model, covered)
         return self._plans[key]
 
 
