@@ -321,6 +321,8 @@ class CloudCheckpoint(keras.callbacks.ModelCheckpoint):
                 super()._save_model(epoch, batch, logs)
             self._stage(epoch, batch, logs or {}, saved=self._saved_path, epoch_done=batch is None,
                         position=epoch + 1 if batch is None else epoch, kind=kind)
+        if kind is not None and self._saved_path and self.verbose > 0:  # Keras' words (the write is under way)
+            internals.print_msg(f"\nEpoch {epoch + 1}: finished saving model to {path}")
         self.stall_seconds.append(time.perf_counter() - t0)
 
     def _step(self) -> int:
@@ -339,7 +341,7 @@ class CloudCheckpoint(keras.callbacks.ModelCheckpoint):
             if kind is not None and saved:
                 snap = capture.capture(self.model, kind)
         if snap is not None:
-            plan = self._plans.for_snapshot(self.model, snap.weights.sources)
+            plan = self._plans.for_snapshot(self.model, snap.weights.shapes)
         else:
             plan = self._plans.for_save(self.model, saved if saved and "://" not in saved else None)
         arrays = plan.capture(metrics=not epoch_done, to_host=self._trainer.to_host)

@@ -18,7 +18,7 @@ crash mid-write never leaves a torn file under the user's name.
 Example:
     >>> import keras, numpy as np, tempfile, os
     >>> model = keras.Sequential([keras.Input((3,)), keras.layers.Dense(2)])
-    >>> snap = capture(model, "keras")
+    >>> snap = capture(model, "weights")
     >>> path = os.path.join(tempfile.mkdtemp(), "m.weights.h5")
     >>> snap.write(path)
     >>> model.load_weights(path)
@@ -77,7 +77,6 @@ class RecordingStore(internals.H5IOStore):
         self.archive = None
         self.io_file = None
         self.groups: list[Group] = []
-        self.sources: list[Any] = []  # what was assigned, as given (variables): which ones the file covers
         self._group: Group | None = None
 
     def __bool__(self) -> bool:
@@ -95,7 +94,6 @@ class RecordingStore(internals.H5IOStore):
 
     def __setitem__(self, key: str, value: Any) -> None:
         self._current().items.append((str(key), host_copy(value)))
-        self.sources.append(value)
 
     def __getitem__(self, key: str) -> np.ndarray:
         for k, v in self._current().items:
@@ -129,6 +127,11 @@ class RecordingStore(internals.H5IOStore):
     @property
     def nbytes(self) -> int:
         return sum(v.nbytes for g in self.groups for _, v in g.items)
+
+    @property
+    def shapes(self) -> list[tuple[int, ...]]:
+        """The shape of every value recorded (what the file will hold)."""
+        return [tuple(v.shape) for g in self.groups for _, v in g.items]
 
 
 @dataclass
@@ -200,7 +203,6 @@ class Snapshot:
     def discard(self) -> None:
         """Drop the copied values and the assets' temporary directory (a snapshot that will not be written)."""
         self.weights.groups = []
-        self.weights.sources = []
         if self.assets is not None and self.assets.tmp_dir:
             shutil.rmtree(self.assets.tmp_dir, ignore_errors=True)
         self.assets = None

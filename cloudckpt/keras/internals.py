@@ -103,3 +103,11 @@ def new_assets_store() -> Any:
 def zip_assets(archive: Any, assets_store: Any) -> None:
     """Add the assets ``assets_store`` holds to the ``.keras`` zip ``archive`` under ``assets/``, as Keras does."""
     _saving_lib._write_to_zip_recursively(archive, assets_store.working_dir, ASSETS_DIR)
+
+
+def print_msg(message: str) -> None:
+    """Print as ``ModelCheckpoint``'s ``verbose`` messages do (Keras' ``io_utils.print_msg``: stdout, or the absl
+    log when interactive logging is off)."""
+    from keras.src.utils import io_utils
+
+    io_utils.print_msg(message)

@@ -25,6 +25,7 @@ Example:
     >>> w.flush(10.0)
     True
     >>> w.close()
+    True
 """
 
 from __future__ import annotations
