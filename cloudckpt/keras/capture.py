@@ -38,6 +38,7 @@ from typing import Any, Literal
 import keras
 import numpy as np
 
+from .. import failpoints
 from . import internals
 
 log = logging.getLogger(__name__)
@@ -181,6 +182,7 @@ class Snapshot:
         store = internals.H5IOStore(out, mode="w")
         try:
             self.weights.replay(store)
+            failpoints.hit("keras.write.before_close")
         finally:
             store.close()
 
