@@ -57,6 +57,7 @@ def test_the_keras_file_is_written_off_the_training_thread_and_loads_the_same_va
     assert sorted(os.listdir(tmp_path)) == sorted([name, "store"]), "no temporary file left beside it"
     loaded = keras.models.load_model(tmp_path / name) if name.endswith(".keras") else small_model()
     if not name.endswith(".keras"):
+        loaded.optimizer.build(loaded.trainable_variables)  # so the file's optimizer variables load too
         loaded.load_weights(tmp_path / name)
     for a, b in zip(model.weights + model.optimizer.variables, loaded.weights + loaded.optimizer.variables):
         np.testing.assert_array_equal(a.numpy(), b.numpy(), err_msg=a.path)
@@ -71,7 +72,7 @@ def test_async_save_false_writes_on_the_training_thread(tmp_path, writes):
 
 
 class UnwritableState(keras.layers.Layer):
-    """Saves a value HDF5 can't store (object dtype): h5py refuses it when the file is written."""
+    """Saves a value HDF5 can't store (object dtype): Keras' store refuses it when the file is written."""
 
     def call(self, x):
         return x
@@ -85,7 +86,7 @@ def test_a_failing_background_write_makes_fit_raise(tmp_path):
                          remote=str(tmp_path / "store"), preemption=None)
     with pytest.raises(CheckpointWriteError) as info:
         small_model(UnwritableState()).fit(X, Y, epochs=2, batch_size=16, verbose=0, callbacks=[cb])
-    assert isinstance(info.value.__cause__, TypeError)  # h5py's own refusal, chained
+    assert "m.weights.h5" in str(info.value) and "object" in str(info.value)  # which file, and Keras' refusal
     assert not (tmp_path / "m.weights.h5").exists(), "no file at all rather than a torn one"
 
 
