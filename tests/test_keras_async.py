@@ -15,7 +15,9 @@ import pytest
 keras = pytest.importorskip("keras")
 
 from cloudckpt.errors import CheckpointWriteError  # noqa: E402
-from cloudckpt.keras import CloudCheckpoint, internals  # noqa: E402
+from keras.src.saving import saving_lib  # noqa: E402  (Keras' own HDF5 store, spied on)
+
+from cloudckpt.keras import CloudCheckpoint  # noqa: E402
 from cloudckpt.keras.writer import Writer, WriteTask  # noqa: E402
 from cloudckpt.store import CheckpointStore  # noqa: E402
 
@@ -36,14 +38,14 @@ def small_model(extra=None):
 def writes(monkeypatch):
     """The threads on which Keras' own HDF5 store was opened for writing (the file being written)."""
     threads: list[str] = []
-    real = internals.H5IOStore.__init__
+    real = saving_lib.H5IOStore.__init__
 
     def spy(self, path_or_io, archive=None, mode="r"):
         if mode == "w":
             threads.append(threading.current_thread().name)
         real(self, path_or_io, archive=archive, mode=mode)
 
-    monkeypatch.setattr(internals.H5IOStore, "__init__", spy)
+    monkeypatch.setattr(saving_lib.H5IOStore, "__init__", spy)
     return threads
 
 
