@@ -195,6 +195,7 @@ class CloudCheckpoint(keras.callbacks.ModelCheckpoint):
         self._local = lf.LocalFiles(self.filepath)  # files Keras wrote in this fit
         self._plans = rs.StatePlans()
         self._epoch_rng: dict | None = None  # the host random generators at the start of this epoch
+        self._pool = capture.BufferPool()  # async_save: the last snapshot's arrays, reused by the next capture
 
     def on_train_begin(self, logs: dict[str, Any] | None = None) -> None:
         self._close_interrupted_fit()
@@ -339,7 +340,7 @@ class CloudCheckpoint(keras.callbacks.ModelCheckpoint):
         if self.writer is not None:  # bounded memory: at most one save point pending besides the one being written
             self.writer.make_room(protected=self._improves(logs, saved))
             if kind is not None and saved:
-                snap = capture.capture(self.model, kind)
+                snap = capture.capture(self.model, kind, self._pool)
         if snap is not None:
             plan = self._plans.for_snapshot(self.model, snap.weights.shapes)
         else:

@@ -30,6 +30,7 @@ import logging
 import os
 import shutil
 import tempfile
+import threading
 import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -57,6 +58,49 @@ def host_copy(value: Any) -> np.ndarray:
     return arr
 
 
+def copy_into(out: np.ndarray, value: Any) -> bool:
+    """Copy ``value`` into the host array ``out`` (one memcpy into memory already mapped, from a read-only view of
+    the backend's buffer: TensorFlow and JAX on the CPU); False, nothing done, when no such view is to be had (a
+    torch parameter) or it differs in shape or dtype."""
+    try:
+        raw = value.value if isinstance(value, keras.Variable) else value
+        if hasattr(raw, "read_value"):  # a tf.Variable: its current value as a tensor (whose __array__ is a view)
+            raw = raw.read_value()
+        view = np.asarray(raw)
+    except Exception:  # e.g. torch: a tensor that requires grad has no NumPy view
+        return False
+    if view.shape != out.shape or view.dtype != out.dtype or view.dtype.kind in "OUSV":
+        return False
+    np.copyto(out, view)
+    return True
+
+
+class BufferPool:
+    """The host arrays of the last snapshot written (or dropped), kept for the next capture to copy into: a fresh
+    100 MB array costs its page faults at every save (tens to hundreds of ms on a loaded machine), a reused one a
+    memcpy. The pool holds at most one snapshot's arrays, and :meth:`take` empties it, so snapshots alive plus the
+    pool never exceed the two copies the writer allows (a snapshot's arrays come here only as it is released)."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._arrays: dict[tuple[str, str], np.ndarray] = {}
+
+    def take(self) -> dict[tuple[str, str], np.ndarray]:
+        with self._lock:
+            arrays, self._arrays = self._arrays, {}
+        return arrays
+
+    def give(self, groups: list[Group]) -> None:
+        arrays = {(g.path, k): v for g in groups for k, v in g.items}
+        with self._lock:
+            self._arrays = arrays
+
+    @property
+    def nbytes(self) -> int:
+        with self._lock:
+            return sum(v.nbytes for v in self._arrays.values())
+
+
 @dataclass
 class Group:
     """One group Keras' walk made: its path in the file, its metadata, and the values assigned there, in order."""
@@ -73,7 +117,8 @@ class RecordingStore(internals.H5IOStore):
     ``save_own_variables`` may make of what it assigned). Values are copied to host memory as they are assigned.
     """
 
-    def __init__(self) -> None:  # no file: Keras' __init__ would open one
+    def __init__(self, reuse: dict[tuple[str, str], np.ndarray] | None = None) -> None:  # no file, unlike Keras'
+        self._reuse = reuse or {}
         self.mode = "w"
         self.archive = None
         self.io_file = None
@@ -94,7 +139,11 @@ class RecordingStore(internals.H5IOStore):
         return self._group
 
     def __setitem__(self, key: str, value: Any) -> None:
-        self._current().items.append((str(key), host_copy(value)))
+        group = self._current()
+        out = self._reuse.pop((group.path, str(key)), None)
+        if out is None or not copy_into(out, value):
+            out = host_copy(value)
+        group.items.append((str(key), out))
 
     def __getitem__(self, key: str) -> np.ndarray:
         for k, v in self._current().items:
@@ -151,6 +200,7 @@ class Snapshot:
     config_json: str | None = None
     metadata_json: str | None = None
     assets: Any = None
+    pool: BufferPool | None = None
 
     @property
     def nbytes(self) -> int:
@@ -203,7 +253,9 @@ class Snapshot:
             os.unlink(h5)
 
     def discard(self) -> None:
-        """Drop the copied values and the assets' temporary directory (a snapshot that will not be written)."""
+        """Release the copied values (to the pool, if any) and the assets' temporary directory."""
+        if self.pool is not None and self.weights.groups:
+            self.pool.give(self.weights.groups)
         self.weights.groups = []
         if self.assets is not None and self.assets.tmp_dir:
             shutil.rmtree(self.assets.tmp_dir, ignore_errors=True)
@@ -222,15 +274,16 @@ def kind_of(path: str) -> Kind | None:
     return None
 
 
-def capture(model: Any, kind: Kind) -> Snapshot:
-    """Run Keras' saving walk over ``model`` on this (the training) thread, copying every value to host memory."""
-    weights = RecordingStore()
+def capture(model: Any, kind: Kind, pool: BufferPool | None = None) -> Snapshot:
+    """Run Keras' saving walk over ``model`` on this (the training) thread, copying every value to host memory (into
+    ``pool``'s arrays where they fit); the snapshot gives its arrays back to ``pool`` once written or dropped."""
+    weights = RecordingStore(pool.take() if pool is not None else None)
     if kind == "weights":
         if not model.built:  # what save_weights says
             raise ValueError("You are saving a model that has not yet been built. Try building the model first by "
                              "calling it on some data or by using `build()`.")
         internals.walk_state(model, weights, None)
-        return Snapshot(kind, weights)
+        return Snapshot(kind, weights, pool=pool)
     config_json, metadata_json = internals.model_json(model)
     assets = internals.new_assets_store()
     try:
@@ -238,7 +291,7 @@ def capture(model: Any, kind: Kind) -> Snapshot:
     except BaseException:
         shutil.rmtree(assets.tmp_dir, ignore_errors=True)
         raise
-    return Snapshot(kind, weights, config_json, metadata_json, assets)
+    return Snapshot(kind, weights, config_json, metadata_json, assets, pool)
 
 
 def tmp_dir_for(target: str, staging: Path | None) -> str | None:

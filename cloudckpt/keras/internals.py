@@ -83,11 +83,32 @@ def keras_saves(model: Any) -> bool:
     return cls.save is keras.Model.save and cls.save_weights is keras.Model.save_weights
 
 
+_SKIPSETS: dict[str, set] = {}
+
+
+def _cached_skipset(obj_type: str) -> set:
+    if obj_type not in _SKIPSETS:
+        _SKIPSETS[obj_type] = _KERAS_SKIPSET(obj_type)
+    return _SKIPSETS[obj_type]
+
+
+_KERAS_SKIPSET = _saving_lib.get_attr_skipset
+
+
 def walk_state(model: Any, weights_store: Any, assets_store: Any | None) -> None:
     """Keras' own state walk of ``model.save``/``save_weights``: every saveable's ``save_own_variables`` into
-    ``weights_store`` and (``.keras``) ``save_assets`` into ``assets_store``, at the paths Keras gives them."""
-    _saving_lib._save_state(model, weights_store=weights_store, assets_store=assets_store, inner_path="",
-                            visited_saveables=set())
+    ``weights_store`` and (``.keras``) ``save_assets`` into ``assets_store``, at the paths Keras gives them.
+
+    Keras 3.15's ``get_attr_skipset`` means to cache, per kind of saveable, the attributes the walk skips, but stores
+    it under another key than it reads (``saving_attr_skipset_*`` / ``saving_attr_skiplist_*``), so every save
+    builds a reference ``Layer``, ``Optimizer``... again (~0.2 s per save here, most of it the optimizer). During
+    this walk it is cached for real (the set depends only on the kind)."""
+    _saving_lib.get_attr_skipset = _cached_skipset
+    try:
+        _saving_lib._save_state(model, weights_store=weights_store, assets_store=assets_store, inner_path="",
+                                visited_saveables=set())
+    finally:
+        _saving_lib.get_attr_skipset = _KERAS_SKIPSET
 
 
 def model_json(model: Any) -> tuple[str, str]:
