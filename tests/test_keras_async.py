@@ -92,33 +92,49 @@ def test_a_failing_background_write_makes_fit_raise(tmp_path):
     assert not (tmp_path / "m.weights.h5").exists(), "no file at all rather than a torn one"
 
 
-def test_coalescing_keeps_the_pending_best_and_always_the_latest():
+def test_coalescing_keeps_every_file_the_pending_best_and_always_the_latest():
     gate, order = threading.Event(), []
     w = Writer()
-    try:
-        def task(label, protected=False, block=False):
-            def run():
-                if block:
-                    gate.wait(30)
-                order.append(label)
-            return WriteTask(run, label, protected=protected)
 
-        w.make_room(protected=False)
-        w.submit(task("busy", block=True))  # being written: holds the worker
-        while w.pending() != 1 or w._pending is not None:
+    def task(label, target, protected=False, block=False):
+        def run():
+            if block:
+                gate.wait(30)
+            order.append(label)
+        return WriteTask(run, label, protected=protected, target=target)
+
+    def blocked_submit(label, target, protected=False):
+        t = threading.Thread(target=lambda: (w.make_room(protected=protected, target=target),
+                                             w.submit(task(label, target, protected))))
+        t.start()
+        t.join(0.3)
+        return t
+
+    try:
+        w.submit(task("busy", "m.keras", block=True))  # being written: holds the worker
+        while w._pending is not None or w.pending() != 1:
             threading.Event().wait(0.01)
-        w.make_room(protected=False)
-        w.submit(task("plain"))
-        w.make_room(protected=True)  # a pending non-best gives way to a newer save point
-        w.submit(task("best", protected=True))
-        waited = threading.Thread(target=lambda: (w.make_room(protected=False), w.submit(task("latest"))))
-        waited.start()
-        waited.join(0.3)
+        w.submit(task("plain", "m.keras"))
+        w.make_room(protected=True, target="m.keras")  # the same file, newer: the pending one is dropped
+        w.submit(task("best", "m.keras", protected=True))
+        waited = blocked_submit("latest", "m.keras")
         assert waited.is_alive(), "a non-best save point waits rather than drop the pending best"
+        gate.clear()
+        order.append("release")
         gate.set()
         waited.join(30)
         assert w.flush(30)
-        assert order == ["busy", "best", "latest"] and w.dropped == ["plain"]
+        gate.clear()
+        w.submit(task("busy2", "e1.keras", block=True))
+        while w._pending is not None or w.pending() != 1:
+            threading.Event().wait(0.01)
+        w.submit(task("e2", "e2.keras"))
+        other = blocked_submit("e3", "e3.keras")
+        assert other.is_alive(), "another file waits: every file Keras would write is written"
+        gate.set()
+        other.join(30)
+        assert w.flush(30)
+        assert order == ["release", "busy", "best", "latest", "busy2", "e2", "e3"] and w.dropped == ["plain"]
     finally:
         gate.set()
         w.close(30)

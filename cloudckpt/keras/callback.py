@@ -43,8 +43,8 @@ class CloudCheckpoint(keras.callbacks.ModelCheckpoint):
     the full training state (model, optimizer and metric variables — those not already in the Keras file — epoch,
     batch, best value), and hands the checkpoint to a second background thread that commits it to ``remote``;
     training never waits on the disk or the network. At most two copies are in host memory; if writes fall behind, a
-    pending save point is superseded by the next one, except that a new best is never dropped for a save point that
-    is not (see :mod:`cloudckpt.keras.writer`). With ``async_save=False`` (and always for a legacy ``.h5``, a remote
+    pending save point is superseded by the next one that writes the same file, except that a new best is never
+    dropped for a save point that is not; otherwise the training thread waits (see :mod:`cloudckpt.keras.writer`). With ``async_save=False`` (and always for a legacy ``.h5``, a remote
     ``filepath``, a model overriding ``save``/``save_weights``, or a multi-process job) Keras' own save runs on the
     training thread and the file is then hard-linked into staging. If uploads fall behind, queued checkpoints that
     are not a new best are superseded. At the end of training the callback waits for the writes and commits the
@@ -338,7 +338,8 @@ class CloudCheckpoint(keras.callbacks.ModelCheckpoint):
         step = self._step()
         snap = None
         if self.writer is not None:  # bounded memory: at most one save point pending besides the one being written
-            self.writer.make_room(protected=self._improves(logs, saved))
+            self.writer.make_room(protected=self._improves(logs, saved),
+                                  target=os.path.abspath(saved) if saved and kind else None)
             if kind is not None and saved:
                 snap = capture.capture(self.model, kind, self._pool)
         if snap is not None:
@@ -394,7 +395,8 @@ class CloudCheckpoint(keras.callbacks.ModelCheckpoint):
                 uploader.submit(job_dir, push_args, protected=improved)
 
             self.writer.submit(WriteTask(write, f"epoch {epoch + 1} step {step}" + (f" ({saved})" if saved else ""),
-                                         protected=improved, discard=snap.discard if snap else None))
+                                         protected=improved, discard=snap.discard if snap else None,
+                                         target=os.path.abspath(saved) if snap and saved else None))
         self._last_staged_step = step
 
     def _improves(self, logs: dict, saved: str | None) -> bool:

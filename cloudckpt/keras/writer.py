@@ -8,10 +8,12 @@ Host memory is bounded: at most two tasks exist at once, the one being written a
 thread captures a new save point it calls :meth:`Writer.make_room`:
 
 - no task pending: nothing to do;
-- the pending task is a new best of the run and the new save point is not: the training thread waits until the
-  worker has taken the pending task (the write in progress has finished), so the best is never dropped;
-- otherwise the pending task is dropped (coalesced): its local file is not written and its checkpoint not
-  committed; the new save point, newer, replaces it. A best is only ever dropped for a newer, better best.
+- the pending task is dropped (coalesced) when the new save point writes the same local file (or the pending one
+  writes none), unless the pending one is a new best of the run and the new one is not: its file would be
+  overwritten by the newer one anyway; its checkpoint is not committed;
+- otherwise (the pending task writes another file, e.g. ``model-{epoch}.keras``, or is a best the new save point
+  does not beat) the training thread waits until the worker has taken the pending task (the write in progress has
+  finished), so every file Keras would have written is written and the best is never dropped.
 
 So the latest save point and the run's best are never lost, and the added host memory stays at about two model
 sizes (the snapshot being written and the pending one). A task that fails is logged and its error kept; the callback
@@ -44,11 +46,13 @@ log = logging.getLogger(__name__)
 @dataclass
 class WriteTask:
     """One save point to write: ``run()`` writes it (on the worker thread); ``discard()`` frees what it holds when
-    it is dropped instead. ``protected``: a new best of the run (never dropped for a save point that is not)."""
+    it is dropped instead. ``protected``: a new best of the run (never dropped for a save point that is not).
+    ``target``: the local file it writes (None: none)."""
 
     run: Callable[[], object]
     label: str
     protected: bool = False
+    target: str | None = None
     discard: Callable[[], object] | None = None
     done: threading.Event = field(default_factory=threading.Event)
     error: BaseException | None = None
@@ -70,16 +74,21 @@ class Writer:
 
     # --- training thread -------------------------------------------------------------------------------------------
 
-    def make_room(self, *, protected: bool) -> None:
-        """Before capturing a save point (``protected``: it is a new best): drop the pending task, or wait until the
-        worker takes it when it is a best and the new one is not."""
+    def make_room(self, *, protected: bool, target: str | None = None) -> None:
+        """Before capturing a save point (``protected``: it is a new best; ``target``: the local file it writes):
+        drop the pending task, or wait until the worker takes it (see the module's rule)."""
         dropped = None
+
+        def keep(task: WriteTask | None) -> bool:
+            return task is not None and ((task.protected and not protected)
+                                         or (task.target is not None and task.target != target))
+
         with self._cond:
-            if self._pending is not None and self._pending.protected and not protected:
+            if keep(self._pending):
                 t0 = time.monotonic()
-                while self._pending is not None and self._pending.protected:
+                while keep(self._pending):
                     self._cond.wait()
-                log.debug("waited %.3fs for the pending best checkpoint's write to start",
+                log.debug("waited %.3fs for the pending checkpoint's write to start",
                           time.monotonic() - t0)
             if self._pending is not None:
                 dropped, self._pending = self._pending, None
