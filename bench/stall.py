@@ -300,7 +300,7 @@ def add_target(sec: Section, tid: str, target: str, measured: str, value: float 
 
 
 def _spread(samples: list[float]) -> str:
-    q = statistics.quantiles(samples, n=4) if len(samples) > 1 else [samples[0]] * 3
+    q = statistics.quantiles(samples, n=4, method="inclusive") if len(samples) > 1 else [samples[0]] * 3
     return f"{statistics.median(samples) * 1000:.0f} ms (IQR {q[0] * 1000:.0f}-{q[2] * 1000:.0f}, n={len(samples)})"
 
 
