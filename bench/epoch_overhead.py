@@ -87,9 +87,18 @@ def section(ctx: Ctx) -> Section:
         v.extra["paired_pct"] = [round((a / b - 1) * 100, 2) for a, b in zip(fits[n], fits[names[0]])]
         v.extra["paired_median_pct"] = round(statistics.median(v.extra["paired_pct"]), 2)
         v.extra["cpu_overhead_pct"] = round((statistics.median(v.extra["cpu_s"]) / cpu_base - 1) * 100, 2)
-    sec.ratio = sec.variant("CloudCheckpoint (s3)").extra["overhead_pct"]
-    sec.ratio_desc = "CloudCheckpoint epoch-time overhead, %"
+    cloud = sec.variant("CloudCheckpoint (s3)")
+    sec.ratio = cloud.extra["paired_median_pct"]
+    sec.ratio_desc = "CloudCheckpoint epoch-time overhead, % (median of the per-repetition paired overheads)"
     sec.met = sec.ratio <= 2.0
+    sec.other_ratios["CloudCheckpoint overhead of the medians, %"] = cloud.extra["overhead_pct"]
+    from .stall import add_target
+
+    add_target(sec, "2", f"<= +2 % epoch time, paired per repetition ({sec.params.get('model_MB', mb)} MB model "
+               "checked every epoch)", f"paired overheads {cloud.extra['paired_pct']} %, median "
+               f"{cloud.extra['paired_median_pct']} % (Keras ModelCheckpoint: "
+               f"{sec.variant('Keras ModelCheckpoint (local)').extra['paired_median_pct']} %)",
+               cloud.extra["paired_median_pct"], 2.0)
     sec.params.update({"model_MB": round(weights_mb(build_model(mb)), 1), "batch": 32, "epochs_per_fit": epochs,
                        "tf_threads": threads, "fits_per_variant": ctx.sizes.overhead_reps,
                        "measured": "epochs 2..N of each fit (epoch 1 traces the graph), each fit a fresh process"})

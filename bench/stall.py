@@ -156,6 +156,9 @@ def settle(cb):
 
     class Settle(keras.callbacks.Callback):
         def on_epoch_begin(self, epoch, logs=None):
+            writer = getattr(cb, "writer", None)  # async_save: the background write of the last save point
+            if writer is not None:
+                writer.flush(600)
             uploader = getattr(cb, "uploader", None)
             if uploader is not None:
                 uploader.flush(600)
@@ -264,3 +267,101 @@ def _per_save_details(v, timers: list[HookTimer]) -> None:
             v.extra[key] = round(statistics.median(on_main) * 1000, 1)
     if calls:
         v.extra["state_write_threads"] = sorted({th for f, _, th in calls if f == "write_state"})
+
+
+# --- target 1: the training-thread stall of the background capture against Keras' own local save --------------------
+
+FORMATS = ((".weights.h5", False), (".weights.h5", True), (".keras", False), (".keras", True))
+SCORE = "bench_score"  # a monitored value that improves at every epoch: save_best_only then saves every epoch
+
+
+def improving_score():
+    """A callback (put before the checkpoint callbacks) that logs :data:`SCORE`, lower at every epoch."""
+    import keras
+
+    class Score(keras.callbacks.Callback):
+        def on_epoch_end(self, epoch, logs=None):
+            if logs is not None:
+                logs[SCORE] = 1.0 / (epoch + 1)
+
+    return Score()
+
+
+def add_target(sec: Section, tid: str, target: str, measured: str, value: float | None, limit: float) -> None:
+    """One verdict, computed here from ``value`` (``met`` iff ``value <= limit``), in the shape every group uses:
+    through ``Section.add_target`` where the harness has it, else in ``sec.params["targets"]``."""
+    if hasattr(sec, "add_target"):
+        sec.add_target(tid, target, measured, value=value, limit=limit)
+        return
+    met = value is not None and value == value and value <= limit
+    sec.params.setdefault("targets", []).append(
+        {"id": tid, "target": target, "measured": measured, "met": bool(met), "section": sec.id, "value": value,
+         "op": "<=", "limit": limit})
+
+
+def _spread(samples: list[float]) -> str:
+    q = statistics.quantiles(samples, n=4, method="inclusive") if len(samples) > 1 else [samples[0]] * 3
+    return f"{statistics.median(samples) * 1000:.0f} ms (IQR {q[0] * 1000:.0f}-{q[2] * 1000:.0f}, n={len(samples)})"
+
+
+def formats_section(ctx: Ctx, mb: int) -> Section:
+    """Target 1: per save, the training thread's time in the checkpoint callback's hooks, CloudCheckpoint (async
+    capture, the default) against Keras' ModelCheckpoint writing the same file locally, for ``.weights.h5`` and
+    ``.keras``, ``save_best_only`` False and True (a score that improves every epoch: every save point saves),
+    interleaved fit by fit. The first save of each fit (first-touch allocation of the copy) is left out of neither."""
+    import keras
+
+    model = build_model(mb)
+    real_mb = weights_mb(model)
+    batch, steps = (8, 2) if mb >= 500 else (32, 4)
+    x, y = digits()
+    x, y = x[: batch * steps], y[: batch * steps]
+    sec = Section(f"stall_async_{mb}MB", f"1. Training stall per checkpoint, background capture, {real_mb:.0f} MB",
+                  "s", target="<= 0.5x Keras ModelCheckpoint (local), every format and save_best_only")
+    saves = max(2, ctx.sizes.stall_saves if mb < 500 else min(3, ctx.sizes.stall_saves))
+    model.fit(x, y, batch_size=batch, epochs=1, verbose=0)  # trace the train function outside the timings
+    per_save: dict[str, list[float]] = defaultdict(list)
+
+    def label(who: str, suffix: str, best: bool) -> str:
+        return f"{who} {suffix} save_best_only={best}"
+
+    def fit(who: str, suffix: str, best: bool) -> float:
+        d = ctx.scratch / "async" / uuid.uuid4().hex[:8]
+        d.mkdir(parents=True)
+        path = str(d / f"model{suffix}")
+        kw = dict(save_weights_only=suffix == ".weights.h5", monitor=SCORE, mode="min", save_best_only=best)
+        cb = (keras.callbacks.ModelCheckpoint(path, **kw) if who == "keras"
+              else cloud_callback(path, str(d / "store"), **kw))
+        timer = HookTimer(cb)
+        model.fit(x, y, batch_size=batch, epochs=saves, verbose=0, shuffle=False,
+                  callbacks=[improving_score(), cb, settle(cb)])
+        samples = list(timer.per_epoch.values())
+        per_save[label(who, suffix, best)].extend(samples)
+        return statistics.median(samples)
+
+    runs = {}
+    for suffix, best in FORMATS:
+        for who in ("keras", "cloud"):
+            runs[label(who, suffix, best)] = lambda w=who, s=suffix, b=best: fit(w, s, b)
+    reps = 1 if mb >= 500 else max(1, ctx.sizes.reps - 1)
+    interleaved(reps, runs, section=sec)
+    for name, samples in per_save.items():
+        sec.variant(name).samples = [round(v, 4) for v in samples]
+        sec.variant(name).extra["stall"] = _spread(samples)
+    worst = 0.0
+    for suffix, best in FORMATS:
+        k, c = sec.variant(label("keras", suffix, best)), sec.variant(label("cloud", suffix, best))
+        r = round(c.median / k.median, 3) if k.median else None
+        worst = max(worst, r if r is not None else float("inf"))
+        sec.other_ratios[f"CloudCheckpoint / Keras, {suffix}, save_best_only={best}"] = r
+        add_target(sec, "1", f"<= 0.5x Keras ModelCheckpoint ({real_mb:.0f} MB, {suffix}, save_best_only={best})",
+                   f"CloudCheckpoint {c.extra['stall']} vs Keras {k.extra['stall']}: {r}x", r, 0.5)
+    sec.ratio, sec.ratio_desc = worst, "worst CloudCheckpoint / Keras stall ratio over the four formats"
+    sec.met = worst <= 0.5
+    sec.params = {**sec.params, "weights_MB": round(real_mb, 1), "batch": batch, "steps_per_epoch": steps,
+                  "saves_per_fit": saves, "fits_per_variant": reps, "monitor": f"{SCORE} (improves every epoch)"}
+    sec.notes.append("Stall = the training thread's time in the callback's on_epoch_end/on_train_batch_end per save. "
+                     "CloudCheckpoint's: Keras' saving walk into host copies + the resume state; the file is "
+                     "written by its writer thread. Before each epoch the previous save's write and upload are "
+                     "waited for (not counted), and dirty pages written back, for every variant.")
+    return sec

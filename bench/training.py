@@ -26,6 +26,10 @@ def run(ctx: Ctx) -> list[Section]:
     for (sid, title), mb in zip(ids, ctx.sizes.models_mb):
         log.info("stall, %d MB model", mb)
         out.append(guarded(sid, title, lambda mb=mb: stall.section(ctx, mb)))
+    for mb in ctx.sizes.models_mb[-2:] if not ctx.quick else ctx.sizes.models_mb[:1]:  # ~100 MB and ~1 GB
+        log.info("stall of the background capture, %d MB model", mb)
+        out.append(guarded(f"stall_async_{mb}MB", f"1. Training stall, background capture, ~{mb} MB",
+                           lambda mb=mb: stall.formats_section(ctx, mb)))
     log.info("epoch overhead")
     out.append(guarded(*ids[-2], lambda: epoch_overhead.section(ctx)))
     log.info("sigterm")

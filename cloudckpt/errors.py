@@ -77,3 +77,10 @@ class StoreError(CloudCkptError, OSError):
 
 class IndexConflictError(CloudCkptError):
     """Internal: a conditional index write lost a race. The commit loop re-reads the index and tries again."""
+
+
+class CheckpointWriteError(CloudCkptError, OSError):
+    """Writing a checkpoint's local file in the background failed (``__cause__`` says why). Raised on the training
+    thread at the next batch or epoch boundary, or at the end of training."""
+
+    exit_code = 1

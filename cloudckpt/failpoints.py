@@ -3,7 +3,8 @@ itself when it reaches that point of the commit protocol. Unset (always, outside
 
 Points: ``push.after_upload`` (files stored, no manifest), ``push.after_manifest`` (manifest stored, index not
 updated), ``push.after_index`` (committed, pruned objects not yet deleted), ``prune.after_index`` (index updated,
-objects not yet deleted), ``gc.before_delete``.
+objects not yet deleted), ``gc.before_delete``, ``keras.write.before_close`` (a background Keras file write, its
+temporary HDF5 file not yet closed nor renamed). ``<name>:<n>`` kills at the n-th time the point is reached.
 """
 
 from __future__ import annotations
@@ -12,6 +13,16 @@ import os
 import signal
 
 
+_hits: dict[str, int] = {}
+
+
 def hit(name: str) -> None:
-    if os.environ.get("CLOUDCKPT_FAILPOINT") == name:
+    wanted = os.environ.get("CLOUDCKPT_FAILPOINT")
+    if not wanted or not wanted.startswith(name):
+        return
+    point, _, nth = wanted.partition(":")
+    if point != name:
+        return
+    _hits[name] = _hits.get(name, 0) + 1
+    if _hits[name] >= int(nth or 1):
         os.kill(os.getpid(), signal.SIGKILL)

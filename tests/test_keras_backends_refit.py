@@ -66,6 +66,8 @@ def interrupted_then_fit_again(tmp: Path, save_freq, interrupt: Interrupt, first
     with pytest.raises(RuntimeError, match="Interruption"):
         model.fit(x, y, batch_size=4, epochs=first_epochs, verbose=0, callbacks=[cb, interrupt])
     if not reuse:
+        if cb.writer is not None:  # async_save: the save points still being written first
+            cb.writer.close()
         cb.uploader.close()  # a new callback resumes from what is committed: let the last upload finish
         cb = callback()
     history = model.fit(x, y, batch_size=4, epochs=5, verbose=0, callbacks=[cb])

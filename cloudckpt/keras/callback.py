@@ -16,12 +16,13 @@ from ..preemption import PreemptionWatch
 from ..retention import Objective
 from ..store import CheckpointStore
 from ..uploader import Job, Uploader, new_staging_dir, remove_staging, snapshot
-from . import internals, trainers
+from . import capture, internals, trainers
 from . import local_files as lf
 from . import resume as rs
 from . import state as st
 from .deadline import commit_within
 from .distributed import WorkerRole
+from .writer import WriteTask, Writer
 
 log = logging.getLogger(__name__)
 
@@ -35,13 +36,20 @@ class CloudCheckpoint(keras.callbacks.ModelCheckpoint):
     """Keras' `ModelCheckpoint` that also commits every checkpoint to a store and resumes interrupted runs exactly.
 
     Everything `keras.callbacks.ModelCheckpoint` does happens unchanged — same arguments, validation, file names
-    and save decisions, and the same local files written by Keras' own save. In addition, after each save point the
-    callback snapshots the file (a hard link into a staging directory outside the checkpoint folder) together with
-    the full training state (model, optimizer and metric variables — those not already in a Keras 3 weights file
-    Keras just wrote — epoch, batch, best value) and hands it to a background thread that commits it to
-    ``remote``; training never waits on the network. If uploads fall behind,
-    queued checkpoints that are not a new best are superseded. At the end of training the callback commits the final
-    state and raises if it could not.
+    and save decisions, and the same local files, in Keras' own format. By default (``async_save=True``) a save
+    point costs the training thread only a copy of the variables into host memory: Keras' own saving walk runs into
+    a recording store (:mod:`cloudckpt.keras.capture`), and a background thread writes the ``.weights.h5`` /
+    ``.keras`` file from that copy with Keras' own HDF5 store (under a temporary name, then renamed), together with
+    the full training state (model, optimizer and metric variables — those not already in the Keras file — epoch,
+    batch, best value), and hands the checkpoint to a second background thread that commits it to ``remote``;
+    training never waits on the disk or the network. At most two copies are in host memory; if writes fall behind, a
+    pending save point is superseded by the next one that writes the same file, except that a new best is never
+    dropped for a save point that is not; otherwise the training thread waits (see :mod:`cloudckpt.keras.writer`). With ``async_save=False`` (and always for a legacy ``.h5``, a remote
+    ``filepath``, a model overriding ``save``/``save_weights``, or a multi-process job) Keras' own save runs on the
+    training thread and the file is then hard-linked into staging. If uploads fall behind, queued checkpoints that
+    are not a new best are superseded. At the end of training the callback waits for the writes and commits the
+    final state, and raises if it could not; a background write that failed raises
+    :class:`~cloudckpt.errors.CheckpointWriteError` at the next batch or epoch boundary.
 
     With ``resume=True`` and a committed checkpoint in ``remote``, the same ``model.fit(..., epochs=E)`` continues
     where the run stopped: weights, optimizer state, epoch, the best value, and — mid-epoch — the batch position
@@ -107,6 +115,8 @@ class CloudCheckpoint(keras.callbacks.ModelCheckpoint):
         staging_dir: where snapshots are staged; default a temporary directory on the same file system as the
             checkpoint folder (so snapshots are hard links), else ``.cloudckpt-staging`` beside that folder.
         store_budget: seconds each store operation may retry for. Default 300.
+        async_save: write Keras' file in the background from a host copy of the variables (see above). Default
+            True; False runs Keras' own save on the training thread, as ``ModelCheckpoint`` does.
     """
 
     best: float | None  # ModelCheckpoint's (its __init__ sets it; resume restores it)
@@ -118,7 +128,7 @@ class CloudCheckpoint(keras.callbacks.ModelCheckpoint):
                  resume: bool = True, storage_options: dict | None = None, preemption: Any = "auto",
                  preemption_endpoints: dict | None = None, preemption_deadline: float = 25.0,
                  exit_on_preemption: bool = True, prune_local: bool = False, staging_dir: str | None = None,
-                 store_budget: float = 300.0) -> None:
+                 store_budget: float = 300.0, async_save: bool = True) -> None:
         super().__init__(filepath, monitor=monitor, verbose=verbose, save_best_only=save_best_only,
                          save_weights_only=save_weights_only, mode=mode, save_freq=save_freq,
                          initial_value_threshold=initial_value_threshold)
@@ -138,6 +148,7 @@ class CloudCheckpoint(keras.callbacks.ModelCheckpoint):
         self.preemption, self.preemption_endpoints = preemption, preemption_endpoints
         self.preemption_deadline, self.exit_on_preemption = preemption_deadline, exit_on_preemption
         self.prune_local, self.staging_dir, self.store_budget = prune_local, staging_dir, store_budget
+        self.async_save = bool(async_save)
         self.preempted = False
         self.resumed_from: str | None = None  # checkpoint id the last fit resumed from
         self.batches_skipped = 0
@@ -147,6 +158,7 @@ class CloudCheckpoint(keras.callbacks.ModelCheckpoint):
         self.role: WorkerRole | None = None  # this process's place in a multi-worker cluster (set by fit)
         self._adapter: trainers.TrainerAdapter | None = None  # what this backend's trainer needs (set by fit)
         self.uploader: Uploader | None = None
+        self.writer: Writer | None = None  # async_save: writes the Keras files (set by fit)
         self._folder = folder
         self._initial_best = self.best
         self._completed = False  # the last fit ended normally (not by an exception or a preemption)
@@ -183,6 +195,7 @@ class CloudCheckpoint(keras.callbacks.ModelCheckpoint):
         self._local = lf.LocalFiles(self.filepath)  # files Keras wrote in this fit
         self._plans = rs.StatePlans()
         self._epoch_rng: dict | None = None  # the host random generators at the start of this epoch
+        self._pool = capture.BufferPool()  # async_save: the last snapshot's arrays, reused by the next capture
 
     def on_train_begin(self, logs: dict[str, Any] | None = None) -> None:
         self._close_interrupted_fit()
@@ -205,6 +218,8 @@ class CloudCheckpoint(keras.callbacks.ModelCheckpoint):
         self._open = True
         self.uploader = (Uploader(self.store, on_commit=self._on_commit if self.prune_local else None)
                          if self.role.is_chief else None)
+        # one process only: a multi-process job saves on the training thread (its variables may need collectives)
+        self.writer = Writer() if self.async_save and self.role.num_workers == 1 and self.uploader else None
         self._watch = PreemptionWatch(self.preemption, endpoints=self.preemption_endpoints)
         self._watch.start()
 
@@ -240,6 +255,9 @@ class CloudCheckpoint(keras.callbacks.ModelCheckpoint):
                 if self._last_staged_step != step:  # commit the final state, whatever the save schedule
                     self._stage(self._epoch_in_progress, None, logs or {}, saved=None, epoch_done=True,
                                 position=self._epoch_in_progress + 1)
+                if self.writer is not None:
+                    self.writer.flush()
+                    self.writer.raise_if_failed()
                 if self.uploader is not None:
                     self.uploader.flush()
                     self.uploader.raise_if_final_failed()
@@ -255,6 +273,8 @@ class CloudCheckpoint(keras.callbacks.ModelCheckpoint):
         log.info("the previous fit with this callback was interrupted: committing what it queued, then resuming")
         if self._resumed is not None:
             self._resumed.uninstall()
+        if self.writer is not None:
+            self.writer.flush()
         if self.uploader is not None:
             self.uploader.flush()
         self._cleanup()
@@ -269,6 +289,8 @@ class CloudCheckpoint(keras.callbacks.ModelCheckpoint):
             internals.set_initial_epoch(self.model, None)
         if self._watch is not None:
             self._watch.stop()
+        if self.writer is not None:
+            self.writer.close(timeout=0 if self.preempted else None)
         if self.uploader is not None:
             self.uploader.close(timeout=0 if self.preempted else None)
         if self.store is not None and not (self.preempted and self.uploader is not None and self.uploader.pending()):
@@ -288,22 +310,42 @@ class CloudCheckpoint(keras.callbacks.ModelCheckpoint):
     def _save_model(self, epoch: int, batch: int | None, logs: dict[str, Any] | None) -> None:
         t0 = time.perf_counter()
         self._saved_path = None
-        self._local.release(internals.file_path(self, epoch, batch, logs or {}))
+        path = internals.file_path(self, epoch, batch, logs or {})
+        kind = capture.kind_of(path) if self.writer is not None and internals.keras_saves(self.model) else None
         with self._trainer.whole_values(self.model):  # JAX: variables split across processes, gathered
-            super()._save_model(epoch, batch, logs)
+            if kind is not None and not os.path.isdir(path):  # (a directory: Keras' save says what is wrong)
+                if self._should_save_model(epoch, batch, logs, path):  # Keras' decision (sets self._saved_path)
+                    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+            else:
+                kind = None
+                self._local.release(path)
+                super()._save_model(epoch, batch, logs)
             self._stage(epoch, batch, logs or {}, saved=self._saved_path, epoch_done=batch is None,
-                        position=epoch + 1 if batch is None else epoch)
+                        position=epoch + 1 if batch is None else epoch, kind=kind)
+        if kind is not None and self._saved_path and self.verbose > 0:  # Keras' words (the write is under way)
+            internals.print_msg(f"\nEpoch {epoch + 1}: finished saving model to {path}")
         self.stall_seconds.append(time.perf_counter() - t0)
 
     def _step(self) -> int:
         return int(self.model.optimizer.iterations.numpy()) if getattr(self.model, "optimizer", None) else 0
 
     def _stage(self, epoch: int, batch: int | None, logs: dict, *, saved: str | None, epoch_done: bool,
-               position: int) -> None:
-        """Snapshot the user's file (if Keras just saved it) and the resume state; queue them for upload."""
+               position: int, kind: capture.Kind | None = None) -> None:
+        """Snapshot the user's file (if Keras just saved it, or — ``kind`` — capture it to be written in the
+        background) and the resume state; queue them for writing and upload."""
         # Copy what Keras' file lacks now (written on the uploader's thread). Every worker reads the same variables,
         # as a sync-on-read variable's read is a collective; non-chief workers then upload nothing.
-        step, plan = self._step(), self._plans.for_save(self.model, saved if saved and "://" not in saved else None)
+        step = self._step()
+        snap = None
+        if self.writer is not None:  # bounded memory: at most one save point pending besides the one being written
+            self.writer.make_room(protected=self._improves(logs, saved),
+                                  target=os.path.abspath(saved) if saved and kind else None)
+            if kind is not None and saved:
+                snap = capture.capture(self.model, kind, self._pool)
+        if snap is not None:
+            plan = self._plans.for_snapshot(self.model, snap.weights.shapes)
+        else:
+            plan = self._plans.for_save(self.model, saved if saved and "://" not in saved else None)
         arrays = plan.capture(metrics=not epoch_done, to_host=self._trainer.to_host)
         arrays.update(self._trainer.randomness.capture())
         if self._epoch_rng and not epoch_done:
@@ -314,15 +356,16 @@ class CloudCheckpoint(keras.callbacks.ModelCheckpoint):
         metrics = {k: float(v) for k, v in logs.items() if _finite(v)}
         current = metrics.get(self.monitor)
         mode = internals.monitor_mode(self)
-        improved = Objective(self.monitor, mode).better(current, self.best_seen)
-        if improved and saved is not None:
+        improved = self._improves(logs, saved)
+        if improved:
             self.best_seen = current
         if saved is None or "://" in saved:
             saved = None
             metrics.pop(self.monitor, None)  # a state-only checkpoint must never become the run's best
         self._seq += 1
         job_dir = self._staging_dir / f"job-{self._seq:06d}"
-        snapshot({os.path.basename(saved): Path(saved)} if saved else {}, job_dir)
+        if snap is None:  # the file Keras just wrote (if any), linked now: a later save must not change it
+            snapshot({os.path.basename(saved): Path(saved)} if saved else {}, job_dir)
         name = os.path.basename(saved) if saved else None  # its name in the checkpoint
         counters = internals.save_counters(self)
         state = st.ResumeState(
@@ -337,10 +380,32 @@ class CloudCheckpoint(keras.callbacks.ModelCheckpoint):
                                  local_file=self._local.wrote(saved) if saved else None)
         policy = RunPolicy(monitor=self.monitor, mode=mode, keep_best=self.keep_best, keep_last=self.keep_last,
                            keep_every=self.keep_every_n_epochs)
-        self.uploader.submit(job_dir, st.SavePoint(epoch + 1, step, metrics, meta, policy).push_args(),
-                             protected=bool(improved and saved),
-                             prepare=lambda path: st.write_state(path, arrays, state))
+        push_args = st.SavePoint(epoch + 1, step, metrics, meta, policy).push_args()
+        if self.writer is None:
+            self.uploader.submit(job_dir, push_args, protected=improved,
+                                 prepare=lambda path: st.write_state(path, arrays, state))
+        else:
+            uploader, tmp = self.uploader, capture.tmp_dir_for(saved, self._staging) if snap and saved else None
+
+            def write() -> None:  # the writer's thread: Keras' file, staged with the resume state, then queued
+                if snap is not None and saved is not None:
+                    snap.write(saved, tmp)
+                    snapshot({os.path.basename(saved): Path(saved)}, job_dir)
+                st.write_state(job_dir, arrays, state)
+                uploader.submit(job_dir, push_args, protected=improved)
+
+            self.writer.submit(WriteTask(write, f"epoch {epoch + 1} step {step}" + (f" ({saved})" if saved else ""),
+                                         protected=improved, discard=snap.discard if snap else None,
+                                         target=os.path.abspath(saved) if snap and saved else None))
         self._last_staged_step = step
+
+    def _improves(self, logs: dict, saved: str | None) -> bool:
+        """Whether a save point that wrote ``saved`` is a new best of the run (a state-only one never is)."""
+        if saved is None or "://" in saved:
+            return False
+        value = logs.get(self.monitor)
+        current = float(value) if _finite(value) else None
+        return bool(Objective(self.monitor, internals.monitor_mode(self)).better(current, self.best_seen))
 
     def _on_commit(self, entry: CheckpointEntry, job: Job) -> None:
         """Uploader thread: delete the local files whose checkpoints retention removed from the store."""
@@ -364,7 +429,7 @@ class CloudCheckpoint(keras.callbacks.ModelCheckpoint):
             log.warning("preemption (%s): stopping (not the chief: the chief commits)", watch.reason)
         else:
             flushed = commit_within(self.uploader, notice_time=notice, deadline=self.preemption_deadline,
-                                    reason=watch.reason, step=self._step())
+                                    reason=watch.reason, step=self._step(), writer=self.writer)
         self.model.stop_training = True
         if self.exit_on_preemption:
             self._exit_preempted(flushed)
@@ -392,6 +457,8 @@ class CloudCheckpoint(keras.callbacks.ModelCheckpoint):
     def _check_fatal(self) -> None:
         if self.uploader is not None and self.uploader.fatal is not None:
             raise self.uploader.fatal
+        if self.writer is not None:
+            self.writer.raise_if_failed()
 
     # --- resume ------------------------------------------------------------------------------------------------
 

@@ -13,12 +13,13 @@ import logging
 import time
 
 from ..uploader import Uploader
+from .writer import Writer
 
 log = logging.getLogger(__name__)
 
 
 def commit_within(uploader: Uploader, *, notice_time: float, deadline: float, reason: str | None,
-                  step: int) -> bool:
+                  step: int, writer: Writer | None = None) -> bool:
     """Wait until ``uploader`` has handled everything queued, at most until ``deadline`` seconds after
     ``notice_time`` (``time.monotonic()``); log the outcome. Returns False when an upload still runs (the caller
     must not wait for it at exit), True when every queued job committed or failed.
@@ -29,12 +30,16 @@ def commit_within(uploader: Uploader, *, notice_time: float, deadline: float, re
         deadline: seconds from the notice within which the checkpoint must be committed.
         reason: what the notice said (for the log).
         step: the checkpoint's global step (for the log).
+        writer: the background writer (``async_save``), flushed first, within the same deadline. Default None.
     """
     left = deadline - (time.monotonic() - notice_time)
     if left <= 0:  # the step outlasted the window: still commit what is in flight, for another window at most
         log.error("preemption (%s): the notice came %.2fs ago, %.2fs past the %gs deadline, before training "
                   "reached a batch boundary; committing anyway", reason, deadline - left, -left, deadline)
-    flushed = uploader.flush(left if left > 0 else deadline)
+    budget = left if left > 0 else deadline
+    t0 = time.monotonic()
+    flushed = writer.flush(budget) if writer is not None else True
+    flushed = flushed and uploader.flush(max(0.0, budget - (time.monotonic() - t0)))
     elapsed = time.monotonic() - notice_time
     missed = elapsed - deadline
     last = uploader.last_job

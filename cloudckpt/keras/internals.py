@@ -1,5 +1,8 @@
 """The private members of Keras 3 that CloudCheckpoint reads or sets, in one place (Keras 3.10 to 3.15).
 
+The background capture (:mod:`cloudckpt.keras.capture`) runs Keras' own saving walk (``saving_lib._save_state``)
+into a recording store and replays it later into Keras' own ``H5IOStore``; those private names are here too.
+
 Besides these, :class:`~cloudckpt.keras.callback.CloudCheckpoint` overrides two hooks of ``ModelCheckpoint``
 (``_should_save_model``, ``_save_model``; :mod:`cloudckpt.keras` refuses a Keras without them) and
 :mod:`cloudckpt.keras.trainers` swaps ``model.train_function``. When a Keras release moves one of these, this module
@@ -11,7 +14,14 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, Literal
 
+import keras
 from keras import ops
+from keras.src.saving import saving_lib as _saving_lib
+
+H5IOStore = _saving_lib.H5IOStore
+"""Keras' weights store (an HDF5 file, or one inside a ``.keras`` zip): the class the saving walk accepts."""
+CONFIG_JSON, METADATA_JSON = _saving_lib._CONFIG_FILENAME, _saving_lib._METADATA_FILENAME
+WEIGHTS_H5, ASSETS_DIR = f"{_saving_lib._VARS_FNAME}.h5", _saving_lib._ASSETS_DIRNAME
 
 
 @dataclass(frozen=True)
@@ -62,3 +72,63 @@ def build_compiled_metrics(model: Any, y: Any, y_pred: Any) -> None:
     for part in (getattr(model, "_compile_metrics", None), getattr(model, "_compile_loss", None)):
         if part is not None and not part.built:
             part.build(y, y_pred)
+
+
+# --- Keras' saving library (saving_lib), as ``model.save`` / ``model.save_weights`` use it --------------------------
+
+
+def keras_saves(model: Any) -> bool:
+    """Whether ``model`` saves with Keras' own ``Model.save`` and ``Model.save_weights`` (not an override)."""
+    cls = type(model)
+    return cls.save is keras.Model.save and cls.save_weights is keras.Model.save_weights
+
+
+_SKIPSETS: dict[str, set] = {}
+
+
+def _cached_skipset(obj_type: str) -> set:
+    if obj_type not in _SKIPSETS:
+        _SKIPSETS[obj_type] = _KERAS_SKIPSET(obj_type)
+    return _SKIPSETS[obj_type]
+
+
+_KERAS_SKIPSET = _saving_lib.get_attr_skipset
+
+
+def walk_state(model: Any, weights_store: Any, assets_store: Any | None) -> None:
+    """Keras' own state walk of ``model.save``/``save_weights``: every saveable's ``save_own_variables`` into
+    ``weights_store`` and (``.keras``) ``save_assets`` into ``assets_store``, at the paths Keras gives them.
+
+    Keras 3.15's ``get_attr_skipset`` means to cache, per kind of saveable, the attributes the walk skips, but stores
+    it under another key than it reads (``saving_attr_skipset_*`` / ``saving_attr_skiplist_*``), so every save
+    builds a reference ``Layer``, ``Optimizer``... again (~0.2 s per save here, most of it the optimizer). During
+    this walk it is cached for real (the set depends only on the kind)."""
+    _saving_lib.get_attr_skipset = _cached_skipset
+    try:
+        _saving_lib._save_state(model, weights_store=weights_store, assets_store=assets_store, inner_path="",
+                                visited_saveables=set())
+    finally:
+        _saving_lib.get_attr_skipset = _KERAS_SKIPSET
+
+
+def model_json(model: Any) -> tuple[str, str]:
+    """The ``config.json`` and ``metadata.json`` texts ``model.save`` writes into a ``.keras`` file."""
+    return _saving_lib._serialize_model_as_json(model)
+
+
+def new_assets_store() -> Any:
+    """An assets store writing into a fresh temporary directory (``.working_dir``; ``.tmp_dir`` to remove)."""
+    return _saving_lib.DiskIOStore(ASSETS_DIR, mode="w")
+
+
+def zip_assets(archive: Any, assets_store: Any) -> None:
+    """Add the assets ``assets_store`` holds to the ``.keras`` zip ``archive`` under ``assets/``, as Keras does."""
+    _saving_lib._write_to_zip_recursively(archive, assets_store.working_dir, ASSETS_DIR)
+
+
+def print_msg(message: str) -> None:
+    """Print as ``ModelCheckpoint``'s ``verbose`` messages do (Keras' ``io_utils.print_msg``: stdout, or the absl
+    log when interactive logging is off)."""
+    from keras.src.utils import io_utils
+
+    io_utils.print_msg(message)

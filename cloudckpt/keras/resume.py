@@ -93,19 +93,28 @@ def file_coverage(model: Any, path: str) -> Covered | None:
     in which case everything is captured as before."""
     if not path.endswith(KERAS_WEIGHT_FILES):
         return None
+    try:
+        found = _h5_shapes(path)
+    except Exception as exc:  # unreadable as a Keras 3 weights file: capture everything
+        log.debug("%s is not readable as a Keras weights file (%s): capturing all variables", path, exc)
+        return None
+    covered = shape_coverage(model, found)
+    if covered is None:
+        log.info("%s does not hold exactly the model's and optimizer's variables: capturing all of them", path)
+    return covered
+
+
+def shape_coverage(model: Any, found: list[tuple[int, ...]]) -> Covered | None:
+    """:func:`file_coverage`'s rule applied to the shapes of the values a Keras file holds (``found``, e.g. what a
+    background capture recorded, see :class:`~cloudckpt.keras.capture.RecordingStore`): the model's and optimizer's
+    variables when they are exactly those; None otherwise."""
     groups = _groups(model)
     weight_ids = {id(w) for w in model.weights}
     model_idx = [i for i, v in enumerate(groups["model"]) if id(v) in weight_ids]
     if len(model_idx) != len(weight_ids):
         return None
     expected = [tuple(groups["model"][i].shape) for i in model_idx] + [tuple(v.shape) for v in groups["optimizer"]]
-    try:
-        found = _h5_shapes(path)
-    except Exception as exc:  # unreadable as a Keras 3 weights file: capture everything
-        log.debug("%s is not readable as a Keras weights file (%s): capturing all variables", path, exc)
-        return None
-    if sorted(found) != sorted(expected):
-        log.info("%s does not hold exactly the model's and optimizer's variables: capturing all of them", path)
+    if sorted(tuple(f) for f in found) != sorted(expected):
         return None
     return {"model": model_idx, "optimizer": list(range(len(groups["optimizer"])))}
 
@@ -145,6 +154,19 @@ class StatePlans:
         key = (None if not saved else saved.endswith(".keras"), len(getattr(model.optimizer, "variables", ())))
         if key not in self._plans:
             self._plans[key] = StatePlan(model, file_coverage(model, saved) if saved else None)
+        return self._plans[key]
+
+    def for_snapshot(self, model: Any, shapes: list[tuple[int, ...]]) -> StatePlan:
+        """The plan of a save point whose Keras file is written in the background from a capture that recorded
+        values of these ``shapes`` (see :func:`shape_coverage`)."""
+        covered = shape_coverage(model, shapes)
+        shape = None if covered is None else tuple((g, tuple(ix)) for g, ix in covered.items())
+        key = ("snapshot", len(_groups(model)["optimizer"]), shape)
+        if key not in self._plans:
+            if covered is None:
+                log.info("the Keras file does not hold exactly the model's and optimizer's variables: the resume "
+                         "state copies all of them")
+            self._plans[key] = StatePlan(model, covered)
         return self._plans[key]
 
 
