@@ -14,9 +14,9 @@ import pytest
 
 keras = pytest.importorskip("keras")
 
-from cloudckpt.errors import CheckpointWriteError  # noqa: E402
 from keras.src.saving import saving_lib  # noqa: E402  (Keras' own HDF5 store, spied on)
 
+from cloudckpt.errors import CheckpointWriteError  # noqa: E402
 from cloudckpt.keras import CloudCheckpoint  # noqa: E402
 from cloudckpt.keras.writer import Writer, WriteTask  # noqa: E402
 from cloudckpt.store import CheckpointStore  # noqa: E402

@@ -22,7 +22,7 @@ from . import resume as rs
 from . import state as st
 from .deadline import commit_within
 from .distributed import WorkerRole
-from .writer import WriteTask, Writer
+from .writer import Writer, WriteTask
 
 log = logging.getLogger(__name__)
 
@@ -44,9 +44,10 @@ class CloudCheckpoint(keras.callbacks.ModelCheckpoint):
     batch, best value), and hands the checkpoint to a second background thread that commits it to ``remote``;
     training never waits on the disk or the network. At most two copies are in host memory; if writes fall behind, a
     pending save point is superseded by the next one that writes the same file, except that a new best is never
-    dropped for a save point that is not; otherwise the training thread waits (see :mod:`cloudckpt.keras.writer`). With ``async_save=False`` (and always for a legacy ``.h5``, a remote
-    ``filepath``, a model overriding ``save``/``save_weights``, or a multi-process job) Keras' own save runs on the
-    training thread and the file is then hard-linked into staging. If uploads fall behind, queued checkpoints that
+    dropped for a save point that is not; otherwise the training thread waits (see :mod:`cloudckpt.keras.writer`).
+    With ``async_save=False`` (and always for a legacy ``.h5``, a remote ``filepath``, a model overriding
+    ``save``/``save_weights``, or a multi-process job) Keras' own save runs on the training thread and the file is
+    then hard-linked into staging. If uploads fall behind, queued checkpoints that
     are not a new best are superseded. At the end of training the callback waits for the writes and commits the
     final state, and raises if it could not; a background write that failed raises
     :class:`~cloudckpt.errors.CheckpointWriteError` at the next batch or epoch boundary.
@@ -404,7 +405,7 @@ class CloudCheckpoint(keras.callbacks.ModelCheckpoint):
         if saved is None or "://" in saved:
             return False
         value = logs.get(self.monitor)
-        current = float(value) if _finite(value) else None
+        current = float(value) if value is not None and _finite(value) else None
         return bool(Objective(self.monitor, internals.monitor_mode(self)).better(current, self.best_seen))
 
     def _on_commit(self, entry: CheckpointEntry, job: Job) -> None:
