@@ -4,10 +4,11 @@ the file while it is pushed is detected, so the checksum a manifest records is t
 A trainer may save over a file while a push (or ``sync``) reads it. Hashing in a separate pass beside the upload
 could then record one version's checksum for another version's bytes, and a torn mixture could be committed. Here
 one sequential read feeds both the hash and the upload; :meth:`Source.check_unchanged` then proves the bytes read
-are one consistent version of the file: its inode, size, mtime and ctime (``fstat`` of the open file, nanoseconds)
-must be those seen before the first read. A file modified within :data:`RACY_SECONDS` before its first read is
-"racy" (a write in the same timestamp tick may not move the mtime, as git's racy-clean problem); it is hashed once
-more after the upload and the two hashes compared.
+are one consistent version of the file: its inode, size and mtime (``fstat`` of the open file, nanoseconds) must be
+those seen before the first read. If only its ctime moved (a hard link added or removed: the Keras writer renames
+each new version over the name that an older one, still being pushed, had), the bytes are read again and compared.
+A file modified within :data:`RACY_SECONDS` before its first read is "racy" (a write in the same timestamp tick may
+not move the mtime, as git's racy-clean problem); it is hashed once more after the upload and the two hashes compared.
 
 Example:
     >>> import tempfile, pathlib
@@ -170,11 +171,14 @@ class Source:
             now = _signature(os.fstat(self._f.fileno()))
         except (OSError, ValueError):
             return "it could no longer be examined"
-        if now != self._before:
+        if now[:4] != self._before[:4]:
             return "its size or modification time changed"
         if self._hashed < self.size:
             return None  # not read to the end yet (an upload that failed early): nothing more to compare
-        if self._racy:  # modified just before the read: a later write may not have moved the timestamps
+        # Re-read when the file was modified just before the read (a later write may not have moved the
+        # timestamps), or when only its ctime moved: a link added or removed (a new version renamed over the name the
+        # file had) moves the ctime without touching the bytes, and the bytes decide.
+        if self._racy or now[4] != self._before[4]:
             crc = google_crc32c.Checksum()
             offset = 0
             while offset < self.size:
