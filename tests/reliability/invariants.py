@@ -23,7 +23,7 @@ def listed_objects(index: Index) -> set[str]:
     :func:`segment_objects`)."""
     rels = {INDEX_NAME} | {segment_key(r.sha256) for r in index.segments}
     for c in index.checkpoints:
-        rels |= {f"{c.id}/{f.path}" for f in c.files}
+        rels |= {f"{c.id}/{f.path}" for f in c.files if not f.inline}  # inline files ride in the manifest
         rels.add(f"{c.id}/{MANIFEST_NAME}")
     return rels
 
