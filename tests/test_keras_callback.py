@@ -215,7 +215,7 @@ def test_final_state_that_cannot_be_committed_raises(s3_url, tmp_path):
     class DropBucket(keras.callbacks.Callback):
         def on_epoch_end(self, epoch, logs=None):
             if epoch == 1:
-                assert cb.uploader.flush(60)
+                assert cb.flush(60)
                 s3 = boto3.resource("s3")
                 s3.Bucket(bucket).objects.all().delete()
                 s3.Bucket(bucket).delete()
@@ -231,7 +231,7 @@ def test_a_newer_writer_stops_training(tmp_path):
     class Takeover(keras.callbacks.Callback):
         def on_epoch_end(self, epoch, logs=None):
             if epoch == 0:
-                cb.uploader.flush(60)
+                cb.flush(60)
                 with CheckpointStore(remote) as other:
                     other.claim()
 
@@ -297,7 +297,7 @@ def test_in_process_crash_and_resume_with_steps_per_execution(tmp_path):
     class Crash(keras.callbacks.Callback):
         def on_train_batch_end(self, batch, logs=None):
             if int(self.model.optimizer.iterations.numpy()) == 14:  # epoch 2, batch 6; committed at step 12
-                first.uploader.flush(60)
+                first.flush(60)
                 raise RuntimeError("crash")
 
     with pytest.raises(RuntimeError, match="crash"):

@@ -247,6 +247,19 @@ class CloudCheckpoint(keras.callbacks.ModelCheckpoint):
         if self._preemption_agreed():
             self._on_preemption(epoch, None, logs, epoch_done=True)
 
+    def flush(self, timeout: float | None = None) -> bool:
+        """Wait until every save point so far is written (the Keras file, in the background with ``async_save``) and
+        committed to the store; False if ``timeout`` seconds (None: no limit) passed first. ``fit`` does this itself
+        at its end; call it from a callback to know that the checkpoint just saved is in the store."""
+        deadline = None if timeout is None else time.monotonic() + timeout
+
+        def left() -> float | None:
+            return None if deadline is None else max(0.0, deadline - time.monotonic())
+
+        if self.writer is not None and not self.writer.flush(left()):
+            return False
+        return self.uploader is None or self.uploader.flush(left())
+
     def on_train_end(self, logs: dict[str, Any] | None = None) -> None:
         try:
             if self._resumed is not None:

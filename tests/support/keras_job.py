@@ -77,7 +77,7 @@ class Steps(keras.callbacks.Callback):
         print(f"STEP {step}", flush=True)
         if self.kill_at is not None and step == self.kill_at:
             if self.wait_commit and self.ckpt.uploader is not None:  # None: not the process that writes
-                self.ckpt.uploader.flush(60)
+                self.ckpt.flush(60)
             os.kill(os.getpid(), getattr(signal, self.signal_name))
 
 

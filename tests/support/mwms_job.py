@@ -95,7 +95,7 @@ def main(argv=None) -> int:
         def on_epoch_end(self, epoch, logs=None):
             if a.hang_after_epoch is not None and epoch + 1 == a.hang_after_epoch:
                 if ckpt.uploader is not None:
-                    ckpt.uploader.flush(60)
+                    ckpt.flush(60)
                 print(f"HANG {epoch + 1}", flush=True)
                 threading.Event().wait()  # until the test SIGKILLs this worker
 
