@@ -264,9 +264,12 @@ def test_prune_local_applies_retention_to_local_files(tmp_path):
     cb = CloudCheckpoint(str(ckpt / "e{epoch:02d}.weights.h5"), save_weights_only=True, remote=str(tmp_path / "s"),
                          keep_best=None, keep_last=2, prune_local=True)
     fit([cb], epochs=4)
-    assert sorted(os.listdir(ckpt)) == ["e03.weights.h5", "e04.weights.h5"]
     with CheckpointStore(str(tmp_path / "s")) as store:
-        assert [c.meta["file"] for c in store.list()] == ["e03.weights.h5", "e04.weights.h5"]
+        listed = [c.meta["file"] for c in store.list()]
+    # keep_last=2 keeps the last two committed; an upload that fell behind may have been superseded (e03 never
+    # committed when e04 was queued behind it), so which two depends on the machine's speed: the local files follow
+    assert len(listed) == 2 and listed[-1] == "e04.weights.h5"
+    assert sorted(os.listdir(ckpt)) == listed
     kept = CloudCheckpoint(str(tmp_path / "k" / "e{epoch:02d}.weights.h5"), save_weights_only=True,
                            remote=str(tmp_path / "s2"), keep_best=None, keep_last=2)
     fit([kept], epochs=4)
