@@ -21,7 +21,7 @@ from .common import Ctx, Section, cpu_seconds, fmt_bytes, guarded, interleaved, 
 
 CKPT = "cloudckpt"
 SAME_CHUNKS = "google-cloud-storage, cloudckpt's chunk size"
-COMPOSITE = "cloudckpt, COMPOSITE crc32c (probe)"
+FULL_OBJECT = "cloudckpt, multipart_checksum=full_object"
 
 
 def _self_cpu() -> float:
@@ -103,11 +103,10 @@ def push_s3(ctx: Ctx, src: Path) -> Section:
         store.push(src, epoch=1)
 
     raw, skipped = s3_clients.push_clients(ctx.s3_endpoint, bucket, src)
-    # a probe, not shipped: the same push with a COMPOSITE multipart checksum instead of FULL_OBJECT, which moto
-    # implements by copying the whole object twice and hashing it on one thread at CompleteMultipartUpload
-    probe = CheckpointStore(f"s3://{bucket}/probe")
-    probe.backend._full_object = False
-    raw[COMPOSITE] = lambda: (probe.push(src, epoch=1), None)[1]
+    # the option: the same push with S3's FULL_OBJECT multipart checksum instead of the default COMPOSITE, which
+    # moto implements by copying the whole object twice and hashing it on one thread at CompleteMultipartUpload
+    probe = CheckpointStore(f"s3://{bucket}/probe", multipart_checksum="full_object")
+    raw[FULL_OBJECT] = lambda: (probe.push(src, epoch=1), None)[1]
     runs = {name: _timed(fn, ctx.s3_pid, sec.variant(name).extra) for name, fn in {CKPT: ours, **raw}.items()}
     interleaved(ctx.sizes.reps, runs, cleanup=lambda: _empty_s3_bucket(client, bucket), section=sec,
                 warmup=not ctx.quick)
@@ -115,9 +114,10 @@ def push_s3(ctx: Ctx, src: Path) -> Section:
     store.close()
     probe.close()
     _skipped_note(sec, skipped)
-    sec.notes.append(f"{COMPOSITE!r} is not a client: cloudckpt's push with S3's COMPOSITE multipart checksum (the "
-                     "store reports a crc32c of the parts' crc32cs) instead of the FULL_OBJECT crc32c it ships, to "
-                     "show what moto's FULL_OBJECT implementation costs (server_cpu_s); not counted.")
+    sec.notes.append(f"{FULL_OBJECT!r} is not a client: cloudckpt's push with S3's FULL_OBJECT multipart checksum "
+                     "(the store reports the whole object's crc32c, the manifest's) instead of the default "
+                     "COMPOSITE (a crc32c of the parts' crc32cs), to show what moto's FULL_OBJECT implementation "
+                     "costs (server_cpu_s); not counted.")
     sec.params.update({**profiles, "bytes": size, "cloudckpt_part_size": store.backend.part_size,
                        "cloudckpt_concurrency": store.backend.max_concurrency,
                        **{n: s3_clients.SETTINGS[n] for n in raw if n in s3_clients.SETTINGS},
@@ -125,7 +125,7 @@ def push_s3(ctx: Ctx, src: Path) -> Section:
                                "index compare-and-swap); raw clients: one upload"})
     counted = [n for n in (s3_clients.BOTO3_PUSH, s3_clients.S3FS_PUSH, s3_clients.S5CMD_PUSH) if n in raw]
     return _finish(sec, size, CKPT, counted, tid="5 push (S3)", limit=1.0, what="push",
-                   also=(COMPOSITE, *(n for n in (s3_clients.OBSTORE_PUSH,) if n in raw)))
+                   also=(FULL_OBJECT, *(n for n in (s3_clients.OBSTORE_PUSH,) if n in raw)))
 
 
 def restore_s3(ctx: Ctx, src: Path) -> Section:

@@ -22,7 +22,7 @@ STORE_SECTIONS = {"push_s3", "push_gcs", "restore_s3", "restore_gcs", "memory", 
 TRAINING_SECTIONS = {"epoch_overhead", "sigterm"}  # plus one stall_<N>MB per model size
 RAW_CLIENTS = {
     "push_s3": {"cloudckpt", "boto3 upload_file", "s3fs put_file", "s5cmd cp", "obstore put",
-                "cloudckpt, COMPOSITE crc32c (probe)"},
+                "cloudckpt, multipart_checksum=full_object"},
     "push_gcs": {"cloudckpt", "google-cloud-storage upload_from_filename", "gcsfs put_file",
                  "google-cloud-storage, cloudckpt's chunk size"},
     "restore_s3": {"cloudckpt", "boto3 download_file (1 stream) + crc32c", "s3fs get_file + crc32c",

@@ -94,13 +94,14 @@ def _botocore_session() -> Any:
 
 class S3Backend(S3Uploads, Backend):
     verification = ("crc32c of every request body checked by the server; a PutObject answer whose ETag is the MD5 of "
-                    "the bytes sent, else (multipart, SSE-KMS) object size and full-object crc32c (composite of the "
-                    "parts' with botocore < 1.36) from a HEAD, compared with the bytes sent")
+                    "the bytes sent, else (multipart, SSE-KMS) object size and crc32c (multipart: the composite of the "
+                    "parts' crc32cs, or the full-object crc32c) from a HEAD, compared with the bytes sent")
 
     kind = "S3"
     #: storage options understood here (names follow s3fs where s3fs has one)
     OPTIONS = frozenset({"key", "secret", "token", "endpoint_url", "profile", "region", "client_kwargs",
-                         "config_kwargs", "part_size", "max_concurrency", "request_checksum_calculation", "transport"})
+                         "config_kwargs", "part_size", "max_concurrency", "request_checksum_calculation",
+                         "multipart_checksum", "transport"})
 
     def __init__(self, url: str, storage_options: dict[str, Any] | None = None) -> None:
         super().__init__(url, storage_options)
@@ -139,8 +140,18 @@ class S3Backend(S3Uploads, Backend):
         # what the server checks: a crc32c per request and of the whole object, else (stores that take no flexible
         # checksums) a Content-MD5 per request
         self.send_checksums = opts.get("request_checksum_calculation", "when_supported") != "when_required"
+        # the stored checksum of a multipart object: the composite of its parts' crc32cs (default: what S3 and
+        # S3-compatible stores have long supported, and no extra server work), or its full-object crc32c, the
+        # manifest's ("full_object": S3 since 2024-12, botocore >= 1.36; moto hashes the whole object again)
+        mode = opts.get("multipart_checksum", "composite")
+        if mode not in ("composite", "full_object"):
+            raise ConfigurationError(
+                f"{self.url}: multipart_checksum must be 'composite' or 'full_object'. Received: {mode!r}")
         create = self.client.meta.service_model.operation_model("CreateMultipartUpload").input_shape.members
-        self._full_object = "ChecksumType" in create  # botocore >= 1.36: full-object crc32c of multipart objects
+        if mode == "full_object":
+            require("botocore", botocore.__version__, "1.36", "multipart_checksum='full_object'",
+                    ok="ChecksumType" in create)
+        self._full_object = mode == "full_object"
         self._slots = threading.BoundedSemaphore(self.max_concurrency)  # parts in memory, over all uploads
         for op in ("PutObject", "UploadPart"):
             self.client.meta.events.register(f"before-sign.s3.{op}", _name_the_checksum)

@@ -1,6 +1,8 @@
 """S3 uploads: one PutObject, or a multipart upload whose parts are read in order from one pass over the source and
 sent in parallel, each request's body checked by the server against a crc32c computed from exactly the bytes sent,
-and the stored object checked as a whole (size, and its full-object crc32c: the crc32c the manifest records).
+and the stored object checked as a whole (size, and its crc32c: for a multipart object the composite of the part
+crc32cs, computed here from the bytes read, or with ``multipart_checksum="full_object"`` the crc32c of the whole
+object, the one the manifest records).
 
 A PutObject whose answer's ETag is the MD5 of the bytes sent needs no HEAD: the server computed that digest of what
 it stored (the request carried a crc32c, no MD5 to echo). Not every server checks the crc32c a request carries (moto
@@ -59,7 +61,7 @@ class S3Uploads:
     part_size: int
     max_concurrency: int
     send_checksums: bool  # a crc32c per request and of the whole object, else a Content-MD5 per request
-    _full_object: bool  # botocore >= 1.36: full-object crc32c of multipart objects
+    _full_object: bool  # multipart_checksum="full_object": the stored checksum is the whole object's crc32c
     _slots: threading.BoundedSemaphore  # parts in memory, over all uploads
 
     _key: Callable[[str], str]
@@ -116,9 +118,9 @@ class S3Uploads:
     def _put_multipart(self, key: str, source: Source, deadline: float | None,
                        progress: Progress | None) -> str | None:
         """Parts read in order from one pass over the file (held in memory: at most ``max_concurrency`` parts per
-        store), each sent with its own checksum; the object is checked as a whole: its full-object crc32c (or, where
-        botocore predates full-object checksums, the composite of the part crc32cs) must be the one of the bytes
-        read. Return the object crc32c to expect (base64)."""
+        store), each sent with its own checksum; the object is checked as a whole: the composite of the part crc32cs
+        (or, with ``multipart_checksum="full_object"``, its full-object crc32c) must be the one of the bytes read, in
+        order. Return the object crc32c to expect (base64)."""
         part_size = max(self.part_size, -(-source.size // 10_000))  # S3 allows 10,000 parts
         create: dict[str, str] = {}
         if self.send_checksums:
@@ -146,8 +148,9 @@ class S3Uploads:
 
     def _completion(self, parts: list[dict], source: Source) -> tuple[str | None, dict[str, Any]]:
         """The object crc32c to expect (base64; None when no checksums are sent) and the checksum arguments of
-        CompleteMultipartUpload: the full-object crc32c of the bytes read, or (botocore < 1.36) none, the store
-        then reporting the composite of the part crc32cs."""
+        CompleteMultipartUpload: none (the store reports the composite of the part crc32cs: S3's default for
+        CRC32C, ``<crc32c of the parts' crc32cs>-<parts>``) or, with ``multipart_checksum="full_object"``, the
+        full-object crc32c of the bytes read."""
         if self.send_checksums and self._full_object:
             want = _b64(bytes.fromhex(source.crc32c()))
             return want, {"ChecksumCRC32C": want, "ChecksumType": "FULL_OBJECT"}
