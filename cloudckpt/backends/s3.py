@@ -210,7 +210,7 @@ class S3Backend(S3Uploads, Backend):
                  progress: Progress | None = None) -> str | None:
         # One streaming GET written in 256 KiB blocks: bounded memory (s3fs get_file grew RSS past the object size
         # here), and no ranged GETs (which S3-compatible test servers serve by re-reading the whole object). Reads
-        # of 1-8 MiB cost urllib3 extra buffer copies: 1 GiB took ~1.7x longer, ~2x the CPU (docs/benchmarks.md).
+        # of 1-8 MiB cost urllib3 extra buffer copies: 1 GiB took ~1.7x longer, ~2x the CPU (measured by hand).
         # The bytes are hashed as they are written: the caller compares that crc32c, no second pass over the file.
         with open(local, "wb") as f:
             out = HashingWriter(f, progress)
