@@ -15,6 +15,23 @@ from .common import ROOT, Ctx, Section, interleaved
 from .model import build_model, weights_mb
 
 
+def thread_cpu() -> dict[str, float]:
+    """CPU seconds so far of this process's threads, summed as ``main`` (the Python main thread), ``cloudckpt``
+    (Python threads named ``cloudckpt-*``) and ``other`` (every other thread: TensorFlow's, the rest). Threads that
+    ended are not counted (none of these ends before the fit does)."""
+    import threading
+
+    import psutil
+
+    names = {t.native_id: t.name for t in threading.enumerate()}
+    out = {"main": 0.0, "cloudckpt": 0.0, "other": 0.0}
+    for t in psutil.Process().threads():
+        name = names.get(t.id, "")
+        key = "main" if name == "MainThread" else "cloudckpt" if name.startswith("cloudckpt") else "other"
+        out[key] += t.user_time + t.system_time
+    return out
+
+
 class EpochClock:
     """A callback (put last) that stamps the end of each epoch, after the checkpoint callbacks ran."""
 
@@ -29,10 +46,12 @@ class EpochClock:
             def on_train_begin(self, logs=None):
                 self.stamps = [time.perf_counter()]
                 self.cpu = [time.process_time()]
+                self.threads = [thread_cpu()]
 
             def on_epoch_end(self, epoch, logs=None):
                 self.stamps.append(time.perf_counter())
                 self.cpu.append(time.process_time())  # this process, all threads (training + uploader)
+                self.threads.append(thread_cpu())
 
         return _Clock()
 
@@ -68,6 +87,8 @@ def section(ctx: Ctx) -> Section:
         per_epoch.setdefault(name, []).extend(steps)
         v = sec.variant(name)
         v.extra.setdefault("cpu_s", []).extend(round(c, 3) for c in cpu)
+        for k, per in doc.get("threads", {}).items():  # CPU per epoch by thread (epoch 1 left out as above)
+            v.extra.setdefault(f"cpu_{k}_s", []).extend(round(c, 3) for c in per[1:])
         v.extra.setdefault("fit_s", []).append(round(sum(doc["wall"]), 2))
         v.extra.setdefault("fit_mean_s", []).append(round(sum(steps) / len(steps), 4))
         sec.params["samples_per_epoch"] = doc["samples"]
@@ -87,6 +108,9 @@ def section(ctx: Ctx) -> Section:
         v.extra["paired_pct"] = [round((a / b - 1) * 100, 2) for a, b in zip(fits[n], fits[names[0]])]
         v.extra["paired_median_pct"] = round(statistics.median(v.extra["paired_pct"]), 2)
         v.extra["cpu_overhead_pct"] = round((statistics.median(v.extra["cpu_s"]) / cpu_base - 1) * 100, 2)
+        if v.extra.get("cpu_cloudckpt_s"):  # cloudckpt's threads' CPU per epoch, in % of a no-checkpoint epoch's CPU
+            v.extra["cloudckpt_threads_cpu_pct"] = round(
+                statistics.median(v.extra["cpu_cloudckpt_s"]) / cpu_base * 100, 2)
     cloud = sec.variant("CloudCheckpoint (s3)")
     sec.ratio = cloud.extra["paired_median_pct"]
     sec.ratio_desc = "CloudCheckpoint epoch-time overhead, % (median of the per-repetition paired overheads)"
@@ -105,6 +129,9 @@ def section(ctx: Ctx) -> Section:
     sec.notes.append("TensorFlow runs on one thread (intra- and inter-op) so that training keeps one core and the "
                      "other serves what runs beside it, the S3 server included; with both cores, epochs without any "
                      "checkpoint are bimodal (~2.8 s or ~5.2 s) on this machine. cpu_s is the training process's "
-                     "CPU time per epoch (all threads: training, Keras' save, the uploader's hashing and HTTP).")
+                     "CPU time per epoch (all threads: training, Keras' save, the uploader's hashing and HTTP); "
+                     "cpu_main_s / cpu_cloudckpt_s / cpu_other_s split it by thread (the Python main thread; "
+                     "cloudckpt-* threads: writer, uploader, checksum pool; TensorFlow's and the rest), which a stop "
+                     "of the whole process does not inflate.")
     sec.seconds = round(time.monotonic() - t_start, 1)
     return sec

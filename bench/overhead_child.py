@@ -4,7 +4,10 @@
 Trains the digits MLP (scikit-learn digits xREPEAT, batch 32) for EPOCHS epochs with no checkpoint, Keras'
 ``ModelCheckpoint`` (local) or ``CloudCheckpoint`` (URL) saving every epoch, TensorFlow limited to THREADS intra- and
 inter-op threads (0: TensorFlow's default), and prints one JSON line: the wall and CPU (this process, all threads)
-seconds of every epoch, each stamped after every callback's ``on_epoch_end``. A fresh process per fit, so no fit
+seconds of every epoch, each stamped after every callback's ``on_epoch_end``, and that CPU split by thread: the
+Python main thread (Keras' loop and the callbacks' hooks), cloudckpt's threads (``cloudckpt-*``: writer, uploader,
+checksum pool) and the rest (TensorFlow's own threads, anything else). The split is CPU time, so a stop of the
+whole process (the virtual machine descheduling it) does not show in it. A fresh process per fit, so no fit
 inherits another's threads, memory or page cache state from this process.
 """
 
@@ -48,7 +51,9 @@ def main() -> None:
     model.fit(x, y, batch_size=32, epochs=epochs, verbose=0, callbacks=callbacks + [clock], shuffle=True)
     wall = [b - a for a, b in zip(clock.stamps, clock.stamps[1:])]
     cpu = [b - a for a, b in zip(clock.cpu, clock.cpu[1:])]
-    print(json.dumps({"wall": wall, "cpu": cpu, "samples": len(x)}), flush=True)
+    split = {k: [round(b.get(k, 0.0) - a.get(k, 0.0), 4) for a, b in zip(clock.threads, clock.threads[1:])]
+             for k in ("main", "cloudckpt", "other")}
+    print(json.dumps({"wall": wall, "cpu": cpu, "threads": split, "samples": len(x)}), flush=True)
 
 
 if __name__ == "__main__":

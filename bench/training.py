@@ -35,3 +35,16 @@ def run(ctx: Ctx) -> list[Section]:
     log.info("sigterm")
     out.append(guarded(*ids[-1], lambda: sigterm.section(ctx)))
     return out
+
+
+class overhead:  # noqa: N801  (a group of bench.run, like a module: ``--only overhead``)
+    """Measurement 2 alone (it is also part of ``training``): ~25 min in a full run instead of ~50."""
+
+    @staticmethod
+    def run(ctx: Ctx) -> list[Section]:
+        why = keras_available()
+        sid, title = "epoch_overhead", "2. Epoch-time overhead of a checkpoint every epoch"
+        if why:
+            return [Section(sid, title, "s", skipped=why)]
+        log.info("epoch overhead")
+        return [guarded(sid, title, lambda: epoch_overhead.section(ctx))]
