@@ -51,7 +51,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                    "leaves out the frameworks group unless --only names it")
     p.add_argument("--out", type=Path, help="where results.json/.md/.png go (default bench/results/<full|quick>)")
     p.add_argument("--only", default="", help=f"comma-separated subset of: {', '.join(ORDER)}")
-    p.add_argument("--reps", type=int, help="repetitions per comparison (default 3, GCS pushes 2, quick 2)")
+    p.add_argument("--reps", type=int, help="repetitions per comparison (default 3, GCS pushes 4, epoch-overhead "
+                   "fits 4, quick 2)")
     p.add_argument("--scratch", type=Path, help="directory for temporary files (default: a new temp dir)")
     return p.parse_args(argv)
 
@@ -66,7 +67,7 @@ def main(argv: list[str] | None = None) -> int:
     logging.getLogger("urllib3.connectionpool").setLevel(logging.ERROR)  # "pool is full" notes under parallel parts
     sizes = Sizes.quick() if args.quick else Sizes()
     if args.reps:
-        sizes.reps = sizes.gcs_reps = args.reps
+        sizes.reps = sizes.gcs_reps = sizes.overhead_reps = args.reps
     wanted = [g.strip() for g in args.only.split(",") if g.strip()] or [
         g for g in ORDER if g not in ALONE_ONLY and not (args.quick and g in FULL_ONLY)]
     unknown = set(wanted) - set(GROUPS)
