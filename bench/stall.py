@@ -64,8 +64,10 @@ class HookTimer:
 
 def split_cloud_saves(cb) -> list[tuple[float, float]]:
     """Wrap CloudCheckpoint's ``_save_model`` and ``_stage`` on the instance; returns the list that fills with one
-    (whole save, cloudckpt's own part) pair per save. The own part is ``_stage``: the copy of what the user's
-    file lacks of the training state, the hard-link snapshot of that file and the enqueue; the rest is Keras' save."""
+    (whole save, cloudckpt's own part) pair per save. The own part is ``_stage``: with the background capture (the
+    default) Keras' saving walk into host copies and the hand-off to the writer thread; with ``async_save=False``
+    the copy of what the user's file lacks of the training state, the hard-link snapshot of that file and the
+    enqueue. The rest is Keras' save on the training thread (none with the background capture)."""
     saves: list[tuple[float, float]] = []
     stage_s: list[float] = []
     real_save, real_stage = cb._save_model, cb._stage
@@ -236,8 +238,10 @@ def section(ctx: Ctx, mb: int) -> Section:
                   "save": "weights only (.weights.h5), save_freq='epoch'"}
     sec.notes.append("Each epoch starts once the previous checkpoint's upload is done (an epoch outlasts an upload "
                      "in real training); the wait is not counted. For CloudCheckpoint, keras_save_ms is Keras' own "
-                     "save inside its _save_model and own_part_ms cloudckpt's part (_stage: the copy of what Keras' "
-                     "file lacks, hard link, enqueue), capture_ms that copy alone; "
+                     "save on the training thread inside its _save_model (none with the background capture, the "
+                     "default) and own_part_ms cloudckpt's part (_stage: the host copy of the state and the hand-off "
+                     "to the writer thread; with async_save=False the copy of what Keras' file lacks, hard link, "
+                     "enqueue), capture_ms the synchronous path's copy alone; "
                      "state_write_threads names the thread that wrote the state to disk. For ModelCheckpoint + "
                      "BackupAndRestore, backup_ms is BackupAndRestore's share of the stall. train_end_s is "
                      "on_train_end (CloudCheckpoint: the final flush).")
