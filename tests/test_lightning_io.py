@@ -58,7 +58,8 @@ def test_sigkill_then_fit_last_on_a_new_machine_ends_identical(tmp_path, local_u
 
 
 def test_sigterm_mid_epoch_commits_that_step_and_exits_143(tmp_path, s3_url):
-    proc = _start(s3_url, tmp_path, "--step-delay", "0.05")
+    # the delay sits inside the training step: the signal lands there, after the previous batch's checks
+    proc = _start(s3_url, tmp_path, "--train-delay", "0.2")
     before = runs.read_until_step(proc, SAVE_EVERY + SAVE_EVERY // 2)
     proc.send_signal(signal.SIGTERM)
     rest, stderr = proc.communicate(timeout=120)

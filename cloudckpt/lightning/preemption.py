@@ -28,7 +28,8 @@ class CloudPreemption(Callback):
     for the commit (until ``deadline`` seconds after the notice) and exits with status 143.
 
     The file is ``last.ckpt`` in the first ``ModelCheckpoint``'s folder (else ``default_root_dir``), so
-    ``trainer.fit(model, ckpt_path="last")`` resumes there.
+    ``trainer.fit(model, ckpt_path="last")`` resumes there. List it after your own callbacks: the run ends inside
+    its ``on_train_batch_end``, so callbacks listed after it never see the batch end of the step it commits.
 
     Args:
         io: the run's :class:`CloudCheckpointIO` (also passed as ``Trainer(plugins=[io])``).

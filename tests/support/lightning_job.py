@@ -1,10 +1,11 @@
 """A tiny, deterministic Lightning run whose ModelCheckpoint commits through cloudckpt.lightning.CloudCheckpointIO
 (run as a process by tests/test_lightning_io.py, killed and restarted with the same command on an emptied folder).
 
-Usage: lightning_job.py REMOTE ROOT FINAL [--step-delay S]
+Usage: lightning_job.py REMOTE ROOT FINAL [--step-delay S] [--train-delay S]
 
 Prints ``resumed PATH`` (or ``fresh``), ``step N`` after every batch, ``val N LOSS`` per validation, ``done``; writes
-the final model and optimizer state to FINAL (torch.save).
+the final model and optimizer state to FINAL (torch.save). ``--step-delay`` sleeps in a callback after each batch,
+``--train-delay`` inside the training step (where a real step's compute and so most signals land).
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 from cloudckpt.lightning import CloudCheckpointIO, CloudPreemption, pull_last
 
 STEPS_PER_EPOCH = 10
+TRAIN_DELAY = [0.0]
 
 
 class Net(pl.LightningModule):
@@ -33,6 +35,8 @@ class Net(pl.LightningModule):
 
     def training_step(self, batch, i):
         x, y = batch
+        if TRAIN_DELAY[0]:
+            time.sleep(TRAIN_DELAY[0])
         return torch.nn.functional.cross_entropy(self.body(x), y)
 
     def validation_step(self, batch, i):
@@ -82,7 +86,9 @@ def main() -> None:
     p.add_argument("root")
     p.add_argument("final")
     p.add_argument("--step-delay", type=float, default=0.0)
+    p.add_argument("--train-delay", type=float, default=0.0)
     a = p.parse_args()
+    TRAIN_DELAY[0] = a.train_delay
     logging.basicConfig(level=logging.WARNING)
     torch.set_num_threads(1)
     pl.seed_everything(0, workers=True)
@@ -95,7 +101,9 @@ def main() -> None:
     io = CloudCheckpointIO(a.remote)
     ckpt = ModelCheckpoint(f"{a.root}/ckpts", monitor="val_loss", mode="min", save_top_k=2, save_last=True,
                            every_n_train_steps=STEPS_PER_EPOCH)
-    trainer = pl.Trainer(max_epochs=6, plugins=[io], callbacks=[ckpt, CloudPreemption(io), Progress(a.step_delay)],
+    # CloudPreemption last: it ends the run inside on_train_batch_end, so callbacks listed after it never see the
+    # step it commits (this one prints each step before the check, so the last line printed is the committed step)
+    trainer = pl.Trainer(max_epochs=6, plugins=[io], callbacks=[Progress(a.step_delay), ckpt, CloudPreemption(io)],
                          default_root_dir=a.root, deterministic=True, accelerator="cpu", devices=1, logger=False,
                          enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0)
     found = pull_last(a.remote, f"{a.root}/ckpts")
