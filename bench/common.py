@@ -42,7 +42,7 @@ class Sizes:
     stall_saves: int = 10
     overhead_epochs: int = 5  # per fit; the first (graph tracing) is not measured
     overhead_repeat: int = 10  # an epoch is scikit-learn's digits this many times over
-    overhead_reps: int = 4
+    overhead_reps: int = 6  # fits per variant (order ABC/CBA...): a fit's mean epoch moves +-10 % on this machine
     gcs_reps: int = 4
     sigterm_mb: int = 100
     framework_mb: tuple[int, ...] = (10, 100)  # PyTorch/Lightning/HF: weights + Adam's moments (bench.frameworks)

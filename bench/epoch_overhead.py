@@ -32,6 +32,18 @@ def thread_cpu() -> dict[str, float]:
     return out
 
 
+def machine_steal() -> float:
+    """Seconds the hypervisor has taken from this machine's vCPUs since boot (``steal`` in /proc/stat, all CPUs
+    summed); 0.0 where there is no such figure. Per epoch it tells an epoch slowed by the host apart from one slowed
+    by what ran in it."""
+    try:
+        with open("/proc/stat") as f:
+            fields = f.readline().split()
+        return int(fields[8]) / os.sysconf("SC_CLK_TCK") if fields[0] == "cpu" and len(fields) > 8 else 0.0
+    except (OSError, ValueError, IndexError):
+        return 0.0
+
+
 class EpochClock:
     """A callback (put last) that stamps the end of each epoch, after the checkpoint callbacks ran."""
 
@@ -47,11 +59,13 @@ class EpochClock:
                 self.stamps = [time.perf_counter()]
                 self.cpu = [time.process_time()]
                 self.threads = [thread_cpu()]
+                self.steal = [machine_steal()]
 
             def on_epoch_end(self, epoch, logs=None):
                 self.stamps.append(time.perf_counter())
                 self.cpu.append(time.process_time())  # this process, all threads (training + uploader)
                 self.threads.append(thread_cpu())
+                self.steal.append(machine_steal())
 
         return _Clock()
 
@@ -89,6 +103,8 @@ def section(ctx: Ctx) -> Section:
         v.extra.setdefault("cpu_s", []).extend(round(c, 3) for c in cpu)
         for k, per in doc.get("threads", {}).items():  # CPU per epoch by thread (epoch 1 left out as above)
             v.extra.setdefault(f"cpu_{k}_s", []).extend(round(c, 3) for c in per[1:])
+        if "steal" in doc:  # the host's steal during each epoch, both vCPUs summed (epoch 1 left out as above)
+            v.extra.setdefault("steal_s", []).extend(round(c, 2) for c in doc["steal"][1:])
         v.extra.setdefault("fit_s", []).append(round(sum(doc["wall"]), 2))
         v.extra.setdefault("fit_mean_s", []).append(round(sum(steps) / len(steps), 4))
         sec.params["samples_per_epoch"] = doc["samples"]
@@ -132,6 +148,7 @@ def section(ctx: Ctx) -> Section:
                      "CPU time per epoch (all threads: training, Keras' save, the uploader's hashing and HTTP); "
                      "cpu_main_s / cpu_cloudckpt_s / cpu_other_s split it by thread (the Python main thread; "
                      "cloudckpt-* threads: writer, uploader, checksum pool; TensorFlow's and the rest), which a stop "
-                     "of the whole process does not inflate.")
+                     "of the whole process does not inflate. steal_s is the time the hypervisor took from this "
+                     "machine's vCPUs during each epoch (/proc/stat, both vCPUs summed).")
     sec.seconds = round(time.monotonic() - t_start, 1)
     return sec

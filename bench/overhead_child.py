@@ -53,7 +53,8 @@ def main() -> None:
     cpu = [b - a for a, b in zip(clock.cpu, clock.cpu[1:])]
     split = {k: [round(b.get(k, 0.0) - a.get(k, 0.0), 4) for a, b in zip(clock.threads, clock.threads[1:])]
              for k in ("main", "cloudckpt", "other")}
-    print(json.dumps({"wall": wall, "cpu": cpu, "threads": split, "samples": len(x)}), flush=True)
+    steal = [round(b - a, 2) for a, b in zip(clock.steal, clock.steal[1:])]
+    print(json.dumps({"wall": wall, "cpu": cpu, "threads": split, "steal": steal, "samples": len(x)}), flush=True)
 
 
 if __name__ == "__main__":

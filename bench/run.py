@@ -52,7 +52,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--out", type=Path, help="where results.json/.md/.png go (default bench/results/<full|quick>)")
     p.add_argument("--only", default="", help=f"comma-separated subset of: {', '.join(ORDER)}")
     p.add_argument("--reps", type=int, help="repetitions per comparison (default 3, GCS pushes 4, epoch-overhead "
-                   "fits 4, quick 2)")
+                   "fits 6, quick 2)")
     p.add_argument("--scratch", type=Path, help="directory for temporary files (default: a new temp dir)")
     return p.parse_args(argv)
 
