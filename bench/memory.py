@@ -106,8 +106,14 @@ def run(ctx: Ctx) -> list[Section]:
     }
     for name, (idle_argv, push_argv) in pairs.items():
         idle, _ = peak_rss(idle_argv)
-        busy, secs = peak_rss(push_argv)
         v = sec.variant(name)
+        try:
+            busy, secs = _push_rss(name, push_argv, raw=name == "s3fs put_file")
+        except RuntimeError as e:  # a raw client that fails twice costs its own row only
+            v.extra["error"] = str(e)[-600:]
+            sec.notes.append(f"{name}: failed twice, not measured ({str(e)[-200:]})")
+            _delete_big(client, bucket, min_size=size)
+            continue
         v.samples.append(round((busy - idle) / MiB, 1))
         v.extra.update(idle_MiB=round(idle / MiB, 1), push_MiB=round(busy / MiB, 1), push_seconds=round(secs, 2))
         log.info("  %-40s idle %.0f MiB, push %.0f MiB, added %.0f MiB (%.1fs)", name, idle / MiB, busy / MiB,
@@ -124,8 +130,9 @@ def run(ctx: Ctx) -> list[Section]:
     sec.ratio_desc = "MiB added over idle (cloudckpt)"
     gcs_added = sec.variant(GCS).median
     s3fs_added = sec.variant("s3fs put_file").median
+    s3fs = f"+{s3fs_added} MiB" if s3fs_added is not None else "failed, not measured"
     met = [sec.add_target("memory (S3)", f"push of {fmt_bytes(size)} adds <= 128 MiB of RSS over an idle process",
-                          f"+{added} MiB (s3fs put_file: +{s3fs_added} MiB)", value=added, limit=128.0)["met"]]
+                          f"+{added} MiB (s3fs put_file: {s3fs})", value=added, limit=128.0)["met"]]
     if gcs_added is not None:
         met.append(sec.add_target("memory (GCS)", f"push of {fmt_bytes(size)} adds <= 128 MiB of RSS over an idle "
                                   "process", f"+{gcs_added} MiB", value=gcs_added, limit=128.0)["met"])
@@ -136,6 +143,18 @@ def run(ctx: Ctx) -> list[Section]:
                   "measure": "VmHWM of the child process (/proc/<pid>/status), read every 5 ms"}
     sec.seconds = round(time.monotonic() - t_start, 1)
     return [sec]
+
+
+def _push_rss(name: str, argv: list[str], *, raw: bool) -> tuple[int, float]:
+    """peak_rss of a push; a raw client's failure (s3fs against moto under load: a part fails, then its
+    AbortMultipartUpload gets NoSuchUpload) is retried once and logged. cloudckpt's own push is never retried here."""
+    try:
+        return peak_rss(argv)
+    except RuntimeError as e:
+        if not raw:
+            raise
+        log.warning("  %s failed, once more: %s", name, str(e)[-300:])
+        return peak_rss(argv)
 
 
 def _delete_big(client, bucket: str, *, min_size: int) -> None:
