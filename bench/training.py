@@ -14,12 +14,13 @@ from . import epoch_overhead, sigterm, stall
 from .common import Ctx, Section, guarded, log
 from .model import keras_available
 
+OVERHEAD = ("epoch_overhead", "2. Epoch-time overhead of a checkpoint every epoch")
+
 
 def run(ctx: Ctx) -> list[Section]:
     why = keras_available()
     ids = [(f"stall_{mb}MB", f"1. Training stall per checkpoint, ~{mb} MB of weights") for mb in ctx.sizes.models_mb]
-    ids += [("epoch_overhead", "2. Epoch-time overhead of a checkpoint every epoch"),
-            ("sigterm", "6. SIGTERM to committed checkpoint")]
+    ids += [OVERHEAD, ("sigterm", "6. SIGTERM to committed checkpoint")]
     if why:
         return [Section(i, t, "s", skipped=why) for i, t in ids]
     out = []
@@ -43,7 +44,7 @@ class overhead:  # noqa: N801  (a group of bench.run, like a module: ``--only ov
     @staticmethod
     def run(ctx: Ctx) -> list[Section]:
         why = keras_available()
-        sid, title = "epoch_overhead", "2. Epoch-time overhead of a checkpoint every epoch"
+        sid, title = OVERHEAD
         if why:
             return [Section(sid, title, "s", skipped=why)]
         log.info("epoch overhead")

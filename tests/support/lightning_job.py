@@ -23,20 +23,20 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 from cloudckpt.lightning import CloudCheckpointIO, CloudPreemption, pull_last
 
 STEPS_PER_EPOCH = 10
-TRAIN_DELAY = [0.0]
 
 
 class Net(pl.LightningModule):
     def __init__(self, lr: float = 1e-2) -> None:
         super().__init__()
+        self.train_delay = 0.0  # seconds slept in each training step (--train-delay); not a hyperparameter
         self.save_hyperparameters()
         self.body = torch.nn.Sequential(torch.nn.Linear(32, 16), torch.nn.ReLU(), torch.nn.Dropout(0.2),
                                         torch.nn.Linear(16, 4))
 
     def training_step(self, batch, i):
         x, y = batch
-        if TRAIN_DELAY[0]:
-            time.sleep(TRAIN_DELAY[0])
+        if self.train_delay:
+            time.sleep(self.train_delay)
         return torch.nn.functional.cross_entropy(self.body(x), y)
 
     def validation_step(self, batch, i):
@@ -88,7 +88,6 @@ def main() -> None:
     p.add_argument("--step-delay", type=float, default=0.0)
     p.add_argument("--train-delay", type=float, default=0.0)
     a = p.parse_args()
-    TRAIN_DELAY[0] = a.train_delay
     logging.basicConfig(level=logging.WARNING)
     torch.set_num_threads(1)
     pl.seed_everything(0, workers=True)
@@ -109,6 +108,7 @@ def main() -> None:
     found = pull_last(a.remote, f"{a.root}/ckpts")
     print(f"resumed {found}" if found else "fresh", flush=True)
     model = Net()
+    model.train_delay = a.train_delay
     trainer.fit(model, train, val, ckpt_path="last")
     torch.save({"model": model.state_dict(), "optimizer": trainer.optimizers[0].state_dict()}, a.final)
     print(f"best {Path(ckpt.best_model_path).name} {float(ckpt.best_model_score)!r}", flush=True)
