@@ -4,7 +4,6 @@ processes (tests/support/hf_job.py)."""
 
 from __future__ import annotations
 
-import random
 import shutil
 import signal
 import subprocess
@@ -41,7 +40,7 @@ def reference(tmp_path_factory) -> tuple[Path, Path, list[str]]:
 
 
 def test_sigkill_then_restart_on_a_new_machine_ends_identical(tmp_path, local_url, reference):
-    kill_at = random.Random().randint(SAVE_EVERY + 3, 50)
+    kill_at = runs.kill_step(reference[2], SAVE_EVERY + 3)
     proc = _start(local_url, tmp_path, "--step-delay", "0.05")
     kill_at = runs.read_until_committed(proc, kill_at, local_url)
     proc.send_signal(signal.SIGKILL)

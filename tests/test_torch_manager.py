@@ -4,7 +4,6 @@ and no unpickling of what the bucket holds. The training runs are real processes
 from __future__ import annotations
 
 import os
-import random
 import signal
 import subprocess
 import sys
@@ -44,7 +43,7 @@ def reference(tmp_path_factory) -> tuple[Path, Path, list[str]]:
 
 
 def test_sigkill_at_a_random_step_then_restart_ends_identical(tmp_path, local_url, reference):
-    kill_at = random.Random().randint(SAVE_EVERY + 3, 60)
+    kill_at = runs.kill_step(reference[2], SAVE_EVERY + 3)
     proc = _start(local_url, tmp_path / "final.pt", "--step-delay", "0.02")
     kill_at = runs.read_until_committed(proc, kill_at, local_url)
     proc.send_signal(signal.SIGKILL)

@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import os
+import random
 import subprocess
 import sys
 from collections.abc import Sequence
@@ -41,6 +42,14 @@ def read_until_step(proc: subprocess.Popen, step: int) -> list[str]:
         if line.startswith("step ") and int(line.split()[1]) >= step:
             return lines
     raise AssertionError(f"the job ended before step {step}: {lines[-3:]} {proc.stderr.read()}")  # type: ignore
+
+
+def kill_step(reference_lines: list[str], low: int) -> int:
+    """A step to kill the job at, drawn from the steps the job really has: from ``low`` up to one before the last
+    ``step N`` line of an uninterrupted run's output (so the job is still running when it is killed)."""
+    last = max(int(ln.split()[1]) for ln in reference_lines if ln.startswith("step "))
+    assert last - 1 >= low, f"the job has only {last} steps; a kill from step {low} on can't be drawn"
+    return random.Random().randint(low, last - 1)
 
 
 def read_until_committed(proc: subprocess.Popen, step: int, remote: str) -> int:
