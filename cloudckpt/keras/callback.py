@@ -396,17 +396,22 @@ class CloudCheckpoint(keras.callbacks.ModelCheckpoint):
                            keep_every=self.keep_every_n_epochs)
         push_args = st.SavePoint(epoch + 1, step, metrics, meta, policy).push_args()
         if self.writer is None:
-            self.uploader.submit(job_dir, push_args, protected=improved,
-                                 prepare=lambda path: st.write_state(path, arrays, state))
+            job = self.uploader.submit(job_dir, push_args, protected=improved,
+                                       prepare=lambda path: st.write_state(path, arrays, state))
+            if saved:
+                self._local.queued(saved, job)
         else:
             uploader, tmp = self.uploader, capture.tmp_dir_for(saved, self._staging) if snap and saved else None
+            local = self._local
 
             def write() -> None:  # the writer's thread: Keras' file, staged with the resume state, then queued
                 if snap is not None and saved is not None:
                     snap.write(saved, tmp)
                     snapshot({os.path.basename(saved): Path(saved)}, job_dir)
                 st.write_state(job_dir, arrays, state)
-                uploader.submit(job_dir, push_args, protected=improved)
+                job = uploader.submit(job_dir, push_args, protected=improved)
+                if saved is not None:
+                    local.queued(saved, job)
 
             self.writer.submit(WriteTask(write, f"epoch {epoch + 1} step {step}" + (f" ({saved})" if saved else ""),
                                          protected=improved, discard=snap.discard if snap else None,
@@ -423,7 +428,7 @@ class CloudCheckpoint(keras.callbacks.ModelCheckpoint):
 
     def _on_commit(self, entry: CheckpointEntry, job: Job) -> None:
         """Uploader thread: delete the local files whose checkpoints retention removed from the store."""
-        self._local.prune(self._store)
+        self._local.prune(self._store, committed=entry)
 
     # --- preemption --------------------------------------------------------------------------------------------
 

@@ -30,6 +30,7 @@ from typing import Any
 from ..errors import CheckpointNotFoundError, CloudCkptError, IntegrityError, UnsafePathError
 from ..manifest import CheckpointEntry, check_relative_path
 from ..store import CheckpointStore
+from ..uploader import Job
 from .state import CheckpointMeta
 
 log = logging.getLogger(__name__)
@@ -93,7 +94,9 @@ def live_files(root: Path | None, entries: Iterable[CheckpointEntry], suffix: st
 class LocalFiles:
     """The local files Keras wrote in one fit, oldest first, and (``prune_local``) the removal of those whose
     checkpoints retention has removed from the store. Only files inside the callback's folder are candidates, the
-    most recent one never; the index only says which are still live.
+    most recent one never, and only files whose checkpoint was seen committed (listed, or reported by the uploader)
+    and is no longer listed: a file whose checkpoint is still uploading, queued or failed is not "pruned" but not yet
+    listed, and stays.
 
     Args:
         filepath: the callback's ``filepath``.
@@ -102,6 +105,8 @@ class LocalFiles:
     def __init__(self, filepath: str) -> None:
         self.root, self.suffix = local_root(filepath), keras_suffix(filepath)
         self._files: dict[str, None] = {}
+        self._committed: set[str] = set()  # absolute paths of files whose checkpoint was seen committed
+        self._jobs: dict[str, Job] = {}  # absolute path -> the upload job of its checkpoint
         self._lock = threading.Lock()
 
     def wrote(self, path: str) -> str | None:
@@ -110,7 +115,19 @@ class LocalFiles:
         with self._lock:
             self._files.pop(path, None)
             self._files[path] = None
+            self._committed.discard(os.path.abspath(path))  # new bytes: their checkpoint isn't committed yet
+            self._jobs.pop(os.path.abspath(path), None)
         return local_name(self.root, path)
+
+    def queued(self, path: str, job: Job) -> None:
+        """Record the upload ``job`` of the checkpoint that holds ``path``: a job superseded before its upload
+        (a newer checkpoint replaced it in the queue) will never be committed, so its file is not kept for it."""
+        with self._lock:
+            self._jobs[os.path.abspath(path)] = job
+
+    def _superseded(self, path: str) -> bool:
+        job = self._jobs.get(path)
+        return job is not None and job.done.is_set() and job.entry is None and job.error is None
 
     def release(self, path: str) -> None:
         """Before Keras writes ``path``: unlink it if a snapshot still holds its inode (a hard link in staging), so
@@ -121,18 +138,29 @@ class LocalFiles:
         except FileNotFoundError:
             pass
 
-    def prune(self, store: CheckpointStore) -> list[str]:
-        """Delete the recorded files that no checkpoint listed in ``store`` names any more; return them."""
-        live = live_files(self.root, store.list(), self.suffix)
+    def prune(self, store: CheckpointStore, committed: CheckpointEntry | None = None) -> list[str]:
+        """Delete the recorded files whose checkpoints were committed (listed in ``store`` once, or ``committed``:
+        the entry the uploader just committed) and that no checkpoint listed in ``store`` names any more; return
+        them."""
+        try:
+            live = live_files(self.root, store.list(), self.suffix)
+        except CheckpointNotFoundError:  # nothing committed yet: only superseded files can go
+            live = set()
         with self._lock:
+            self._committed |= live
+            if committed is not None:
+                self._committed |= live_files(self.root, [committed], self.suffix)
             paths = list(self._files)[:-1]  # never the most recent file
-            doomed = [p for p in paths if os.path.abspath(p) not in live and local_name(self.root, p)]
+            doomed = [p for p in paths if local_name(self.root, p) and os.path.abspath(p) not in live
+                      and (os.path.abspath(p) in self._committed or self._superseded(os.path.abspath(p)))]
             for p in doomed:
                 del self._files[p]
+                self._committed.discard(os.path.abspath(p))
+                self._jobs.pop(os.path.abspath(p), None)
         for p in doomed:
             try:
                 os.remove(p)
-                log.info("removed local %s (its checkpoint was pruned from the store)", p)
+                log.info("removed local %s (its checkpoint was pruned from the store, or superseded before upload)", p)
             except FileNotFoundError:
                 pass
         return doomed
