@@ -162,3 +162,37 @@ def test_sigkill_mid_write_leaves_no_torn_file_and_the_restart_resumes(tmp_path)
     model.load_weights(ckpt / "m.weights.h5")
     for i, w in enumerate(model.weights):
         np.testing.assert_array_equal(w.numpy(), final[f"arr_{i}"])
+
+
+@pytest.mark.parametrize("name", ["m.weights.h5", "m.keras"])
+def test_the_background_file_is_on_disk_before_its_name_and_has_keras_own_mode(tmp_path, monkeypatch, name):
+    """README promises a whole local file after a crash: the written bytes are fsynced before the rename over the
+    name, and the folder (the rename) after it. The mode is the one Keras' own ModelCheckpoint gives its file."""
+    events: list[tuple[str, str]] = []
+    real_fsync, real_replace = os.fsync, os.replace
+
+    def fsync(fd):
+        events.append(("fsync", os.readlink(f"/proc/self/fd/{fd}")))
+        return real_fsync(fd)
+
+    def replace(src, dst, **kw):
+        events.append(("replace", str(dst)))
+        return real_replace(src, dst, **kw)
+
+    monkeypatch.setattr(os, "fsync", fsync)
+    monkeypatch.setattr(os, "replace", replace)
+    weights_only = name.endswith(".weights.h5")
+    own = keras.callbacks.ModelCheckpoint(str(tmp_path / "keras" / name), save_weights_only=weights_only,
+                                          monitor="loss")
+    small_model().fit(X, Y, epochs=1, batch_size=16, verbose=0, callbacks=[own])
+    cb = CloudCheckpoint(str(tmp_path / "ours" / name), save_weights_only=weights_only, monitor="loss",
+                         remote=str(tmp_path / "store"), preemption=None)
+    small_model().fit(X, Y, epochs=1, batch_size=16, verbose=0, callbacks=[cb])
+    target = str(tmp_path / "ours" / name)
+    renamed = events.index(("replace", target))
+    synced = [i for i, (kind, what) in enumerate(events[:renamed]) if kind == "fsync"
+              and os.path.basename(what).startswith(f".{name}.") and what.endswith(".cloudckpt-tmp")]
+    assert synced, f"the temporary file was not fsynced before its rename: {events[:renamed + 1]}"
+    assert ("fsync", str(tmp_path / "ours")) in events[renamed:], "the rename was not flushed (folder fsync)"
+    mode = os.stat(target).st_mode & 0o777
+    assert mode == os.stat(tmp_path / "keras" / name).st_mode & 0o777, oct(mode)

@@ -16,16 +16,9 @@ from filelock import FileLock
 from ..checksum import BLOCK, HashingWriter, file_checksums
 from ..errors import ConfigurationError, IndexConflictError, IntegrityError
 from ..layout import INDEX_NAME, LOCK_NAME, TMP_MARK
+from ..localfs import fsync_dir
 from ..source import Source
 from .base import UNCHANGED, Backend, ObjectInfo, Progress
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 class LocalBackend(Backend):
@@ -58,7 +51,7 @@ class LocalBackend(Backend):
         finally:
             tmp.unlink(missing_ok=True)
         if self.fsync:
-            _fsync_dir(target.parent)
+            fsync_dir(target.parent)
 
     # --- index -------------------------------------------------------------------------------------------------
 

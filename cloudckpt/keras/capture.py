@@ -39,7 +39,7 @@ from typing import Any, Literal
 import keras
 import numpy as np
 
-from .. import failpoints
+from .. import failpoints, localfs
 from . import internals
 
 log = logging.getLogger(__name__)
@@ -209,8 +209,8 @@ class Snapshot:
 
     def write(self, path: str, tmp_dir: str | None = None) -> None:
         """Write the Keras file to ``path``: under a temporary name in ``tmp_dir`` (default: ``path``'s directory;
-        it must be on the same file system), then renamed over ``path``. Nothing is left under ``path`` or the
-        temporary name if writing fails."""
+        it must be on the same file system), flushed to disk and renamed over ``path`` (the rename flushed too).
+        Nothing is left under ``path`` or the temporary name if writing fails."""
         directory = os.path.dirname(os.path.abspath(path))
         fd, tmp = tempfile.mkstemp(prefix=f".{os.path.basename(path)}.", suffix=".cloudckpt-tmp",
                                    dir=tmp_dir or directory)
@@ -220,7 +220,7 @@ class Snapshot:
                 self._write_weights(tmp)
             else:
                 self._write_keras(tmp, directory if tmp_dir is None else tmp_dir)
-            os.replace(tmp, path)
+            localfs.publish(tmp, path)  # the umask's mode, as Keras' own file; whole on disk before the rename
         except BaseException:
             if os.path.lexists(tmp):
                 os.unlink(tmp)

@@ -27,6 +27,7 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
+from .. import localfs
 from ..errors import CheckpointNotFoundError, CloudCkptError, IntegrityError, UnsafePathError
 from ..manifest import CheckpointEntry, check_relative_path
 from ..store import CheckpointStore
@@ -173,6 +174,7 @@ def _copy_new(src: Path, target: Path) -> None:
     try:
         with os.fdopen(fd, "wb") as out, open(src, "rb") as inp:
             shutil.copyfileobj(inp, out)
+        os.chmod(tmp, 0o666 & ~localfs.umask())  # mkstemp's 0600 -> the mode Keras' own file would have
         try:
             os.link(tmp, target)  # fails if anything (a file, a link) appeared there meanwhile: never overwrites
         except FileExistsError:
