@@ -8,6 +8,7 @@ from collections.abc import Callable
 from typing import Any
 
 import click
+from tqdm import tqdm
 
 from .manifest import CheckpointEntry, Index
 from .redact import Redactor
@@ -19,12 +20,8 @@ def emit(data: Any, as_json: bool, text: Callable[[Any], str]) -> None:
 
 
 def human_size(n: int) -> str:
-    size = float(n)
-    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
-        if size < 1024 or unit == "TiB":
-            return f"{size:.0f} {unit}" if unit == "B" else f"{size:.1f} {unit}"
-        size /= 1024
-    return str(n)
+    """``18227`` → ``17.8kB``: tqdm's formatting of byte counts in powers of 1024, as the progress bars show them."""
+    return str(tqdm.format_sizeof(n, suffix="B", divisor=1024))
 
 
 def row(entry: CheckpointEntry, index: Index) -> dict:

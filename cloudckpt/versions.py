@@ -3,7 +3,7 @@ with ``make test-lowest``), and the checks that refuse older ones with a Configu
 
 from __future__ import annotations
 
-import re
+from packaging.version import InvalidVersion, Version
 
 from .errors import ConfigurationError
 
@@ -13,23 +13,13 @@ MIN_BOTOCORE = "1.35.74"
 MIN_KERAS = "3.10"
 
 
-def version_tuple(version: str) -> tuple[int, ...]:
-    """``"3.10.0rc1"`` → ``(3, 10, 0)``: the leading numeric release parts."""
-    parts = []
-    for part in version.split("."):
-        match = re.match(r"\d+", part)
-        if match is None:
-            break
-        parts.append(int(match.group()))
-        if match.end() != len(part):
-            break
-    return tuple(parts)
-
-
 def require(name: str, installed: str, minimum: str, why: str, *, ok: bool = True) -> None:
     """Raise ConfigurationError when ``installed`` is below ``minimum`` or ``ok`` (a feature probe) is False."""
-    if ok and version_tuple(installed) >= version_tuple(minimum):
-        return
+    try:
+        if ok and Version(installed) >= Version(minimum):  # PEP 440: 3.10.0rc1 comes before 3.10
+            return
+    except InvalidVersion:
+        pass  # not a version pip could have installed: refused, naming the floor
     raise ConfigurationError(f"cloudckpt needs {name}>={minimum} ({why}); {name} {installed} is installed: "
                              f"pip install '{name}>={minimum}'")
 #: the first torch whose ``torch.load(weights_only=True)`` can't be made to run code (CVE-2025-32434, fixed in 2.6)

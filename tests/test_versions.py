@@ -96,3 +96,18 @@ def test_a_botocore_without_put_object_if_match_is_refused_with_exit_5():
     assert proc.returncode == 5, proc.stderr
     assert f"cloudckpt needs botocore>={MIN_BOTOCORE}" in proc.stderr and "1.35.60" in proc.stderr
     assert len(proc.stderr.strip().splitlines()) == 1
+
+
+@pytest.mark.parametrize("installed,ok", [("3.10.0", True), ("3.10.1", True), ("3.11.0rc1", True),
+                                          ("3.10.0rc1", False), ("3.10.0.dev3", False), ("3.9.9", False),
+                                          ("not-a-version", False)])
+def test_a_pre_release_of_the_floor_is_below_it(installed, ok):
+    """PEP 440 order (packaging.version), not the leading digits: 3.10.0rc1 comes before 3.10 and is refused."""
+    from cloudckpt.errors import ConfigurationError
+    from cloudckpt.versions import require
+
+    if ok:
+        require("keras", installed, "3.10", "test")
+    else:
+        with pytest.raises(ConfigurationError, match=r"keras>=3\.10"):
+            require("keras", installed, "3.10", "test")
