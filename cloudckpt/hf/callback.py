@@ -12,6 +12,7 @@ from typing import Any
 from transformers import TrainerCallback, TrainerControl, TrainerState, TrainingArguments
 
 from ..errors import CheckpointNotFoundError, ConfigurationError
+from ..metrics import finite_metrics
 from ..preemption import PreemptionWatch
 from ..store import CheckpointStore
 from ..uploader import Job, Uploader, new_staging_dir, remove_staging, snapshot
@@ -173,7 +174,7 @@ class CloudCheckpointCallback(TrainerCallback):
                 out.update({k: float(v) for k, v in rec.items() if k.startswith("eval_")
                             and not k.endswith(("_runtime", "_per_second"))
                             and isinstance(v, (int, float)) and not isinstance(v, bool)})
-        return out
+        return finite_metrics(out)  # an eval's NaN/inf: no value, never the best (cloudckpt.metrics)
 
     def _improves(self, metrics: dict[str, float]) -> bool:
         value = metrics.get(self.monitor) if self.monitor else None

@@ -14,6 +14,7 @@ from typing import Any, NoReturn
 
 from ..errors import CheckpointNotFoundError, ConfigurationError
 from ..manifest import CheckpointEntry
+from ..metrics import finite_metrics
 from ..preemption import PreemptionWatch
 from ..store import CheckpointStore
 from ..uploader import Job, Uploader, new_staging_dir, remove_staging
@@ -129,7 +130,7 @@ class CheckpointManager:
             raise self.uploader.fatal
         t0 = time.perf_counter()
         snap = copy_to_cpu(state)
-        metrics = {k: float(v) for k, v in (metrics or {}).items()}
+        metrics = finite_metrics(metrics)  # NaN/inf: no value, never the best (cloudckpt.metrics)
         improved = self._improves(metrics)
         self._seq += 1
         job_dir = self._staging / f"save-{self._seq:06d}"
