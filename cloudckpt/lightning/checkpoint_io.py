@@ -13,6 +13,7 @@ from lightning.pytorch.plugins.io import TorchCheckpointIO
 
 from ..errors import CheckpointNotFoundError, IntegrityError
 from ..manifest import CheckpointEntry
+from ..metrics import finite_metrics
 from ..store import CheckpointStore
 from ..torch.state import copy_to_cpu, rng_state, set_rng_state
 from ..uploader import Job, Uploader, new_staging_dir, remove_staging, snapshot
@@ -31,14 +32,36 @@ def is_last(name: str) -> bool:
     return bool(LAST.fullmatch(name))
 
 
-def monitored(checkpoint: dict[str, Any]) -> tuple[str | None, str, float | None]:
-    """The first monitoring ModelCheckpoint's (monitor, mode, current score) in a Lightning checkpoint dict."""
-    for key, st in (checkpoint.get("callbacks") or {}).items():
-        if str(key).startswith("ModelCheckpoint") and isinstance(st, dict) and st.get("monitor"):
-            match = _MODE.search(str(key))
-            score = st.get("current_score")
-            return st["monitor"], match.group(1) if match else "min", None if score is None else float(score)
-    return None, "min", None
+def _monitoring(checkpoint: dict[str, Any]) -> list[tuple[str, dict]]:
+    """The (state key, state) of each ModelCheckpoint with a monitor in a Lightning checkpoint dict, in order."""
+    return [(str(key), st) for key, st in (checkpoint.get("callbacks") or {}).items()
+            if str(key).startswith("ModelCheckpoint") and isinstance(st, dict) and st.get("monitor")]
+
+
+def monitored(checkpoint: dict[str, Any]) -> tuple[str | None, str]:
+    """The run's objective: the first monitoring ModelCheckpoint's (monitor, mode) in a Lightning checkpoint dict."""
+    for key, st in _monitoring(checkpoint):
+        match = _MODE.search(key)
+        return str(st["monitor"]), match.group(1) if match else "min"
+    return None, "min"
+
+
+def scores_of(checkpoint: dict[str, Any], path: Path) -> dict[str, float]:
+    """The metrics of the file at ``path``: each monitoring ModelCheckpoint that wrote it (it lists the file among its
+    top-k, with the score of the step that saved it) gives its monitor's score; a file no monitoring callback wrote
+    (a periodic one, ``last.ckpt``) has none. Never another step's score (``current_score`` is the last one a
+    callback saved, whichever callback writes this file)."""
+    where = os.path.abspath(path)
+    out: dict[str, float] = {}
+    for _, st in _monitoring(checkpoint):
+        top = st.get("best_k_models")
+        for name, score in (top.items() if isinstance(top, dict) else ()):
+            if isinstance(name, str) and os.path.abspath(name) == where and score is not None:
+                try:
+                    out[str(st["monitor"])] = float(score)
+                except (TypeError, ValueError):
+                    continue
+    return out
 
 
 class CloudCheckpointIO(TorchCheckpointIO):
@@ -46,7 +69,8 @@ class CloudCheckpointIO(TorchCheckpointIO):
 
     Lightning's own ``ModelCheckpoint`` keeps deciding what to save (top-k by monitor, ``save_last``,
     ``every_n_train_steps``...). Each file it saves is hard-linked into a staging directory and committed in the
-    background (verified, atomic), with the monitored score and the file's name; a file it removes (dropped from the
+    background (verified, atomic), with the monitored score of the callback that wrote it (none for a file no
+    monitoring callback wrote: a periodic one, ``last.ckpt``) and the file's name; a file it removes (dropped from the
     top-k) or overwrites (``last.ckpt``) is discarded from the store after the newer commit — but never the store's
     latest or best. Checkpoints are read with ``torch.load(weights_only=True)``: only tensors and plain data, so
     ``hyper_parameters`` must be plain values. Each checkpoint also carries the host random generators (torch,
@@ -108,8 +132,8 @@ class CloudCheckpointIO(TorchCheckpointIO):
             self._removed.discard(name)
         self._seq += 1
         job_dir = snapshot({name: path}, self._staging / f"save-{self._seq:06d}")
-        monitor, mode, score = monitored(checkpoint)
-        metrics = {monitor: score} if monitor and score is not None and not is_last(name) else {}
+        monitor, mode = monitored(checkpoint)
+        metrics = finite_metrics(scores_of(checkpoint, path))  # this file's step's scores only; NaN/inf: no value
         uploader.submit(job_dir, dict(epoch=int(checkpoint.get("epoch", 0)), step=int(checkpoint.get("global_step", 0)),
                                       metrics=metrics, meta={"framework": FRAMEWORK, "name": name}, monitor=monitor,
                                       mode=mode if monitor else None), protected=not is_last(name))
