@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import os
 import re
+import shutil
 import threading
 from pathlib import Path
 from typing import Any
@@ -15,7 +16,7 @@ from ..errors import CheckpointNotFoundError, IntegrityError
 from ..manifest import CheckpointEntry
 from ..metrics import finite_metrics
 from ..store import CheckpointStore
-from ..torch.state import copy_to_cpu, rng_state, set_rng_state
+from ..torch.state import copy_to_cpu, load_plain, rng_state, set_rng_state
 from ..uploader import Job, Uploader, new_staging_dir, remove_staging, snapshot
 
 log = logging.getLogger(__name__)
@@ -151,8 +152,13 @@ class CloudCheckpointIO(TorchCheckpointIO):
             raise
         except Exception as exc:
             raise IntegrityError(f"{path}: refused to load: not plain tensors and data ({exc})") from exc
+        if not isinstance(checkpoint, dict):
+            raise IntegrityError(f"{path}: not a Lightning checkpoint (holds a {type(checkpoint).__name__})")
         if isinstance(checkpoint.get(RNG_KEY), dict):
-            set_rng_state(checkpoint.pop(RNG_KEY))
+            try:
+                set_rng_state(checkpoint.pop(RNG_KEY))
+            except Exception as exc:  # noqa: BLE001 - a malformed generator state from the bucket
+                raise IntegrityError(f"{path}: malformed random generator state ({str(exc)[:200]})") from exc
         return checkpoint
 
     def wait(self, timeout: float | None = None) -> bool:
@@ -194,7 +200,8 @@ class CloudCheckpointIO(TorchCheckpointIO):
 
 def pull_last(remote: str | None, dirpath: str | Path, *, storage_options: dict | None = None) -> Path | None:
     """Pull the latest checkpoint committed by :class:`CloudCheckpointIO` into ``dirpath`` (as ``last.ckpt`` unless
-    it was a ``last*.ckpt`` already), verified; return its path, or None when the run has none. Then
+    it was a ``last*.ckpt`` already), verified and loaded as plain tensors and data (one that fails is skipped, with
+    a warning, for the newest older one); return its path, or None when the run has none. Then
     ``trainer.fit(model, ckpt_path="last")`` resumes from it."""
     with CheckpointStore(remote, **(storage_options or {})) as store:
         try:
@@ -204,17 +211,34 @@ def pull_last(remote: str | None, dirpath: str | Path, *, storage_options: dict 
         ours = [c for c in index.checkpoints if c.meta.get("framework") == FRAMEWORK]
         if not ours:
             return None
-        entry = ours[-1]
-        name = entry.meta.get("name", "")
-        if not SAFE_NAME.fullmatch(name) or [f.path for f in entry.files] != [name]:
-            raise IntegrityError(f"{store.url}: checkpoint {entry.id} is not a Lightning file ({name!r})")
-        dirpath = Path(dirpath)
-        staging = dirpath / f".cloudckpt-pull-{entry.id}"
-        pulled = store.pull(entry.id, to=staging).path
-        target = dirpath / (name if is_last(name) else "last.ckpt")
-        os.replace(pulled / name, target)
-        for p in pulled.iterdir():
-            p.unlink()
-        pulled.rmdir()
+        failures = []
+        for entry in reversed(ours):  # the newest that verifies and reads; older ones when it doesn't
+            try:
+                target = _pull_file(store, entry, Path(dirpath))
+            except IntegrityError as exc:
+                log.warning("checkpoint %s can't be resumed from (%s); trying an older one", entry.id, exc)
+                failures.append(f"{entry.id}: {exc}")
+                continue
+            break
+        else:
+            raise IntegrityError(f"{store.url}: no Lightning checkpoint verifies: " + "; ".join(failures))
         log.info("pulled %s (step %s) from %s as %s", entry.id, entry.step, store.url, target)
         return target
+
+
+def _pull_file(store: CheckpointStore, entry: CheckpointEntry, dirpath: Path) -> Path:
+    """Pull ``entry``'s file into ``dirpath`` once it verified and loads as plain tensors and data; IntegrityError
+    otherwise (nothing is left in ``dirpath``)."""
+    name = entry.meta.get("name", "")
+    if not SAFE_NAME.fullmatch(name) or [f.path for f in entry.files] != [name]:
+        raise IntegrityError(f"{store.url}: checkpoint {entry.id} is not a Lightning file ({name!r})")
+    staging = dirpath / f".cloudckpt-pull-{entry.id}"
+    pulled = store.pull(entry.id, to=staging).path
+    try:
+        if not isinstance(load_plain(pulled / name), dict):
+            raise IntegrityError(f"{store.url}: checkpoint {entry.id} does not hold a Lightning checkpoint")
+        target = dirpath / (name if is_last(name) else "last.ckpt")
+        os.replace(pulled / name, target)
+    finally:
+        shutil.rmtree(pulled, ignore_errors=True)
+    return target
