@@ -22,7 +22,7 @@ from hypothesis import strategies as hst
 from cloudckpt import CheckpointStore
 from cloudckpt.changes import Change
 from cloudckpt.errors import IntegrityError
-from cloudckpt.layout import segment_key
+from cloudckpt.layout import manifest_key, segment_key
 from cloudckpt.manifest import Index, parse_index
 
 CLI = [sys.executable, "-m", "cloudckpt"]
@@ -143,14 +143,18 @@ def test_torch_manager_nan_metric_then_a_restarted_manager_restores(url, tmp_pat
 def test_lightning_inf_score_is_committed_with_no_value(local_url, tmp_path):
     """Lightning reports an infinite score (its start value): the file is committed, with no value, no error."""
     pytest.importorskip("lightning")
+    import torch
+
     from cloudckpt.lightning import CloudCheckpointIO
 
     io = CloudCheckpointIO(local_url, staging_dir=tmp_path / "staging")
     key = "ModelCheckpoint{'monitor': 'val_loss', 'mode': 'min', 'every_n_train_steps': 0, 'every_n_epochs': 1}"
-    for epoch, score in ((0, float("inf")), (1, 0.5)):
+    for epoch, score in ((0, float("inf")), (1, 0.5)):  # Lightning records a NaN val_loss as inf in its top-k
+        path = tmp_path / "ckpts" / f"e{epoch}.ckpt"
         ckpt = {"epoch": epoch, "global_step": epoch + 1, "state_dict": {},
-                "callbacks": {key: {"monitor": "val_loss", "current_score": score}}}
-        io.save_checkpoint(ckpt, tmp_path / "ckpts" / f"e{epoch}.ckpt")
+                "callbacks": {key: {"monitor": "val_loss", "current_score": score,
+                                    "best_k_models": {str(path): torch.tensor(score)}}}}
+        io.save_checkpoint(ckpt, path)
     io.teardown()
     with CheckpointStore(local_url) as store:
         entries = store.list()
@@ -176,14 +180,25 @@ def test_null_metrics_from_an_older_writer_still_list_restore_and_repair(url, ck
     entry and `cloudckpt repair`; repair rewrites the index without the null, keeping every checkpoint."""
     ids = [_push(url, ckpt, "--epoch", str(e), "--metric", f"val_loss={v}", "--monitor", "val_loss")["id"]
            for e, v in ((1, 0.5), (2, 0.1), (3, 0.4))]
-    _old_writer_index(url, lambda raw: raw["checkpoints"][1]["metrics"].update(val_loss=None))
+
+    def old_nan(raw: dict) -> None:  # what an older cloudckpt wrote for a NaN: null, never the best
+        raw["checkpoints"][1]["metrics"]["val_loss"] = None
+        raw["best"] = ids[2]
+
+    _old_writer_index(url, old_nan)
+    with CheckpointStore(url) as store:  # its manifest too
+        key = manifest_key(ids[1])
+        manifest = json.loads(store.backend.read_bytes(key))
+        manifest["checkpoint"]["metrics"]["val_loss"] = None
+        store.backend.write_bytes(key, json.dumps(manifest).encode())
     proc = run("ls", "--remote", url, "--json")
     assert proc.returncode == 0, proc.stderr
     assert f"checkpoint '{ids[1]}' has metric 'val_loss' = null" in proc.stderr and "cloudckpt repair" in proc.stderr
     rows = json.loads(proc.stdout)
-    assert [r["id"] for r in rows] == ids and rows[1]["metrics"] == {}
-    pulled = run("pull", ids[1], "--remote", url, "--to", str(tmp_path / "out"))
-    assert pulled.returncode == 0, pulled.stderr
+    assert [r["id"] for r in rows] == ids and rows[1]["metrics"] == {} and rows[2]["tags"] == ["best", "latest"]
+    for args in (("pull", ids[1], "--to", str(tmp_path / "out")), ("verify", "--all")):
+        proc = run(*args, "--remote", url)
+        assert proc.returncode == 0, proc.stderr
     dry = run("repair", "--remote", url, "--dry-run", "--json")
     assert dry.returncode == 0, dry.stderr
     assert json.loads(dry.stdout)["problems"] == [
@@ -196,6 +211,7 @@ def test_null_metrics_from_an_older_writer_still_list_restore_and_repair(url, ck
     again = run("ls", "--remote", url, "--json")
     assert again.returncode == 0 and "null" not in again.stderr, again.stderr
     assert [r["id"] for r in json.loads(again.stdout)] == ids
+    assert [r["tags"] for r in json.loads(again.stdout)] == [[], [], ["best", "latest"]]
     assert json.loads(run("repair", "--remote", url, "--json").stdout) == {"dry_run": False, "rewritten": False,
                                                                           "problems": []}
 
