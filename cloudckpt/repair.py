@@ -29,7 +29,7 @@ from pydantic import ValidationError
 from . import layout, retry
 from .backends import Backend
 from .errors import CheckpointNotFoundError, IndexConflictError, IntegrityError, TransferError
-from .manifest import CheckpointEntry, Index, SegmentRef, dump
+from .manifest import CheckpointEntry, Index, SegmentRef, dump, parse_index
 from .segments import NewSegment, Sealing, check, seal
 
 log = logging.getLogger(__name__)
@@ -111,8 +111,7 @@ def _segment(ref: object, read: Callable[[str], bytes], seen: set[str]
     dropped: list[tuple[object, str]] = []
     try:
         parsed = SegmentRef.model_validate_json(json.dumps(ref), strict=True, context={"dropped": dropped})
-        check(parsed, tuple(entries))
-        holds = not problems and not dropped
+        holds = bool(entries) and not problems and not dropped and check(parsed, tuple(entries)) is not None
     except (ValidationError, IntegrityError):
         holds = False
     if dropped or not holds and not problems:
@@ -141,12 +140,20 @@ def plan_repair(data: bytes, read_segment: Callable[[str], bytes], sealing: Seal
     head, found = _entries(raw.get("checkpoints", []), "index", seen)
     problems += found
     if not problems:
-        return RepairPlan(())
+        try:
+            parse_index(data)
+            return RepairPlan(())
+        except IntegrityError as exc:  # every entry is sound, but not the whole (best, latest...): rebuild it
+            problems.append(Problem("index", None, f"rebuilt from its entries ({exc})"))
+            holds = False
     try:
         base = Index.model_validate_json(json.dumps({**raw, "checkpoints": [], "segments": [], "best": None,
                                                      "latest": None}), strict=True, context={"dropped": []})
     except ValidationError as exc:
         raise IntegrityError(f"index is {_error(exc)}, outside its checkpoint entries; repair can't fix that") from None
+    objective = (base.run.monitor, base.run.mode)
+    holds = holds and all(isinstance(r, dict) and (r.get("monitor"), r.get("mode", "min")) == objective
+                          for r in refs_raw)  # else summarized again by sealing anew
     keep_refs = holds and bool(head)
     refs = tuple(SegmentRef.model_validate_json(json.dumps(r), strict=True, context={"dropped": []})
                  for r in refs_raw) if keep_refs else ()

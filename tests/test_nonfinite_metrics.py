@@ -298,3 +298,13 @@ def test_bad_entries_in_sealed_segments_are_read_named_and_repaired(local_url, c
         assert parse_index(store.backend.read_index()[0]).segments  # sealed again
         assert all(r.ok for r in store.verify(all=True))
 
+
+
+def test_repair_rebuilds_an_index_whose_entries_are_sound_but_not_the_whole(local_url, ckpt):
+    ids = [_push(local_url, ckpt, "--epoch", str(e), "--metric", f"val_loss={v}", "--monitor", "val_loss")["id"]
+           for e, v in ((1, 0.5), (2, 0.1))]
+    _old_writer_index(local_url, lambda raw: raw.update(latest="ckpt-00000000", best=ids[0]))
+    assert run("ls", "--remote", local_url).returncode == 4
+    fixed = run("repair", "--remote", local_url, "--json")
+    assert fixed.returncode == 0, fixed.stderr
+    assert [r["tags"] for r in ls(local_url)] == [[], ["best", "latest"]]
