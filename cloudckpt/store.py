@@ -220,6 +220,8 @@ class CheckpointStore:
              sha256: bool = False, prune: bool = True, inline_small: bool = False) -> CheckpointEntry:
         """Commit the file or directory at ``source`` as a checkpoint; return its index entry.
 
+        A NaN or infinite metric is recorded as no value (left out, warned once: :mod:`cloudckpt.metrics`).
+
         With ``inline_small`` the small files (:mod:`cloudckpt.inline`: each up to 256 KiB, 1 MiB in all) ride inside
         the checkpoint's manifest object instead of taking a PUT each; a pull materializes them like any file.
 

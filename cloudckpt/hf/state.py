@@ -11,12 +11,21 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Any
 
+import numpy as np
 import torch
 from safetensors.torch import load_file
-from transformers.trainer_pt_utils import safe_globals
 
 from ..errors import IntegrityError
+
+try:  # what the Trainer allows when it reads rng_state.pth: numpy's arrays
+    from transformers.trainer_pt_utils import safe_globals
+except ImportError:  # pragma: no cover - a transformers that reads them the same way without the helper
+    def safe_globals() -> Any:
+        core = getattr(np, "_core", None) or np.core
+        return torch.serialization.safe_globals([core.multiarray._reconstruct, np.ndarray, np.dtype,
+                                                 type(np.dtype(np.uint32))])
 
 TORCH_FILES = (".pt", ".pth", ".bin")
 NOT_READ = frozenset({"training_args.bin"})  # a pickle of TrainingArguments the Trainer never reads on resume

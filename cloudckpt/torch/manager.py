@@ -120,6 +120,7 @@ class CheckpointManager:
     def save(self, step: int, state: Any, *, metrics: dict[str, float] | None = None,
              epoch: int | None = None) -> Job:
         """Copy ``state`` to CPU memory and queue its commit; return the job (``job.done`` is set once handled).
+        A NaN or infinite metric is recorded as no value (never the best; :mod:`cloudckpt.metrics`).
 
         Raises:
             StaleWriterError: a newer writer claimed the run; this one must stop.
