@@ -39,6 +39,7 @@ Examples:
   CLOUDCKPT_REMOTE=./store cloudckpt pull latest --json
   cloudckpt verify ckpt-e000003-s0000000900-1a2b3c4d -r s3://bucket/runs/r1
   cloudckpt prune -r s3://bucket/runs/r1 --keep-best 2 --keep-last 3 --dry-run
+  cloudckpt repair -r s3://bucket/runs/r1 --dry-run
   cloudckpt sync ./checkpoints -r s3://bucket/runs/r1 --monitor val_loss --keep-last 3
 \b
 Exit codes: 0 ok, 1 other error, 2 usage, 3 nothing matches, 4 integrity failure,
@@ -265,6 +266,23 @@ def gc_cmd(ctx: click.Context, url: str | None, dry_run: bool, min_age: float, a
             "kept_young": report.kept_young}
     out.emit(data, as_json, lambda r: f"{'would remove' if dry_run else 'removed'} {len(r['deleted'])} objects "
              f"({out.human_size(r['bytes'])}) of {len(r['checkpoints'])} uncommitted checkpoints")
+
+
+@cli.command("repair")
+@remote
+@click.option("--dry-run", is_flag=True, help="Say what would be fixed; write nothing.")
+@json_flag
+@click.pass_context
+def repair_cmd(ctx: click.Context, url: str | None, dry_run: bool, as_json: bool) -> None:
+    """Rewrite the index without malformed entries (their objects are left for gc) and null metrics."""
+    with _store(ctx, url) as store:
+        plan = store.repair(dry_run=dry_run)
+    data = {"dry_run": dry_run, "rewritten": plan.index is not None and not dry_run,
+            "problems": [{"where": p.where, "id": p.id, "fix": p.fix} for p in plan.problems]}
+    verb = "would fix" if dry_run else "fixed"
+    out.emit(data, as_json, lambda r: "\n".join([f"{verb}: {p}" for p in plan.problems]
+                                                + [f"{verb} {len(plan.problems)} problems in the index"
+                                                   if plan.problems else "the index has nothing to repair"]))
 
 
 @cli.command("sync")

@@ -9,10 +9,11 @@ which turn any malformed, hostile or inconsistent document into an :class:`~clou
 from __future__ import annotations
 
 import json
+import logging
 import math
 import re
 from datetime import datetime, timezone
-from typing import Annotated, Literal, TypeVar
+from typing import Annotated, Any, Literal, TypeVar
 
 from pydantic import (
     BaseModel,
@@ -20,6 +21,7 @@ from pydantic import (
     Field,
     SerializerFunctionWrapHandler,
     ValidationError,
+    ValidationInfo,
     field_validator,
     model_serializer,
     model_validator,
@@ -32,6 +34,8 @@ from .layout import PROBE_DIR as PROBE_DIR
 from .layout import TMP_MARK as TMP_MARK
 from .layout import is_checkpoint_id, reserved_path_problem
 from .retention import Objective, Retention
+
+log = logging.getLogger(__name__)
 
 SCHEMA_VERSION = 1  # the manifest's (and an index without sealed segments: what older cloudckpt reads)
 INDEX_VERSION = 2  # an index that references sealed segments; older cloudckpt refuses it (schema_version check)
@@ -117,6 +121,17 @@ class CheckpointEntry(_Frozen):
     pinned: bool = False
     meta: dict[str, str] = {}
 
+    @field_validator("metrics", mode="before")
+    @classmethod
+    def _null_metrics(cls, v: object, info: ValidationInfo) -> object:
+        """On a tolerant read (``info.context`` holds a ``"dropped"`` list): a ``null`` metric, what older cloudckpt
+        wrote for a NaN or infinite value, is read as no value (left out, noted in the list with the entry's id)."""
+        dropped = info.context.get("dropped") if isinstance(info.context, dict) else None
+        if dropped is None or not isinstance(v, dict) or None not in v.values():
+            return v
+        dropped.extend((info.data.get("id"), k) for k, x in v.items() if x is None)
+        return {k: x for k, x in v.items() if x is not None}
+
     @field_validator("id")
     @classmethod
     def _id(cls, v: str) -> str:
@@ -130,8 +145,8 @@ class CheckpointEntry(_Frozen):
         for name, value in v.items():
             if not name or len(name) > 200:
                 raise ValueError(f"invalid metric name {name!r}")
-            if math.isinf(value):
-                raise ValueError(f"metric {name!r} is infinite")
+            if not math.isfinite(value):  # JSON has no NaN/inf: cloudckpt.metrics records them as no value
+                raise ValueError(f"metric {name!r} is {value} (not finite)")
         return v
 
     @model_validator(mode="after")
@@ -384,10 +399,17 @@ class Manifest(_Frozen):
 
 M = TypeVar("M", bound=BaseModel)
 
+#: what a read-path error about a malformed index entry tells the user to run
+REPAIR_HINT = "`cloudckpt repair --remote URL` rewrites the index without it (its objects are left for `cloudckpt gc`)"
+_warned_nulls: set[tuple[object, str]] = set()
 
-def _parse(model: type[M], data: bytes, what: str) -> M:
+
+def _parse(model: type[M], data: bytes, what: str, *, tolerant: bool = True) -> M:
+    """Validate ``data`` as ``model``. ``tolerant``: ``null`` metrics (older cloudckpt's NaN) are read as no value,
+    with a warning once per entry and metric; otherwise they are refused as the schema says."""
+    dropped: list[tuple[object, str]] = []
     try:
-        return model.model_validate_json(data, strict=True)
+        parsed = model.model_validate_json(data, strict=True, context={"dropped": dropped} if tolerant else None)
     except ValidationError as e:
         err = e.errors()[0]
         version = _schema_version(data)
@@ -395,15 +417,41 @@ def _parse(model: type[M], data: bytes, what: str) -> M:
         if version is not None and version not in known:
             raise IntegrityError(f"{what} has schema_version {version}; this cloudckpt reads "
                                  f"{' and '.join(map(str, known))} (upgrade cloudckpt)") from None
-        loc = ".".join(str(x) for x in err["loc"])
-        raise IntegrityError(f"{what} is invalid at {loc or '<root>'}: {err['msg']}") from None
+        raise IntegrityError(_located(what, data, tuple(err["loc"]), err["msg"])) from None
+    for cid, name in dropped:
+        if (cid, name) not in _warned_nulls:
+            _warned_nulls.add((cid, name))
+            log.warning("%s: checkpoint %r has metric %r = null (a NaN or infinite value written by an older "
+                        "cloudckpt): read as no value; `cloudckpt repair --remote URL` rewrites the index without it",
+                        what, cid, name)
+    return parsed
+
+
+def _located(what: str, data: bytes, loc: tuple[int | str, ...], msg: str) -> str:
+    """The message for a validation error at ``loc``: one in a checkpoint entry names the entry and the repair."""
+    path = (loc[:2] if loc[:1] == ("checkpoints",) else loc[:3] if loc[:1] == ("segments",) and "best" in loc[2:3]
+            else ())
+    if len(path) < 2 or not isinstance(loc[1], int):
+        return f"{what} is invalid at {'.'.join(map(str, loc)) or '<root>'}: {msg}"
+    raw: Any = _raw(data)
+    for key in path:
+        ok = isinstance(raw, dict) or (isinstance(raw, list) and isinstance(key, int) and key < len(raw))
+        raw = raw.get(key) if isinstance(raw, dict) else raw[key] if ok else None
+    cid = raw.get("id") if isinstance(raw, dict) else None
+    rest = ".".join(map(str, loc[len(path):])) or "<entry>"
+    return (f"{what}: checkpoint entry {'.'.join(map(str, path))} (id {cid!r}) is invalid at {rest}: {msg}; "
+            f"{REPAIR_HINT}")
+
+
+def _raw(data: bytes) -> object:
+    try:
+        return json.loads(data)
+    except (ValueError, UnicodeDecodeError, RecursionError):
+        return None
 
 
 def _schema_version(data: bytes) -> object:
-    try:
-        raw = json.loads(data)
-    except (ValueError, UnicodeDecodeError, RecursionError):
-        return None
+    raw = _raw(data)
     return raw.get("schema_version") if isinstance(raw, dict) else None
 
 
@@ -417,17 +465,29 @@ def parse_manifest(data: bytes) -> Manifest:
     return _parse(Manifest, data, "manifest")
 
 
+def readable(model: M, data: bytes, what: str) -> bytes:
+    """``data`` (``model`` serialized) if this cloudckpt reads it back, strictly (no ``null`` metric tolerated);
+    else IntegrityError, raised at the writer before anything is written."""
+    try:
+        _parse(type(model), data, what, tolerant=False)
+    except IntegrityError as e:
+        raise IntegrityError(f"refusing to write a {what} this cloudckpt could not read back ({e})") from None
+    return data
+
+
 def dump(model: BaseModel) -> bytes:
-    """Serialize an Index or Manifest to JSON bytes. An index without segments is written as older cloudckpt
-    writes it (schema_version 1, no ``segments`` key), so older readers still read it; one with segments has
-    schema_version 2, which they refuse."""
+    """Serialize an Index or Manifest to JSON bytes, checked to read back (:func:`readable`). An
+    index without segments is written as older cloudckpt writes it (schema_version 1, no ``segments`` key), so older
+    readers still read it; one with segments has schema_version 2, which they refuse."""
+    what = "index" if isinstance(model, Index) else "manifest"
     if isinstance(model, Index):
         version = INDEX_VERSION if model.segments else SCHEMA_VERSION
         if model.schema_version != version:
             model = model.model_copy(update={"schema_version": version})
         if not model.segments:
-            return model.model_dump_json(by_alias=True, indent=None, exclude={"segments"}).encode()
-    return model.model_dump_json(by_alias=True, indent=None).encode()
+            return readable(model, model.model_dump_json(by_alias=True, indent=None, exclude={"segments"}).encode(),
+                            what)
+    return readable(model, model.model_dump_json(by_alias=True, indent=None).encode(), what)
 
 
 def utcnow() -> datetime:

@@ -35,7 +35,7 @@ from pydantic import ConfigDict, Field, model_validator
 
 from .errors import ConfigurationError, IntegrityError
 from .layout import segment_key
-from .manifest import TOP_SCORES, CheckpointEntry, Index, SegmentRef, _Frozen, _parse
+from .manifest import TOP_SCORES, CheckpointEntry, Index, SegmentRef, _Frozen, _parse, readable
 from .retention import KeepEvery, KeepLast, Objective, Record, Retention
 
 HEAD_ENV, SEGMENT_ENV = "CLOUDCKPT_INDEX_HEAD_MAX", "CLOUDCKPT_INDEX_SEGMENT_MAX"
@@ -114,7 +114,8 @@ def summarize(entries: Sequence[CheckpointEntry], objective: Objective, sha256: 
 
 def encode(entries: Sequence[CheckpointEntry], objective: Objective) -> NewSegment:
     """The segment object holding ``entries`` (in commit order) and its reference."""
-    data = Segment(checkpoints=tuple(entries)).model_dump_json(by_alias=True).encode()
+    doc = Segment(checkpoints=tuple(entries))
+    data = readable(doc, doc.model_dump_json(by_alias=True).encode(), "index segment")
     return NewSegment(summarize(entries, objective, hashlib.sha256(data).hexdigest()), data, tuple(entries))
 
 

@@ -21,6 +21,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from pydantic import ValidationError
+
 from . import failpoints, layout, retry
 from .backends import open_backend
 from .changes import Change, commit_checkpoint, discard_checkpoints, prune_checkpoints
@@ -29,7 +31,9 @@ from .errors import CheckpointNotFoundError, ConfigurationError, IntegrityError
 from .garbage import plan_gc
 from .inline import encode, inline_contents, split_inline, stored_files
 from .manifest import CheckpointEntry, FileEntry, Index, Manifest, WriterLease, dump, utcnow
+from .metrics import finite_metrics
 from .progress import byte_progress
+from .repair import RepairPlan, repair_index
 from .restore import pull_into
 from .retention import Retention
 from .transfer import LocalFile, read_inline, read_manifest, scan, upload_all, verify_stored
@@ -103,6 +107,15 @@ def _candidates(index: Index | None, chosen: CheckpointEntry, *, fallback: bool,
     older = list(reversed(order[:order.index(chosen)])) if fallback else []
     skip = set(failed)
     return [c for c in [chosen, *older] if c.id not in skip]
+
+
+def _entry(**fields: Any) -> CheckpointEntry:
+    """The index entry of a push; ConfigurationError for what the caller gave that the schema refuses."""
+    try:
+        return CheckpointEntry(**fields)
+    except ValidationError as e:
+        err = e.errors()[0]
+        raise ConfigurationError(f"checkpoint {fields['id']}: {'.'.join(map(str, err['loc']))}: {err['msg']}") from None
 
 
 def _policy(policy: Retention | None, **settings: Any) -> Retention:
@@ -207,6 +220,8 @@ class CheckpointStore:
              sha256: bool = False, prune: bool = True, inline_small: bool = False) -> CheckpointEntry:
         """Commit the file or directory at ``source`` as a checkpoint; return its index entry.
 
+        A NaN or infinite metric is recorded as no value (left out, warned once: :mod:`cloudckpt.metrics`).
+
         With ``inline_small`` the small files (:mod:`cloudckpt.inline`: each up to 256 KiB, 1 MiB in all) ride inside
         the checkpoint's manifest object instead of taking a PUT each; a pull materializes them like any file.
 
@@ -216,7 +231,7 @@ class CheckpointStore:
         """
         policy = _policy(policy, monitor=monitor, mode=mode, keep_best=keep_best, keep_last=keep_last,
                          keep_every=keep_every)
-        values = {k: float(v) for k, v in (metrics or {}).items()}
+        values = finite_metrics(metrics)  # NaN/inf: no value (cloudckpt.metrics)
         files = scan(source)
         self.backend.ensure_conditional_writes(self.budget)  # refuse a store without CAS before uploading anything
         cid = layout.new_checkpoint_id(epoch, step)
@@ -226,9 +241,8 @@ class CheckpointStore:
             inline = read_inline(small, sha256=sha256, budget=self.budget)
             by_path = {e.path: e for e in self._upload(cid, big, sha256=sha256)} | {e.path: e for e, _ in inline}
             stored = [by_path[f.rel] for f in files]
-            entry = CheckpointEntry(id=cid, epoch=epoch, step=step, created=utcnow(), metrics=values,
-                                    files=tuple(stored), size=sum(e.size for e in stored),
-                                    writer=self.keeper.writer_id, meta=dict(meta or {}))
+            entry = _entry(id=cid, epoch=epoch, step=step, created=utcnow(), metrics=values, files=tuple(stored),
+                           size=sum(e.size for e in stored), writer=self.keeper.writer_id, meta=dict(meta or {}))
             failpoints.hit("push.after_upload")
             self._write_manifest(entry, encode({e.path: data for e, data in inline}))
             failpoints.hit("push.after_manifest")
@@ -385,6 +399,12 @@ class CheckpointStore:
             except (IntegrityError, FileNotFoundError) as exc:
                 results.append(VerifyResult(entry.id, False, str(exc)))
         return results
+
+    def repair(self, *, dry_run: bool = False) -> RepairPlan:
+        """Rewrite the index without what a reader refuses or tolerates (:mod:`cloudckpt.repair`): malformed entries
+        removed, ``null`` metrics dropped, with the compare-and-swap of every update. Returns the plan carried out
+        (``plan.index`` None: nothing to fix); IntegrityError for what repair can't fix (nothing is written)."""
+        return repair_index(self.backend, budget=self.budget, dry_run=dry_run)
 
     def gc(self, *, dry_run: bool = False, min_age: float = 3600.0) -> GcReport:
         """Delete objects no committed checkpoint owns (left by crashed commits), older than ``min_age`` seconds."""

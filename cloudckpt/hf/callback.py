@@ -5,16 +5,19 @@ from __future__ import annotations
 import logging
 import math
 import os
+import shutil
 import time
 from pathlib import Path
 from typing import Any
 
 from transformers import TrainerCallback, TrainerControl, TrainerState, TrainingArguments
 
-from ..errors import CheckpointNotFoundError, ConfigurationError
+from ..errors import CheckpointNotFoundError, ConfigurationError, IntegrityError
+from ..metrics import finite_metrics
 from ..preemption import PreemptionWatch
 from ..store import CheckpointStore
 from ..uploader import Job, Uploader, new_staging_dir, remove_staging, snapshot
+from .state import NOT_READ, check_checkpoint
 
 log = logging.getLogger(__name__)
 
@@ -22,7 +25,7 @@ EXIT_PREEMPTED = 143
 """Exit status after a preemption checkpoint (128 + SIGTERM), the same as the Keras callback's."""
 FRAMEWORK = "hf"
 #: written by the Trainer but never read on resume, and a full pickle of TrainingArguments: not committed
-SKIPPED = frozenset({"training_args.bin"})
+SKIPPED = NOT_READ
 
 
 def monitor_of(args: TrainingArguments) -> tuple[str | None, str]:
@@ -173,7 +176,7 @@ class CloudCheckpointCallback(TrainerCallback):
                 out.update({k: float(v) for k, v in rec.items() if k.startswith("eval_")
                             and not k.endswith(("_runtime", "_per_second"))
                             and isinstance(v, (int, float)) and not isinstance(v, bool)})
-        return out
+        return finite_metrics(out)  # an eval's NaN/inf: no value, never the best (cloudckpt.metrics)
 
     def _improves(self, metrics: dict[str, float]) -> bool:
         value = metrics.get(self.monitor) if self.monitor else None
@@ -203,7 +206,8 @@ class CloudCheckpointCallback(TrainerCallback):
 
 def pull_latest(remote: str | None, output_dir: str | Path, *, storage_options: dict | None = None) -> Path | None:
     """Pull the latest checkpoint committed by :class:`CloudCheckpointCallback` into ``output_dir/checkpoint-N``
-    (verified); return its path, or None when the run has none. Then ``trainer.train(resume_from_checkpoint=True)``
+    (verified, and every file read as the Trainer reads it: one that fails is skipped, with a warning, for the newest
+    older one); return its path, or None when the run has none. Then ``trainer.train(resume_from_checkpoint=True)``
     continues from it (the Trainer takes the highest ``checkpoint-N`` in ``output_dir``)."""
     with CheckpointStore(remote, **(storage_options or {})) as store:
         try:
@@ -213,12 +217,23 @@ def pull_latest(remote: str | None, output_dir: str | Path, *, storage_options: 
         ours = [c for c in index.checkpoints if c.meta.get("framework") == FRAMEWORK and c.step is not None]
         if not ours:
             return None
-        entry = ours[-1]
-        target = Path(output_dir) / f"checkpoint-{entry.step}"
-        if target.is_dir() and any(target.iterdir()) and not (target / ".cloudckpt.json").exists():
-            log.info("%s already exists locally: resuming from it", target)
-            return target
-        store.pull(entry.id, to=target)
+        failures = []
+        for entry in reversed(ours):  # the newest that verifies and reads; older ones when it doesn't
+            target = Path(output_dir) / f"checkpoint-{entry.step}"
+            if target.is_dir() and any(target.iterdir()) and not (target / ".cloudckpt.json").exists():
+                log.info("%s already exists locally: resuming from it", target)
+                return target
+            try:
+                store.pull(entry.id, to=target)
+                check_checkpoint(target)
+            except IntegrityError as exc:
+                shutil.rmtree(target, ignore_errors=True)
+                log.warning("checkpoint %s can't be resumed from (%s); trying an older one", entry.id, exc)
+                failures.append(f"{entry.id}: {exc}")
+                continue
+            break
+        else:
+            raise IntegrityError(f"{store.url}: no Hugging Face checkpoint verifies: " + "; ".join(failures))
         log.info("pulled %s (step %d) from %s into %s", entry.id, entry.step, store.url, target)
         return target
 

@@ -12,6 +12,7 @@ from typing import Any, NoReturn
 import keras
 
 from ..manifest import CheckpointEntry, RunPolicy
+from ..metrics import finite_metrics
 from ..preemption import PreemptionWatch
 from ..retention import Objective
 from ..store import CheckpointStore
@@ -367,7 +368,7 @@ class CloudCheckpoint(keras.callbacks.ModelCheckpoint):
         if self.uploader is None:
             self._last_staged_step = step
             return
-        metrics = {k: float(v) for k, v in logs.items() if _finite(v)}
+        metrics = finite_metrics({k: v for k, v in logs.items() if _numeric(v)})  # NaN/inf: no value, warned
         current = metrics.get(self.monitor)
         mode = internals.monitor_mode(self)
         improved = self._improves(logs, saved)
@@ -495,9 +496,14 @@ class CloudCheckpoint(keras.callbacks.ModelCheckpoint):
 
 
 def _finite(value: Any) -> bool:
+    return _numeric(value) and math.isfinite(float(value))
+
+
+def _numeric(value: Any) -> bool:
     try:
-        return math.isfinite(float(value))
+        float(value)
     except (TypeError, ValueError):
         return False
+    return True
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import os
 import re
+import shutil
 import threading
 from pathlib import Path
 from typing import Any
@@ -13,8 +14,9 @@ from lightning.pytorch.plugins.io import TorchCheckpointIO
 
 from ..errors import CheckpointNotFoundError, IntegrityError
 from ..manifest import CheckpointEntry
+from ..metrics import finite_metrics
 from ..store import CheckpointStore
-from ..torch.state import copy_to_cpu, rng_state, set_rng_state
+from ..torch.state import copy_to_cpu, load_plain, rng_state, set_rng_state
 from ..uploader import Job, Uploader, new_staging_dir, remove_staging, snapshot
 
 log = logging.getLogger(__name__)
@@ -31,14 +33,36 @@ def is_last(name: str) -> bool:
     return bool(LAST.fullmatch(name))
 
 
-def monitored(checkpoint: dict[str, Any]) -> tuple[str | None, str, float | None]:
-    """The first monitoring ModelCheckpoint's (monitor, mode, current score) in a Lightning checkpoint dict."""
-    for key, st in (checkpoint.get("callbacks") or {}).items():
-        if str(key).startswith("ModelCheckpoint") and isinstance(st, dict) and st.get("monitor"):
-            match = _MODE.search(str(key))
-            score = st.get("current_score")
-            return st["monitor"], match.group(1) if match else "min", None if score is None else float(score)
-    return None, "min", None
+def _monitoring(checkpoint: dict[str, Any]) -> list[tuple[str, dict]]:
+    """The (state key, state) of each ModelCheckpoint with a monitor in a Lightning checkpoint dict, in order."""
+    return [(str(key), st) for key, st in (checkpoint.get("callbacks") or {}).items()
+            if str(key).startswith("ModelCheckpoint") and isinstance(st, dict) and st.get("monitor")]
+
+
+def monitored(checkpoint: dict[str, Any]) -> tuple[str | None, str]:
+    """The run's objective: the first monitoring ModelCheckpoint's (monitor, mode) in a Lightning checkpoint dict."""
+    for key, st in _monitoring(checkpoint):
+        match = _MODE.search(key)
+        return str(st["monitor"]), match.group(1) if match else "min"
+    return None, "min"
+
+
+def scores_of(checkpoint: dict[str, Any], path: Path) -> dict[str, float]:
+    """The metrics of the file at ``path``: each monitoring ModelCheckpoint that wrote it (it lists the file among its
+    top-k, with the score of the step that saved it) gives its monitor's score; a file no monitoring callback wrote
+    (a periodic one, ``last.ckpt``) has none. Never another step's score (``current_score`` is the last one a
+    callback saved, whichever callback writes this file)."""
+    where = os.path.abspath(path)
+    out: dict[str, float] = {}
+    for _, st in _monitoring(checkpoint):
+        top = st.get("best_k_models")
+        for name, score in (top.items() if isinstance(top, dict) else ()):
+            if isinstance(name, str) and os.path.abspath(name) == where and score is not None:
+                try:
+                    out[str(st["monitor"])] = float(score)
+                except (TypeError, ValueError):
+                    continue
+    return out
 
 
 class CloudCheckpointIO(TorchCheckpointIO):
@@ -46,7 +70,8 @@ class CloudCheckpointIO(TorchCheckpointIO):
 
     Lightning's own ``ModelCheckpoint`` keeps deciding what to save (top-k by monitor, ``save_last``,
     ``every_n_train_steps``...). Each file it saves is hard-linked into a staging directory and committed in the
-    background (verified, atomic), with the monitored score and the file's name; a file it removes (dropped from the
+    background (verified, atomic), with the monitored score of the callback that wrote it (none for a file no
+    monitoring callback wrote: a periodic one, ``last.ckpt``) and the file's name; a file it removes (dropped from the
     top-k) or overwrites (``last.ckpt``) is discarded from the store after the newer commit — but never the store's
     latest or best. Checkpoints are read with ``torch.load(weights_only=True)``: only tensors and plain data, so
     ``hyper_parameters`` must be plain values. Each checkpoint also carries the host random generators (torch,
@@ -108,8 +133,8 @@ class CloudCheckpointIO(TorchCheckpointIO):
             self._removed.discard(name)
         self._seq += 1
         job_dir = snapshot({name: path}, self._staging / f"save-{self._seq:06d}")
-        monitor, mode, score = monitored(checkpoint)
-        metrics = {monitor: score} if monitor and score is not None and not is_last(name) else {}
+        monitor, mode = monitored(checkpoint)
+        metrics = finite_metrics(scores_of(checkpoint, path))  # this file's step's scores only; NaN/inf: no value
         uploader.submit(job_dir, dict(epoch=int(checkpoint.get("epoch", 0)), step=int(checkpoint.get("global_step", 0)),
                                       metrics=metrics, meta={"framework": FRAMEWORK, "name": name}, monitor=monitor,
                                       mode=mode if monitor else None), protected=not is_last(name))
@@ -127,8 +152,13 @@ class CloudCheckpointIO(TorchCheckpointIO):
             raise
         except Exception as exc:
             raise IntegrityError(f"{path}: refused to load: not plain tensors and data ({exc})") from exc
+        if not isinstance(checkpoint, dict):
+            raise IntegrityError(f"{path}: not a Lightning checkpoint (holds a {type(checkpoint).__name__})")
         if isinstance(checkpoint.get(RNG_KEY), dict):
-            set_rng_state(checkpoint.pop(RNG_KEY))
+            try:
+                set_rng_state(checkpoint.pop(RNG_KEY))
+            except Exception as exc:  # noqa: BLE001 - a malformed generator state from the bucket
+                raise IntegrityError(f"{path}: malformed random generator state ({str(exc)[:200]})") from exc
         return checkpoint
 
     def wait(self, timeout: float | None = None) -> bool:
@@ -170,7 +200,8 @@ class CloudCheckpointIO(TorchCheckpointIO):
 
 def pull_last(remote: str | None, dirpath: str | Path, *, storage_options: dict | None = None) -> Path | None:
     """Pull the latest checkpoint committed by :class:`CloudCheckpointIO` into ``dirpath`` (as ``last.ckpt`` unless
-    it was a ``last*.ckpt`` already), verified; return its path, or None when the run has none. Then
+    it was a ``last*.ckpt`` already), verified and loaded as plain tensors and data (one that fails is skipped, with
+    a warning, for the newest older one); return its path, or None when the run has none. Then
     ``trainer.fit(model, ckpt_path="last")`` resumes from it."""
     with CheckpointStore(remote, **(storage_options or {})) as store:
         try:
@@ -180,17 +211,34 @@ def pull_last(remote: str | None, dirpath: str | Path, *, storage_options: dict 
         ours = [c for c in index.checkpoints if c.meta.get("framework") == FRAMEWORK]
         if not ours:
             return None
-        entry = ours[-1]
-        name = entry.meta.get("name", "")
-        if not SAFE_NAME.fullmatch(name) or [f.path for f in entry.files] != [name]:
-            raise IntegrityError(f"{store.url}: checkpoint {entry.id} is not a Lightning file ({name!r})")
-        dirpath = Path(dirpath)
-        staging = dirpath / f".cloudckpt-pull-{entry.id}"
-        pulled = store.pull(entry.id, to=staging).path
-        target = dirpath / (name if is_last(name) else "last.ckpt")
-        os.replace(pulled / name, target)
-        for p in pulled.iterdir():
-            p.unlink()
-        pulled.rmdir()
+        failures = []
+        for entry in reversed(ours):  # the newest that verifies and reads; older ones when it doesn't
+            try:
+                target = _pull_file(store, entry, Path(dirpath))
+            except IntegrityError as exc:
+                log.warning("checkpoint %s can't be resumed from (%s); trying an older one", entry.id, exc)
+                failures.append(f"{entry.id}: {exc}")
+                continue
+            break
+        else:
+            raise IntegrityError(f"{store.url}: no Lightning checkpoint verifies: " + "; ".join(failures))
         log.info("pulled %s (step %s) from %s as %s", entry.id, entry.step, store.url, target)
         return target
+
+
+def _pull_file(store: CheckpointStore, entry: CheckpointEntry, dirpath: Path) -> Path:
+    """Pull ``entry``'s file into ``dirpath`` once it verified and loads as plain tensors and data; IntegrityError
+    otherwise (nothing is left in ``dirpath``)."""
+    name = entry.meta.get("name", "")
+    if not SAFE_NAME.fullmatch(name) or [f.path for f in entry.files] != [name]:
+        raise IntegrityError(f"{store.url}: checkpoint {entry.id} is not a Lightning file ({name!r})")
+    staging = dirpath / f".cloudckpt-pull-{entry.id}"
+    pulled = store.pull(entry.id, to=staging).path
+    try:
+        if not isinstance(load_plain(pulled / name), dict):
+            raise IntegrityError(f"{store.url}: checkpoint {entry.id} does not hold a Lightning checkpoint")
+        target = dirpath / (name if is_last(name) else "last.ckpt")
+        os.replace(pulled / name, target)
+    finally:
+        shutil.rmtree(pulled, ignore_errors=True)
+    return target

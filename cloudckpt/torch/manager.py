@@ -12,8 +12,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, NoReturn
 
-from ..errors import CheckpointNotFoundError, ConfigurationError
+from ..errors import CheckpointNotFoundError, ConfigurationError, IntegrityError
 from ..manifest import CheckpointEntry
+from ..metrics import finite_metrics
 from ..preemption import PreemptionWatch
 from ..store import CheckpointStore
 from ..uploader import Job, Uploader, new_staging_dir, remove_staging
@@ -119,6 +120,7 @@ class CheckpointManager:
     def save(self, step: int, state: Any, *, metrics: dict[str, float] | None = None,
              epoch: int | None = None) -> Job:
         """Copy ``state`` to CPU memory and queue its commit; return the job (``job.done`` is set once handled).
+        A NaN or infinite metric is recorded as no value (never the best; :mod:`cloudckpt.metrics`).
 
         Raises:
             StaleWriterError: a newer writer claimed the run; this one must stop.
@@ -129,7 +131,7 @@ class CheckpointManager:
             raise self.uploader.fatal
         t0 = time.perf_counter()
         snap = copy_to_cpu(state)
-        metrics = {k: float(v) for k, v in (metrics or {}).items()}
+        metrics = finite_metrics(metrics)  # NaN/inf: no value, never the best (cloudckpt.metrics)
         improved = self._improves(metrics)
         self._seq += 1
         job_dir = self._staging / f"save-{self._seq:06d}"
@@ -196,9 +198,14 @@ class CheckpointManager:
     def restore(self, selector: str | int = "latest", *, map_location: Any = "cpu") -> Restored | None:
         """Read back ``"latest"``, ``"best"``, a step (an int) or a checkpoint id; None when the run has none.
 
+        ``"latest"`` falls back: a checkpoint that fails verification or whose ``state.pt`` is not plain tensors and
+        data is skipped, with a warning, for the newest older one that reads (as the Keras callback resumes). Any
+        other selector names one checkpoint: its failure raises.
+
         Raises:
             CheckpointNotFoundError: the selector names no checkpoint (a run with checkpoints, but not that one).
-            IntegrityError: the checkpoint fails verification, or its file holds more than tensors and plain data.
+            IntegrityError: the checkpoint fails verification, or its file holds more than tensors and plain data
+                (for ``"latest"``: every checkpoint of this manager does).
         """
         try:
             index = self.store.index()
@@ -211,11 +218,23 @@ class CheckpointManager:
             matches = [c for c in ours if c.step == selector]
             if not matches:
                 raise CheckpointNotFoundError(f"{self.store.url}: no checkpoint at step {selector}")
-            entry = matches[-1]
-        else:
-            entry = index.resolve(selector)
-            if entry not in ours and selector == "latest":
-                entry = ours[-1]  # the latest was pushed by another tool: take the newest of ours
+            return self._read(matches[-1], map_location)
+        if selector != "latest":
+            return self._read(index.resolve(selector), map_location)
+        failures = []
+        for entry in reversed(ours):  # the latest was maybe pushed by another tool: the newest of ours first
+            try:
+                restored = self._read(entry, map_location)
+            except IntegrityError as exc:
+                log.warning("checkpoint %s can't be restored (%s); trying an older one", entry.id, exc)
+                failures.append(f"{entry.id}: {exc}")
+                continue
+            if failures:
+                log.warning("restored %s: %d newer checkpoint(s) failed verification", entry.id, len(failures))
+            return restored
+        raise IntegrityError(f"{self.store.url}: no checkpoint of this manager can be restored: " + "; ".join(failures))
+
+    def _read(self, entry: CheckpointEntry, map_location: Any) -> Restored:
         to = self._staging / f"restore-{entry.id}"
         try:
             pulled = self.store.pull(entry.id, to=to)

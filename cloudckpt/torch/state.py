@@ -9,7 +9,6 @@ file names, so a checkpoint from the bucket can't run code on load.
 
 from __future__ import annotations
 
-import pickle
 import random
 from collections.abc import Mapping
 from pathlib import Path
@@ -64,10 +63,20 @@ def read_state(directory: Path, map_location: Any = "cpu") -> Any:
     path = Path(directory) / STATE_FILE
     if not path.is_file():
         raise IntegrityError(f"{path.parent}: no {STATE_FILE}; not a checkpoint written by cloudckpt.torch")
+    return load_plain(path, map_location)
+
+
+def load_plain(path: Path, map_location: Any = "cpu") -> Any:
+    """``torch.load(path, weights_only=True)``, checked to be a tree of tensors and plain data. Whatever a damaged
+    or hostile file makes torch raise (UnpicklingError, AssertionError, KeyError, OSError, RecursionError...) is an
+    :class:`~cloudckpt.errors.IntegrityError`; ``weights_only`` runs none of its code."""
     try:
-        return torch.load(path, map_location=map_location, weights_only=True)
-    except (pickle.UnpicklingError, EOFError, RuntimeError, ValueError, TypeError, AttributeError) as exc:
-        raise IntegrityError(f"{path}: refused to load: not plain tensors and data ({exc})") from exc
+        state = torch.load(path, map_location=map_location, weights_only=True)
+        copy_to_cpu(state, copy=False)  # refuses any leaf that is not a tensor or plain data
+    except Exception as exc:  # noqa: BLE001 - any failure to read a file from the bucket is an integrity failure
+        shown = " ".join(str(exc).split())[:300] or type(exc).__name__
+        raise IntegrityError(f"{path}: refused to load: not plain tensors and data ({shown})") from exc
+    return state
 
 
 def rng_state() -> dict[str, Any]:

@@ -1,11 +1,13 @@
 """A tiny, deterministic Lightning run whose ModelCheckpoint commits through cloudckpt.lightning.CloudCheckpointIO
 (run as a process by tests/test_lightning_io.py, killed and restarted with the same command on an emptied folder).
 
-Usage: lightning_job.py REMOTE ROOT FINAL [--step-delay S] [--train-delay S]
+Usage: lightning_job.py REMOTE ROOT FINAL [--step-delay S] [--train-delay S] [--periodic] [--epochs N] [--lr LR]
 
 Prints ``resumed PATH`` (or ``fresh``), ``step N`` after every batch, ``val N LOSS`` per validation, ``done``; writes
 the final model and optimizer state to FINAL (torch.save). ``--step-delay`` sleeps in a callback after each batch,
-``--train-delay`` inside the training step (where a real step's compute and so most signals land).
+``--train-delay`` inside the training step (where a real step's compute and so most signals land). ``--periodic``:
+Lightning's usual pair instead of one callback, a best-2 ModelCheckpoint by val_loss (``best-…``) and a periodic one
+with no monitor and ``save_last=True`` (``periodic-…``, every epoch).
 """
 
 from __future__ import annotations
@@ -87,6 +89,9 @@ def main() -> None:
     p.add_argument("final")
     p.add_argument("--step-delay", type=float, default=0.0)
     p.add_argument("--train-delay", type=float, default=0.0)
+    p.add_argument("--periodic", action="store_true")
+    p.add_argument("--epochs", type=int, default=6)
+    p.add_argument("--lr", type=float, default=1e-2)
     a = p.parse_args()
     logging.basicConfig(level=logging.WARNING)
     torch.set_num_threads(1)
@@ -98,16 +103,24 @@ def main() -> None:
                                         sampler=EpochSampler(160, 3))
     val = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(x[160:], y[160:]), batch_size=40)
     io = CloudCheckpointIO(a.remote)
-    ckpt = ModelCheckpoint(f"{a.root}/ckpts", monitor="val_loss", mode="min", save_top_k=2, save_last=True,
-                           every_n_train_steps=STEPS_PER_EPOCH)
+    if a.periodic:
+        ckpt = ModelCheckpoint(f"{a.root}/ckpts", filename="best-{epoch}-{step}", monitor="val_loss", mode="min",
+                               save_top_k=2)
+        saving = [ckpt, ModelCheckpoint(f"{a.root}/ckpts", filename="periodic-{epoch}-{step}", save_top_k=-1,
+                                        every_n_epochs=1, save_last=True)]
+    else:
+        ckpt = ModelCheckpoint(f"{a.root}/ckpts", monitor="val_loss", mode="min", save_top_k=2, save_last=True,
+                               every_n_train_steps=STEPS_PER_EPOCH)
+        saving = [ckpt]
     # CloudPreemption last: it ends the run inside on_train_batch_end, so callbacks listed after it never see the
     # step it commits (this one prints each step before the check, so the last line printed is the committed step)
-    trainer = pl.Trainer(max_epochs=6, plugins=[io], callbacks=[Progress(a.step_delay), ckpt, CloudPreemption(io)],
+    trainer = pl.Trainer(max_epochs=a.epochs, plugins=[io],
+                         callbacks=[Progress(a.step_delay), *saving, CloudPreemption(io)],
                          default_root_dir=a.root, deterministic=True, accelerator="cpu", devices=1, logger=False,
                          enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0)
     found = pull_last(a.remote, f"{a.root}/ckpts")
     print(f"resumed {found}" if found else "fresh", flush=True)
-    model = Net()
+    model = Net(lr=a.lr)
     model.train_delay = a.train_delay
     trainer.fit(model, train, val, ckpt_path="last")
     torch.save({"model": model.state_dict(), "optimizer": trainer.optimizers[0].state_dict()}, a.final)
