@@ -28,18 +28,41 @@ def row(entry: CheckpointEntry, index: Index) -> dict:
     return entry.summary(index.tags(entry.id))
 
 
+def holds(r: dict) -> str:
+    """What a checkpoint holds, in a word: ``model+state``, ``model``, ``state`` (resume state, no model)."""
+    return "+".join(w for w, on in (("model", r["model"]), ("state", r["resume_state"])) if on) or "files"
+
+
 def table(rows: list[dict]) -> str:
     if not rows:
         return "(no checkpoints)"
-    lines = [f"{'ID':<40} {'EPOCH':>5} {'STEP':>9} {'CREATED':<20} {'SIZE':>10}  METRICS / TAGS"]
+    lines = [f"{'ID':<40} {'EPOCH':>5} {'STEP':>9} {'CREATED':<20} {'SIZE':>10} {'HOLDS':<11}  METRICS / TAGS"]
     for r in rows:
         metrics = " ".join(f"{k}={v:.6g}" for k, v in r["metrics"].items())
         tags = ",".join(r["tags"])
         created = str(r["created"])[:19].replace("T", " ")
         epoch = "" if r["epoch"] is None else r["epoch"]
         step = "" if r["step"] is None else r["step"]
-        lines.append(f"{r['id']:<40} {epoch!s:>5} {step!s:>9} {created:<20} {human_size(r['size']):>10}  {metrics}"
-                     + (f"  [{tags}]" if tags else ""))
+        lines.append(f"{r['id']:<40} {epoch!s:>5} {step!s:>9} {created:<20} {human_size(r['size']):>10} "
+                     f"{holds(r):<11}  {metrics}" + (f"  [{tags}]" if tags else ""))
+    return "\n".join(lines)
+
+
+def runs_table(rows: list[dict]) -> str:
+    """``ls`` at a prefix that holds runs: one line per run (its URL, checkpoints, size, latest and best)."""
+    def brief(c: dict | None, monitor: str | None) -> str:
+        if c is None:
+            return "-"
+        value = c["metrics"].get(monitor) if monitor else None
+        return f"{c['id']} (epoch {c['epoch']}" + (f", {monitor}={value:.6g})" if value is not None else ")")
+
+    lines = []
+    for r in rows:
+        if r["error"]:
+            lines.append(f"{r['url']}  {human_size(r['size'])}  error: {r['error']}")
+            continue
+        lines.append(f"{r['url']}  {r['checkpoints']} checkpoints  {human_size(r['size'])}  "
+                     f"latest {brief(r['latest'], None)}  best {brief(r['best'], r['monitor'])}")
     return "\n".join(lines)
 
 

@@ -23,11 +23,12 @@ from typing import Any
 
 from . import failpoints, layout, retry
 from .backends import open_backend
-from .changes import Change, commit_checkpoint, discard_checkpoints, prune_checkpoints
+from .changes import Change, commit_checkpoint, discard_checkpoints, label_checkpoint, prune_checkpoints
 from .commit import IndexKeeper, OutcomeUnknownError, Update
 from .errors import CheckpointNotFoundError, ConfigurationError, IntegrityError
 from .garbage import plan_gc
 from .inline import encode, inline_contents, split_inline, stored_files
+from .labels import tag_problem
 from .manifest import CheckpointEntry, FileEntry, Index, Manifest, WriterLease, dump, utcnow
 from .progress import byte_progress
 from .restore import pull_into
@@ -303,6 +304,35 @@ class CheckpointStore:
         for c in done.pruned:
             log.info("discarded %s from %s", c.id, self.url)
         return list(done.pruned)
+
+    # --- labels ------------------------------------------------------------------------------------------------
+
+    def pin(self, selector: str | int) -> CheckpointEntry:
+        """Pin a checkpoint: retention never prunes it (nor ``discard``). Returns its entry."""
+        return self._label(str(selector), pinned=True)
+
+    def unpin(self, selector: str | int) -> CheckpointEntry:
+        """Unpin a checkpoint: retention decides for it again."""
+        return self._label(str(selector), pinned=False)
+
+    def tag(self, selector: str | int, name: str) -> CheckpointEntry:
+        """Give a checkpoint the tag ``name`` (taken off any other: a tag names one checkpoint); ``pull(name)``
+        restores it. A tag does not keep a checkpoint from retention: pin it for that. ConfigurationError for a
+        name :func:`cloudckpt.labels.tag_problem` refuses."""
+        problem = tag_problem(name)
+        if problem:
+            raise ConfigurationError(problem)
+        return self._label(str(selector), tag=name)
+
+    def untag(self, selector: str | int, name: str) -> CheckpointEntry:
+        """Take the tag ``name`` off a checkpoint; CheckpointNotFoundError if it has no such tag."""
+        return self._label(str(selector), untag=name)
+
+    def _label(self, selector: str, **change: Any) -> CheckpointEntry:
+        done = self._apply(lambda index: label_checkpoint(index, selector, load=self.keeper.segment, **change),
+                           what=f"label {selector}")
+        target = self.keeper.read_all(done.before).resolve(selector).id
+        return self.keeper.read_all(done.after).get(target)
 
     def _delete_checkpoints(self, entries: Iterable[CheckpointEntry]) -> None:
         rels = [key for c in entries for key in layout.checkpoint_keys(c.id, (f.path for f in stored_files(c.files)))]
