@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 from collections.abc import Callable
 from typing import Any
 
@@ -66,6 +67,9 @@ def runs_table(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
+_RETRY_LINE = re.compile(r"(.*?) at \S+: attempt \d+ failed \((.*)\); retrying", re.DOTALL)
+
+
 class RetrySummary(logging.Filter):
     """Default verbosity: retry warnings are counted instead of printed, and reported as one line when the command
     ends (before its error line, if any); ``-v`` prints each retry."""
@@ -79,12 +83,15 @@ class RetrySummary(logging.Filter):
     def filter(self, record: logging.LogRecord) -> bool:
         if record.name == "cloudckpt.retry" and record.levelno == logging.WARNING:
             self.count += 1
-            self.last = record.getMessage()
+            message = record.getMessage()  # "<what> at <url>: attempt n failed (<error>); retrying" (cloudckpt.retry)
+            found = _RETRY_LINE.fullmatch(message)
+            self.last = f"{found[1]}: {found[2]}" if found else message  # the URL once: the error names it
             return False
         return True
 
     def report(self) -> None:
         if self.count:
             last = " ".join(self.redactor.scrub(self.last).split())  # as the log lines: no credentials
-            last = last if len(last) <= 200 else last[:197] + "..."
+            if len(last) > 400:  # cut between words, never inside a URL
+                last = last[:400].rsplit(" ", 1)[0] + " ..."
             click.echo(f"cloudckpt: {self.count} failed attempt(s) retried (last: {last}); -v shows each", err=True)

@@ -271,7 +271,8 @@ class CheckpointStore:
         try:
             self.backend.delete([layout.object_key(cid, rel) for rel in rels])
         except Exception as exc:  # the original error matters more; gc cleans up later
-            log.warning("could not remove the partial upload %s at %s (%s); `cloudckpt gc` will", cid, self.url, exc)
+            log.warning("could not remove the partial upload %s at %s (%s); `cloudckpt gc` removes it later", cid,
+                        self.url, " ".join(str(exc).split()))
 
     def prune(self, *, keep_best: int | None = None, keep_last: int | None = None, keep_every: int | None = None,
               dry_run: bool = False) -> builtins.list[CheckpointEntry]:
@@ -357,9 +358,9 @@ class CheckpointStore:
             chosen = index.resolve(selector) if index is not None else self.get(selector)
             result = self._pull_first(index, chosen, Path(to), fallback=fallback, failed=failed)
             if result is not None:
-                if result.skipped:
-                    log.warning("restored %s instead of %s, which failed verification", result.entry.id,
-                                result.skipped[0])
+                if result.skipped:  # one line for the event: what was restored, what failed and why
+                    log.warning("restored %s instead of %s, which failed verification (%s: %s)", result.entry.id,
+                                " and ".join(result.skipped), result.skipped[0], failed[result.skipped[0]])
                 return result
         raise CheckpointNotFoundError(f"{self.url}: {selector} kept being pruned while it was pulled")
 
@@ -373,7 +374,7 @@ class CheckpointStore:
             except IntegrityError as exc:
                 if not fallback:
                     raise
-                log.warning("checkpoint %s failed verification (%s); trying an older one", cand.id, exc)
+                log.info("checkpoint %s failed verification (%s); trying an older one", cand.id, exc)
                 failed[cand.id] = str(exc)
                 continue
             return PullResult(cand, path, tuple(failed)) if path is not None else None
