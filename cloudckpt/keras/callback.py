@@ -481,7 +481,8 @@ class CloudCheckpoint(keras.callbacks.ModelCheckpoint):
     # --- resume ------------------------------------------------------------------------------------------------
 
     def _resume(self) -> None:
-        resumed = rs.resume(self.model, self._trainer, self._store, self._staging_dir, self.filepath)
+        resumed = rs.resume(self.model, self._trainer, self._store, self._staging_dir, self.filepath,
+                            epochs=self.params.get("epochs"))
         if resumed is None:
             return
         found, self._resumed = resumed
