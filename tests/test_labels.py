@@ -139,6 +139,10 @@ def test_pin_keeps_a_sealed_checkpoint_on_each_store(store_url, tmp_path, monkey
         assert store.pin(ids[2]).pinned and store.tag(ids[3], "old").tags == ("old",)
         with pytest.raises(ConfigurationError):
             store.tag(ids[3], "latest")
+    with CheckpointStore(store_url) as fresh:  # labels of sealed checkpoints read back from the rewritten segments
+        assert fresh.get("old").id == ids[3] and fresh.get(ids[2]).pinned and fresh.get(ids[3]).tags == ("old",)
+        assert all(r.ok for r in fresh.verify(all=True))
+    with CheckpointStore(store_url) as store:
         store.prune(keep_last=1)
         assert [c.id for c in store.list()] == [ids[0], ids[2], ids[8]]  # best (loss 0), pinned, latest
         assert store.get(ids[2]).pinned and all(r.ok for r in store.verify(all=True))
