@@ -160,3 +160,30 @@ def test_a_tag_read_from_the_bucket_is_validated(local_url, tmp_path):
         store.get(cid)
     proc = run("ls", "-r", local_url)
     assert proc.returncode == 4 and "invalid tag" in one_line_error(proc)
+
+
+@pytest.mark.parametrize("kind", ["local", "s3"])
+def test_labels_race_commits_without_losing_either(kind, request, tmp_path):
+    """Pins from one store object while another commits to the same run: both go through the compare-and-swap, so
+    every commit and every pin is in the index at the end (a lost update would drop one)."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    url = request.getfixturevalue(f"{kind}_url")
+    first = push(url, tmp_path / "s0", 0)
+    pinned = {first}
+
+    def commits() -> list[str]:
+        return [push(url, tmp_path / f"c{e}", e) for e in range(1, 7)]
+
+    def pins() -> None:
+        with CheckpointStore(url) as store:
+            for _ in range(6):
+                pinned.add(store.pin("latest").id)
+
+    with ThreadPoolExecutor(2) as pool:
+        committed, _ = pool.submit(commits), pool.submit(pins).result()
+        ids = committed.result()
+    with CheckpointStore(url) as store:
+        entries = store.list()
+    assert [c.id for c in entries] == [first, *ids]
+    assert {c.id for c in entries if c.pinned} == pinned
