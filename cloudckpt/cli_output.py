@@ -30,8 +30,11 @@ def row(entry: CheckpointEntry, index: Index) -> dict:
 
 
 def holds(r: dict) -> str:
-    """What a checkpoint holds, in a word: ``model+state``, ``model``, ``state`` (resume state, no model)."""
-    return "+".join(w for w, on in (("model", r["model"]), ("state", r["resume_state"])) if on) or "files"
+    """What a checkpoint holds, in a word: ``state`` (resume state, no model), else ``model`` when its writer named
+    the model file (``files`` when not: a push of any framework's files), ``+state`` with resume state."""
+    if not r["model"]:
+        return "state"
+    return ("model" if r["model_file"] else "files") + ("+state" if r["resume_state"] else "")
 
 
 def table(rows: list[dict]) -> str:
