@@ -50,7 +50,8 @@ def test_resume_state_without_a_model_is_restored_and_said(script, tmp_path, loc
         entry = store.push(src.parent, epoch=2, meta={"kind": "state"})
     proc = restore(script, tmp_path, local_url)
     assert proc.returncode == 0, proc.stderr
-    lines = proc.stderr.splitlines()
-    assert len(lines) == 2 and entry.id in lines[0] and "no model file" in lines[0], proc.stderr
-    assert lines[1].startswith("cloudckpt-user-data: restored the latest checkpoint")
+    lines = proc.stderr.splitlines()  # cloudckpt's note and its "pulled" line, then the script's
+    assert len(lines) == 3 and entry.id in lines[0] and "no model file" in lines[0], proc.stderr
+    assert lines[1].startswith(f"pulled {entry.id}")
+    assert lines[2].startswith("cloudckpt-user-data: restored the latest checkpoint")
     assert proc.stdout == f"RESUME={tmp_path / 'ckpt'}\n" and (tmp_path / "ckpt" / "cloudckpt_state").is_dir()

@@ -118,10 +118,12 @@ install_cloudckpt() {
 restore() { # pull the latest checkpoint into CKPT_DIR; set CLOUDCKPT_RESUME_DIR, empty for a fresh start
   local rc attempt said
   for attempt in 1 2 3; do
-    rc=0  # cloudckpt's stderr is kept and logged below, except "no run" before a fresh start
-    said=$("$CLOUDCKPT_VENV/bin/cloudckpt" pull latest --remote "$CLOUDCKPT_REMOTE" --to "$CKPT_DIR" --fallback \
-           2>&1 >/dev/null) || rc=$?
-    [[ $rc == 3 || -z $said ]] || printf '%s\n' "$said" >&2
+    rc=0
+    said=$(mktemp)  # what cloudckpt prints: logged, except its "no run" error before a fresh start
+    "$CLOUDCKPT_VENV/bin/cloudckpt" pull latest --remote "$CLOUDCKPT_REMOTE" --to "$CKPT_DIR" --fallback \
+      >"$said" 2>&1 || rc=$?
+    [[ $rc == 3 ]] || cat "$said" >&2
+    rm -f "$said"
     case $rc in
       0) log "restored the latest checkpoint of $CLOUDCKPT_REMOTE into $CKPT_DIR"
          CLOUDCKPT_RESUME_DIR=$CKPT_DIR; return 0 ;;
