@@ -9,7 +9,11 @@ belongs, so the usage error can say to pass it as ``--remote``.
 
 from __future__ import annotations
 
+import os
+
 import click
+
+from .layout import INDEX_NAME
 
 GROUP_VALUE = ("-o", "--storage-option")  # the group's options that take a value
 GROUP_FLAGS = ("--progress", "--no-progress", "-v", "-vv", "-vvv", "--verbose")
@@ -84,7 +88,8 @@ def arrange(group: click.Group, args: list[str]) -> list[str]:
 
 
 def misplaced_url(group: click.Group, args: list[str]) -> str | None:
-    """A run URL (``scheme://...``) given as a positional argument after the command, or None."""
+    """A run URL (``scheme://...``, or a local directory holding a run) given as a positional argument after the
+    command, or None."""
     arranged = arrange(group, args)
     names = [a for a in arranged if not a.startswith("-")]
     command = next((group.commands[a] for a in names if a in group.commands), None)
@@ -98,7 +103,7 @@ def misplaced_url(group: click.Group, args: list[str]) -> str | None:
         if arg in values:
             k += 2
             continue
-        if not arg.startswith("-") and "://" in arg:
-            return arg
+        if not arg.startswith("-") and ("://" in arg or os.path.isfile(os.path.join(arg, INDEX_NAME))):
+            return arg  # a store URL, or a local directory that holds a run
         k += 1
     return None

@@ -50,6 +50,8 @@ def test_a_misplaced_url_suggests_remote(local_url, src):
     assert proc.returncode == 2
     assert one_line_error(proc) == ("cloudckpt: usage error: 's3://bucket/runs/r1' is not an argument of this "
                                     "command: name the run with --remote s3://bucket/runs/r1")
+    proc = run("pull", "best", local_url)  # a local run's directory, as the URL
+    assert proc.returncode == 2 and f"name the run with --remote {local_url}" in one_line_error(proc)
 
 
 OLD = [  # README: `ls/prune/gc URL`, `show/pull --from URL`, `push/sync --to URL`, `verify URL SELECTOR`/`URL --all`
