@@ -9,6 +9,7 @@ from .errors import (
     CloudCkptError,
     ConfigurationError,
     IntegrityError,
+    ResumeMismatchError,
     StaleWriterError,
     TransferError,
     UnsafePathError,
@@ -22,5 +23,6 @@ __version__ = "0.1.0"
 __all__ = [
     "AccessError", "AnyOf", "CheckpointEntry", "CheckpointNotFoundError", "CheckpointStore", "CloudCkptError",
     "ConfigurationError", "FileEntry", "GcReport", "Index", "IntegrityError", "KeepBest", "KeepEvery", "KeepLast",
-    "PullResult", "Record", "StaleWriterError", "TransferError", "UnsafePathError", "VerifyResult",
+    "PullResult", "Record", "ResumeMismatchError", "StaleWriterError", "TransferError", "UnsafePathError",
+    "VerifyResult",
 ]

@@ -20,9 +20,10 @@ from collections.abc import Set as AbstractSet
 from dataclasses import dataclass, replace
 from datetime import datetime
 
+from .errors import CheckpointNotFoundError, ConfigurationError
 from .manifest import CheckpointEntry, Index, RunPolicy, WriterLease
 from .retention import Retention
-from .segments import Doomed, Loader, NewSegment, doomed, locate, no_segments, retarget, without
+from .segments import Doomed, Loader, NewSegment, doomed, full_view, locate, no_segments, relabel, retarget, without
 
 log = logging.getLogger(__name__)
 
@@ -69,6 +70,28 @@ def discard_checkpoints(index: Index, ids: AbstractSet[str], *, busy: AbstractSe
     keep = _always(index, busy) | {c.id for c in index.checkpoints if c.pinned}
     change = _take_out(index, locate(index, set(ids) - keep, load), load)
     return change if change.pruned else Change(None)
+
+
+def label_checkpoint(index: Index, selector: str, *, pinned: bool | None = None, tag: str | None = None,
+                     untag: str | None = None, load: Loader = no_segments) -> Change:
+    """Pin or unpin the checkpoint ``selector`` names, give it the tag ``tag`` (taken off any other checkpoint: a
+    tag names one) or take ``untag`` off it. A sealed checkpoint's segment is written again with it changed."""
+    full = full_view(index, load) if index.segments else index
+    target = full.resolve(selector)
+    if tag is not None and any(c.id == tag for c in full.checkpoints):
+        raise ConfigurationError(f"invalid tag {tag!r}: a checkpoint of this run has that id")
+    if untag is not None and untag not in target.tags:
+        raise CheckpointNotFoundError(f"{target.id} has no tag {untag!r}")
+
+    def relabeled(c: CheckpointEntry) -> CheckpointEntry:
+        tags = tuple(t for t in c.tags if t not in (tag, untag))
+        if c.id != target.id:
+            return c if tags == c.tags else c.model_copy(update={"tags": tags})
+        pin = c.pinned if pinned is None else pinned
+        return c.model_copy(update={"pinned": pin, "tags": (*tags, tag) if tag is not None else tags})
+
+    new, made = relabel(index, relabeled, load)
+    return Change(new if new != index else None, segments=made)
 
 
 def claim_writer(index: Index, writer_id: str, host: str, now: datetime) -> Change:

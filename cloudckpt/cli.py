@@ -21,9 +21,9 @@ from typing import TYPE_CHECKING, Any, TypeVar
 
 import click
 
-from . import cli_legacy
+from . import cli_args, cli_legacy
 from . import cli_output as out
-from .errors import CloudCkptError, IntegrityError
+from .errors import CheckpointNotFoundError, CloudCkptError, IntegrityError
 from .redact import Redactor, ScrubFilter, is_secret_name, url_secrets
 
 if TYPE_CHECKING:
@@ -141,9 +141,18 @@ def cli(ctx: click.Context, storage_options: tuple[str, ...], progress: bool | N
 @json_flag
 @click.pass_context
 def ls_cmd(ctx: click.Context, url: str | None, as_json: bool) -> None:
-    """List the committed checkpoints of the run."""
+    """List the committed checkpoints of the run; at a prefix that holds runs (no run of its own), list the runs."""
     with _store(ctx, url) as store:
-        index = store.index()
+        try:
+            index = store.index()
+        except CheckpointNotFoundError:
+            from .runs import find_runs
+
+            runs = find_runs(store)
+            if not runs:
+                raise
+            out.emit(runs, as_json, out.runs_table)
+            return
         out.emit([out.row(c, index) for c in index.checkpoints], as_json, out.table)
 
 
@@ -154,7 +163,7 @@ def ls_cmd(ctx: click.Context, url: str | None, as_json: bool) -> None:
 @json_flag
 @click.pass_context
 def show_cmd(ctx: click.Context, selector: str, url: str | None, as_json: bool) -> None:
-    """Show one checkpoint: SELECTOR is best, latest, an epoch number or a checkpoint id."""
+    """Show one checkpoint: SELECTOR is best, latest, latest-model, an epoch number, a checkpoint id or a tag."""
     with _store(ctx, url) as store:
         index = store.index()
         row = out.row(index.resolve(selector), index)
@@ -173,15 +182,17 @@ def show_cmd(ctx: click.Context, selector: str, url: str | None, as_json: bool) 
 @json_flag
 @click.pass_context
 def pull_cmd(ctx: click.Context, selector: str, url: str | None, to: str, fallback: bool, as_json: bool) -> None:
-    """Download a checkpoint, verified: SELECTOR is best, latest, an epoch number or a checkpoint id."""
+    """Download a checkpoint, verified: SELECTOR is best, latest, latest-model, an epoch number, a checkpoint id or
+    a tag."""
     with _store(ctx, url) as store:
         result = store.pull(selector, to=to, fallback=fallback)
-        row = result.entry.summary()
+        row = result.entry.summary(store.keeper.read_existing().tags(result.entry.id))
         row.update(path=str(result.path), skipped=list(result.skipped),
                    local_files=[str(result.path.joinpath(*f.path.split("/"))) for f in result.entry.files])
-        if result.skipped:
-            click.echo(f"cloudckpt: warning: {', '.join(result.skipped)} failed verification; "
-                       f"restored {result.entry.id} instead", err=True)
+        if not result.entry.holds_model:
+            click.echo(f"cloudckpt: note: {result.entry.id} holds resume state (cloudckpt_state/) but no model file "
+                       f"(Keras wrote none at that save point); `cloudckpt pull latest-model` gets the newest "
+                       f"checkpoint with one", err=True)
         out.emit(row, as_json,
                  lambda r: f"pulled {r['id']} (epoch {r['epoch']}, {out.human_size(r['size'])}) into {r['path']}")
 
@@ -208,7 +219,7 @@ def push_cmd(ctx: click.Context, path: str, url: str | None, epoch: int | None, 
     with _store(ctx, url) as store:
         entry = store.push(path, epoch=epoch, step=step, metrics=values, monitor=monitor, mode=mode,
                            keep_best=keep_best, keep_last=keep_last, keep_every=keep_every, sha256=sha256)
-        out.emit(entry.summary(), as_json,
+        out.emit(out.row(entry, store.keeper.read_existing()), as_json,
                  lambda r: f"committed {r['id']} ({len(r['files'])} files, {out.human_size(r['size'])})")
 
 
@@ -237,7 +248,7 @@ def prune_cmd(ctx: click.Context, url: str | None, keep_best: int | None, keep_l
 @click.pass_context
 def verify_cmd(ctx: click.Context, selectors: tuple[str, ...], url: str | None, all_: bool, as_json: bool) -> None:
     """Download and check checkpoints' bytes against the index (default: latest). Exit 4 if any fails."""
-    selectors = cli_legacy.verify_selectors(ctx, selectors)
+    selectors = cli_legacy.verify_selectors(ctx, selectors, all_=all_, remote=url)
     if len(selectors) > 1 or (all_ and selectors):
         raise click.UsageError("give one SELECTOR or --all (the run is --remote URL)")
     with _store(ctx, url) as store:
@@ -321,12 +332,17 @@ def main(argv: list[str] | None = None) -> int:
     args = sys.argv[1:] if argv is None else list(argv)
     redactor.add(_secret_args(args))
     try:
-        cli.main(args=args, prog_name="cloudckpt", standalone_mode=False, obj={"redactor": redactor})
+        cli.main(args=cli_args.arrange(cli, args), prog_name="cloudckpt", standalone_mode=False,
+                 obj={"redactor": redactor})
         return 0
     except click.exceptions.Exit as e:
         return e.exit_code
     except click.UsageError as e:
-        click.echo(f"cloudckpt: usage error: {redactor.scrub(e.format_message())}", err=True)
+        message = e.format_message()
+        url = cli_args.misplaced_url(cli, args) if "unexpected extra argument" in message else None
+        if url is not None:
+            message = f"{url!r} is not an argument of this command: name the run with --remote {url}"
+        click.echo(f"cloudckpt: usage error: {redactor.scrub(message)}", err=True)
         return 2
     except click.ClickException as e:
         click.echo(f"cloudckpt: error: {redactor.scrub(e.format_message())}", err=True)
@@ -365,5 +381,9 @@ def _fail(exc: BaseException, code: int, redactor: Redactor) -> int:
     return code
 
 
-if __name__ == "__main__":
-    sys.exit(main())
+from . import cli_labels  # noqa: E402,F401  (registers pin, unpin, tag, untag on `cli`)
+
+if __name__ == "__main__":  # `python -m cloudckpt.cli`: the module as imported, with the commands registered on it
+    from cloudckpt.cli import main as _main
+
+    sys.exit(_main())

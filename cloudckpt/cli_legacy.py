@@ -2,8 +2,9 @@
 
 Before the one rule (``--remote URL`` on every command), ``ls``, ``prune`` and ``gc`` took the URL as a positional
 argument, ``show`` and ``pull`` as ``--from``, ``push`` and ``sync`` as ``--to``, and ``verify`` as an optional first
-argument told from a selector by its spelling (``verify URL SELECTOR`` is still read; a lone argument is now always
-the SELECTOR). To drop them, delete this module and its uses in :mod:`cloudckpt.cli`.
+argument told from a selector by its spelling (``verify URL SELECTOR`` and ``verify URL --all`` are still read; a
+lone argument without ``--all`` is now always the SELECTOR). To drop them, delete this module and its uses in
+:mod:`cloudckpt.cli`.
 """
 
 from __future__ import annotations
@@ -31,8 +32,13 @@ def or_given(ctx: click.Context, url: str | None) -> str | None:
     return url or ctx.meta.get(_KEY)
 
 
-def verify_selectors(ctx: click.Context, args: tuple[str, ...]) -> tuple[str, ...]:
-    """``verify``'s positional arguments: two are the old ``URL SELECTOR`` (accepted, deprecated), else selectors."""
+def verify_selectors(ctx: click.Context, args: tuple[str, ...], *, all_: bool = False,
+                     remote: str | None = None) -> tuple[str, ...]:
+    """``verify``'s positional arguments: two are the old ``URL SELECTOR``, and one with ``--all`` and no
+    ``--remote`` the old ``URL --all`` (both accepted, deprecated); else selectors."""
+    if len(args) == 1 and all_ and not remote:
+        accept(ctx, "URL --all", args[0])
+        return ()
     if len(args) != 2:
         return args
     accept(ctx, "URL SELECTOR", args[0])

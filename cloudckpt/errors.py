@@ -50,6 +50,11 @@ class SourceChangedError(ConfigurationError):
     """A local file changed while it was being pushed (and kept changing on every retry): push a finished checkpoint."""
 
 
+class ResumeMismatchError(ConfigurationError):
+    """The model being trained does not match the checkpoint its run would resume from (other variables or shapes):
+    resume with the model that saved it, or start over (``resume=False`` or a new remote)."""
+
+
 class StaleWriterError(CloudCkptError, RuntimeError):
     """This writer was superseded by a newer one on the same run (fenced); it must stop writing."""
 

@@ -28,12 +28,13 @@ from pydantic import (
 )
 
 from .errors import CheckpointNotFoundError, IntegrityError, UnsafePathError
+from .labels import LATEST_MODEL, MAX_TAGS, tag_problem
 from .layout import INDEX_NAME as INDEX_NAME  # the layout's names, re-exported for existing callers
 from .layout import MANIFEST_NAME as MANIFEST_NAME
 from .layout import PROBE_DIR as PROBE_DIR
 from .layout import TMP_MARK as TMP_MARK
 from .layout import is_checkpoint_id, reserved_path_problem
-from .retention import Objective, Retention
+from .retention import Objective, Retention, holds_model, rank_metrics
 
 log = logging.getLogger(__name__)
 
@@ -45,6 +46,7 @@ MAX_FILE_SIZE = 2**50  # 1 PiB: anything larger is a corrupt or hostile index
 MAX_INLINE_FILE = 256 * 1024  # bytes of one file a manifest may carry inline (cloudckpt.inline picks them)
 MAX_INLINE_TOTAL = 1024 * 1024  # bytes of all inline files of one checkpoint
 MAX_APPLIED_READ = 1024  # applied-update records an index may carry (writers keep far fewer: commit.MAX_APPLIED)
+RESUME_STATE_DIR = "cloudckpt_state"  # the Keras callback's resume state in a checkpoint
 _CONTROL = re.compile(r"[\x00-\x1f\x7f]")
 _DRIVE = re.compile(r"^[A-Za-z]:")
 
@@ -120,6 +122,15 @@ class CheckpointEntry(_Frozen):
     writer: str | None = None
     pinned: bool = False
     meta: dict[str, str] = {}
+    #: names a user gave it (``cloudckpt tag``; :mod:`cloudckpt.labels`); written to JSON only when there are some
+    tags: Annotated[tuple[str, ...], Field(max_length=MAX_TAGS)] = ()
+
+    @model_serializer(mode="wrap")
+    def _without_empty_tags(self, handler: SerializerFunctionWrapHandler) -> dict:
+        data = handler(self)
+        if not self.tags:
+            data.pop("tags", None)
+        return data
 
     @field_validator("metrics", mode="before")
     @classmethod
@@ -137,6 +148,17 @@ class CheckpointEntry(_Frozen):
     def _id(cls, v: str) -> str:
         if not is_checkpoint_id(v):
             raise ValueError(f"invalid checkpoint id {v!r}")
+        return v
+
+    @field_validator("tags")
+    @classmethod
+    def _tags(cls, v: tuple[str, ...]) -> tuple[str, ...]:
+        for name in v:
+            problem = tag_problem(name)
+            if problem:
+                raise ValueError(problem)
+        if len(set(v)) != len(v):
+            raise ValueError("a tag is listed twice")
         return v
 
     @field_validator("metrics")
@@ -169,10 +191,33 @@ class CheckpointEntry(_Frozen):
             raise ValueError(f"checkpoint {self.id!r}: size {self.size} is not the sum of its files")
         return self
 
+    @property
+    def holds_model(self) -> bool:
+        """Whether it holds a model: every checkpoint but resume state alone (:func:`retention.holds_model`)."""
+        return holds_model(self.meta)
+
+    @property
+    def model_file(self) -> str | None:
+        """The model file's path in the checkpoint when the writer recorded it (the Keras callback, Lightning)."""
+        if not self.holds_model:
+            return None
+        name = self.meta.get("file") or self.meta.get("name")
+        return name if name in {f.path for f in self.files} else None
+
+    def unlabeled(self) -> CheckpointEntry:
+        """The entry as committed: without the labels set later (``pinned``, ``tags``), as its manifest holds it."""
+        return self.model_copy(update={"pinned": False, "tags": ()})
+
     def summary(self, tags: list[str] | None = None) -> dict:
-        """The entry as plain JSON data (``ls --json`` rows), ``tags`` added."""
+        """The entry as plain JSON data, one schema for ``ls``/``show``/``pull``/``push --json``: the entry's
+        fields, ``tags`` (the run's ``tags`` given, e.g. best and latest, then ``pinned`` and the user's tags),
+        ``model`` (whether it holds a model), ``model_file`` (its path, when known) and ``resume_state`` (whether
+        it holds the Keras callback's ``cloudckpt_state/``)."""
         data = self.model_dump(mode="json")
-        data["tags"] = tags or []
+        data["tags"] = [*(tags or []), *(["pinned"] if self.pinned else []), *self.tags]
+        data["model"] = self.holds_model
+        data["model_file"] = self.model_file
+        data["resume_state"] = any(f.path.startswith(RESUME_STATE_DIR + "/") for f in self.files)
         return data
 
 
@@ -302,15 +347,14 @@ class Index(_Frozen):
         raise CheckpointNotFoundError(f"no checkpoint {cid!r} in this run")
 
     def tags(self, cid: str) -> list[str]:
-        tags = [name for name in ("best", "latest") if getattr(self, name) == cid]
-        if any(c.id == cid and c.pinned for c in self.checkpoints):
-            tags.append("pinned")
-        return tags
+        """The run's names for ``cid`` (``best``, ``latest``); its own labels are in its entry's summary."""
+        return [name for name in ("best", "latest") if getattr(self, name) == cid]
 
     def resolve(self, selector: str | int) -> CheckpointEntry:
-        """Find the checkpoint named by ``selector``: ``best``, ``latest``, an epoch number or a checkpoint id.
+        """Find the checkpoint named by ``selector``: ``best``, ``latest``, ``latest-model`` (the newest that holds a
+        model), an epoch number, a checkpoint id or a tag.
 
-        On a head with segments an epoch or id not found may be in a segment (``cloudckpt.segments.full_view``).
+        On a head with segments one not found may be in a segment (``cloudckpt.segments.full_view``).
         """
         if not self.checkpoints and not self.segments:
             raise CheckpointNotFoundError("the run has no committed checkpoint")
@@ -323,11 +367,19 @@ class Index(_Frozen):
                     f"no best checkpoint: the run's monitor {self.run.monitor!r} is in no checkpoint's metrics"
                 )
             return self.get(self.best)
+        if sel == LATEST_MODEL:
+            for c in reversed(self.checkpoints):
+                if c.holds_model:
+                    return c
+            raise CheckpointNotFoundError("no checkpoint of this run holds a model (each holds resume state alone)")
         if sel.isdigit():
             matches = [c for c in self.checkpoints if c.epoch == int(sel)]
             if not matches:
                 raise CheckpointNotFoundError(f"no checkpoint for epoch {sel}")
             return matches[-1]
+        tagged = [c for c in self.checkpoints if sel in c.tags]
+        if tagged and not any(c.id == sel for c in self.checkpoints):
+            return tagged[-1]
         return self.get(sel)
 
     # --- pure updates (return a new Index) -------------------------------------------------------------------------
@@ -361,8 +413,8 @@ class Index(_Frozen):
 
 
 def best_of(checkpoints: tuple[CheckpointEntry, ...], objective: Objective) -> str | None:
-    """Id of the best checkpoint by ``objective`` (ties go to the earliest), or None."""
-    ranked = objective.ranked(checkpoints, lambda c: c.metrics)
+    """Id of the best checkpoint by ``objective`` (ties go to the earliest; one without a model never), or None."""
+    ranked = objective.ranked(checkpoints, lambda c: rank_metrics(c.metrics, c.meta))
     return ranked[0].id if ranked else None
 
 

@@ -6,6 +6,10 @@ Each policy is a frozen dataclass with one method, ``keep(records) -> set of ids
 :class:`Record` (id, epoch, step, metrics), in commit order, oldest first. :func:`plan_prune` combines a policy with
 what is always kept — the latest, the best, pinned and protected (in-flight, being restored) checkpoints.
 
+One rule on what may rank: a checkpoint that holds resume state but no model (an entry whose ``meta["kind"]`` is
+``"state"``: a Keras save point where Keras wrote no file) keeps all its metrics, but is never a best candidate —
+:func:`rank_metrics` gives it no value, so it is never the run's best nor among the ``keep_best`` best.
+
 Example:
     >>> policy = AnyOf((KeepBest(1, monitor="val_loss", mode="min"), KeepLast(2)))
     >>> recs = [Record("a", epoch=1, metrics={"val_loss": 0.5}), Record("b", epoch=2, metrics={"val_loss": 0.9}),
@@ -66,9 +70,24 @@ class Objective:
         return [item for _, _, item in scored]
 
 
+#: ``meta["kind"]`` of a checkpoint that holds resume state without a model (see :func:`rank_metrics`)
+STATE_ONLY = "state"
+
+
+def holds_model(meta: Mapping[str, str]) -> bool:
+    """Whether a checkpoint with this ``meta`` holds a model: all do, except resume state alone (kind "state")."""
+    return meta.get("kind") != STATE_ONLY
+
+
+def rank_metrics(metrics: Mapping[str, float], meta: Mapping[str, str]) -> Mapping[str, float]:
+    """The metrics a checkpoint is ranked by: its own, or none when it holds no model (:func:`holds_model`), so a
+    checkpoint without a model is never the best however good its metrics."""
+    return metrics if holds_model(meta) else {}
+
+
 @dataclass(frozen=True)
 class Record:
-    """What a policy may look at."""
+    """What a policy may look at (``metrics``: those it is ranked by, :func:`rank_metrics`)."""
 
     id: str
     epoch: int | None = None

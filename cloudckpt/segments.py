@@ -36,7 +36,7 @@ from pydantic import ConfigDict, Field, model_validator
 from .errors import ConfigurationError, IntegrityError
 from .layout import segment_key
 from .manifest import TOP_SCORES, CheckpointEntry, Index, SegmentRef, _Frozen, _parse, readable
-from .retention import KeepEvery, KeepLast, Objective, Record, Retention
+from .retention import KeepEvery, KeepLast, Objective, Record, Retention, rank_metrics
 
 HEAD_ENV, SEGMENT_ENV = "CLOUDCKPT_INDEX_HEAD_MAX", "CLOUDCKPT_INDEX_SEGMENT_MAX"
 
@@ -103,7 +103,7 @@ def summarize(entries: Sequence[CheckpointEntry], objective: Objective, sha256: 
     """The reference of a segment holding ``entries``, its values ranked by ``objective``."""
     epochs = [c.epoch for c in entries if c.epoch is not None]
     increasing = len(epochs) == len(entries) and all(a < b for a, b in zip(epochs, epochs[1:]))
-    ranked = objective.ranked(range(len(entries)), lambda i: entries[i].metrics)
+    ranked = objective.ranked(range(len(entries)), lambda i: rank_metrics(entries[i].metrics, entries[i].meta))
     top = tuple((float(objective.value(entries[i].metrics)), i) for i in ranked[:TOP_SCORES])  # type: ignore[arg-type]
     return SegmentRef(
         sha256=sha256, count=len(entries), first=entries[0].id, last=entries[-1].id,
@@ -181,7 +181,7 @@ class Doomed:
 
 
 def _record(c: CheckpointEntry) -> Record:
-    return Record(c.id, c.epoch, c.step, c.metrics, c.pinned)
+    return Record(c.id, c.epoch, c.step, rank_metrics(c.metrics, c.meta), c.pinned)
 
 
 def doomed(index: Index, retention: Retention, always: AbstractSet[str], load: Loader) -> Doomed:
@@ -203,7 +203,7 @@ def doomed(index: Index, retention: Retention, always: AbstractSet[str], load: L
             return _exact(index, retention, always, load)
         scored = [(value, starts[i] + at) for i, r in enumerate(refs) for value, at in r.top]
         scored += [(v, total - len(head) + j) for j, c in enumerate(head)
-                   if (v := objective.value(c.metrics)) is not None]
+                   if (v := objective.value(rank_metrics(c.metrics, c.meta))) is not None]
         sign = 1 if objective.mode == "min" else -1
         best = {pos for _, pos in sorted(scored, key=lambda t: (sign * t[0], t[1]))[:k]}
     after = [c.epoch for c in head if c.epoch is not None]  # epochs after segment i, kept as a running minimum
@@ -259,6 +259,23 @@ def locate(index: Index, ids: AbstractSet[str], load: Loader) -> Doomed:
         if found:
             sealed[i] = found
     return Doomed(head, sealed)
+
+
+def relabel(index: Index, change: Callable[[CheckpointEntry], CheckpointEntry],
+            load: Loader) -> tuple[Index, tuple[NewSegment, ...]]:
+    """``index`` with ``change`` applied to every entry (pins and tags only: an entry keeps its id and place); each
+    segment where it changed one is written again: the index and the segments to write first."""
+    refs, made = list(index.segments), []
+    for i, ref in enumerate(index.segments):
+        entries = load(ref)
+        changed = tuple(change(c) for c in entries)
+        if changed != entries:
+            made.append(encode(changed, index.run.retention.objective))
+            refs[i] = made[-1].ref
+    head = tuple(change(c) for c in index.checkpoints)
+    if head == index.checkpoints and not made:
+        return index, ()
+    return index.model_copy(update={"checkpoints": head, "segments": tuple(refs), "seq": index.seq + 1}), tuple(made)
 
 
 def without(index: Index, gone: Doomed,

@@ -25,11 +25,12 @@ from pydantic import ValidationError
 
 from . import failpoints, layout, retry
 from .backends import open_backend
-from .changes import Change, commit_checkpoint, discard_checkpoints, prune_checkpoints
+from .changes import Change, commit_checkpoint, discard_checkpoints, label_checkpoint, prune_checkpoints
 from .commit import IndexKeeper, OutcomeUnknownError, Update
 from .errors import CheckpointNotFoundError, ConfigurationError, IntegrityError
 from .garbage import plan_gc
 from .inline import encode, inline_contents, split_inline, stored_files
+from .labels import tag_problem
 from .manifest import CheckpointEntry, FileEntry, Index, Manifest, WriterLease, dump, utcnow
 from .metrics import finite_metrics
 from .progress import byte_progress
@@ -284,7 +285,8 @@ class CheckpointStore:
         try:
             self.backend.delete([layout.object_key(cid, rel) for rel in rels])
         except Exception as exc:  # the original error matters more; gc cleans up later
-            log.warning("could not remove the partial upload %s at %s (%s); `cloudckpt gc` will", cid, self.url, exc)
+            log.warning("could not remove the partial upload %s at %s (%s); `cloudckpt gc` removes it later", cid,
+                        self.url, " ".join(str(exc).split()))
 
     def prune(self, *, keep_best: int | None = None, keep_last: int | None = None, keep_every: int | None = None,
               dry_run: bool = False) -> builtins.list[CheckpointEntry]:
@@ -318,6 +320,35 @@ class CheckpointStore:
             log.info("discarded %s from %s", c.id, self.url)
         return list(done.pruned)
 
+    # --- labels ------------------------------------------------------------------------------------------------
+
+    def pin(self, selector: str | int) -> CheckpointEntry:
+        """Pin a checkpoint: retention never prunes it (nor ``discard``). Returns its entry."""
+        return self._label(str(selector), pinned=True)
+
+    def unpin(self, selector: str | int) -> CheckpointEntry:
+        """Unpin a checkpoint: retention decides for it again."""
+        return self._label(str(selector), pinned=False)
+
+    def tag(self, selector: str | int, name: str) -> CheckpointEntry:
+        """Give a checkpoint the tag ``name`` (taken off any other: a tag names one checkpoint); ``pull(name)``
+        restores it. A tag does not keep a checkpoint from retention: pin it for that. ConfigurationError for a
+        name :func:`cloudckpt.labels.tag_problem` refuses."""
+        problem = tag_problem(name)
+        if problem:
+            raise ConfigurationError(problem)
+        return self._label(str(selector), tag=name)
+
+    def untag(self, selector: str | int, name: str) -> CheckpointEntry:
+        """Take the tag ``name`` off a checkpoint; CheckpointNotFoundError if it has no such tag."""
+        return self._label(str(selector), untag=name)
+
+    def _label(self, selector: str, **change: Any) -> CheckpointEntry:
+        done = self._apply(lambda index: label_checkpoint(index, selector, load=self.keeper.segment, **change),
+                           what=f"label {selector}")
+        target = self.keeper.read_all(done.before).resolve(selector).id
+        return self.keeper.read_all(done.after).get(target)
+
     def _delete_checkpoints(self, entries: Iterable[CheckpointEntry]) -> None:
         rels = [key for c in entries for key in layout.checkpoint_keys(c.id, (f.path for f in stored_files(c.files)))]
         if not rels:
@@ -341,9 +372,9 @@ class CheckpointStore:
             chosen = index.resolve(selector) if index is not None else self.get(selector)
             result = self._pull_first(index, chosen, Path(to), fallback=fallback, failed=failed)
             if result is not None:
-                if result.skipped:
-                    log.warning("restored %s instead of %s, which failed verification", result.entry.id,
-                                result.skipped[0])
+                if result.skipped:  # one line for the event: what was restored, what failed and why
+                    log.warning("restored %s instead of %s, which failed verification (%s: %s)", result.entry.id,
+                                " and ".join(result.skipped), result.skipped[0], failed[result.skipped[0]])
                 return result
         raise CheckpointNotFoundError(f"{self.url}: {selector} kept being pruned while it was pulled")
 
@@ -357,7 +388,7 @@ class CheckpointStore:
             except IntegrityError as exc:
                 if not fallback:
                     raise
-                log.warning("checkpoint %s failed verification (%s); trying an older one", cand.id, exc)
+                log.info("checkpoint %s failed verification (%s); trying an older one", cand.id, exc)
                 failed[cand.id] = str(exc)
                 continue
             return PullResult(cand, path, tuple(failed)) if path is not None else None

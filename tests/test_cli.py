@@ -255,10 +255,15 @@ def test_retries_are_one_summary_line_by_default_and_each_with_v(tmp_path):
     assert proc.returncode == 1
     lines = [ln for ln in proc.stderr.splitlines() if ln.strip()]
     assert len(lines) == 2, proc.stderr
-    summary = re.fullmatch(r"cloudckpt: (\d+) failed attempt\(s\) retried \(last: read index at s3://some-bucket/"
-                           r"runs/r1: attempt \d+ failed .*\); -v shows each", lines[0])
+    endpoint = f"http://127.0.0.1:{port}"  # whole, never cut (the URL ended at `index.jso...`), naming the fix
+    summary = re.fullmatch(r"cloudckpt: (\d+) failed attempt\(s\) retried \(last: read index: s3://some-bucket/"
+                           rf"runs/r1: could not connect to {endpoint}/some-bucket/runs/r1/index.json; check the "
+                           r"endpoint \(-o endpoint_url, "
+                           r"AWS_ENDPOINT_URL\) and the network\); -v shows each", lines[0])
     assert summary, lines[0]
-    assert lines[1].startswith("cloudckpt: error: ")
+    assert lines[1].startswith("cloudckpt: error: ") and lines[1].endswith(
+        f"could not connect to {endpoint}/some-bucket/runs/r1/index.json; check the endpoint (-o endpoint_url, "
+        "AWS_ENDPOINT_URL) and the network")
     assert verbose.returncode == 1
     assert verbose.stderr.count("; retrying") == int(summary.group(1)) >= 1
     assert "failed attempt(s) retried" not in verbose.stderr

@@ -153,14 +153,16 @@ def object_cas_problem(put_if: Callable[[str, bytes, Any], Any], read: Callable[
     returns the new token, or raises IndexConflictError when the store refuses; ``read(rel)`` returns an object's
     bytes. Other errors propagate (the caller retries transient ones; access errors are what they are).
     """
-    rels: list[str] = []
+    rels: list[str] = []  # probe objects written (or whose create was refused as existing: written earlier)
     try:
         for _ in range(3):
-            rels.append(probe_key(uuid.uuid4().hex))
+            rel = probe_key(uuid.uuid4().hex)
             try:
-                first = put_if(rels[-1], b"cloudckpt conditional-write probe 1\n", None)
+                first = put_if(rel, b"cloudckpt conditional-write probe 1\n", None)
+                rels.append(rel)
                 break
             except IndexConflictError:
+                rels.append(rel)
                 continue  # a fresh name exists only if this very create went through and its answer was lost
         else:
             return "a create-only write of a new object was refused three times"
@@ -181,8 +183,10 @@ def object_cas_problem(put_if: Callable[[str, bytes, Any], Any], read: Callable[
             return "a write conditional on a replaced version (If-Match / ifGenerationMatch) was carried out"
         except IndexConflictError:
             return None
-    finally:
+    finally:  # none written (no such bucket, no access): nothing to delete; a lost create's object is gc's
         try:
-            delete(rels)
+            if rels:
+                delete(rels)
         except Exception as exc:  # the verdict stands; gc removes probe objects older than --min-age
-            log.warning("could not delete the probe object(s) %s (%s); `cloudckpt gc` will", rels, exc)
+            log.warning("could not delete the probe object(s) %s (%s); `cloudckpt gc` removes them later", rels,
+                        " ".join(str(exc).split()))

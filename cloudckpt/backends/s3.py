@@ -35,8 +35,8 @@ def _split(url: str) -> tuple[str, str]:
 
 
 #: S3 error codes: access refused; the body did not match the checksum sent with it; worth another attempt
-_DENIED_CODES = {"AccessDenied", "AllAccessDisabled", "InvalidAccessKeyId", "SignatureDoesNotMatch", "InvalidToken",
-                 "AccountProblem", "InvalidObjectState"}
+_DENIED_CODES = {"AccessDenied", "AllAccessDisabled", "AccountProblem", "InvalidObjectState"}
+_REJECTED_CODES = {"InvalidAccessKeyId", "SignatureDoesNotMatch", "InvalidToken"}  # the credentials themselves
 _DIGEST_CODES = {"BadDigest", "InvalidDigest", "XAmzContentChecksumMismatch", "XAmzContentSHA256Mismatch"}
 _TRANSIENT_CODES = {"SlowDown", "Throttling", "ThrottlingException", "RequestTimeout", "RequestTimeTooSkewed",
                     "InternalError", "ServiceUnavailable", "TooManyRequests", "ExpiredToken", "RequestExpired"}
@@ -48,13 +48,17 @@ def _translate(exc: Exception, url: str) -> BaseException | None:
 
     if isinstance(exc, (bc.NoCredentialsError, bc.PartialCredentialsError, bc.CredentialRetrievalError,
                         bc.TokenRetrievalError)):
-        return AccessError(f"{url}: no usable credentials ({type(exc).__name__}: {exc}); "
-                           "set AWS_* / GOOGLE_APPLICATION_CREDENTIALS or pass storage options")
+        return AccessError(f"{url}: no AWS credentials found ({type(exc).__name__}); set AWS_ACCESS_KEY_ID and "
+                           "AWS_SECRET_ACCESS_KEY or AWS_PROFILE, use an instance role, or pass -o key=... "
+                           "-o secret=...")
     if isinstance(exc, (bc.NoRegionError, bc.ProfileNotFound, bc.InvalidConfigError)):
         return AccessError(f"{url}: client configuration is incomplete ({type(exc).__name__}: {exc})")
     if isinstance(exc, bc.ClientError):
         code = str(exc.response.get("Error", {}).get("Code") or "")
         status = exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode") or 0
+        if code in _REJECTED_CODES:
+            return AccessError(f"{url}: the store rejected the credentials ({code}): the access key or secret is "
+                               "wrong; check AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY, AWS_PROFILE or -o key/secret")
         if code in _DENIED_CODES or status in (401, 403):
             return AccessError(f"{url}: access denied ({code or status}: {exc}); the credentials lack permission "
                                "for this run")
@@ -67,6 +71,9 @@ def _translate(exc: Exception, url: str) -> BaseException | None:
         if code in _DIGEST_CODES:
             return StoreError(f"{url}: the store refused the checksum of the bytes sent ({exc})", transient=True)
         return StoreError(f"{url}: {exc}", transient=code in _TRANSIENT_CODES or status in (408, 429) or status >= 500)
+    if isinstance(exc, bc.EndpointConnectionError):  # worth a retry; if it lasts, the endpoint is wrong or down
+        return StoreError(f"{url}: could not connect to {exc.kwargs.get('endpoint_url', 'the store')}; check the "
+                          "endpoint (-o endpoint_url, AWS_ENDPOINT_URL) and the network", transient=True)
     if isinstance(exc, bc.BotoCoreError):  # connection, timeout, streaming and checksum errors are worth a retry
         transient = isinstance(exc, (bc.ConnectionError, bc.HTTPClientError, bc.IncompleteReadError,
                                      bc.FlexibleChecksumError, bc.ChecksumError))

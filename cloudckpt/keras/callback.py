@@ -67,8 +67,8 @@ class CloudCheckpoint(keras.callbacks.ModelCheckpoint):
 
     Each checkpoint in the store is a directory: the file Keras just wrote (when it wrote one; the save decisions
     are Keras') and ``cloudckpt_state/`` (``variables.npz`` + ``state.json``). Save points where Keras wrote no file
-    (``save_best_only`` without improvement, preemption, the end of training) commit the state alone, without the
-    monitored metric, so they never become the run's best. One remote holds one run: a ``fit`` resumes from it
+    (``save_best_only`` without improvement, preemption, the end of training) commit the state alone (with every
+    metric; meta kind "state"), which never becomes the run's best. One remote holds one run: a ``fit`` resumes from it
     unless the previous ``fit`` with this callback finished normally, so calling ``fit`` again with the same callback
     after an exception (or a preemption with ``exit_on_preemption=False``) resumes exactly as a new callback would
     (like Keras' `BackupAndRestore`), while a ``fit`` after a finished one continues from the model as it is.
@@ -375,8 +375,7 @@ class CloudCheckpoint(keras.callbacks.ModelCheckpoint):
         if improved:
             self.best_seen = current
         if saved is None or "://" in saved:
-            saved = None
-            metrics.pop(self.monitor, None)  # a state-only checkpoint must never become the run's best
+            saved = None  # kind "state": keeps every metric; retention never ranks it best (retention.rank_metrics)
         self._seq += 1
         job_dir = self._staging_dir / f"job-{self._seq:06d}"
         if snap is None:  # the file Keras just wrote (if any), linked now: a later save must not change it
@@ -483,7 +482,8 @@ class CloudCheckpoint(keras.callbacks.ModelCheckpoint):
     # --- resume ------------------------------------------------------------------------------------------------
 
     def _resume(self) -> None:
-        resumed = rs.resume(self.model, self._trainer, self._store, self._staging_dir, self.filepath)
+        resumed = rs.resume(self.model, self._trainer, self._store, self._staging_dir, self.filepath,
+                            epochs=self.params.get("epochs"))
         if resumed is None:
             return
         found, self._resumed = resumed

@@ -35,7 +35,7 @@ from typing import Any
 
 import numpy as np
 
-from ..errors import CheckpointNotFoundError, ConfigurationError, IntegrityError
+from ..errors import CheckpointNotFoundError, ConfigurationError, IntegrityError, ResumeMismatchError
 from ..manifest import CheckpointEntry
 from ..store import CheckpointStore
 from . import internals
@@ -173,22 +173,40 @@ class StatePlans:
 # --- resume side: which checkpoint, and restoring it ---------------------------------------------------------------
 
 
+START_OVER = "pass resume=False or a new remote to start over"  # the way out of a run that can't continue
+
+
 def resume(model: Any, trainer: TrainerAdapter, store: CheckpointStore, staging: Path,
-           filepath: str) -> tuple[Resumable, ResumedEpoch] | None:
+           filepath: str, epochs: int | None = None) -> tuple[Resumable, ResumedEpoch] | None:
     """Continue the run in ``store`` where it stopped: restore the model's and optimizer's variables from the
     newest resumable checkpoint (pulled under ``staging``), put its local files back beside ``filepath``, make the
     next ``fit`` start at its epoch and set up that epoch (:class:`ResumedEpoch`). None when there is nothing to
-    resume from; the callback's own state (best value, counters) is the caller's to set from the result."""
+    resume from; the callback's own state (best value, counters) is the caller's to set from the result.
+
+    When the checkpoint already ends the ``fit``'s ``epochs`` (a finished script run again: it trains nothing) one
+    warning line says so and how to start over, visible by default as Keras' own warnings are. A model that does not
+    fit the checkpoint raises :class:`~cloudckpt.errors.ResumeMismatchError`, one line with the same way out.
+    """
     found = pull_resumable(store, staging / "resume")
     if found is None:
         return None
     state = found.state
-    restore_variables(model, state, found.arrays, found.path)
+    try:
+        restore_variables(model, state, found.arrays, found.path)
+    except ConfigurationError as exc:
+        why = " ".join(str(exc).split())
+        why = why if len(why) <= 300 else why[:300].rsplit(" ", 1)[0] + " ..."
+        raise ResumeMismatchError(f"this model does not match checkpoint {found.entry.id} of {store.url} "
+                                  f"it would resume from ({why}); resume with the model that saved it, or "
+                                  f"{START_OVER}") from None
     restore_local_files(store, found.entry, found.path, staging / "best", filepath)
     internals.set_initial_epoch(model, state.initial_epoch)
     first = ResumedEpoch(model, trainer, state, found.arrays)
     log.info("resumed from %s (%s): epoch %d, %d batches into it, global step %d, best %s", found.entry.id,
              store.url, state.epoch + 1, first.k, state.global_step, state.best)
+    if epochs is not None and state.epoch_done and state.initial_epoch >= epochs:
+        log.warning("cloudckpt: run already finished at epoch %d of %d (%s in %s): this fit trains nothing; %s",
+                    state.initial_epoch, epochs, found.entry.id, store.url, START_OVER)
     shutil.rmtree(found.path, ignore_errors=True)
     return found, first
 

@@ -4,7 +4,10 @@
 # The guest agent runs this at every boot (stage "boot"): it installs cloudckpt into a venv (once), copies itself to
 # $CLOUDCKPT_HOME/bin and starts itself again as the systemd unit cloudckpt-train (stage "run"). The unit pulls the
 # latest checkpoint (`cloudckpt pull latest`; exit code 3 means the run has none yet: start fresh), then runs the
-# training command with CLOUDCKPT_RESUME_DIR set. On preemption GCE sends an ACPI soft-off and powers the VM off
+# training command with CLOUDCKPT_RESUME_DIR set: the latest checkpoint, the model file Keras wrote plus
+# cloudckpt_state/ — or, for a save point where Keras wrote no file (save_best_only without improvement, a
+# preemption), resume state alone, which is what resuming needs (the log says so; `cloudckpt pull latest-model`
+# gets the newest checkpoint with a model). On preemption GCE sends an ACPI soft-off and powers the VM off
 # 30 s later: systemd sends SIGTERM to training at once, and the cloudckpt callback commits within its
 # preemption_deadline (default 25 s, inside that window; see docs/deploy.md). A training exit with
 # CLOUDCKPT_PREEMPT_EXIT_CODE or a transient failure restarts the unit (at most 10 times an hour), which restores
@@ -113,10 +116,14 @@ install_cloudckpt() {
 }
 
 restore() { # pull the latest checkpoint into CKPT_DIR; set CLOUDCKPT_RESUME_DIR, empty for a fresh start
-  local rc attempt
+  local rc attempt said
   for attempt in 1 2 3; do
     rc=0
-    "$CLOUDCKPT_VENV/bin/cloudckpt" pull latest --remote "$CLOUDCKPT_REMOTE" --to "$CKPT_DIR" --fallback || rc=$?
+    said=$(mktemp)  # what cloudckpt prints: logged, except its "no run" error before a fresh start
+    "$CLOUDCKPT_VENV/bin/cloudckpt" pull latest --remote "$CLOUDCKPT_REMOTE" --to "$CKPT_DIR" --fallback \
+      >"$said" 2>&1 || rc=$?
+    [[ $rc == 3 ]] || cat "$said" >&2
+    rm -f "$said"
     case $rc in
       0) log "restored the latest checkpoint of $CLOUDCKPT_REMOTE into $CKPT_DIR"
          CLOUDCKPT_RESUME_DIR=$CKPT_DIR; return 0 ;;
