@@ -27,7 +27,6 @@ SHELLCHECK = shutil.which("shellcheck")
 needs_shellcheck = pytest.mark.skipif(
     SHELLCHECK is None, reason="shellcheck not installed (Debian package `shellcheck`: apt-get install -y shellcheck)")
 SCRIPTS = sorted(INFRA.rglob("*.sh"))
-WORKFLOWS = [INFRA / "ci" / "github-restore-evaluate.yml", INFRA / "ci" / "gitlab-ci.yml"]
 FATAL = {2, IntegrityError.exit_code, AccessError.exit_code, StaleWriterError.exit_code}
 
 
@@ -69,31 +68,6 @@ def test_shell_script_syntax(script):
 def test_shellcheck(script):
     proc = subprocess.run([SHELLCHECK, "--severity=style", str(script)], capture_output=True, text=True)
     assert proc.returncode == 0, proc.stdout
-
-
-def _ci_scripts() -> dict[str, str]:
-    """Every shell snippet of the CI templates (GitHub `run:` steps, GitLab before_script/script/after_script)."""
-    gha = yaml.safe_load(WORKFLOWS[0].read_text())
-    out = {f"github:{s.get('name', i)}": s["run"] for i, s in enumerate(gha["jobs"]["evaluate"]["steps"]) if "run" in s}
-    gitlab = yaml.safe_load(WORKFLOWS[1].read_text())["evaluate-checkpoint"]
-    for key in ("before_script", "script", "after_script"):
-        out[f"gitlab:{key}"] = "\n".join(gitlab[key])
-    return out
-
-
-def test_ci_scripts_take_no_template_expressions():
-    """`${{ }}` inside a run: block is a script-injection risk; values come in through env instead."""
-    for name, script in _ci_scripts().items():
-        assert "${{" not in script, name
-
-
-@needs_shellcheck
-def test_ci_scripts_pass_shellcheck(tmp_path):
-    for name, script in _ci_scripts().items():
-        f = tmp_path / (name.replace(":", "_").replace(" ", "_") + ".sh")
-        f.write_text("#!/usr/bin/env bash\nset -euo pipefail\n" + script + "\n")
-        proc = subprocess.run([SHELLCHECK, "--severity=style", str(f)], capture_output=True, text=True)
-        assert proc.returncode == 0, f"{name}:\n{proc.stdout}"
 
 
 # --- Kubernetes ----------------------------------------------------------------------------------------------------
@@ -157,15 +131,6 @@ def test_kubernetes_manifests_match_the_api_schema(version):
     assert kinds.count("Job") == 3, kinds  # the EKS, GKE and AKS Jobs were all validated
 
 
-def test_ci_templates_match_their_schemas():
-    """GitHub Actions and GitLab CI schemas as vendored by check-jsonschema (offline)."""
-    exe = VENV_BIN / "check-jsonschema"
-    for path, schema in zip(WORKFLOWS, ("vendor.github-workflows", "vendor.gitlab-ci")):
-        proc = subprocess.run([str(exe), "--builtin-schema", schema, str(path)], capture_output=True, text=True,
-                              timeout=120)
-        assert proc.returncode == 0, proc.stdout + proc.stderr
-
-
 def test_dockerfile_passes_hadolint():
     proc = subprocess.run([str(VENV_BIN / "hadolint"), str(INFRA / "docker" / "Dockerfile")], capture_output=True,
                           text=True, timeout=60)
@@ -222,14 +187,10 @@ def test_no_template_installs_cloudckpt_by_bare_name():
         for args in commands:
             for arg in args:
                 if arg.startswith("cloudckpt"):
-                    req = Requirement(arg)
+                    req = Requirement(re.sub(r"\$\{?\w+\}?", "x", arg))  # shell variables: any value
                     assert req.url and req.url.startswith("git+"), f"{path}: installs {arg!r} by name"
         for default in re.findall(r"SPEC:-([^}]*)\}", path.read_text()):  # ${CLOUDCKPT_SPEC:-...}
             assert not default.startswith("cloudckpt") or " @ " in default, f"{path}: default spec {default!r}"
-    gha = _gha_step("Install cloudckpt and the evaluation dependencies")
-    gitlab = yaml.safe_load(WORKFLOWS[1].read_text())["evaluate-checkpoint"]["before_script"]
-    for script in (gha, "\n".join(gitlab)):
-        assert '"cloudckpt[s3,gcs,keras] @ git+${CLOUDCKPT_REPO_URL}@${CLOUDCKPT_REF}"' in script
 
 
 SHA = "0123456789abcdef0123456789abcdef01234567"
@@ -327,37 +288,6 @@ def test_launcher_stops_on_a_fatal_pull_error(launcher, s3_server, tmp_path):
     proc = _run(cmd, env, tmp_path)
     assert proc.returncode == AccessError.exit_code, proc.stderr  # 5: not retried, training never started
     assert not (tmp_path / "report.json").exists()
-
-
-def _gha_step(name: str) -> str:
-    steps = yaml.safe_load(WORKFLOWS[0].read_text())["jobs"]["evaluate"]["steps"]
-    (step,) = [s for s in steps if s.get("name") == name]
-    return step["run"]
-
-
-@pytest.mark.parametrize("ci", ["github", "gitlab"])
-def test_ci_restore_step_pulls_the_best_checkpoint(ci, s3_url, tmp_path):
-    if ci == "github":
-        script = _gha_step("Restore the best checkpoint")
-        assert 'cloudckpt pull best --remote "$CLOUDCKPT_REMOTE" --to ./checkpoint' in script
-        assert "python evaluate.py --checkpoint ./checkpoint" in _gha_step("Evaluate")
-    else:
-        job = yaml.safe_load(WORKFLOWS[1].read_text())["evaluate-checkpoint"]
-        script = job["script"][0]
-        assert script.startswith('cloudckpt pull best --remote "$CLOUDCKPT_REMOTE" --to ./checkpoint')
-        assert job["script"][1].startswith("python evaluate.py --checkpoint ./checkpoint")
-    work = tmp_path / "work"
-    work.mkdir()
-    env = _env(tmp_path, CLOUDCKPT_REMOTE=s3_url)
-    empty = _run(["bash", "-e", "-c", script], env, work)
-    assert empty.returncode == 3, empty.stderr  # no checkpoint yet: the step fails with "nothing matches"
-
-    _push(s3_url, tmp_path, 1, 0.3, "best.weights.h5")
-    _push(s3_url, tmp_path, 2, 0.7, "later.weights.h5")
-    proc = _run(["bash", "-e", "-c", script], env, work)
-    assert proc.returncode == 0, proc.stderr
-    assert sorted(p.name for p in (work / "checkpoint").iterdir() if not p.name.startswith(".")) == ["best.weights.h5"]
-    assert json.loads((work / "checkpoint.json").read_text())["epoch"] == 1
 
 
 SIGTERM_TRAIN = ("python -c 'import os, pathlib, signal, sys, time\n"
