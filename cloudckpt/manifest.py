@@ -30,17 +30,20 @@ from .layout import INDEX_NAME as INDEX_NAME  # the layout's names, re-exported 
 from .layout import MANIFEST_NAME as MANIFEST_NAME
 from .layout import PROBE_DIR as PROBE_DIR
 from .layout import TMP_MARK as TMP_MARK
-from .layout import is_checkpoint_id, reserved_path_problem
+from .layout import is_checkpoint_id, is_generated_id, reserved_path_problem, segment_digest
 from .retention import Objective, Retention
 
 SCHEMA_VERSION = 1  # the manifest's (and an index without sealed segments: what older cloudckpt reads)
 INDEX_VERSION = 2  # an index that references sealed segments; older cloudckpt refuses it (schema_version check)
+GC_VERSION = 3  # an index that records gc's condemned names (and horizon); cloudckpt before it refuses it
+INDEX_VERSIONS = (SCHEMA_VERSION, INDEX_VERSION, GC_VERSION)
 TOP_SCORES = 16  # best values a segment reference keeps (retention's keep_best up to this needs no segment read)
 MAX_FILES = 100_000
 MAX_FILE_SIZE = 2**50  # 1 PiB: anything larger is a corrupt or hostile index
 MAX_INLINE_FILE = 256 * 1024  # bytes of one file a manifest may carry inline (cloudckpt.inline picks them)
 MAX_INLINE_TOTAL = 1024 * 1024  # bytes of all inline files of one checkpoint
 MAX_APPLIED_READ = 1024  # applied-update records an index may carry (writers keep far fewer: commit.MAX_APPLIED)
+MAX_CONDEMNED_READ = 4096  # condemned names an index may carry (gc keeps far fewer: condemn.MAX_CONDEMNED)
 _CONTROL = re.compile(r"[\x00-\x1f\x7f]")
 _DRIVE = re.compile(r"^[A-Za-z]:")
 
@@ -229,10 +232,30 @@ class SegmentRef(_Frozen):
     best: CheckpointEntry | None = None
 
 
+class Condemned(_Frozen):
+    """A name ``gc`` condemned in the index update of ``seq``: an uncommitted checkpoint id or an unreferenced
+    segment key (``_cloudckpt_index/<sha256>.json``). No later index may list or reference it
+    (:mod:`cloudckpt.condemn`).
+    """
+
+    name: Annotated[str, Field(max_length=200)]
+    seq: Annotated[int, Field(ge=1)]
+
+    @field_validator("name")
+    @classmethod
+    def _name(cls, v: str) -> str:
+        if not (is_generated_id(v) or segment_digest(v) is not None):
+            raise ValueError(f"not a checkpoint id or segment key gc may condemn: {v!r}")
+        return v
+
+
 class Index(_Frozen):
     """The run's index (its head). ``seq`` counts updates; ``checkpoints`` are the most recent ones in commit order
     (oldest first), after the older ones sealed in ``segments`` (oldest first; absent in older indexes);
     ``applied`` holds the last update of each of the most recent writer sessions (bounded; absent in older indexes).
+    ``condemned`` are the names gc has condemned (bounded, oldest first) and ``horizon`` the seq of the newest one
+    it forgot: a push that began before ``horizon`` is refused (:mod:`cloudckpt.condemn`; both absent until a gc
+    condemns something).
     """
 
     schema_: Literal["cloudckpt/index"] = Field(default="cloudckpt/index", alias="schema")
@@ -245,16 +268,22 @@ class Index(_Frozen):
     latest: str | None = None
     applied: Annotated[tuple[Applied, ...], Field(max_length=MAX_APPLIED_READ)] = ()
     segments: tuple[SegmentRef, ...] = ()
+    condemned: Annotated[tuple[Condemned, ...], Field(max_length=MAX_CONDEMNED_READ)] = ()
+    horizon: Annotated[int, Field(ge=0)] = 0
 
     model_config = ConfigDict(frozen=True, extra="forbid", strict=True, populate_by_name=True)
 
     @model_validator(mode="after")
     def _consistent(self) -> Index:
-        if self.schema_version not in (SCHEMA_VERSION, INDEX_VERSION):
+        if self.schema_version not in INDEX_VERSIONS:
             raise ValueError(f"unknown index schema_version {self.schema_version} (this cloudckpt reads "
-                             f"{SCHEMA_VERSION} and {INDEX_VERSION})")
-        if self.segments and self.schema_version != INDEX_VERSION:
-            raise ValueError(f"an index with segments must have schema_version {INDEX_VERSION}")
+                             f"{', '.join(map(str, INDEX_VERSIONS))})")
+        if self.segments and self.schema_version == SCHEMA_VERSION:
+            raise ValueError(f"an index with segments must have schema_version {INDEX_VERSION} or {GC_VERSION}")
+        if (self.condemned or self.horizon) and self.schema_version != GC_VERSION:
+            raise ValueError(f"an index with condemned names must have schema_version {GC_VERSION}")
+        if len({c.name for c in self.condemned}) != len(self.condemned):
+            raise ValueError("index condemns a name twice")
         ids = [c.id for c in self.checkpoints]
         if len(set(ids)) != len(ids):
             raise ValueError("index lists a checkpoint id twice")
@@ -391,7 +420,7 @@ def _parse(model: type[M], data: bytes, what: str) -> M:
     except ValidationError as e:
         err = e.errors()[0]
         version = _schema_version(data)
-        known = (SCHEMA_VERSION, INDEX_VERSION) if model is Index else (SCHEMA_VERSION,)
+        known = INDEX_VERSIONS if model is Index else (SCHEMA_VERSION,)
         if version is not None and version not in known:
             raise IntegrityError(f"{what} has schema_version {version}; this cloudckpt reads "
                                  f"{' and '.join(map(str, known))} (upgrade cloudckpt)") from None
@@ -418,15 +447,17 @@ def parse_manifest(data: bytes) -> Manifest:
 
 
 def dump(model: BaseModel) -> bytes:
-    """Serialize an Index or Manifest to JSON bytes. An index without segments is written as older cloudckpt
-    writes it (schema_version 1, no ``segments`` key), so older readers still read it; one with segments has
-    schema_version 2, which they refuse."""
+    """Serialize an Index or Manifest to JSON bytes. An index is written with the oldest schema_version that holds
+    it, without the keys it doesn't use, so older readers read what they can: no segments and nothing condemned is
+    schema_version 1 (what any cloudckpt reads); segments make it 2; names condemned by gc make it 3 (refused, with
+    "upgrade cloudckpt", by versions before it)."""
     if isinstance(model, Index):
-        version = INDEX_VERSION if model.segments else SCHEMA_VERSION
+        gc = bool(model.condemned or model.horizon)
+        version = GC_VERSION if gc else INDEX_VERSION if model.segments else SCHEMA_VERSION
         if model.schema_version != version:
             model = model.model_copy(update={"schema_version": version})
-        if not model.segments:
-            return model.model_dump_json(by_alias=True, indent=None, exclude={"segments"}).encode()
+        unused = ({"segments"} if not model.segments else set()) | ({"condemned", "horizon"} if not gc else set())
+        return model.model_dump_json(by_alias=True, indent=None, exclude=unused).encode()
     return model.model_dump_json(by_alias=True, indent=None).encode()
 
 
