@@ -10,7 +10,9 @@ An unlisted checkpoint or unreferenced segment is not deleted on sight: its name
 (:mod:`cloudckpt.condemn`), which is what keeps gc off a commit in flight; the plan says which names need that
 (``condemn``) and which the index already condemns (deleted at once). ``min_age`` is an extra grace on top: a name
 with an object younger than that is left alone (neither condemned nor deleted), so a slow upload is not made to
-start over. Temporary files and probes are deleted when older than ``min_age``; their writers tolerate it.
+start over. Temporary files are deleted when older than ``min_age`` (a local writer holds its own locked, and gc
+skips a locked one: :mod:`cloudckpt.backends.local`); conditional-write probes when older than ``min_age`` and
+:data:`PROBE_GRACE` (a probe spoiled by gc is run again, but a store is refused when three in a row are).
 """
 
 from __future__ import annotations
@@ -19,8 +21,11 @@ from collections.abc import Set as AbstractSet
 from dataclasses import dataclass, field
 
 from .backends import ObjectInfo
-from .layout import MANIFEST_NAME, is_generated_id, is_scratch, segment_digest
+from .layout import MANIFEST_NAME, PROBE_DIR, is_generated_id, is_scratch, segment_digest
 from .manifest import Index
+
+#: seconds a conditional-write probe object is kept whatever ``min_age`` (a probe takes a few requests)
+PROBE_GRACE = 600.0
 
 
 @dataclass
@@ -51,7 +56,7 @@ def plan_gc(objects: list[ObjectInfo], index: Index, *, now: float, min_age: flo
     for obj in objects:
         top, _, rest = obj.rel.partition("/")
         if is_scratch(obj.rel):
-            if now - obj.mtime >= min_age:
+            if now - obj.mtime >= (max(min_age, PROBE_GRACE) if top == PROBE_DIR else min_age):
                 plan.delete.append(obj.rel)
                 plan.bytes += obj.size
             continue
