@@ -160,6 +160,12 @@ class IndexKeeper:
         index, token = self._fetch()
         return (index if index is not None else Index()), token
 
+    def seq_floor(self) -> int:
+        """A seq at or below the index's current one: that of the index this keeper last read or wrote (no request),
+        else the current one (read). What a push notes before its first upload (:mod:`cloudckpt.condemn`)."""
+        cached = self._cached
+        return cached[1].seq if cached is not None else self.read()[0].seq
+
     def read_existing(self) -> Index:
         """The current index; CheckpointNotFoundError if there is no run at the URL."""
         index, _ = self._fetch()

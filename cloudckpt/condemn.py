@@ -17,10 +17,11 @@ answer was lost is settled by the index's ``applied`` records before anything is
 
 The list is bounded (:data:`MAX_CONDEMNED`, oldest forgotten first). Forgetting a name must not let its slow writer
 commit later, so the index keeps a ``horizon``: the seq of the newest update that condemned a forgotten name. A push
-notes the index's seq before it uploads anything (``began``); gc can only condemn its id in a later update (it saw
-its objects, which didn't exist before), so when that name is forgotten ``began < horizon``, and a commit whose
-push began before the horizon is refused too. Innocent pushes that began before the horizon are refused as well
-(they upload again): that takes :data:`MAX_CONDEMNED` condemnations during one push.
+notes a seq at or below the index's before it uploads anything (``began``: that of the index its keeper last read or
+wrote, no request); gc can only condemn its id in a later update (it saw its objects, which didn't exist before),
+so when that name is forgotten ``began < horizon``, and a commit whose push began before the horizon is refused too.
+Innocent pushes that began before the horizon are refused as well (they upload again): that takes
+:data:`MAX_CONDEMNED` condemnations between the writer's previous index update and its commit.
 
 Example:
     >>> from cloudckpt.manifest import Index

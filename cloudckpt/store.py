@@ -235,7 +235,7 @@ class CheckpointStore:
                  prune: bool, inline_small: bool) -> tuple[CheckpointEntry, Update]:
         """Upload ``files`` as checkpoint ``cid`` and commit it; CheckpointCondemnedError when gc condemned ``cid``
         meanwhile (then a failed upload or manifest write was gc deleting its objects, not the store failing)."""
-        began = self.keeper.read()[0].seq  # before any object of cid exists: gc can only condemn cid after this
+        began = self.keeper.seq_floor()  # before any object of cid exists: gc can only condemn cid after this
         with self._busy.holding(cid):
             t0 = time.monotonic()
             try:

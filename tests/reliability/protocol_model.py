@@ -35,6 +35,7 @@ class Model:
         self.last_added: str | None = None
         self.best: tuple[float, str] | None = None
         self.acked: set[str] = set()
+        self.refs: set[str] = set()  # the segment keys the index references now (the explorer sets them)
 
     def transition(self, new: Index | None, by: Writer, call: str | None, lease: Any = None) -> None:
         """``new`` is the index after ``by``'s ``call`` (None: the op's start), made holding ``lease``."""
@@ -80,12 +81,12 @@ class Model:
 
     def check_objects(self, stored: set[str]) -> None:
         if self.index is not None:
-            missing = listed_objects(self.index) - stored
+            missing = (listed_objects(self.index) | self.refs) - stored
             assert not missing, f"listed objects are missing: {sorted(missing)}"
 
     def check_delete(self, rels: list[str], by: Writer) -> None:
         if self.index is not None:
-            hit = set(rels) & listed_objects(self.index)
+            hit = set(rels) & (listed_objects(self.index) | self.refs)
             assert not hit, f"{by.name} ({by.op.kind}) deletes listed objects {sorted(hit)}"
 
     def check_finished(self, op: Op, stored: set[str]) -> None:
