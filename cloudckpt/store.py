@@ -11,18 +11,16 @@ from __future__ import annotations
 import builtins
 import logging
 import os
-import threading
 import time
-from collections import Counter
-from collections.abc import Callable, Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from concurrent.futures import ThreadPoolExecutor
-from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from . import failpoints, layout, retry
 from .backends import open_backend
+from .busy import BusySet as BusySet
 from .changes import Change, commit_checkpoint, discard_checkpoints, prune_checkpoints
 from .commit import IndexKeeper, OutcomeUnknownError, Update
 from .condemn import commit_refusal
@@ -56,39 +54,6 @@ class VerifyResult:
     id: str
     ok: bool
     error: str | None = None
-
-
-class BusySet:
-    """Checkpoint ids this process is committing or restoring: retention never prunes them.
-
-    Example:
-        >>> busy = BusySet()
-        >>> with busy.holding("ckpt-a"):
-        ...     sorted(busy.ids())
-        ['ckpt-a']
-        >>> busy.ids()
-        frozenset()
-    """
-
-    def __init__(self) -> None:
-        self._held: Counter[str] = Counter()
-        self._lock = threading.Lock()
-
-    @contextmanager
-    def holding(self, cid: str) -> Iterator[None]:
-        with self._lock:
-            self._held[cid] += 1
-        try:
-            yield
-        finally:
-            with self._lock:
-                self._held[cid] -= 1
-                if not self._held[cid]:
-                    del self._held[cid]
-
-    def ids(self) -> frozenset[str]:
-        with self._lock:
-            return frozenset(self._held)
 
 
 def _candidates(index: Index | None, chosen: CheckpointEntry, *, fallback: bool,
@@ -249,7 +214,10 @@ class CheckpointStore:
                 failpoints.hit("push.after_upload")
                 self._write_manifest(entry, encode({e.path: data for e, data in inline}))
             except Exception as exc:
-                why = commit_refusal(self.keeper.read()[0], cid, began=began)
+                try:
+                    why = commit_refusal(self.keeper.read()[0], cid, began=began)
+                except Exception:  # the index can't be read either: the upload's own error says more
+                    why = None
                 if why is None:
                     raise
                 raise CheckpointCondemnedError(why) from exc

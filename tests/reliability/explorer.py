@@ -241,6 +241,16 @@ class Explorer:
         if kind == "gc" and not self.aging and not self.gc_live:
             self.run(w)  # ... and none starts before it ends: nothing but min_age kept gc off a fresh upload
 
+    def gc_beside(self, pick: int, *, skew: bool, until_delete: bool) -> None:
+        """An idle writer runs gc (min_age 0, or its clock ahead) while the others stay parked where they are: to its
+        end, or ``until_delete`` (its condemn landed, its delete waits)."""
+        w = self.idle()[pick % len(self.idle())]
+        self.begin(w, "gc", 0.9 if skew else 0.0)
+        for _ in range(200):
+            if w.done or (until_delete and w.parked[0] == "delete"):
+                return
+            self.move(w, "go")
+
     def step(self, pick: int, decision: str) -> None:
         self.move(self.busy()[pick % len(self.busy())], decision)
 

@@ -194,6 +194,13 @@ class GcProtocol(CommitProtocol):
     def start(self, pick: int, kind: str, loss: int) -> None:
         self.ex.start(pick, kind, loss / 10)
 
+    @precondition(lambda self: self.ex is not None and self.ex.idle() and self.ex.busy())
+    @rule(pick=st.integers(0, 2), skew=st.booleans(), until_delete=st.booleans())
+    def gc_beside(self, pick: int, skew: bool, until_delete: bool) -> None:
+        """While another writer is midway through its op: a gc runs to its end, or until its delete (which then
+        waits while the others go on)."""
+        self.ex.gc_beside(pick, skew=skew, until_delete=until_delete)
+
 
 def gc_size(full: bool, ci: tuple[int, int], big: tuple[int, int]) -> tuple[int, int]:
     """(examples, steps): ``$CLOUDCKPT_EXPLORE_GC`` = ``full`` or ``<examples>x<steps>``, else ``--full``, else CI."""
@@ -227,3 +234,55 @@ def test_explore_gc_s3(s3_url, exploring, full, figures):
     examples, steps = gc_size(full, (4, 25), (40, 40))
     seen = explore_gc(lambda: f"{s3_url}/{uuid.uuid4().hex}", {}, examples=examples, steps=steps, figures=figures)
     assert seen.get("push/ok", 0) > 0, seen
+
+
+@pytest.fixture
+def scripted_gc(tmp_path, exploring, figures):
+    """An explorer of 2 writers with gc beside them (index segments of 2, keep-last 3), on a local run."""
+    ex = Explorer(str(tmp_path / "run"), {"fsync": False}, 2, 1, aging=False, work=tmp_path / "work", figures=figures,
+                  gc_live=True)
+    yield ex
+    ex.close()
+
+
+def test_scripted_gc_condemns_a_push_parked_before_its_commit(scripted_gc):
+    """w0 uploaded both files and its manifest and is about to swap the index; w1's gc (min_age 0) runs to its end.
+    Before the fix gc deleted w0's objects and w0's commit then listed them."""
+    ex = scripted_gc
+    w0, w1 = ex.writers
+    _push_through(ex, w0, 0.5)
+    ex.begin(w0, "push", 0.4)
+    ex.run(w0, until="write_index")
+    ex.begin(w1, "gc", 0.0)
+    ex.run(w1)
+    assert w1.op.error is None and w1.op.result.condemned, w1.op
+    ex.run(w0)
+    assert w0.op.error is None  # uploaded again under a new id, then committed
+    ex.finish()
+
+
+def test_scripted_gc_condemns_a_segment_sealed_before_its_swap(scripted_gc):
+    """w0 wrote a new sealed segment and is about to swap in the head referencing it; gc runs to its end, then a
+    writer pushes again. Before the fix the swap referenced the segment gc had deleted."""
+    ex = scripted_gc
+    w0, w1 = ex.writers
+    for loss in (0.9, 0.8, 0.7, 0.6):
+        _push_through(ex, w0, loss)
+        if any(k.startswith("_cloudckpt_index/") for k in {o.rel for o in ex.real.list_objects()}):
+            break
+    ex.begin(w0, "push", 0.5)
+    for _ in range(50):  # to the index write that follows a segment write
+        ex.run(w0, until="write_bytes")
+        sealing = str(w0.parked[1][0]).startswith("_cloudckpt_index/")
+        ex.move(w0, "go")
+        if sealing:
+            break
+    ex.run(w0, until="write_index")
+    ex.begin(w1, "gc", 0.0)
+    ex.run(w1, until="delete")  # gc's condemn landed; its delete waits
+    ex.run(w0)  # re-seals: the same checkpoints, so the same digest but for the fix's fresh nonce
+    assert w0.op.error is None
+    ex.run(w1)
+    assert w1.op.error is None and any(n.startswith("_cloudckpt_index/") for n in w1.op.result.condemned), w1.op
+    _push_through(ex, w1, 0.45)
+    ex.finish()
