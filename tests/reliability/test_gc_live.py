@@ -288,3 +288,28 @@ def test_gc_min_age_0_in_a_loop_beside_a_writer_process(tmp_path, request, kind,
     figures["gc_live"][f"{kind}/pushes_given_up"] += len(gave_up)
     check_run(url)
     _verify_cli(url)
+
+
+@pytest.mark.parametrize("kind", ["local", "s3"])
+def test_gc_dry_run_writes_nothing_and_a_crashed_gc_is_finished_by_the_next(tmp_path, request, kind, monkeypatch):
+    """``gc --dry-run`` names the leftovers and leaves the index and the objects as they were; a gc killed between
+    its condemn and its delete leaves the names condemned, and the next gc deletes them whatever --min-age."""
+    url = request.getfixturevalue(f"{kind}_url")
+    with CheckpointStore(url) as store:
+        store.push(_checkpoint(tmp_path / "e1", big=10), epoch=1)
+        store.backend.write_bytes("ckpt-e000009-deadbeef/w.bin", b"left by a crashed push")
+        before, _ = store.backend.read_index()
+        report = store.gc(dry_run=True, min_age=0)
+        assert report.deleted == ["ckpt-e000009-deadbeef/w.bin"] and report.condemned == ["ckpt-e000009-deadbeef"]
+        assert store.backend.read_index()[0] == before  # not even the condemn was written
+        assert "ckpt-e000009-deadbeef/w.bin" in {o.rel for o in store.backend.list_objects()}
+    killed = run([sys.executable, "-c", "from cloudckpt import CheckpointStore; import sys; "
+                  "CheckpointStore(sys.argv[1]).gc(min_age=0)", url],
+                 env=env_with(CLOUDCKPT_FAILPOINT="gc.after_condemn"))
+    assert killed.killed, killed.stderr
+    with CheckpointStore(url) as store:
+        assert [c.name for c in store.keeper.read_existing().condemned] == ["ckpt-e000009-deadbeef"]
+        assert "ckpt-e000009-deadbeef/w.bin" in {o.rel for o in store.backend.list_objects()}
+        report = store.gc()  # the default min_age: the object is fresh, yet condemned already
+        assert report.deleted == ["ckpt-e000009-deadbeef/w.bin"]
+    check_run(url)
