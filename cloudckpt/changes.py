@@ -20,7 +20,7 @@ from collections.abc import Set as AbstractSet
 from dataclasses import dataclass, replace
 from datetime import datetime
 
-from .condemn import commit_refusal
+from .condemn import commit_refusal, released
 from .errors import CheckpointCondemnedError
 from .manifest import CheckpointEntry, Index, RunPolicy, WriterLease
 from .retention import Retention
@@ -48,10 +48,11 @@ def commit_checkpoint(index: Index, entry: CheckpointEntry, policy: Retention, *
     """
     if any(c.id == entry.id for c in index.checkpoints):
         return Change(None)  # defensive: only this push adds the id, and a write that happened is never re-applied
-    if index.condemned or index.horizon:
+    if index.gc_state:
         why = commit_refusal(index, entry.id, began=index.horizon if began is None else began)
         if why is not None:
             raise CheckpointCondemnedError(why)
+        index = released(index, entry.id)
     run = RunPolicy.of(policy.over(index.run.retention))
     if run != index.run:
         if index.segments and (run.monitor, run.mode) != (index.run.monitor, index.run.mode):

@@ -23,6 +23,12 @@ so when that name is forgotten ``began < horizon``, and a commit whose push bega
 Innocent pushes that began before the horizon are refused as well (they upload again): that takes
 :data:`MAX_CONDEMNED` condemnations between the writer's previous index update and its commit.
 
+A push condemned once uploads again under a new id it first *reserves* in the index (one more compare-and-swap,
+only then): gc leaves a reserved name alone, so gc run back to back can't refuse the same push forever. The commit
+releases it. A reservation whose writer died is forgotten after :data:`MAX_RESERVED` newer ones, or condemned once
+its objects are older than ``garbage.RESERVED_GRACE`` (a clock used only to reclaim space: condemning a live
+reservation refuses that push, which is safe).
+
 Example:
     >>> from cloudckpt.manifest import Index
     >>> index = condemn(Index(seq=4), ["ckpt-e000001-0123abcd"])
@@ -33,6 +39,7 @@ Example:
 from __future__ import annotations
 
 from collections.abc import Iterable
+from collections.abc import Set as AbstractSet
 
 from .layout import segment_digest, segment_key
 from .manifest import Condemned, Index
@@ -40,6 +47,8 @@ from .segments import Loader, full_view, no_segments
 
 #: names an index keeps condemned; older ones are forgotten behind the horizon (about 60 bytes each)
 MAX_CONDEMNED = 64
+#: ids an index keeps reserved for pushes uploading again; older ones are forgotten (then gc may condemn them)
+MAX_RESERVED = 16
 
 
 def owner(rel: str) -> str:
@@ -47,11 +56,13 @@ def owner(rel: str) -> str:
     return rel if segment_digest(rel) is not None else rel.split("/", 1)[0]
 
 
-def condemn(index: Index, names: Iterable[str], load: Loader = no_segments) -> Index | None:
+def condemn(index: Index, names: Iterable[str], load: Loader = no_segments,
+            expired: AbstractSet[str] = frozenset()) -> Index | None:
     """``index`` with ``names`` condemned, minus those it lists (checkpoint ids, sealed ones too) or references
-    (segment keys) and those already condemned; None when nothing is new. The oldest names beyond
-    :data:`MAX_CONDEMNED` are forgotten and the horizon moves past them."""
-    known = {c.name for c in index.condemned}
+    (segment keys), those already condemned and those it reserves (but for ``expired`` ones, whose reservation gc
+    saw too old); None when nothing is new. The oldest names beyond :data:`MAX_CONDEMNED` are forgotten and the
+    horizon moves past them."""
+    known = {c.name for c in index.condemned} | ({r.name for r in index.reserved} - set(expired))
     wanted = [n for n in dict.fromkeys(names) if n not in known]
     if not wanted:
         return None
@@ -65,7 +76,25 @@ def condemn(index: Index, names: Iterable[str], load: Loader = no_segments) -> I
     kept = (*index.condemned, *(Condemned(name=n, seq=seq) for n in new))
     dropped, kept = kept[:-MAX_CONDEMNED], kept[-MAX_CONDEMNED:]
     horizon = max([index.horizon, *(c.seq for c in dropped)])
-    return index.model_copy(update={"condemned": kept, "horizon": horizon, "seq": seq})
+    reserved = tuple(r for r in index.reserved if r.name not in new)
+    return index.model_copy(update={"condemned": kept, "horizon": horizon, "reserved": reserved, "seq": seq})
+
+
+def reserve(index: Index, cid: str) -> Index | None:
+    """``index`` with ``cid`` reserved for a push about to upload it (the oldest beyond :data:`MAX_RESERVED`
+    forgotten); None if it is already."""
+    if any(r.name == cid for r in index.reserved):
+        return None
+    seq = index.seq + 1
+    kept = (*index.reserved, Condemned(name=cid, seq=seq))[-MAX_RESERVED:]
+    return index.model_copy(update={"reserved": kept, "seq": seq})
+
+
+def released(index: Index, cid: str) -> Index:
+    """``index`` without ``cid``'s reservation (its commit)."""
+    if not any(r.name == cid for r in index.reserved):
+        return index
+    return index.model_copy(update={"reserved": tuple(r for r in index.reserved if r.name != cid)})
 
 
 def commit_refusal(index: Index, cid: str, *, began: int) -> str | None:

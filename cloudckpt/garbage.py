@@ -26,6 +26,8 @@ from .manifest import Index
 
 #: seconds a conditional-write probe object is kept whatever ``min_age`` (a probe takes a few requests)
 PROBE_GRACE = 600.0
+#: seconds a checkpoint reserved in the index (a push uploading again) is kept whatever ``min_age``
+RESERVED_GRACE = 24 * 3600.0
 
 
 @dataclass
@@ -47,9 +49,11 @@ class GcPlan:
 
 
 def plan_gc(objects: list[ObjectInfo], index: Index, *, now: float, min_age: float,
-            segments: AbstractSet[str] = frozenset(), condemned: AbstractSet[str] = frozenset()) -> GcPlan:
+            segments: AbstractSet[str] = frozenset(), condemned: AbstractSet[str] = frozenset(),
+            reserved: AbstractSet[str] = frozenset()) -> GcPlan:
     """What to delete given every object, the index with all its checkpoints listed (sealed ones too), the keys
-    of the segments it references (never deleted) and the names it condemns (their objects go whatever their age)."""
+    of the segments it references (never deleted), the names it condemns (their objects go whatever their age) and
+    those it reserves (kept :data:`RESERVED_GRACE` at least)."""
     listed = {c.id: {f.path for f in c.files} | {MANIFEST_NAME} for c in index.checkpoints}
     groups: dict[str, list[ObjectInfo]] = {}
     plan = GcPlan()
@@ -76,7 +80,7 @@ def plan_gc(objects: list[ObjectInfo], index: Index, *, now: float, min_age: flo
         is_checkpoint = segment_digest(name) is None
         if name in condemned:
             plan.delete.extend(o.rel for o in objs)
-        elif any(now - o.mtime < min_age for o in objs):
+        elif any(now - o.mtime < (max(min_age, RESERVED_GRACE) if name in reserved else min_age) for o in objs):
             if is_checkpoint:
                 plan.kept_young.add(name)
             continue

@@ -254,8 +254,9 @@ class Index(_Frozen):
     (oldest first), after the older ones sealed in ``segments`` (oldest first; absent in older indexes);
     ``applied`` holds the last update of each of the most recent writer sessions (bounded; absent in older indexes).
     ``condemned`` are the names gc has condemned (bounded, oldest first) and ``horizon`` the seq of the newest one
-    it forgot: a push that began before ``horizon`` is refused (:mod:`cloudckpt.condemn`; both absent until a gc
-    condemns something).
+    it forgot: a push that began before ``horizon`` is refused; ``reserved`` are checkpoint ids a push uploads again
+    after gc condemned its first id, which gc leaves alone (:mod:`cloudckpt.condemn`; all absent until a gc condemns
+    something).
     """
 
     schema_: Literal["cloudckpt/index"] = Field(default="cloudckpt/index", alias="schema")
@@ -270,6 +271,7 @@ class Index(_Frozen):
     segments: tuple[SegmentRef, ...] = ()
     condemned: Annotated[tuple[Condemned, ...], Field(max_length=MAX_CONDEMNED_READ)] = ()
     horizon: Annotated[int, Field(ge=0)] = 0
+    reserved: Annotated[tuple[Condemned, ...], Field(max_length=MAX_CONDEMNED_READ)] = ()
 
     model_config = ConfigDict(frozen=True, extra="forbid", strict=True, populate_by_name=True)
 
@@ -280,8 +282,10 @@ class Index(_Frozen):
                              f"{', '.join(map(str, INDEX_VERSIONS))})")
         if self.segments and self.schema_version == SCHEMA_VERSION:
             raise ValueError(f"an index with segments must have schema_version {INDEX_VERSION} or {GC_VERSION}")
-        if (self.condemned or self.horizon) and self.schema_version != GC_VERSION:
-            raise ValueError(f"an index with condemned names must have schema_version {GC_VERSION}")
+        if self.gc_state and self.schema_version != GC_VERSION:
+            raise ValueError(f"an index with condemned or reserved names must have schema_version {GC_VERSION}")
+        if len({c.name for c in self.reserved}) != len(self.reserved):
+            raise ValueError("index reserves a name twice")
         if len({c.name for c in self.condemned}) != len(self.condemned):
             raise ValueError("index condemns a name twice")
         ids = [c.id for c in self.checkpoints]
@@ -304,6 +308,11 @@ class Index(_Frozen):
         return self
 
     # --- queries -------------------------------------------------------------------------------------------------
+
+    @property
+    def gc_state(self) -> bool:
+        """Whether the index records anything of gc's protocol (then it is written as schema_version 3)."""
+        return bool(self.condemned or self.horizon or self.reserved)
 
     def get(self, cid: str) -> CheckpointEntry:
         """The entry ``cid`` among the head's checkpoints (and the segments' best ones); CheckpointNotFoundError."""
@@ -452,11 +461,12 @@ def dump(model: BaseModel) -> bytes:
     schema_version 1 (what any cloudckpt reads); segments make it 2; names condemned by gc make it 3 (refused, with
     "upgrade cloudckpt", by versions before it)."""
     if isinstance(model, Index):
-        gc = bool(model.condemned or model.horizon)
+        gc = model.gc_state
         version = GC_VERSION if gc else INDEX_VERSION if model.segments else SCHEMA_VERSION
         if model.schema_version != version:
             model = model.model_copy(update={"schema_version": version})
-        unused = ({"segments"} if not model.segments else set()) | ({"condemned", "horizon"} if not gc else set())
+        unused = ({"segments"} if not model.segments else set()) | (set() if gc else {"condemned", "horizon",
+                                                                                          "reserved"})
         return model.model_dump_json(by_alias=True, indent=None, exclude=unused).encode()
     return model.model_dump_json(by_alias=True, indent=None).encode()
 

@@ -23,7 +23,7 @@ from .backends import open_backend
 from .busy import BusySet as BusySet
 from .changes import Change, commit_checkpoint, discard_checkpoints, prune_checkpoints
 from .commit import IndexKeeper, OutcomeUnknownError, Update
-from .condemn import commit_refusal
+from .condemn import commit_refusal, reserve
 from .errors import CheckpointCondemnedError, CheckpointNotFoundError, ConfigurationError, IntegrityError
 from .inline import encode, inline_contents, split_inline, stored_files
 from .manifest import CheckpointEntry, FileEntry, Index, Manifest, WriterLease, dump, utcnow
@@ -184,7 +184,8 @@ class CheckpointStore:
             cid = layout.new_checkpoint_id(epoch, step)
             try:
                 entry, done = self._push_as(cid, files, epoch=epoch, step=step, metrics=values, meta=meta,
-                                            policy=policy, sha256=sha256, prune=prune, inline_small=inline_small)
+                                            policy=policy, sha256=sha256, prune=prune, inline_small=inline_small,
+                                            reserve_id=attempt > 1)
                 break
             except CheckpointCondemnedError as exc:
                 self._discard_upload(cid, [*(f.rel for f in files), layout.MANIFEST_NAME])
@@ -197,9 +198,12 @@ class CheckpointStore:
 
     def _push_as(self, cid: str, files: builtins.list[LocalFile], *, epoch: int | None, step: int | None,
                  metrics: dict[str, float], meta: Mapping[str, str] | None, policy: Retention, sha256: bool,
-                 prune: bool, inline_small: bool) -> tuple[CheckpointEntry, Update]:
-        """Upload ``files`` as checkpoint ``cid`` and commit it; CheckpointCondemnedError when gc condemned ``cid``
-        meanwhile (then a failed upload or manifest write was gc deleting its objects, not the store failing)."""
+                 prune: bool, inline_small: bool, reserve_id: bool) -> tuple[CheckpointEntry, Update]:
+        """Upload ``files`` as checkpoint ``cid`` (``reserve_id``: reserved in the index first) and commit it;
+        CheckpointCondemnedError when gc condemned ``cid`` meanwhile (then a failed upload or manifest write was gc
+        deleting its objects, not the store failing)."""
+        if reserve_id:  # gc condemned this push's upload before: make sure it doesn't again
+            self.keeper.apply(lambda index: Change(reserve(index, cid)), what=f"reserve {cid}")
         began = self.keeper.seq_floor()  # before any object of cid exists: gc can only condemn cid after this
         with self._busy.holding(cid):
             t0 = time.monotonic()

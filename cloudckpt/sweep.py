@@ -48,7 +48,7 @@ def collect(backend: Backend, keeper: IndexKeeper, *, budget: float, dry_run: bo
         keeper.read_existing()  # nothing at all at the URL: say there is no run
     plan = plan_gc(objects, index, now=time.time() if now is None else now, min_age=min_age,
                    segments={layout.segment_key(r.sha256) for r in head.segments},
-                   condemned={c.name for c in head.condemned})
+                   condemned={c.name for c in head.condemned}, reserved={r.name for r in head.reserved})
     held = busy()
     wanted = [name for name in plan.condemn if name not in held]
     if dry_run:
@@ -56,7 +56,8 @@ def collect(backend: Backend, keeper: IndexKeeper, *, budget: float, dry_run: bo
         return GcReport(doomed, plan.bytes, sorted(plan.checkpoints), sorted(plan.kept_young), True, sorted(wanted))
     dead: set[str] = set()
     if wanted:
-        done = keeper.apply(lambda index: Change(condemn(index, wanted, keeper.segment)), what="gc condemn")
+        expired = {r.name for r in head.reserved} & set(wanted)  # reserved, yet older than RESERVED_GRACE
+        done = keeper.apply(lambda index: Change(condemn(index, wanted, keeper.segment, expired)), what="gc condemn")
         dead = {c.name for c in done.after.condemned}
         failpoints.hit("gc.after_condemn")
     condemned = sorted(name for name in wanted if name in dead)

@@ -86,3 +86,21 @@ def test_a_condemned_segment_is_written_under_a_fresh_digest():
     assert decode(made[0].ref, made[0].data) == seg.entries  # the same checkpoints, read back and checked
     again, same = avoid(index, [seg], frozenset(), lambda: "1" * 32)
     assert same[0] is seg and again == index
+
+
+def test_a_reserved_id_is_not_condemned_until_its_reservation_expired_and_its_commit_releases_it():
+    from cloudckpt.changes import commit_checkpoint
+    from cloudckpt.condemn import MAX_RESERVED, reserve
+    from cloudckpt.retention import Retention
+
+    index = reserve(Index(), IDS[8])
+    assert index is not None and reserve(index, IDS[8]) is None
+    assert json.loads(dump(index))["schema_version"] == 3
+    assert condemn(index, [IDS[8]]) is None  # a push is uploading it again
+    expired = condemn(index, [IDS[8]], expired={IDS[8]})
+    assert expired is not None and [c.name for c in expired.condemned] == [IDS[8]] and expired.reserved == ()
+    done = commit_checkpoint(index, _entry(IDS[8]), Retention(), prune=False, busy=frozenset(), began=index.seq)
+    assert done.index is not None and done.index.reserved == () and done.index.latest == IDS[8]
+    for cid in IDS[10:10 + MAX_RESERVED + 5]:
+        index = reserve(index, cid) or index
+    assert len(index.reserved) == MAX_RESERVED and index.reserved[-1].name == IDS[10 + MAX_RESERVED + 4]

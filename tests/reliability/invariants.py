@@ -14,7 +14,7 @@ from pathlib import Path
 
 from cloudckpt import CheckpointStore, GcReport
 from cloudckpt.errors import CheckpointNotFoundError
-from cloudckpt.garbage import PROBE_GRACE
+from cloudckpt.garbage import PROBE_GRACE, RESERVED_GRACE
 from cloudckpt.layout import segment_key
 from cloudckpt.manifest import INDEX_NAME, MANIFEST_NAME, PROBE_DIR, Index
 
@@ -36,10 +36,17 @@ def segment_objects(store: CheckpointStore) -> set[str]:
 
 
 def young_probes(store: CheckpointStore) -> set[str]:
-    """Conditional-write probe objects gc keeps whatever min_age (younger than ``garbage.PROBE_GRACE``)."""
+    """What gc keeps whatever min_age: conditional-write probe objects younger than ``garbage.PROBE_GRACE``, and
+    objects of checkpoint ids the index reserves (a push uploading again, or one that died doing so) younger than
+    ``garbage.RESERVED_GRACE``."""
     now = time.time()
+    try:
+        reserved = {r.name for r in store.keeper.read_existing().reserved}
+    except CheckpointNotFoundError:
+        reserved = set()
     return {o.rel for o in store.backend.list_objects()
-            if o.rel.startswith(f"{PROBE_DIR}/") and now - o.mtime < PROBE_GRACE}
+            if (o.rel.startswith(f"{PROBE_DIR}/") and now - o.mtime < PROBE_GRACE)
+            or (o.rel.split("/", 1)[0] in reserved and now - o.mtime < RESERVED_GRACE)}
 
 
 @dataclass

@@ -21,6 +21,11 @@ if TYPE_CHECKING:
     from .explorer import Op, Writer
 
 
+def _listing(index: Index) -> dict:
+    """What an index says of the run, without gc's protocol records (condemned, reserved) and the write's stamp."""
+    return index.model_dump(exclude={"condemned", "horizon", "reserved", "seq", "applied", "schema_version"})
+
+
 def _records(index: Index, entries) -> list[Record]:
     return [Record(c.id, c.epoch, c.step, c.metrics, c.pinned) for c in entries]
 
@@ -46,6 +51,9 @@ class Model:
         if old is not None and new == old:
             return
         assert call == "write_index", f"the index changed during {call!r} of {by and by.name}"
+        if old is not None and _listing(new) == _listing(old):
+            self.index = new  # gc condemned, or a push reserved its id: nothing listed changed
+            return
         o_ids = [c.id for c in old.checkpoints] if old else []
         n_ids = [c.id for c in new.checkpoints]
         added = [i for i in n_ids if i not in o_ids]
