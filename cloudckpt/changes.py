@@ -20,7 +20,8 @@ from collections.abc import Set as AbstractSet
 from dataclasses import dataclass, replace
 from datetime import datetime
 
-from .errors import CheckpointNotFoundError, ConfigurationError
+from .condemn import commit_refusal, released
+from .errors import CheckpointCondemnedError, CheckpointNotFoundError, ConfigurationError
 from .manifest import CheckpointEntry, Index, RunPolicy, WriterLease
 from .retention import Retention
 from .segments import Doomed, Loader, NewSegment, doomed, full_view, locate, no_segments, relabel, retarget, without
@@ -38,11 +39,20 @@ class Change:
 
 
 def commit_checkpoint(index: Index, entry: CheckpointEntry, policy: Retention, *, prune: bool,
-                      busy: AbstractSet[str], load: Loader = no_segments) -> Change:
+                      busy: AbstractSet[str], load: Loader = no_segments, began: int | None = None) -> Change:
     """Add ``entry`` as the latest checkpoint; the settings given in ``policy`` become the run's; with ``prune``,
-    apply the run's retention in the same update (``busy`` ids, the new latest and the best are kept)."""
+    apply the run's retention in the same update (``busy`` ids, the new latest and the best are kept).
+
+    Raises CheckpointCondemnedError when gc condemned ``entry``'s id, or its push ``began`` (the index's seq before
+    its first upload) before gc's horizon (:mod:`cloudckpt.condemn`).
+    """
     if any(c.id == entry.id for c in index.checkpoints):
         return Change(None)  # defensive: only this push adds the id, and a write that happened is never re-applied
+    if index.gc_state:
+        why = commit_refusal(index, entry.id, began=index.horizon if began is None else began)
+        if why is not None:
+            raise CheckpointCondemnedError(why)
+        index = released(index, entry.id)
     run = RunPolicy.of(policy.over(index.run.retention))
     if run != index.run:
         if index.segments and (run.monitor, run.mode) != (index.run.monitor, index.run.mode):

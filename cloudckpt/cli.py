@@ -266,7 +266,8 @@ def verify_cmd(ctx: click.Context, selectors: tuple[str, ...], url: str | None, 
 @cli_legacy.legacy_url("URL")
 @click.option("--dry-run", is_flag=True, help="Say what would be deleted; delete nothing.")
 @click.option("--min-age", type=click.FloatRange(min=0), default=3600.0, show_default=True,
-              help="Leave objects younger than this many seconds (uploads in flight).")
+              help="Leave checkpoints and temporary files with an object younger than this many seconds alone (a "
+                   "grace: gc is safe beside live writers whatever this is).")
 @json_flag
 @click.pass_context
 def gc_cmd(ctx: click.Context, url: str | None, dry_run: bool, min_age: float, as_json: bool) -> None:
@@ -274,7 +275,7 @@ def gc_cmd(ctx: click.Context, url: str | None, dry_run: bool, min_age: float, a
     with _store(ctx, url) as store:
         report = store.gc(dry_run=dry_run, min_age=min_age)
     data = {"dry_run": dry_run, "deleted": report.deleted, "bytes": report.bytes, "checkpoints": report.checkpoints,
-            "kept_young": report.kept_young}
+            "kept_young": report.kept_young, "condemned": report.condemned}
     out.emit(data, as_json, lambda r: f"{'would remove' if dry_run else 'removed'} {len(r['deleted'])} objects "
              f"({out.human_size(r['bytes'])}) of {len(r['checkpoints'])} uncommitted checkpoints")
 

@@ -19,7 +19,8 @@ raised rather than guessed.
 The index is a head with sealed segments (:mod:`cloudckpt.segments`): after a change, the keeper seals what the head
 holds beyond its limit, writes the new segment objects, and only then swaps in the head that references them. It
 reads segments on demand (:meth:`IndexKeeper.segment`), each checked against its reference, and keeps those it read
-or wrote (they are immutable).
+or wrote (they are immutable). A new segment whose key gc condemned is written under a fresh digest instead
+(:mod:`cloudckpt.condemn`).
 """
 
 from __future__ import annotations
@@ -40,9 +41,10 @@ from . import layout, retry
 from .backends import Backend
 from .backends.base import UNCHANGED
 from .changes import Change, claim_writer
+from .condemn import condemned_segments
 from .errors import CheckpointNotFoundError, IndexConflictError, IntegrityError, StaleWriterError, TransferError
 from .manifest import Applied, CheckpointEntry, Index, SegmentRef, WriterLease, dump, parse_index, utcnow
-from .segments import NewSegment, Sealing, check, decode, full_view, seal
+from .segments import NewSegment, Sealing, avoid, check, decode, full_view, seal
 
 log = logging.getLogger(__name__)
 
@@ -158,6 +160,12 @@ class IndexKeeper:
         index, token = self._fetch()
         return (index if index is not None else Index()), token
 
+    def seq_floor(self) -> int:
+        """A seq at or below the index's current one: that of the index this keeper last read or wrote (no request),
+        else the current one (read). What a push notes before its first upload (:mod:`cloudckpt.condemn`)."""
+        cached = self._cached
+        return cached[1].seq if cached is not None else self.read()[0].seq
+
     def read_existing(self) -> Index:
         """The current index; CheckpointNotFoundError if there is no run at the URL."""
         index, _ = self._fetch()
@@ -214,7 +222,11 @@ class IndexKeeper:
         for made in proposed.segments:
             self._remember(made.ref, made.entries)
         sealed, more = seal(proposed.index, self.sealing, self.segment)
-        self._write_segments(sealed, (*proposed.segments, *more))
+        new_segments = (*proposed.segments, *more)
+        dead = condemned_segments(index)
+        if dead:  # never reference a segment key gc condemned: it may be deleting that object
+            sealed, new_segments = avoid(sealed, new_segments, dead, lambda: uuid.uuid4().hex)
+        self._write_segments(sealed, new_segments)
         op = next(self._ops)
         new = _stamped(sealed, index, self.session, op)
         written[op] = Update(index, new, proposed.pruned)

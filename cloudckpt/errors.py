@@ -84,6 +84,13 @@ class IndexConflictError(CloudCkptError):
     """Internal: a conditional index write lost a race. The commit loop re-reads the index and tries again."""
 
 
+class CheckpointCondemnedError(CloudCkptError):
+    """``gc`` condemned this push's uncommitted checkpoint before it was committed (its objects may be gone): the
+    index refuses it. A push uploads again under a new id and raises this only when that keeps happening."""
+
+    exit_code = 1
+
+
 class CheckpointWriteError(CloudCkptError, OSError):
     """Writing a checkpoint's local file in the background failed (``__cause__`` says why). Raised on the training
     thread at the next batch or epoch boundary, or at the end of training."""

@@ -3,8 +3,9 @@ itself when it reaches that point of the commit protocol. Unset (always, outside
 
 Points: ``push.after_upload`` (files stored, no manifest), ``push.after_manifest`` (manifest stored, index not
 updated), ``push.after_index`` (committed, pruned objects not yet deleted), ``prune.after_index`` (index updated,
-objects not yet deleted), ``gc.before_delete``, ``keras.write.before_close`` (a background Keras file write, its
-temporary HDF5 file not yet closed nor renamed). ``<name>:<n>`` kills at the n-th time the point is reached.
+objects not yet deleted), ``gc.after_condemn`` (gc's names condemned in the index, nothing deleted yet),
+``gc.before_delete``, ``keras.write.before_close`` (a background Keras file write, its temporary HDF5 file not yet
+closed nor renamed). ``<name>:<n>`` kills at the n-th time the point is reached.
 """
 
 from __future__ import annotations

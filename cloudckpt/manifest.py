@@ -33,13 +33,15 @@ from .layout import INDEX_NAME as INDEX_NAME  # the layout's names, re-exported 
 from .layout import MANIFEST_NAME as MANIFEST_NAME
 from .layout import PROBE_DIR as PROBE_DIR
 from .layout import TMP_MARK as TMP_MARK
-from .layout import is_checkpoint_id, reserved_path_problem
+from .layout import is_checkpoint_id, is_generated_id, reserved_path_problem, segment_digest
 from .retention import Objective, Retention, holds_model, rank_metrics
 
 log = logging.getLogger(__name__)
 
 SCHEMA_VERSION = 1  # the manifest's (and an index without sealed segments: what older cloudckpt reads)
 INDEX_VERSION = 2  # an index that references sealed segments; older cloudckpt refuses it (schema_version check)
+GC_VERSION = 3  # an index that records gc's condemned names (and horizon); cloudckpt before it refuses it
+INDEX_VERSIONS = (SCHEMA_VERSION, INDEX_VERSION, GC_VERSION)
 TOP_SCORES = 16  # best values a segment reference keeps (retention's keep_best up to this needs no segment read)
 MAX_FILES = 100_000
 MAX_FILE_SIZE = 2**50  # 1 PiB: anything larger is a corrupt or hostile index
@@ -47,6 +49,7 @@ MAX_INLINE_FILE = 256 * 1024  # bytes of one file a manifest may carry inline (c
 MAX_INLINE_TOTAL = 1024 * 1024  # bytes of all inline files of one checkpoint
 MAX_APPLIED_READ = 1024  # applied-update records an index may carry (writers keep far fewer: commit.MAX_APPLIED)
 RESUME_STATE_DIR = "cloudckpt_state"  # the Keras callback's resume state in a checkpoint
+MAX_CONDEMNED_READ = 4096  # condemned names an index may carry (gc keeps far fewer: condemn.MAX_CONDEMNED)
 _CONTROL = re.compile(r"[\x00-\x1f\x7f]")
 _DRIVE = re.compile(r"^[A-Za-z]:")
 
@@ -289,10 +292,31 @@ class SegmentRef(_Frozen):
     best: CheckpointEntry | None = None
 
 
+class Condemned(_Frozen):
+    """A name ``gc`` condemned in the index update of ``seq``: an uncommitted checkpoint id or an unreferenced
+    segment key (``_cloudckpt_index/<sha256>.json``). No later index may list or reference it
+    (:mod:`cloudckpt.condemn`).
+    """
+
+    name: Annotated[str, Field(max_length=200)]
+    seq: Annotated[int, Field(ge=1)]
+
+    @field_validator("name")
+    @classmethod
+    def _name(cls, v: str) -> str:
+        if not (is_generated_id(v) or segment_digest(v) is not None):
+            raise ValueError(f"not a checkpoint id or segment key gc may condemn: {v!r}")
+        return v
+
+
 class Index(_Frozen):
     """The run's index (its head). ``seq`` counts updates; ``checkpoints`` are the most recent ones in commit order
     (oldest first), after the older ones sealed in ``segments`` (oldest first; absent in older indexes);
     ``applied`` holds the last update of each of the most recent writer sessions (bounded; absent in older indexes).
+    ``condemned`` are the names gc has condemned (bounded, oldest first) and ``horizon`` the seq of the newest one
+    it forgot: a push that began before ``horizon`` is refused; ``reserved`` are checkpoint ids a push uploads again
+    after gc condemned its first id, which gc leaves alone (:mod:`cloudckpt.condemn`; all absent until a gc condemns
+    something).
     """
 
     schema_: Literal["cloudckpt/index"] = Field(default="cloudckpt/index", alias="schema")
@@ -305,16 +329,25 @@ class Index(_Frozen):
     latest: str | None = None
     applied: Annotated[tuple[Applied, ...], Field(max_length=MAX_APPLIED_READ)] = ()
     segments: tuple[SegmentRef, ...] = ()
+    condemned: Annotated[tuple[Condemned, ...], Field(max_length=MAX_CONDEMNED_READ)] = ()
+    horizon: Annotated[int, Field(ge=0)] = 0
+    reserved: Annotated[tuple[Condemned, ...], Field(max_length=MAX_CONDEMNED_READ)] = ()
 
     model_config = ConfigDict(frozen=True, extra="forbid", strict=True, populate_by_name=True)
 
     @model_validator(mode="after")
     def _consistent(self) -> Index:
-        if self.schema_version not in (SCHEMA_VERSION, INDEX_VERSION):
+        if self.schema_version not in INDEX_VERSIONS:
             raise ValueError(f"unknown index schema_version {self.schema_version} (this cloudckpt reads "
-                             f"{SCHEMA_VERSION} and {INDEX_VERSION})")
-        if self.segments and self.schema_version != INDEX_VERSION:
-            raise ValueError(f"an index with segments must have schema_version {INDEX_VERSION}")
+                             f"{', '.join(map(str, INDEX_VERSIONS))})")
+        if self.segments and self.schema_version == SCHEMA_VERSION:
+            raise ValueError(f"an index with segments must have schema_version {INDEX_VERSION} or {GC_VERSION}")
+        if self.gc_state and self.schema_version != GC_VERSION:
+            raise ValueError(f"an index with condemned or reserved names must have schema_version {GC_VERSION}")
+        if len({c.name for c in self.reserved}) != len(self.reserved):
+            raise ValueError("index reserves a name twice")
+        if len({c.name for c in self.condemned}) != len(self.condemned):
+            raise ValueError("index condemns a name twice")
         ids = [c.id for c in self.checkpoints]
         if len(set(ids)) != len(ids):
             raise ValueError("index lists a checkpoint id twice")
@@ -335,6 +368,11 @@ class Index(_Frozen):
         return self
 
     # --- queries -------------------------------------------------------------------------------------------------
+
+    @property
+    def gc_state(self) -> bool:
+        """Whether the index records anything of gc's protocol (then it is written as schema_version 3)."""
+        return bool(self.condemned or self.horizon or self.reserved)
 
     def get(self, cid: str) -> CheckpointEntry:
         """The entry ``cid`` among the head's checkpoints (and the segments' best ones); CheckpointNotFoundError."""
@@ -465,7 +503,7 @@ def _parse(model: type[M], data: bytes, what: str, *, tolerant: bool = True) -> 
     except ValidationError as e:
         err = e.errors()[0]
         version = _schema_version(data)
-        known = (SCHEMA_VERSION, INDEX_VERSION) if model is Index else (SCHEMA_VERSION,)
+        known = INDEX_VERSIONS if model is Index else (SCHEMA_VERSION,)
         if version is not None and version not in known:
             raise IntegrityError(f"{what} has schema_version {version}; this cloudckpt reads "
                                  f"{' and '.join(map(str, known))} (upgrade cloudckpt)") from None
@@ -528,17 +566,19 @@ def readable(model: M, data: bytes, what: str) -> bytes:
 
 
 def dump(model: BaseModel) -> bytes:
-    """Serialize an Index or Manifest to JSON bytes, checked to read back (:func:`readable`). An
-    index without segments is written as older cloudckpt writes it (schema_version 1, no ``segments`` key), so older
-    readers still read it; one with segments has schema_version 2, which they refuse."""
+    """Serialize an Index or Manifest to JSON bytes, checked to read back (:func:`readable`). An index is written
+    with the oldest schema_version that holds it, without the keys it doesn't use, so older readers read what they
+    can: no segments and nothing condemned is schema_version 1 (what any cloudckpt reads); segments make it 2; names
+    condemned by gc make it 3 (refused, with "upgrade cloudckpt", by versions before it)."""
     what = "index" if isinstance(model, Index) else "manifest"
     if isinstance(model, Index):
-        version = INDEX_VERSION if model.segments else SCHEMA_VERSION
+        gc = model.gc_state
+        version = GC_VERSION if gc else INDEX_VERSION if model.segments else SCHEMA_VERSION
         if model.schema_version != version:
             model = model.model_copy(update={"schema_version": version})
-        if not model.segments:
-            return readable(model, model.model_dump_json(by_alias=True, indent=None, exclude={"segments"}).encode(),
-                            what)
+        unused = ({"segments"} if not model.segments else set()) | (set() if gc else {"condemned", "horizon",
+                                                                                          "reserved"})
+        return readable(model, model.model_dump_json(by_alias=True, indent=None, exclude=unused).encode(), what)
     return readable(model, model.model_dump_json(by_alias=True, indent=None).encode(), what)
 
 

@@ -49,11 +49,13 @@ def no_segments(ref: SegmentRef) -> tuple[CheckpointEntry, ...]:
 
 
 class Segment(_Frozen):
-    """A sealed segment's document: checkpoints in commit order."""
+    """A sealed segment's document: checkpoints in commit order. ``nonce`` (written only when set) gives the same
+    checkpoints another digest, for a segment whose first digest gc condemned (:func:`avoid`)."""
 
     schema_: Literal["cloudckpt/index-segment"] = Field(default="cloudckpt/index-segment", alias="schema")
     schema_version: Literal[1] = 1
     checkpoints: Annotated[tuple[CheckpointEntry, ...], Field(min_length=1)]
+    nonce: Annotated[str, Field(pattern=r"^[0-9a-f]{32}$")] | None = None
 
     model_config = ConfigDict(frozen=True, extra="forbid", strict=True, populate_by_name=True)
 
@@ -112,11 +114,27 @@ def summarize(entries: Sequence[CheckpointEntry], objective: Objective, sha256: 
         mode=objective.mode, scored=len(ranked), top=top, best=entries[ranked[0]] if ranked else None)
 
 
-def encode(entries: Sequence[CheckpointEntry], objective: Objective) -> NewSegment:
+def encode(entries: Sequence[CheckpointEntry], objective: Objective, nonce: str | None = None) -> NewSegment:
     """The segment object holding ``entries`` (in commit order) and its reference."""
-    doc = Segment(checkpoints=tuple(entries))
-    data = readable(doc, doc.model_dump_json(by_alias=True).encode(), "index segment")
+    doc = Segment(checkpoints=tuple(entries), nonce=nonce)
+    data = readable(doc, doc.model_dump_json(by_alias=True, exclude=None if nonce else {"nonce"}).encode(),
+                    "index segment")
     return NewSegment(summarize(entries, objective, hashlib.sha256(data).hexdigest()), data, tuple(entries))
+
+
+def avoid(index: Index, made: Sequence[NewSegment], condemned: AbstractSet[str],
+          nonce: Callable[[], str]) -> tuple[Index, tuple[NewSegment, ...]]:
+    """``index`` and the segments ``made`` for it, each new segment whose key gc condemned (``condemned``) encoded
+    again with a fresh ``nonce()`` and referenced under its new digest: gc may be deleting the condemned object."""
+    refs, out = list(index.segments), []
+    for seg in made:
+        if seg.key in condemned:
+            at = next((i for i, r in enumerate(refs) if r.sha256 == seg.ref.sha256), None)
+            seg = encode(seg.entries, Objective(seg.ref.monitor, seg.ref.mode), nonce())
+            if at is not None:
+                refs[at] = seg.ref
+        out.append(seg)
+    return index.model_copy(update={"segments": tuple(refs)}), tuple(out)
 
 
 def decode(ref: SegmentRef, data: bytes) -> tuple[CheckpointEntry, ...]:

@@ -11,13 +11,10 @@ from __future__ import annotations
 import builtins
 import logging
 import os
-import threading
 import time
-from collections import Counter
-from collections.abc import Callable, Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from concurrent.futures import ThreadPoolExecutor
-from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -25,10 +22,11 @@ from pydantic import ValidationError
 
 from . import failpoints, layout, retry
 from .backends import open_backend
+from .busy import BusySet as BusySet
 from .changes import Change, commit_checkpoint, discard_checkpoints, label_checkpoint, prune_checkpoints
 from .commit import IndexKeeper, OutcomeUnknownError, Update
-from .errors import CheckpointNotFoundError, ConfigurationError, IntegrityError
-from .garbage import plan_gc
+from .condemn import commit_refusal, reserve
+from .errors import CheckpointCondemnedError, CheckpointNotFoundError, ConfigurationError, IntegrityError
 from .inline import encode, inline_contents, split_inline, stored_files
 from .labels import tag_problem
 from .manifest import CheckpointEntry, FileEntry, Index, Manifest, WriterLease, dump, utcnow
@@ -37,9 +35,14 @@ from .progress import byte_progress
 from .repair import RepairPlan, repair_index
 from .restore import pull_into
 from .retention import Retention
+from .sweep import GcReport as GcReport
+from .sweep import collect
 from .transfer import LocalFile, read_inline, read_manifest, scan, upload_all, verify_stored
 
 log = logging.getLogger(__name__)
+
+#: uploads of one push whose checkpoint gc condemned each time before it was committed
+PUSH_ATTEMPTS = 3
 
 
 @dataclass(frozen=True)
@@ -56,48 +59,6 @@ class VerifyResult:
     id: str
     ok: bool
     error: str | None = None
-
-
-@dataclass(frozen=True)
-class GcReport:
-    deleted: list[str] = field(default_factory=list)
-    bytes: int = 0
-    checkpoints: list[str] = field(default_factory=list)
-    kept_young: list[str] = field(default_factory=list)
-    dry_run: bool = False
-
-
-class BusySet:
-    """Checkpoint ids this process is committing or restoring: retention never prunes them.
-
-    Example:
-        >>> busy = BusySet()
-        >>> with busy.holding("ckpt-a"):
-        ...     sorted(busy.ids())
-        ['ckpt-a']
-        >>> busy.ids()
-        frozenset()
-    """
-
-    def __init__(self) -> None:
-        self._held: Counter[str] = Counter()
-        self._lock = threading.Lock()
-
-    @contextmanager
-    def holding(self, cid: str) -> Iterator[None]:
-        with self._lock:
-            self._held[cid] += 1
-        try:
-            yield
-        finally:
-            with self._lock:
-                self._held[cid] -= 1
-                if not self._held[cid]:
-                    del self._held[cid]
-
-    def ids(self) -> frozenset[str]:
-        with self._lock:
-            return frozenset(self._held)
 
 
 def _candidates(index: Index | None, chosen: CheckpointEntry, *, fallback: bool,
@@ -235,25 +196,58 @@ class CheckpointStore:
         values = finite_metrics(metrics)  # NaN/inf: no value (cloudckpt.metrics)
         files = scan(source)
         self.backend.ensure_conditional_writes(self.budget)  # refuse a store without CAS before uploading anything
-        cid = layout.new_checkpoint_id(epoch, step)
-        with self._busy.holding(cid):
-            t0 = time.monotonic()
-            big, small = split_inline(files) if inline_small else (files, [])
-            inline = read_inline(small, sha256=sha256, budget=self.budget)
-            by_path = {e.path: e for e in self._upload(cid, big, sha256=sha256)} | {e.path: e for e, _ in inline}
-            stored = [by_path[f.rel] for f in files]
-            entry = _entry(id=cid, epoch=epoch, step=step, created=utcnow(), metrics=values, files=tuple(stored),
-                           size=sum(e.size for e in stored), writer=self.keeper.writer_id, meta=dict(meta or {}))
-            failpoints.hit("push.after_upload")
-            self._write_manifest(entry, encode({e.path: data for e, data in inline}))
-            failpoints.hit("push.after_manifest")
-            done = self._apply(lambda index: commit_checkpoint(index, entry, policy, prune=prune, busy=self._busy.ids(),
-                                                               load=self.keeper.segment), what=f"commit {cid}")
-            log.info("committed %s to %s (%d files, %d bytes, %.2fs)", cid, self.url, len(stored), entry.size,
-                     time.monotonic() - t0)
+        for attempt in range(1, PUSH_ATTEMPTS + 1):
+            cid = layout.new_checkpoint_id(epoch, step)
+            try:
+                entry, done = self._push_as(cid, files, epoch=epoch, step=step, metrics=values, meta=meta,
+                                            policy=policy, sha256=sha256, prune=prune, inline_small=inline_small,
+                                            reserve_id=attempt > 1)
+                break
+            except CheckpointCondemnedError as exc:
+                self._discard_upload(cid, [*(f.rel for f in files), layout.MANIFEST_NAME])
+                if attempt == PUSH_ATTEMPTS:
+                    raise CheckpointCondemnedError(f"{self.url}: {exc}; gave up after {attempt} uploads") from exc
+                log.warning("%s at %s; uploading it again as a new checkpoint", exc, self.url)
         failpoints.hit("push.after_index")
         self._delete_checkpoints(done.pruned)
         return entry
+
+    def _push_as(self, cid: str, files: builtins.list[LocalFile], *, epoch: int | None, step: int | None,
+                 metrics: dict[str, float], meta: Mapping[str, str] | None, policy: Retention, sha256: bool,
+                 prune: bool, inline_small: bool, reserve_id: bool) -> tuple[CheckpointEntry, Update]:
+        """Upload ``files`` as checkpoint ``cid`` (``reserve_id``: reserved in the index first) and commit it;
+        CheckpointCondemnedError when gc condemned ``cid`` meanwhile (then a failed upload or manifest write was gc
+        deleting its objects, not the store failing)."""
+        if reserve_id:  # gc condemned this push's upload before: make sure it doesn't again
+            self.keeper.apply(lambda index: Change(reserve(index, cid)), what=f"reserve {cid}")
+        began = self.keeper.seq_floor()  # before any object of cid exists: gc can only condemn cid after this
+        with self._busy.holding(cid):
+            t0 = time.monotonic()
+            try:
+                big, small = split_inline(files) if inline_small else (files, [])
+                inline = read_inline(small, sha256=sha256, budget=self.budget)
+                by_path = {e.path: e for e in self._upload(cid, big, sha256=sha256)} | {e.path: e for e, _ in inline}
+                stored = [by_path[f.rel] for f in files]
+                entry = _entry(id=cid, epoch=epoch, step=step, created=utcnow(), metrics=metrics,
+                               files=tuple(stored), size=sum(e.size for e in stored), writer=self.keeper.writer_id,
+                               meta=dict(meta or {}))
+                failpoints.hit("push.after_upload")
+                self._write_manifest(entry, encode({e.path: data for e, data in inline}))
+            except Exception as exc:
+                try:
+                    why = commit_refusal(self.keeper.read()[0], cid, began=began)
+                except Exception:  # the index can't be read either: the upload's own error says more
+                    why = None
+                if why is None:
+                    raise
+                raise CheckpointCondemnedError(why) from exc
+            failpoints.hit("push.after_manifest")
+            done = self._apply(lambda index: commit_checkpoint(index, entry, policy, prune=prune, busy=self._busy.ids(),
+                                                               load=self.keeper.segment, began=began),
+                               what=f"commit {cid}")
+            log.info("committed %s to %s (%d files, %d bytes, %.2fs)", cid, self.url, len(stored), entry.size,
+                     time.monotonic() - t0)
+        return entry, done
 
     def _upload(self, cid: str, files: builtins.list[LocalFile], *, sha256: bool) -> builtins.list[FileEntry]:
         """Store and check every file under ``<cid>/``; on failure remove what was stored (best effort), raise."""
@@ -438,24 +432,9 @@ class CheckpointStore:
         return repair_index(self.backend, budget=self.budget, dry_run=dry_run)
 
     def gc(self, *, dry_run: bool = False, min_age: float = 3600.0) -> GcReport:
-        """Delete objects no committed checkpoint owns (left by crashed commits), older than ``min_age`` seconds."""
-        head, _ = self.keeper.read()  # no index yet: a run whose first commit crashed still has leftovers
-        index = self.keeper.read_all(head)  # a missing or altered segment stops gc: it can't know what is listed
-        objects = retry.run(self.backend.list_objects, url=self.url, what="list objects", budget=self.budget)
-        if not objects and not index.checkpoints:
-            self.index()  # nothing at all at the URL: say there is no run
-        plan = plan_gc(objects, index, now=time.time(), min_age=min_age,
-                       segments={layout.segment_key(r.sha256) for r in head.segments})
-        busy = self._busy.ids()
-        doomed = [rel for rel in plan.delete if rel.split("/", 1)[0] not in busy]
-        if doomed and not dry_run:
-            # the index may have changed since: never delete what a newer index lists
-            fresh_head, _ = self.keeper.read()
-            fresh = self.keeper.read_all(fresh_head)
-            listed = {key for c in fresh.checkpoints for key in layout.checkpoint_keys(c.id, (f.path for f in c.files))}
-            listed |= {layout.segment_key(r.sha256) for r in fresh_head.segments}
-            doomed = [rel for rel in doomed if rel not in listed]
-            failpoints.hit("gc.before_delete")
-            retry.run(lambda: self.backend.delete(doomed), url=self.url, what="gc delete", budget=self.budget)
-            log.info("gc removed %d objects (%d bytes) from %s", len(doomed), plan.bytes, self.url)
-        return GcReport(doomed, plan.bytes, sorted(plan.checkpoints), sorted(plan.kept_young), dry_run)
+        """Delete objects no committed checkpoint owns (left by crashed, fenced or refused commits) and temporary
+        files. Safe beside live writers whatever ``min_age``: unowned checkpoints and segments are condemned in the
+        index before they are deleted (:mod:`cloudckpt.condemn`); ``min_age`` (seconds) only spares younger ones a
+        re-upload. ``dry_run`` writes nothing, the index included."""
+        return collect(self.backend, self.keeper, budget=self.budget, dry_run=dry_run, min_age=min_age,
+                       busy=self._busy.ids)

@@ -42,7 +42,7 @@ def test_roundtrip_and_best_latest_follow_updates():
 
 
 @pytest.mark.parametrize("mutate, message", [
-    (lambda d: d.update(schema_version=3), "schema_version 3"),
+    (lambda d: d.update(schema_version=4), "schema_version 4"),
     (lambda d: d.update(latest="ckpt-nothere"), "latest"),
     (lambda d: d["checkpoints"].append(dict(d["checkpoints"][0])), "twice"),
     (lambda d: d["checkpoints"][0].update(size=10**18), "size"),

@@ -152,7 +152,28 @@ def object_cas_problem(put_if: Callable[[str, bytes, Any], Any], read: Callable[
     ``put_if(rel, data, token)`` writes ``rel`` only if its version is still ``token`` (None: only if absent) and
     returns the new token, or raises IndexConflictError when the store refuses; ``read(rel)`` returns an object's
     bytes. Other errors propagate (the caller retries transient ones; access errors are what they are).
+
+    A store without conditional writes fails every probe; a ``gc`` beside this writer may remove a probe object
+    midway (it looks like a leftover), which spoils one probe: so a problem counts only when
+    :data:`PROBE_RUNS` probes, each on a fresh object, all find one.
     """
+    problem: str | None = None
+    for _ in range(PROBE_RUNS):
+        try:
+            problem = _probe_once(put_if, read, delete)
+        except FileNotFoundError:  # the probe object vanished under the probe
+            problem = "a probe object vanished while it was probed"
+        if problem is None:
+            return None
+    return problem
+
+
+#: probes of an object store's conditional writes that must all fail before the store is refused
+PROBE_RUNS = 3
+
+
+def _probe_once(put_if: Callable[[str, bytes, Any], Any], read: Callable[[str], bytes],
+                delete: Callable[[list[str]], None]) -> str | None:
     rels: list[str] = []  # probe objects written (or whose create was refused as existing: written earlier)
     try:
         for _ in range(3):

@@ -13,12 +13,40 @@ from typing import Any, BinaryIO
 
 from filelock import FileLock
 
+try:
+    import fcntl
+except ImportError:  # Windows: an open file can't be removed, which keeps gc off it
+    fcntl = None  # type: ignore[assignment]
+
 from ..checksum import BLOCK, HashingWriter, file_checksums
-from ..errors import ConfigurationError, IndexConflictError, IntegrityError
+from ..errors import ConfigurationError, IndexConflictError, IntegrityError, StoreError
 from ..layout import INDEX_NAME, LOCK_NAME, TMP_MARK
 from ..localfs import fsync_dir
 from ..source import Source
 from .base import UNCHANGED, Backend, ObjectInfo, Progress
+
+
+def _lock(fd: int) -> None:
+    """Hold an exclusive ``flock`` on ``fd`` until it is closed (POSIX; elsewhere an open file can't be removed)."""
+    if fcntl is not None:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+
+
+def _in_use(path: Path) -> bool:
+    """Whether a writer holds ``path`` (a temporary file) locked: it is being written, not left over."""
+    if fcntl is None:
+        return False
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return False
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        return True
+    finally:
+        os.close(fd)
+    return False
 
 
 class LocalBackend(Backend):
@@ -39,17 +67,29 @@ class LocalBackend(Backend):
         return self.root.joinpath(*rel.split("/"))
 
     def _write_atomic(self, target: Path, write: Callable[[BinaryIO], object]) -> None:
-        target.parent.mkdir(parents=True, exist_ok=True)
-        tmp = target.with_name(f"{TMP_MARK}{uuid.uuid4().hex}-{target.name}")
+        """Write to a temporary file beside ``target``, then rename it into place. The temporary file is locked
+        (``flock``, POSIX) while it is written, so ``gc`` leaves it alone (:meth:`delete`); if it still vanishes (gc
+        removed it, or the emptied directory, between its creation and the lock) the write fails with a transient
+        StoreError, which the caller's retry writes again."""
         try:
-            with open(tmp, "wb") as f:
-                write(f)
-                if self.fsync:
-                    f.flush()
-                    os.fsync(f.fileno())
-            os.replace(tmp, target)
-        finally:
-            tmp.unlink(missing_ok=True)
+            target.parent.mkdir(parents=True, exist_ok=True)
+            tmp = target.with_name(f"{TMP_MARK}{uuid.uuid4().hex}-{target.name}")
+            try:
+                with open(tmp, "wb") as f:
+                    _lock(f.fileno())
+                    write(f)
+                    if self.fsync:
+                        f.flush()
+                        os.fsync(f.fileno())
+                    if fcntl is not None:
+                        os.replace(tmp, target)  # before the lock is released with the file
+                if fcntl is None:
+                    os.replace(tmp, target)  # Windows renames only a closed file
+            finally:
+                tmp.unlink(missing_ok=True)
+        except FileNotFoundError as exc:
+            raise StoreError(f"{self.url}: {target.name}: its temporary file or folder was removed while it was "
+                             f"written (by gc?): {exc}", transient=True) from exc
         if self.fsync:
             fsync_dir(target.parent)
 
@@ -92,8 +132,11 @@ class LocalBackend(Backend):
                 f.write(block)
 
         self._write_atomic(target, copy)
-        got_size = target.stat().st_size
-        got, want = file_checksums(target)["crc32c"], source.crc32c()
+        try:
+            got_size = target.stat().st_size
+            got, want = file_checksums(target)["crc32c"], source.crc32c()
+        except FileNotFoundError as exc:  # removed as soon as written: its checkpoint was condemned by gc
+            raise StoreError(f"{self.url}/{rel}: removed as soon as it was written (by gc?)", transient=True) from exc
         if got_size != source.size or got != want:
             raise IntegrityError(f"{self.url}/{rel}: stored copy is {got_size} bytes crc32c {got}, expected "
                                  f"{source.size} {want}")
@@ -138,6 +181,8 @@ class LocalBackend(Backend):
         parents = set()
         for rel in rels:
             p = self._abs(rel)
+            if p.name.startswith(TMP_MARK) and _in_use(p):
+                continue  # a live writer's temporary file (gc's listing saw it): not a leftover
             p.unlink(missing_ok=True)
             parents.add(p.parent)
         for parent in sorted(parents, key=lambda p: len(p.parts), reverse=True):

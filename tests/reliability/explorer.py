@@ -9,7 +9,13 @@ as SIGKILL would leave it). Only one thread runs at a time, so an interleaving i
 and replays exactly; :mod:`.test_explore` lets hypothesis choose and shrink it.
 
 After every step the explorer looks at the store itself (a separate, ungated backend) and
-:class:`~.protocol_model.Model` checks what it sees.
+:class:`~.protocol_model.Model` checks what it sees: the whole run (sealed segments read back), every listed
+checkpoint's objects and every referenced segment present.
+
+With ``gc_live`` (issue 21 items 5-6), gc runs at any point between the writers' store calls — between the files of
+a push, between a sealed segment's write and the swap referencing it — with ``min_age`` 0 or with its clock two
+hours ahead (everything looks old to it: a slow upload, a skewed clock), the index head holds 2 checkpoints and a
+segment 2 (sealing on most commits), and a push has two files. A push gc condemned uploads again under a new id.
 """
 
 from __future__ import annotations
@@ -24,8 +30,11 @@ from typing import Any
 
 from cloudckpt import CheckpointStore, StaleWriterError
 from cloudckpt.backends import open_backend
-from cloudckpt.errors import CheckpointNotFoundError
+from cloudckpt.errors import CheckpointCondemnedError, CheckpointNotFoundError
+from cloudckpt.layout import segment_key
 from cloudckpt.manifest import parse_index
+from cloudckpt.segments import Sealing, full_view
+from cloudckpt.sweep import collect
 
 from .invariants import check_run, listed_objects
 from .protocol_model import Model
@@ -36,6 +45,8 @@ FAULTS_PER_OP = 3  # lost/dropped calls per operation: fewer than any retry loop
 FAULTY = {"write_index", "delete", "write_bytes"}  # where lost answers matter to the protocol (others: just retried)
 STOPS = {"write_index", "delete"}  # where a hop stops: the moves of the protocol
 GC_MIN_AGE = 3600.0  # local runs: gc keeps anything younger; leftovers of finished or dead ops are aged past it
+GC_SKEW = 2 * 3600.0  # gc_live: a gc whose clock runs this far ahead (with the default min_age)
+LIVE_SEALING = Sealing(head_max=2, segment_max=2)  # gc_live: seal on most commits
 STEP_TIMEOUT = 60.0
 
 _BY_THREAD: dict[int, Writer] = {}  # op thread -> writer, for failpoints
@@ -80,10 +91,12 @@ class Op:
 class Writer:
     """One writer: a store of its own, a thread per operation, parked at every store call."""
 
-    def __init__(self, name: str, url: str, opts: dict) -> None:
+    def __init__(self, name: str, url: str, opts: dict, sealing: Sealing | None = None) -> None:
         self.name = name
         self.store = CheckpointStore(url, budget=30, workers=1, **opts)
         self.store.backend = self.store.keeper.backend = Gated(self.store.backend, self)  # type: ignore[assignment]
+        if sealing is not None:
+            self.store.keeper.sealing = sealing
         self.cv = threading.Condition()
         self.ticket = 0
         self.parked: tuple[str, tuple] | None = None
@@ -162,23 +175,26 @@ class Writer:
         self.store.close()
 
 
-EXPECTED_ERRORS = (Crash, StaleWriterError, CheckpointNotFoundError)
+EXPECTED_ERRORS = (Crash, StaleWriterError, CheckpointNotFoundError, CheckpointCondemnedError)
 
 
 class Explorer:
     """A run, its writers and the model; :meth:`start` and :meth:`step` are the moves hypothesis picks from."""
 
     def __init__(self, url: str, opts: dict, writers: int, keep_last: int, *, aging: bool, work: Path,
-                 figures: dict[str, Counter]) -> None:
+                 figures: dict[str, Counter], gc_live: bool = False) -> None:
         self.url, self.opts, self.aging, self.work, self.figures = url, opts, aging, work, figures
-        self.keep_last = keep_last
+        self.keep_last = keep_last + 2 if gc_live else keep_last  # gc_live: a head of 3-5 before sealing to 1
+        self.gc_live = gc_live
+        self.sealing = LIVE_SEALING if gc_live else None
         self.real = open_backend(url, dict(opts))
-        self.writers = [Writer(f"w{i}", url, opts) for i in range(writers)]
+        self.reader = CheckpointStore(url, budget=30, **opts)  # reads sealed segments for the checks (ungated)
+        self.writers = [Writer(f"w{i}", url, opts, self.sealing) for i in range(writers)]
         self.restarts = 0
         self.model = Model()
         self.pushes = 0
         self.broken = False  # a check failed: the end skips draining and the final checks
-        self.every_step = aging  # local runs look at the store after every step; remote ones after writes/ends
+        self.every_step = aging or gc_live  # local and gc_live runs look after every step; others after writes/ends
 
     # --- moves ----------------------------------------------------------------------------------------------
 
@@ -194,14 +210,16 @@ class Explorer:
     def begin(self, w: Writer, kind: str, loss: float = 0.5) -> None:
         """``w`` starts an operation: push (keep-last and keep-best 1 by val_loss=``loss``), prune, claim or gc."""
         assert w.done, f"{w.name} is busy"
-        if kind == "gc" and not self.aging and self.busy():
-            kind = "prune"  # without aging, gc(min_age=0) is only safe while no upload is in flight (below)
+        if kind == "gc" and not self.aging and not self.gc_live and self.busy():
+            kind = "prune"  # without aging, gc(min_age=0) was only safe while no upload is in flight (below)
         store = w.store
         if kind == "push":
             self.pushes += 1
             src = self.work / f"src-{self.pushes}"
             src.mkdir(parents=True)
             (src / "model.bin").write_bytes(os.urandom(16 + self.pushes % 7))
+            if self.gc_live:
+                (src / "optimizer.bin").write_bytes(os.urandom(8))  # gc can run between the two uploads
             def fn() -> object:
                 return store.push(src, epoch=self.pushes, metrics={"val_loss": loss}, monitor="val_loss",
                                   mode="min", keep_last=self.keep_last, keep_best=1)
@@ -209,13 +227,29 @@ class Explorer:
             fn = store.prune
         elif kind == "claim":
             fn = store.claim
+        elif self.gc_live:  # min_age 0, or the default min_age with gc's clock two hours ahead
+            skew = GC_SKEW if loss >= 0.5 else 0.0
+            def fn() -> object:
+                return collect(store.backend, store.keeper, budget=store.budget, dry_run=False,
+                               min_age=GC_MIN_AGE if skew else 0.0, busy=store._busy.ids, now=time.time() + skew)
+            kind = "gc_skewed" if skew else "gc"
         else:
             fn = (lambda: store.gc(min_age=GC_MIN_AGE)) if self.aging else (lambda: store.gc(min_age=0))
         self.figures["explore_ops"][kind] += 1
         w.start(kind, fn)
         self._after(w, None, None)
-        if kind == "gc" and not self.aging:
-            self.run(w)  # ... and none starts before it ends: nothing but min_age keeps gc off a fresh upload
+        if kind == "gc" and not self.aging and not self.gc_live:
+            self.run(w)  # ... and none starts before it ends: nothing but min_age kept gc off a fresh upload
+
+    def gc_beside(self, pick: int, *, skew: bool, until_delete: bool) -> None:
+        """An idle writer runs gc (min_age 0, or its clock ahead) while the others stay parked where they are: to its
+        end, or ``until_delete`` (its condemn landed, its delete waits)."""
+        w = self.idle()[pick % len(self.idle())]
+        self.begin(w, "gc", 0.9 if skew else 0.0)
+        for _ in range(200):
+            if w.done or (until_delete and w.parked[0] == "delete"):
+                return
+            self.move(w, "go")
 
     def step(self, pick: int, decision: str) -> None:
         self.move(self.busy()[pick % len(self.busy())], decision)
@@ -234,6 +268,8 @@ class Explorer:
             w.op.cids.add(str(args[1] if name == "upload" else args[0]).split("/", 1)[0])
         if name == "delete":
             self.model.check_delete(list(args[0]), w)
+        if name == "write_bytes" and str(args[0]).startswith("_cloudckpt_index/") and decision != "drop":
+            self.figures["explore_gc"]["segments_written"] += 1
         if decision != "go":
             self.figures["explore_faults"][f"{decision}/{name}"] += 1
         self.figures["explore"]["steps"] += 1
@@ -275,7 +311,12 @@ class Explorer:
         if not (self.every_step or call in STOPS or w.done):
             return  # only an index write or a delete can break a promise (remote stores: look less often)
         data, _ = self.real.read_index()
-        self.model.transition(parse_index(data) if data is not None else None, w, call, lease)
+        head = parse_index(data) if data is not None else None
+        whole = None
+        if head is not None:  # the whole run: every sealed segment it references must be there and intact
+            self.model.refs = {segment_key(r.sha256) for r in head.segments}
+            whole = full_view(head, self.reader.keeper.segment)
+        self.model.transition(whole, w, call, lease)
         stored = {o.rel for o in self.real.list_objects()}
         self.model.check_objects(stored)
         if w.done:
@@ -284,6 +325,13 @@ class Explorer:
                 raise AssertionError(f"{w.name}'s {op.kind} failed unexpectedly: {op.error!r}") from op.error
             outcome = "ok" if op.error is None else type(op.error).__name__
             self.figures["explore_outcomes"][f"{op.kind}/{outcome}"] += 1
+            uploads = {cid for cid in op.cids if cid.startswith("ckpt-")}
+            if op.kind == "push" and len(uploads) > 1:
+                self.figures["explore_gc"]["commits_refused"] += len(uploads) - 1  # each upload gc condemned
+            if op.kind.startswith("gc") and op.error is None:
+                self.figures["explore_gc"]["gc_runs"] += 1
+                self.figures["explore_gc"]["names_condemned"] += len(op.result.condemned)
+                self.figures["explore_gc"]["objects_deleted"] += len(op.result.deleted)
             self.model.check_finished(op, stored)
             if isinstance(op.error, Crash):
                 self._restart(w)
@@ -294,7 +342,7 @@ class Explorer:
         w.kill()
         self.restarts += 1
         i = self.writers.index(w)
-        self.writers[i] = Writer(f"{w.name}'", self.url, self.opts)
+        self.writers[i] = Writer(f"{w.name}'", self.url, self.opts, self.sealing)
 
     def _age(self, stored: set[str]) -> None:
         """Leftovers of ops that ended (dead, failed, or pruned and not yet deleted) look old to gc; objects of
@@ -334,3 +382,4 @@ class Explorer:
     def close(self) -> None:
         for w in self.writers:
             w.kill()
+        self.reader.close()

@@ -216,7 +216,7 @@ CORPUS: list[Case] = [
     Case("index is JSON null", lambda r: r.put_index(b"null")),
     Case("index is a JSON string", lambda r: r.put_index(b'"index"')),
     Case("index nested 100k deep", lambda r: r.put_index(b"[" * 100_000)),
-    Case("unknown schema_version 3", _set("schema_version", 3)),
+    Case("unknown schema_version 4", _set("schema_version", 4)),
     Case("schema_version as string", _set("schema_version", "1")),
     Case("schema_version 1e400",
          lambda r: r.put_index(r.raw.replace(b'"schema_version":1', b'"schema_version":1e400'))),

@@ -21,6 +21,11 @@ if TYPE_CHECKING:
     from .explorer import Op, Writer
 
 
+def _listing(index: Index) -> dict:
+    """What an index says of the run, without gc's protocol records (condemned, reserved) and the write's stamp."""
+    return index.model_dump(exclude={"condemned", "horizon", "reserved", "seq", "applied", "schema_version"})
+
+
 def _records(index: Index, entries) -> list[Record]:
     return [Record(c.id, c.epoch, c.step, c.metrics, c.pinned) for c in entries]
 
@@ -35,6 +40,7 @@ class Model:
         self.last_added: str | None = None
         self.best: tuple[float, str] | None = None
         self.acked: set[str] = set()
+        self.refs: set[str] = set()  # the segment keys the index references now (the explorer sets them)
 
     def transition(self, new: Index | None, by: Writer, call: str | None, lease: Any = None) -> None:
         """``new`` is the index after ``by``'s ``call`` (None: the op's start), made holding ``lease``."""
@@ -45,6 +51,9 @@ class Model:
         if old is not None and new == old:
             return
         assert call == "write_index", f"the index changed during {call!r} of {by and by.name}"
+        if old is not None and _listing(new) == _listing(old):
+            self.index = new  # gc condemned, or a push reserved its id: nothing listed changed
+            return
         o_ids = [c.id for c in old.checkpoints] if old else []
         n_ids = [c.id for c in new.checkpoints]
         added = [i for i in n_ids if i not in o_ids]
@@ -80,12 +89,12 @@ class Model:
 
     def check_objects(self, stored: set[str]) -> None:
         if self.index is not None:
-            missing = listed_objects(self.index) - stored
+            missing = (listed_objects(self.index) | self.refs) - stored
             assert not missing, f"listed objects are missing: {sorted(missing)}"
 
     def check_delete(self, rels: list[str], by: Writer) -> None:
         if self.index is not None:
-            hit = set(rels) & listed_objects(self.index)
+            hit = set(rels) & (listed_objects(self.index) | self.refs)
             assert not hit, f"{by.name} ({by.op.kind}) deletes listed objects {sorted(hit)}"
 
     def check_finished(self, op: Op, stored: set[str]) -> None:

@@ -18,6 +18,7 @@ import time
 from pathlib import Path
 
 from cloudckpt import CheckpointStore, StaleWriterError
+from cloudckpt.errors import CloudCkptError
 
 
 def say(line: str) -> None:
@@ -54,6 +55,8 @@ def main() -> int:
     ap.add_argument("--claim", action="store_true", help="claim the run (fence earlier writers) first")
     ap.add_argument("--wait-file", default=None, help="wait for this file to exist before the first push")
     ap.add_argument("--options", default="{}", help="storage options as JSON")
+    ap.add_argument("--tolerate-condemned", action="store_true",
+                    help="a push gc condemned on every upload says REFUSED and the writer goes on")
     args = ap.parse_args()
     rnd = random.Random(args.seed)
     opts = json.loads(args.options)
@@ -73,8 +76,14 @@ def main() -> int:
             for n in range(1, args.rounds + 1):
                 src = make_checkpoint(work, rnd, args.max_bytes, args.big)
                 loss = rnd.random()
-                entry = store.push(src, epoch=n, step=n * 10, metrics={"val_loss": loss}, monitor="val_loss",
-                                   mode="min", keep_last=args.keep_last, keep_best=args.keep_best)
+                try:
+                    entry = store.push(src, epoch=n, step=n * 10, metrics={"val_loss": loss}, monitor="val_loss",
+                                       mode="min", keep_last=args.keep_last, keep_best=args.keep_best)
+                except CloudCkptError as exc:
+                    if not (args.tolerate_condemned and type(exc).__name__ == "CheckpointCondemnedError"):
+                        raise
+                    say(f"REFUSED {exc}")
+                    continue
                 say(f"COMMITTED {entry.id} {loss!r}")
                 if args.prune_every and n % args.prune_every == 0:
                     say(f"PRUNED {len(store.prune())}")
