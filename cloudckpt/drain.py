@@ -5,7 +5,8 @@ The background writer and uploader are daemon threads (an upload that hangs must
 neither Keras (``fit`` skips ``on_train_end`` when it ends by an exception) nor a script that dies on an exception,
 ``KeyboardInterrupt`` or ``sys.exit`` waits for them. So each open writer of checkpoints (a Keras callback's ``fit``,
 a :class:`~cloudckpt.torch.CheckpointManager`, the HF callback) registers here while it is open; at interpreter exit
-(before the daemon threads are stopped) every one still registered runs its ``drain_at_exit()``: wait, up to its
+(when the main thread ends, before ``atexit`` handlers and while the daemon threads and transfer pools still run)
+every one still registered runs its ``drain_at_exit()``: wait, up to its
 deadline, for what is queued, then log one line naming what committed, or which saves did not. A normal end (or
 ``close()``) unregisters first, so nothing runs twice. ``os._exit`` (the preemption path that already waited) and
 SIGKILL skip it, as they skip everything.
@@ -25,7 +26,6 @@ import atexit
 import logging
 import threading
 import time
-import weakref
 from collections.abc import Callable
 from typing import Protocol
 
@@ -38,29 +38,40 @@ class Drainable(Protocol):
     def drain_at_exit(self) -> None: ...
 
 
-_open: weakref.WeakSet = weakref.WeakSet()
+_open: dict[int, Drainable] = {}  # held strongly: a manager the script dropped still drains
 _lock = threading.Lock()
 _installed = False
 
 
 def register(owner: Drainable) -> None:
-    """Drain ``owner`` at interpreter exit unless :func:`unregister` is called first (held weakly)."""
+    """Drain ``owner`` at interpreter exit unless :func:`unregister` is called first."""
     global _installed
     with _lock:
-        _open.add(owner)
+        _open[id(owner)] = owner
         if not _installed:
-            atexit.register(_drain_all)  # after logging's own atexit hook was registered: runs before it (LIFO)
+            _install()
             _installed = True
+
+
+def _install() -> None:
+    # threading's exit hooks run when the main thread ends, before atexit's and in reverse order of registration:
+    # registered now (after concurrent.futures registered its own at import), this runs while the transfer pools
+    # still take work — from atexit, every upload would fail with "cannot schedule new futures after shutdown"
+    hook = getattr(threading, "_register_atexit", None)
+    if hook is not None:
+        hook(_drain_all)
+    else:  # pragma: no cover - Python without it
+        atexit.register(_drain_all)
 
 
 def unregister(owner: Drainable) -> None:
     with _lock:
-        _open.discard(owner)
+        _open.pop(id(owner), None)
 
 
 def _drain_all() -> None:
     with _lock:
-        owners = list(_open)
+        owners = list(_open.values())
         _open.clear()
     for owner in owners:
         try:

@@ -62,8 +62,8 @@ class CloudCheckpoint(keras.callbacks.ModelCheckpoint):
     `CommitFailedError` naming every save that is still not committed. When ``fit`` ends otherwise (an exception,
     ``KeyboardInterrupt``, ``sys.exit``) the process waits at exit, up to ``preemption_deadline`` seconds, for the
     saves already made and logs one line saying whether they committed, or which did not (see
-    :mod:`cloudckpt.drain`). With ``verbose > 0``, "finished saving model" is printed once the file is written and
-    "committed" once its checkpoint is in the store.
+    :mod:`cloudckpt.drain`). With ``verbose > 0``, "finished saving model" is printed once the file is written (as
+    `ModelCheckpoint` prints it, nothing more); the store logs ``committed <id> to <url>`` (INFO) once it is committed.
 
     With ``resume=True`` and a committed checkpoint in ``remote``, the same ``model.fit(..., epochs=E)`` continues
     where the run stopped: weights, optimizer state, epoch, the best value, and — mid-epoch — the batch position
@@ -496,12 +496,10 @@ class CloudCheckpoint(keras.callbacks.ModelCheckpoint):
         return bool(Objective(self.monitor, internals.monitor_mode(self)).better(current, self.best_seen))
 
     def _on_commit(self, entry: CheckpointEntry, job: Job) -> None:
-        """Uploader thread: record the best it committed, say so, and delete the local files whose checkpoints
-        retention removed from the store (``prune_local``)."""
+        """Uploader thread: record the best it committed, and delete the local files whose checkpoints retention
+        removed from the store (``prune_local``). (The store logs each commit at INFO: ``committed <id> to <url>``.)"""
         if isinstance(job.tag, Moved) and self._committed is not None:
             self._committed.committed(job.tag)
-        if self.verbose > 0:
-            internals.print_msg(f"\nEpoch {entry.epoch}: checkpoint {entry.id} committed to {self._store.url}")
         if self.prune_local:
             self._local.prune(self._store)
 
