@@ -119,3 +119,20 @@ def test_whatever_ends_the_loop_the_saves_made_are_committed_or_named(local_url,
     assert max(saved) in listed
     if how != "normal":
         assert "waiting up to" in p.stderr and "every checkpoint saved is committed" in p.stderr, p.stderr[-3000:]
+
+
+def test_lightning_io_reports_a_failed_file_and_teardown_raises(s3_url, refused_step_20, tmp_path):
+    pytest.importorskip("lightning")
+    from cloudckpt.lightning import CloudCheckpointIO
+
+    refuse, opts = refused_step_20
+    io = CloudCheckpointIO(s3_url, store_budget=1, storage_options=opts)
+    for step, name in ((10, "epoch=0-step=10.ckpt"), (20, "epoch=1-step=20.ckpt")):
+        io.save_checkpoint({"epoch": step // 10 - 1, "global_step": step, "state_dict": {"w": torch.ones(2) * step}},
+                           tmp_path / name)
+    assert io.wait(60) is False, "a failed upload was reported as committed"
+    assert [f.step for f in io.failures()] == [20] and refuse.refused > 0
+    with pytest.raises(CommitFailedError, match="step 20"):
+        io.teardown()
+    with CheckpointStore(s3_url) as store:
+        assert {c.step for c in store.list()} == {10}
