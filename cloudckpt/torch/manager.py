@@ -228,6 +228,7 @@ class CheckpointManager:
         swallowed."""
         if self._closed:
             return
+        drain.unregister(self)  # a second Ctrl-C during this wait ends it, and nothing waits again at exit
         drain.settle(self.uploader, deadline=self.preemption_deadline, why=why)
         self._shutdown()
 
