@@ -96,3 +96,37 @@ class CheckpointWriteError(CloudCkptError, OSError):
     thread at the next batch or epoch boundary, or at the end of training."""
 
     exit_code = 1
+
+
+class CommitFailedError(TransferError):
+    """Saves that were reported as made but are not committed to the store (their upload failed, or their
+    background write did): ``failures`` names each (epoch, step, cause). Raised by ``close()`` / the end of training
+    when a save is still uncommitted after its last retry, and at the next save point with
+    ``on_upload_error="raise"``. ``__cause__`` is the first failure's error."""
+
+    def __init__(self, message: str, failures: tuple[SaveFailure, ...] = ()) -> None:
+        super().__init__(message)
+        self.failures = failures
+
+
+class SaveFailure:
+    """One save that is not committed: what it was (``epoch``, ``step``, a ``label`` to print) and why (``error``)."""
+
+    __slots__ = ("epoch", "step", "label", "error")
+
+    def __init__(self, epoch: int | None, step: int | None, label: str, error: BaseException | None) -> None:
+        self.epoch, self.step, self.label, self.error = epoch, step, label, error
+
+    def __repr__(self) -> str:
+        return f"SaveFailure({self.label!r}, {self.error!r})"
+
+    def __str__(self) -> str:
+        return f"{self.label}: {self.error}" if self.error is not None else f"{self.label}: not committed"
+
+
+def commit_failed(failures: list[SaveFailure] | tuple[SaveFailure, ...], where: str) -> CommitFailedError:
+    """A :class:`CommitFailedError` naming every failure, chained to the first one's cause."""
+    names = "; ".join(str(f) for f in failures)
+    err = CommitFailedError(f"{len(failures)} save(s) not committed to {where}: {names}", tuple(failures))
+    err.__cause__ = next((f.error for f in failures if f.error is not None), None)
+    return err

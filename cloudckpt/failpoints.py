@@ -5,11 +5,14 @@ Points: ``push.after_upload`` (files stored, no manifest), ``push.after_manifest
 updated), ``push.after_index`` (committed, pruned objects not yet deleted), ``prune.after_index`` (index updated,
 objects not yet deleted), ``gc.after_condemn`` (gc's names condemned in the index, nothing deleted yet),
 ``gc.before_delete``, ``keras.write.before_close`` (a background Keras file write, its temporary HDF5 file not yet
-closed nor renamed). ``<name>:<n>`` kills at the n-th time the point is reached.
+closed nor renamed), ``keras.writer.task`` (the Keras callback's background writer, before it writes a save point).
+``<name>:<n>`` kills at the n-th time the point is reached; ``<name>:<n>:enospc`` raises ``OSError(ENOSPC)`` there
+instead, once (a full disk at that write).
 """
 
 from __future__ import annotations
 
+import errno
 import os
 import signal
 
@@ -20,9 +23,13 @@ def hit(name: str) -> None:
     wanted = os.environ.get("CLOUDCKPT_FAILPOINT")
     if not wanted or not wanted.startswith(name):
         return
-    point, _, nth = wanted.partition(":")
+    point, _, rest = wanted.partition(":")
     if point != name:
         return
+    nth, _, action = rest.partition(":")
     _hits[name] = _hits.get(name, 0) + 1
-    if _hits[name] >= int(nth or 1):
+    if action == "enospc":
+        if _hits[name] == int(nth or 1):
+            raise OSError(errno.ENOSPC, f"No space left on device (failpoint {name})")
+    elif _hits[name] >= int(nth or 1):
         os.kill(os.getpid(), signal.SIGKILL)

@@ -4,8 +4,15 @@ Training hands over a finished checkpoint directory (:meth:`Uploader.submit`) th
 the caller snapshots into a staging directory (hard links or copies) so the next save can't change it mid-upload.
 A single worker thread pushes the jobs to the :class:`~cloudckpt.store.CheckpointStore` in order. If uploads fall
 behind, a new job supersedes the queued (not yet started) jobs that are not protected (protected = a new best):
-they are dropped and their staging removed, so the queue never grows without bound. Upload errors are logged as
-they happen; :meth:`Uploader.flush` waits (with a deadline) until everything queued has been committed or failed.
+they are dropped and their staging removed, so the queue never grows without bound.
+
+A job whose push fails (after the store's retry budget) is logged and *held*: its staging stays, and the next
+:meth:`Uploader.submit` queues it again ahead of the new job when it is protected (a best is retried, never replaced
+by a worse checkpoint), or drops it when it is not (the newer checkpoint supersedes it). :meth:`Uploader.retry`
+queues every held job again (the end of training's last attempt). :meth:`Uploader.flush` waits (with a deadline)
+until everything queued has been handled and returns True only if every job submitted so far is committed (or was
+superseded by a newer one): the held ones are named by :meth:`Uploader.failures`; :meth:`Uploader.raise_if_uncommitted`
+raises :class:`~cloudckpt.errors.CommitFailedError` naming them.
 
 Example:
     >>> import tempfile, pathlib
@@ -39,7 +46,7 @@ from typing import Any
 
 from filelock import FileLock, Timeout
 
-from .errors import StaleWriterError, TransferError
+from .errors import SaveFailure, StaleWriterError, commit_failed
 from .manifest import CheckpointEntry
 from .store import CheckpointStore
 
@@ -55,9 +62,19 @@ class Job:
     protected: bool = False
     prepare: Callable[[Path], object] | None = None
     seq: int = 0
+    tag: Any = None
     entry: CheckpointEntry | None = None
     error: BaseException | None = None
     done: threading.Event = field(default_factory=threading.Event)
+    attempts: int = 0
+    superseded: bool = False  # replaced by a newer checkpoint before it was committed: it never will be
+
+    @property
+    def label(self) -> str:
+        return f"epoch {self.push_args.get('epoch')} step {self.push_args.get('step')}"
+
+    def failure(self) -> SaveFailure:
+        return SaveFailure(self.push_args.get("epoch"), self.push_args.get("step"), self.label, self.error)
 
 
 def snapshot(files: dict[str, Path], into: Path) -> Path:
@@ -143,13 +160,17 @@ class Uploader:
         store: where to push.
         on_commit: called on the worker thread with each committed :class:`CheckpointEntry` (and its job).
             Default None.
+        on_failure: called on the worker thread with each job whose push failed (it is held). Default None.
     """
 
     def __init__(self, store: CheckpointStore, *,
-                 on_commit: Callable[[CheckpointEntry, Job], None] | None = None) -> None:
+                 on_commit: Callable[[CheckpointEntry, Job], None] | None = None,
+                 on_failure: Callable[[Job], None] | None = None) -> None:
         self.store = store
         self.on_commit = on_commit
+        self.on_failure = on_failure
         self._queue: deque[Job] = deque()
+        self._held: list[Job] = []  # pushes that failed: kept for a retry (see the module's rule)
         self._cond = threading.Condition()
         self._active: Job | None = None
         self._closed = False
@@ -165,36 +186,64 @@ class Uploader:
     # --- training thread ---------------------------------------------------------------------------------------
 
     def submit(self, path: Path, push_args: dict[str, Any], *, protected: bool = False,
-               prepare: Callable[[Path], object] | None = None) -> Job:
+               prepare: Callable[[Path], object] | None = None, tag: Any = None) -> Job:
         """Queue the staged directory ``path`` (now owned by the uploader); return its job. Never blocks on I/O.
 
-        ``prepare(path)``, if given, runs on the uploader's thread just before the push (e.g. to write files from
-        data captured in memory); a superseded job's ``prepare`` never runs.
+        ``prepare(path)``, if given, runs on the uploader's thread just before each push attempt (e.g. to write files
+        from data captured in memory); a superseded job's ``prepare`` never runs. Held jobs (failed pushes) that are
+        protected are queued again ahead of this one; the others are superseded by it. ``tag``: the caller's.
         """
         with self._cond:
             if self._closed:
                 raise RuntimeError("the uploader is closed")
             self._seq += 1
-            job = Job(Path(path), dict(push_args), protected, prepare, self._seq)
-            superseded = [j for j in self._queue if not j.protected]
-            for j in superseded:
-                self._queue.remove(j)
+            job = Job(Path(path), dict(push_args), protected, prepare, self._seq, tag)
+            superseded = [j for j in self._queue if not j.protected] + [j for j in self._held if not j.protected]
+            retried = [j for j in self._held if j.protected]
+            for j in self._queue.copy():
+                if not j.protected:
+                    self._queue.remove(j)
+            self._held = []
+            for j in retried:
+                j.done.clear()
+            self._queue.extend(retried)
             self._queue.append(job)
             self.last_job = job
             self._cond.notify_all()
         for j in superseded:
-            log.info("uploads are behind: checkpoint for epoch %s step %s superseded before upload",
-                     j.push_args.get("epoch"), j.push_args.get("step"))
-            self._discard(j, None)
+            log.info("checkpoint for %s superseded before it was committed", j.label)
+            j.superseded = True
+            self._discard(j, j.error)
+        for j in retried:
+            log.info("retrying the upload of the checkpoint for %s (a best: kept until committed)", j.label)
         self.dropped += len(superseded)
         return job
+
+    def retry(self) -> int:
+        """Queue every held job again (protected or not); return how many."""
+        with self._cond:
+            held, self._held = self._held, []
+            for j in held:
+                j.done.clear()
+            self._queue.extendleft(reversed(held))
+            self._cond.notify_all()
+        for j in held:
+            log.info("retrying the upload of the checkpoint for %s", j.label)
+        return len(held)
 
     def pending(self) -> int:
         with self._cond:
             return len(self._queue) + (self._active is not None)
 
+    def failures(self) -> list[SaveFailure]:
+        """The submitted checkpoints that are not committed because their push failed (held for a retry)."""
+        with self._cond:
+            return [j.failure() for j in self._held]
+
     def flush(self, timeout: float | None = None) -> bool:
-        """Wait until every queued job has been committed or has failed; False if ``timeout`` seconds passed first."""
+        """Wait until every queued job has been committed or has failed. True only if every checkpoint submitted
+        so far is committed (or was superseded by a newer one); False if one failed (see :meth:`failures`) or
+        ``timeout`` seconds passed first."""
         deadline = None if timeout is None else time.monotonic() + timeout
         with self._cond:
             while self._queue or self._active is not None:
@@ -202,28 +251,40 @@ class Uploader:
                 if left is not None and left <= 0:
                     return False
                 self._cond.wait(left if left is not None else 1.0)
-        return True
+            return not self._held and self.fatal is None
 
     def close(self, timeout: float | None = None) -> bool:
-        """Flush, then stop the worker thread. Returns whether everything queued was handled in time."""
+        """Flush, then stop the worker thread. Returns what :meth:`flush` returned."""
         ok = self.flush(timeout)
         with self._cond:
             self._closed = True
             self._cond.notify_all()
-        if ok:
+        if not self.pending():
             self._thread.join(timeout=5)
         return ok
 
-    def raise_if_final_failed(self) -> None:
-        """Raise if the last submitted job did not commit (the final state is not safe in the store)."""
+    def uncommitted(self) -> list[SaveFailure]:
+        """Every submitted checkpoint not committed (yet): held after a failed push (with its error), being pushed
+        or queued (error None)."""
+        with self._cond:
+            left = [j.failure() for j in self._held]
+            left += [SaveFailure(j.push_args.get("epoch"), j.push_args.get("step"), j.label, None)
+                     for j in ([self._active] if self._active else []) + list(self._queue)]
         job = self.last_job
-        if job is None:
-            return
-        if job.error is not None:
-            raise TransferError(f"the final checkpoint could not be committed to {self.store.url}: {job.error}") \
-                from job.error
-        if job.entry is None:
-            raise TransferError(f"the final checkpoint was not committed to {self.store.url} (upload unfinished)")
+        if job is not None and job.entry is None and job.error is not None and not left:  # fenced: dropped
+            left = [job.failure()]
+        return left
+
+    def raise_if_uncommitted(self) -> None:
+        """Raise :class:`~cloudckpt.errors.CommitFailedError` naming each submitted checkpoint that is not committed
+        (see :meth:`uncommitted`)."""
+        left = self.uncommitted()
+        if left:
+            raise commit_failed(left, self.store.url)
+
+    def raise_if_final_failed(self) -> None:
+        """Kept for callers of cloudckpt <= 0.3: :meth:`raise_if_uncommitted`."""
+        self.raise_if_uncommitted()
 
     # --- worker thread -----------------------------------------------------------------------------------------
 
@@ -253,6 +314,7 @@ class Uploader:
             self._discard(job, self.fatal)
             return
         t0 = time.monotonic()
+        job.attempts += 1
         try:
             if job.prepare is not None:
                 job.prepare(job.path)
@@ -263,13 +325,22 @@ class Uploader:
             self.errors.append((job, exc))
             self._discard(job, exc)
             return
-        except Exception as exc:  # logged now, raised at train end if it was the final state
-            log.error("upload of checkpoint (epoch %s, step %s) to %s failed: %s", job.push_args.get("epoch"),
-                      job.push_args.get("step"), self.store.url, exc)
+        except Exception as exc:  # held: retried at the next submit (a best) or superseded by it
+            log.error("upload of the checkpoint for %s to %s failed (attempt %d): %s; kept locally, %s",
+                      job.label, self.store.url, job.attempts, exc,
+                      "retried at the next save" if job.protected else "until a newer checkpoint supersedes it")
             self.errors.append((job, exc))
-            self._discard(job, exc)
+            job.error = exc
+            with self._cond:
+                self._held.append(job)
+            if self.on_failure is not None:
+                try:
+                    self.on_failure(job)
+                except Exception as hook_exc:
+                    log.warning("after the failed upload for %s: %s", job.label, hook_exc)
+            job.done.set()
             return
-        job.entry = entry
+        job.entry, job.error = entry, None
         self.committed.append(entry)
         log.debug("uploaded %s in %.2fs", entry.id, time.monotonic() - t0)
         if self.on_commit is not None:

@@ -80,3 +80,19 @@ def test_pull_best_is_the_lowest_eval_loss(tmp_path, reference):
     assert f'"global_step": {best_step},' in state
     assert not (tmp_path / "best" / "training_args.bin").exists()
     assert CheckpointStore(str(store)).best().metrics["eval_loss"] == evals[best_step]
+
+
+def test_an_exception_right_after_a_save_still_commits_it(tmp_path, local_url):
+    """The Trainer calls no on_train_end when a callback raises: the exit waits for the saves (issue 21, item 3)."""
+    import re
+
+    proc = _start(local_url, tmp_path, "--raise-after-save", "20", "--slow-uploads", "1.5")
+    stdout, stderr = proc.communicate(timeout=300)
+    assert proc.returncode == 1 and "a callback failed after checkpoint-20" in stderr, stderr[-3000:]
+    saved = [int(n) for n in re.findall(r"^saved (\d+)$", stdout, re.M)]
+    assert saved == [10, 20]
+    with CheckpointStore(local_url) as store:
+        listed = {c.step for c in store.list()}
+    assert 20 in listed, f"checkpoint-20 was saved but never committed: {stderr[-3000:]}"
+    assert all(s in listed or re.search(rf"step {s} superseded", stderr) for s in saved), stderr[-3000:]
+    assert "waiting up to 90s" in stderr and "every checkpoint saved is committed" in stderr, stderr[-3000:]

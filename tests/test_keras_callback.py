@@ -13,7 +13,7 @@ import numpy as np  # noqa: E402
 import tensorflow as tf  # noqa: E402
 from support.keras_job import build_model, data  # noqa: E402
 
-from cloudckpt.errors import StaleWriterError, TransferError  # noqa: E402
+from cloudckpt.errors import CommitFailedError, StaleWriterError  # noqa: E402
 from cloudckpt.keras import CloudCheckpoint  # noqa: E402
 from cloudckpt.keras import resume as rs  # noqa: E402
 from cloudckpt.keras import state as st  # noqa: E402
@@ -220,7 +220,7 @@ def test_final_state_that_cannot_be_committed_raises(s3_url, tmp_path):
                 s3.Bucket(bucket).objects.all().delete()
                 s3.Bucket(bucket).delete()
 
-    with pytest.raises(TransferError, match="could not be committed"):
+    with pytest.raises(CommitFailedError, match=r"not committed to .*: epoch 2 step \d+"):
         fit([DropBucket(), cb], epochs=2)
 
 

@@ -74,10 +74,13 @@ class LocalPruning(RuleBasedStateMachine):
         if outcome == "committed":
             entry = _push(self.store, self.root, name, epoch, loss)
             job.entry = entry  # type: ignore[assignment]
-        elif outcome == "failed":
+        elif outcome == "failed":  # held for a retry: not done
             job.error = OSError("refused")
             self.failed.add(name)
-        job.done.set()
+        else:
+            job.superseded = True
+        if outcome != "failed":
+            job.done.set()
         self.local.prune(self.store, committed=entry)  # type: ignore[arg-type]
 
     @rule()

@@ -1,5 +1,6 @@
 """The background uploader: commits in order on every store, coalesces superseded checkpoints when behind, keeps new
-bests, reports errors at once and raises for an uncommitted final state, and snapshots survive a rewrite."""
+bests, reports errors at once, holds a failed checkpoint for a retry (a best is retried, another is superseded), flush
+reports every save not committed, and snapshots survive a rewrite."""
 
 from __future__ import annotations
 
@@ -11,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from cloudckpt.errors import StaleWriterError, TransferError
+from cloudckpt.errors import CommitFailedError, StaleWriterError, TransferError
 from cloudckpt.store import CheckpointStore
 from cloudckpt.uploader import Uploader, snapshot
 
@@ -79,7 +80,7 @@ def test_flush_times_out_while_an_upload_hangs(tmp_path):
     up.submit(stage(tmp_path, "a", b"a"), dict(epoch=1, step=1))
     assert up.flush(0.3) is False
     assert up.pending() == 1
-    with pytest.raises(TransferError, match="unfinished"):
+    with pytest.raises(TransferError, match="epoch 1 step 1: not committed"):
         up.raise_if_final_failed()
     store.gate.set()
     assert up.flush(60)
@@ -88,20 +89,57 @@ def test_flush_times_out_while_an_upload_hangs(tmp_path):
     store.close()
 
 
-def test_upload_error_is_logged_at_once_and_final_failure_raises(tmp_path, caplog):
+def test_upload_error_is_logged_at_once_reported_by_flush_and_superseded(tmp_path, caplog):
     store = CheckpointStore(str(tmp_path / "store"))
     up = Uploader(store)
     missing = tmp_path / "staging" / "gone"  # the staged directory vanished: the push fails
     job = up.submit(missing, dict(epoch=1, step=1))
     assert job.done.wait(30)
-    assert "upload of checkpoint (epoch 1, step 1)" in caplog.text
+    assert "upload of the checkpoint for epoch 1 step 1" in caplog.text
+    assert up.flush(30) is False, "a failed upload is not reported as committed"
+    assert [(f.epoch, f.step) for f in up.failures()] == [(1, 1)] and up.failures()[0].error is job.error
+    with pytest.raises(CommitFailedError, match="epoch 1 step 1") as info:
+        up.raise_if_uncommitted()
+    assert info.value.__cause__ is job.error and info.value.failures[0].step == 1
+    up.submit(stage(tmp_path, "ok", b"ok"), dict(epoch=2, step=2))  # not a best: the newer one supersedes it
     assert up.flush(30)
-    with pytest.raises(TransferError, match="could not be committed") as info:
-        up.raise_if_final_failed()
-    assert info.value.__cause__ is job.error
-    up.submit(stage(tmp_path, "ok", b"ok"), dict(epoch=2, step=2))  # a later success makes the final state safe
-    assert up.flush(30)
-    up.raise_if_final_failed()
+    assert up.failures() == []
+    up.raise_if_uncommitted()
+    up.close()
+    assert [c.step for c in store.list()] == [2]
+    store.close()
+
+
+def test_a_failed_best_is_kept_and_retried_at_the_next_submit(tmp_path):
+    store = CheckpointStore(str(tmp_path / "store"))
+    up = Uploader(store)
+    up.submit(stage(tmp_path, "first", b"1"), dict(epoch=1, step=1, monitor="val_loss", metrics={"val_loss": 0.5}))
+    best = tmp_path / "staging" / "best"  # not there yet: its push fails, as on a dead network
+    job = up.submit(best, dict(epoch=2, step=2, monitor="val_loss", metrics={"val_loss": 0.1}), protected=True)
+    assert job.done.wait(30) and job.error is not None
+    assert up.flush(30) is False and [f.step for f in up.failures()] == [2]
+    best.mkdir(parents=True)
+    (best / "model.weights.h5").write_bytes(b"the best")  # the network is back
+    up.submit(stage(tmp_path, "worse", b"3"), dict(epoch=3, step=3, monitor="val_loss", metrics={"val_loss": 0.9}))
+    assert up.flush(30), up.failures()
+    assert job.entry is not None and job.attempts == 2
+    assert store.best().step == 2, "the best was retried, not replaced by a worse checkpoint"
+    assert [c.step for c in store.list()][-2:] == [2, 3]  # committed in order: the retry before the new one
+    up.close()
+    store.close()
+
+
+def test_retry_requeues_every_held_checkpoint(tmp_path):
+    store = CheckpointStore(str(tmp_path / "store"))
+    up = Uploader(store)
+    later = tmp_path / "staging" / "later"
+    up.submit(later, dict(epoch=1, step=1))
+    assert up.flush(30) is False
+    later.mkdir(parents=True)
+    (later / "w.h5").write_bytes(b"w")
+    assert up.retry() == 1
+    assert up.flush(30) and up.failures() == []
+    assert [c.step for c in store.list()] == [1]
     up.close()
     store.close()
 
@@ -113,11 +151,13 @@ def test_stale_writer_is_fatal(tmp_path):
     new.claim()
     up = Uploader(old)
     up.submit(stage(tmp_path, "a", b"a"), dict(epoch=1, step=1))
-    assert up.flush(30)
+    assert up.flush(30) is False
     assert isinstance(up.fatal, StaleWriterError)
     up.submit(stage(tmp_path, "b", b"b"), dict(epoch=2, step=2))
-    assert up.flush(30)
+    assert up.flush(30) is False
     assert up.committed == []
+    with pytest.raises(CommitFailedError, match="epoch 2 step 2"):
+        up.raise_if_uncommitted()
     up.close()
     old.close()
     new.close()

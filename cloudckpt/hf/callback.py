@@ -12,7 +12,8 @@ from typing import Any
 
 from transformers import TrainerCallback, TrainerControl, TrainerState, TrainingArguments
 
-from ..errors import CheckpointNotFoundError, ConfigurationError, IntegrityError
+from .. import drain
+from ..errors import CheckpointNotFoundError, ConfigurationError, IntegrityError, SaveFailure, commit_failed
 from ..metrics import finite_metrics
 from ..preemption import PreemptionWatch
 from ..store import CheckpointStore
@@ -52,6 +53,14 @@ class CloudCheckpointCallback(TrainerCallback):
     checkpoint into ``output_dir`` on a new machine, so ``trainer.train(resume_from_checkpoint=True)`` continues.
     ``training_args.bin`` (a pickle the Trainer never reads back) is not committed.
 
+    A checkpoint whose upload fails (after ``store_budget``) is logged and kept: a best is retried at the next save
+    (never replaced by a worse one), another is superseded by it; :meth:`flush` returns False while one is not
+    committed (:meth:`failures` names each), and the end of training retries once more and raises
+    :class:`~cloudckpt.errors.CommitFailedError` naming what is still not committed; ``on_upload_error="raise"``
+    raises it at the next step instead. When training ends otherwise (an exception, ``KeyboardInterrupt``,
+    ``sys.exit``: the Trainer calls no ``on_train_end``), the process waits at exit up to ``preemption_deadline``
+    seconds for the checkpoints already saved and logs one line saying whether they committed (:mod:`cloudckpt.drain`).
+
     Example:
 
     ```python
@@ -74,14 +83,19 @@ class CloudCheckpointCallback(TrainerCallback):
             output directory's file system, else ``.cloudckpt-staging`` beside it.
         store_budget: seconds each store operation may retry for. Default 300.
         storage_options: options for the store's backend. Default None.
+        on_upload_error: ``"retry"`` or ``"raise"`` (see above). Default ``"retry"``.
     """
 
     def __init__(self, remote: str | None = None, *, keep_best: int | None = 1, keep_last: int | None = 2,
                  preemption: Any = "auto", preemption_endpoints: dict | None = None,
                  preemption_deadline: float = 25.0, staging_dir: str | Path | None = None,
-                 store_budget: float = 300.0, storage_options: dict | None = None) -> None:
+                 store_budget: float = 300.0, storage_options: dict | None = None,
+                 on_upload_error: str = "retry") -> None:
         if preemption_deadline <= 0:
             raise ConfigurationError(f"preemption_deadline must be > 0. Received: {preemption_deadline}")
+        if on_upload_error not in ("retry", "raise"):
+            raise ConfigurationError(f"on_upload_error must be 'retry' or 'raise'. Received: {on_upload_error!r}")
+        self.on_upload_error = on_upload_error
         self.remote, self.keep_best, self.keep_last = remote, keep_best, keep_last
         self.preemption, self.preemption_endpoints = preemption, preemption_endpoints
         self.preemption_deadline, self.staging_dir = preemption_deadline, staging_dir
@@ -109,6 +123,7 @@ class CloudCheckpointCallback(TrainerCallback):
         out = Path(args.output_dir or ".")
         self._staging = new_staging_dir(self.staging_dir or os.environ.get("CLOUDCKPT_STAGING"), out)
         self.uploader = Uploader(self.store)
+        drain.register(self)
         self._watch = PreemptionWatch(self.preemption, endpoints=self.preemption_endpoints)
         self._watch.start()
 
@@ -116,6 +131,8 @@ class CloudCheckpointCallback(TrainerCallback):
                     **kwargs: Any) -> None:
         if self.uploader is not None and self.uploader.fatal is not None:
             raise self.uploader.fatal
+        if self.on_upload_error == "raise" and self.uploader is not None and (failed := self.uploader.failures()):
+            raise commit_failed(failed, self.uploader.store.url)
         if self.preempted and not self._preempting:
             self._preempting = True
             control.should_save = True
@@ -146,10 +163,29 @@ class CloudCheckpointCallback(TrainerCallback):
         if self.uploader is None:
             return
         try:
-            self.uploader.close()
-            self.uploader.raise_if_final_failed()
+            if not self.uploader.flush() and self.uploader.retry():  # the last attempt for what failed
+                self.uploader.flush()
+            self.uploader.close(0)
+            self.uploader.raise_if_uncommitted()
         finally:
             self._shutdown()
+
+    def flush(self, timeout: float | None = None) -> bool:
+        """Wait for the queued commits. True only if every checkpoint saved so far is committed (or was superseded
+        by a newer committed one); False if one is not (see :meth:`failures`) or ``timeout`` seconds passed."""
+        return True if self.uploader is None else self.uploader.flush(timeout)
+
+    def failures(self) -> list[SaveFailure]:
+        """The checkpoints whose upload failed and that are not committed (held for a retry)."""
+        return [] if self.uploader is None else self.uploader.failures()
+
+    def drain_at_exit(self) -> None:
+        """At interpreter exit after training that did not reach ``on_train_end``: wait for what was saved."""
+        if self.uploader is None:
+            return
+        drain.settle(self.uploader, deadline=self.preemption_deadline,
+                     why="training ended without on_train_end (an exception or an exit)")
+        self._shutdown()
 
     # --- internals ---------------------------------------------------------------------------------------------
 
@@ -193,9 +229,13 @@ class CloudCheckpointCallback(TrainerCallback):
         return best.metrics.get(self.monitor) if self.monitor else None
 
     def _shutdown(self) -> None:
+        drain.unregister(self)
         if self._watch is not None:
             self._watch.stop()
             self._watch = None
+        if self.uploader is not None and self.uploader.pending():  # an upload still runs: its staging stays
+            self.uploader = None
+            return
         if self._staging is not None:
             remove_staging(self._staging)
             self._staging = None

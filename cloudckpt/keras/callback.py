@@ -11,6 +11,8 @@ from typing import Any, NoReturn
 
 import keras
 
+from .. import drain
+from ..errors import SaveFailure, commit_failed
 from ..manifest import CheckpointEntry, RunPolicy
 from ..metrics import finite_metrics
 from ..preemption import PreemptionWatch
@@ -21,6 +23,7 @@ from . import capture, internals, trainers
 from . import local_files as lf
 from . import resume as rs
 from . import state as st
+from .committed import CommittedBest, Moved
 from .deadline import commit_within
 from .distributed import WorkerRole
 from .writer import Writer, WriteTask
@@ -49,9 +52,19 @@ class CloudCheckpoint(keras.callbacks.ModelCheckpoint):
     With ``async_save=False`` (and always for a legacy ``.h5``, a remote ``filepath``, a model overriding
     ``save``/``save_weights``, or a multi-process job) Keras' own save runs on the training thread and the file is
     then hard-linked into staging. If uploads fall behind, queued checkpoints that
-    are not a new best are superseded. At the end of training the callback waits for the writes and commits the
-    final state, and raises if it could not; a background write that failed raises
-    :class:`~cloudckpt.errors.CheckpointWriteError` at the next batch or epoch boundary.
+    are not a new best are superseded. A background write that failed raises
+    :class:`~cloudckpt.errors.CheckpointWriteError` at the next batch or epoch boundary. An upload that failed
+    (after ``store_budget``) is logged and kept locally: a new best is retried at the next save point (never replaced
+    by a worse checkpoint), another checkpoint is superseded by the next one; with ``on_upload_error="raise"`` the
+    failure raises :class:`~cloudckpt.errors.CommitFailedError` at the next batch or epoch boundary instead. The best
+    recorded in each checkpoint's resume state is the best the store has committed (see
+    :mod:`cloudckpt.keras.committed`), so a resumed run never believes in a best the store lacks. At the end of
+    training the callback waits for the writes, retries what failed once more, commits the final state, and raises
+    `CommitFailedError` naming every save that is still not committed. When ``fit`` ends otherwise (an exception,
+    ``KeyboardInterrupt``, ``sys.exit``) the process waits at exit, up to ``preemption_deadline`` seconds, for the
+    saves already made and logs one line saying whether they committed, or which did not (see
+    :mod:`cloudckpt.drain`). With ``verbose > 0``, "finished saving model" is printed once the file is written (as
+    `ModelCheckpoint` prints it, nothing more); the store logs ``committed <id> to <url>`` (INFO) once it is committed.
 
     With ``resume=True`` and a committed checkpoint in ``remote``, the same ``model.fit(..., epochs=E)`` continues
     where the run stopped: weights, optimizer state, epoch, the best value, and — mid-epoch — the batch position
@@ -119,6 +132,8 @@ class CloudCheckpoint(keras.callbacks.ModelCheckpoint):
         store_budget: seconds each store operation may retry for. Default 300.
         async_save: write Keras' file in the background from a host copy of the variables (see above). Default
             True; False runs Keras' own save on the training thread, as ``ModelCheckpoint`` does.
+        on_upload_error: ``"retry"`` (log it, keep the checkpoint and retry it as described above) or ``"raise"``
+            (raise `CommitFailedError` at the next batch or epoch boundary). Default ``"retry"``.
     """
 
     best: float | None  # ModelCheckpoint's (its __init__ sets it; resume restores it)
@@ -130,7 +145,7 @@ class CloudCheckpoint(keras.callbacks.ModelCheckpoint):
                  resume: bool = True, storage_options: dict | None = None, preemption: Any = "auto",
                  preemption_endpoints: dict | None = None, preemption_deadline: float = 25.0,
                  exit_on_preemption: bool = True, prune_local: bool = False, staging_dir: str | None = None,
-                 store_budget: float = 300.0, async_save: bool = True) -> None:
+                 store_budget: float = 300.0, async_save: bool = True, on_upload_error: str = "retry") -> None:
         super().__init__(filepath, monitor=monitor, verbose=verbose, save_best_only=save_best_only,
                          save_weights_only=save_weights_only, mode=mode, save_freq=save_freq,
                          initial_value_threshold=initial_value_threshold)
@@ -142,6 +157,10 @@ class CloudCheckpoint(keras.callbacks.ModelCheckpoint):
                              f"Received: keep_every_n_epochs={keep_every_n_epochs}")
         if preemption_deadline <= 0:
             raise ValueError(f"`preemption_deadline` must be > 0. Received: preemption_deadline={preemption_deadline}")
+        if on_upload_error not in ("retry", "raise"):
+            raise ValueError(f"`on_upload_error` must be 'retry' or 'raise'. "
+                             f"Received: on_upload_error={on_upload_error!r}")
+        self.on_upload_error = on_upload_error
         folder = Path(os.path.dirname(os.path.abspath(self.filepath)))
         self.remote = remote or os.environ.get("CLOUDCKPT_REMOTE") or str(folder / DEFAULT_STORE_DIR)
         self.keep_best, self.keep_last, self.keep_every_n_epochs = keep_best, keep_last, keep_every_n_epochs
@@ -161,6 +180,7 @@ class CloudCheckpoint(keras.callbacks.ModelCheckpoint):
         self._adapter: trainers.TrainerAdapter | None = None  # what this backend's trainer needs (set by fit)
         self.uploader: Uploader | None = None
         self.writer: Writer | None = None  # async_save: writes the Keras files (set by fit)
+        self.failures: list[SaveFailure] = []  # the saves the last flush found not committed
         self._folder = folder
         self._initial_best = self.best
         self._completed = False  # the last fit ended normally (not by an exception or a preemption)
@@ -198,6 +218,8 @@ class CloudCheckpoint(keras.callbacks.ModelCheckpoint):
         self._plans = rs.StatePlans()
         self._epoch_rng: dict | None = None  # the host random generators at the start of this epoch
         self._pool = capture.BufferPool()  # async_save: the last snapshot's arrays, reused by the next capture
+        self._committed: CommittedBest | None = None  # the best values the store has (set by on_train_begin)
+        self._staged_best: float | None = None  # Keras' best at the last save point staged
 
     def on_train_begin(self, logs: dict[str, Any] | None = None) -> None:
         self._close_interrupted_fit()
@@ -218,8 +240,12 @@ class CloudCheckpoint(keras.callbacks.ModelCheckpoint):
             self._resume()
         self._completed = False
         self._open = True
-        self.uploader = (Uploader(self.store, on_commit=self._on_commit if self.prune_local else None)
-                         if self.role.is_chief else None)
+        self._staged_best = _float(self.best)
+        self._committed = CommittedBest(Objective(self.monitor, internals.monitor_mode(self)),
+                                        best=self._staged_best, seen=self.best_seen)
+        self.uploader = Uploader(self.store, on_commit=self._on_commit) if self.role.is_chief else None
+        if self.uploader is not None:
+            drain.register(self)
         # one process only: a multi-process job saves on the training thread (its variables may need collectives)
         self.writer = Writer() if self.async_save and self.role.num_workers == 1 and self.uploader else None
         self._watch = PreemptionWatch(self.preemption, endpoints=self.preemption_endpoints)
@@ -250,16 +276,21 @@ class CloudCheckpoint(keras.callbacks.ModelCheckpoint):
 
     def flush(self, timeout: float | None = None) -> bool:
         """Wait until every save point so far is written (the Keras file, in the background with ``async_save``) and
-        committed to the store; False if ``timeout`` seconds (None: no limit) passed first. ``fit`` does this itself
-        at its end; call it from a callback to know that the checkpoint just saved is in the store."""
+        committed to the store. True only if all are (or were superseded by a newer committed one); False if
+        ``timeout`` seconds (None: no limit) passed first, or if a save is not committed: a background write that
+        failed since the previous call, or an upload that failed and awaits its retry — :attr:`failures` then names
+        each (epoch, step, error). ``fit`` does this itself at its end (and raises there); call it from a callback
+        to know that the checkpoint just saved is in the store."""
         deadline = None if timeout is None else time.monotonic() + timeout
 
         def left() -> float | None:
             return None if deadline is None else max(0.0, deadline - time.monotonic())
 
-        if self.writer is not None and not self.writer.flush(left()):
-            return False
-        return self.uploader is None or self.uploader.flush(left())
+        written = self.writer is None or self.writer.flush(left())
+        committed = self.uploader is None or self.uploader.flush(left())
+        self.failures = ((self.writer.last_failures if self.writer is not None else [])
+                         + (self.uploader.failures() if self.uploader is not None else []))
+        return written and committed
 
     def on_train_end(self, logs: dict[str, Any] | None = None) -> None:
         try:
@@ -274,11 +305,27 @@ class CloudCheckpoint(keras.callbacks.ModelCheckpoint):
                     self.writer.flush()
                     self.writer.raise_if_failed()
                 if self.uploader is not None:
-                    self.uploader.flush()
-                    self.uploader.raise_if_final_failed()
+                    if not self.uploader.flush() and self.uploader.retry():  # the last attempt for what failed
+                        self._recommit_final(logs or {})
+                    self.uploader.raise_if_uncommitted()
             self._completed = not self.preempted
         finally:
             self._cleanup()
+
+    def _recommit_final(self, logs: dict) -> None:
+        """After the end's retry: a retried checkpoint that committed after the final state became the run's
+        latest; commit the final state again, so a resume starts from the end, not from the retried one."""
+        uploader = self.uploader
+        assert uploader is not None
+        uploader.flush()
+        last = uploader.last_job
+        if last is None or last.entry is None or not uploader.committed or uploader.committed[-1] is last.entry:
+            return
+        self._stage(self._epoch_in_progress, None, logs, saved=None, epoch_done=True,
+                    position=self._epoch_in_progress + 1)
+        if self.writer is not None:
+            self.writer.flush()
+        uploader.flush()
 
     def _close_interrupted_fit(self) -> None:
         """A previous fit with this callback that an exception ended never reached `on_train_end`: let its queued
@@ -299,7 +346,25 @@ class CloudCheckpoint(keras.callbacks.ModelCheckpoint):
         self.best, self.best_seen = self._initial_best, None
         internals.set_save_counters(self, internals.SaveCounters())
 
+    def drain_at_exit(self) -> None:
+        """At interpreter exit after a fit that did not end normally: wait for what it saved (see
+        :mod:`cloudckpt.drain`)."""
+        if not self._open or self.uploader is None:
+            return
+
+        def write(seconds: float) -> list[str]:
+            if self.writer is None:
+                return []
+            self.writer.flush(seconds)
+            return self.writer.unwritten() + [str(f) for f in self.writer.last_failures]
+
+        if self._resumed is not None:
+            self._resumed.uninstall()
+        drain.settle(self.uploader, deadline=self.preemption_deadline, before=write,
+                     why="training ended without on_train_end (an exception or an exit)")
+
     def _cleanup(self) -> None:
+        drain.unregister(self)
         if self.model is not None:
             internals.set_initial_epoch(self.model, None)
         if self._watch is not None:
@@ -337,8 +402,6 @@ class CloudCheckpoint(keras.callbacks.ModelCheckpoint):
                 super()._save_model(epoch, batch, logs)
             self._stage(epoch, batch, logs or {}, saved=self._saved_path, epoch_done=batch is None,
                         position=epoch + 1 if batch is None else epoch, kind=kind)
-        if kind is not None and self._saved_path and self.verbose > 0:  # Keras' words (the write is under way)
-            internals.print_msg(f"\nEpoch {epoch + 1}: finished saving model to {path}")
         self.stall_seconds.append(time.perf_counter() - t0)
 
     def _step(self) -> int:
@@ -374,6 +437,12 @@ class CloudCheckpoint(keras.callbacks.ModelCheckpoint):
         improved = self._improves(logs, saved)
         if improved:
             self.best_seen = current
+        keras_best = _float(self.best)
+        moved = Moved(best=keras_best if keras_best != self._staged_best else None,
+                      seen=current if improved else None)
+        self._staged_best = keras_best
+        committed = self._committed
+        assert committed is not None  # set by on_train_begin
         if saved is None or "://" in saved:
             saved = None  # kind "state": keeps every metric; retention never ranks it best (retention.rank_metrics)
         self._seq += 1
@@ -395,27 +464,32 @@ class CloudCheckpoint(keras.callbacks.ModelCheckpoint):
         policy = RunPolicy(monitor=self.monitor, mode=mode, keep_best=self.keep_best, keep_last=self.keep_last,
                            keep_every=self.keep_every_n_epochs)
         push_args = st.SavePoint(epoch + 1, step, metrics, meta, policy).push_args()
-        if self.writer is None:
-            job = self.uploader.submit(job_dir, push_args, protected=improved,
-                                       prepare=lambda path: st.write_state(path, arrays, state))
+        if self.writer is None:  # the state is written just before each push, with the committed best
+            job = self.uploader.submit(
+                job_dir, push_args, protected=improved, tag=moved,
+                prepare=lambda path: st.write_state(path, arrays, committed.resolve(state, moved)))
             if saved:
                 self._local.queued(saved, job)
         else:
             uploader, tmp = self.uploader, capture.tmp_dir_for(saved, self._staging) if snap and saved else None
-            local = self._local
+            verbose, local = self.verbose > 0, self._local
 
             def write() -> None:  # the writer's thread: Keras' file, staged with the resume state, then queued
                 if snap is not None and saved is not None:
                     snap.write(saved, tmp)
+                    if verbose:  # Keras' words, once they are true
+                        internals.print_msg(f"\nEpoch {epoch + 1}: finished saving model to {saved}")
                     snapshot({os.path.basename(saved): Path(saved)}, job_dir)
                 st.write_state(job_dir, arrays, state)
-                job = uploader.submit(job_dir, push_args, protected=improved)
+                job = uploader.submit(job_dir, push_args, protected=improved, tag=moved,
+                                      prepare=lambda path: st.write_state_json(path, committed.resolve(state, moved)))
                 if saved is not None:
                     local.queued(saved, job)
 
             self.writer.submit(WriteTask(write, f"epoch {epoch + 1} step {step}" + (f" ({saved})" if saved else ""),
                                          protected=improved, discard=snap.discard if snap else None,
-                                         target=os.path.abspath(saved) if snap and saved else None))
+                                         target=os.path.abspath(saved) if snap and saved else None,
+                                         epoch=epoch + 1, step=step))
         self._last_staged_step = step
 
     def _improves(self, logs: dict, saved: str | None) -> bool:
@@ -427,8 +501,12 @@ class CloudCheckpoint(keras.callbacks.ModelCheckpoint):
         return bool(Objective(self.monitor, internals.monitor_mode(self)).better(current, self.best_seen))
 
     def _on_commit(self, entry: CheckpointEntry, job: Job) -> None:
-        """Uploader thread: delete the local files whose checkpoints retention removed from the store."""
-        self._local.prune(self._store, committed=entry)
+        """Uploader thread: record the best it committed, and delete the local files whose checkpoints retention
+        removed from the store (``prune_local``). (The store logs each commit at INFO: ``committed <id> to <url>``.)"""
+        if isinstance(job.tag, Moved) and self._committed is not None:
+            self._committed.committed(job.tag)
+        if self.prune_local:
+            self._local.prune(self._store, committed=entry)
 
     # --- preemption --------------------------------------------------------------------------------------------
 
@@ -476,6 +554,8 @@ class CloudCheckpoint(keras.callbacks.ModelCheckpoint):
     def _check_fatal(self) -> None:
         if self.uploader is not None and self.uploader.fatal is not None:
             raise self.uploader.fatal
+        if self.on_upload_error == "raise" and self.uploader is not None and (failed := self.uploader.failures()):
+            raise commit_failed(failed, self._store.url)
         if self.writer is not None:
             self.writer.raise_if_failed()
 
@@ -493,6 +573,10 @@ class CloudCheckpoint(keras.callbacks.ModelCheckpoint):
                                                                  state.last_batch_seen))
         self._last_staged_step = state.global_step
         self.resumed_from, self.batches_skipped = found.entry.id, self._resumed.k
+
+
+def _float(value: Any) -> float | None:
+    return None if value is None else float(value)
 
 
 def _finite(value: Any) -> bool:

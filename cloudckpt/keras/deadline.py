@@ -21,8 +21,10 @@ log = logging.getLogger(__name__)
 def commit_within(uploader: Uploader, *, notice_time: float, deadline: float, reason: str | None,
                   step: int, writer: Writer | None = None) -> bool:
     """Wait until ``uploader`` has handled everything queued, at most until ``deadline`` seconds after
-    ``notice_time`` (``time.monotonic()``); log the outcome. Returns False when an upload still runs (the caller
-    must not wait for it at exit), True when every queued job committed or failed.
+    ``notice_time`` (``time.monotonic()``); log the outcome: committed only when the job of the checkpoint at
+    ``step`` committed (not an older one, e.g. when the preemption checkpoint's background write failed). Returns
+    False when a write or upload still runs (the caller must not wait for it at exit), True when every queued job
+    committed or failed.
 
     Args:
         uploader: holds the preemption checkpoint, queued last.
@@ -38,17 +40,21 @@ def commit_within(uploader: Uploader, *, notice_time: float, deadline: float, re
                   "reached a batch boundary; committing anyway", reason, deadline - left, -left, deadline)
     budget = left if left > 0 else deadline
     t0 = time.monotonic()
-    flushed = writer.flush(budget) if writer is not None else True
-    flushed = flushed and uploader.flush(max(0.0, budget - (time.monotonic() - t0)))
+    written = writer.flush(budget) if writer is not None else True
+    uploader.flush(max(0.0, budget - (time.monotonic() - t0)))
+    idle = not uploader.pending() and (writer is None or not writer.pending())
     elapsed = time.monotonic() - notice_time
     missed = elapsed - deadline
-    last = uploader.last_job
-    if flushed and last is not None and last.entry is not None:
+    last = uploader.last_job  # the preemption checkpoint's job, unless its background write failed
+    if last is not None and last.entry is not None and last.push_args.get("step") == step:
         log.log(logging.ERROR if missed > 0 else logging.WARNING,
                 "preemption (%s): checkpoint %s at step %d committed %.2fs after the notice%s; stopping",
                 reason, last.entry.id, step, elapsed,
                 f": missed the {deadline:g}s deadline by {missed:.2f}s" if missed > 0 else "")
     else:
-        log.error("preemption (%s): the checkpoint was NOT committed within %.0fs of the notice (%.2fs have "
-                  "passed); a restart resumes from the latest committed one", reason, deadline, elapsed)
-    return flushed
+        why = ("" if written or writer is None else
+               f" (its write failed: {'; '.join(str(f) for f in writer.last_failures)})")
+        log.error("preemption (%s): the checkpoint at step %d was NOT committed within %.0fs of the notice%s "
+                  "(%.2fs have passed); a restart resumes from the latest committed one", reason, step, deadline,
+                  why, elapsed)
+    return idle

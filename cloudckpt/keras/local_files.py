@@ -128,7 +128,7 @@ class LocalFiles:
 
     def _superseded(self, path: str) -> bool:
         job = self._jobs.get(path)
-        return job is not None and job.done.is_set() and job.entry is None and job.error is None
+        return job is not None and job.superseded
 
     def release(self, path: str) -> None:
         """Before Keras writes ``path``: unlink it if a snapshot still holds its inode (a hard link in staging), so

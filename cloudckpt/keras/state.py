@@ -132,9 +132,16 @@ def write_state(directory: Path, arrays: Mapping[str, np.ndarray], state: Resume
     with open(out / VARIABLES, "wb") as f:
         named: dict[str, Any] = dict(arrays)  # savez's own keywords are typed too: a Mapping would not pass
         np.savez(f, **named)
+    write_state_json(directory, state)
+    return out
+
+
+def write_state_json(directory: Path, state: ResumeState) -> None:
+    """Write (or rewrite) ``directory``'s ``cloudckpt_state/state.json``."""
+    out = Path(directory) / STATE_DIR
+    out.mkdir(parents=True, exist_ok=True)
     # python mode keeps an infinite best an IEEE float (json writes Infinity), as the JSON mode would not
     (out / STATE_JSON).write_text(json.dumps(state.model_dump(), indent=1))
-    return out
 
 
 def read_state(directory: Path, files: Iterable[str] | None = None) -> tuple[ResumeState, dict[str, np.ndarray]]:

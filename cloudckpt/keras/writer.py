@@ -18,7 +18,7 @@ thread captures a new save point it calls :meth:`Writer.make_room`:
 So the latest save point and the run's best are never lost, and the added host memory stays at about two model
 sizes (the snapshot being written and the pending one). A task that fails is logged and its error kept; the callback
 raises it (:class:`~cloudckpt.errors.CheckpointWriteError`) at the next batch or epoch boundary or at the end of
-training.
+training, and the next :meth:`Writer.flush` returns False (naming it in :attr:`Writer.last_failures`).
 
 Example:
     >>> w = Writer()
@@ -38,7 +38,8 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from ..errors import CheckpointWriteError
+from .. import failpoints
+from ..errors import CheckpointWriteError, SaveFailure
 
 log = logging.getLogger(__name__)
 
@@ -56,6 +57,8 @@ class WriteTask:
     discard: Callable[[], object] | None = None
     done: threading.Event = field(default_factory=threading.Event)
     error: BaseException | None = None
+    epoch: int | None = None
+    step: int | None = None
 
 
 class Writer:
@@ -69,6 +72,8 @@ class Writer:
         self.error: CheckpointWriteError | None = None
         self.dropped: list[str] = []  # labels of the coalesced tasks
         self.written = 0
+        self._failed: list[WriteTask] = []  # failed since the last flush
+        self.last_failures: list[SaveFailure] = []  # what the last flush reported
         self._thread = threading.Thread(target=self._loop, name="cloudckpt-writer", daemon=True)
         self._thread.start()
 
@@ -116,15 +121,24 @@ class Writer:
             return (self._pending is not None) + (self._active is not None)
 
     def flush(self, timeout: float | None = None) -> bool:
-        """Wait until every task has been written or has failed; False if ``timeout`` seconds passed first."""
+        """Wait until every task has been written or has failed. False if ``timeout`` seconds passed first, or if a
+        task failed since the previous call (each failure is reported once, in :attr:`last_failures`)."""
         deadline = None if timeout is None else time.monotonic() + timeout
+        self.last_failures = []
         with self._cond:
             while self._pending is not None or self._active is not None:
                 left = None if deadline is None else deadline - time.monotonic()
                 if left is not None and left <= 0:
                     return False
                 self._cond.wait(left if left is not None else 1.0)
-        return True
+            failed, self._failed = self._failed, []
+        self.last_failures = [SaveFailure(t.epoch, t.step, t.label, t.error) for t in failed]
+        return not failed
+
+    def unwritten(self) -> list[str]:
+        """Labels of the tasks not written yet (being written, or pending)."""
+        with self._cond:
+            return [t.label for t in (self._active, self._pending) if t is not None]
 
     def raise_if_failed(self) -> None:
         """Raise the first background write's failure (CheckpointWriteError), if any."""
@@ -132,12 +146,12 @@ class Writer:
             raise self.error
 
     def close(self, timeout: float | None = None) -> bool:
-        """Flush, then stop the worker thread. Returns whether everything was written in time."""
+        """Flush, then stop the worker thread. Returns what :meth:`flush` returned."""
         ok = self.flush(timeout)
         with self._cond:
             self._closed = True
             self._cond.notify_all()
-        if ok:
+        if not self.pending():
             self._thread.join(timeout=5)
         return ok
 
@@ -154,11 +168,14 @@ class Writer:
                 self._active = task
                 self._cond.notify_all()  # make_room may be waiting for the pending task to be taken
             try:
+                failpoints.hit("keras.writer.task")
                 task.run()
                 self.written += 1
             except Exception as exc:  # raised on the training thread at its next boundary
                 log.error("writing checkpoint %s failed: %s", task.label, exc)
                 task.error = exc
+                with self._cond:
+                    self._failed.append(task)
                 if self.error is None:
                     err = CheckpointWriteError(f"writing checkpoint {task.label} in the background failed: {exc}")
                     err.__cause__ = exc

@@ -12,7 +12,8 @@ from typing import Any
 
 from lightning.pytorch.plugins.io import TorchCheckpointIO
 
-from ..errors import CheckpointNotFoundError, IntegrityError
+from .. import drain
+from ..errors import CheckpointNotFoundError, ConfigurationError, IntegrityError, SaveFailure, commit_failed
 from ..manifest import CheckpointEntry
 from ..metrics import finite_metrics
 from ..store import CheckpointStore
@@ -81,6 +82,14 @@ class CloudCheckpointIO(TorchCheckpointIO):
     :class:`~cloudckpt.lightning.CloudPreemption` among the callbacks to checkpoint and exit 143 on SIGTERM or a cloud
     preemption notice.
 
+    A file whose upload fails (after ``store_budget``) is logged and kept: a top-k file is retried at the next save,
+    ``last.ckpt`` is superseded by the next one; :meth:`wait` returns False while one is not committed
+    (:meth:`failures` names each), and ``teardown`` retries once more and raises
+    :class:`~cloudckpt.errors.CommitFailedError` naming what is still not committed; ``on_upload_error="raise"``
+    raises it at the next save instead. A process that ends before ``teardown`` waits at exit, up to
+    ``exit_deadline`` seconds, for the files already saved, and logs one line saying how that went
+    (:mod:`cloudckpt.drain`).
+
     Example:
 
     ```python
@@ -97,11 +106,17 @@ class CloudCheckpointIO(TorchCheckpointIO):
             on the checkpoint folder's file system, else ``.cloudckpt-staging`` beside it.
         store_budget: seconds each store operation may retry for. Default 300.
         storage_options: options for the store's backend. Default None.
+        on_upload_error: ``"retry"`` or ``"raise"`` (see above). Default ``"retry"``.
+        exit_deadline: seconds the exit waits for the saved files to commit (see above). Default 25.
     """
 
     def __init__(self, remote: str | None = None, *, staging_dir: str | Path | None = None,
-                 store_budget: float = 300.0, storage_options: dict | None = None) -> None:
+                 store_budget: float = 300.0, storage_options: dict | None = None, on_upload_error: str = "retry",
+                 exit_deadline: float = 25.0) -> None:
         super().__init__()
+        if on_upload_error not in ("retry", "raise"):
+            raise ConfigurationError(f"on_upload_error must be 'retry' or 'raise'. Received: {on_upload_error!r}")
+        self.on_upload_error, self.exit_deadline = on_upload_error, exit_deadline
         self.remote, self.staging_dir = remote, staging_dir
         self.store_budget, self.storage_options = store_budget, dict(storage_options or {})
         self.store: CheckpointStore | None = None
@@ -117,6 +132,7 @@ class CloudCheckpointIO(TorchCheckpointIO):
             self.store.claim()
             self._staging = new_staging_dir(self.staging_dir or os.environ.get("CLOUDCKPT_STAGING"), near)
             self.uploader = Uploader(self.store, on_commit=self._after_commit)
+            drain.register(self)
         return self.uploader
 
     def save_checkpoint(self, checkpoint: dict[str, Any], path: Any, storage_options: Any | None = None) -> None:
@@ -127,6 +143,8 @@ class CloudCheckpointIO(TorchCheckpointIO):
         uploader = self._open(path.parent)
         if uploader.fatal is not None:
             raise uploader.fatal
+        if self.on_upload_error == "raise" and (failed := uploader.failures()):
+            raise commit_failed(failed, uploader.store.url)
         assert self._staging is not None
         name = path.name
         with self._lock:
@@ -162,20 +180,39 @@ class CloudCheckpointIO(TorchCheckpointIO):
         return checkpoint
 
     def wait(self, timeout: float | None = None) -> bool:
-        """Wait until every queued commit is done; False if ``timeout`` seconds passed first."""
+        """Wait until every queued commit is done. True only if every file saved so far is committed (or was
+        superseded by a newer committed one); False if one is not (see :meth:`failures`) or ``timeout`` seconds
+        passed first."""
         return True if self.uploader is None else self.uploader.flush(timeout)
+
+    def failures(self) -> list[SaveFailure]:
+        """The saved files whose upload failed and that are not committed (held for a retry)."""
+        return [] if self.uploader is None else self.uploader.failures()
 
     def teardown(self) -> None:
         if self.uploader is None:
             return
         try:
-            self.uploader.close()
+            if not self.uploader.flush() and self.uploader.retry():  # the last attempt for what failed
+                self.uploader.flush()
+            self.uploader.close(0)
             self._discard_removed(None)
-            self.uploader.raise_if_final_failed()
+            self.uploader.raise_if_uncommitted()
         finally:
             self._shutdown()
 
+    def drain_at_exit(self) -> None:
+        """At interpreter exit before ``teardown``: wait for the files already saved (:mod:`cloudckpt.drain`)."""
+        if self.uploader is None:
+            return
+        drain.settle(self.uploader, deadline=self.exit_deadline, why="the process is exiting before teardown")
+        self._shutdown()
+
     def _shutdown(self) -> None:
+        drain.unregister(self)
+        if self.uploader is not None and self.uploader.pending():  # an upload still runs: its staging stays
+            self.uploader = self.store = self._staging = None
+            return
         if self._staging is not None:
             remove_staging(self._staging)
         if self.store is not None:

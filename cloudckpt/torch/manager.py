@@ -12,7 +12,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, NoReturn
 
-from ..errors import CheckpointNotFoundError, ConfigurationError, IntegrityError
+from .. import drain
+from ..errors import CheckpointNotFoundError, ConfigurationError, IntegrityError, SaveFailure, commit_failed
 from ..manifest import CheckpointEntry
 from ..metrics import finite_metrics
 from ..preemption import PreemptionWatch
@@ -52,6 +53,16 @@ class CheckpointManager:
     SIGTERM and the clouds' preemption notices (see :mod:`cloudckpt.preemption`) set :attr:`preempted`; the loop
     checks it at a step boundary and calls :meth:`save_and_exit`, which commits and exits with status 143.
 
+    A save whose upload fails (after ``store_budget``) is logged and kept: a best is retried at the next
+    :meth:`save` (never replaced by a worse one), another is superseded by it; :meth:`wait` returns False while a
+    save is not committed and :meth:`failures` names each; :meth:`close` retries once more and raises
+    :class:`~cloudckpt.errors.CommitFailedError` naming every save still not committed. With
+    ``on_upload_error="raise"``, the next :meth:`save` raises it instead. Whatever ends the loop — an exception or
+    ``KeyboardInterrupt`` inside ``with CheckpointManager(...)``, ``sys.exit``, the end of the script without
+    :meth:`close` — waits up to ``preemption_deadline`` seconds for the saves already made and logs one line saying
+    whether they committed, or which did not (:mod:`cloudckpt.drain`); staging is never removed under a running
+    upload.
+
     Example:
 
     ```python
@@ -84,13 +95,18 @@ class CheckpointManager:
         staging_dir: where snapshots are serialized before upload. Default the system temporary directory.
         store_budget: seconds each store operation may retry for. Default 300.
         storage_options: options for the store's backend (e.g. ``endpoint_url``). Default None.
+        on_upload_error: ``"retry"`` or ``"raise"`` (see above). Default ``"retry"``.
     """
 
     def __init__(self, remote: str | None = None, *, monitor: str | None = None, mode: str = "min",
                  keep_best: int | None = 1, keep_last: int | None = 2, keep_every: int | None = None,
                  preemption: Any = "auto", preemption_endpoints: dict | None = None,
                  preemption_deadline: float = 25.0, staging_dir: str | Path | None = None,
-                 store_budget: float = 300.0, storage_options: dict | None = None) -> None:
+                 store_budget: float = 300.0, storage_options: dict | None = None,
+                 on_upload_error: str = "retry") -> None:
+        if on_upload_error not in ("retry", "raise"):
+            raise ConfigurationError(f"on_upload_error must be 'retry' or 'raise'. Received: {on_upload_error!r}")
+        self.on_upload_error = on_upload_error
         if mode not in ("min", "max"):
             raise ConfigurationError(f"mode must be 'min' or 'max'. Received: mode={mode!r}")
         if preemption_deadline <= 0:
@@ -109,6 +125,7 @@ class CheckpointManager:
         self._watch = PreemptionWatch(preemption, endpoints=preemption_endpoints)
         self._watch.start()
         self._closed = False
+        drain.register(self)
 
     # --- saving ------------------------------------------------------------------------------------------------
 
@@ -129,6 +146,8 @@ class CheckpointManager:
         self._check_open()
         if self.uploader.fatal is not None:
             raise self.uploader.fatal
+        if self.on_upload_error == "raise" and (failed := self.uploader.failures()):
+            raise commit_failed(failed, self.store.url)
         t0 = time.perf_counter()
         snap = copy_to_cpu(state)
         metrics = finite_metrics(metrics)  # NaN/inf: no value, never the best (cloudckpt.metrics)
@@ -152,8 +171,14 @@ class CheckpointManager:
         return job
 
     def wait(self, timeout: float | None = None) -> bool:
-        """Wait until every queued save is committed or failed; False if ``timeout`` seconds passed first."""
+        """Wait until every queued save is committed or failed. True only if every save so far is committed (or was
+        superseded by a newer committed one); False if one is not (see :meth:`failures`) or ``timeout`` seconds
+        passed first."""
         return self.uploader.flush(timeout)
+
+    def failures(self) -> list[SaveFailure]:
+        """The saves whose upload failed and that are not committed (held for a retry at the next save)."""
+        return self.uploader.failures()
 
     def save_and_exit(self, step: int, state: Any, *, metrics: dict[str, float] | None = None,
                       epoch: int | None = None) -> NoReturn:
@@ -175,23 +200,39 @@ class CheckpointManager:
         raise SystemExit(EXIT_PREEMPTED)
 
     def close(self, timeout: float | None = None) -> None:
-        """Commit what is queued, then stop; raises if the last save could not be committed."""
+        """Commit what is queued (retrying once what failed), then stop.
+
+        Raises:
+            CommitFailedError: a save is not committed (named with its step and error).
+        """
         if self._closed:
             return
         try:
-            self.uploader.close(timeout)
-            self.uploader.raise_if_final_failed()
+            if not self.uploader.flush(timeout) and self.uploader.retry():
+                self.uploader.flush(timeout)
+            self.uploader.close(0)
+            self.uploader.raise_if_uncommitted()
         finally:
             self._shutdown()
 
     def __enter__(self) -> CheckpointManager:
         return self
 
-    def __exit__(self, exc_type: object, *rest: object) -> None:
+    def __exit__(self, exc_type: object, exc: object, tb: object) -> None:
         if exc_type is None:
             self.close()
-        else:
-            self._shutdown()
+            return
+        self.drain_at_exit(f"{getattr(exc_type, '__name__', exc_type)} inside `with CheckpointManager`")
+
+    def drain_at_exit(self, why: str = "the process is exiting without close()") -> None:
+        """Wait up to ``preemption_deadline`` for the saves already made, say how it went, and stop (the exit
+        drain, :mod:`cloudckpt.drain`; also what an exception inside ``with`` does). The exception is not
+        swallowed."""
+        if self._closed:
+            return
+        drain.unregister(self)  # a second Ctrl-C during this wait ends it, and nothing waits again at exit
+        drain.settle(self.uploader, deadline=self.preemption_deadline, why=why)
+        self._shutdown()
 
     # --- restoring ---------------------------------------------------------------------------------------------
 
@@ -275,7 +316,12 @@ class CheckpointManager:
         if self._closed:
             return
         self._closed = True
+        drain.unregister(self)
         self._watch.stop()
+        if self.uploader.pending():  # an upload still runs (past the deadline): its staging stays until exit
+            log.warning("an upload to %s still runs: its staging %s is left for the next run to sweep",
+                        self.store.url, self._staging)
+            return
         remove_staging(self._staging)
         self.store.close()
 

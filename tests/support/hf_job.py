@@ -1,10 +1,12 @@
 """A tiny, deterministic Hugging Face Trainer run committed with cloudckpt.hf.CloudCheckpointCallback (run as a
 process by tests/test_hf_callback.py, killed and restarted with the same command on an emptied output_dir).
 
-Usage: hf_job.py REMOTE OUTPUT_DIR FINAL [--step-delay S]
+Usage: hf_job.py REMOTE OUTPUT_DIR FINAL [--step-delay S] [--raise-after-save N] [--slow-uploads S]
 
-Prints ``resumed N`` (or ``fresh``), ``step N`` after every step, ``eval N LOSS`` per evaluation, ``done``; writes
-the final model and optimizer state to FINAL (torch.save).
+Prints ``resumed N`` (or ``fresh``), ``step N`` after every step, ``eval N LOSS`` per evaluation, ``saved N`` after
+each checkpoint's ``on_save``, ``done``; writes the final model and optimizer state to FINAL (torch.save).
+``--raise-after-save N``: a callback raises right after checkpoint-N is saved; ``--slow-uploads S``: every push
+takes S seconds longer.
 """
 
 from __future__ import annotations
@@ -44,8 +46,13 @@ class Rows(torch.utils.data.Dataset):
 
 
 class Progress(TrainerCallback):
-    def __init__(self, delay: float) -> None:
-        self.delay = delay
+    def __init__(self, delay: float, raise_after_save: int | None = None) -> None:
+        self.delay, self.raise_after_save = delay, raise_after_save
+
+    def on_save(self, args, state, control, **kwargs):
+        print(f"saved {state.global_step}", flush=True)
+        if state.global_step == self.raise_after_save:
+            raise RuntimeError(f"a callback failed after checkpoint-{state.global_step} was saved")
 
     def on_step_end(self, args, state, control, **kwargs):
         if self.delay:
@@ -62,7 +69,19 @@ def main() -> None:
     p.add_argument("output_dir")
     p.add_argument("final")
     p.add_argument("--step-delay", type=float, default=0.0)
+    p.add_argument("--raise-after-save", type=int)
+    p.add_argument("--slow-uploads", type=float, default=0.0)
     a = p.parse_args()
+    if a.slow_uploads:
+        from cloudckpt.store import CheckpointStore
+
+        push = CheckpointStore.push
+
+        def slow(self, source, **kw):
+            time.sleep(a.slow_uploads)
+            return push(self, source, **kw)
+
+        CheckpointStore.push = slow
     logging.basicConfig(level=logging.WARNING)
     torch.set_num_threads(1)
     g = torch.Generator().manual_seed(2)
@@ -77,7 +96,8 @@ def main() -> None:
     print(f"resumed {found.name.split('-')[1]}" if found else "fresh", flush=True)
     torch.manual_seed(0)  # the model's initial weights
     trainer = Trainer(Net(), args, train_dataset=Rows(x[:480], y[:480]), eval_dataset=Rows(x[480:], y[480:]),
-                      callbacks=[CloudCheckpointCallback(a.remote), Progress(a.step_delay)])
+                      callbacks=[CloudCheckpointCallback(a.remote, preemption_deadline=90),
+                                 Progress(a.step_delay, a.raise_after_save)])
     trainer.train(resume_from_checkpoint=True if found else None)
     torch.save({"model": trainer.model.state_dict(), "optimizer": trainer.optimizer.state_dict()}, a.final)
     print("done", flush=True)

@@ -81,6 +81,50 @@ class Steps(keras.callbacks.Callback):
             os.kill(os.getpid(), getattr(signal, self.signal_name))
 
 
+class Ender(keras.callbacks.Callback):
+    """Listed after the checkpoint callback: reports ``ckpt.flush()`` at each epoch end (``FLUSH <epoch> <ok>
+    <failures>``) and ends training right after a chosen epoch's save — by an exception, ``sys.exit(3)`` or SIGINT
+    (a ``KeyboardInterrupt``, as Ctrl-C)."""
+
+    def __init__(self, ckpt, after_epoch, how, flush):
+        super().__init__()
+        self.ckpt, self.after_epoch, self.how, self.flush = ckpt, after_epoch, how, flush
+
+    def on_epoch_end(self, epoch, logs=None):
+        if self.flush:
+            ok = self.ckpt.flush(120)
+            print("FLUSH", epoch + 1, ok, json.dumps([str(f) for f in getattr(self.ckpt, "failures", [])]), flush=True)
+        if self.after_epoch is None or epoch + 1 != self.after_epoch:
+            return
+        print("ENDING", self.how, flush=True)
+        if self.how == "raise":
+            raise RuntimeError(f"a callback failed after epoch {epoch + 1}")
+        if self.how == "exit":
+            sys.exit(3)
+        if self.how == "sigint":
+            import time
+
+            os.kill(os.getpid(), signal.SIGINT)
+            time.sleep(60)  # interrupted at once: KeyboardInterrupt is raised here, in the main thread
+            raise AssertionError("SIGINT did not interrupt")
+
+
+def slow_uploads(seconds):
+    """Every push takes ``seconds`` longer (a slow link), so a process that ends right after a save has uploads in
+    flight."""
+    import time
+
+    from cloudckpt.store import CheckpointStore
+
+    push = CheckpointStore.push
+
+    def slow(self, source, **kw):
+        time.sleep(seconds)
+        return push(self, source, **kw)
+
+    CheckpointStore.push = slow
+
+
 def hang_uploads_after(step):
     """A store whose uploads stop answering (a dead network) for checkpoints past ``step``."""
     import threading
@@ -138,12 +182,22 @@ def main(argv=None):
     p.add_argument("--hang-uploads-after", type=int, help="pushes of checkpoints past this step never return")
     p.add_argument("--jax-processes", help="COORDINATOR_HOST:PORT,N,I: process I of N of a jax.distributed job")
     p.add_argument("--model-parallel", action="store_true", help="shard the Dense kernels across the processes")
+    p.add_argument("--store-budget", type=float, default=300.0)
+    p.add_argument("--keep-last", type=int, default=2)
+    p.add_argument("--on-upload-error", default="retry")
+    p.add_argument("--verbose", type=int, default=0)
+    p.add_argument("--flush-each-epoch", action="store_true", help="print FLUSH <epoch> <ok> <failures>")
+    p.add_argument("--end-after-epoch", type=int, help="end training right after this epoch's save (--end-how)")
+    p.add_argument("--end-how", choices=("raise", "exit", "sigint"), default="raise")
+    p.add_argument("--slow-uploads", type=float, help="each push takes this many seconds longer")
     args = p.parse_args(argv)
     n_proc = process = 0
     if args.jax_processes:
         n_proc, process = distribute(args.jax_processes, args.model_parallel)
     if args.hang_uploads_after is not None:
         hang_uploads_after(args.hang_uploads_after)
+    if args.slow_uploads:
+        slow_uploads(args.slow_uploads)
     logging.basicConfig(level=logging.INFO, format="%(name)s %(levelname)s %(message)s", stream=sys.stderr)
     deterministic(7)
     x, y = data()
@@ -157,10 +211,14 @@ def main(argv=None):
     ckpt = CloudCheckpoint(args.filepath, monitor="val_loss", save_best_only=args.best_only,
                            save_weights_only=args.weights_only, save_freq=save_freq, remote=args.remote,
                            preemption=args.preemption, preemption_deadline=args.deadline,
-                           preemption_endpoints=json.loads(args.endpoints) if args.endpoints else None)
+                           preemption_endpoints=json.loads(args.endpoints) if args.endpoints else None,
+                           store_budget=args.store_budget, keep_last=args.keep_last, verbose=args.verbose,
+                           **({"on_upload_error": args.on_upload_error} if args.on_upload_error != "retry" else {}))
     # Steps first: a step is reported before the checkpoint callback may stop the process at it
     callbacks = ([Steps(ckpt, args.kill_at, args.signal, not args.no_wait_commit)]
                  + ([] if args.no_checkpoint else [ckpt]))
+    if args.end_after_epoch is not None or args.flush_each_epoch:
+        callbacks.append(Ender(ckpt, args.end_after_epoch, args.end_how, args.flush_each_epoch))
     model.fit(x, y, batch_size=64 // shards, epochs=args.epochs, validation_split=0.2, shuffle=args.shuffle, verbose=0,
               callbacks=callbacks)
     if not args.no_checkpoint:
