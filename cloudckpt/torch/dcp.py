@@ -29,13 +29,15 @@ import logging
 import os
 import tempfile
 import uuid
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
 import google_crc32c
 import torch
+from torch.distributed.checkpoint import load as dcp_load
 from torch.distributed.checkpoint.metadata import Metadata, MetadataIndex, StorageMeta
 from torch.distributed.checkpoint.planner import (
     LoadItemType,
@@ -50,7 +52,7 @@ from torch.futures import Future
 
 from .. import failpoints, layout
 from ..distributed_commit import commit_stored, discard_stored, job_store, merge_files
-from ..errors import ConfigurationError, IntegrityError
+from ..errors import CloudCkptError, ConfigurationError, IntegrityError
 from ..manifest import CheckpointEntry, FileEntry, utcnow
 from ..retention import Retention
 from ..transfer import LocalFile, upload_all
@@ -211,6 +213,17 @@ class CloudStorageWriter(StorageWriter):
         return False  # never picked by DCP's guessing from a path: pass storage_writer= explicitly
 
 
+def load(state_dict: dict[str, Any], *, storage_reader: CloudStorageReader, **kwargs: Any) -> None:
+    """``torch.distributed.checkpoint.load`` that raises the reader's own typed error (IntegrityError, ...) where DCP
+    would raise it wrapped in a CheckpointException or an AssertionError naming it."""
+    try:
+        dcp_load(state_dict, storage_reader=storage_reader, **kwargs)
+    except BaseException:  # DCP's CheckpointException is a BaseException
+        if storage_reader.error is not None:
+            raise storage_reader.error from None
+        raise
+
+
 def _item_bytes(item: Any, data: Any) -> bytes:
     if item.type == WriteItemType.BYTE_IO:
         assert isinstance(data, io.BytesIO)
@@ -261,15 +274,28 @@ class CloudStorageReader(StorageReader):
         self._opts = dict(storage_options, budget=budget, workers=workers)
         self.entry: CheckpointEntry | None = None
         self.stats: dict[str, int] = {"bytes": 0, "requests": 0, "items": 0}
+        self.error: CloudCkptError | None = None
         self._storage: dict[MetadataIndex, StoredItem] = {}
         self._items: dict[str, Any] = {}
 
     def reset(self, checkpoint_id: str | os.PathLike | None = None) -> None:
         self.stats = {"bytes": 0, "requests": 0, "items": 0}
+        self.error = None
 
-    def read_metadata(self, *args: Any, **kwargs: Any) -> Metadata:
+    @contextmanager
+    def _recording(self) -> Iterator[None]:
+        """Keep the typed error of a failed read: DCP re-raises it wrapped (CheckpointException, AssertionError)."""
+        try:
+            yield
+        except CloudCkptError as exc:
+            self.error = exc
+            raise
+
+    def read_metadata(self, *args: Any) -> Metadata:
+        # no **kwargs: DCP then never calls it again per rank (``rank=``) after a failure; every rank reads it once
         store = job_store(self.remote, claim=False, **self._opts)
-        self.entry, md, metadata = resolve_entry(store, self.selector)
+        with self._recording():
+            self.entry, md, metadata = resolve_entry(store, self.selector)
         self._storage = {s.key(): s for s in md.storage}
         self._items = dict(md.items)
         return metadata
@@ -290,9 +316,11 @@ class CloudStorageReader(StorageReader):
         reqs = [(r, self._storage.get(r.storage_index)) for r in plan.items]
         missing = [r.storage_index for r, s in reqs if s is None]
         if missing:
-            raise IntegrityError(f"{self.entry.id}: the checkpoint stores no item {missing[0]}")
-        got = read_items(store, self.entry.id, [s for _, s in reqs if s is not None], self._items,
-                         coalesce=self.coalesce, stats=self.stats)
+            self.error = IntegrityError(f"{self.entry.id}: the checkpoint stores no item {missing[0]}")
+            raise self.error
+        with self._recording():
+            got = read_items(store, self.entry.id, [s for _, s in reqs if s is not None], self._items,
+                             coalesce=self.coalesce, stats=self.stats)
         for req, s in reqs:
             assert s is not None
             value = got[(s.file, s.start)]
