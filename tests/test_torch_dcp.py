@@ -191,3 +191,14 @@ def test_a_newer_job_fences_an_older_one(tmp_path):
         old.kill()
     assert old.returncode != 0 and "StaleWriterError" in err, err[-2000:]
     assert [c.step for c in CheckpointStore(run).list()] == [1, 1]  # the old job's step 3 is not listed
+
+
+@pytest.mark.parametrize("kind", ["gcs", "az"])
+def test_fsdp2_on_2_ranks_on_gcs_and_azure(kind, request, tmp_path):
+    url, out = request.getfixturevalue(f"{kind}_url"), tmp_path / "out"
+    out.mkdir()
+    torchrun(2, "save", url, str(out), "--kind", "fsdp", "--save-at", "2", "--steps", "2")
+    [entry] = CheckpointStore(url).list()
+    assert sorted(f.path for f in entry.files) == ["__0_0.distcp", "__1_0.distcp", "dcp_metadata.json"]
+    result = load_here(url, out)  # 2 -> 1
+    assert result["equal"] and result["step"] == 2, result
