@@ -4,7 +4,10 @@ itself when it reaches that point of the commit protocol. Unset (always, outside
 Points: ``push.after_upload`` (files stored, no manifest), ``push.after_manifest`` (manifest stored, index not
 updated), ``push.after_index`` (committed, pruned objects not yet deleted), ``prune.after_index`` (index updated,
 objects not yet deleted), ``gc.before_delete``, ``keras.write.before_close`` (a background Keras file write, its
-temporary HDF5 file not yet closed nor renamed). ``<name>:<n>`` kills at the n-th time the point is reached.
+temporary HDF5 file not yet closed nor renamed); for a DCP save (cloudckpt.torch.dcp), on the rank where it is set:
+``dcp.before_upload``, ``dcp.mid_upload`` (some bytes of its objects sent), ``dcp.after_upload``, ``dcp.finish``
+(the coordinator, nothing of its own stored yet), ``dcp.finish.after_manifest`` (manifest stored, index not
+updated). ``<name>:<n>`` kills at the n-th time the point is reached.
 """
 
 from __future__ import annotations

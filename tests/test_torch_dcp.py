@@ -146,7 +146,8 @@ def test_ddp_on_s3_with_retention_then_1_rank_resharded_to_4(s3_url, tmp_path):
     assert all(r["stats"]["bytes"] <= r["data_bytes"] and r["stats"]["requests"] == 1 for r in four), four
 
 
-@pytest.mark.parametrize("point,rank", [("dcp.before_upload", 1), ("dcp.after_upload", 1), ("dcp.finish", 0),
+@pytest.mark.parametrize("point,rank", [("dcp.before_upload", 1), ("dcp.mid_upload", 1), ("dcp.after_upload", 1),
+                                        ("dcp.finish", 0),
                                         ("dcp.finish.after_manifest", 0)])
 def test_a_rank_sigkilled_mid_save_lists_nothing_and_the_previous_checkpoint_restores(tmp_path, point, rank):
     run, out = str(tmp_path / "run"), tmp_path / "out"
@@ -154,6 +155,8 @@ def test_a_rank_sigkilled_mid_save_lists_nothing_and_the_previous_checkpoint_res
     proc = torchrun(2, "save", run, str(out), "--kind", "fsdp", "--save-at", "2,4", "--kill-at", "4",
                     "--kill-rank", str(rank), "--failpoint", point, check=False)
     assert proc.returncode != 0 and "saved 2" in proc.stdout and "saved 4" not in proc.stdout, proc.stdout
+    root = proc.stderr[proc.stderr.index("Root Cause"):]  # torchrun's report: the rank that died first, and how
+    assert f"rank      : {rank} " in root and "SIGKILL" in root, root
     store = CheckpointStore(run)
     [only] = store.list()
     assert only.step == 2
@@ -162,7 +165,7 @@ def test_a_rank_sigkilled_mid_save_lists_nothing_and_the_previous_checkpoint_res
     report = store.gc(min_age=0)
     leftovers = set(report.checkpoints)
     assert only.id not in leftovers
-    if point != "dcp.before_upload":  # the killed save had stored objects: gc finds and removes them
+    if point not in ("dcp.before_upload", "dcp.mid_upload"):  # the killed save had stored objects: gc removes them
         assert len(leftovers) == 1 and next(iter(leftovers)).startswith("ckpt-s0000000004-"), report
     assert {o.rel.split("/")[0] for o in store.backend.list_objects() if o.rel.startswith("ckpt-")} == {only.id}
     assert [v.ok for v in store.verify(all=True)] == [True]
