@@ -4,6 +4,8 @@ ranged read the loader relies on."""
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 
 torch = pytest.importorskip("torch")
@@ -54,3 +56,10 @@ def test_ranged_reads_on_each_store(store_url):
         store.backend.read_range(rel, len(data) - 5, 10)
     with pytest.raises(FileNotFoundError):
         store.backend.read_range("ckpt-s0000000001-0badf00d/missing.bin", 0, 4)
+
+
+def test_a_dtype_a_checkpoint_cant_hold_is_refused_before_anything_is_stored(local_url):
+    with pytest.raises(BaseException) as info:  # DCP wraps the rank's error (a CheckpointException)
+        dcp.save({"z": torch.zeros(4, dtype=torch.complex32)}, storage_writer=CloudStorageWriter(local_url, step=1))
+    assert "ConfigurationError" in str(info.value) and "complex32" in str(info.value)
+    assert not any(p.name.startswith("ckpt-") for p in Path(local_url).glob("*"))

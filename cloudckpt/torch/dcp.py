@@ -56,7 +56,7 @@ from ..errors import CloudCkptError, ConfigurationError, IntegrityError
 from ..manifest import CheckpointEntry, FileEntry, utcnow
 from ..retention import Retention
 from ..transfer import LocalFile, upload_all
-from .dcp_format import DCP_FORMAT, METADATA_NAME, StoredItem, encode
+from .dcp_format import DCP_FORMAT, METADATA_NAME, StoredItem, check_dtypes, encode
 from .dcp_items import encode_tensor
 from .dcp_read import read_items, resolve_entry
 
@@ -140,6 +140,8 @@ class CloudStorageWriter(StorageWriter):
         return plan
 
     def prepare_global_plan(self, plans: list[SavePlan]) -> list[SavePlan]:
+        for p in plans:
+            check_dtypes(p.items)  # before anything is stored
         job_store(self.remote, claim=True, **self._opts)  # before any upload: fence an older job, check CAS
         self.cid = layout.new_checkpoint_id(self.epoch, self.step)
         return [replace(p, storage_data=_Target(self.cid, f"__{i}_")) for i, p in enumerate(plans)]
@@ -261,7 +263,8 @@ class CloudStorageReader(StorageReader):
     Args:
         remote: the run's URL. Default ``$CLOUDCKPT_REMOTE``.
         selector: ``"latest"``, ``"best"``, a step... as :meth:`CheckpointStore.get` takes, or a checkpoint id. Under
-            ``torch.distributed`` rank 0 resolves it and every rank loads that same checkpoint. Default "latest".
+            ``torch.distributed`` rank 0 resolves ``latest``/``best`` and every rank loads that same checkpoint (a
+            broadcast on the default process group: to load on a subgroup, pass an id). Default "latest".
         coalesce: neighbouring items are fetched in one ranged read up to this many bytes. Default 64 MiB.
         budget, workers, **storage_options: as :class:`CloudStorageWriter`'s.
 

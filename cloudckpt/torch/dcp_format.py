@@ -31,7 +31,7 @@ from torch.distributed.checkpoint.metadata import (
     TensorStorageMetadata,
 )
 
-from ..errors import IntegrityError
+from ..errors import ConfigurationError, IntegrityError
 from ..restore import DCP_FORMAT as DCP_FORMAT  # meta["format"] of a checkpoint written through DCP
 
 METADATA_NAME = "dcp_metadata.json"  #: the metadata's file inside a DCP checkpoint
@@ -43,7 +43,8 @@ _DIM = Annotated[int, Field(ge=0, le=2**48)]
 DTYPES: dict[str, torch.dtype] = {
     name: getattr(torch, name) for name in (
         "float64", "float32", "float16", "bfloat16", "complex64", "complex128", "int64", "int32", "int16", "int8",
-        "uint8", "bool", "float8_e4m3fn", "float8_e5m2") if isinstance(getattr(torch, name, None), torch.dtype)
+        "uint8", "uint16", "uint32", "uint64", "bool", "float8_e4m3fn", "float8_e5m2")
+    if isinstance(getattr(torch, name, None), torch.dtype)
 }
 
 
@@ -99,7 +100,7 @@ def encode(metadata: Metadata, stored: Iterable[StoredItem]) -> bytes:
         if isinstance(md, TensorStorageMetadata):
             dtype = str(md.properties.dtype).removeprefix("torch.")
             if dtype not in DTYPES:
-                raise IntegrityError(f"{fqn}: dtype {dtype} is not one a cloudckpt DCP checkpoint can hold")
+                raise ConfigurationError(f"{fqn}: dtype {dtype} is not one a cloudckpt DCP checkpoint can hold")
             items[fqn] = TensorItem(type="tensor", dtype=dtype, size=list(md.size),
                                     requires_grad=bool(md.properties.requires_grad),
                                     chunks=[Chunk(offsets=list(c.offsets), sizes=list(c.sizes)) for c in md.chunks])
@@ -112,6 +113,16 @@ def encode(metadata: Metadata, stored: Iterable[StoredItem]) -> bytes:
     doc = DcpMetadata(dcp_version=metadata.version, items=items, storage=sorted(stored, key=_order),
                       planner_data={k: list(v) for k, v in planner.items()} if keep_planner else None)
     return doc.model_dump_json().encode()
+
+
+def check_dtypes(items: Iterable[Any]) -> None:
+    """ConfigurationError naming the first tensor of a save plan's ``items`` whose dtype a checkpoint can't hold."""
+    for item in items:
+        props = getattr(item, "tensor_data", None)
+        dtype = str(props.properties.dtype).removeprefix("torch.") if props is not None else None
+        if dtype is not None and dtype not in DTYPES:
+            raise ConfigurationError(f"{item.index.fqn}: dtype {dtype} is not one a cloudckpt DCP checkpoint can "
+                                     f"hold ({', '.join(DTYPES)})")
 
 
 def _order(s: StoredItem) -> tuple[str, int]:

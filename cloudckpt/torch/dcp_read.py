@@ -34,9 +34,12 @@ Key = tuple[str, int]  # (file, start): one stored item
 
 
 def _agreed(store: CheckpointStore, selector: str | int) -> CheckpointEntry:
-    """The checkpoint ``selector`` names; under ``torch.distributed``, the one rank 0 resolved."""
+    """The checkpoint ``selector`` names. ``latest`` and ``best`` move as checkpoints are committed: under
+    ``torch.distributed`` every rank takes the one rank 0 resolved (a broadcast on the default process group); an id
+    or a step names one checkpoint, resolved by each rank alone."""
     dist = torch.distributed
-    if not (dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1):
+    moving = selector in ("latest", "best")
+    if not (moving and dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1):
         return store.get(selector)
     box: list[Any] = [store.get(selector).id if dist.get_rank() == 0 else None]
     dist.broadcast_object_list(box, src=0)
