@@ -206,15 +206,47 @@ def test_parsed_metadata_never_points_outside_its_objects(run, data):
     doc = json.loads(store.backend.read_bytes(f"{entry.id}/{METADATA_NAME}"))
     for _ in range(data.draw(st.integers(1, 3))):
         s = data.draw(st.sampled_from(doc["storage"]))
-        field = data.draw(st.sampled_from(["file", "start", "length", "offset", "fqn"]))
+        field = data.draw(st.sampled_from(["file", "start", "length", "offset", "fqn", "record"]))
+        if field == "record" and s.get("record"):
+            key = data.draw(st.sampled_from(["start", "size", "block"]))
+            s["record"][key] = data.draw(st.integers(-5, 2 * max(files.values())))
+            continue
         s[field] = data.draw({
             "file": st.sampled_from([*files, "../x", "", "dcp_metadata.json", "a/../../b"]),
             "start": st.integers(-5, 2 * max(files.values())), "length": st.integers(-5, 2 * max(files.values())),
             "offset": st.one_of(st.none(), st.lists(st.integers(0, 70), max_size=3)),
-            "fqn": st.sampled_from(["w", "b", "extra.step", "nope"])}[field])
+            "fqn": st.sampled_from(["w", "b", "extra.step", "nope"]), "record": st.none()}[field])
     try:
         md = parse_metadata(json.dumps(doc).encode(), files)
     except IntegrityError:
         return
     for s in md.storage:
         assert s.file in files and s.start + s.length <= files[s.file]
+        if s.record is not None:  # a part of a tensor is read inside its item, one checksum per block
+            assert s.record.start + s.record.size <= s.length
+            assert len(s.record.crc32c) * s.record.block >= s.record.size
+
+
+def test_a_part_of_a_tensor_is_read_and_checked_by_its_blocks_only(tmp_path):
+    """Rows of a saved tensor are fetched as the blocks holding them, each checked against its recorded crc32c:
+    a changed byte in a block that isn't needed is never read; in one that is, it is an IntegrityError."""
+    from cloudckpt.torch.dcp_read import read_items, resolve_entry
+
+    forget_job_stores()
+    url = str(tmp_path / "run")
+    saved = state(0)  # w: 64 rows x 32 float32 = 128 bytes a row, 8 KiB: two blocks of 4 KiB (rows 0-31, 32-63)
+    dcp.save(saved, storage_writer=CloudStorageWriter(url, step=1, block_size=4096))
+    store = CheckpointStore(url)
+    entry, md, _ = resolve_entry(store, "latest")
+    [w] = [s for s in md.storage if s.fqn == "w"]
+    assert w.record is not None and len(w.record.crc32c) == 2
+    obj = Path(url) / entry.id / w.file
+    data = bytearray(obj.read_bytes())
+    data[w.start + w.record.start + 4096 + 10] ^= 0xFF  # a byte of row 32..63's block
+    obj.write_bytes(bytes(data))
+    stats = {"bytes": 0, "requests": 0, "items": 0}
+    [part] = read_items(store, entry.id, [(w, [8, 0], [16, 32])], md.items, coalesce=2**26, stats=stats)
+    assert torch.equal(part, saved["w"][8:24]) and stats["bytes"] == 4096  # one block, nothing else of the item
+    with pytest.raises(IntegrityError, match="block 1"):
+        read_items(store, entry.id, [(w, [40, 0], [4, 32])], md.items, coalesce=2**26, stats=stats)
+    forget_job_stores()

@@ -56,8 +56,8 @@ from ..errors import CloudCkptError, ConfigurationError, IntegrityError
 from ..manifest import CheckpointEntry, FileEntry, utcnow
 from ..retention import Retention
 from ..transfer import LocalFile, upload_all
-from .dcp_format import DCP_FORMAT, METADATA_NAME, StoredItem, check_dtypes, encode
-from .dcp_items import encode_tensor
+from .dcp_format import DCP_FORMAT, METADATA_NAME, Record, StoredItem, check_dtypes, encode
+from .dcp_items import BLOCK, block_crcs, encode_tensor, record_span
 from .dcp_read import read_items, resolve_entry
 
 log = logging.getLogger(__name__)
@@ -94,6 +94,8 @@ class CloudStorageWriter(StorageWriter):
         policy: a :class:`~cloudckpt.Retention`, or give ``monitor``/``mode``/``keep_*`` (not both). Default None.
         prune: apply retention in the commit. Default True.
         files_per_rank: objects each rank writes its items into (uploaded in parallel). Default 1.
+        block_size: bytes of a tensor per recorded crc32c: a rank that needs some rows of a saved tensor reads (and
+            checks) only the blocks holding them. Default 1 MiB.
         budget: seconds each upload / index update may retry for. Default 300.
         workers: parallel transfers per process. Default 8.
         **storage_options: passed to the backend (see :class:`~cloudckpt.CheckpointStore`).
@@ -103,13 +105,15 @@ class CloudStorageWriter(StorageWriter):
                  metrics: Mapping[str, float] | None = None, meta: Mapping[str, str] | None = None,
                  policy: Retention | None = None, monitor: str | None = None, mode: str | None = None,
                  keep_best: int | None = None, keep_last: int | None = None, keep_every: int | None = None,
-                 prune: bool = True, files_per_rank: int = 1, budget: float = 300.0, workers: int = 8,
-                 **storage_options: Any) -> None:
+                 prune: bool = True, files_per_rank: int = 1, block_size: int = BLOCK, budget: float = 300.0,
+                 workers: int = 8, **storage_options: Any) -> None:
         super().__init__()
         from ..store import _policy
 
-        if files_per_rank < 1:
-            raise ConfigurationError(f"files_per_rank must be >= 1. Received: {files_per_rank}")
+        if files_per_rank < 1 or not 4096 <= block_size <= 2**30:
+            raise ConfigurationError(f"files_per_rank must be >= 1 and block_size within 4 KiB..1 GiB. Received: "
+                                     f"files_per_rank={files_per_rank}, block_size={block_size}")
+        self.block_size = block_size
         self.remote = remote or os.environ.get("CLOUDCKPT_REMOTE")
         if not self.remote:
             raise ConfigurationError("no store URL given and $CLOUDCKPT_REMOTE is not set")
@@ -163,12 +167,12 @@ class CloudStorageWriter(StorageWriter):
                 path = Path(tmp) / name
                 with open(path, "wb") as f:
                     for item in items:
-                        data = _item_bytes(item, planner.resolve_data(item))
+                        data, record = _item_bytes(item, planner.resolve_data(item), self.block_size)
                         key = item.index
                         results.append((key, StoredItem(
                             fqn=key.fqn, offset=list(key.offset) if key.offset is not None else None,
                             index=key.index, file=name, start=f.tell(), length=len(data),
-                            crc32c=google_crc32c.Checksum(data).digest().hex())))
+                            crc32c=google_crc32c.Checksum(data).digest().hex(), record=record)))
                         f.write(data)
                 files.append(LocalFile(path, name))
             failpoints.hit("dcp.before_upload")
@@ -232,12 +236,16 @@ def _mid_upload(n: int) -> None:
         failpoints.hit("dcp.mid_upload")
 
 
-def _item_bytes(item: Any, data: Any) -> bytes:
+def _item_bytes(item: Any, data: Any, block: int) -> tuple[bytes, Record | None]:
+    """An item's bytes; for a tensor also where its raw record is, with a crc32c per block of it."""
     if item.type == WriteItemType.BYTE_IO:
         assert isinstance(data, io.BytesIO)
-        return data.getvalue()
+        return data.getvalue(), None
     assert isinstance(data, torch.Tensor)
-    return encode_tensor(data)
+    blob = encode_tensor(data)
+    start, size = record_span(blob)
+    return blob, Record(start=start, size=size, block=block,
+                        crc32c=block_crcs(memoryview(blob)[start:start + size], block))
 
 
 def _split(items: list[Any], n: int) -> list[list[Any]]:
@@ -327,26 +335,20 @@ class CloudStorageReader(StorageReader):
         if missing:
             self.error = IntegrityError(f"{self.entry.id}: the checkpoint stores no item {missing[0]}")
             raise self.error
+        wanted = [(s, r.storage_offsets, r.lengths) for r, s in reqs if s is not None]
         with self._recording():
-            got = read_items(store, self.entry.id, [s for _, s in reqs if s is not None], self._items,
-                             coalesce=self.coalesce, stats=self.stats)
-        for req, s in reqs:
-            assert s is not None
-            value = got[(s.file, s.start)]
+            got = read_items(store, self.entry.id, wanted, self._items, coalesce=self.coalesce, stats=self.stats)
+        for (req, _), value in zip(reqs, got, strict=True):
             if req.type == LoadItemType.BYTE_IO:
                 assert isinstance(value, io.BytesIO)
-                value.seek(0)
                 planner.load_bytes(req, value)
                 continue
             assert isinstance(value, torch.Tensor)
-            part = value
-            for dim, (start, length) in enumerate(zip(req.storage_offsets, req.lengths, strict=True)):
-                part = part.narrow(dim, start, length)
             dest = planner.resolve_tensor(req).detach()
-            if dest.size() != part.size():
-                raise IntegrityError(f"{self.entry.id}: {req.storage_index.fqn}: stored part is {tuple(part.size())}, "
-                                     f"the state dict wants {tuple(dest.size())}")
-            dest.copy_(part)
+            if dest.size() != value.size():
+                raise IntegrityError(f"{self.entry.id}: {req.storage_index.fqn}: stored part is "
+                                     f"{tuple(value.size())}, the state dict wants {tuple(dest.size())}")
+            dest.copy_(value)
             planner.commit_tensor(req, dest)
         fut: Future[None] = Future()
         fut.set_result(None)

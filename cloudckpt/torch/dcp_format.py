@@ -69,6 +69,15 @@ class BytesItem(_Strict):
     type: Literal["bytes"]
 
 
+class Record(_Strict):
+    """Where a tensor item's raw bytes are inside the item, and the crc32c of each ``block`` bytes of them."""
+
+    start: Annotated[int, Field(ge=0)]
+    size: Annotated[int, Field(ge=0)]
+    block: Annotated[int, Field(ge=4096, le=2**30)]
+    crc32c: list[Annotated[str, Field(pattern=r"^[0-9a-f]{8}$")]]
+
+
 class StoredItem(_Strict):
     """One saved item: the DCP key (``fqn`` and, for a tensor chunk, its ``offset``) and where its bytes are."""
 
@@ -79,6 +88,7 @@ class StoredItem(_Strict):
     start: Annotated[int, Field(ge=0)]
     length: Annotated[int, Field(ge=0)]
     crc32c: Annotated[str, Field(pattern=r"^[0-9a-f]{8}$")]
+    record: Record | None = None  # a tensor item's raw bytes: a part of it can be read alone
 
     def key(self) -> MetadataIndex:
         return MetadataIndex(self.fqn, torch.Size(self.offset) if self.offset is not None else None)
@@ -182,8 +192,13 @@ def _check_stored(s: StoredItem, items: Mapping[str, TensorItem | BytesItem], fi
         if math.prod(chunk.sizes) * DTYPES[item.dtype].itemsize > s.length:
             raise IntegrityError(f"{METADATA_NAME}: item {s.fqn} {s.offset}: {s.length} bytes can't hold a chunk "
                                  f"of size {chunk.sizes} ({item.dtype})")
-    elif s.offset is not None:
-        raise IntegrityError(f"{METADATA_NAME}: bytes item {s.fqn} has a tensor offset")
+        rec = s.record
+        if rec is not None and (rec.start + rec.size > s.length or rec.size != math.prod(chunk.sizes) *
+                                DTYPES[item.dtype].itemsize or len(rec.crc32c) != -(-rec.size // rec.block)):
+            raise IntegrityError(f"{METADATA_NAME}: item {s.fqn} {s.offset}: its record ({rec.start}+{rec.size}, "
+                                 f"{len(rec.crc32c)} blocks) doesn't fit the item or the chunk")
+    elif s.offset is not None or s.record is not None:
+        raise IntegrityError(f"{METADATA_NAME}: bytes item {s.fqn} has a tensor offset or record")
 
 
 def chunk_of(item: TensorItem, offset: list[int]) -> Chunk | None:

@@ -17,6 +17,7 @@ import re
 import sys
 import zipfile
 
+import google_crc32c
 import torch
 
 from ..errors import IntegrityError
@@ -36,6 +37,36 @@ def encode_tensor(tensor: torch.Tensor) -> bytes:
     buf = io.BytesIO()
     torch.save(t, buf)
     return buf.getvalue()
+
+
+BLOCK = 1 << 20  #: bytes of a tensor's raw record per recorded crc32c: a part of a tensor is read and checked by blocks
+
+
+def record_span(item: bytes) -> tuple[int, int]:
+    """Where the raw storage record of a tensor item written by :func:`encode_tensor` lies inside it:
+    ``(start, size)``."""
+    with zipfile.ZipFile(io.BytesIO(item)) as archive:
+        [info] = [i for i in archive.infolist() if _DATA.match(i.filename)]
+    header = item[info.header_offset:info.header_offset + 30]
+    name_len, extra_len = int.from_bytes(header[26:28], "little"), int.from_bytes(header[28:30], "little")
+    start = info.header_offset + 30 + name_len + extra_len
+    assert info.compress_type == zipfile.ZIP_STORED and start + info.file_size <= len(item)
+    return start, info.file_size
+
+
+def block_crcs(raw: bytes | memoryview, block: int = BLOCK) -> list[str]:
+    """The crc32c of each ``block`` bytes of ``raw`` (the last one shorter)."""
+    return [google_crc32c.Checksum(bytes(raw[i:i + block])).digest().hex() for i in range(0, len(raw), block)]
+
+
+def decode_rows(data: bytes, dtype: torch.dtype, shape: list[int], where: str) -> torch.Tensor:
+    """Rows of a tensor from their raw bytes (already checked against their blocks' checksums)."""
+    want = math.prod(shape) * dtype.itemsize
+    if len(data) != want:
+        raise IntegrityError(f"{where}: {len(data)} bytes for rows of size {shape} ({dtype}), want {want}")
+    if not data:
+        return torch.empty(shape, dtype=dtype)
+    return torch.frombuffer(bytearray(data), dtype=dtype).reshape(shape)
 
 
 def decode_tensor(data: bytes, dtype: torch.dtype, shape: list[int], where: str) -> torch.Tensor:

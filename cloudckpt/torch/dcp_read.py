@@ -4,8 +4,10 @@ rank's load plan needs as ranged reads, neighbours coalesced, each item checked 
 from __future__ import annotations
 
 import io
-from collections.abc import Iterable, Mapping
-from typing import Any
+import math
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any, Protocol, TypeVar
 
 import google_crc32c
 import torch
@@ -21,6 +23,7 @@ from .dcp_format import (
     DCP_FORMAT,
     DTYPES,
     METADATA_NAME,
+    BytesItem,
     DcpMetadata,
     StoredItem,
     TensorItem,
@@ -28,9 +31,7 @@ from .dcp_format import (
     parse_metadata,
     to_dcp,
 )
-from .dcp_items import decode_tensor, safe_bytes_item
-
-Key = tuple[str, int]  # (file, start): one stored item
+from .dcp_items import block_crcs, decode_rows, decode_tensor, safe_bytes_item
 
 
 def _agreed(store: CheckpointStore, selector: str | int) -> CheckpointEntry:
@@ -72,10 +73,64 @@ def _read(store: CheckpointStore, rel: str, start: int, length: int) -> bytes:
         raise IntegrityError(f"{store.url}/{rel}: listed in the index but missing from the store") from exc
 
 
-def ranges(items: Iterable[StoredItem], coalesce: int) -> list[tuple[str, int, int, list[StoredItem]]]:
+class Span(Protocol):
+    """Something stored at ``length`` bytes from ``start`` in ``file``."""
+
+    @property
+    def file(self) -> str: ...
+    @property
+    def start(self) -> int: ...
+    @property
+    def length(self) -> int: ...
+
+
+S = TypeVar("S", bound=Span)
+
+
+@dataclass(frozen=True)
+class Piece:
+    """One byte range to fetch: a whole item, or (``blocks``: ``[lo, hi)``) the blocks of a tensor item's raw record
+    that hold rows ``rows`` of it."""
+
+    file: str
+    start: int
+    length: int
+    item: StoredItem
+    blocks: tuple[int, int] | None = None
+    rows: tuple[int, int] | None = None
+
+    def key(self) -> tuple[str, int, int]:
+        return self.file, self.start, self.length
+
+
+def piece_for(s: StoredItem, item: TensorItem | BytesItem, offsets: Sequence[int], lengths: Sequence[int]) -> Piece:
+    """What to fetch of ``s`` for the part of it at ``offsets``/``lengths``: the blocks holding the rows wanted
+    when the part is some of its rows (every dimension but the first taken whole) and they leave out a block or
+    more, else the whole item."""
+    whole = Piece(s.file, s.start, s.length, s)
+    rec = s.record
+    if not isinstance(item, TensorItem) or rec is None or not lengths:
+        return whole
+    sizes = chunk_of(item, s.offset or [])
+    assert sizes is not None
+    dims = sizes.sizes
+    if any(o != 0 or n != d for o, n, d in zip(offsets[1:], lengths[1:], dims[1:], strict=True)):
+        return whole
+    row = math.prod(dims[1:]) * DTYPES[item.dtype].itemsize
+    a, b = offsets[0], offsets[0] + lengths[0]
+    if (a, b) == (0, dims[0]):
+        return whole  # every row: the item as saved (one checksum; adjacent items coalesce)
+    lo, hi = a * row // rec.block, -(-(b * row) // rec.block)
+    if (lo, hi) == (0, len(rec.crc32c)):
+        return whole  # every block anyway: the item as saved
+    first, last = lo * rec.block, min(hi * rec.block, rec.size)
+    return Piece(s.file, s.start + rec.start + first, last - first, s, (lo, hi), (a, b))
+
+
+def ranges(items: Iterable[S], coalesce: int) -> list[tuple[str, int, int, list[S]]]:
     """Ranged reads for ``items``: ``(file, start, length, items in it)``, adjacent items of one file merged while
     the read stays within ``coalesce`` bytes. Nothing between two non-adjacent items is read."""
-    out: list[tuple[str, int, int, list[StoredItem]]] = []
+    out: list[tuple[str, int, int, list[S]]] = []
     for s in sorted(items, key=lambda s: (s.file, s.start)):
         if out:
             file, start, length, group = out[-1]
@@ -86,35 +141,68 @@ def ranges(items: Iterable[StoredItem], coalesce: int) -> list[tuple[str, int, i
     return out
 
 
-def read_items(store: CheckpointStore, cid: str, wanted: Iterable[StoredItem], items: Mapping[str, Any], *,
-               coalesce: int, stats: dict[str, int]) -> dict[Key, torch.Tensor | io.BytesIO]:
-    """Fetch ``wanted`` (ranged reads in parallel), check each item's crc32c, decode it; keyed by (file, start)."""
-    unique = {(s.file, s.start): s for s in wanted}
-    plan = ranges(unique.values(), coalesce)
+Want = tuple[StoredItem, Sequence[int], Sequence[int]]  # an item, and the part of it wanted (offsets, lengths)
 
-    def fetch(r: tuple[str, int, int, list[StoredItem]]) -> list[tuple[Key, torch.Tensor | io.BytesIO]]:
+
+def read_items(store: CheckpointStore, cid: str, wanted: Sequence[Want], items: Mapping[str, Any], *,
+               coalesce: int, stats: dict[str, int]) -> list[torch.Tensor | io.BytesIO]:
+    """Each wanted part: the tensor of exactly that part, or a bytes item. Fetched as ranged reads in parallel
+    (only the pieces needed: whole items, or the blocks of a record holding the rows wanted), every piece checked
+    against its crc32c(s) before it is decoded."""
+    pieces = [piece_for(s, items[s.fqn], offsets, lengths) for s, offsets, lengths in wanted]
+    unique = {p.key(): p for p in pieces}
+    plan = ranges(list(unique.values()), coalesce)
+
+    def fetch(r: tuple[str, int, int, list[Piece]]) -> list[tuple[tuple[str, int, int], Any]]:
         file, start, length, group = r
         rel = layout.object_key(cid, file)
         data = _read(store, rel, start, length)
-        return [((s.file, s.start), _decode(data[s.start - start:s.start - start + s.length], s, items,
-                                            f"{store.url}/{rel}@{s.start}")) for s in group]
+        return [(p.key(), _decode(data[p.start - start:p.start - start + p.length], p, items,
+                                  f"{store.url}/{rel}@{p.start}")) for p in group]
 
-    out: dict[Key, torch.Tensor | io.BytesIO] = {}
+    got: dict[tuple[str, int, int], Any] = {}
     for pairs in _run_all(store._pool, fetch, plan):
-        out.update(pairs)
+        got.update(pairs)
     stats["bytes"] += sum(r[2] for r in plan)
     stats["requests"] += len(plan)
     stats["items"] += len(unique)
+    out: list[torch.Tensor | io.BytesIO] = []
+    for p, (_, offsets, lengths) in zip(pieces, wanted, strict=True):
+        value = got[p.key()]
+        if isinstance(value, torch.Tensor):
+            starts = list(offsets)
+            if p.rows is not None:
+                starts[0] -= p.rows[0]  # the piece begins at its first row
+            for dim, (o, n) in enumerate(zip(starts, lengths, strict=True)):
+                value = value.narrow(dim, o, n)
+        else:
+            value = io.BytesIO(value.getvalue())  # each request its own stream
+        out.append(value)
     return out
 
 
-def _decode(data: bytes, s: StoredItem, items: Mapping[str, Any], where: str) -> torch.Tensor | io.BytesIO:
-    got = google_crc32c.Checksum(data).digest().hex()
-    if got != s.crc32c:
-        raise IntegrityError(f"{where}: item {s.fqn} has crc32c {got}, saved as {s.crc32c}")
+def _decode(data: bytes, p: Piece, items: Mapping[str, Any], where: str) -> torch.Tensor | io.BytesIO:
+    s = p.item
     item = items[s.fqn]
-    if not isinstance(item, TensorItem):
-        return safe_bytes_item(data, where)
+    if p.blocks is None:
+        got = google_crc32c.Checksum(data).digest().hex()
+        if got != s.crc32c:
+            raise IntegrityError(f"{where}: item {s.fqn} has crc32c {got}, saved as {s.crc32c}")
+        if not isinstance(item, TensorItem):
+            return safe_bytes_item(data, where)
+        chunk = chunk_of(item, s.offset or [])
+        assert chunk is not None  # parse_metadata checked it
+        return decode_tensor(data, DTYPES[item.dtype], chunk.sizes, where)
+    rec, (lo, _hi), rows = s.record, p.blocks, p.rows
+    assert rec is not None and rows is not None and isinstance(item, TensorItem)
+    for i, crc in enumerate(block_crcs(data, rec.block)):
+        if crc != rec.crc32c[lo + i]:
+            raise IntegrityError(f"{where}: item {s.fqn} block {lo + i} has crc32c {crc}, saved as "
+                                 f"{rec.crc32c[lo + i]}")
     chunk = chunk_of(item, s.offset or [])
-    assert chunk is not None  # parse_metadata checked it
-    return decode_tensor(data, DTYPES[item.dtype], chunk.sizes, where)
+    assert chunk is not None
+    dtype = DTYPES[item.dtype]
+    row = math.prod(chunk.sizes[1:]) * dtype.itemsize
+    skip = rows[0] * row - lo * rec.block
+    body = data[skip:skip + (rows[1] - rows[0]) * row]
+    return decode_rows(body, dtype, [rows[1] - rows[0], *chunk.sizes[1:]], where)

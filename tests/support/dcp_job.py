@@ -125,7 +125,7 @@ def save(a: argparse.Namespace) -> None:
         sd = state(model, opt, step)
         writer = CloudStorageWriter(a.remote, step=step, metrics={"loss": float(a.losses.get(step, step))},
                                     monitor="loss", keep_last=a.keep_last, keep_best=1,
-                                    files_per_rank=a.files_per_rank)
+                                    files_per_rank=a.files_per_rank, block_size=a.block_size)
         if step in asyncs:
             dcp.async_save(sd, storage_writer=writer).result()
         else:
@@ -170,6 +170,7 @@ def main() -> None:
     p.add_argument("--losses", type=json.loads, default={})
     p.add_argument("--keep-last", type=int, default=2)
     p.add_argument("--files-per-rank", type=int, default=1)
+    p.add_argument("--block-size", type=int, default=16384)  # small tensors here: several blocks each
     p.add_argument("--selector", default="latest")
     p.add_argument("--kill-at", type=int, default=-1)
     p.add_argument("--kill-rank", type=int, default=-1)
