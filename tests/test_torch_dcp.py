@@ -212,3 +212,20 @@ def test_fsdp2_on_2_ranks_on_gcs_and_azure(kind, request, tmp_path):
     assert sorted(f.path for f in entry.files) == ["__0_0.distcp", "__1_0.distcp", "dcp_metadata.json"]
     result = load_here(url, out)  # 2 -> 1
     assert result["equal"] and result["step"] == 2, result
+
+
+def test_the_torchrun_example_trains_then_resumes_on_another_number_of_ranks(tmp_path):
+    example = str(Path(__file__).resolve().parent.parent / "examples" / "torch_dcp_fsdp.py")
+    env = {**trainer_runs.env(), "CLOUDCKPT_REMOTE": str(tmp_path / "store")}
+
+    def launch(n: int) -> str:
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(n), example]
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=env, cwd=tmp_path)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        return proc.stdout
+
+    assert "resumed" not in launch(2)
+    store = CheckpointStore(str(tmp_path / "store"))
+    latest = store.latest()
+    assert latest.step == 300 and latest.meta["ranks"] == "2" and len(store.list()) <= 3  # keep_best=1, keep_last=2
+    assert f"resumed from step 300 ({latest.id})" in launch(3)
