@@ -5,9 +5,11 @@ Points: ``push.after_upload`` (files stored, no manifest), ``push.after_manifest
 updated), ``push.after_index`` (committed, pruned objects not yet deleted), ``prune.after_index`` (index updated,
 objects not yet deleted), ``gc.after_condemn`` (gc's names condemned in the index, nothing deleted yet),
 ``gc.before_delete``, ``keras.write.before_close`` (a background Keras file write, its temporary HDF5 file not yet
-closed nor renamed), ``keras.writer.task`` (the Keras callback's background writer, before it writes a save point).
-``<name>:<n>`` kills at the n-th time the point is reached; ``<name>:<n>:enospc`` raises ``OSError(ENOSPC)`` there
-instead, once (a full disk at that write).
+closed nor renamed), ``keras.writer.task`` (the Keras callback's background writer, before it writes a save point);
+for a DCP save (cloudckpt.torch.dcp), on the rank where it is set: ``dcp.before_upload``, ``dcp.mid_upload`` (some
+bytes of its objects sent), ``dcp.after_upload``, ``dcp.finish`` (the coordinator, nothing of its own stored yet),
+``dcp.finish.after_manifest`` (manifest stored, index not updated). ``<name>:<n>`` kills at the n-th time the point
+is reached; ``<name>:<n>:enospc`` raises ``OSError(ENOSPC)`` there instead, once (a full disk at that write).
 """
 
 from __future__ import annotations

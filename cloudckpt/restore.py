@@ -26,6 +26,7 @@ from .transfer import Progress, download_verified, read_manifest
 
 log = logging.getLogger(__name__)
 MARKER = PULL_MARKER
+DCP_FORMAT = "torch-dcp"  # a checkpoint's meta["format"] when CloudStorageWriter wrote it (torch/dcp_format.py)
 _UMASK = os.umask(0o022)
 os.umask(_UMASK)
 
@@ -56,6 +57,8 @@ def pull_into(backend: Backend, entry: CheckpointEntry, target: Path, *, budget:
             if progress is not None:
                 progress(sum(len(data) for data in contents.values()))
         download_verified(backend, entry.id, stored, staging, budget=budget, pool=pool, progress=progress)
+        if entry.meta.get("format") == DCP_FORMAT:
+            _dcp_metadata(staging, entry)
         marker = {"url": redact_url(source_url or backend.url), "checkpoint": entry.summary()}
         (staging / MARKER).write_text(json.dumps(marker, indent=1))
         staging.chmod(0o777 & ~_UMASK)  # mkdtemp made it 0700; the restored directory gets normal permissions
@@ -65,6 +68,20 @@ def pull_into(backend: Backend, entry: CheckpointEntry, target: Path, *, budget:
         raise
     log.info("pulled %s (%d files, %d bytes) into %s", entry.id, len(entry.files), entry.size, target)
     return target
+
+
+def _dcp_metadata(folder: Path, entry: CheckpointEntry) -> None:
+    """A checkpoint written through DCP: write the ``.metadata`` DCP's ``FileSystemReader`` reads, from the pulled
+    and validated JSON metadata (never a ``.metadata`` the store listed). Needs torch; without it the folder keeps
+    only the JSON."""
+    (folder / ".metadata").unlink(missing_ok=True)
+    try:
+        from .torch.dcp_format import METADATA_NAME, write_local_metadata
+    except ImportError as exc:
+        log.warning("%s is a DCP checkpoint; without torch (%s) no .metadata is written for DCP's reader", entry.id,
+                    exc)
+        return
+    write_local_metadata(folder, {f.path: f.size for f in entry.files if f.path != METADATA_NAME})
 
 
 def _swap_into_place(staging: Path, target: Path) -> None:

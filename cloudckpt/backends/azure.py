@@ -297,6 +297,12 @@ class AzureBackend(Backend):
     def read_bytes(self, rel: str) -> bytes:
         return self._blob(rel).download_blob().readall()
 
+    def read_range(self, rel: str, start: int, length: int) -> bytes:
+        if length == 0:
+            return b""
+        return self.check_range(rel, start, length,
+                                self._blob(rel).download_blob(offset=start, length=length).readall())
+
     def write_bytes(self, rel: str, data: bytes) -> None:
         md5 = hashlib.md5(data, usedforsecurity=False).digest()
         from azure.storage.blob import ContentSettings

@@ -45,6 +45,7 @@ COMMON_OPTIONS = frozenset({"verify_readback", UNSAFE_OPTION, "connect_timeout",
 
 #: the methods that run inside :meth:`Backend.translate` (the constructor and the contract)
 _BOUNDARY = ("__init__", "read_index", "write_index", "put_if", "upload", "download", "read_stream", "read_bytes",
+             "read_range",
              "write_bytes", "list_objects", "delete", "conditional_write_problem")
 
 
@@ -186,6 +187,19 @@ class Backend(ABC):
     @abstractmethod
     def write_bytes(self, rel: str, data: bytes) -> None:
         """Small objects only (manifests)."""
+
+    def read_range(self, rel: str, start: int, length: int) -> bytes:
+        """``length`` bytes of the object at ``rel`` from byte ``start`` (one ranged GET; nothing else of the object
+        is fetched). FileNotFoundError when the object is missing; IntegrityError when it ends before
+        ``start + length`` (callers ask only for ranges a validated manifest promises)."""
+        raise NotImplementedError(f"{type(self).__name__} has no ranged read")
+
+    def check_range(self, rel: str, start: int, length: int, data: bytes) -> bytes:
+        """``data`` if it is the ``length`` bytes asked for at ``start``, else IntegrityError (a short object)."""
+        if len(data) != length:
+            raise IntegrityError(f"{self.url}/{rel}: asked for {length} bytes at {start}, the store returned "
+                                 f"{len(data)} (the object is shorter than its manifest says)")
+        return data
 
     @abstractmethod
     def list_objects(self) -> list[ObjectInfo]:

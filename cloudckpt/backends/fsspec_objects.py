@@ -101,6 +101,15 @@ class FsspecObjects:
     def read_bytes(self, rel: str) -> bytes:
         return self.fs.cat_file(self._path(rel))
 
+    def read_range(self, rel: str, start: int, length: int) -> bytes:
+        if length == 0:
+            return b""
+        data = self.fs.cat_file(self._path(rel), start, start + length)
+        if len(data) != length:
+            raise IntegrityError(f"{self.root}/{rel}: asked for {length} bytes at {start}, got {len(data)} (the "
+                                 "object is shorter than its manifest says)")
+        return data
+
     def write_bytes(self, rel: str, data: bytes) -> None:
         self.fs.pipe_file(self._path(rel), data)
 

@@ -157,6 +157,11 @@ class LocalBackend(Backend):
     def read_bytes(self, rel: str) -> bytes:
         return self._abs(rel).read_bytes()
 
+    def read_range(self, rel: str, start: int, length: int) -> bytes:
+        with open(self._abs(rel), "rb") as src:
+            src.seek(start)
+            return self.check_range(rel, start, length, src.read(length))
+
     def write_bytes(self, rel: str, data: bytes) -> None:
         self._write_atomic(self._abs(rel), lambda f: f.write(data))
 

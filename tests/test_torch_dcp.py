@@ -1,0 +1,231 @@
+"""PyTorch DCP on cloudckpt (cloudckpt.torch.dcp): real torchrun jobs (gloo, CPU) of tests/support/dcp_job.py
+saving and loading with every rank in its own process; FSDP2 and DDP; resharding 4 -> 2 -> 1 and 1 -> 4; a rank
+SIGKILLed at each point of a save; the CLI on the run; fencing of an older job."""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from support import trainer_runs
+
+torch = pytest.importorskip("torch")
+dcp = pytest.importorskip("torch.distributed.checkpoint")
+
+from support import dcp_job  # noqa: E402
+
+from cloudckpt import CheckpointStore  # noqa: E402
+from cloudckpt.distributed_commit import forget_job_stores  # noqa: E402
+
+JOB = str(Path(dcp_job.__file__))
+
+
+def torchrun(n: int, *args: str, check: bool = True) -> subprocess.CompletedProcess:
+    """``dcp_job.py`` on ``n`` ranks under torchrun (each rank its own process)."""
+    for p in Path(args[2]).glob("load-*.json"):  # results of an earlier load
+        p.unlink()
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(n), JOB, *args]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=trainer_runs.env())
+    if check:
+        assert proc.returncode == 0, proc.stderr[-4000:]
+    return proc
+
+
+def loaded(out: Path) -> list[dict]:
+    return [json.loads(p.read_text()) for p in sorted(out.glob("load-*.json"))]
+
+
+def load_here(remote: str, out: Path, selector: str = "latest") -> dict:
+    """Load in this process (no torch.distributed: one rank) into a plain model; the job's comparison result."""
+    for p in out.glob("load-*.json"):
+        p.unlink()
+    dcp_job.load(_args("load", remote, out, kind="plain", selector=selector))
+    [result] = loaded(out)
+    return result
+
+
+def save_here(remote: str, out: Path, *, save_at: str, steps: int) -> None:
+    dcp_job.save(_args("save", remote, out, kind="plain", save_at=save_at, steps=steps))
+
+
+def _args(mode: str, remote: str, out: Path, **kw: object) -> object:
+    import argparse
+
+    base = dict(mode=mode, remote=remote, out=str(out), kind="plain", steps=4, save_at="2,4", async_at="", losses={},
+                keep_last=2, files_per_rank=1, block_size=16384, selector="latest", kill_at=-1, kill_rank=-1,
+                failpoint="", wait_before=-1, wait_file="")
+    return argparse.Namespace(**{**base, **kw})
+
+
+@pytest.fixture(autouse=True)
+def _fresh_job():
+    """Each test's in-process saves are a new job (their own claim of the run)."""
+    forget_job_stores()
+    yield
+    forget_job_stores()
+
+
+def cli(*args: str) -> tuple[int, str]:
+    from cloudckpt.cli import main
+
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        code = main(list(args))
+    return code, out.getvalue() + err.getvalue()
+
+
+def test_fsdp2_on_4_ranks_restores_bit_identical_on_2_and_1_reading_only_what_each_needs(tmp_path):
+    run, out = str(tmp_path / "run"), tmp_path / "out"
+    out.mkdir()
+    torchrun(4, "save", run, str(out), "--kind", "fsdp", "--save-at", "2", "--async-at", "4",
+             "--losses", json.dumps({2: 5.0, 4: 1.0}))
+    store = CheckpointStore(run)
+    listed = store.list()
+    assert [c.step for c in listed] == [2, 4]
+    data_files = [f for f in listed[-1].files if f.path.endswith(".distcp")]
+    assert sorted(f.path for f in data_files) == [f"__{r}_0.distcp" for r in range(4)]  # each rank wrote its own
+
+    torchrun(2, "load", run, str(out), "--kind", "fsdp")  # 4 -> 2
+    two = loaded(out)
+    assert [r["world"] for r in two] == [2, 2]
+    assert all(r["equal"] and r["step"] == 4 and r["compared"] > 20 for r in two), two
+    for r in two:  # each rank fetched about half of the tensors' bytes (ranged reads), not whole objects
+        assert 0 < r["stats"]["bytes"] < 0.6 * r["data_bytes"], r
+        assert r["stats"]["requests"] <= len(data_files), r  # neighbouring items coalesced: <= one read per object
+    assert sum(r["stats"]["bytes"] for r in two) >= two[0]["data_bytes"]
+
+    torchrun(3, "load", run, str(out), "--kind", "fsdp")  # 4 -> 3: uneven shards, parts of saved ones
+    three = loaded(out)
+    assert len(three) == 3 and all(r["equal"] and r["step"] == 4 for r in three), three
+    assert all(r["stats"]["bytes"] < 0.5 * r["data_bytes"] for r in three), three
+
+    one = load_here(run, out)  # 4 -> 1
+    assert one["equal"] and one["step"] == 4 and one["stats"]["bytes"] == one["data_bytes"], one
+    assert load_here(run, out, selector=str(listed[0].id))["equal"]  # the older one too, by id
+
+    # the CLI on the run; a pulled folder loads with DCP's own FileSystemReader
+    code, text = cli("ls", "--remote", run, "--json")
+    assert code == 0 and [r["id"] for r in json.loads(text)] == [c.id for c in listed]
+    assert cli("show", "--remote", run, "latest")[0] == 0
+    assert cli("verify", "--remote", run, "--all")[0] == 0
+    code, _ = cli("pull", "--remote", run, "latest", "--to", str(tmp_path / "pulled"))
+    assert code == 0 and (tmp_path / "pulled" / ".metadata").is_file()
+    model, opt = dcp_job.build("plain", seed=99)
+    sd = dcp_job.state(model, opt, 0)
+    dcp.load(sd, storage_reader=dcp.FileSystemReader(str(tmp_path / "pulled")))
+    want = torch.load(out / "ref-4.pt", weights_only=True)
+    assert dcp_job.differences(dcp_job.full(sd), want) == []
+    code, text = cli("prune", "--remote", run, "--keep-last", "1", "--json")
+    assert code == 0 and [c["id"] for c in json.loads(text)["pruned"]] == [listed[0].id]
+    assert not any(o.rel.startswith(listed[0].id) for o in store.backend.list_objects())
+
+
+def test_ddp_on_s3_with_retention_then_1_rank_resharded_to_4(s3_url, tmp_path):
+    out = tmp_path / "out"
+    out.mkdir()
+    losses = json.dumps({1: 0.1, 2: 5.0, 3: 4.0, 4: 3.0})  # step 1 stays the best
+    torchrun(2, "save", s3_url, str(out), "--kind", "ddp", "--save-at", "1,2,3,4", "--losses", losses,
+             "--keep-last", "2")
+    store = CheckpointStore(s3_url)
+    assert [c.step for c in store.list()] == [1, 3, 4]  # best + last 2; step 2 pruned
+    assert store.best().step == 1
+    listed = {c.id for c in store.list()}
+    assert {o.rel.split("/")[0] for o in store.backend.list_objects() if o.rel.startswith("ckpt-")} == listed
+    # replicated state: each item stored once, not once per rank
+    meta = json.loads(store.backend.read_bytes(f"{store.latest().id}/dcp_metadata.json"))
+    keys = [(s["fqn"], tuple(s["offset"] or ())) for s in meta["storage"]]
+    assert len(keys) == len(set(keys)) == len(meta["storage"])
+
+    assert load_here(s3_url, out, selector="best")["equal"]  # 2 -> 1
+
+    save_here(s3_url, out, save_at="5", steps=5)  # 1 rank (this process) ...
+    torchrun(4, "load", s3_url, str(out), "--kind", "fsdp")  # ... -> 4 FSDP2 ranks
+    four = loaded(out)
+    assert len(four) == 4 and all(r["equal"] and r["step"] == 5 for r in four), four
+    # each rank reads only the blocks holding its rows of each saved tensor (and the small non-tensor values)
+    assert all(r["stats"]["bytes"] < 0.4 * r["data_bytes"] for r in four), four
+    assert sum(r["stats"]["bytes"] for r in four) < 2 * four[0]["data_bytes"], four  # whole items: 4x
+
+
+@pytest.mark.parametrize("point,rank", [("dcp.before_upload", 1), ("dcp.mid_upload", 1), ("dcp.after_upload", 1),
+                                        ("dcp.finish", 0),
+                                        ("dcp.finish.after_manifest", 0)])
+def test_a_rank_sigkilled_mid_save_lists_nothing_and_the_previous_checkpoint_restores(tmp_path, point, rank):
+    run, out = str(tmp_path / "run"), tmp_path / "out"
+    out.mkdir()
+    proc = torchrun(2, "save", run, str(out), "--kind", "fsdp", "--save-at", "2,4", "--kill-at", "4",
+                    "--kill-rank", str(rank), "--failpoint", point, check=False)
+    assert proc.returncode != 0 and "saved 2" in proc.stdout and "saved 4" not in proc.stdout, proc.stdout
+    root = proc.stderr[proc.stderr.index("Root Cause"):]  # torchrun's report: the rank that died first, and how
+    assert f"rank      : {rank} " in root and "SIGKILL" in root, root
+    store = CheckpointStore(run)
+    [only] = store.list()
+    assert only.step == 2
+    result = load_here(run, out)  # the restart resumes from the previous checkpoint, bit-identical
+    assert result["equal"] and result["step"] == 2, result
+    report = store.gc(min_age=0)
+    leftovers = set(report.checkpoints)
+    assert only.id not in leftovers
+    if point not in ("dcp.before_upload", "dcp.mid_upload"):  # the killed save had stored objects: gc removes them
+        assert len(leftovers) == 1 and next(iter(leftovers)).startswith("ckpt-s0000000004-"), report
+    assert {o.rel.split("/")[0] for o in store.backend.list_objects() if o.rel.startswith("ckpt-")} == {only.id}
+    assert [v.ok for v in store.verify(all=True)] == [True]
+
+
+def test_a_newer_job_fences_an_older_one(tmp_path):
+    run, out = str(tmp_path / "run"), tmp_path / "out"
+    out.mkdir()
+    go = tmp_path / "go"
+    old = subprocess.Popen([sys.executable, JOB, "save", run, str(out), "--kind", "plain", "--steps", "3",
+                            "--save-at", "1,3", "--wait-before", "3", "--wait-file", str(go)],
+                           stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=trainer_runs.env())
+    try:
+        lines = []
+        deadline = time.monotonic() + 300
+        while not any(line.startswith("waiting 3") for line in lines):
+            line = old.stdout.readline()
+            assert line and time.monotonic() < deadline, "".join(lines) + old.stderr.read()
+            lines.append(line)
+        new = subprocess.run([sys.executable, JOB, "save", run, str(tmp_path), "--kind", "plain", "--steps", "1",
+                              "--save-at", "1"], capture_output=True, text=True, env=trainer_runs.env(), timeout=300)
+        assert new.returncode == 0, new.stderr
+        go.touch()
+        _, err = old.communicate(timeout=300)
+    finally:
+        old.kill()
+    assert old.returncode != 0 and "StaleWriterError" in err, err[-2000:]
+    assert [c.step for c in CheckpointStore(run).list()] == [1, 1]  # the old job's step 3 is not listed
+
+
+@pytest.mark.parametrize("kind", ["gcs", "az"])
+def test_fsdp2_on_2_ranks_on_gcs_and_azure(kind, request, tmp_path):
+    url, out = request.getfixturevalue(f"{kind}_url"), tmp_path / "out"
+    out.mkdir()
+    torchrun(2, "save", url, str(out), "--kind", "fsdp", "--save-at", "2", "--steps", "2")
+    [entry] = CheckpointStore(url).list()
+    assert sorted(f.path for f in entry.files) == ["__0_0.distcp", "__1_0.distcp", "dcp_metadata.json"]
+    result = load_here(url, out)  # 2 -> 1
+    assert result["equal"] and result["step"] == 2, result
+
+
+def test_the_torchrun_example_trains_then_resumes_on_another_number_of_ranks(tmp_path):
+    example = str(Path(__file__).resolve().parent.parent / "examples" / "torch_dcp_fsdp.py")
+    env = {**trainer_runs.env(), "CLOUDCKPT_REMOTE": str(tmp_path / "store")}
+
+    def launch(n: int) -> str:
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(n), example]
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=env, cwd=tmp_path)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        return proc.stdout
+
+    assert "resumed" not in launch(2)
+    store = CheckpointStore(str(tmp_path / "store"))
+    latest = store.latest()
+    assert latest.step == 300 and latest.meta["ranks"] == "2" and len(store.list()) <= 3  # keep_best=1, keep_last=2
+    assert f"resumed from step 300 ({latest.id})" in launch(3)
