@@ -65,14 +65,16 @@ def merge_files(results: Iterable[FileEntry]) -> list[FileEntry]:
 
 
 def commit_stored(store: CheckpointStore, entry: CheckpointEntry, policy: Retention, *, prune: bool = True,
-                  inline: Mapping[str, str] | None = None) -> CheckpointEntry:
+                  inline: Mapping[str, str] | None = None, began: int | None = None) -> CheckpointEntry:
     """Commit ``entry``, whose files are stored and verified already: its manifest, then one index update (with
-    retention when ``prune``), then delete what that update pruned. Raises like :meth:`CheckpointStore.push`'s commit
-    (StaleWriterError when this job was fenced; nothing is then listed)."""
+    retention when ``prune``), then delete what that update pruned. ``began``: the index seq the coordinator noted
+    (:meth:`~cloudckpt.commit.IndexKeeper.seq_floor`) before any rank stored an object of ``entry``. Raises like
+    :meth:`CheckpointStore.push`'s commit (StaleWriterError when this job was fenced, CheckpointCondemnedError when
+    gc condemned the id meanwhile; nothing is then listed)."""
     with store._busy.holding(entry.id):
         store._write_manifest(entry, dict(inline or {}))
         failpoints.hit("dcp.finish.after_manifest")
-        done = store._apply(lambda index: commit_checkpoint(index, entry, policy, prune=prune,
+        done = store._apply(lambda index: commit_checkpoint(index, entry, policy, prune=prune, began=began,
                                                             busy=store._busy.ids(), load=store.keeper.segment),
                             what=f"commit {entry.id}")
     log.info("committed %s to %s (%d files, %d bytes, from several processes)", entry.id, store.url,

@@ -54,6 +54,7 @@ from .. import failpoints, layout
 from ..distributed_commit import commit_stored, discard_stored, job_store, merge_files
 from ..errors import CloudCkptError, ConfigurationError, IntegrityError
 from ..manifest import CheckpointEntry, FileEntry, utcnow
+from ..metrics import finite_metrics
 from ..retention import Retention
 from ..transfer import LocalFile, upload_all
 from .dcp_format import DCP_FORMAT, METADATA_NAME, Record, StoredItem, check_dtypes, encode
@@ -118,7 +119,8 @@ class CloudStorageWriter(StorageWriter):
         if not self.remote:
             raise ConfigurationError("no store URL given and $CLOUDCKPT_REMOTE is not set")
         self.step, self.epoch = step, epoch
-        self.metrics = {k: float(v) for k, v in (metrics or {}).items()}
+        self.metrics = finite_metrics(metrics)  # NaN/inf: no value (never ranked), as on every path
+        self.began: int | None = None
         self.meta = dict(meta or {})
         self.policy = _policy(policy, monitor=monitor, mode=mode, keep_best=keep_best, keep_last=keep_last,
                               keep_every=keep_every)
@@ -146,7 +148,8 @@ class CloudStorageWriter(StorageWriter):
     def prepare_global_plan(self, plans: list[SavePlan]) -> list[SavePlan]:
         for p in plans:
             check_dtypes(p.items)  # before anything is stored
-        job_store(self.remote, claim=True, **self._opts)  # before any upload: fence an older job, check CAS
+        store = job_store(self.remote, claim=True, **self._opts)  # before any upload: fence an older job, check CAS
+        self.began = store.keeper.seq_floor()  # before any object of the id exists (gc's order: cloudckpt.condemn)
         self.cid = layout.new_checkpoint_id(self.epoch, self.step)
         return [replace(p, storage_data=_Target(self.cid, f"__{i}_")) for i, p in enumerate(plans)]
 
@@ -209,7 +212,7 @@ class CloudStorageWriter(StorageWriter):
         entry = CheckpointEntry(id=self.cid, epoch=self.epoch, step=self.step, created=utcnow(),
                                 metrics=self.metrics, files=tuple(files), size=sum(f.size for f in files),
                                 writer=store.keeper.writer_id, meta=meta)
-        self.committed = commit_stored(store, entry, self.policy, prune=self.prune)
+        self.committed = commit_stored(store, entry, self.policy, prune=self.prune, began=self.began)
 
     def storage_meta(self) -> StorageMeta | None:
         return StorageMeta(checkpoint_id=self.remote, save_id=self.save_id)
