@@ -5,13 +5,15 @@ STAMP := $(VENV)/.installed
 # checkov pins boto3/botocore far below what the project needs, so it lives in its own venv (infra tests only).
 CHECKOV_VENV ?= .venv-checkov
 # The lowest admitted versions (uv --resolution lowest-direct: every declared floor, the newest of the rest) in a
-# venv of their own; LOWEST_TESTS runs there: the core, the CLI, the locks and the Keras callback.
+# venv of their own, plus the PyTorch adapters' floors; LOWEST_TESTS runs there: the core, the CLI, the locks, the
+# Keras callback and the PyTorch, Lightning and Hugging Face adapters.
 LOWEST_VENV ?= .venv-lowest
 LOWEST_STAMP := $(LOWEST_VENV)/.installed
 LOWEST_UV := $(LOWEST_VENV)/bin/uv pip install -q --python $(LOWEST_VENV)/bin/python
 LOWEST_TESTS ?= tests/test_store.py tests/test_cli.py tests/test_locks.py tests/test_versions.py \
   tests/test_keras_callback.py::test_best_value_survives_a_restart \
-  tests/test_keras_callback.py::test_mode_max_is_recorded_as_max_and_best_is_the_highest
+  tests/test_keras_callback.py::test_mode_max_is_recorded_as_max_and_best_is_the_highest \
+  tests/test_torch_manager.py tests/test_lightning_io.py tests/test_hf_callback.py
 
 .PHONY: install demo lint test test-main test-lowest bench clean tools
 
@@ -62,6 +64,10 @@ $(LOWEST_STAMP): pyproject.toml Makefile
 	$(LOWEST_UV) --resolution lowest-direct -e '.[s3,gcs,azure,keras-cpu]'
 	$(LOWEST_VENV)/bin/uv pip freeze --python $(LOWEST_VENV)/bin/python --exclude-editable > $(LOWEST_VENV)/floors.txt
 	$(LOWEST_UV) -c $(LOWEST_VENV)/floors.txt -e '.[test]'
+	@# the PyTorch adapters' floors with pip (uv would take a CUDA build of torch; pip the machine's CPU build)
+	grep -v -E '^(setuptools|pip|wheel)==' $(LOWEST_VENV)/floors.txt > $(LOWEST_VENV)/floors-torch.txt
+	$(LOWEST_VENV)/bin/python -m pip install -q -c $(LOWEST_VENV)/floors-torch.txt \
+	  $$($(LOWEST_VENV)/bin/python tests/support/floors.py torch lightning hf)
 	touch $(LOWEST_STAMP)
 
 test-lowest: $(LOWEST_STAMP)

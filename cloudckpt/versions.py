@@ -22,8 +22,9 @@ def require(name: str, installed: str, minimum: str, why: str, *, ok: bool = Tru
         pass  # not a version pip could have installed: refused, naming the floor
     raise ConfigurationError(f"cloudckpt needs {name}>={minimum} ({why}); {name} {installed} is installed: "
                              f"pip install '{name}>={minimum}'")
-#: the first torch whose ``torch.load(weights_only=True)`` can't be made to run code (CVE-2025-32434, fixed in 2.6)
-MIN_TORCH = "2.6"
+#: the oldest torch tested (the first whose ``torch.load(weights_only=True)`` can't be made to run code is 2.6,
+#: CVE-2025-32434; 2.13 is the oldest CPU build CI can install and test)
+MIN_TORCH = "2.13"
 #: the first transformers whose Trainer reads every resume file with torch.load(weights_only=True) (rng_state too)
 MIN_TRANSFORMERS = "4.50"
 #: the first lightning whose CheckpointIO.load_checkpoint takes ``weights_only``

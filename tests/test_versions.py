@@ -14,7 +14,7 @@ import tomllib
 from packaging.markers import Marker
 from packaging.requirements import Requirement
 
-from cloudckpt.versions import MIN_BOTOCORE, MIN_KERAS
+from cloudckpt.versions import MIN_BOTOCORE, MIN_KERAS, MIN_LIGHTNING, MIN_TORCH, MIN_TRANSFORMERS
 
 ROOT = Path(__file__).resolve().parents[1]
 PROJECT = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
@@ -33,6 +33,10 @@ def test_floors_are_the_ones_the_code_checks():
         assert _floor(extra, "boto3") == MIN_BOTOCORE  # boto3 X.Y.Z needs botocore X.Y.Z
     for extra in ("keras", "keras-cpu", "all"):
         assert _floor(extra, "keras") == MIN_KERAS
+    for extra in ("torch", "lightning", "hf"):
+        assert _floor(extra, "torch") == MIN_TORCH
+    assert _floor("lightning", "lightning") == MIN_LIGHTNING
+    assert _floor("hf", "transformers") == MIN_TRANSFORMERS
 
 
 def test_no_extra_names_its_own_package():
