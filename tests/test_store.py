@@ -67,6 +67,11 @@ def test_push_list_pull_roundtrip(store_url, tmp_path):
     assert tree(result.path) == tree(src)
     assert json.loads((result.path / ".cloudckpt.json").read_text())["checkpoint"]["id"] == entry.id
     assert stored(store) == listed(store)  # readable layout: <run>/<id>/<relative path>, nothing else
+    umask = os.umask(0o022)
+    os.umask(umask)
+    modes = {p.relative_to(result.path).as_posix(): p.stat().st_mode & 0o777 for p in result.path.rglob("*")}
+    want = {rel: (0o777 if (result.path / rel).is_dir() else 0o666) & ~umask for rel in modes}
+    assert modes == want and result.path.stat().st_mode & 0o777 == 0o777 & ~umask  # as `cp` would make them
 
 
 def test_best_latest_and_selectors(store_url, tmp_path):
