@@ -14,6 +14,8 @@ from transformers import TrainerCallback, TrainerControl, TrainerState, Training
 
 from .. import drain
 from ..errors import CheckpointNotFoundError, ConfigurationError, IntegrityError, SaveFailure, commit_failed
+from ..fallback import newest_usable
+from ..manifest import CheckpointEntry
 from ..metrics import finite_metrics
 from ..preemption import PreemptionWatch
 from ..store import CheckpointStore
@@ -257,8 +259,8 @@ def pull_latest(remote: str | None, output_dir: str | Path, *, storage_options: 
         ours = [c for c in index.checkpoints if c.meta.get("framework") == FRAMEWORK and c.step is not None]
         if not ours:
             return None
-        failures = []
-        for entry in reversed(ours):  # the newest that verifies and reads; older ones when it doesn't
+
+        def use(entry: CheckpointEntry) -> Path:
             target = Path(output_dir) / f"checkpoint-{entry.step}"
             if target.is_dir() and any(target.iterdir()) and not (target / ".cloudckpt.json").exists():
                 log.info("%s already exists locally: resuming from it", target)
@@ -266,14 +268,12 @@ def pull_latest(remote: str | None, output_dir: str | Path, *, storage_options: 
             try:
                 store.pull(entry.id, to=target)
                 check_checkpoint(target)
-            except IntegrityError as exc:
+            except IntegrityError:
                 shutil.rmtree(target, ignore_errors=True)
-                log.warning("checkpoint %s can't be resumed from (%s); trying an older one", entry.id, exc)
-                failures.append(f"{entry.id}: {exc}")
-                continue
-            break
-        else:
-            raise IntegrityError(f"{store.url}: no Hugging Face checkpoint verifies: " + "; ".join(failures))
-        log.info("pulled %s (step %d) from %s into %s", entry.id, entry.step, store.url, target)
-        return target
+                raise
+            log.info("pulled %s (step %d) from %s into %s", entry.id, entry.step, store.url, target)
+            return target
+
+        # the newest that verifies and reads; older ones when it doesn't
+        return newest_usable(reversed(ours), use, none_usable=f"{store.url}: no Hugging Face checkpoint verifies")
 

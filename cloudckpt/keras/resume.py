@@ -36,6 +36,7 @@ from typing import Any
 import numpy as np
 
 from ..errors import CheckpointNotFoundError, ConfigurationError, IntegrityError, ResumeMismatchError
+from ..fallback import newest_usable
 from ..manifest import CheckpointEntry
 from ..store import CheckpointStore
 from . import internals
@@ -241,18 +242,8 @@ def pull_resumable(store: CheckpointStore, to: Path) -> Resumable | None:
         log.warning("%s holds checkpoints, but none written by CloudCheckpoint (no %s): starting from scratch",
                     store.url, STATE_DIR)
         return None
-    failures = []
-    for entry in candidates:
-        try:
-            found = _verified(store, entry, to)
-        except IntegrityError as exc:
-            log.warning("checkpoint %s can't be resumed from (%s); trying an older one", entry.id, exc)
-            failures.append(f"{entry.id}: {exc}")
-            continue
-        if failures:
-            log.warning("resuming from %s: %d newer checkpoint(s) failed verification", entry.id, len(failures))
-        return found
-    raise IntegrityError(f"{store.url}: no checkpoint with resume state verifies: " + "; ".join(failures))
+    return newest_usable(candidates, lambda entry: _verified(store, entry, to),
+                         none_usable=f"{store.url}: no checkpoint with resume state verifies")
 
 
 def _verified(store: CheckpointStore, entry: CheckpointEntry, to: Path) -> Resumable:

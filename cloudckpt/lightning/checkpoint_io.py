@@ -14,6 +14,7 @@ from lightning.pytorch.plugins.io import TorchCheckpointIO
 
 from .. import drain
 from ..errors import CheckpointNotFoundError, ConfigurationError, IntegrityError, SaveFailure, commit_failed
+from ..fallback import newest_usable
 from ..manifest import CheckpointEntry
 from ..metrics import finite_metrics
 from ..store import CheckpointStore
@@ -248,19 +249,13 @@ def pull_last(remote: str | None, dirpath: str | Path, *, storage_options: dict 
         ours = [c for c in index.checkpoints if c.meta.get("framework") == FRAMEWORK]
         if not ours:
             return None
-        failures = []
-        for entry in reversed(ours):  # the newest that verifies and reads; older ones when it doesn't
-            try:
-                target = _pull_file(store, entry, Path(dirpath))
-            except IntegrityError as exc:
-                log.warning("checkpoint %s can't be resumed from (%s); trying an older one", entry.id, exc)
-                failures.append(f"{entry.id}: {exc}")
-                continue
-            break
-        else:
-            raise IntegrityError(f"{store.url}: no Lightning checkpoint verifies: " + "; ".join(failures))
-        log.info("pulled %s (step %s) from %s as %s", entry.id, entry.step, store.url, target)
-        return target
+        def use(entry: CheckpointEntry) -> Path:
+            target = _pull_file(store, entry, Path(dirpath))
+            log.info("pulled %s (step %s) from %s as %s", entry.id, entry.step, store.url, target)
+            return target
+
+        # the newest that verifies and reads; older ones when it doesn't
+        return newest_usable(reversed(ours), use, none_usable=f"{store.url}: no Lightning checkpoint verifies")
 
 
 def _pull_file(store: CheckpointStore, entry: CheckpointEntry, dirpath: Path) -> Path:

@@ -13,7 +13,8 @@ from pathlib import Path
 from typing import Any, NoReturn
 
 from .. import drain
-from ..errors import CheckpointNotFoundError, ConfigurationError, IntegrityError, SaveFailure, commit_failed
+from ..errors import CheckpointNotFoundError, ConfigurationError, SaveFailure, commit_failed
+from ..fallback import newest_usable
 from ..manifest import CheckpointEntry
 from ..metrics import finite_metrics
 from ..preemption import PreemptionWatch
@@ -262,18 +263,9 @@ class CheckpointManager:
             return self._read(matches[-1], map_location)
         if selector != "latest":
             return self._read(index.resolve(selector), map_location)
-        failures = []
-        for entry in reversed(ours):  # the latest was maybe pushed by another tool: the newest of ours first
-            try:
-                restored = self._read(entry, map_location)
-            except IntegrityError as exc:
-                log.warning("checkpoint %s can't be restored (%s); trying an older one", entry.id, exc)
-                failures.append(f"{entry.id}: {exc}")
-                continue
-            if failures:
-                log.warning("restored %s: %d newer checkpoint(s) failed verification", entry.id, len(failures))
-            return restored
-        raise IntegrityError(f"{self.store.url}: no checkpoint of this manager can be restored: " + "; ".join(failures))
+        # the latest was maybe pushed by another tool: the newest of ours first
+        return newest_usable(reversed(ours), lambda entry: self._read(entry, map_location), doing="restored",
+                             none_usable=f"{self.store.url}: no checkpoint of this manager can be restored")
 
     def _read(self, entry: CheckpointEntry, map_location: Any) -> Restored:
         to = self._staging / f"restore-{entry.id}"
