@@ -55,8 +55,10 @@ lint: $(STAMP)
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/mypy cloudckpt
 
+# Two workers (pytest-xdist; each starts its own S3/GCS/Azure servers), a test file's tests on one worker.
+TEST_WORKERS ?= 2
 test-main: $(STAMP) tools lint
-	$(PY) -m pytest -q $(PYTEST_ARGS)
+	$(PY) -m pytest -q -n $(TEST_WORKERS) --dist loadfile $(PYTEST_ARGS)
 
 # The floors' own venv: the project at its lowest admitted versions, then the test tools constrained to them.
 $(LOWEST_STAMP): pyproject.toml Makefile
