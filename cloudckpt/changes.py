@@ -10,7 +10,7 @@ Example:
     >>> from cloudckpt.manifest import Index
     >>> from cloudckpt.retention import Retention
     >>> prune_checkpoints(Index(), Retention(keep_last=1), busy=frozenset())
-    Change(index=None, pruned=())
+    Change(index=None, pruned=(), segments=())
 """
 
 from __future__ import annotations
