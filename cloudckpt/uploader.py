@@ -95,8 +95,11 @@ def snapshot(files: dict[str, Path], into: Path) -> Path:
 
 STAGING_PREFIX = "cloudckpt-staging-"
 OWNER_LOCK = ".owner.lock"
-#: a staging directory without an owner lock is left alone this long (it may be being created)
+#: a staging directory younger than this is left alone whatever its lock says (it may be being created: its owner
+#: takes the lock an instant after the directory exists)
 UNLOCKED_GRACE = 60.0
+#: how long a new staging directory's owner waits for its own lock (another process's sweep may probe it meanwhile)
+OWNER_LOCK_WAIT = 30.0
 _held: dict[Path, FileLock] = {}  # this process's staging directories and the locks that say they are in use
 
 
@@ -121,20 +124,21 @@ def new_staging_dir(root: str | Path | None, near: Path) -> Path:
             _sweep_if_abandoned(old)
     path = Path(tempfile.mkdtemp(prefix=f"{STAGING_PREFIX}{os.getpid()}-", dir=root))
     lock = FileLock(path / OWNER_LOCK)
-    lock.acquire(timeout=0)  # a fresh directory: nobody else can hold it
+    # A fresh directory, but another process's sweep may be probing it right now (between this lock file's creation
+    # and its lock): it holds the lock only for the probe, and leaves a directory this young alone.
+    lock.acquire(timeout=OWNER_LOCK_WAIT)
     _held[path] = lock
     return path
 
 
 def _sweep_if_abandoned(old: Path) -> None:
-    lock_path = old / OWNER_LOCK
-    if not lock_path.exists():  # being created, or left by a version without owner locks: judge by age
-        try:
-            if time.time() - old.stat().st_mtime < UNLOCKED_GRACE:
-                return
-        except FileNotFoundError:
+    try:  # a directory this young may be being created, its owner not yet holding its lock: never abandoned
+        if time.time() - old.stat().st_mtime < UNLOCKED_GRACE:
             return
-    else:
+    except FileNotFoundError:
+        return
+    lock_path = old / OWNER_LOCK
+    if lock_path.exists():  # else left by a version without owner locks: its age decided
         lock = FileLock(lock_path)
         try:
             lock.acquire(timeout=0)

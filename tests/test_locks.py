@@ -13,7 +13,7 @@ import time
 from pathlib import Path
 
 from cloudckpt.backends.local import LocalBackend
-from cloudckpt.uploader import new_staging_dir, remove_staging
+from cloudckpt.uploader import UNLOCKED_GRACE, new_staging_dir, remove_staging
 
 #: a PID no process of this namespace has (above the kernel's pid_max): another container's process, seen from here
 FOREIGN_PID = 4_194_400
@@ -105,9 +105,34 @@ def test_a_live_owners_staging_is_never_swept_a_killed_owners_is(tmp_path):
         remove_staging(mine)
     finally:
         _kill(owner)
+    gone = time.time() - UNLOCKED_GRACE - 5  # a directory is judged once it is older than the grace
+    os.utime(theirs, (gone, gone))
     mine = new_staging_dir(root, folder)
     try:
         assert not theirs.exists(), "a killed owner's staging was left behind"
         assert sorted(p.name for p in root.iterdir()) == [mine.name]
     finally:
         remove_staging(mine)
+
+
+RACER = """
+import pathlib, sys
+from cloudckpt.uploader import new_staging_dir, remove_staging
+root, folder = pathlib.Path(sys.argv[1]), pathlib.Path(sys.argv[2])
+for i in range(int(sys.argv[3])):
+    d = new_staging_dir(root, folder)  # sweeps the others' directories, then takes its own lock
+    (d / "job").mkdir()
+    assert (d / "job").is_dir(), "a live staging directory was swept"
+    remove_staging(d)
+"""
+
+
+def test_processes_sharing_a_staging_root_never_sweep_or_block_each_others_new_directories(tmp_path):
+    """Every process sweeps the shared root when it makes its own directory: a sweep that probes a directory between
+    its creation and its owner's lock must neither remove it nor make the owner fail to lock it (seen in CI with
+    two test workers: filelock Timeout on a fresh '.owner.lock')."""
+    root, folder = tmp_path / "root", tmp_path / "ckpt"
+    procs = [subprocess.Popen([sys.executable, "-c", RACER, str(root), str(folder), "300"], stderr=subprocess.PIPE,
+                              text=True) for _ in range(3)]
+    errors = [p.communicate(timeout=300)[1] for p in procs]
+    assert [p.returncode for p in procs] == [0, 0, 0], "\n".join(e[-1500:] for e in errors)
