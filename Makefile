@@ -5,17 +5,15 @@ STAMP := $(VENV)/.installed
 # checkov pins boto3/botocore far below what the project needs, so it lives in its own venv (infra tests only).
 CHECKOV_VENV ?= .venv-checkov
 # The lowest admitted versions (uv --resolution lowest-direct: every declared floor, the newest of the rest) in a
-# venv of their own, plus the PyTorch adapters' floors; LOWEST_TESTS runs there: the core, the CLI, the locks, the
-# Keras callback and the PyTorch, Lightning and Hugging Face adapters.
+# venv of their own; LOWEST_TESTS runs there: the core, the CLI, the locks and the Keras callback.
 LOWEST_VENV ?= .venv-lowest
 LOWEST_STAMP := $(LOWEST_VENV)/.installed
 LOWEST_UV := $(LOWEST_VENV)/bin/uv pip install -q --python $(LOWEST_VENV)/bin/python
 LOWEST_TESTS ?= tests/test_store.py tests/test_cli.py tests/test_locks.py tests/test_versions.py \
   tests/test_keras_callback.py::test_best_value_survives_a_restart \
-  tests/test_keras_callback.py::test_mode_max_is_recorded_as_max_and_best_is_the_highest \
-  tests/test_torch_manager.py tests/test_lightning_io.py tests/test_hf_callback.py
+  tests/test_keras_callback.py::test_mode_max_is_recorded_as_max_and_best_is_the_highest
 
-.PHONY: install demo lint test test-main test-lowest bench clean tools
+.PHONY: install demo lint test test-main test-lowest test-torch-floors bench clean tools
 
 $(STAMP): pyproject.toml Makefile
 	test -x $(PY) || python3 -m venv $(VENV)
@@ -48,15 +46,16 @@ demo: $(STAMP)
 	$(PY) examples/demo.py
 
 # The main suite on the newest versions, then the lowest-versions run (both are what CI runs: .ci/run).
-test: test-main test-lowest
+test: test-main test-lowest test-torch-floors
 
 # ruff over the whole tree, mypy (settings in pyproject.toml) over the package.
 lint: $(STAMP)
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/mypy cloudckpt
 
-# Two workers (pytest-xdist; each starts its own S3/GCS/Azure servers), a test file's tests on one worker.
-TEST_WORKERS ?= 2
+# TEST_WORKERS=2: two pytest-xdist workers (each starts its own S3/GCS/Azure servers, a test file's tests on one),
+# ~13 min instead of ~23 on 2 cores. CI keeps one process (0) until two-worker runs have proven as steady.
+TEST_WORKERS ?= 0
 test-main: $(STAMP) tools lint
 	$(PY) -m pytest -q -n $(TEST_WORKERS) --dist loadfile $(PYTEST_ARGS)
 
@@ -66,17 +65,30 @@ $(LOWEST_STAMP): pyproject.toml Makefile
 	$(LOWEST_UV) --resolution lowest-direct -e '.[s3,gcs,azure,keras-cpu]'
 	$(LOWEST_VENV)/bin/uv pip freeze --python $(LOWEST_VENV)/bin/python --exclude-editable > $(LOWEST_VENV)/floors.txt
 	$(LOWEST_UV) -c $(LOWEST_VENV)/floors.txt -e '.[test]'
-	@# the PyTorch adapters' floors with pip (uv would take a CUDA build of torch; pip the machine's CPU build)
-	grep -v -E '^(setuptools|pip|wheel)==' $(LOWEST_VENV)/floors.txt > $(LOWEST_VENV)/floors-torch.txt
-	$(LOWEST_VENV)/bin/python -m pip install -q -c $(LOWEST_VENV)/floors-torch.txt \
-	  $$($(LOWEST_VENV)/bin/python tests/support/floors.py torch lightning hf)
 	touch $(LOWEST_STAMP)
 
 test-lowest: $(LOWEST_STAMP)
 	$(LOWEST_VENV)/bin/python -m pytest -q -p no:cacheprovider $(LOWEST_TESTS)
 
+# The PyTorch adapters at their declared floors (torch, lightning, transformers, accelerate, read from pyproject by
+# tests/support/floors.py; pip, so that torch is the machine's CPU build) in a venv of their own, without
+# TensorFlow: transformers 4.50 tries to import its TF side beside Keras 3 and fails.
+TORCH_FLOORS_VENV ?= .venv-torch-floors
+TORCH_FLOORS_STAMP := $(TORCH_FLOORS_VENV)/.installed
+TORCH_FLOORS_TESTS ?= tests/test_torch_manager.py tests/test_lightning_io.py tests/test_hf_callback.py
+
+$(TORCH_FLOORS_STAMP): pyproject.toml Makefile
+	test -x $(TORCH_FLOORS_VENV)/bin/python || python3 -m venv $(TORCH_FLOORS_VENV)
+	$(TORCH_FLOORS_VENV)/bin/python -m pip install -q --upgrade pip
+	$(TORCH_FLOORS_VENV)/bin/python -m pip install -q -e '.[test]'
+	$(TORCH_FLOORS_VENV)/bin/python -m pip install -q $$($(TORCH_FLOORS_VENV)/bin/python tests/support/floors.py torch lightning hf)
+	touch $(TORCH_FLOORS_STAMP)
+
+test-torch-floors: $(TORCH_FLOORS_STAMP)
+	$(TORCH_FLOORS_VENV)/bin/python -m pytest -q -p no:cacheprovider $(TORCH_FLOORS_TESTS)
+
 bench: $(STAMP)
 	$(PY) -m bench.run $(BENCH_ARGS)
 
 clean:
-	rm -rf $(VENV) $(CHECKOV_VENV) $(LOWEST_VENV) .tools .pytest_cache build *.egg-info
+	rm -rf $(VENV) $(CHECKOV_VENV) $(LOWEST_VENV) $(TORCH_FLOORS_VENV) .tools .pytest_cache build *.egg-info
