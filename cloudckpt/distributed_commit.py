@@ -93,3 +93,10 @@ def discard_stored(store: CheckpointStore, cid: str, paths: Iterable[str]) -> No
         store.backend.delete(rels)
     except Exception as exc:  # the save's own error matters more
         log.warning("could not remove the partial upload %s at %s (%s); `cloudckpt gc` will", cid, store.url, exc)
+
+
+def forget_job_store(store: CheckpointStore) -> None:
+    """Drop ``store`` from the job's stores (its owner closes it): a later :func:`job_store` opens a new one."""
+    with _lock:
+        for key in [k for k, s in _stores.items() if s is store]:
+            del _stores[key]

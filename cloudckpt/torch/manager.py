@@ -5,39 +5,32 @@ from __future__ import annotations
 import logging
 import math
 import os
-import shutil
 import tempfile
 import time
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, NoReturn
 
 from .. import drain
-from ..errors import CheckpointNotFoundError, ConfigurationError, SaveFailure, commit_failed
-from ..fallback import newest_usable
-from ..manifest import CheckpointEntry
+from ..distributed_commit import forget_job_store
+from ..errors import (
+    CheckpointNotFoundError,
+    ConfigurationError,
+    SaveFailure,
+    commit_failed,
+)
 from ..metrics import finite_metrics
 from ..preemption import PreemptionWatch
-from ..store import CheckpointStore
 from ..uploader import Job, Uploader, new_staging_dir, remove_staging
-from .state import STATE_FILE, copy_to_cpu, read_state, write_state
+from . import ranks as _ranks
+from .reading import Reader, Restored
+from .sharded import save_job
+from .state import copy_to_cpu, write_state
 
 log = logging.getLogger(__name__)
 
 EXIT_PREEMPTED = 143
 """Exit status after a preemption checkpoint (128 + SIGTERM), the same as the Keras callback's."""
 FRAMEWORK = "torch"
-
-
-@dataclass(frozen=True)
-class Restored:
-    """A checkpoint read back: its ``state`` (tensors on ``map_location``), step, epoch, metrics and index entry."""
-
-    state: Any
-    step: int | None
-    epoch: int | None
-    metrics: dict[str, float] = field(default_factory=dict)
-    entry: CheckpointEntry | None = None
 
 
 class CheckpointManager:
@@ -53,6 +46,20 @@ class CheckpointManager:
 
     SIGTERM and the clouds' preemption notices (see :mod:`cloudckpt.preemption`) set :attr:`preempted`; the loop
     checks it at a step boundary and calls :meth:`save_and_exit`, which commits and exits with status 143.
+
+    Under ``torchrun`` (``torch.distributed`` initialised with more than one process; ``distributed=None`` detects
+    it) every rank opens a manager, with the same arguments, and runs the same loop: rank 0 is the coordinator. It
+    alone claims the run. A replicated state (DDP, or any state without ``DTensor`` values: the same on every rank) is
+    written by rank 0 alone, in the background as above. A state holding ``DTensor`` values (FSDP2 ``fully_shard``,
+    tensor parallel; e.g. ``get_state_dict(model, opt)``) is saved through :mod:`cloudckpt.torch.dcp`: every rank
+    uploads its own shards and rank 0 commits one checkpoint listing them all; this :meth:`save` returns once it is
+    committed (or failed). :meth:`restore` loads on every rank the checkpoint rank 0 resolved; a sharded one is loaded
+    in place into ``state=`` (the same structure, laid out for this job: DCP reshards). Then :meth:`save`,
+    :meth:`wait`, :meth:`close`, :meth:`restore`, :meth:`save_and_exit` and :attr:`preempted` are collectives: every
+    rank calls them at the same point of its loop. :attr:`preempted` is true on every rank at the same step once any
+    rank got SIGTERM or a notice (one 8-byte all_reduce per check, every ``preemption_sync_every`` checks), so every
+    rank saves that step and exits 143. :meth:`wait` and :meth:`close` tell every rank rank 0's outcome;
+    :meth:`failures` is what this rank learned at its last such call.
 
     A save whose upload fails (after ``store_budget``) is logged and kept: a best is retried at the next
     :meth:`save` (never replaced by a worse one), another is superseded by it; :meth:`wait` returns False while a
@@ -97,6 +104,10 @@ class CheckpointManager:
         store_budget: seconds each store operation may retry for. Default 300.
         storage_options: options for the store's backend (e.g. ``endpoint_url``). Default None.
         on_upload_error: ``"retry"`` or ``"raise"`` (see above). Default ``"retry"``.
+        distributed: None: act as one rank of the job when ``torch.distributed`` is initialised with more than one
+            process; False: one process whatever (each rank's manager claims the run); True: require it. Default None.
+        preemption_sync_every: under ``torch.distributed``, the ranks agree on :attr:`preempted` at every this many
+            checks (the others answer False unless agreed already). Default 1.
     """
 
     def __init__(self, remote: str | None = None, *, monitor: str | None = None, mode: str = "min",
@@ -104,7 +115,8 @@ class CheckpointManager:
                  preemption: Any = "auto", preemption_endpoints: dict | None = None,
                  preemption_deadline: float = 25.0, staging_dir: str | Path | None = None,
                  store_budget: float = 300.0, storage_options: dict | None = None,
-                 on_upload_error: str = "retry") -> None:
+                 on_upload_error: str = "retry", distributed: bool | None = None,
+                 preemption_sync_every: int = 1) -> None:
         if on_upload_error not in ("retry", "raise"):
             raise ConfigurationError(f"on_upload_error must be 'retry' or 'raise'. Received: {on_upload_error!r}")
         self.on_upload_error = on_upload_error
@@ -115,9 +127,18 @@ class CheckpointManager:
         self.monitor, self.mode, self.preemption_deadline = monitor, mode, preemption_deadline
         self._policy = dict(monitor=monitor, mode=mode, keep_best=keep_best if monitor else None, keep_last=keep_last,
                             keep_every=keep_every)
-        self.store = CheckpointStore(remote, budget=store_budget, **(storage_options or {}))
-        self.store.claim()
-        self._best = self._stored_best()
+        if preemption_sync_every < 1:
+            raise ConfigurationError(f"preemption_sync_every must be >= 1. Received: {preemption_sync_every}")
+        self._ranks = _ranks.detect(distributed)
+        self.rank = self._ranks.rank if self._ranks else 0
+        self._remote = remote or os.environ.get("CLOUDCKPT_REMOTE")
+        self._dcp_opts = dict(storage_options or {}, budget=store_budget)
+        self.store = _ranks.open_store(self._remote, self._ranks, store_budget, storage_options or {})
+        self._best = self._stored_best() if self.rank == 0 else None
+        self._sync_every, self._checks, self._agreed = preemption_sync_every, 0, False
+        self._notice: float | None = None
+        self._learned: list[SaveFailure] = []  # rank 0's failures, as this rank last heard them
+        self._sharded_failed: list[SaveFailure] = []  # sharded saves that failed, not superseded by a commit
         root = Path(staging_dir or os.environ.get("CLOUDCKPT_STAGING") or tempfile.gettempdir())
         self._staging = new_staging_dir(root, root)
         self._seq = 0
@@ -125,6 +146,7 @@ class CheckpointManager:
         self.uploader = Uploader(self.store)
         self._watch = PreemptionWatch(preemption, endpoints=preemption_endpoints)
         self._watch.start()
+        self._reader = Reader(self.store, self._remote, self._staging, self._ranks, self._dcp_opts)
         self._closed = False
         drain.register(self)
 
@@ -132,23 +154,36 @@ class CheckpointManager:
 
     @property
     def preempted(self) -> bool:
-        """True once SIGTERM or a preemption notice arrived."""
-        return self._watch.triggered
+        """True once SIGTERM or a preemption notice arrived (under ``torch.distributed``: on any rank, agreed by
+        every rank at the same check; a collective)."""
+        if self._ranks is None:
+            return self._watch.triggered
+        self._checks += 1
+        if not self._agreed and self._checks % self._sync_every == 0:
+            local = self._watch.notice_time if self._watch.triggered else None
+            age = self._ranks.max(-1.0 if local is None else time.monotonic() - local)
+            if age >= 0:
+                self._agreed, self._notice = True, time.monotonic() - age
+        return self._agreed
 
     def save(self, step: int, state: Any, *, metrics: dict[str, float] | None = None,
-             epoch: int | None = None) -> Job:
+             epoch: int | None = None) -> Job | None:
         """Copy ``state`` to CPU memory and queue its commit; return the job (``job.done`` is set once handled).
-        A NaN or infinite metric is recorded as no value (never the best; :mod:`cloudckpt.metrics`).
+        A NaN or infinite metric is recorded as no value (never the best; :mod:`cloudckpt.metrics`). A sharded state
+        (``DTensor`` values) is committed through DCP before this returns (a failure is logged and kept, as below).
+        Returns None on a rank that stores nothing of a replicated state (every rank but 0).
 
         Raises:
             StaleWriterError: a newer writer claimed the run; this one must stop.
             ConfigurationError: ``state`` holds something other than tensors and plain data.
         """
         self._check_open()
-        if self.uploader.fatal is not None:
-            raise self.uploader.fatal
-        if self.on_upload_error == "raise" and (failed := self.uploader.failures()):
-            raise commit_failed(failed, self.store.url)
+        self._raise_pending()
+        if _ranks.is_sharded(state):
+            return self._save_sharded(int(step), state, finite_metrics(metrics), epoch)
+        if self.rank != 0:
+            copy_to_cpu(state, copy=False)  # the same refusal as rank 0's, on every rank
+            return None
         t0 = time.perf_counter()
         snap = copy_to_cpu(state)
         metrics = finite_metrics(metrics)  # NaN/inf: no value, never the best (cloudckpt.metrics)
@@ -175,22 +210,30 @@ class CheckpointManager:
         """Wait until every queued save is committed or failed. True only if every save so far is committed (or was
         superseded by a newer committed one); False if one is not (see :meth:`failures`) or ``timeout`` seconds
         passed first."""
-        return self.uploader.flush(timeout)
+        ok = self.uploader.flush(timeout)
+        if self._ranks is not None:
+            ok = self._learn(ok)
+        return ok and not self._sharded_failed
 
     def failures(self) -> list[SaveFailure]:
-        """The saves whose upload failed and that are not committed (held for a retry at the next save)."""
-        return self.uploader.failures()
+        """The saves whose upload failed and that are not committed (held for a retry at the next save). Under
+        ``torch.distributed``, a rank other than 0 knows what it learned at its last :meth:`save` or :meth:`wait`."""
+        held = self.uploader.failures() if self.rank == 0 else list(self._learned)
+        return held + self._sharded_failed
 
     def save_and_exit(self, step: int, state: Any, *, metrics: dict[str, float] | None = None,
                       epoch: int | None = None) -> NoReturn:
         """Save, wait for the commit until ``preemption_deadline`` after the notice, and exit with status 143."""
-        notice = self._watch.notice_time or time.monotonic()
+        notice = self._notice or self._watch.notice_time or time.monotonic()
         job = self.save(step, state, metrics=metrics, epoch=epoch)
         left = self.preemption_deadline - (time.monotonic() - notice)
         ok = self.uploader.flush(max(left, 1.0))
-        if ok and job.entry is not None:
+        cid = job.entry.id if job is not None and job.entry is not None else None
+        if self._ranks is not None:  # every rank learns rank 0's outcome
+            ok, cid = self._ranks.share([ok, cid])
+        if ok and cid is not None:
             log.warning("preemption (%s): step %d committed as %s %.2fs after the notice; exiting",
-                        self._watch.reason, step, job.entry.id, time.monotonic() - notice)
+                        self._watch.reason or "another rank", step, cid, time.monotonic() - notice)
         else:
             log.error("preemption (%s): step %d was NOT committed within %gs of the notice; a restart resumes from "
                       "the latest committed checkpoint", self._watch.reason, step, self.preemption_deadline)
@@ -212,7 +255,13 @@ class CheckpointManager:
             if not self.uploader.flush(timeout) and self.uploader.retry():
                 self.uploader.flush(timeout)
             self.uploader.close(0)
-            self.uploader.raise_if_uncommitted()
+            left = self.uploader.uncommitted()
+            if self._ranks is not None:
+                left = [_ranks.failure_from(r) for r in self._ranks.share(
+                    [_ranks.failure_record(f) for f in left] if self.rank == 0 else None)]
+            left += self._sharded_failed
+            if left:
+                raise commit_failed(left, self.store.url)
         finally:
             self._shutdown()
 
@@ -237,47 +286,58 @@ class CheckpointManager:
 
     # --- restoring ---------------------------------------------------------------------------------------------
 
-    def restore(self, selector: str | int = "latest", *, map_location: Any = "cpu") -> Restored | None:
+    def restore(self, selector: str | int = "latest", *, map_location: Any = "cpu",
+                state: Any = None) -> Restored | None:
         """Read back ``"latest"``, ``"best"``, a step (an int) or a checkpoint id; None when the run has none.
 
         ``"latest"`` falls back: a checkpoint that fails verification or whose ``state.pt`` is not plain tensors and
         data is skipped, with a warning, for the newest older one that reads (as the Keras callback resumes). Any
-        other selector names one checkpoint: its failure raises.
+        other selector names one checkpoint: its failure raises. A sharded checkpoint (saved from ``DTensor``
+        values) is loaded in place into ``state`` (e.g. ``get_state_dict(model, opt)`` of this job), which is then
+        the result's ``state``. Under ``torch.distributed`` rank 0 resolves the selector and every rank reads that
+        checkpoint (a collective).
 
         Raises:
             CheckpointNotFoundError: the selector names no checkpoint (a run with checkpoints, but not that one).
             IntegrityError: the checkpoint fails verification, or its file holds more than tensors and plain data
                 (for ``"latest"``: every checkpoint of this manager does).
+            ConfigurationError: the checkpoint is sharded and no ``state`` was given.
         """
-        try:
-            index = self.store.index()
-        except CheckpointNotFoundError:
-            return None
-        ours = [c for c in index.checkpoints if any(f.path == STATE_FILE for f in c.files)]
-        if not ours:
-            return None
-        if isinstance(selector, int):
-            matches = [c for c in ours if c.step == selector]
-            if not matches:
-                raise CheckpointNotFoundError(f"{self.store.url}: no checkpoint at step {selector}")
-            return self._read(matches[-1], map_location)
-        if selector != "latest":
-            return self._read(index.resolve(selector), map_location)
-        # the latest was maybe pushed by another tool: the newest of ours first
-        return newest_usable(reversed(ours), lambda entry: self._read(entry, map_location), doing="restored",
-                             none_usable=f"{self.store.url}: no checkpoint of this manager can be restored")
-
-    def _read(self, entry: CheckpointEntry, map_location: Any) -> Restored:
-        to = self._staging / f"restore-{entry.id}"
-        try:
-            pulled = self.store.pull(entry.id, to=to)
-            state = read_state(pulled.path, map_location)
-        finally:
-            shutil.rmtree(to, ignore_errors=True)
-        log.info("restored %s (step %s) from %s", entry.id, entry.step, self.store.url)
-        return Restored(state, entry.step, entry.epoch, dict(entry.metrics), entry)
+        return self._reader.restore(selector, map_location, state)
 
     # --- internals ---------------------------------------------------------------------------------------------
+
+    def _raise_pending(self) -> None:
+        """Raise what stops saving on every rank: a fence (StaleWriterError), or with ``on_upload_error="raise"``
+        the saves not committed. Under ``torch.distributed``, rank 0's uploader says for every rank."""
+        fatal = self.uploader.fatal
+        failed = self.uploader.failures() if self.on_upload_error == "raise" else []
+        if self._ranks is not None:
+            told = self._ranks.share({"fatal": None if fatal is None else _ranks.error_record(fatal),
+                                      "failed": [_ranks.failure_record(f) for f in failed]}
+                                     if self.rank == 0 else None)
+            if self.rank != 0:
+                fatal = None if told["fatal"] is None else _ranks.error_from(told["fatal"])
+                failed = [_ranks.failure_from(r) for r in told["failed"]]
+        if fatal is not None:
+            raise fatal
+        failed += self._sharded_failed if self.on_upload_error == "raise" else []
+        if failed:
+            raise commit_failed(failed, self.store.url)
+
+    def _save_sharded(self, step: int, state: Any, metrics: dict[str, float], epoch: int | None) -> Job:
+        return save_job(self._remote, state, self._ranks, self._staging, self._sharded_failed, step=step,
+                        epoch=epoch, metrics=metrics, meta={"framework": FRAMEWORK}, policy=self._policy,
+                        options=self._dcp_opts)
+
+    def _learn(self, ok: bool) -> bool:
+        """Rank 0's outcome (``ok`` and its held failures) on every rank."""
+        assert self._ranks is not None
+        told = self._ranks.share({"ok": ok, "failed": [_ranks.failure_record(f) for f in self.uploader.failures()]}
+                                 if self.rank == 0 else None)
+        if self.rank != 0:
+            self._learned = [_ranks.failure_from(r) for r in told["failed"]]
+        return bool(told["ok"])
 
     def _improves(self, metrics: dict[str, float]) -> bool:
         if not self.monitor or self.monitor not in metrics or math.isnan(metrics[self.monitor]):
@@ -310,6 +370,9 @@ class CheckpointManager:
         self._closed = True
         drain.unregister(self)
         self._watch.stop()
+        if self._ranks is not None:
+            self._ranks.close()
+            forget_job_store(self.store)
         if self.uploader.pending():  # an upload still runs (past the deadline): its staging stays until exit
             log.warning("an upload to %s still runs: its staging %s is left for the next run to sweep",
                         self.store.url, self._staging)

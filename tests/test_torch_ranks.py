@@ -1,0 +1,173 @@
+"""cloudckpt.torch.CheckpointManager under torch.distributed (gloo, CPU, 2 ranks): one claim per job, a replicated
+state written by rank 0, a sharded (FSDP2) state through DCP, restore on every rank, exact resume after a rank is
+SIGKILLed mid-save, and SIGTERM on one rank making every rank save the same step and exit 143.
+
+Each rank is its own process, started as torchrun starts them (RANK, WORLD_SIZE, MASTER_ADDR/PORT in the
+environment; tests/support/torch_ranks_job.py), so the test holds each rank's process: it signals one rank and reads
+each rank's exit status. When a rank dies the other fails at its next collective, as under torchrun.
+"""
+
+from __future__ import annotations
+
+import re
+import signal
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+torch = pytest.importorskip("torch")
+
+from support import trainer_runs as runs  # noqa: E402
+
+from cloudckpt import CheckpointStore  # noqa: E402
+
+WORLD = 2
+SAVE_EVERY = 4
+STEPS = 16
+
+
+class Job:
+    """The ranks of one run: rank 0's stdout is a pipe (read as it goes), the others' output goes to files."""
+
+    def __init__(self, tmp: Path, remote: str, out: Path, *args: str) -> None:
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        self.logs = []
+        self.procs = []
+        for rank in range(WORLD):
+            env = {**runs.env(), "RANK": str(rank), "LOCAL_RANK": str(rank), "WORLD_SIZE": str(WORLD),
+                   "LOCAL_WORLD_SIZE": str(WORLD), "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)}
+            err = open(tmp / f"rank{rank}-{port}.err", "w+")  # noqa: SIM115 - closed in finish()
+            outf = subprocess.PIPE if rank == 0 else open(tmp / f"rank{rank}-{port}.out", "w+")  # noqa: SIM115
+            self.logs.append((outf, err))
+            self.procs.append(subprocess.Popen(
+                [sys.executable, str(runs.JOBS / "torch_ranks_job.py"), remote, str(out), "--save-every",
+                 str(SAVE_EVERY), "--steps", str(STEPS), *args], stdout=outf, stderr=err, text=True, env=env))
+
+    def finish(self, timeout: float = 240) -> list[tuple[int, str, str]]:
+        """Wait for every rank; each one's (exit status, stdout, stderr)."""
+        results = []
+        for rank, proc in enumerate(self.procs):
+            outf, err = self.logs[rank]
+            if rank == 0:
+                out = proc.stdout.read()  # type: ignore[union-attr] # to its end: the rank exits (or dies)
+                proc.stdout.close()  # type: ignore[union-attr]
+            proc.wait(timeout=timeout)
+            if rank:
+                outf.seek(0)
+                out = outf.read()
+                outf.close()
+            err.seek(0)
+            results.append((proc.returncode, out or "", err.read()))
+            err.close()
+        return results
+
+
+def run(tmp: Path, remote: str, out: Path, *args: str) -> list[str]:
+    """A whole run; every rank must exit 0. Rank 0's stdout lines."""
+    return run_all(tmp, remote, out, *args)[0]
+
+
+def run_all(tmp: Path, remote: str, out: Path, *args: str) -> list[list[str]]:
+    """A whole run; every rank must exit 0. Each rank's stdout lines."""
+    results = Job(tmp, remote, out, *args).finish()
+    for rank, (code, _, err) in enumerate(results):
+        assert code == 0, f"rank {rank} exited {code}: {err[-3000:]}"
+    return [r[1].splitlines() for r in results]
+
+
+def assert_identical(a: Path, b: Path) -> None:
+    """Two final states (name -> full tensor or value) bit-identical."""
+    x, y = torch.load(a, weights_only=True), torch.load(b, weights_only=True)
+    assert set(x) == set(y)
+    for k in x:
+        if isinstance(x[k], torch.Tensor):
+            assert x[k].dtype == y[k].dtype and torch.equal(x[k], y[k]), k
+        else:
+            assert x[k] == y[k], k
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory):
+    """One uninterrupted run per kind (ddp, fsdp), on a local store: its final state, its store, each rank's
+    output. In the ddp run rank 0's upload of the last save fails once (``--fail-at``; committed by close's retry):
+    training is not interrupted, and every rank says what it learned."""
+    made: dict[str, tuple[Path, str, list[list[str]]]] = {}
+
+    def get(kind: str) -> tuple[Path, str, list[list[str]]]:
+        if kind not in made:
+            d = tmp_path_factory.mktemp(f"ranks_ref_{kind}")
+            store = str(d / "store")
+            fail = ["--fail-at", str(STEPS)] if kind == "ddp" else []
+            lines = run_all(d, store, d / "final.pt", "--kind", kind, *fail)
+            assert all(ln[0] == "fresh" and ln[-1] == "done" for ln in lines), lines
+            made[kind] = (d / "final.pt", store, lines)
+        return made[kind]
+
+    return get
+
+
+def test_a_replicated_job_claims_once_and_rank_0_writes_each_save_once(reference):
+    """Failed before ranks were known: every rank's manager claimed the run, fencing the others (a rank's save
+    raised StaleWriterError and the job failed)."""
+    _, store, _ = reference("ddp")
+    listed = CheckpointStore(store).list()
+    steps = [c.step for c in listed]
+    assert steps == sorted(set(steps)) and steps[-1] == STEPS, steps  # each save committed once, the last kept
+    assert len({c.writer for c in listed}) == 1  # one writer: the job's coordinator
+    assert all(c.meta.get("format") != "torch-dcp" and any(f.path == "state.pt" for f in c.files) for c in listed)
+
+
+def test_every_rank_learns_that_rank_0s_commit_failed(reference):
+    _, store, lines = reference("ddp")
+    want = [f"wait {s} True []" for s in range(SAVE_EVERY, STEPS, SAVE_EVERY)] + [f"wait {STEPS} False [{STEPS}]"]
+    for rank, out in enumerate(lines):
+        assert [ln for ln in out if ln.startswith("wait ")] == want, (rank, out)
+    assert CheckpointStore(store).latest().step == STEPS  # close() retried it: committed, and close raised nothing
+
+
+@pytest.mark.parametrize("kind, kill_rank, point", [
+    ("ddp", 0, "push.after_upload"),  # rank 0's background upload: its objects stored, nothing listed
+    ("fsdp", 1, "dcp.mid_upload"),  # a rank other than the coordinator, inside its own upload of its shards
+])
+def test_sigkill_of_one_rank_mid_save_lists_nothing_and_the_restart_ends_identical(tmp_path, s3_url, reference,
+                                                                                   kind, kill_rank, point):
+    final_ref, _, _ = reference(kind)
+    kill_at = 2 * SAVE_EVERY
+    job = Job(tmp_path, s3_url, tmp_path / "final.pt", "--kind", kind, "--kill-at", str(kill_at),
+              "--kill-rank", str(kill_rank), "--failpoint", point)
+    results = job.finish()
+    assert results[kill_rank][0] == -signal.SIGKILL, results[kill_rank][2][-2000:]
+    other = results[1 - kill_rank]
+    assert other[0] != 0  # the other rank learned it at its next collective (torchrun would stop it too)
+    assert [c.step for c in CheckpointStore(s3_url).list()] == [SAVE_EVERY]  # the save at kill_at: not listed
+    lines = run(tmp_path, s3_url, tmp_path / "final.pt", "--kind", kind)
+    assert lines[0] == f"resumed {SAVE_EVERY}", lines[:3]
+    assert_identical(final_ref, tmp_path / "final.pt")
+
+
+def test_sigterm_on_one_rank_every_rank_saves_the_same_step_and_exits_143(tmp_path, local_url, reference):
+    final_ref, _, _ = reference("fsdp")
+    job = Job(tmp_path, local_url, tmp_path / "final.pt", "--kind", "fsdp", "--step-delay", "0.1")
+    rank0 = job.procs[0].stdout
+    assert rank0 is not None
+    for line in rank0:  # past the first save (committed: a sharded save returns once it is)
+        if line.startswith(f"saved {SAVE_EVERY}"):
+            break
+    job.procs[1].send_signal(signal.SIGTERM)  # a rank other than the coordinator
+    results = job.finish(timeout=120)
+    saved = []
+    for rank, (code, out, err) in enumerate(results):
+        assert code == 143, f"rank {rank} exited {code}: {err[-3000:]}"
+        saved.append([int(m) for m in re.findall(r"^preempted (\d+)$", out, re.M)])
+    assert saved[0] == saved[1] and len(saved[0]) == 1, saved  # every rank saved the same step, once
+    step = saved[0][0]
+    assert SAVE_EVERY < step < STEPS
+    assert CheckpointStore(local_url).latest().step == step
+    lines = run(tmp_path, local_url, tmp_path / "final.pt", "--kind", "fsdp")
+    assert lines[0] == f"resumed {step}"
+    assert_identical(final_ref, tmp_path / "final.pt")
