@@ -14,6 +14,8 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
+import time
 from pathlib import Path
 
 import pytest
@@ -27,6 +29,7 @@ from cloudckpt import CheckpointStore  # noqa: E402
 WORLD = 2
 SAVE_EVERY = 4
 STEPS = 16
+DEADLINE = 25.0  # the manager's preemption_deadline (its default), counted from the notice
 
 
 class Job:
@@ -49,14 +52,29 @@ class Job:
                  str(SAVE_EVERY), "--steps", str(STEPS), *args], stdout=outf, stderr=err, text=True, env=env))
 
     def finish(self, timeout: float = 240) -> list[tuple[int, str, str]]:
-        """Wait for every rank; each one's (exit status, stdout, stderr)."""
+        """Wait for every rank; each one's (exit status, stdout, stderr). A rank still running after ``timeout``
+        seconds fails the test (every rank is killed first)."""
+        timer = threading.Timer(timeout, self.kill)
+        timer.start()
+        try:
+            return self._collect()
+        finally:
+            timer.cancel()
+
+    def kill(self) -> None:
+        for proc in self.procs:
+            if proc.poll() is None:
+                proc.kill()
+                print(f"killed a rank still running (pid {proc.pid})")
+
+    def _collect(self) -> list[tuple[int, str, str]]:
         results = []
         for rank, proc in enumerate(self.procs):
             outf, err = self.logs[rank]
             if rank == 0:
                 out = proc.stdout.read()  # type: ignore[union-attr] # to its end: the rank exits (or dies)
                 proc.stdout.close()  # type: ignore[union-attr]
-            proc.wait(timeout=timeout)
+            proc.wait()
             if rank:
                 outf.seek(0)
                 out = outf.read()
@@ -130,44 +148,64 @@ def test_every_rank_learns_that_rank_0s_commit_failed(reference):
     assert CheckpointStore(store).latest().step == STEPS  # close() retried it: committed, and close raised nothing
 
 
-@pytest.mark.parametrize("kind, kill_rank, point", [
-    ("ddp", 0, "push.after_upload"),  # rank 0's background upload: its objects stored, nothing listed
-    ("fsdp", 1, "dcp.mid_upload"),  # a rank other than the coordinator, inside its own upload of its shards
-])
-def test_sigkill_of_one_rank_mid_save_lists_nothing_and_the_restart_ends_identical(tmp_path, s3_url, reference,
-                                                                                   kind, kill_rank, point):
-    final_ref, _, _ = reference(kind)
+def sigkill_mid_save(tmp: Path, remote: str, kind: str, kill_rank: int, point: str) -> None:
+    """A run whose rank ``kill_rank`` SIGKILLs itself at ``point`` of the second save: nothing of it is listed."""
     kill_at = 2 * SAVE_EVERY
-    job = Job(tmp_path, s3_url, tmp_path / "final.pt", "--kind", kind, "--kill-at", str(kill_at),
-              "--kill-rank", str(kill_rank), "--failpoint", point)
+    job = Job(tmp, remote, tmp / "final.pt", "--kind", kind, "--kill-at", str(kill_at), "--kill-rank",
+              str(kill_rank), "--failpoint", point)
     results = job.finish()
     assert results[kill_rank][0] == -signal.SIGKILL, results[kill_rank][2][-2000:]
     other = results[1 - kill_rank]
     assert other[0] != 0  # the other rank learned it at its next collective (torchrun would stop it too)
-    assert [c.step for c in CheckpointStore(s3_url).list()] == [SAVE_EVERY]  # the save at kill_at: not listed
-    lines = run(tmp_path, s3_url, tmp_path / "final.pt", "--kind", kind)
-    assert lines[0] == f"resumed {SAVE_EVERY}", lines[:3]
-    assert_identical(final_ref, tmp_path / "final.pt")
+    assert [c.step for c in CheckpointStore(remote).list()] == [SAVE_EVERY]  # the save at kill_at: not listed
 
 
-def test_sigterm_on_one_rank_every_rank_saves_the_same_step_and_exits_143(tmp_path, local_url, reference):
-    final_ref, _, _ = reference("fsdp")
-    job = Job(tmp_path, local_url, tmp_path / "final.pt", "--kind", "fsdp", "--step-delay", "0.1")
+def sigterm_one_rank(tmp: Path, remote: str, kind: str, resumed: int) -> int:
+    """A run (resuming from step ``resumed``) whose rank 1 gets SIGTERM at its first step: every rank saves the
+    same step and exits 143 within the deadline; that step is committed. Returns it."""
+    job = Job(tmp, remote, tmp / "final.pt", "--kind", kind, "--step-delay", "0.1")
     rank0 = job.procs[0].stdout
     assert rank0 is not None
-    for line in rank0:  # past the first save (committed: a sharded save returns once it is)
-        if line.startswith(f"saved {SAVE_EVERY}"):
+    head = []
+    for line in rank0:  # the job has resumed and trains
+        head.append(line.strip())
+        if line.startswith("step "):
             break
+    assert head[0] == f"resumed {resumed}", head
     job.procs[1].send_signal(signal.SIGTERM)  # a rank other than the coordinator
+    sent = time.monotonic()
     results = job.finish(timeout=120)
+    took = time.monotonic() - sent
     saved = []
     for rank, (code, out, err) in enumerate(results):
         assert code == 143, f"rank {rank} exited {code}: {err[-3000:]}"
         saved.append([int(m) for m in re.findall(r"^preempted (\d+)$", out, re.M)])
     assert saved[0] == saved[1] and len(saved[0]) == 1, saved  # every rank saved the same step, once
     step = saved[0][0]
-    assert SAVE_EVERY < step < STEPS
-    assert CheckpointStore(local_url).latest().step == step
-    lines = run(tmp_path, local_url, tmp_path / "final.pt", "--kind", "fsdp")
-    assert lines[0] == f"resumed {step}"
+    assert resumed < step < STEPS
+    assert took < DEADLINE, f"the ranks exited {took:.1f}s after the signal"  # saved, committed and gone
+    print(f"SIGTERM on rank 1: every rank saved step {step}; all exited 143 {took:.2f}s after the signal")
+    assert CheckpointStore(remote).latest().step == step
+    return step
+
+
+def test_replicated_sigkill_of_rank_0_mid_upload_lists_nothing_and_the_restart_ends_identical(tmp_path, s3_url,
+                                                                                            reference):
+    final_ref, _, _ = reference("ddp")
+    sigkill_mid_save(tmp_path, s3_url, "ddp", 0, "push.after_upload")  # rank 0's upload: stored, not listed
+    lines = run(tmp_path, s3_url, tmp_path / "final.pt", "--kind", "ddp")
+    assert lines[0] == f"resumed {SAVE_EVERY}", lines[:3]
+    assert_identical(final_ref, tmp_path / "final.pt")
+
+
+def test_sharded_sigkill_of_one_rank_then_sigterm_on_one_rank_then_the_restart_ends_identical(tmp_path, s3_url,
+                                                                                             reference):
+    """FSDP2: rank 1 SIGKILLed inside its upload of its shards (nothing listed); the restart resumes from the
+    previous checkpoint, then SIGTERM on rank 1 alone makes every rank save the same step and exit 143; the next
+    restart resumes from that step and ends bit-identical to an uninterrupted run. (One scenario: CI time.)"""
+    final_ref, _, _ = reference("fsdp")
+    sigkill_mid_save(tmp_path, s3_url, "fsdp", 1, "dcp.mid_upload")
+    step = sigterm_one_rank(tmp_path, s3_url, "fsdp", resumed=SAVE_EVERY)
+    lines = run(tmp_path, s3_url, tmp_path / "final.pt", "--kind", "fsdp")
+    assert lines[0] == f"resumed {step}", lines[:3]
     assert_identical(final_ref, tmp_path / "final.pt")
