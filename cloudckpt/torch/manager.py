@@ -54,9 +54,10 @@ class CheckpointManager:
     tensor parallel; e.g. ``get_state_dict(model, opt)``) is saved through :mod:`cloudckpt.torch.dcp`: every rank
     uploads its own shards and rank 0 commits one checkpoint listing them all; this :meth:`save` returns once it is
     committed (or failed). :meth:`restore` loads on every rank the checkpoint rank 0 resolved; a sharded one is loaded
-    in place into ``state=`` (the same structure, laid out for this job: DCP reshards). Then :meth:`save`,
-    :meth:`wait`, :meth:`close`, :meth:`restore`, :meth:`save_and_exit` and :attr:`preempted` are collectives: every
-    rank calls them at the same point of its loop. :attr:`preempted` is true on every rank at the same step once any
+    in place into ``state=`` (the same structure, laid out for this job: DCP reshards). Then :meth:`wait`,
+    :meth:`close`, :meth:`restore`, :meth:`save_and_exit`, :attr:`preempted` and the :meth:`save` of a sharded state
+    are collectives: every rank calls them at the same point of its loop (the :meth:`save` of a replicated state is
+    not: ``if rank == 0: mgr.save(...)`` works too). :attr:`preempted` is true on every rank at the same step once any
     rank got SIGTERM or a notice (one 8-byte all_reduce per check, every ``preemption_sync_every`` checks), so every
     rank saves that step and exits 143. :meth:`wait` and :meth:`close` tell every rank rank 0's outcome;
     :meth:`failures` is what this rank learned at its last such call.
@@ -170,16 +171,17 @@ class CheckpointManager:
              epoch: int | None = None) -> Job | None:
         """Copy ``state`` to CPU memory and queue its commit; return the job (``job.done`` is set once handled).
         A NaN or infinite metric is recorded as no value (never the best; :mod:`cloudckpt.metrics`). A sharded state
-        (``DTensor`` values) is committed through DCP before this returns (a failure is logged and kept, as below).
-        Returns None on a rank that stores nothing of a replicated state (every rank but 0).
+        (``DTensor`` values) is committed through DCP before this returns (a collective; a failure is logged and
+        kept, as below). Returns None on a rank that stores nothing of a replicated state (every rank but 0).
 
         Raises:
             StaleWriterError: a newer writer claimed the run; this one must stop.
             ConfigurationError: ``state`` holds something other than tensors and plain data.
         """
         self._check_open()
-        self._raise_pending()
-        if _ranks.is_sharded(state):
+        sharded = _ranks.is_sharded(state)
+        self._raise_pending(collective=sharded)
+        if sharded:
             return self._save_sharded(int(step), state, finite_metrics(metrics), epoch)
         if self.rank != 0:
             copy_to_cpu(state, copy=False)  # the same refusal as rank 0's, on every rank
@@ -217,7 +219,8 @@ class CheckpointManager:
 
     def failures(self) -> list[SaveFailure]:
         """The saves whose upload failed and that are not committed (held for a retry at the next save). Under
-        ``torch.distributed``, a rank other than 0 knows what it learned at its last :meth:`save` or :meth:`wait`."""
+        ``torch.distributed``, a rank other than 0 knows what it learned at its last :meth:`wait` (or sharded
+        :meth:`save`)."""
         held = self.uploader.failures() if self.rank == 0 else list(self._learned)
         return held + self._sharded_failed
 
@@ -307,12 +310,12 @@ class CheckpointManager:
 
     # --- internals ---------------------------------------------------------------------------------------------
 
-    def _raise_pending(self) -> None:
-        """Raise what stops saving on every rank: a fence (StaleWriterError), or with ``on_upload_error="raise"``
-        the saves not committed. Under ``torch.distributed``, rank 0's uploader says for every rank."""
+    def _raise_pending(self, collective: bool) -> None:
+        """Raise what stops saving: a fence (StaleWriterError), or with ``on_upload_error="raise"`` the saves not
+        committed. ``collective`` (a sharded save): rank 0's uploader says it for every rank."""
         fatal = self.uploader.fatal
         failed = self.uploader.failures() if self.on_upload_error == "raise" else []
-        if self._ranks is not None:
+        if self._ranks is not None and collective:
             told = self._ranks.share({"fatal": None if fatal is None else _ranks.error_record(fatal),
                                       "failed": [_ranks.failure_record(f) for f in failed]}
                                      if self.rank == 0 else None)

@@ -10,7 +10,8 @@ on a CPU mesh, ``get_state_dict`` (DTensor shards, saved through DCP). Every ran
 ``fresh``), ``step S`` after every step, ``saved S`` after each save, ``done`` at the end; rank 0 writes the full
 final state (DTensors gathered) to OUT. With ``--kill-at``, rank R sets ``CLOUDCKPT_FAILPOINT=P`` before the save at
 step S (the failpoint SIGKILLs it there). After each save every rank prints ``wait S <mgr.wait()> <failed
-steps>``; with ``--fail-at S`` rank 0's upload of the save at step S fails once (ENOSPC; committed at close).
+steps>``; with ``--rank0-saves`` only rank 0 calls ``save`` (``if rank == 0``); with ``--fail-at S`` rank 0's
+upload of the save at step S fails once (ENOSPC; committed at close).
 """
 
 from __future__ import annotations
@@ -68,6 +69,7 @@ def main() -> None:
     p.add_argument("--kill-rank", type=int, default=-1)
     p.add_argument("--failpoint", default="")
     p.add_argument("--fail-at", type=int, default=-1)
+    p.add_argument("--rank0-saves", action="store_true", help="only rank 0 calls save (replicated state)")
     a = p.parse_args()
     logging.basicConfig(level=logging.WARNING, format=f"rank {os.environ.get('RANK')}: %(levelname)s %(message)s")
     torch.set_num_threads(1)
@@ -120,7 +122,8 @@ def main() -> None:
                 os.environ["CLOUDCKPT_FAILPOINT"] = a.failpoint
             if step == a.fail_at and rank == 0:  # rank 0's upload of this save fails once (a full disk)
                 os.environ["CLOUDCKPT_FAILPOINT"] = "push.after_upload:1:enospc"
-            mgr.save(step, state(step), metrics={"loss": loss.item()})
+            if rank == 0 or not a.rank0_saves:
+                mgr.save(step, state(step), metrics={"loss": loss.item()})
             print(f"saved {step}", flush=True)
             ok = mgr.wait()  # every rank learns rank 0's outcome
             print(f"wait {step} {ok} {[f.step for f in mgr.failures()]}", flush=True)
