@@ -23,7 +23,6 @@ from ..preemption import PreemptionWatch
 from ..uploader import Job, Uploader, new_staging_dir, remove_staging
 from . import ranks as _ranks
 from .reading import Reader, Restored
-from .sharded import save_job
 from .state import copy_to_cpu, write_state
 
 log = logging.getLogger(__name__)
@@ -329,6 +328,8 @@ class CheckpointManager:
             raise commit_failed(failed, self.store.url)
 
     def _save_sharded(self, step: int, state: Any, metrics: dict[str, float], epoch: int | None) -> Job:
+        from .sharded import save_job  # DCP is imported only when used
+
         return save_job(self._remote, state, self._ranks, self._staging, self._sharded_failed, step=step,
                         epoch=epoch, metrics=metrics, meta={"framework": FRAMEWORK}, policy=self._policy,
                         options=self._dcp_opts)

@@ -86,6 +86,8 @@ def detect(distributed: bool | None) -> Ranks | None:
 
 def is_sharded(state: Any) -> bool:
     """True when a leaf of ``state`` is a ``DTensor`` (FSDP2, tensor parallel): the state is saved through DCP."""
+    if not dist.is_available():
+        return False
     from torch.distributed.tensor import DTensor
 
     if isinstance(state, DTensor):

@@ -9,17 +9,25 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from torch.distributed.checkpoint.api import CheckpointException
-
 from ..errors import CheckpointNotFoundError, CloudCkptError, ConfigurationError, IntegrityError
 from ..fallback import newest_usable
 from ..manifest import CheckpointEntry
+from ..restore import DCP_FORMAT
 from ..store import CheckpointStore
 from . import ranks as _ranks
-from .sharded import is_dcp, load_sharded
 from .state import STATE_FILE, read_state
 
 log = logging.getLogger(__name__)
+
+
+def is_dcp(entry: CheckpointEntry) -> bool:
+    """True for a checkpoint written through DCP (a sharded state)."""
+    return entry.meta.get("format") == DCP_FORMAT
+
+
+def _dcp_failure(exc: BaseException) -> bool:
+    """DCP's CheckpointException (a BaseException): another rank's read failed."""
+    return type(exc).__name__ == "CheckpointException"
 
 
 @dataclass(frozen=True)
@@ -94,9 +102,11 @@ class Reader:
             restored: Restored | None = None
             try:
                 restored = self.read(entry, map_location, state)
-            except (Exception, CheckpointException) as exc:  # told to every rank (DCP's: another rank's failed)
+            except BaseException as exc:  # told to every rank (DCP's CheckpointException: another rank's failed)
+                if not isinstance(exc, Exception) and not _dcp_failure(exc):
+                    raise
                 error = exc
-            usable = error is None or isinstance(error, (IntegrityError, CheckpointException))
+            usable = error is None or isinstance(error, IntegrityError) or _dcp_failure(error)
             worst = self.ranks.max(0.0 if error is None else 1.0 if usable else 2.0)
             if worst == 0.0 and restored is not None:
                 return restored
@@ -112,6 +122,8 @@ class Reader:
             if state is None:
                 raise ConfigurationError(f"{self.store.url}: checkpoint {entry.id} is sharded (saved through DCP): "
                                          f"pass restore(state=...), the state to load it into")
+            from .sharded import load_sharded  # DCP is imported only when used
+
             load_sharded(self.remote, entry, state, self.ranks, self.dcp_options)
             log.info("restored %s (step %s, sharded) from %s", entry.id, entry.step, self.store.url)
             return Restored(state, entry.step, entry.epoch, dict(entry.metrics), entry)

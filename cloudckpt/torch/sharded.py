@@ -16,15 +16,9 @@ from ..errors import CloudCkptError, SaveFailure, StaleWriterError
 from ..manifest import CheckpointEntry
 from ..uploader import Job
 from .dcp import CloudStorageReader, CloudStorageWriter, load
-from .dcp_format import DCP_FORMAT
 from .ranks import Ranks, unwrap_dcp_error
 
 log = logging.getLogger(__name__)
-
-
-def is_dcp(entry: CheckpointEntry) -> bool:
-    """True for a checkpoint written through DCP (a sharded state)."""
-    return entry.meta.get("format") == DCP_FORMAT
 
 
 def save_sharded(remote: str | None, state: Any, ranks: Ranks | None, *, step: int, epoch: int | None,
