@@ -193,8 +193,10 @@ def test_replicated_sigkill_of_rank_0_mid_upload_lists_nothing_and_the_restart_e
                                                                                             reference):
     final_ref, _, _ = reference("ddp")
     sigkill_mid_save(tmp_path, s3_url, "ddp", 0, "push.after_upload")  # rank 0's upload: stored, not listed
-    lines = run(tmp_path, s3_url, tmp_path / "final.pt", "--kind", "ddp", "--rank0-saves")  # `if rank == 0: save`
-    assert lines[0] == f"resumed {SAVE_EVERY}", lines[:3]
+    every = run_all(tmp_path, s3_url, tmp_path / "final.pt", "--kind", "ddp", "--rank0-saves",  # `if rank == 0`
+                    "--probe-missing")
+    for lines in every:
+        assert lines[:2] == ["missing: CheckpointNotFoundError", f"resumed {SAVE_EVERY}"], lines[:3]
     assert_identical(final_ref, tmp_path / "final.pt")
 
 

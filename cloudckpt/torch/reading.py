@@ -9,7 +9,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from ..errors import CheckpointNotFoundError, CloudCkptError, ConfigurationError, IntegrityError
+from ..errors import CheckpointNotFoundError, ConfigurationError, IntegrityError
 from ..fallback import newest_usable
 from ..manifest import CheckpointEntry
 from ..restore import DCP_FORMAT
@@ -55,12 +55,16 @@ class Reader:
         if self.ranks is None:
             found = self.candidates(selector)
         else:  # rank 0 resolves, every rank reads the same ids (or raises the same error)
-            try:
-                shared = self.ranks.share([c.id for c in self.candidates(selector) or []]
-                                          if self.ranks.coordinator else None)
-            except CloudCkptError as exc:
-                self.ranks.share(_ranks.error_record(exc))  # rank 0 only: the others wait for its answer
-                raise
+            answer: Any = None
+            failed: Exception | None = None
+            if self.ranks.coordinator:
+                try:
+                    answer = [c.id for c in self.candidates(selector) or []]
+                except Exception as exc:  # noqa: BLE001 - told to every rank, then raised here
+                    answer, failed = _ranks.error_record(exc), exc
+            shared = self.ranks.share(answer)
+            if failed is not None:
+                raise failed
             if isinstance(shared, dict):
                 raise _ranks.error_from(shared)
             index = self.store.index() if shared else None

@@ -11,7 +11,8 @@ on a CPU mesh, ``get_state_dict`` (DTensor shards, saved through DCP). Every ran
 final state (DTensors gathered) to OUT. With ``--kill-at``, rank R sets ``CLOUDCKPT_FAILPOINT=P`` before the save at
 step S (the failpoint SIGKILLs it there). After each save every rank prints ``wait S <mgr.wait()> <failed
 steps>``; with ``--rank0-saves`` only rank 0 calls ``save`` (``if rank == 0``); with ``--fail-at S`` rank 0's
-upload of the save at step S fails once (ENOSPC; committed at close).
+upload of the save at step S fails once (ENOSPC; committed at close). ``--probe-missing``: first restore a step
+that has no checkpoint and print ``missing: <error type>``.
 """
 
 from __future__ import annotations
@@ -29,6 +30,7 @@ import torch.distributed as dist
 from dcp_job import full  # the same directory: DTensors gathered to full tensors
 from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
 
+from cloudckpt.errors import CheckpointNotFoundError
 from cloudckpt.torch import CheckpointManager
 
 
@@ -69,6 +71,7 @@ def main() -> None:
     p.add_argument("--kill-rank", type=int, default=-1)
     p.add_argument("--failpoint", default="")
     p.add_argument("--fail-at", type=int, default=-1)
+    p.add_argument("--probe-missing", action="store_true", help="restore a step that has no checkpoint first")
     p.add_argument("--rank0-saves", action="store_true", help="only rank 0 calls save (replicated state)")
     a = p.parse_args()
     logging.basicConfig(level=logging.WARNING, format=f"rank {os.environ.get('RANK')}: %(levelname)s %(message)s")
@@ -88,6 +91,11 @@ def main() -> None:
     mgr = CheckpointManager(a.remote, monitor="loss", keep_best=1, keep_last=2, preemption=["sigterm"],
                             store_budget=60)
     start = 0
+    if a.probe_missing:  # every rank gets rank 0's typed error (none waits for an answer that never comes)
+        try:
+            mgr.restore(10**6, state=state(0) if sharded else None)
+        except CheckpointNotFoundError as exc:
+            print(f"missing: {type(exc).__name__}", flush=True)
     if sharded:
         restored = mgr.restore(state=state(0))
         if restored is not None:
