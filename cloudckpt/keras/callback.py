@@ -19,7 +19,7 @@ from ..preemption import PreemptionWatch
 from ..retention import Objective
 from ..store import CheckpointStore
 from ..uploader import Job, Uploader, new_staging_dir, remove_staging, snapshot
-from . import capture, internals, trainers
+from . import capture, internals, shards, trainers
 from . import local_files as lf
 from . import resume as rs
 from . import state as st
@@ -220,6 +220,7 @@ class CloudCheckpoint(keras.callbacks.ModelCheckpoint):
         self._pool = capture.BufferPool()  # async_save: the last snapshot's arrays, reused by the next capture
         self._committed: CommittedBest | None = None  # the best values the store has (set by on_train_begin)
         self._staged_best: float | None = None  # Keras' best at the last save point staged
+        self._shards: shards.ShardedSaves | None = None  # JAX with variables split across processes (set by fit)
 
     def on_train_begin(self, logs: dict[str, Any] | None = None) -> None:
         self._close_interrupted_fit()
@@ -241,6 +242,7 @@ class CloudCheckpoint(keras.callbacks.ModelCheckpoint):
         self._completed = False
         self._open = True
         self._staged_best = _float(self.best)
+        self._shards = self._adapter.sharded_saves(self.model, self.store)
         self._committed = CommittedBest(Objective(self.monitor, internals.monitor_mode(self)),
                                         best=self._staged_best, seen=self.best_seen)
         self.uploader = Uploader(self.store, on_commit=self._on_commit) if self.role.is_chief else None
@@ -392,16 +394,17 @@ class CloudCheckpoint(keras.callbacks.ModelCheckpoint):
         self._saved_path = None
         path = internals.file_path(self, epoch, batch, logs or {})
         kind = capture.kind_of(path) if self.writer is not None and internals.keras_saves(self.model) else None
-        with self._trainer.whole_values(self.model):  # JAX: variables split across processes, gathered
-            if kind is not None and not os.path.isdir(path):  # (a directory: Keras' save says what is wrong)
-                if self._should_save_model(epoch, batch, logs, path):  # Keras' decision (sets self._saved_path)
-                    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
-            else:
-                kind = None
-                self._local.release(path)
-                super()._save_model(epoch, batch, logs)
-            self._stage(epoch, batch, logs or {}, saved=self._saved_path, epoch_done=batch is None,
-                        position=epoch + 1 if batch is None else epoch, kind=kind)
+        if self._shards is not None:  # JAX, variables split across processes: shards, no Keras file (shards.py)
+            self._should_save_model(epoch, batch, logs, path)  # Keras' decision only (sets self._saved_path)
+        elif kind is not None and not os.path.isdir(path):  # (a directory: Keras' save says what is wrong)
+            if self._should_save_model(epoch, batch, logs, path):  # Keras' decision (sets self._saved_path)
+                os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+        else:
+            kind = None
+            self._local.release(path)
+            super()._save_model(epoch, batch, logs)
+        self._stage(epoch, batch, logs or {}, saved=self._saved_path, epoch_done=batch is None,
+                    position=epoch + 1 if batch is None else epoch, kind=kind)
         self.stall_seconds.append(time.perf_counter() - t0)
 
     def _step(self) -> int:
@@ -411,6 +414,8 @@ class CloudCheckpoint(keras.callbacks.ModelCheckpoint):
                position: int, kind: capture.Kind | None = None) -> None:
         """Snapshot the user's file (if Keras just saved it, or — ``kind`` — capture it to be written in the
         background) and the resume state; queue them for writing and upload."""
+        if self._shards is not None:  # every process stores its shards, process 0 commits
+            return shards.stage(self, epoch, batch, logs, saved=saved, epoch_done=epoch_done, position=position)
         # Copy what Keras' file lacks now (written on the uploader's thread). Every worker reads the same variables,
         # as a sync-on-read variable's read is a collective; non-chief workers then upload nothing.
         step = self._step()
@@ -526,7 +531,8 @@ class CloudCheckpoint(keras.callbacks.ModelCheckpoint):
             log.warning("preemption (%s): stopping (not the chief: the chief commits)", watch.reason)
         else:
             flushed = commit_within(self.uploader, notice_time=notice, deadline=self.preemption_deadline,
-                                    reason=watch.reason, step=self._step(), writer=self.writer)
+                                    reason=watch.reason, step=self._step(), writer=self.writer,
+                                    committed=self._shards.last if self._shards is not None else None)
         self.model.stop_training = True
         if self.exit_on_preemption:
             self._exit_preempted(flushed)
