@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import logging
-import math
 import os
 import time
 from pathlib import Path
@@ -241,7 +240,7 @@ class CloudCheckpoint(keras.callbacks.ModelCheckpoint):
             self._resume()
         self._completed = False
         self._open = True
-        self._staged_best = _float(self.best)
+        self._staged_best = internals.as_float(self.best)
         self._shards = self._adapter.sharded_saves(self.model, self.store)
         self._committed = CommittedBest(Objective(self.monitor, internals.monitor_mode(self)),
                                         best=self._staged_best, seen=self.best_seen)
@@ -436,13 +435,13 @@ class CloudCheckpoint(keras.callbacks.ModelCheckpoint):
         if self.uploader is None:
             self._last_staged_step = step
             return
-        metrics = finite_metrics({k: v for k, v in logs.items() if _numeric(v)})  # NaN/inf: no value, warned
+        metrics = finite_metrics({k: v for k, v in logs.items() if internals.numeric(v)})  # NaN/inf: no value, warned
         current = metrics.get(self.monitor)
         mode = internals.monitor_mode(self)
         improved = self._improves(logs, saved)
         if improved:
             self.best_seen = current
-        keras_best = _float(self.best)
+        keras_best = internals.as_float(self.best)
         moved = Moved(best=keras_best if keras_best != self._staged_best else None,
                       seen=current if improved else None)
         self._staged_best = keras_best
@@ -502,7 +501,7 @@ class CloudCheckpoint(keras.callbacks.ModelCheckpoint):
         if saved is None or "://" in saved:
             return False
         value = logs.get(self.monitor)
-        current = float(value) if value is not None and _finite(value) else None
+        current = float(value) if value is not None and internals.finite(value) else None
         return bool(Objective(self.monitor, internals.monitor_mode(self)).better(current, self.best_seen))
 
     def _on_commit(self, entry: CheckpointEntry, job: Job) -> None:
@@ -579,21 +578,4 @@ class CloudCheckpoint(keras.callbacks.ModelCheckpoint):
                                                                  state.last_batch_seen))
         self._last_staged_step = state.global_step
         self.resumed_from, self.batches_skipped = found.entry.id, self._resumed.k
-
-
-def _float(value: Any) -> float | None:
-    return None if value is None else float(value)
-
-
-def _finite(value: Any) -> bool:
-    return _numeric(value) and math.isfinite(float(value))
-
-
-def _numeric(value: Any) -> bool:
-    try:
-        float(value)
-    except (TypeError, ValueError):
-        return False
-    return True
-
 

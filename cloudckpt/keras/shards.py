@@ -267,7 +267,7 @@ def stage(cb: Any, epoch: int, batch: int | None, logs: dict, *, saved: str | No
     arrays.update(cb._trainer.randomness.capture())
     if cb._epoch_rng and not epoch_done:
         arrays.update(cb._epoch_rng)
-    metrics = finite_metrics({k: v for k, v in logs.items() if _number(v)})
+    metrics = finite_metrics({k: v for k, v in logs.items() if internals.numeric(v)})
     improved = cb._improves(logs, saved)
     if improved:
         cb.best_seen = metrics.get(cb.monitor)
@@ -293,14 +293,6 @@ def stage(cb: Any, epoch: int, batch: int | None, logs: dict, *, saved: str | No
     if entry is not None and cb._committed is not None:
         cb._committed.committed(moved)
     cb._last_staged_step = step
-
-
-def _number(value: Any) -> bool:
-    try:
-        float(value)
-    except (TypeError, ValueError):
-        return False
-    return True
 
 
 def _keras_version() -> str:
