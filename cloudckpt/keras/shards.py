@@ -42,7 +42,7 @@ from ..store import CheckpointStore
 from ..transfer import LocalFile, upload_all
 from . import state as st
 from .distributed import spans_processes
-from .shard_format import METADATA, Box, Shard, ShardMetadata, Variable, shard_object
+from .shard_format import METADATA, Box, Shard, ShardMetadata, Variable, parse_metadata, shard_object
 
 log = logging.getLogger(__name__)
 
@@ -156,13 +156,13 @@ class ShardedSaves:
             except BaseException as exc:  # every process must hear of it before process 0 raises
                 failure, outcome = exc, f"{type(exc).__name__}: {exc}" or "failed"
         outcome = self.collective(outcome.encode() if self.coordinator else b"")[0].decode()
+        if outcome and reply["error"] is None and reply["files"]:  # this process's object is no use now
+            discard_stored(store, cid, [shard_object(self.process)])  # (best effort: gc removes what is left)
         if failure is not None:
             raise failure
-        self.last = entry
         if outcome:
-            if reply["error"] is None:  # this process's object is no use now; gc would remove it anyway
-                discard_stored(store, cid, [shard_object(self.process)])
             raise TransferError(f"sharded checkpoint {cid} was not committed ({outcome[:300]})")
+        self.last = entry
         return entry
 
     def _store_mine(self, model: Any, cid: str) -> dict[str, Any]:
@@ -220,11 +220,12 @@ class ShardedSaves:
                 raise IntegrityError(f"{cid}: a process reports shards of {key} in an object it did not store")
             variables.append(Variable(key=key, path=path, dtype=dtypes[key], shape=list(shape),
                                       shards=sorted(shards, key=lambda s: s.box)))
-        md = ShardMetadata(processes=self.processes, variables=variables)
+        doc = ShardMetadata(processes=self.processes, variables=variables).model_dump_json().encode()
+        parse_metadata(doc, {f.path: f.size for f in files})  # what restore will check, checked before the commit
         with tempfile.TemporaryDirectory(prefix="cloudckpt-shards-") as tmp:
             st.write_state(Path(tmp), arrays, state)
             (Path(tmp) / METADATA).parent.mkdir(parents=True, exist_ok=True)
-            (Path(tmp) / METADATA).write_bytes(md.model_dump_json().encode())
+            (Path(tmp) / METADATA).write_bytes(doc)
             local = [LocalFile(Path(tmp) / rel, rel) for rel in (st.MARKER, f"{st.STATE_DIR}/{st.VARIABLES}",
                                                                   METADATA)]
             files += upload_all(store.backend, cid, local, sha256=False, budget=store.budget,
