@@ -47,8 +47,8 @@ def deterministic(seed):
         torch.use_deterministic_algorithms(True)
 
 
-def build_model():
-    model = keras.Sequential([keras.Input((64,)), keras.layers.Dense(32, activation="relu"),
+def build_model(hidden=32):
+    model = keras.Sequential([keras.Input((64,)), keras.layers.Dense(hidden, activation="relu"),
                               keras.layers.Dropout(0.2), keras.layers.Dense(10)])
     model.compile(optimizer=keras.optimizers.Adam(1e-2),
                   loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True), metrics=["accuracy"])
@@ -146,6 +146,22 @@ class Dump(keras.callbacks.Callback):
             self._dump()
 
 
+class StopAt(keras.callbacks.Callback):
+    """Listed after the checkpoint callback: after step ``at``, waits for the checkpoints to commit, prints
+    ``STALLS <json list of the checkpoint's stall seconds>`` and exits 0."""
+
+    def __init__(self, ckpt, at):
+        super().__init__()
+        self.ckpt, self.at = ckpt, at
+
+    def on_train_batch_end(self, batch, logs=None):
+        if int(self.model.optimizer.iterations.numpy()) == self.at:
+            if self.ckpt.uploader is not None:
+                self.ckpt.flush(120)
+            print("STALLS", json.dumps(self.ckpt.stall_seconds), flush=True)
+            os._exit(0)
+
+
 def slow_uploads(seconds):
     """Every push takes ``seconds`` longer (a slow link), so a process that ends right after a save has uploads in
     flight."""
@@ -225,6 +241,9 @@ def main(argv=None):
     p.add_argument("--dump-restored", action="store_true", help="right after the resume (fit's start), write every "
                    "model and optimizer variable's whole value to --dump (process 0) and exit")
     p.add_argument("--dump")
+    p.add_argument("--hidden", type=int, default=32, help="units of the hidden Dense layer")
+    p.add_argument("--stop-at", type=int, help="after this step, print STALLS <the checkpoint's stall seconds> and "
+                   "exit 0 (every process)")
     p.add_argument("--store-budget", type=float, default=300.0)
     p.add_argument("--keep-last", type=int, default=2)
     p.add_argument("--on-upload-error", default="retry")
@@ -246,7 +265,7 @@ def main(argv=None):
     x, y = data()
     shards = n_proc if n_proc and not args.model_parallel else 1  # data parallel: each process feeds its part
     x, y = x[process::shards][:len(x) // shards], y[process::shards][:len(x) // shards]
-    model = build_model()
+    model = build_model(args.hidden)
     if n_proc:  # variables whose value spans other processes' devices (model parallel: the Dense kernels)
         print("SPLIT", sum(not v.value.is_fully_addressable and not v.value.is_fully_replicated
                            for v in model.variables), flush=True)
@@ -262,6 +281,8 @@ def main(argv=None):
                  + ([] if args.no_checkpoint else [ckpt]))
     if args.dump:
         callbacks.append(Dump(args.dump, args.dump_at, args.dump_restored, process))
+    if args.stop_at:
+        callbacks.append(StopAt(ckpt, args.stop_at))
     if args.end_after_epoch is not None or args.flush_each_epoch:
         callbacks.append(Ender(ckpt, args.end_after_epoch, args.end_how, args.flush_each_epoch))
     model.fit(x, y, batch_size=64 // shards, epochs=args.epochs, validation_split=0.2, shuffle=args.shuffle, verbose=0,
