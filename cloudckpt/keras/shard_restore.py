@@ -114,19 +114,24 @@ def restore_shards(model: Any, store: CheckpointStore, entry: CheckpointEntry, m
     got = _fetch(store, entry.id, files, [s for *_, need in plan for s in need], stats)
     for var, v, boxes, need in plan:
         dtype = numpy_dtype(v.dtype)
-        parts = {}
-        for box in boxes:
-            out = np.empty([b - a for a, b in box], dtype)
-            for s in need:
-                inter = intersect(s.extent(), box)
-                if inter is None:
-                    continue
-                data = np.frombuffer(got[_key(s)], dtype).reshape([b - a for a, b in s.extent()])
-                src = tuple(slice(lo - a, hi - a) for (lo, hi), (a, _) in zip(inter, s.extent(), strict=True))
-                dst = tuple(slice(lo - a, hi - a) for (lo, hi), (a, _) in zip(inter, box, strict=True))
-                out[dst] = data[src]
-            parts[box] = out
+        saved_parts = [(s.extent(), np.frombuffer(got[_key(s)], dtype).reshape([b - a for a, b in s.extent()]))
+                       for s in need]
+        parts = {box: assemble(box, saved_parts, dtype) for box in boxes}
         var.assign(_laid_out(var.value, tuple(v.shape), parts))
+
+
+def assemble(box: Box, saved: list[tuple[Box, np.ndarray]], dtype: np.dtype) -> np.ndarray:
+    """The values of ``box`` from the ``saved`` parts (each its box and values) that overlap it; the parts must
+    cover it (the metadata's check: every element saved exactly once)."""
+    out = np.empty([b - a for a, b in box], dtype)
+    for extent, data in saved:
+        inter = intersect(extent, box)
+        if inter is None:
+            continue
+        src = tuple(slice(lo - a, hi - a) for (lo, hi), (a, _) in zip(inter, extent, strict=True))
+        dst = tuple(slice(lo - a, hi - a) for (lo, hi), (a, _) in zip(inter, box, strict=True))
+        out[dst] = data[src]
+    return out
 
 
 def _laid_out(current: Any, shape: tuple[int, ...], parts: Mapping[Box, np.ndarray]) -> Any:
