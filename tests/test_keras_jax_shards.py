@@ -173,6 +173,10 @@ def test_process_one_sigkilled_mid_upload_lists_nothing_then_the_previous_restor
         assert int(nbytes) == split // 2 + replicated
     with np.load(tmp_path / "again.npz") as got:
         assert_identical({k: got[k] for k in got.files}, values)
+    [only] = store.list()
+    store.gc(min_age=0)  # what the killed save stored, never listed, is collected
+    assert {o.rel.split("/")[0] for o in store.backend.list_objects() if o.rel.startswith("ckpt-")} == {only.id}
+    assert [v.ok for v in store.verify(all=True)] == [True]
 
 
 # --- hostile metadata: validated before any shard is read ------------------------------------------------------
