@@ -1,10 +1,11 @@
 """Multi-host JAX: `keras.distribution` over ``jax.distributed``, two real processes on the CPU (JAX's gloo
-collectives, coordinator on 127.0.0.1). Process 0 claims the run and commits; the other never writes the store.
+collectives, coordinator on 127.0.0.1). Process 0 claims the run and commits; the other writes no index or
+manifest (under ModelParallel it stores its own shards, see test_keras_jax_shards.py).
 
 - DataParallel: every variable whole in each process; both killed, a restart on one process resumes.
-- ModelParallel with the Dense kernels split across the two processes: the saves gather them (collectives both
-  processes enter), a SIGTERM to ONE process stops both at the same batch boundary with exit 143 after process 0's
-  commit, and the checkpoint resumes on two processes (re-split, bit-identical to an uninterrupted run) and on one.
+- ModelParallel with the Dense kernels split across the two processes: each process stores its shards and process
+  0 commits (collectives both processes enter), a SIGTERM to ONE process stops both at the same batch boundary
+  with exit 143 after process 0's commit, and the checkpoint resumes on two processes (re-split) and on one.
 
 Keras 3.15 + jax 0.10.2 on the CPU: ModelParallel training itself (without any checkpoint callback) aborts in gloo
 at the last batch of the training data ("Received data size doesn't match expected size. Is there a distributed
@@ -24,6 +25,7 @@ import pytest
 
 from cloudckpt.errors import ConfigurationError
 from cloudckpt.keras.distributed import WorkerRole, role_from_processes
+from cloudckpt.store import CheckpointStore
 
 needs_jax = pytest.mark.skipif(importlib.util.find_spec("jax") is None, reason="jax is not installed")
 
@@ -84,23 +86,10 @@ def pair(tmp: Path, name: str, *args: str, kill0: int | None = None) -> list:
     return procs
 
 
-def weights_at(store: Path, step: int, to: Path) -> dict:
-    """The arrays of the Keras weights file of ``store``'s checkpoint at ``step``, by their path in the file."""
-    import h5py
-
-    from cloudckpt.store import CheckpointStore
-
-    entry = next(e for e in CheckpointStore(str(store)).list() if e.step == step)
-    pulled = CheckpointStore(str(store)).pull(entry.id, to=to)
-    out: dict = {}
-    with h5py.File(pulled.path / "m.weights.h5", "r") as f:
-        f.visititems(lambda name, obj: out.__setitem__(name, obj[()]) if isinstance(obj, h5py.Dataset) else None)
-    return out
-
-
 @needs_jax
 def test_model_parallel_sigterm_to_one_process_then_resume_on_two_and_on_one(tmp_path):
     from test_keras_backends import finish, start
+    from test_keras_jax_shards import shard_values
 
     common = ["--weights-only", "--save-freq", "5", "--shuffle", "--filepath", "ckpt/m.weights.h5"]
     preempted = pair(tmp_path, "pre", "--remote", str(tmp_path / "store"), *common)
@@ -119,10 +108,11 @@ def test_model_parallel_sigterm_to_one_process_then_resume_on_two_and_on_one(tmp
     assert at, first.err
     stop = int(at.group(2))
     assert first.steps[-1] == other.steps[-1] == stop >= 7, "both stopped at the same batch boundary"
-    assert "committed ckpt-e000001-s0000000005" in first.err, "a save with split variables (Keras' file) commits"
-    assert "committed" not in other.err and "claimed" not in other.err, "only process 0 writes the store"
-    kernel = weights_at(tmp_path / "store", 5, tmp_path / "pulled")["layers/dense/vars/0"]
-    assert kernel.shape == (64, 32), "whole kernels in Keras' file, not one process's part"
+    assert "committed ckpt-e000001-s0000000005" in first.err, "a save with split variables (shards) commits"
+    assert "committed" not in other.err and "claimed" not in other.err, "only process 0 commits"
+    values, paths = shard_values(CheckpointStore(str(tmp_path / "store")), 5, tmp_path / "pulled")
+    kernel = next(v for k, v in values.items() if paths[k] == "sequential/dense/kernel")
+    assert kernel.shape == (64, 32), "both processes' parts of the kernel, each stored by its own process"
 
     # resume on two processes (the whole arrays split again) until step 12, and on one process to the end
     shutil.copytree(tmp_path / "store", tmp_path / "store-one")

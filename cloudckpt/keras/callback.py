@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import logging
-import math
 import os
 import time
 from pathlib import Path
@@ -19,7 +18,7 @@ from ..preemption import PreemptionWatch
 from ..retention import Objective
 from ..store import CheckpointStore
 from ..uploader import Job, Uploader, new_staging_dir, remove_staging, snapshot
-from . import capture, internals, trainers
+from . import capture, internals, shards, trainers
 from . import local_files as lf
 from . import resume as rs
 from . import state as st
@@ -220,6 +219,7 @@ class CloudCheckpoint(keras.callbacks.ModelCheckpoint):
         self._pool = capture.BufferPool()  # async_save: the last snapshot's arrays, reused by the next capture
         self._committed: CommittedBest | None = None  # the best values the store has (set by on_train_begin)
         self._staged_best: float | None = None  # Keras' best at the last save point staged
+        self._shards: shards.ShardedSaves | None = None  # JAX with variables split across processes (set by fit)
 
     def on_train_begin(self, logs: dict[str, Any] | None = None) -> None:
         self._close_interrupted_fit()
@@ -240,7 +240,8 @@ class CloudCheckpoint(keras.callbacks.ModelCheckpoint):
             self._resume()
         self._completed = False
         self._open = True
-        self._staged_best = _float(self.best)
+        self._staged_best = internals.as_float(self.best)
+        self._shards = self._adapter.sharded_saves(self.model, self.store)
         self._committed = CommittedBest(Objective(self.monitor, internals.monitor_mode(self)),
                                         best=self._staged_best, seen=self.best_seen)
         self.uploader = Uploader(self.store, on_commit=self._on_commit) if self.role.is_chief else None
@@ -392,16 +393,17 @@ class CloudCheckpoint(keras.callbacks.ModelCheckpoint):
         self._saved_path = None
         path = internals.file_path(self, epoch, batch, logs or {})
         kind = capture.kind_of(path) if self.writer is not None and internals.keras_saves(self.model) else None
-        with self._trainer.whole_values(self.model):  # JAX: variables split across processes, gathered
-            if kind is not None and not os.path.isdir(path):  # (a directory: Keras' save says what is wrong)
-                if self._should_save_model(epoch, batch, logs, path):  # Keras' decision (sets self._saved_path)
-                    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
-            else:
-                kind = None
-                self._local.release(path)
-                super()._save_model(epoch, batch, logs)
-            self._stage(epoch, batch, logs or {}, saved=self._saved_path, epoch_done=batch is None,
-                        position=epoch + 1 if batch is None else epoch, kind=kind)
+        if self._shards is not None:  # JAX, variables split across processes: shards, no Keras file (shards.py)
+            self._should_save_model(epoch, batch, logs, path)  # Keras' decision only (sets self._saved_path)
+        elif kind is not None and not os.path.isdir(path):  # (a directory: Keras' save says what is wrong)
+            if self._should_save_model(epoch, batch, logs, path):  # Keras' decision (sets self._saved_path)
+                os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+        else:
+            kind = None
+            self._local.release(path)
+            super()._save_model(epoch, batch, logs)
+        self._stage(epoch, batch, logs or {}, saved=self._saved_path, epoch_done=batch is None,
+                    position=epoch + 1 if batch is None else epoch, kind=kind)
         self.stall_seconds.append(time.perf_counter() - t0)
 
     def _step(self) -> int:
@@ -411,6 +413,8 @@ class CloudCheckpoint(keras.callbacks.ModelCheckpoint):
                position: int, kind: capture.Kind | None = None) -> None:
         """Snapshot the user's file (if Keras just saved it, or — ``kind`` — capture it to be written in the
         background) and the resume state; queue them for writing and upload."""
+        if self._shards is not None:  # every process stores its shards, process 0 commits
+            return shards.stage(self, epoch, batch, logs, saved=saved, epoch_done=epoch_done, position=position)
         # Copy what Keras' file lacks now (written on the uploader's thread). Every worker reads the same variables,
         # as a sync-on-read variable's read is a collective; non-chief workers then upload nothing.
         step = self._step()
@@ -431,13 +435,13 @@ class CloudCheckpoint(keras.callbacks.ModelCheckpoint):
         if self.uploader is None:
             self._last_staged_step = step
             return
-        metrics = finite_metrics({k: v for k, v in logs.items() if _numeric(v)})  # NaN/inf: no value, warned
+        metrics = finite_metrics({k: v for k, v in logs.items() if internals.numeric(v)})  # NaN/inf: no value, warned
         current = metrics.get(self.monitor)
         mode = internals.monitor_mode(self)
         improved = self._improves(logs, saved)
         if improved:
             self.best_seen = current
-        keras_best = _float(self.best)
+        keras_best = internals.as_float(self.best)
         moved = Moved(best=keras_best if keras_best != self._staged_best else None,
                       seen=current if improved else None)
         self._staged_best = keras_best
@@ -497,7 +501,7 @@ class CloudCheckpoint(keras.callbacks.ModelCheckpoint):
         if saved is None or "://" in saved:
             return False
         value = logs.get(self.monitor)
-        current = float(value) if value is not None and _finite(value) else None
+        current = float(value) if value is not None and internals.finite(value) else None
         return bool(Objective(self.monitor, internals.monitor_mode(self)).better(current, self.best_seen))
 
     def _on_commit(self, entry: CheckpointEntry, job: Job) -> None:
@@ -526,7 +530,8 @@ class CloudCheckpoint(keras.callbacks.ModelCheckpoint):
             log.warning("preemption (%s): stopping (not the chief: the chief commits)", watch.reason)
         else:
             flushed = commit_within(self.uploader, notice_time=notice, deadline=self.preemption_deadline,
-                                    reason=watch.reason, step=self._step(), writer=self.writer)
+                                    reason=watch.reason, step=self._step(), writer=self.writer,
+                                    committed=self._shards.last if self._shards is not None else None)
         self.model.stop_training = True
         if self.exit_on_preemption:
             self._exit_preempted(flushed)
@@ -573,21 +578,4 @@ class CloudCheckpoint(keras.callbacks.ModelCheckpoint):
                                                                  state.last_batch_seen))
         self._last_staged_step = state.global_step
         self.resumed_from, self.batches_skipped = found.entry.id, self._resumed.k
-
-
-def _float(value: Any) -> float | None:
-    return None if value is None else float(value)
-
-
-def _finite(value: Any) -> bool:
-    return _numeric(value) and math.isfinite(float(value))
-
-
-def _numeric(value: Any) -> bool:
-    try:
-        float(value)
-    except (TypeError, ValueError):
-        return False
-    return True
-
 

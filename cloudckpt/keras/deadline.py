@@ -12,6 +12,7 @@ from __future__ import annotations
 import logging
 import time
 
+from ..manifest import CheckpointEntry
 from ..uploader import Uploader
 from .writer import Writer
 
@@ -19,7 +20,7 @@ log = logging.getLogger(__name__)
 
 
 def commit_within(uploader: Uploader, *, notice_time: float, deadline: float, reason: str | None,
-                  step: int, writer: Writer | None = None) -> bool:
+                  step: int, writer: Writer | None = None, committed: CheckpointEntry | None = None) -> bool:
     """Wait until ``uploader`` has handled everything queued, at most until ``deadline`` seconds after
     ``notice_time`` (``time.monotonic()``); log the outcome: committed only when the job of the checkpoint at
     ``step`` committed (not an older one, e.g. when the preemption checkpoint's background write failed). Returns
@@ -33,6 +34,8 @@ def commit_within(uploader: Uploader, *, notice_time: float, deadline: float, re
         reason: what the notice said (for the log).
         step: the checkpoint's global step (for the log).
         writer: the background writer (``async_save``), flushed first, within the same deadline. Default None.
+        committed: the checkpoint a save on the training thread has just committed (a sharded save,
+            :mod:`cloudckpt.keras.shards`), if any. Default None.
     """
     left = deadline - (time.monotonic() - notice_time)
     if left <= 0:  # the step outlasted the window: still commit what is in flight, for another window at most
@@ -46,10 +49,12 @@ def commit_within(uploader: Uploader, *, notice_time: float, deadline: float, re
     elapsed = time.monotonic() - notice_time
     missed = elapsed - deadline
     last = uploader.last_job  # the preemption checkpoint's job, unless its background write failed
-    if last is not None and last.entry is not None and last.push_args.get("step") == step:
+    if committed is None and last is not None and last.push_args.get("step") == step:
+        committed = last.entry
+    if committed is not None and committed.step == step:
         log.log(logging.ERROR if missed > 0 else logging.WARNING,
                 "preemption (%s): checkpoint %s at step %d committed %.2fs after the notice%s; stopping",
-                reason, last.entry.id, step, elapsed,
+                reason, committed.id, step, elapsed,
                 f": missed the {deadline:g}s deadline by {missed:.2f}s" if missed > 0 else "")
     else:
         why = ("" if written or writer is None else

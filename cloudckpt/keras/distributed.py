@@ -23,30 +23,34 @@ reads the state (a collective) at a point the other workers don't, so training s
 timeout fails it; a restart then resumes from the latest committed checkpoint.
 
 JAX (`keras.distribution` over ``jax.distributed``, the multi-host path Keras documents): every process runs the
-same script; process 0 claims the run, uploads and writes the index (:func:`jax_role`); the others save their
-local files as Keras does and never write the store. Everything that needs the other processes is a collective
-that every process enters at the same point of the same callback hook, in the same order, or the processes
-deadlock (gloo on the CPU fails with a collective mismatch or a timeout instead):
+same script; process 0 claims the run and commits (:func:`jax_role`). Everything that needs the other processes is
+a collective that every process enters at the same point of the same callback hook, in the same order, or the
+processes deadlock (gloo on the CPU fails with a collective mismatch or a timeout instead):
 
+- Nothing split (``DataParallel``, or a layout that keeps every variable whole on each process): process 0 saves
+  Keras' own file and uploads it; the others save their local files as Keras does and never write the store.
 - Variables split across processes (``ModelParallel`` with a layout that shards a kernel over devices of different
-  processes): Keras 3.15's own save reads each variable with ``np.array``, which JAX refuses for such a value
-  (``RuntimeError: Fetching value for `jax.Array` that spans non-addressable ... devices is not possible``). At each
-  save point every process gathers each split variable's whole value (:func:`jax_gather`, one all-gather per
-  variable, in the model's variable order) and Keras' save writes them (see `trainers.TrainerAdapter.whole_values`).
-  So the checkpoint is the ordinary Keras file with whole arrays, not one file per shard: a restart under any other
-  number of processes or layout, or a plain ``load_weights`` on one machine, reads it, and each assignment puts the
-  value back in the variable's current layout. The cost is that each process holds the whole model in host memory
-  at a save point (one process of a job that does not fit it would need per-shard files, e.g. Orbax).
+  processes; Keras 3.15's own save can't read such a value: ``RuntimeError: Fetching value for `jax.Array` that
+  spans non-addressable ... devices is not possible``): nothing is gathered and no Keras file is written. At each
+  save point every process stores the shards it holds and process 0 commits one checkpoint listing every
+  process's object (:mod:`cloudckpt.keras.shards`, switched on by
+  :meth:`~cloudckpt.keras.trainers.TrainerAdapter.sharded_saves` when a model or optimizer variable is split);
+  a restart under any number of processes and layout reads only the shards its devices need and assigns them in
+  the variables' current layout (:mod:`cloudckpt.keras.shard_restore`). No host ever holds the whole model. The
+  save runs on the training thread (three small collectives: the checkpoint id, what each process stored, process
+  0's outcome), so every process waits for its own upload and process 0's commit. Only the training metrics'
+  accumulators (replicated scalars) are still read whole (:func:`jax_gather` if one were split).
 - Preemption: a notice (SIGTERM, a cloud's metadata) reaches one process, or each at its own batch. At every batch
   boundary (and epoch end) the processes agree whether any of them has one (:func:`jax_any`, an all-gather of one
   flag), so all of them checkpoint at the same batch and stop; process 0 commits. Measured ~8 ms per batch for two
   processes over gloo on one loaded 2-core machine; nothing when ``preemption=None`` or on one process.
 
-With ``DataParallel`` every variable is replicated and nothing is gathered. Tested with two processes on the CPU
-(gloo): data parallel killed and resumed on one process; model parallel preempted by a SIGTERM to one process (both
-stop at the same batch, exit 143), resumed on two processes (the whole arrays split again) and on one. Not shown
-there: that the two-process resume is bit-identical to an uninterrupted run (one comparison at step 15 differed in
-the last bits of a kernel; whether two uninterrupted model-parallel runs agree bit for bit on gloo was not checked).
+Tested with two processes on the CPU (gloo): data parallel killed and resumed on one process; model parallel
+preempted by a SIGTERM to one process (both stop at the same batch, exit 143), resumed on two processes and on one;
+model parallel saved on two processes and restored bit-identical on two with another layout and on one, a SIGKILL of
+one process mid-upload listing nothing (``tests/test_keras_jax_shards.py``). Not shown: that a two-process resume
+trains on bit-identical to an uninterrupted run (one comparison at step 15 differed in the last bits of a kernel;
+whether two uninterrupted model-parallel runs agree bit for bit on gloo was not checked).
 Keras 3.15's ModelParallel fit itself (no callback) aborts in gloo at the last batch of the training data on the
 CPU ("Received data size doesn't match expected size"), so that test stops before it.
 

@@ -11,6 +11,7 @@ is where to adapt.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -132,3 +133,20 @@ def print_msg(message: str) -> None:
     from keras.src.utils import io_utils
 
     io_utils.print_msg(message)
+
+
+def as_float(value: Any) -> float | None:
+    return None if value is None else float(value)
+
+
+def numeric(value: Any) -> bool:
+    """Whether ``float(value)`` works (a log value Keras reports may be anything)."""
+    try:
+        float(value)
+    except (TypeError, ValueError):
+        return False
+    return True
+
+
+def finite(value: Any) -> bool:
+    return numeric(value) and math.isfinite(float(value))

@@ -39,8 +39,9 @@ from ..errors import CheckpointNotFoundError, ConfigurationError, IntegrityError
 from ..fallback import newest_usable
 from ..manifest import CheckpointEntry
 from ..store import CheckpointStore
-from . import internals
+from . import internals, shard_restore
 from .local_files import restore_local_files
+from .shard_format import ShardMetadata
 from .state import EPOCH_RNG, MARKER, STATE_DIR, Covered, Group, Layout, ResumeState, read_state
 from .trainers import SkipBatches, TrainerAdapter
 
@@ -193,6 +194,9 @@ def resume(model: Any, trainer: TrainerAdapter, store: CheckpointStore, staging:
         return None
     state = found.state
     try:
+        if found.shards is not None:  # saved shard by shard: each process reads the parts it holds
+            ensure_optimizer_built(model)
+            shard_restore.restore_shards(model, store, found.entry, found.shards)
         restore_variables(model, state, found.arrays, found.path)
     except ConfigurationError as exc:
         why = " ".join(str(exc).split())
@@ -220,6 +224,7 @@ class Resumable:
     path: Path
     state: ResumeState
     arrays: dict[str, np.ndarray]
+    shards: ShardMetadata | None = None  # a checkpoint saved shard by shard: its validated metadata
 
 
 def pull_resumable(store: CheckpointStore, to: Path) -> Resumable | None:
@@ -247,7 +252,12 @@ def pull_resumable(store: CheckpointStore, to: Path) -> Resumable | None:
 
 
 def _verified(store: CheckpointStore, entry: CheckpointEntry, to: Path) -> Resumable:
-    """Pull ``entry`` and check its state, its variables and its weights file against each other."""
+    """Pull ``entry`` and check its state, its variables and its weights file against each other (a sharded one:
+    its state and metadata only, the shards are read as they are assigned)."""
+    if shard_restore.is_sharded(entry):
+        to.mkdir(parents=True, exist_ok=True)
+        state, arrays, md = shard_restore.read_state_and_metadata(store, entry, to)
+        return Resumable(entry, to, state, arrays, md)
     pulled = store.pull(entry.id, to=to)
     state, arrays = read_state(pulled.path, [f.path for f in entry.files])
     if state.weights_file:

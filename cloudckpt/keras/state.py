@@ -43,8 +43,9 @@ STATE_DIR = "cloudckpt_state"
 STATE_JSON = "state.json"
 VARIABLES = "variables.npz"
 MARKER = f"{STATE_DIR}/{STATE_JSON}"  # a checkpoint holding this was written by CloudCheckpoint
-FORMAT: Literal[1, 2] = 2
-READABLE_FORMATS = (1, 2)  # 1: every variable in variables.npz (cloudckpt 0.1)
+FORMAT: Literal[1, 2, 3] = 2
+SHARDED_FORMAT: Literal[3] = 3  # model and optimizer variables in shards (cloudckpt.keras.shards), not here
+READABLE_FORMATS = (1, 2, 3)  # 1: every variable in variables.npz (cloudckpt 0.1)
 GROUPS: tuple[Group, ...] = ("model", "optimizer", "metrics")
 EPOCH_RNG = "rng_epoch_"  # key prefix of the host generators' states at the start of a checkpoint's epoch
 
@@ -68,12 +69,14 @@ class ResumeState(BaseModel):
         batches_seen_since_last_saving, last_batch_seen: ModelCheckpoint's save-frequency counters.
         user_file, keras_version: what Keras wrote at this save point and which Keras wrote it (informational).
         weights_file: the checkpoint's Keras 3 weights file that holds the ``covered`` variables (indices per group).
+        shards: format 3: the metadata of the shards that hold every model and optimizer variable
+            (:mod:`cloudckpt.keras.shards`); ``variables.npz`` then holds only metrics and generator states.
         layout: path and shape of every model, optimizer and metric variable, copied or covered.
     """
 
     model_config = ConfigDict(extra="ignore", strict=True, frozen=True)
 
-    format: Literal[1, 2] = FORMAT
+    format: Literal[1, 2, 3] = FORMAT
     epoch: _Count
     epoch_done: bool
     batches_done: _Count | None = None
@@ -88,6 +91,7 @@ class ResumeState(BaseModel):
     keras_version: str | None = None
     weights_file: str | None = None
     covered: Covered | None = None
+    shards: Literal["cloudckpt_shards/metadata.json"] | None = None
     layout: Layout
 
     @field_validator("weights_file")
@@ -108,6 +112,8 @@ class ResumeState(BaseModel):
     def _consistent(self) -> ResumeState:
         if not self.epoch_done and self.batches_done is None:
             raise ValueError("a mid-epoch state without batches_done")
+        if (self.shards is not None) != (self.format == SHARDED_FORMAT) or (self.shards and self.covered):
+            raise ValueError("a sharded state (format 3) names its shards' metadata and covers nothing else")
         if self.covered and not self.weights_file:
             raise ValueError("covered variables without a weights_file to load them from")
         for group, indices in (self.covered or {}).items():
@@ -121,7 +127,9 @@ class ResumeState(BaseModel):
         return 0 if self.epoch_done else int(self.batches_done or 0)
 
     def covers(self, group: Group) -> set[int]:
-        """Indices of ``group``'s variables that the weights file holds (not in ``variables.npz``)."""
+        """Indices of ``group``'s variables that the weights file or the shards hold (not in ``variables.npz``)."""
+        if self.shards is not None and group != "metrics":
+            return set(range(len(self.layout[group])))
         return set(self.covered.get(group, ())) if self.covered and group != "metrics" else set()
 
 

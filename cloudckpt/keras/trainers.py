@@ -16,10 +16,9 @@ the trainer's state back into the variables first (`Model.jax_state_sync`), so i
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import random
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -28,6 +27,7 @@ import numpy as np
 
 from ..errors import ConfigurationError, IntegrityError
 from .distributed import WorkerRole, current_role, jax_any, jax_gather, jax_role, spans_processes
+from .shards import ShardedSaves, any_split
 
 log = logging.getLogger(__name__)
 
@@ -201,37 +201,18 @@ class TrainerAdapter:
             return jax_gather([variable.value])[0]
         return np.asarray(variable.numpy())
 
-    @contextlib.contextmanager
-    def whole_values(self, model: Any) -> Iterator[int]:
-        """For the duration of a save: each of ``model``'s variables (model, optimizer, metrics) whose value is split
-        across the processes of a JAX job holds its whole value, gathered, so Keras' own save can read it; the split
-        values are put back after. A collective every process enters with the same model; nothing to do on a single
-        process, on other backends or when no variable is split. Yields how many variables were gathered.
+    def sharded_saves(self, model: Any, store: Any) -> ShardedSaves | None:
+        """How ``model`` is saved when some of its (or its optimizer's) variables are split across the processes
+        of a JAX job: shard by shard from every process (:mod:`~cloudckpt.keras.shards`); None otherwise (a single
+        process, another backend, nothing split: Keras' own file)."""
+        if self.multi_process != "jax":
+            return None
+        import jax
 
-        The value is swapped in the variable's private ``_value`` slot: an assignment would split it again (Keras
-        lays out every assigned value per the distribution). Keras' NNX variables have no such slot.
-
-        Raises:
-            ConfigurationError: split variables under Keras' NNX mode (``KERAS_NNX_ENABLED``).
-        """
-        split = []
-        if self.multi_process == "jax":
-            seen: set[int] = set()
-            for v in _all_variables(model):
-                if id(v) not in seen and spans_processes(v.value):
-                    split.append(v)
-                seen.add(id(v))
-        if split and keras.config.is_nnx_enabled():
-            raise ConfigurationError("variables split across processes can't be saved with Keras' NNX mode on "
-                                     "(KERAS_NNX_ENABLED): its variables re-split every value they are given")
-        originals = [v._value for v in split]
-        for v, whole in zip(split, jax_gather([v.value for v in split]), strict=True):
-            v._value = whole
-        try:
-            yield len(split)
-        finally:
-            for v, original in zip(split, originals, strict=True):
-                v._value = original
+        if jax.process_count() == 1 or not any_split(model):
+            return None
+        log.info("variables split across the %d processes: each process stores its shards", jax.process_count())
+        return ShardedSaves(store, jax.process_index(), jax.process_count())
 
     def any_process(self, flag: bool) -> bool:
         """True on every process when ``flag`` is True on any process of the job: on JAX a collective every
@@ -244,13 +225,6 @@ class TrainerAdapter:
         """Install this backend's :class:`SkipBatches` on ``model`` (see there for the arguments)."""
         log.debug("skipping %d batches with the %s trainer's adapter", k, self.backend)
         return self.skipper(model, k, logs, on_last)
-
-
-def _all_variables(model: Any) -> list:
-    """The model's, its optimizer's and its metrics' variables, in a fixed order (the same on every process)."""
-    optimizer = getattr(model, "optimizer", None)
-    return [*model.variables, *(optimizer.variables if optimizer is not None else ()),
-            *(v for m in model.metrics for v in m.variables)]
 
 
 _ADAPTERS = {

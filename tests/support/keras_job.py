@@ -47,8 +47,8 @@ def deterministic(seed):
         torch.use_deterministic_algorithms(True)
 
 
-def build_model():
-    model = keras.Sequential([keras.Input((64,)), keras.layers.Dense(32, activation="relu"),
+def build_model(hidden=32):
+    model = keras.Sequential([keras.Input((64,)), keras.layers.Dense(hidden, activation="relu"),
                               keras.layers.Dropout(0.2), keras.layers.Dense(10)])
     model.compile(optimizer=keras.optimizers.Adam(1e-2),
                   loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True), metrics=["accuracy"])
@@ -109,6 +109,59 @@ class Ender(keras.callbacks.Callback):
             raise AssertionError("SIGINT did not interrupt")
 
 
+def whole_variables(model):
+    """Every model and optimizer variable's whole value, keyed as the resume state's layout (a collective on a
+    multi-process job: every process calls it)."""
+    from cloudckpt.keras.distributed import jax_gather, spans_processes
+
+    named = ([(f"model_{i}", v) for i, v in enumerate(model.variables)]
+             + [(f"optimizer_{i}", v) for i, v in enumerate(model.optimizer.variables)])
+    split = [v.value for _, v in named if spans_processes(v.value)]
+    wholes = iter(jax_gather(split)) if split else iter(())
+    return {k: np.asarray(next(wholes) if spans_processes(v.value) else v.numpy()) for k, v in named}
+
+
+class Dump(keras.callbacks.Callback):
+    """Listed after the checkpoint callback: writes every model and optimizer variable's whole value to ``path``
+    (``DUMPED`` on stdout) after step ``at``, or at fit's start (after the resume) and then exits."""
+
+    def __init__(self, path, at, restored, process):
+        super().__init__()
+        self.path, self.at, self.restored, self.process = path, at, restored, process
+
+    def _dump(self):
+        values = whole_variables(self.model)
+        if self.process == 0:
+            np.savez(self.path, **values)
+        print("DUMPED", flush=True)
+
+    def on_train_begin(self, logs=None):
+        if self.restored:
+            self._dump()
+            sys.stdout.flush()
+            os._exit(0)
+
+    def on_train_batch_end(self, batch, logs=None):
+        if self.at is not None and int(self.model.optimizer.iterations.numpy()) == self.at:
+            self._dump()
+
+
+class StopAt(keras.callbacks.Callback):
+    """Listed after the checkpoint callback: after step ``at``, waits for the checkpoints to commit, prints
+    ``STALLS <json list of the checkpoint's stall seconds>`` and exits 0."""
+
+    def __init__(self, ckpt, at):
+        super().__init__()
+        self.ckpt, self.at = ckpt, at
+
+    def on_train_batch_end(self, batch, logs=None):
+        if int(self.model.optimizer.iterations.numpy()) == self.at:
+            if self.ckpt.uploader is not None:
+                self.ckpt.flush(120)
+            print("STALLS", json.dumps(self.ckpt.stall_seconds), flush=True)
+            os._exit(0)
+
+
 def slow_uploads(seconds):
     """Every push takes ``seconds`` longer (a slow link), so a process that ends right after a save has uploads in
     flight."""
@@ -141,9 +194,9 @@ def hang_uploads_after(step):
     CheckpointStore.push = hanging
 
 
-def distribute(spec, model_parallel):
+def distribute(spec, model_parallel, kernel_split="cols"):
     """Join a jax.distributed job over JAX's CPU collectives (gloo) and train under keras.distribution: data
-    parallel, or with every Dense kernel sharded across the processes."""
+    parallel, or with every Dense kernel sharded across the processes (by columns, or by rows)."""
     import jax
 
     address, n, i = spec.split(",")
@@ -153,7 +206,7 @@ def distribute(spec, model_parallel):
     if model_parallel:
         mesh = keras.distribution.DeviceMesh((1, len(devices)), ("batch", "model"), devices=devices)
         layouts = keras.distribution.LayoutMap(mesh)
-        layouts[".*dense.*kernel"] = (None, "model")
+        layouts[".*dense.*kernel"] = (None, "model") if kernel_split == "cols" else ("model", None)
         distribution = keras.distribution.ModelParallel(layout_map=layouts, batch_dim_name="batch")
     else:
         distribution = keras.distribution.DataParallel(devices=devices)
@@ -182,6 +235,15 @@ def main(argv=None):
     p.add_argument("--hang-uploads-after", type=int, help="pushes of checkpoints past this step never return")
     p.add_argument("--jax-processes", help="COORDINATOR_HOST:PORT,N,I: process I of N of a jax.distributed job")
     p.add_argument("--model-parallel", action="store_true", help="shard the Dense kernels across the processes")
+    p.add_argument("--kernel-split", choices=("cols", "rows"), default="cols", help="how --model-parallel splits")
+    p.add_argument("--dump-at", type=int, help="after this step's save, write every model and optimizer variable's "
+                   "whole value to --dump (process 0)")
+    p.add_argument("--dump-restored", action="store_true", help="right after the resume (fit's start), write every "
+                   "model and optimizer variable's whole value to --dump (process 0) and exit")
+    p.add_argument("--dump")
+    p.add_argument("--hidden", type=int, default=32, help="units of the hidden Dense layer")
+    p.add_argument("--stop-at", type=int, help="after this step, print STALLS <the checkpoint's stall seconds> and "
+                   "exit 0 (every process)")
     p.add_argument("--store-budget", type=float, default=300.0)
     p.add_argument("--keep-last", type=int, default=2)
     p.add_argument("--on-upload-error", default="retry")
@@ -193,7 +255,7 @@ def main(argv=None):
     args = p.parse_args(argv)
     n_proc = process = 0
     if args.jax_processes:
-        n_proc, process = distribute(args.jax_processes, args.model_parallel)
+        n_proc, process = distribute(args.jax_processes, args.model_parallel, args.kernel_split)
     if args.hang_uploads_after is not None:
         hang_uploads_after(args.hang_uploads_after)
     if args.slow_uploads:
@@ -203,7 +265,7 @@ def main(argv=None):
     x, y = data()
     shards = n_proc if n_proc and not args.model_parallel else 1  # data parallel: each process feeds its part
     x, y = x[process::shards][:len(x) // shards], y[process::shards][:len(x) // shards]
-    model = build_model()
+    model = build_model(args.hidden)
     if n_proc:  # variables whose value spans other processes' devices (model parallel: the Dense kernels)
         print("SPLIT", sum(not v.value.is_fully_addressable and not v.value.is_fully_replicated
                            for v in model.variables), flush=True)
@@ -217,6 +279,10 @@ def main(argv=None):
     # Steps first: a step is reported before the checkpoint callback may stop the process at it
     callbacks = ([Steps(ckpt, args.kill_at, args.signal, not args.no_wait_commit)]
                  + ([] if args.no_checkpoint else [ckpt]))
+    if args.dump:
+        callbacks.append(Dump(args.dump, args.dump_at, args.dump_restored, process))
+    if args.stop_at:
+        callbacks.append(StopAt(ckpt, args.stop_at))
     if args.end_after_epoch is not None or args.flush_each_epoch:
         callbacks.append(Ender(ckpt, args.end_after_epoch, args.end_how, args.flush_each_epoch))
     model.fit(x, y, batch_size=64 // shards, epochs=args.epochs, validation_split=0.2, shuffle=args.shuffle, verbose=0,
