@@ -231,9 +231,6 @@ class CloudCheckpoint(keras.callbacks.ModelCheckpoint):
         self.store = CheckpointStore(self.remote, budget=self.store_budget, **self.storage_options)
         if self.role.is_chief:
             self.store.claim()
-        else:
-            log.info("%s:%d is not the chief: restoring from %s but never writing it", self.role.task_type,
-                     self.role.task_id, self.store.url)
         self._staging = new_staging_dir(self.staging_dir or os.environ.get("CLOUDCKPT_STAGING"), self._folder)
         if self.resume and not self._completed:  # after a finished fit, the next continues from the model as it is
             self._reset_monitor_state()
@@ -242,6 +239,9 @@ class CloudCheckpoint(keras.callbacks.ModelCheckpoint):
         self._open = True
         self._staged_best = internals.as_float(self.best)
         self._shards = self._adapter.sharded_saves(self.model, self.store)
+        if not self.role.is_chief:
+            log.info("%s:%d is not the chief: restoring from %s, %s", self.role.task_type, self.role.task_id,
+                     self.store.url, "storing its own shards, never the index" if self._shards else "never writing it")
         self._committed = CommittedBest(Objective(self.monitor, internals.monitor_mode(self)),
                                         best=self._staged_best, seen=self.best_seen)
         self.uploader = Uploader(self.store, on_commit=self._on_commit) if self.role.is_chief else None
