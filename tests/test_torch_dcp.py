@@ -59,7 +59,7 @@ def _args(mode: str, remote: str, out: Path, **kw: object) -> object:
 
     base = dict(mode=mode, remote=remote, out=str(out), kind="plain", steps=4, save_at="2,4", async_at="", losses={},
                 keep_last=2, files_per_rank=1, block_size=16384, selector="latest", kill_at=-1, kill_rank=-1,
-                failpoint="", wait_before=-1, wait_file="")
+                failpoint="", wait_before=-1, wait_file="", resume=False, keep_going=False, options={})
     return argparse.Namespace(**{**base, **kw})
 
 
