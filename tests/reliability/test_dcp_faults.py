@@ -8,7 +8,10 @@ checkpoint whose every listed byte verifies, or it lists nothing and every rank 
 inside DCP's CheckpointException). A load returns bit-identical tensors or raises a typed error. The job goes on after
 a failed save (``--keep-going``), as a training loop would.
 
-CI size: 4 saves and one 2-rank load per test (``--full``: 12 saves).
+Targeted: one request of one save or load goes wrong every time (refused: typed errors, nothing listed) or a few
+times (its answer lost or cut short: committed once, or loaded bit-identical).
+
+CI size: 4 saves and one 2-rank load at 20 %, 4 targeted saves, 3 targeted loads (``--full``: 12 saves at 20 %).
 """
 
 from __future__ import annotations
@@ -134,3 +137,30 @@ def test_a_targeted_fault_on_one_ranks_request(proxied, tmp_path, kind, where, c
         assert "untyped" not in failed[2] and len(failed[2]) >= 1, failed  # each rank: a cloudckpt error
         assert proc.stdout.count("failed 2 ") == 2, proc.stdout  # both ranks raised
     figures["faults_injected"][f"dcp-s3-targeted/{kind}"] += proxy.faults[kind]
+
+
+@pytest.mark.parametrize("kind,where,loads", [
+    ("503", lambda m, t: m == "GET" and t.split("?")[0].endswith("/__0_0.distcp"), False),  # rank 0's data refused
+    ("truncate", lambda m, t: m == "GET" and t.split("?")[0].endswith("/__1_0.distcp"), True),  # bytes cut short
+    ("drop_after", lambda m, t: m == "GET" and t.split("?")[0].endswith("/dcp_metadata.json"), True),
+], ids=["data-refused", "data-truncated", "metadata-answer-lost"])
+def test_a_2_rank_load_through_a_targeted_fault_is_bit_identical_or_typed(proxied, tmp_path, kind, where, loads,
+                                                                           figures):
+    """A checkpoint saved without faults; a 2-rank load whose reads of one object go wrong: every time (each
+    rank that needs it raises a typed error) or twice (retried: bit-identical)."""
+    url, proxy, env = proxied
+    out = tmp_path / "out"
+    out.mkdir()
+    proc = torchrun(2, env, "save", url, str(out), "--kind", "fsdp", "--steps", "1", "--save-at", "1")
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    proxy.rates, proxy.fault_filter, proxy.max_faults = {kind: 1.0}, where, None if not loads else 2
+    load = torchrun(2, env, "load", url, str(out), "--kind", "fsdp", "--keep-going", "--options", json.dumps(OPTIONS))
+    assert load.returncode == 0, load.stderr[-4000:]
+    assert proxy.faults[kind] >= 1, "the targeted request never happened"
+    results = [json.loads(p.read_text()) for p in sorted(out.glob("load-*.json"))]
+    assert len(results) == 2, load.stdout
+    if loads:
+        assert all(r.get("equal") and r["step"] == 1 for r in results), results
+    else:  # DCP gathers the ranks' read failures: each rank raises; every error is a cloudckpt one
+        assert all("error" in r and "untyped" not in r["error"] for r in results), results
+    figures["faults_injected"][f"dcp-s3-load/{kind}"] += proxy.faults[kind]
