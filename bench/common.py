@@ -47,12 +47,14 @@ class Sizes:
     sigterm_mb: int = 100
     framework_mb: tuple[int, ...] = (10, 100)  # PyTorch/Lightning/HF: weights + Adam's moments (bench.frameworks)
     framework_saves: int = 6  # per fit (Lightning, HF; the first of each fit is not a sample), x reps (PyTorch)
+    dcp_rank_mb: int = 256  # bench.dcp: each of the 4 ranks' shards
 
     @classmethod
     def quick(cls) -> Sizes:
         return cls(transfer=32 * MiB, gcs_transfer=32 * MiB, memory=64 * MiB, checksum=64 * MiB, reps=2,
                    index_counts=(20, 500), models_mb=(2, 8), stall_saves=2, overhead_epochs=2, overhead_repeat=1,
-                   overhead_reps=1, gcs_reps=2, sigterm_mb=4, framework_mb=(10,), framework_saves=3)
+                   overhead_reps=1, gcs_reps=2, sigterm_mb=4, framework_mb=(10,), framework_saves=3,
+                   dcp_rank_mb=8)
 
 
 @dataclass

@@ -31,17 +31,17 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 from tests.support import servers  # noqa: E402  (the storage servers the test suite runs, shared)
 
-from . import checksums, frameworks, index_scale, memory, report, training, transfers  # noqa: E402
+from . import checksums, dcp, frameworks, index_scale, memory, report, training, transfers  # noqa: E402
 from . import requests as request_counts  # noqa: E402
 from .common import Ctx, Section, Sizes, code_version, log, machine  # noqa: E402
 
 GROUPS = {
     "push": transfers, "restore": transfers,  # one module measures both (same file, same servers)
     "memory": memory, "index": index_scale, "checksum": checksums, "training": training, "frameworks": frameworks,
-    "requests": request_counts, "overhead": training.overhead,
+    "requests": request_counts, "overhead": training.overhead, "dcp": dcp,
 }
-ORDER = ["checksum", "index", "requests", "push", "memory", "training", "overhead", "frameworks"]
-FULL_ONLY = {"frameworks"}  # not in a plain --quick run (CI's); `--quick --only frameworks` runs it at 10 MB
+ORDER = ["checksum", "index", "requests", "push", "memory", "training", "overhead", "frameworks", "dcp"]
+FULL_ONLY = {"frameworks", "dcp"}  # not in a plain --quick run (CI's); `--quick --only frameworks` runs it at 10 MB
 ALONE_ONLY = {"overhead"}  # measurement 2 alone, only when --only names it (``training`` includes it)
 
 

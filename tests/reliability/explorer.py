@@ -36,6 +36,7 @@ from cloudckpt.manifest import parse_index
 from cloudckpt.segments import Sealing, full_view
 from cloudckpt.sweep import collect
 
+from .dcp_op import RankFailed, distributed_save, gated_store
 from .invariants import check_run, listed_objects
 from .protocol_model import Model
 
@@ -86,6 +87,7 @@ class Op:
     cids: set[str] = field(default_factory=set)  # checkpoint ids this op stored objects under
     removed: set[str] = field(default_factory=set)  # ids its index writes took out of the index
     writes: int = 0  # index writes of this op that changed the index: one at most (an update is applied once)
+    updates: int = 1  # the updates the op makes (a job's first multi-rank save: its claim, then its commit)
 
 
 class Writer:
@@ -134,8 +136,8 @@ class Writer:
 
     # --- the explorer's side ---------------------------------------------------------------------------------
 
-    def start(self, kind: str, fn) -> None:
-        self.op, self.done = Op(kind), False
+    def start(self, kind: str, fn, updates: int = 1) -> None:
+        self.op, self.done = Op(kind, updates=updates), False
 
         def run() -> None:
             _BY_THREAD[threading.get_ident()] = self
@@ -175,7 +177,7 @@ class Writer:
         self.store.close()
 
 
-EXPECTED_ERRORS = (Crash, StaleWriterError, CheckpointNotFoundError, CheckpointCondemnedError)
+EXPECTED_ERRORS = (Crash, StaleWriterError, CheckpointNotFoundError, CheckpointCondemnedError, RankFailed)
 
 
 class Explorer:
@@ -204,11 +206,12 @@ class Explorer:
     def busy(self) -> list[Writer]:
         return [w for w in self.writers if not w.done]
 
-    def start(self, pick: int, kind: str, loss: float) -> None:
-        self.begin(self.idle()[pick % len(self.idle())], kind, loss)
+    def start(self, pick: int, kind: str, loss: float, ranks: int = 2, failing: int | None = None) -> None:
+        self.begin(self.idle()[pick % len(self.idle())], kind, loss, ranks=ranks, failing=failing)
 
-    def begin(self, w: Writer, kind: str, loss: float = 0.5) -> None:
-        """``w`` starts an operation: push (keep-last and keep-best 1 by val_loss=``loss``), prune, claim or gc."""
+    def begin(self, w: Writer, kind: str, loss: float = 0.5, *, ranks: int = 2, failing: int | None = None) -> None:
+        """``w`` starts an operation: push (keep-last and keep-best 1 by val_loss=``loss``), prune, claim, gc, or
+        dcp: a save of ``ranks`` ranks that ``w`` coordinates (:mod:`.dcp_op`; rank ``failing`` fails)."""
         assert w.done, f"{w.name} is busy"
         if kind == "gc" and not self.aging and not self.gc_live and self.busy():
             kind = "prune"  # without aging, gc(min_age=0) was only safe while no upload is in flight (below)
@@ -223,6 +226,13 @@ class Explorer:
             def fn() -> object:
                 return store.push(src, epoch=self.pushes, metrics={"val_loss": loss}, monitor="val_loss",
                                   mode="min", keep_last=self.keep_last, keep_best=1)
+        elif kind == "dcp":
+            updates = 1 if store.keeper.lease is not None else 2  # the job's first save claims the run first
+            self.pushes += 1
+            self.work.mkdir(parents=True, exist_ok=True)
+            fn = distributed_save(store, gated_store(self.url, self.opts, lambda b: Gated(b, w)), work=self.work,
+                                  epoch=self.pushes, loss=loss, ranks=ranks, failing=failing,
+                                  keep_last=self.keep_last)
         elif kind == "prune":
             fn = store.prune
         elif kind == "claim":
@@ -236,7 +246,7 @@ class Explorer:
         else:
             fn = (lambda: store.gc(min_age=GC_MIN_AGE)) if self.aging else (lambda: store.gc(min_age=0))
         self.figures["explore_ops"][kind] += 1
-        w.start(kind, fn)
+        w.start(kind, fn, updates if kind == "dcp" else 1)
         self._after(w, None, None)
         if kind == "gc" and not self.aging and not self.gc_live:
             self.run(w)  # ... and none starts before it ends: nothing but min_age kept gc off a fresh upload

@@ -72,7 +72,7 @@ class Model:
             assert set(removed) <= allowed, f"{by.name} removed {set(removed) - allowed}, which retention keeps"
         by.op.removed |= set(removed)
         by.op.writes += 1
-        assert by.op.writes == 1, f"{by.name}'s {by.op.kind} was applied to the index {by.op.writes} times"
+        assert by.op.writes <= by.op.updates, f"{by.name}'s {by.op.kind} was applied {by.op.writes} times"
         self.ever_added |= set(added)
         self.ever_removed |= set(removed)
         for cid in added:
@@ -102,6 +102,6 @@ class Model:
             return
         left = {rel for rel in stored if rel.split("/", 1)[0] in op.removed}
         assert not left, f"a {op.kind} that returned left what it pruned to gc: {sorted(left)}"
-        if op.kind == "push":
-            assert op.result.id in self.ever_added, f"push of {op.result.id} returned but was never listed"
+        if op.kind in ("push", "dcp"):
+            assert op.result.id in self.ever_added, f"{op.kind} of {op.result.id} returned but was never listed"
             self.acked.add(op.result.id)

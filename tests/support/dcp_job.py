@@ -9,7 +9,12 @@ Usage (every rank): ``python -m torch.distributed.run --standalone --nproc_per_n
         full state with ``OUT/ref-<step>.pt`` and write ``OUT/load-<rank>.json`` (``equal``, ``step``, ``stats``,
         ``data_bytes``: the bytes of the checkpoint's data objects).
 
-With ``--wait-before S --wait-file F`` it waits for file F to exist before the save at step S.
+With ``--wait-before S --wait-file F`` it waits for file F to exist before the save at step S. ``--resume``: a save
+run first loads the run's latest checkpoint, if any, and trains on from its step (the restart after a crash; the data
+of a step depends on the step alone, so a resumed run ends where an uninterrupted one does). ``--keep-going``: a save
+or load that raises is reported (``failed <step> <error types>``; a load writes ``error`` into its JSON) and the job
+goes on; ``untyped`` among the types marks an error outside cloudckpt's hierarchy. ``--options``: JSON storage options
+for the writer and reader (e.g. short client timeouts under injected faults).
 
 ``--kind``: ``plain`` (a single process), ``ddp`` (DistributedDataParallel: replicated), ``fsdp`` (FSDP2
 ``fully_shard`` on a CPU mesh: DTensor shards).
@@ -31,6 +36,7 @@ import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
 from torch.distributed.tensor import DTensor
 
+from cloudckpt.errors import CloudCkptError
 from cloudckpt.torch.dcp import CloudStorageReader, CloudStorageWriter
 
 WIDTH = 256  # the tensors outweigh the per-item framing: what a rank reads shows in its byte count
@@ -109,11 +115,38 @@ def rank() -> int:
     return dist.get_rank() if dist.is_initialized() else 0
 
 
+def error_types(exc: BaseException) -> list[str]:
+    """The types of what failed: each rank's error inside DCP's CheckpointException (else ``exc`` itself), with
+    ``untyped`` added when one is not a cloudckpt error."""
+    failures = getattr(exc, "failures", None)
+    found = [f[0] for f in failures.values()] if isinstance(failures, dict) and failures else [exc]
+    names = sorted({type(e).__name__ for e in found})
+    return names + (["untyped"] if not all(isinstance(e, CloudCkptError) for e in found) else [])
+
+
+def resume(a: argparse.Namespace, model: torch.nn.Module, opt: torch.optim.Optimizer) -> int:
+    """Load the run's latest checkpoint into ``model`` and ``opt``; its step (0 when the run has none)."""
+    from cloudckpt import CheckpointStore
+    from cloudckpt.errors import CheckpointNotFoundError
+
+    try:
+        with CheckpointStore(a.remote, **a.options) as store:
+            latest = store.latest().id
+    except CheckpointNotFoundError:
+        return 0
+    sd = state(model, opt, 0)
+    dcp.load(sd, storage_reader=CloudStorageReader(a.remote, latest, **a.options))
+    set_state_dict(model, opt, model_state_dict=sd["model"], optim_state_dict=sd["optim"])
+    print(f"resumed {sd['extra']['step']} {latest}", flush=True)
+    return int(sd["extra"]["step"])
+
+
 def save(a: argparse.Namespace) -> None:
     out = Path(a.out)
     model, opt = build(a.kind, seed=0)
+    first = resume(a, model, opt) + 1 if a.resume else 1
     saves, asyncs = _steps(a.save_at), _steps(a.async_at)
-    for step in range(1, a.steps + 1):
+    for step in range(first, a.steps + 1):
         train(model, opt, 1, seed=100 + step)
         if step not in saves and step not in asyncs:
             continue
@@ -126,11 +159,17 @@ def save(a: argparse.Namespace) -> None:
         sd = state(model, opt, step)
         writer = CloudStorageWriter(a.remote, step=step, metrics={"loss": float(a.losses.get(step, step))},
                                     monitor="loss", keep_last=a.keep_last, keep_best=1,
-                                    files_per_rank=a.files_per_rank, block_size=a.block_size)
-        if step in asyncs:
-            dcp.async_save(sd, storage_writer=writer).result()
-        else:
-            dcp.save(sd, storage_writer=writer)
+                                    files_per_rank=a.files_per_rank, block_size=a.block_size, **a.options)
+        try:
+            if step in asyncs:
+                dcp.async_save(sd, storage_writer=writer).result()
+            else:
+                dcp.save(sd, storage_writer=writer)
+        except BaseException as exc:
+            if not a.keep_going or isinstance(exc, KeyboardInterrupt):
+                raise
+            print(f"failed {step} {' '.join(error_types(exc))}", flush=True)
+            continue
         ref = full(sd)
         if rank() == 0:
             assert writer.committed is not None
@@ -142,8 +181,14 @@ def load(a: argparse.Namespace) -> None:
     out = Path(a.out)
     model, opt = build(a.kind, seed=1234)  # other values than any save: a load that does nothing is seen
     sd = state(model, opt, 0)
-    reader = CloudStorageReader(a.remote, a.selector)
-    dcp.load(sd, storage_reader=reader)
+    reader = CloudStorageReader(a.remote, a.selector, **a.options)
+    try:
+        dcp.load(sd, storage_reader=reader)
+    except BaseException as exc:
+        if not a.keep_going or isinstance(exc, KeyboardInterrupt):
+            raise
+        (out / f"load-{rank()}.json").write_text(json.dumps({"error": error_types(exc)}))
+        return
     set_state_dict(model, opt, model_state_dict=sd["model"], optim_state_dict=sd["optim"])
     assert reader.entry is not None
     got = full(state(model, opt, sd["extra"]["step"]))  # what the model and optimizer hold now
@@ -178,6 +223,9 @@ def main() -> None:
     p.add_argument("--failpoint", default="")
     p.add_argument("--wait-before", type=int, default=-1)
     p.add_argument("--wait-file", default="")
+    p.add_argument("--resume", action="store_true")
+    p.add_argument("--keep-going", action="store_true")
+    p.add_argument("--options", type=json.loads, default={})
     a = p.parse_args()
     a.losses = {int(k): v for k, v in a.losses.items()}
     torch.set_num_threads(1)
