@@ -275,9 +275,10 @@ def gc_cmd(ctx: click.Context, url: str | None, dry_run: bool, min_age: float, a
     with _store(ctx, url) as store:
         report = store.gc(dry_run=dry_run, min_age=min_age)
     data = {"dry_run": dry_run, "deleted": report.deleted, "bytes": report.bytes, "checkpoints": report.checkpoints,
-            "kept_young": report.kept_young, "condemned": report.condemned}
+            "kept_young": report.kept_young, "young_objects": report.young_objects,
+            "young_bytes": report.young_bytes, "condemned": report.condemned}
     out.emit(data, as_json, lambda r: f"{'would remove' if dry_run else 'removed'} {len(r['deleted'])} objects "
-             f"({out.human_size(r['bytes'])}) of {len(r['checkpoints'])} uncommitted checkpoints")
+             f"({out.human_size(r['bytes'])}) of {len(r['checkpoints'])} uncommitted checkpoints" + out.young(r))
 
 
 @cli.command("repair")
