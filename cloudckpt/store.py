@@ -20,9 +20,10 @@ from typing import Any
 
 from pydantic import ValidationError
 
-from . import failpoints, layout, retry
+from . import cancel, failpoints, layout, retry
 from .backends import open_backend
 from .busy import BusySet as BusySet
+from .cache import Cache
 from .changes import Change, commit_checkpoint, discard_checkpoints, label_checkpoint, prune_checkpoints
 from .commit import IndexKeeper, OutcomeUnknownError, Update
 from .condemn import commit_refusal, reserve
@@ -32,6 +33,7 @@ from .labels import tag_problem
 from .manifest import CheckpointEntry, FileEntry, Index, Manifest, WriterLease, dump, utcnow
 from .metrics import finite_metrics
 from .progress import byte_progress
+from .pull_plan import Step, plan
 from .repair import RepairPlan, repair_index
 from .restore import pull_into
 from .retention import Retention
@@ -110,12 +112,15 @@ class CheckpointStore:
         workers: parallel file transfers and checksums. Default 8.
         progress: byte progress bars on stderr; None shows them only on a terminal. Default False.
         writer_id: this writer's name in the index; default ``host:pid:random``.
+        cache_dir: the node-level pull cache (:mod:`cloudckpt.cache`); default ``$CLOUDCKPT_CACHE_DIR``, else none.
+        cache_size: its bound in bytes (or ``"20G"``); default ``$CLOUDCKPT_CACHE_SIZE``, else 20 GiB.
         **storage_options: passed to the backend (fsspec/boto3/google-cloud-storage options such as
             ``endpoint_url``, ``key``, ``token``; plus ``verify_readback=True`` to re-download every upload).
     """
 
     def __init__(self, url: str | None = None, *, budget: float = 300.0, workers: int = 8,
-                 progress: bool | None = False, writer_id: str | None = None, **storage_options: Any) -> None:
+                 progress: bool | None = False, writer_id: str | None = None, cache_dir: str | Path | None = None,
+                 cache_size: int | str | None = None, **storage_options: Any) -> None:
         url = url or os.environ.get("CLOUDCKPT_REMOTE")
         if not url:
             raise ConfigurationError("no store URL given and $CLOUDCKPT_REMOTE is not set")
@@ -128,18 +133,20 @@ class CheckpointStore:
         self.progress = progress
         self.keeper = IndexKeeper(self.backend, budget=min(budget, 120.0), writer_id=writer_id)
         self._pool = ThreadPoolExecutor(workers, thread_name_prefix="cloudckpt-io")
+        self.cache = Cache.configured(cache_dir, cache_size)
         self._busy = BusySet()  # in flight or being restored by this process: never pruned
 
     # --- lifecycle ---------------------------------------------------------------------------------------------
 
-    def close(self) -> None:
-        self._pool.shutdown(wait=True)
+    def close(self, *, interrupted: bool = False) -> None:
+        """Stop the transfer threads; ``interrupted``: without waiting for a read stuck in the network."""
+        self._pool.shutdown(wait=not interrupted, cancel_futures=interrupted)
 
     def __enter__(self) -> CheckpointStore:
         return self
 
-    def __exit__(self, *exc: object) -> None:
-        self.close()
+    def __exit__(self, kind: type[BaseException] | None, *exc: object) -> None:
+        self.close(interrupted=kind is not None and issubclass(kind, KeyboardInterrupt))
 
     # --- reading -----------------------------------------------------------------------------------------------
 
@@ -258,6 +265,10 @@ class CheckpointStore:
                                   progress=advance)
         except Exception:
             self._discard_upload(cid, [f.rel for f in files])
+            raise
+        except KeyboardInterrupt:
+            cancel.keep(f"push interrupted: the objects uploaded so far stay under {self.url}/{cid}/, uncommitted; "
+                        f"`cloudckpt gc` removes them once older than its --min-age (default 1 hour)")
             raise
 
     def _write_manifest(self, entry: CheckpointEntry, inline: dict[str, str]) -> None:
@@ -395,11 +406,18 @@ class CheckpointStore:
             try:
                 with byte_progress(entry.size, f"pull {entry.id}", self.progress) as advance:
                     return pull_into(self.backend, entry, to, budget=self.budget, pool=self._pool,
-                                     progress=advance, source_url=self.url)
+                                     progress=advance, source_url=self.url, cache=self.cache)
             except IntegrityError:
                 if self._listed(entry.id):
                     raise
                 return None
+
+    def plan_pull(self, selector: str | int = "latest", to: str | Path = "checkpoint"
+                  ) -> tuple[CheckpointEntry, builtins.list[Step]]:
+        """What :meth:`pull` would do, nothing fetched or written: the checkpoint, and for each file where its bytes
+        would come from (:mod:`cloudckpt.pull_plan`; inline files ride in the manifest and are not listed)."""
+        entry = self.get(selector)
+        return entry, plan(stored_files(entry.files), Path(to), self.cache, self._pool)
 
     def _listed(self, cid: str) -> bool:
         """Whether the run lists ``cid`` now (the head first, the segments only when it isn't there)."""

@@ -1,0 +1,69 @@
+"""A counting proxy in front of a test server whose answers can be slowed to a per-connection rate: the requests and
+the bytes a pull really fetched, and transfers still in flight when a test interrupts them.
+
+It is :class:`reliability.faultproxy.FaultProxy` (requests counted per ``(method, path)``) whose answers are written
+to the client in 64 KiB slices at ``rate`` bytes per second (None: at once).
+"""
+
+from __future__ import annotations
+
+import socket
+import threading
+import time
+from collections import Counter
+from urllib.parse import unquote, urlsplit
+
+from reliability.faultproxy import FaultProxy
+
+SLICE = 64 * 1024
+
+
+class _Slow:
+    """A client socket whose ``sendall`` keeps to the proxy's current rate."""
+
+    def __init__(self, sock: socket.socket, proxy: ShapedProxy) -> None:
+        self._sock = sock
+        self._proxy = proxy
+
+    def sendall(self, data: bytes) -> None:
+        view = memoryview(data)
+        for i in range(0, len(view), SLICE):
+            self._sock.sendall(view[i:i + SLICE])
+            rate = self._proxy.rate
+            if rate:
+                time.sleep(len(view[i:i + SLICE]) / rate)
+
+    def __getattr__(self, name: str):
+        return getattr(self._sock, name)
+
+
+class ShapedProxy(FaultProxy):
+    """Counts GETs and the body bytes answered per object name (the last path component), at ``rate``."""
+
+    def __init__(self, upstream: str, *, rate: float | None = None, **kwargs) -> None:
+        self.rate = rate
+        self.got: Counter = Counter()  # object name -> GETs answered
+        self.got_bytes: Counter = Counter()  # object name -> body bytes of those answers
+        self._count_lock = threading.Lock()
+        user = kwargs.pop("on_response", None)
+
+        def on_response(method: str, target: str, head: bytes, body: bytes):
+            if method == "GET":
+                name = unquote(urlsplit(target).path).rsplit("/", 1)[-1]
+                with self._count_lock:
+                    self.got[name] += 1
+                    self.got_bytes[name] += len(body)
+            return user(method, target, head, body) if user is not None else (head, body)
+
+        super().__init__(upstream, on_response=on_response, **kwargs)
+
+    def _serve(self, client: socket.socket) -> None:
+        super()._serve(_Slow(client, self))  # type: ignore[arg-type]
+
+    def data_gets(self, *names: str) -> int:
+        with self._count_lock:
+            return sum(self.got[n] for n in names)
+
+    def data_bytes(self, *names: str) -> int:
+        with self._count_lock:
+            return sum(self.got_bytes[n] for n in names)
