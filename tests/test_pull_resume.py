@@ -13,7 +13,7 @@ import time
 from pathlib import Path
 
 import pytest
-from support.shaped import ShapedProxy
+from support.shaped import ShapedProxy, proxied_run
 
 CLI = [sys.executable, "-m", "cloudckpt"]
 MiB = 2**20
@@ -22,10 +22,8 @@ MiB = 2**20
 @pytest.fixture
 def proxied(s3_server, s3_url):
     """``(url, proxy, env)``: a fresh S3 run, and the environment that sends a CLI process through the proxy."""
-    with ShapedProxy(s3_server.endpoint) as proxy:
-        env = {**os.environ, "AWS_ENDPOINT_URL": proxy.endpoint, "AWS_ENDPOINT_URL_S3": proxy.endpoint}
-        env.pop("CLOUDCKPT_DEBUG", None)
-        yield s3_url, proxy, env
+    with proxied_run(s3_server.endpoint, s3_url) as run:
+        yield run
 
 
 def cli(env: dict, *args: str, timeout: float = 180) -> subprocess.CompletedProcess:

@@ -7,10 +7,13 @@ to the client in 64 KiB slices at ``rate`` bytes per second (None: at once).
 
 from __future__ import annotations
 
+import contextlib
+import os
 import socket
 import threading
 import time
 from collections import Counter
+from collections.abc import Iterator
 from urllib.parse import unquote, urlsplit
 
 from reliability.faultproxy import FaultProxy
@@ -67,3 +70,13 @@ class ShapedProxy(FaultProxy):
     def data_bytes(self, *names: str) -> int:
         with self._count_lock:
             return sum(self.got_bytes[n] for n in names)
+
+
+@contextlib.contextmanager
+def proxied_run(endpoint: str, url: str) -> Iterator[tuple[str, ShapedProxy, dict]]:
+    """``(url, proxy, env)``: the run, a proxy in front of the S3 server at ``endpoint``, and the environment that
+    sends a CLI process through it."""
+    with ShapedProxy(endpoint) as proxy:
+        env = {**os.environ, "AWS_ENDPOINT_URL": proxy.endpoint, "AWS_ENDPOINT_URL_S3": proxy.endpoint}
+        env.pop("CLOUDCKPT_DEBUG", None)
+        yield url, proxy, env
