@@ -219,3 +219,51 @@ def test_interrupted_push_says_what_it_leaves_and_gc_reports_it(proxied, tmp_pat
 def _key_path(proxy: ShapedProxy, name: str) -> str:
     """The request path of the (one) object named ``name`` the proxy saw."""
     return next((p for (_, p) in list(proxy.requests) if p.endswith("/" + name)), "")
+
+
+def test_sync_finishes_on_one_sigterm_and_cancels_on_a_second(proxied, tmp_path):
+    """sync's first SIGTERM lets the push in flight finish (and says so, with how to cancel it); a second one while
+    that push hangs in the network cancels it: exit 143 within PROMPT seconds, one line on what the push left."""
+    import threading
+
+    url, proxy, env = proxied
+    release, hung = threading.Event(), threading.Event()
+
+    def hang_parts(method: str, target: str) -> None:
+        if method == "PUT" and "big.bin" in target:
+            hung.set()
+            release.wait(60)
+
+    proxy.on_request = hang_parts
+    watch = tmp_path / "watch"
+    make_ckpt(watch / "ckpt-1", {"big.bin": os.urandom(24 * MiB)})
+    proc = subprocess.Popen([*CLI, "sync", str(watch), "--remote", url, "--settle", "0", "--poll", "0.1"], env=env,
+                            text=True, stderr=subprocess.PIPE)
+    lines: list[str] = []
+    warned = threading.Event()
+
+    def read() -> None:
+        for line in proc.stderr:
+            lines.append(line.rstrip("\n"))
+            if "signal again to cancel it" in line:
+                warned.set()
+
+    reader = threading.Thread(target=read, daemon=True)
+    reader.start()
+    try:
+        _wait(hung.is_set, 60, "a part of big.bin hanging")
+        proc.send_signal(signal.SIGTERM)
+        assert warned.wait(30), lines
+        assert proc.poll() is None  # still finishing the push
+        t0 = time.monotonic()
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(timeout=30)
+        elapsed = time.monotonic() - t0
+        reader.join(10)
+    finally:
+        release.set()
+        proc.kill()
+    assert proc.returncode == 143, lines
+    assert elapsed < PROMPT, f"{elapsed:.2f}s from the second SIGTERM to exit"
+    assert lines[-1].startswith("cloudckpt: interrupted (SIGTERM); push interrupted: the objects uploaded so"), lines
+    print(f"\nsync: exit {elapsed:.2f}s after the second SIGTERM")
