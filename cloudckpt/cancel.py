@@ -16,6 +16,7 @@ pull resumes; ``push`` leaves its objects for ``gc``) and printed by the CLI as 
 from __future__ import annotations
 
 import contextvars
+import logging
 import os
 import signal
 import sys
@@ -56,9 +57,11 @@ class Token:
         return self._event.is_set()
 
 
+log = logging.getLogger(__name__)
 _TOKEN: contextvars.ContextVar[Token | None] = contextvars.ContextVar("cloudckpt_cancel_token", default=None)
 _kept: list[str] = []
 _kept_lock = threading.Lock()
+_printed_by_cli = False  # set by the CLI, which prints what was kept in its one line; a library logs it
 
 
 def bind(token: Token) -> contextvars.Context:
@@ -79,6 +82,8 @@ def keep(line: str) -> None:
     """Record what an interrupted operation kept (printed by the CLI, logged by the library)."""
     with _kept_lock:
         _kept.append(line)
+    if not _printed_by_cli:
+        log.warning("%s", line)
 
 
 def kept() -> list[str]:
@@ -106,14 +111,40 @@ def _on_sigterm(signum: int, frame: FrameType | None) -> None:
 def sigterm_interrupts() -> Iterator[None]:
     """Within the block (main thread only), SIGTERM raises :class:`Terminated` in the main thread like Ctrl-C
     raises KeyboardInterrupt; the previous handler is restored after."""
+    global _printed_by_cli
     if threading.current_thread() is not threading.main_thread():
         yield
         return
     previous = signal.signal(signal.SIGTERM, _on_sigterm)
+    _printed_by_cli = True
     try:
         yield
     finally:
         signal.signal(signal.SIGTERM, previous)
+        _printed_by_cli = False
+
+
+@contextmanager
+def default_sigterm_stops_transfers() -> Iterator[None]:
+    """Around a library pull or push in the main thread of a process that leaves SIGTERM at its default (die at
+    once, e.g. a training script restoring before its preemption handler is installed): SIGTERM stops the transfers
+    like Ctrl-C, what they kept is logged (:func:`keep`), then the process dies of SIGTERM as it would have. A
+    handler someone installed (the CLI's, Lightning's, a :class:`~cloudckpt.preemption.PreemptionWatch`) is left
+    alone."""
+    if (threading.current_thread() is not threading.main_thread()
+            or signal.getsignal(signal.SIGTERM) is not signal.SIG_DFL):
+        yield
+        return
+    signal.signal(signal.SIGTERM, _on_sigterm)
+    try:
+        yield
+    except Terminated:
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
+        sys.stderr.flush()
+        os.kill(os.getpid(), signal.SIGTERM)
+        raise
+    finally:
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
 
 
 def exit_now_if_stuck(code: int) -> None:

@@ -259,17 +259,18 @@ class CheckpointStore:
     def _upload(self, cid: str, files: builtins.list[LocalFile], *, sha256: bool) -> builtins.list[FileEntry]:
         """Store and check every file under ``<cid>/``; on failure remove what was stored (best effort), raise."""
         total = sum(f.path.stat().st_size for f in files)
-        try:
-            with byte_progress(total, f"push {cid}", self.progress) as advance:
-                return upload_all(self.backend, cid, files, sha256=sha256, budget=self.budget, pool=self._pool,
-                                  progress=advance)
-        except Exception:
-            self._discard_upload(cid, [f.rel for f in files])
-            raise
-        except KeyboardInterrupt:
-            cancel.keep(f"push interrupted: the objects uploaded so far stay under {self.url}/{cid}/, uncommitted; "
-                        f"`cloudckpt gc` removes them once older than its --min-age (default 1 hour)")
-            raise
+        with cancel.default_sigterm_stops_transfers():
+            try:
+                with byte_progress(total, f"push {cid}", self.progress) as advance:
+                    return upload_all(self.backend, cid, files, sha256=sha256, budget=self.budget, pool=self._pool,
+                                      progress=advance)
+            except Exception:
+                self._discard_upload(cid, [f.rel for f in files])
+                raise
+            except KeyboardInterrupt:
+                cancel.keep(f"push interrupted: the objects uploaded so far stay under {self.url}/{cid}/, "
+                            f"uncommitted; `cloudckpt gc` removes them once older than its --min-age (default 1 hour)")
+                raise
 
     def _write_manifest(self, entry: CheckpointEntry, inline: dict[str, str]) -> None:
         data = dump(Manifest(checkpoint=entry, inline=inline))
@@ -402,7 +403,7 @@ class CheckpointStore:
 
     def _pull_listed(self, entry: CheckpointEntry, to: Path) -> Path | None:
         """Pull ``entry`` into ``to``; None when it failed because it is no longer listed (pruned meanwhile)."""
-        with self._busy.holding(entry.id):
+        with self._busy.holding(entry.id), cancel.default_sigterm_stops_transfers():
             try:
                 with byte_progress(entry.size, f"pull {entry.id}", self.progress) as advance:
                     return pull_into(self.backend, entry, to, budget=self.budget, pool=self._pool,

@@ -267,3 +267,45 @@ def test_sync_finishes_on_one_sigterm_and_cancels_on_a_second(proxied, tmp_path)
     assert elapsed < PROMPT, f"{elapsed:.2f}s from the second SIGTERM to exit"
     assert lines[-1].startswith("cloudckpt: interrupted (SIGTERM); push interrupted: the objects uploaded so"), lines
     print(f"\nsync: exit {elapsed:.2f}s after the second SIGTERM")
+
+
+RESTORE_SCRIPT = """
+import sys
+from cloudckpt import CheckpointStore
+with CheckpointStore(sys.argv[1]) as store:  # what a training script's restore calls (keras/resume.py, torch manager)
+    store.pull("latest", to=sys.argv[2])
+"""
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
+def test_a_library_restore_interrupted_stops_promptly_and_keeps_what_it_staged(proxied, tmp_path, sig):
+    """A Python process restoring through the library (SIGTERM left at its default, as in a training script before
+    its preemption handler is installed) is signalled mid-pull: it dies of that signal within PROMPT seconds, the
+    warning says what was kept, and the next pull re-uses it."""
+    url, proxy, env = proxied
+    files = {"big.bin": os.urandom(48 * MiB), "small.bin": os.urandom(MiB)}
+    push(env, url, make_ckpt(tmp_path / "src", files), 1)
+    proxy.rate = 8 * MiB
+    out = tmp_path / "out"
+    proc = subprocess.Popen([sys.executable, "-c", RESTORE_SCRIPT, url, str(out)], env=env, text=True,
+                            stderr=subprocess.PIPE)
+    try:
+        def mid_flight() -> bool:
+            small, big = _staged(tmp_path, "small.bin"), _staged(tmp_path, "big.bin")
+            return (small is not None and small.stat().st_size == MiB and big is not None
+                    and big.stat().st_size > MiB)
+
+        _wait(mid_flight, 60, "the small file staged and the big one under way")
+        t0 = time.monotonic()
+        proc.send_signal(sig)
+        _, stderr = proc.communicate(timeout=30)
+        elapsed = time.monotonic() - t0
+    finally:
+        proc.kill()
+    assert proc.returncode == -sig, stderr  # died of the signal, as the process would have without cloudckpt
+    assert elapsed < PROMPT, f"{elapsed:.2f}s from the signal to exit"
+    assert "pull interrupted: kept 1 files" in stderr or "pull interrupted: kept 2 files" in stderr, stderr
+    proxy.rate = None
+    assert cli(env, "pull", "latest", "--remote", url, "--to", str(out)).returncode == 0
+    assert proxy.data_gets("small.bin") == 1 and tree(out) == files
+    print(f"\nlibrary restore, signal {sig}: exit {elapsed:.2f}s after it")
