@@ -20,6 +20,7 @@ import contextlib
 import logging
 import os
 import re
+import time
 import uuid
 from collections.abc import Iterable, Iterator
 from pathlib import Path
@@ -35,6 +36,7 @@ log = logging.getLogger(__name__)
 DIR_ENV = "CLOUDCKPT_CACHE_DIR"
 SIZE_ENV = "CLOUDCKPT_CACHE_SIZE"
 DEFAULT_MAX_BYTES = 20 * 2**30
+TMP_GRACE = 3600.0  # seconds after which a half-written entry in tmp/ is a dead process's, and removed
 _UNITS = {"": 1, "K": 2**10, "M": 2**20, "G": 2**30, "T": 2**40}
 
 
@@ -182,6 +184,11 @@ class Cache:
                 with contextlib.suppress(OSError):
                     st = p.stat()
                     found.append((st.st_mtime, st.st_size, p))
+            now = time.time()
+            for p in (self.root / "tmp").iterdir():  # left by a process killed while it added an entry
+                with contextlib.suppress(OSError):
+                    if now - p.stat().st_mtime > TMP_GRACE:
+                        p.unlink()
             total = sum(size for _, size, _ in found)
             for _, size, p in sorted(found, key=lambda t: t[0]):
                 if total <= self.max_bytes:
