@@ -73,10 +73,20 @@ class ShapedProxy(FaultProxy):
 
 
 @contextlib.contextmanager
-def proxied_run(endpoint: str, url: str) -> Iterator[tuple[str, ShapedProxy, dict]]:
-    """``(url, proxy, env)``: the run, a proxy in front of the S3 server at ``endpoint``, and the environment that
-    sends a CLI process through it."""
-    with ShapedProxy(endpoint) as proxy:
-        env = {**os.environ, "AWS_ENDPOINT_URL": proxy.endpoint, "AWS_ENDPOINT_URL_S3": proxy.endpoint}
+def proxied_run(endpoint: str, url: str, kind: str = "s3") -> Iterator[tuple[str, ShapedProxy, dict]]:
+    """``(url, proxy, env)``: the run, a proxy in front of the ``kind`` server (s3, gcs, az) at ``endpoint``, and
+    the environment that sends a CLI process through it."""
+    from support import servers
+
+    upstream = endpoint.rsplit("/", 1)[0] if kind == "az" else endpoint
+    with ShapedProxy(upstream) as proxy:
+        env = dict(os.environ)
         env.pop("CLOUDCKPT_DEBUG", None)
+        if kind == "s3":
+            env.update(AWS_ENDPOINT_URL=proxy.endpoint, AWS_ENDPOINT_URL_S3=proxy.endpoint)
+        elif kind == "gcs":
+            env.update(STORAGE_EMULATOR_HOST=proxy.endpoint)
+        else:
+            env.update(AZURE_STORAGE_CONNECTION_STRING=servers.azure_connection_string(
+                f"{proxy.endpoint}/{servers.AZURITE_ACCOUNT}"))
         yield url, proxy, env
