@@ -22,7 +22,7 @@ import os
 import shutil
 import stat
 import tempfile
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -71,6 +71,21 @@ def claim_staging(target: Path) -> Path:
             if stat.S_ISLNK(mode) or not (stat.S_ISREG(mode) or stat.S_ISDIR(mode)):
                 p.unlink()
     return staging
+
+
+def clear_way(staging: Path, paths: Iterable[str]) -> None:
+    """Make room in a taken-over staging folder for each of ``paths``: a file where one of them needs a folder, or a
+    folder where one needs a file (left by an interrupted pull of another checkpoint), is removed."""
+    for path in paths:
+        parts = path.split("/")
+        for i in range(1, len(parts)):
+            p = staging.joinpath(*parts[:i])
+            if p.is_symlink() or (p.exists() and not p.is_dir()):
+                p.unlink()
+                break
+        dest = staging.joinpath(*parts)
+        if dest.is_dir() and not dest.is_symlink():
+            shutil.rmtree(dest)
 
 
 def keep_partial(staging: Path, target: Path, total: int) -> str:

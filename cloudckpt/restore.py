@@ -25,7 +25,7 @@ from .errors import ConfigurationError
 from .inline import inline_contents, materialize, stored_files
 from .layout import PULL_MARKER
 from .manifest import CheckpointEntry
-from .pull_plan import claim_staging, keep_partial, partial_dir, prune_extras, stage, summary
+from .pull_plan import claim_staging, clear_way, keep_partial, partial_dir, prune_extras, stage, summary
 from .redact import redact_url
 from .transfer import Progress, read_manifest
 
@@ -59,6 +59,7 @@ def pull_into(backend: Backend, entry: CheckpointEntry, target: Path, *, budget:
     target.parent.mkdir(parents=True, exist_ok=True)
     staging = claim_staging(target)
     try:
+        clear_way(staging, [f.path for f in entry.files])
         stored = stored_files(entry.files)
         if len(stored) < len(entry.files):  # some ride inside the manifest: checked against the entry, then written
             contents = inline_contents(read_manifest(backend, entry.id, budget=budget), entry)

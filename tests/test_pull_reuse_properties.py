@@ -110,3 +110,22 @@ def test_a_pull_restores_exactly_the_manifest_and_fetches_only_what_nothing_here
         assert {p: p.read_bytes() for p in before} == before
         if cache is not None:  # what was fetched is cached now, verifying
             assert all(cache.check(f) for f in entry.files if f.path in fetched)
+
+
+def test_a_partial_folder_of_another_checkpoint_whose_files_and_folders_clash_is_taken_over(tmp_path):
+    """An interrupted pull of a checkpoint with a file ``sub`` and a folder ``a.bin/``, then a pull into the same
+    target of one with ``sub/c.bin`` and a file ``a.bin``: the clashing leftovers make way, the pull completes."""
+    src = tmp_path / "src"
+    (src / "sub").mkdir(parents=True)
+    (src / "sub" / "c.bin").write_bytes(b"c" * 100)
+    (src / "a.bin").write_bytes(b"a" * 100)
+    target = tmp_path / "out"
+    partial = partial_dir(target)
+    (partial / "a.bin").mkdir(parents=True)
+    (partial / "a.bin" / "x").write_bytes(b"old")
+    (partial / "sub").write_bytes(b"a file where a folder goes")
+    with CheckpointStore(str(tmp_path / "store")) as store:
+        store.push(src, epoch=1)
+        store.pull("latest", to=target)
+    assert (target / "sub" / "c.bin").read_bytes() == b"c" * 100 and (target / "a.bin").read_bytes() == b"a" * 100
+    assert not partial.exists()
