@@ -50,10 +50,13 @@ class ShapedProxy(FaultProxy):
         self._count_lock = threading.Lock()
         user = kwargs.pop("on_response", None)
 
+        self.answered: Counter = Counter()  # (method, object name) -> answers passed on
+
         def on_response(method: str, target: str, head: bytes, body: bytes):
-            if method == "GET":
-                name = unquote(urlsplit(target).path).rsplit("/", 1)[-1]
-                with self._count_lock:
+            name = unquote(urlsplit(target).path).rsplit("/", 1)[-1]
+            with self._count_lock:
+                self.answered[(method, name)] += 1
+                if method == "GET":
                     self.got[name] += 1
                     self.got_bytes[name] += len(body)
             return user(method, target, head, body) if user is not None else (head, body)
