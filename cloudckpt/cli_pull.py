@@ -66,11 +66,21 @@ def pull_cmd(ctx: click.Context, selector: str, url: str | None, to: str, fallba
             return
         result = store.pull(selector, to=to, fallback=fallback)
         row = result.entry.summary(store.keeper.read_existing().tags(result.entry.id))
-        row.update(path=str(result.path), skipped=list(result.skipped),
+        row.update(path=str(result.path), skipped=list(result.skipped), sources=result.sources,
                    local_files=[str(result.path.joinpath(*f.path.split("/"))) for f in result.entry.files])
         if not result.entry.holds_model:
             click.echo(f"cloudckpt: note: {result.entry.id} holds resume state (cloudckpt_state/) but no model file "
                        f"(Keras wrote none at that save point); `cloudckpt pull latest-model` gets the newest "
                        f"checkpoint with one", err=True)
-        out.emit(row, as_json,
-                 lambda r: f"pulled {r['id']} (epoch {r['epoch']}, {out.human_size(r['size'])}) into {r['path']}")
+        out.emit(row, as_json, lambda r: f"pulled {r['id']} (epoch {r['epoch']}, {out.human_size(r['size'])}) into "
+                 f"{r['path']}" + _reused(r["sources"]))
+
+
+def _reused(sources: dict[str, dict[str, int]]) -> str:
+    """``; fetched 1 files (2.00MB), re-used 3 (40.0MB)`` when anything was re-used, else nothing."""
+    kept = [v for k, v in sources.items() if k != "store"]
+    files, size = sum(v["files"] for v in kept), sum(v["bytes"] for v in kept)
+    if not files:
+        return ""
+    return (f"; fetched {sources['store']['files']} files ({out.human_size(sources['store']['bytes'])}), re-used "
+            f"{files} ({out.human_size(size)})")

@@ -25,7 +25,7 @@ from .errors import ConfigurationError
 from .inline import inline_contents, materialize, stored_files
 from .layout import PULL_MARKER
 from .manifest import CheckpointEntry
-from .pull_plan import claim_staging, clear_way, keep_partial, partial_dir, prune_extras, stage, summary
+from .pull_plan import Step, claim_staging, clear_way, keep_partial, partial_dir, prune_extras, stage, summary
 from .redact import redact_url
 from .transfer import Progress, read_manifest
 
@@ -48,12 +48,14 @@ def _check_target(target: Path) -> None:
 
 
 def pull_into(backend: Backend, entry: CheckpointEntry, target: Path, *, budget: float, pool: ThreadPoolExecutor,
-              progress: Progress | None = None, source_url: str = "", cache: Cache | None = None) -> Path:
+              progress: Progress | None = None, source_url: str = "", cache: Cache | None = None,
+              steps: list[Step] | None = None) -> Path:
     """Download ``entry`` into ``target`` verified; return the target path.
 
     Files already on this machine that verify (an interrupted pull's, the target's, the ``cache``'s) are re-used,
-    the rest fetched (:mod:`cloudckpt.pull_plan`). Interrupted (Ctrl-C, SIGTERM), what was staged is kept for the
-    next pull and :func:`cloudckpt.cancel.keep` says so; any other failure leaves nothing behind."""
+    the rest fetched (:mod:`cloudckpt.pull_plan`); ``steps``, when given, is filled with where each came from.
+    Interrupted (Ctrl-C, SIGTERM), what was staged is kept for the next pull and :func:`cloudckpt.cancel.keep` says
+    so; any other failure leaves nothing behind."""
     target = Path(target).absolute()
     _check_target(target)
     target.parent.mkdir(parents=True, exist_ok=True)
@@ -66,8 +68,8 @@ def pull_into(backend: Backend, entry: CheckpointEntry, target: Path, *, budget:
             materialize(contents, staging)
             if progress is not None:
                 progress(sum(len(data) for data in contents.values()))
-        steps = stage(backend, entry.id, stored, staging, target, cache=cache, budget=budget, pool=pool,
-                      progress=progress)
+        staged = stage(backend, entry.id, stored, staging, target, cache=cache, budget=budget, pool=pool,
+                       progress=progress)
         prune_extras(staging, {f.path for f in entry.files})
         if entry.meta.get("format") == DCP_FORMAT:
             _dcp_metadata(staging, entry)
@@ -85,7 +87,9 @@ def pull_into(backend: Backend, entry: CheckpointEntry, target: Path, *, budget:
         shutil.rmtree(staging, ignore_errors=True)
         raise
     shutil.rmtree(partial_dir(target), ignore_errors=True)  # an older interrupted pull's, not taken over
-    used = summary(steps)
+    if steps is not None:
+        steps[:] = staged
+    used = summary(staged)
     log.info("pulled %s (%d files, %d bytes) into %s; fetched %d files (%d bytes), re-used %s", entry.id,
              len(entry.files), entry.size, target, used["store"]["files"], used["store"]["bytes"],
              ", ".join(f"{v['files']} from {k}" for k, v in used.items() if k != "store" and v["files"]) or "none")

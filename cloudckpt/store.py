@@ -14,7 +14,7 @@ import os
 import time
 from collections.abc import Callable, Iterable, Mapping
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -33,7 +33,7 @@ from .labels import tag_problem
 from .manifest import CheckpointEntry, FileEntry, Index, Manifest, WriterLease, dump, utcnow
 from .metrics import finite_metrics
 from .progress import byte_progress
-from .pull_plan import Step, plan
+from .pull_plan import Step, plan, summary
 from .repair import RepairPlan, repair_index
 from .restore import pull_into
 from .retention import Retention
@@ -49,11 +49,13 @@ PUSH_ATTEMPTS = 3
 
 @dataclass(frozen=True)
 class PullResult:
-    """What a pull restored: the entry, the local directory, and the ids it skipped because they failed to verify."""
+    """What a pull restored: the entry, the local directory, the ids it skipped because they failed to verify, and
+    where its files came from (files and bytes per source: :func:`cloudckpt.pull_plan.summary`)."""
 
     entry: CheckpointEntry
     path: Path
     skipped: tuple[str, ...] = ()
+    sources: dict[str, dict[str, int]] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -389,25 +391,26 @@ class CheckpointStore:
         """Pull ``chosen`` or, with ``fallback``, the newest older one that verifies, recording each that doesn't in
         ``failed``; None when one was pruned while it was pulled (the selector must be resolved again)."""
         for cand in _candidates(index, chosen, fallback=fallback, failed=failed):
+            steps: builtins.list[Step] = []
             try:
-                path = self._pull_listed(cand, to)
+                path = self._pull_listed(cand, to, steps)
             except IntegrityError as exc:
                 if not fallback:
                     raise
                 log.info("checkpoint %s failed verification (%s); trying an older one", cand.id, exc)
                 failed[cand.id] = str(exc)
                 continue
-            return PullResult(cand, path, tuple(failed)) if path is not None else None
+            return PullResult(cand, path, tuple(failed), summary(steps)) if path is not None else None
         raise IntegrityError(f"{self.url}: no checkpoint at or before {chosen.id} verifies: "
                              + "; ".join(f"{cid}: {why}" for cid, why in failed.items()))
 
-    def _pull_listed(self, entry: CheckpointEntry, to: Path) -> Path | None:
+    def _pull_listed(self, entry: CheckpointEntry, to: Path, steps: builtins.list[Step]) -> Path | None:
         """Pull ``entry`` into ``to``; None when it failed because it is no longer listed (pruned meanwhile)."""
         with self._busy.holding(entry.id), cancel.default_sigterm_stops_transfers():
             try:
                 with byte_progress(entry.size, f"pull {entry.id}", self.progress) as advance:
                     return pull_into(self.backend, entry, to, budget=self.budget, pool=self._pool,
-                                     progress=advance, source_url=self.url, cache=self.cache)
+                                     progress=advance, source_url=self.url, cache=self.cache, steps=steps)
             except IntegrityError:
                 if self._listed(entry.id):
                     raise

@@ -69,11 +69,13 @@ def test_repull_of_an_unchanged_checkpoint_sends_no_data_get(proxied, tmp_path):
     first = time.monotonic() - t0
     assert proxy.data_gets("big.bin", "small.bin") == 2 and tree(out) == files
     t0 = time.monotonic()
-    proc = cli(env, "-v", "pull", "latest", "--remote", url, "--to", str(out))
+    proc = cli(env, "-v", "pull", "latest", "--remote", url, "--to", str(out), "--json")
     again = time.monotonic() - t0
     assert proc.returncode == 0, proc.stderr
     assert proxy.data_gets("big.bin", "small.bin") == 2, proxy.got  # no GET of either file the second time
     assert "fetched 0 files (0 bytes), re-used 2 from target" in proc.stderr
+    sources = json.loads(proc.stdout)["sources"]
+    assert sources["store"] == {"files": 0, "bytes": 0} and sources["target"] == {"files": 2, "bytes": 8 * MiB + 3000}
     assert tree(out) == files
     print(f"\nfirst pull {first:.2f}s, re-pull {again:.2f}s (8 MiB + 3 kB, process start included)")
 
