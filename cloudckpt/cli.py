@@ -5,7 +5,7 @@ only what it acts on (SELECTOR, PATH, WATCH_DIR). Each command checks its flags,
 through :func:`cloudckpt.cli_output.emit` (text, or ``--json`` on stdout).
 Errors are turned into one line on stderr and an exit code in :func:`main` only; ``CLOUDCKPT_DEBUG=1`` shows the
 traceback. Exit codes: 0 ok, 1 other error, 2 usage, 3 nothing matches, 4 integrity failure, 5 access or
-configuration error, 6 fenced (a newer writer took over the run).
+configuration error, 6 fenced (a newer writer took over the run), 130 interrupted (Ctrl-C), 143 stopped by SIGTERM.
 """
 
 from __future__ import annotations
@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING, Any, TypeVar
 
 import click
 
-from . import cli_args, cli_legacy
+from . import cancel, cli_args, cli_legacy
 from . import cli_output as out
 from .errors import CheckpointNotFoundError, CloudCkptError, IntegrityError
 from .redact import Redactor, ScrubFilter, is_secret_name, url_secrets
@@ -43,7 +43,7 @@ Examples:
   cloudckpt sync ./checkpoints -r s3://bucket/runs/r1 --monitor val_loss --keep-last 3
 \b
 Exit codes: 0 ok, 1 other error, 2 usage, 3 nothing matches, 4 integrity failure,
-            5 access or configuration error, 6 fenced writer.
+            5 access or configuration error, 6 fenced writer, 130 Ctrl-C, 143 SIGTERM.
 """
 
 
@@ -77,7 +77,7 @@ def _pairs(values: tuple[str, ...], what: str, convert: Callable[[str], Any], *,
     return out
 
 
-def _store(ctx: click.Context, url: str | None) -> CheckpointStore:
+def _store(ctx: click.Context, url: str | None, **settings: Any) -> CheckpointStore:
     from .store import CheckpointStore
 
     url = cli_legacy.or_given(ctx, url) or os.environ.get(URL_ENV)
@@ -85,7 +85,7 @@ def _store(ctx: click.Context, url: str | None) -> CheckpointStore:
         raise click.UsageError(f"no run: pass --remote URL, or set ${URL_ENV}")
     obj = ctx.find_root().obj
     obj["redactor"].add_url(url)
-    return CheckpointStore(url, progress=obj["progress"], **obj["storage_options"])
+    return CheckpointStore(url, progress=obj["progress"], **settings, **obj["storage_options"])
 
 
 json_flag = click.option("--json", "as_json", is_flag=True, help="Machine-readable output on stdout.")
@@ -171,32 +171,6 @@ def show_cmd(ctx: click.Context, selector: str, url: str | None, as_json: bool) 
             f"  {f['path']}  {out.human_size(f['size'])}  crc32c={f['crc32c']}" for f in r["files"]))
 
 
-@cli.command("pull")
-@click.argument("selector")
-@remote
-@cli_legacy.legacy_url("--from")
-@click.option("--to", "to", default="checkpoint", show_default=True, type=click.Path(file_okay=False),
-              help="Local directory to restore into (replaced only once everything verified).")
-@click.option("--fallback", is_flag=True,
-              help="If the chosen checkpoint fails verification, take the newest older one that verifies.")
-@json_flag
-@click.pass_context
-def pull_cmd(ctx: click.Context, selector: str, url: str | None, to: str, fallback: bool, as_json: bool) -> None:
-    """Download a checkpoint, verified: SELECTOR is best, latest, latest-model, an epoch number, a checkpoint id or
-    a tag."""
-    with _store(ctx, url) as store:
-        result = store.pull(selector, to=to, fallback=fallback)
-        row = result.entry.summary(store.keeper.read_existing().tags(result.entry.id))
-        row.update(path=str(result.path), skipped=list(result.skipped),
-                   local_files=[str(result.path.joinpath(*f.path.split("/"))) for f in result.entry.files])
-        if not result.entry.holds_model:
-            click.echo(f"cloudckpt: note: {result.entry.id} holds resume state (cloudckpt_state/) but no model file "
-                       f"(Keras wrote none at that save point); `cloudckpt pull latest-model` gets the newest "
-                       f"checkpoint with one", err=True)
-        out.emit(row, as_json,
-                 lambda r: f"pulled {r['id']} (epoch {r['epoch']}, {out.human_size(r['size'])}) into {r['path']}")
-
-
 @cli.command("push")
 @click.argument("path", type=click.Path(exists=True))
 @remote
@@ -275,9 +249,10 @@ def gc_cmd(ctx: click.Context, url: str | None, dry_run: bool, min_age: float, a
     with _store(ctx, url) as store:
         report = store.gc(dry_run=dry_run, min_age=min_age)
     data = {"dry_run": dry_run, "deleted": report.deleted, "bytes": report.bytes, "checkpoints": report.checkpoints,
-            "kept_young": report.kept_young, "condemned": report.condemned}
+            "kept_young": report.kept_young, "young_objects": report.young_objects,
+            "young_bytes": report.young_bytes, "condemned": report.condemned}
     out.emit(data, as_json, lambda r: f"{'would remove' if dry_run else 'removed'} {len(r['deleted'])} objects "
-             f"({out.human_size(r['bytes'])}) of {len(r['checkpoints'])} uncommitted checkpoints")
+             f"({out.human_size(r['bytes'])}) of {len(r['checkpoints'])} uncommitted checkpoints" + out.young(r))
 
 
 @cli.command("repair")
@@ -333,8 +308,9 @@ def main(argv: list[str] | None = None) -> int:
     args = sys.argv[1:] if argv is None else list(argv)
     redactor.add(_secret_args(args))
     try:
-        cli.main(args=cli_args.arrange(cli, args), prog_name="cloudckpt", standalone_mode=False,
-                 obj={"redactor": redactor})
+        with cancel.sigterm_interrupts():  # SIGTERM stops transfers like Ctrl-C does (exit 143; sync: its own)
+            cli.main(args=cli_args.arrange(cli, args), prog_name="cloudckpt", standalone_mode=False,
+                     obj={"redactor": redactor})
         return 0
     except click.exceptions.Exit as e:
         return e.exit_code
@@ -348,9 +324,13 @@ def main(argv: list[str] | None = None) -> int:
     except click.ClickException as e:
         click.echo(f"cloudckpt: error: {redactor.scrub(e.format_message())}", err=True)
         return e.exit_code
-    except (click.Abort, KeyboardInterrupt):
-        click.echo("cloudckpt: interrupted", err=True)
-        return 130
+    except (click.Abort, KeyboardInterrupt) as e:
+        code = cancel.exit_code(e)
+        kept = cancel.kept()
+        click.echo(f"cloudckpt: interrupted ({'SIGTERM' if code == cancel.EXIT_SIGTERM else 'Ctrl-C'})"
+                   + "".join(f"; {redactor.scrub(line)}" for line in kept), err=True)
+        cancel.exit_now_if_stuck(code)
+        return code
     except CloudCkptError as e:
         return _fail(e, e.exit_code, redactor)
     except Exception as e:  # unexpected: still one line, traceback on request
@@ -382,7 +362,7 @@ def _fail(exc: BaseException, code: int, redactor: Redactor) -> int:
     return code
 
 
-from . import cli_labels  # noqa: E402,F401  (registers pin, unpin, tag, untag on `cli`)
+from . import cli_labels, cli_pull  # noqa: E402,F401  (register pin, unpin, tag, untag, pull on `cli`)
 
 if __name__ == "__main__":  # `python -m cloudckpt.cli`: the module as imported, with the commands registered on it
     from cloudckpt.cli import main as _main

@@ -98,3 +98,12 @@ class RetrySummary(logging.Filter):
             if len(last) > 400:  # cut between words, never inside a URL
                 last = last[:400].rsplit(" ", 1)[0] + " ..."
             click.echo(f"cloudckpt: {self.count} failed attempt(s) retried (last: {last}); -v shows each", err=True)
+
+
+def young(r: dict) -> str:
+    """The tail of gc's line for objects spared for their age: how many, their bytes, and when they go."""
+    if not r["young_objects"]:
+        return ""
+    names = f" of {len(r['kept_young'])} uncommitted checkpoints" if r["kept_young"] else ""
+    return (f"; kept {r['young_objects']} young objects ({human_size(r['young_bytes'])}){names}: younger than "
+            f"--min-age, a later gc removes them once older")

@@ -6,7 +6,8 @@ Each class carries the CLI exit code it maps to; the CLI turns exceptions into e
 
 Exit codes (documented in the README):
     0 ok, 1 other error, 2 usage, 3 nothing matches, 4 integrity failure, 5 access or configuration error,
-    6 fenced (a newer writer took over the run).
+    6 fenced (a newer writer took over the run); the CLI also exits 130 when interrupted (Ctrl-C) and 143 on SIGTERM
+    (:mod:`cloudckpt.cancel`).
 """
 
 from __future__ import annotations

@@ -35,13 +35,21 @@ class GcPlan:
     """Objects to delete (relative paths) and their bytes. ``condemn`` maps each name the index must condemn first
     to its objects (deleted only if the condemn lands); ``delete`` holds the rest (temporary files, probes, strays
     inside a listed checkpoint, objects of names already condemned). ``checkpoints``: the checkpoint directories
-    concerned; ``kept_young``: those left alone because of ``min_age``."""
+    concerned; ``kept_young``: those left alone because of ``min_age``; ``young_objects``/``young_bytes``: every
+    object that age spared (those checkpoints', temporary files', strays')."""
 
     delete: list[str] = field(default_factory=list)
     condemn: dict[str, list[str]] = field(default_factory=dict)
     bytes: int = 0
     checkpoints: set[str] = field(default_factory=set)
     kept_young: set[str] = field(default_factory=set)
+    young_objects: int = 0
+    young_bytes: int = 0
+
+    def spare(self, objs: list[ObjectInfo]) -> None:
+        """Count ``objs`` as kept for their age."""
+        self.young_objects += len(objs)
+        self.young_bytes += sum(o.size for o in objs)
 
     def everything(self) -> list[str]:
         """Every object the plan deletes if all its names are condemned."""
@@ -63,6 +71,8 @@ def plan_gc(objects: list[ObjectInfo], index: Index, *, now: float, min_age: flo
             if now - obj.mtime >= (max(min_age, PROBE_GRACE) if top == PROBE_DIR else min_age):
                 plan.delete.append(obj.rel)
                 plan.bytes += obj.size
+            else:
+                plan.spare([obj])
             continue
         if segment_digest(obj.rel) is not None:
             if obj.rel not in segments:
@@ -74,6 +84,8 @@ def plan_gc(objects: list[ObjectInfo], index: Index, *, now: float, min_age: flo
             if rest not in listed[top] and now - obj.mtime >= min_age:
                 plan.delete.append(obj.rel)  # a stray file inside a listed checkpoint: no commit can own it
                 plan.bytes += obj.size
+            elif rest not in listed[top]:
+                plan.spare([obj])
             continue
         groups.setdefault(top, []).append(obj)
     for name, objs in groups.items():
@@ -83,6 +95,7 @@ def plan_gc(objects: list[ObjectInfo], index: Index, *, now: float, min_age: flo
         elif any(now - o.mtime < (max(min_age, RESERVED_GRACE) if name in reserved else min_age) for o in objs):
             if is_checkpoint:
                 plan.kept_young.add(name)
+            plan.spare(objs)
             continue
         else:
             plan.condemn[name] = sorted(o.rel for o in objs)

@@ -1,9 +1,10 @@
 """Restoring a checkpoint into a local directory, all or nothing.
 
-Files are downloaded into a fresh temporary directory beside the target and verified; only then is the target
-replaced (a previous pull is moved aside and removed). A failed pull leaves the target as it was and no temporary
-files behind. The pulled directory carries ``.cloudckpt.json``, naming the checkpoint it holds; a non-empty target
-without that marker is never overwritten.
+Files are staged in a temporary directory beside the target (re-used from this machine where they verify, else
+downloaded: :mod:`cloudckpt.pull_plan`) and verified; only then is the target replaced (a previous pull is moved
+aside and removed). A failed pull leaves the target as it was and no temporary files behind; an interrupted one
+(Ctrl-C, SIGTERM) leaves the target as it was and its staged files for the next pull. The pulled directory carries
+``.cloudckpt.json``, naming the checkpoint it holds; a non-empty target without that marker is never overwritten.
 """
 
 from __future__ import annotations
@@ -16,13 +17,17 @@ import tempfile
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
+from . import cancel
 from .backends import Backend
+from .cache import Cache
+from .cancel import TransferCancelled
 from .errors import ConfigurationError
 from .inline import inline_contents, materialize, stored_files
 from .layout import PULL_MARKER
 from .manifest import CheckpointEntry
+from .pull_plan import Step, claim_staging, clear_way, keep_partial, partial_dir, prune_extras, stage, summary
 from .redact import redact_url
-from .transfer import Progress, download_verified, read_manifest
+from .transfer import Progress, read_manifest
 
 log = logging.getLogger(__name__)
 MARKER = PULL_MARKER
@@ -43,30 +48,51 @@ def _check_target(target: Path) -> None:
 
 
 def pull_into(backend: Backend, entry: CheckpointEntry, target: Path, *, budget: float, pool: ThreadPoolExecutor,
-              progress: Progress | None = None, source_url: str = "") -> Path:
-    """Download ``entry`` into ``target`` verified; return the target path."""
+              progress: Progress | None = None, source_url: str = "", cache: Cache | None = None,
+              steps: list[Step] | None = None) -> Path:
+    """Download ``entry`` into ``target`` verified; return the target path.
+
+    Files already on this machine that verify (an interrupted pull's, the target's, the ``cache``'s) are re-used,
+    the rest fetched (:mod:`cloudckpt.pull_plan`); ``steps``, when given, is filled with where each came from.
+    Interrupted (Ctrl-C, SIGTERM), what was staged is kept for the next pull and :func:`cloudckpt.cancel.keep` says
+    so; any other failure leaves nothing behind."""
     target = Path(target).absolute()
     _check_target(target)
     target.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.cloudckpt-pull-", dir=target.parent))
+    staging = claim_staging(target)
     try:
+        clear_way(staging, [f.path for f in entry.files])
         stored = stored_files(entry.files)
         if len(stored) < len(entry.files):  # some ride inside the manifest: checked against the entry, then written
             contents = inline_contents(read_manifest(backend, entry.id, budget=budget), entry)
             materialize(contents, staging)
             if progress is not None:
                 progress(sum(len(data) for data in contents.values()))
-        download_verified(backend, entry.id, stored, staging, budget=budget, pool=pool, progress=progress)
+        staged = stage(backend, entry.id, stored, staging, target, cache=cache, budget=budget, pool=pool,
+                       progress=progress)
+        prune_extras(staging, {f.path for f in entry.files})
         if entry.meta.get("format") == DCP_FORMAT:
             _dcp_metadata(staging, entry)
         marker = {"url": redact_url(source_url or backend.url), "checkpoint": entry.summary()}
         (staging / MARKER).write_text(json.dumps(marker, indent=1))
         staging.chmod(0o777 & ~_UMASK)  # mkdtemp made it 0700; the restored directory gets normal permissions
         _swap_into_place(staging, target)
+    except (KeyboardInterrupt, TransferCancelled):
+        try:
+            cancel.keep(keep_partial(staging, target, entry.size))
+        except OSError:
+            shutil.rmtree(staging, ignore_errors=True)
+        raise
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
-    log.info("pulled %s (%d files, %d bytes) into %s", entry.id, len(entry.files), entry.size, target)
+    shutil.rmtree(partial_dir(target), ignore_errors=True)  # an older interrupted pull's, not taken over
+    if steps is not None:
+        steps[:] = staged
+    used = summary(staged)
+    log.info("pulled %s (%d files, %d bytes) into %s; fetched %d files (%d bytes), re-used %s", entry.id,
+             len(entry.files), entry.size, target, used["store"]["files"], used["store"]["bytes"],
+             ", ".join(f"{v['files']} from {k}" for k, v in used.items() if k != "store" and v["files"]) or "none")
     return target
 
 

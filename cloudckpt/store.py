@@ -14,15 +14,16 @@ import os
 import time
 from collections.abc import Callable, Iterable, Mapping
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from pydantic import ValidationError
 
-from . import failpoints, layout, retry
+from . import cancel, failpoints, layout, retry
 from .backends import open_backend
 from .busy import BusySet as BusySet
+from .cache import Cache
 from .changes import Change, commit_checkpoint, discard_checkpoints, label_checkpoint, prune_checkpoints
 from .commit import IndexKeeper, OutcomeUnknownError, Update
 from .condemn import commit_refusal, reserve
@@ -32,6 +33,7 @@ from .labels import tag_problem
 from .manifest import CheckpointEntry, FileEntry, Index, Manifest, WriterLease, dump, utcnow
 from .metrics import finite_metrics
 from .progress import byte_progress
+from .pull_plan import Step, plan, summary
 from .repair import RepairPlan, repair_index
 from .restore import pull_into
 from .retention import Retention
@@ -47,11 +49,13 @@ PUSH_ATTEMPTS = 3
 
 @dataclass(frozen=True)
 class PullResult:
-    """What a pull restored: the entry, the local directory, and the ids it skipped because they failed to verify."""
+    """What a pull restored: the entry, the local directory, the ids it skipped because they failed to verify, and
+    where its files came from (files and bytes per source: :func:`cloudckpt.pull_plan.summary`)."""
 
     entry: CheckpointEntry
     path: Path
     skipped: tuple[str, ...] = ()
+    sources: dict[str, dict[str, int]] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -110,12 +114,15 @@ class CheckpointStore:
         workers: parallel file transfers and checksums. Default 8.
         progress: byte progress bars on stderr; None shows them only on a terminal. Default False.
         writer_id: this writer's name in the index; default ``host:pid:random``.
+        cache_dir: the node-level pull cache (:mod:`cloudckpt.cache`); default ``$CLOUDCKPT_CACHE_DIR``, else none.
+        cache_size: its bound in bytes (or ``"20G"``); default ``$CLOUDCKPT_CACHE_SIZE``, else 20 GiB.
         **storage_options: passed to the backend (fsspec/boto3/google-cloud-storage options such as
             ``endpoint_url``, ``key``, ``token``; plus ``verify_readback=True`` to re-download every upload).
     """
 
     def __init__(self, url: str | None = None, *, budget: float = 300.0, workers: int = 8,
-                 progress: bool | None = False, writer_id: str | None = None, **storage_options: Any) -> None:
+                 progress: bool | None = False, writer_id: str | None = None, cache_dir: str | Path | None = None,
+                 cache_size: int | str | None = None, **storage_options: Any) -> None:
         url = url or os.environ.get("CLOUDCKPT_REMOTE")
         if not url:
             raise ConfigurationError("no store URL given and $CLOUDCKPT_REMOTE is not set")
@@ -128,18 +135,20 @@ class CheckpointStore:
         self.progress = progress
         self.keeper = IndexKeeper(self.backend, budget=min(budget, 120.0), writer_id=writer_id)
         self._pool = ThreadPoolExecutor(workers, thread_name_prefix="cloudckpt-io")
+        self.cache = Cache.configured(cache_dir, cache_size)
         self._busy = BusySet()  # in flight or being restored by this process: never pruned
 
     # --- lifecycle ---------------------------------------------------------------------------------------------
 
-    def close(self) -> None:
-        self._pool.shutdown(wait=True)
+    def close(self, *, interrupted: bool = False) -> None:
+        """Stop the transfer threads; ``interrupted``: without waiting for a read stuck in the network."""
+        self._pool.shutdown(wait=not interrupted, cancel_futures=interrupted)
 
     def __enter__(self) -> CheckpointStore:
         return self
 
-    def __exit__(self, *exc: object) -> None:
-        self.close()
+    def __exit__(self, kind: type[BaseException] | None, *exc: object) -> None:
+        self.close(interrupted=kind is not None and issubclass(kind, KeyboardInterrupt))
 
     # --- reading -----------------------------------------------------------------------------------------------
 
@@ -252,13 +261,18 @@ class CheckpointStore:
     def _upload(self, cid: str, files: builtins.list[LocalFile], *, sha256: bool) -> builtins.list[FileEntry]:
         """Store and check every file under ``<cid>/``; on failure remove what was stored (best effort), raise."""
         total = sum(f.path.stat().st_size for f in files)
-        try:
-            with byte_progress(total, f"push {cid}", self.progress) as advance:
-                return upload_all(self.backend, cid, files, sha256=sha256, budget=self.budget, pool=self._pool,
-                                  progress=advance)
-        except Exception:
-            self._discard_upload(cid, [f.rel for f in files])
-            raise
+        with cancel.default_sigterm_stops_transfers():
+            try:
+                with byte_progress(total, f"push {cid}", self.progress) as advance:
+                    return upload_all(self.backend, cid, files, sha256=sha256, budget=self.budget, pool=self._pool,
+                                      progress=advance)
+            except Exception:
+                self._discard_upload(cid, [f.rel for f in files])
+                raise
+            except KeyboardInterrupt:
+                cancel.keep(f"push interrupted: the objects uploaded so far stay under {self.url}/{cid}/, "
+                            f"uncommitted; `cloudckpt gc` removes them once older than its --min-age (default 1 hour)")
+                raise
 
     def _write_manifest(self, entry: CheckpointEntry, inline: dict[str, str]) -> None:
         data = dump(Manifest(checkpoint=entry, inline=inline))
@@ -377,29 +391,37 @@ class CheckpointStore:
         """Pull ``chosen`` or, with ``fallback``, the newest older one that verifies, recording each that doesn't in
         ``failed``; None when one was pruned while it was pulled (the selector must be resolved again)."""
         for cand in _candidates(index, chosen, fallback=fallback, failed=failed):
+            steps: builtins.list[Step] = []
             try:
-                path = self._pull_listed(cand, to)
+                path = self._pull_listed(cand, to, steps)
             except IntegrityError as exc:
                 if not fallback:
                     raise
                 log.info("checkpoint %s failed verification (%s); trying an older one", cand.id, exc)
                 failed[cand.id] = str(exc)
                 continue
-            return PullResult(cand, path, tuple(failed)) if path is not None else None
+            return PullResult(cand, path, tuple(failed), summary(steps)) if path is not None else None
         raise IntegrityError(f"{self.url}: no checkpoint at or before {chosen.id} verifies: "
                              + "; ".join(f"{cid}: {why}" for cid, why in failed.items()))
 
-    def _pull_listed(self, entry: CheckpointEntry, to: Path) -> Path | None:
+    def _pull_listed(self, entry: CheckpointEntry, to: Path, steps: builtins.list[Step]) -> Path | None:
         """Pull ``entry`` into ``to``; None when it failed because it is no longer listed (pruned meanwhile)."""
-        with self._busy.holding(entry.id):
+        with self._busy.holding(entry.id), cancel.default_sigterm_stops_transfers():
             try:
                 with byte_progress(entry.size, f"pull {entry.id}", self.progress) as advance:
                     return pull_into(self.backend, entry, to, budget=self.budget, pool=self._pool,
-                                     progress=advance, source_url=self.url)
+                                     progress=advance, source_url=self.url, cache=self.cache, steps=steps)
             except IntegrityError:
                 if self._listed(entry.id):
                     raise
                 return None
+
+    def plan_pull(self, selector: str | int = "latest", to: str | Path = "checkpoint"
+                  ) -> tuple[CheckpointEntry, builtins.list[Step]]:
+        """What :meth:`pull` would do, nothing fetched or written: the checkpoint, and for each file where its bytes
+        would come from (:mod:`cloudckpt.pull_plan`; inline files ride in the manifest and are not listed)."""
+        entry = self.get(selector)
+        return entry, plan(stored_files(entry.files), Path(to), self.cache, self._pool)
 
     def _listed(self, cid: str) -> bool:
         """Whether the run lists ``cid`` now (the head first, the segments only when it isn't there)."""

@@ -34,6 +34,8 @@ class GcReport:
     kept_young: list[str] = field(default_factory=list)
     dry_run: bool = False
     condemned: list[str] = field(default_factory=list)
+    young_objects: int = 0  #: objects left alone because they are younger than ``min_age`` (a later gc takes them)
+    young_bytes: int = 0
 
 
 def collect(backend: Backend, keeper: IndexKeeper, *, budget: float, dry_run: bool, min_age: float,
@@ -53,7 +55,8 @@ def collect(backend: Backend, keeper: IndexKeeper, *, budget: float, dry_run: bo
     wanted = [name for name in plan.condemn if name not in held]
     if dry_run:
         doomed = sorted([*plan.delete, *(rel for name in wanted for rel in plan.condemn[name])])
-        return GcReport(doomed, plan.bytes, sorted(plan.checkpoints), sorted(plan.kept_young), True, sorted(wanted))
+        return GcReport(doomed, plan.bytes, sorted(plan.checkpoints), sorted(plan.kept_young), True, sorted(wanted),
+                        plan.young_objects, plan.young_bytes)
     dead: set[str] = set()
     if wanted:
         expired = {r.name for r in head.reserved} & set(wanted)  # reserved, yet older than RESERVED_GRACE
@@ -74,4 +77,5 @@ def collect(backend: Backend, keeper: IndexKeeper, *, budget: float, dry_run: bo
         retry.run(lambda: backend.delete(doomed), url=url, what="gc delete", budget=budget)
         log.info("gc removed %d objects (%d bytes) from %s", len(doomed), plan.bytes, url)
     checkpoints = sorted(c for c in plan.checkpoints if c not in plan.condemn or c in dead)
-    return GcReport(doomed, plan.bytes, checkpoints, sorted(plan.kept_young), False, condemned)
+    return GcReport(doomed, plan.bytes, checkpoints, sorted(plan.kept_young), False, condemned, plan.young_objects,
+                    plan.young_bytes)

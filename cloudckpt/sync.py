@@ -8,7 +8,8 @@ are ignored. Epoch, step and metrics can be read from names with ``name_pattern`
 ``epoch``, ``step`` and any metric, e.g. ``model-(?P<epoch>\\d+)-(?P<val_loss>[\\d.]+)\\.keras``.
 
 Stopping (:meth:`SyncService.stop`, or SIGTERM/SIGINT under :meth:`run_forever`) lets the push in flight finish and
-commits candidates that had already settled, then returns.
+commits candidates that had already settled, then returns. A second signal while that goes on interrupts it like
+Ctrl-C does a push (:mod:`cloudckpt.cancel`: transfers cancelled within about a second; the CLI exits 130 or 143).
 
 The service appends to the run with compare-and-swap like any writer; it does not claim (fence) the run unless
 ``exclusive=True``, so it can run beside a training callback on the same run.
@@ -25,6 +26,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from . import cancel
 from .errors import CloudCkptError, ConfigurationError, StaleWriterError
 from .manifest import CheckpointEntry
 from .retention import Retention
@@ -87,6 +89,7 @@ class SyncService:
     _seen: dict[str, _Candidate] = field(default_factory=dict, init=False)
     _pushed: dict[str, Signature] = field(default_factory=dict, init=False)
     _stop: threading.Event = field(default_factory=threading.Event, init=False)
+    _pushing: str | None = field(default=None, init=False)
 
     def __post_init__(self) -> None:
         self.watch_dir = Path(self.watch_dir)
@@ -140,7 +143,11 @@ class SyncService:
                 seen = self._seen[path.name]
             if now - seen.since < self.settle:
                 continue
-            entry = self.store.push(path, **self._fields(path.name), policy=self.policy)
+            self._pushing = path.name
+            try:
+                entry = self.store.push(path, **self._fields(path.name), policy=self.policy)
+            finally:
+                self._pushing = None
             if signature(path) != sig:
                 log.warning("sync: %s changed while it was pushed; it will be pushed again when it settles", path.name)
             self._pushed[path.name] = sig
@@ -150,6 +157,13 @@ class SyncService:
 
     def stop(self) -> None:
         self._stop.set()
+
+    def _on_signal(self, signum: int, frame: object) -> None:
+        if self._stop.is_set():  # a second signal: stop the push in flight now
+            raise cancel.Terminated() if signum == signal.SIGTERM else KeyboardInterrupt()
+        self.stop()
+        if self._pushing is not None:
+            log.warning("sync: stopping once the push of %s is committed; signal again to cancel it", self._pushing)
 
     def run(self) -> None:
         """Scan until :meth:`stop`; then commit what had already settled and return."""
@@ -166,7 +180,7 @@ class SyncService:
     def run_forever(self, ready: Callable[[], None] | None = None) -> None:
         """:meth:`run`, stopping cleanly on SIGTERM or SIGINT (main thread only). ``ready`` is called once the
         signal handlers are in place (so a supervisor that waits for it can't signal too early)."""
-        previous = {s: signal.signal(s, lambda *_: self.stop()) for s in (signal.SIGTERM, signal.SIGINT)}
+        previous = {s: signal.signal(s, self._on_signal) for s in (signal.SIGTERM, signal.SIGINT)}
         try:
             if ready is not None:
                 ready()

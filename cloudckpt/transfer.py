@@ -9,12 +9,12 @@ import os
 import threading
 import time
 from collections.abc import Callable, Iterable
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import ThreadPoolExecutor, wait
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TypeVar
 
-from . import retry
+from . import cancel, retry
 from .backends import Backend
 from .checksum import StreamChecksums, file_checksums
 from .errors import ConfigurationError, IntegrityError, SourceChangedError, UnsafePathError
@@ -219,6 +219,7 @@ class _Moved:
         self.count = 0
 
     def __call__(self, n: int) -> None:
+        cancel.check()  # every backend reports each block it moves: an interrupted transfer stops here
         if self._progress is None or not n:
             return
         with self._lock:
@@ -243,13 +244,25 @@ def _check_file(dest: Path, e: FileEntry, where: str) -> None:
 
 def _run_all(pool: ThreadPoolExecutor, fn: Callable[[T], R], items: Iterable[T]) -> list[R]:
     """Run ``fn`` over ``items`` in ``pool``; wait for all, then raise the first error (no stray threads left) or
-    return the results in order."""
-    futures = [pool.submit(fn, item) for item in items]
+    return the results in order.
+
+    Interrupted while waiting (Ctrl-C; SIGTERM in the CLI): the batch's :class:`~cloudckpt.cancel.Token` is set,
+    tasks not started are cancelled, those in flight stop at their next block (their progress callback checks the
+    token); after at most :data:`~cloudckpt.cancel.GRACE` seconds the interruption is raised again."""
+    token = cancel.Token()
+    futures = [pool.submit(cancel.bind(token).run, fn, item) for item in items]
     first: BaseException | None = None
-    for fut in futures:
-        exc = fut.exception()
-        if exc is not None and first is None:
-            first = exc
+    try:
+        for fut in futures:
+            exc = fut.exception()
+            if exc is not None and first is None:
+                first = exc
+    except BaseException:
+        token.cancel()
+        for fut in futures:
+            fut.cancel()
+        wait(futures, timeout=cancel.GRACE)
+        raise
     if first is not None:
         raise first
     return [fut.result() for fut in futures]

@@ -267,3 +267,21 @@ def test_retries_are_one_summary_line_by_default_and_each_with_v(tmp_path):
     assert verbose.returncode == 1
     assert verbose.stderr.count("; retrying") == int(summary.group(1)) >= 1
     assert "failed attempt(s) retried" not in verbose.stderr
+
+
+def test_gc_dry_run_says_what_young_objects_it_keeps(ckpt, local_url):
+    """An interrupted push's objects are young: gc keeps them, and its line (no --json) says how many and how big."""
+    from cloudckpt import CheckpointStore
+
+    assert run("push", str(ckpt), "--remote", local_url, "--epoch", "1").returncode == 0
+    with CheckpointStore(local_url) as store:  # what a push cut short leaves: objects, never indexed
+        store.backend.write_bytes("ckpt-e000002-deadbeef/part0.bin", b"x" * 3000)
+        store.backend.write_bytes("ckpt-e000002-deadbeef/part1.bin", b"y" * 2000)
+    proc = run("gc", "--remote", local_url, "--dry-run")
+    assert proc.returncode == 0, proc.stderr
+    assert "kept 2 young objects (4.88kB) of 1 uncommitted checkpoints" in proc.stdout, proc.stdout
+    proc = run("gc", "--remote", local_url, "--dry-run", "--json")
+    data = json.loads(proc.stdout)
+    assert (data["young_objects"], data["young_bytes"], data["kept_young"]) == (2, 5000, ["ckpt-e000002-deadbeef"])
+    proc = run("gc", "--remote", local_url, "--dry-run", "--min-age", "0")
+    assert "young" not in proc.stdout and "would remove 2 objects" in proc.stdout, proc.stdout

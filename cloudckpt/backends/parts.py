@@ -7,6 +7,7 @@ all uploads of a store; the wall-clock budget bounds every wait.
 
 from __future__ import annotations
 
+import contextvars
 import threading
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor, wait
@@ -52,7 +53,8 @@ def send_parts(source: Source, part_size: int, send: Callable[[int, bytes], T], 
             try:
                 data = source.read(part_size)
                 if data:
-                    futures.append(pool.submit(run, len(futures) + 1, data))  # run releases the slot
+                    # in the caller's context: a part sees its transfer's cancel token (cloudckpt.cancel)
+                    futures.append(pool.submit(contextvars.copy_context().run, run, len(futures) + 1, data))
             except BaseException:
                 slots.release()
                 raise

@@ -58,6 +58,14 @@ class Restorer:
         self.objects = {o.rel: backend.read_bytes(o.rel) for o in backend.list_objects()}
         self.good = sandbox.parent / "good-pull"
         shutil.copytree(run.target, self.good)
+        # A pull re-uses the target's files that verify (cloudckpt.pull_plan) and would never read the tampered
+        # objects: the earlier pull's files are changed locally (same size, a byte flipped), so every file is
+        # fetched, and the target (whose files the pull first hard-links and checks) must still come out untouched.
+        for f in self.good.rglob("*"):
+            if f.is_file() and f.name != ".cloudckpt.json" and f.stat().st_size:
+                data = bytearray(f.read_bytes())
+                data[-1] ^= 0xFF
+                f.write_bytes(bytes(data))
 
     def restore(self) -> None:
         backend = self.run.store.backend
