@@ -1,0 +1,90 @@
+"""cloudckpt.lightning.CloudModelParallelStrategy: Lightning's ModelParallelStrategy (FSDP2 over 2 ranks, gloo, CPU)
+committing each sharded checkpoint through the DCP plugin. Real torchrun jobs (tests/support/lightning_sharded_job.py):
+a rank SIGKILLed mid-upload lists nothing, the restart resumes from the previous checkpoint with exactly the state
+saved there and ends bit-identical to an uninterrupted run."""
+
+from __future__ import annotations
+
+import io
+import pickle
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+torch = pytest.importorskip("torch")
+pytest.importorskip("lightning")
+
+from support import trainer_runs  # noqa: E402
+
+from cloudckpt import CheckpointStore  # noqa: E402
+from cloudckpt.errors import IntegrityError  # noqa: E402
+
+JOB = str(Path(trainer_runs.__file__).parent / "lightning_sharded_job.py")
+RANKS = 2
+
+
+def torchrun(remote: str, d: Path, *args: str) -> subprocess.CompletedProcess:
+    (d / "out").mkdir(parents=True, exist_ok=True)
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(RANKS), JOB,
+           remote, str(d / "root"), str(d / "out"), *args]
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=trainer_runs.env())
+
+
+def shards(path: Path) -> dict:
+    return torch.load(path, weights_only=True)
+
+
+def assert_identical(a: dict, b: dict) -> None:
+    assert a.keys() == b.keys()
+    for k in a:
+        if isinstance(a[k], dict):
+            assert_identical(a[k], b[k])
+        else:
+            assert torch.equal(a[k], b[k]) and a[k].dtype == b[k].dtype, k
+
+
+def test_a_rank_sigkilled_mid_upload_lists_nothing_and_the_restart_resumes_to_identical_params(tmp_path, s3_url):
+    ref = torchrun(str(tmp_path / "ref-store"), tmp_path / "ref")
+    assert ref.returncode == 0, ref.stderr[-3000:]
+    assert "fresh" in ref.stdout and [ln for ln in ref.stdout.split() if ln.isdigit()] == ["4", "8", "12"]
+
+    # rank 1 SIGKILLs itself while uploading its shards of the epoch-1 save (step 8); torchrun stops rank 0
+    killed = torchrun(s3_url, tmp_path / "a", "--kill-epoch", "1", "--kill-rank", "1",
+                      "--failpoint", "dcp.mid_upload")
+    assert killed.returncode != 0 and "done" not in killed.stdout, killed.stdout
+    with CheckpointStore(s3_url) as store:
+        listed = store.index().checkpoints
+    assert [(c.step, c.meta["framework"], c.meta["ranks"]) for c in listed] == [(4, "lightning-sharded", "2")]
+    assert listed[0].meta["name"] == "epoch=0-step=4.ckpt"
+
+    again = torchrun(s3_url, tmp_path / "b")
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert f"resumed cloudckpt:{listed[0].id}" in again.stdout
+    for r in range(RANKS):  # the state restored is the one saved at step 4, on each rank
+        assert_identical(shards(tmp_path / "b" / "out" / f"restored-{r}.pt"),
+                         shards(tmp_path / "a" / "out" / f"saving-4-{r}.pt"))
+        assert_identical(shards(tmp_path / "b" / "out" / f"final-{r}.pt"),
+                         shards(tmp_path / "ref" / "out" / f"final-{r}.pt"))
+    with CheckpointStore(s3_url) as store:
+        assert [c.step for c in store.index().checkpoints] == [8, 12]  # keep_last=2
+
+
+def test_the_lightning_state_is_read_as_plain_data_only():
+    from cloudckpt.lightning.sharded import _from_plain_bytes, _plain_bytes
+
+    state = {"epoch": 1, "loops": {"fit_loop": {"n": [1, 2]}}, "score": torch.tensor(0.5)}
+    back = _from_plain_bytes(_plain_bytes(state), "c1")
+    assert back["loops"] == state["loops"] and torch.equal(back["score"], state["score"])
+
+    class Evil:
+        def __reduce__(self):
+            return (print, ("unpickled",))
+
+    planted = io.BytesIO()
+    torch.save({"epoch": Evil()}, planted, pickle_module=pickle)
+    with pytest.raises(IntegrityError, match="not plain tensors and data"):
+        _from_plain_bytes(planted.getvalue(), "c1")
+    with pytest.raises(IntegrityError, match="not a dict"):
+        _from_plain_bytes(_plain_bytes([1]), "c1")  # type: ignore[arg-type]
