@@ -1,7 +1,7 @@
 """cloudckpt.lightning.CloudModelParallelStrategy: Lightning's ModelParallelStrategy (FSDP2 over 2 ranks, gloo, CPU)
 committing each sharded checkpoint through the DCP plugin. Real torchrun jobs (tests/support/lightning_sharded_job.py):
 a rank SIGKILLed mid-upload lists nothing, the restart resumes from the previous checkpoint with exactly the state
-saved there and ends bit-identical to an uninterrupted run."""
+saved there and ends bit-identical to an uninterrupted run; gc collects what the killed save stored."""
 
 from __future__ import annotations
 
@@ -54,8 +54,14 @@ def test_a_rank_sigkilled_mid_upload_lists_nothing_and_the_restart_resumes_to_id
     killed = torchrun(s3_url, tmp_path / "a", "--kill-epoch", "1", "--kill-rank", "1",
                       "--failpoint", "dcp.mid_upload")
     assert killed.returncode != 0 and "done" not in killed.stdout, killed.stdout
+    root = killed.stderr[killed.stderr.index("Root Cause"):]  # torchrun's report: the rank that died first, and how
+    assert "rank      : 1 " in root and "SIGKILL" in root, root
     with CheckpointStore(s3_url) as store:
         listed = store.index().checkpoints
+        store.gc(min_age=0)  # what the killed save stored (rank 0's shards) is collected; the listed one stays
+        assert {o.rel.split("/")[0] for o in store.backend.list_objects() if o.rel.startswith("ckpt-")} \
+            == {listed[0].id}
+        assert [v.ok for v in store.verify(all=True)] == [True]
     assert [(c.step, c.meta["framework"], c.meta["ranks"]) for c in listed] == [(4, "lightning-sharded", "2")]
     assert listed[0].meta["name"] == "epoch=0-step=4.ckpt"
 
