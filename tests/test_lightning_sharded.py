@@ -1,7 +1,8 @@
 """cloudckpt.lightning.CloudModelParallelStrategy: Lightning's ModelParallelStrategy (FSDP2 over 2 ranks, gloo, CPU)
 committing each sharded checkpoint through the DCP plugin. Real torchrun jobs (tests/support/lightning_sharded_job.py):
-a rank SIGKILLed mid-upload lists nothing, the restart resumes from the previous checkpoint with exactly the state
-saved there and ends bit-identical to an uninterrupted run; gc collects what the killed save stored."""
+a rank SIGKILLed mid-upload or in the commit lists nothing, the restart resumes from the previous checkpoint with
+exactly the state saved there and ends bit-identical to an uninterrupted run; gc collects what the killed save
+stored."""
 
 from __future__ import annotations
 
@@ -45,17 +46,25 @@ def assert_identical(a: dict, b: dict) -> None:
             assert torch.equal(a[k], b[k]) and a[k].dtype == b[k].dtype, k
 
 
-def test_a_rank_sigkilled_mid_upload_lists_nothing_and_the_restart_resumes_to_identical_params(tmp_path, s3_url):
-    ref = torchrun(str(tmp_path / "ref-store"), tmp_path / "ref")
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory) -> Path:
+    """An uninterrupted run's output folder."""
+    d = tmp_path_factory.mktemp("lightning_sharded_ref")
+    ref = torchrun(str(d / "store"), d)
     assert ref.returncode == 0, ref.stderr[-3000:]
     assert "fresh" in ref.stdout and [ln for ln in ref.stdout.split() if ln.isdigit()] == ["4", "8", "12"]
+    return d / "out"
 
-    # rank 1 SIGKILLs itself while uploading its shards of the epoch-1 save (step 8); torchrun stops rank 0
-    killed = torchrun(s3_url, tmp_path / "a", "--kill-epoch", "1", "--kill-rank", "1",
-                      "--failpoint", "dcp.mid_upload")
+
+@pytest.mark.parametrize("point,rank", [("dcp.mid_upload", 1), ("dcp.finish", 0)])
+def test_a_rank_sigkilled_mid_save_lists_nothing_and_the_restart_resumes_to_identical_params(reference, tmp_path,
+                                                                                            s3_url, point, rank):
+    # a rank SIGKILLs itself at ``point`` of the epoch-1 save (step 8): mid-upload of its shards, or (rank 0) in
+    # finish before the commit; torchrun stops the other rank
+    killed = torchrun(s3_url, tmp_path / "a", "--kill-epoch", "1", "--kill-rank", str(rank), "--failpoint", point)
     assert killed.returncode != 0 and "done" not in killed.stdout, killed.stdout
     root = killed.stderr[killed.stderr.index("Root Cause"):]  # torchrun's report: the rank that died first, and how
-    assert "rank      : 1 " in root and "SIGKILL" in root, root
+    assert f"rank      : {rank} " in root and "SIGKILL" in root, root
     with CheckpointStore(s3_url) as store:
         listed = store.index().checkpoints
         store.gc(min_age=0)  # what the killed save stored (rank 0's shards) is collected; the listed one stays
@@ -72,7 +81,7 @@ def test_a_rank_sigkilled_mid_upload_lists_nothing_and_the_restart_resumes_to_id
         assert_identical(shards(tmp_path / "b" / "out" / f"restored-{r}.pt"),
                          shards(tmp_path / "a" / "out" / f"saving-4-{r}.pt"))
         assert_identical(shards(tmp_path / "b" / "out" / f"final-{r}.pt"),
-                         shards(tmp_path / "ref" / "out" / f"final-{r}.pt"))
+                         shards(reference / f"final-{r}.pt"))
     with CheckpointStore(s3_url) as store:
         assert [c.step for c in store.index().checkpoints] == [8, 12]  # keep_last=2
 
