@@ -21,6 +21,7 @@ from support import trainer_runs  # noqa: E402
 
 from cloudckpt import CheckpointStore  # noqa: E402
 from cloudckpt.errors import IntegrityError  # noqa: E402
+from cloudckpt.lightning import CloudModelParallelStrategy  # noqa: E402
 
 JOB = str(Path(trainer_runs.__file__).parent / "lightning_sharded_job.py")
 RANKS = 2
@@ -50,10 +51,26 @@ def assert_identical(a: dict, b: dict) -> None:
 def reference(tmp_path_factory) -> Path:
     """An uninterrupted run's output folder."""
     d = tmp_path_factory.mktemp("lightning_sharded_ref")
-    ref = torchrun(str(d / "store"), d)
+    remote = str(d / "store")
+    ref = torchrun(remote, d)
     assert ref.returncode == 0, ref.stderr[-3000:]
-    assert "fresh" in ref.stdout and [ln for ln in ref.stdout.split() if ln.isdigit()] == ["4", "8", "12"]
+    assert "fresh" in ref.stdout and saved(ref.stdout) == [4, 8, 12]
+    # each checkpoint carries the monitored score Lightning computed for its step; keep_last=2 pruned step 4
+    losses = val_losses(ref.stdout)
+    with CheckpointStore(remote) as store:
+        listed = store.index().checkpoints
+    assert [(c.step, c.metrics) for c in listed] == [(s, {"val_loss": losses[s]}) for s in (8, 12)]
+    best = min(listed, key=lambda c: c.metrics["val_loss"])
+    assert CloudModelParallelStrategy(remote).resume_path("best") == f"cloudckpt:{best.id}"
     return d / "out"
+
+
+def saved(stdout: str) -> list[int]:
+    return [int(ln.split()[1]) for ln in stdout.splitlines() if ln.startswith("saved ")]
+
+
+def val_losses(stdout: str) -> dict[int, float]:
+    return {int(ln.split()[1]): float(ln.split()[2]) for ln in stdout.splitlines() if ln.startswith("val ")}
 
 
 @pytest.mark.parametrize("point,rank", [("dcp.mid_upload", 1), ("dcp.finish", 0)])
@@ -72,6 +89,7 @@ def test_a_rank_sigkilled_mid_save_lists_nothing_and_the_restart_resumes_to_iden
             == {listed[0].id}
         assert [v.ok for v in store.verify(all=True)] == [True]
     assert [(c.step, c.meta["framework"], c.meta["ranks"]) for c in listed] == [(4, "lightning-sharded", "2")]
+    assert listed[0].metrics == {"val_loss": val_losses(killed.stdout)[4]}
     assert listed[0].meta["name"] == "epoch=0-step=4.ckpt"
 
     again = torchrun(s3_url, tmp_path / "b")

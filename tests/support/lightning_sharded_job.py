@@ -5,12 +5,13 @@ restarted with the same command).
 Usage (every rank): ``python -m torch.distributed.run --standalone --nproc_per_node N lightning_sharded_job.py
 REMOTE ROOT OUT [--epochs E] [--kill-epoch K --kill-rank R --failpoint P]``
 
-Resumes from the run's latest checkpoint when there is one (prints ``resumed <ckpt_path> <global_step>``, else
-``fresh``), prints ``saved <step>`` on rank 0 after each commit, and writes at the end ``OUT/final-<rank>.pt``: this
-rank's local shards of the parameters and of the optimizer state (torch.save); ``OUT/saving-<step>-<rank>.pt``
-the same just before each save. With ``--kill-epoch``, rank R sets
-``CLOUDCKPT_FAILPOINT=P`` before the save at the end of epoch K (that rank SIGKILLs itself at that point of the save).
-After a resume every rank writes ``OUT/restored-<rank>.pt``: its local shards right after the restore.
+Resumes from the run's latest checkpoint when there is one (prints ``resumed <ckpt_path>``, else ``fresh``); on
+rank 0 prints ``val <step> <val_loss>`` (validation each epoch; a ModelCheckpoint monitoring val_loss saves after it)
+and ``saved <step>`` after each commit. Writes ``OUT/saving-<step>-<rank>.pt`` at each validation end, just before
+the save, and ``OUT/final-<rank>.pt`` at the end: this rank's local shards of the parameters and of the optimizer
+state (torch.save). With ``--kill-epoch``, rank R sets ``CLOUDCKPT_FAILPOINT=P`` at the start of epoch K (that rank
+SIGKILLs itself at that point of the epoch's save). After a resume every rank writes ``OUT/restored-<rank>.pt``: its
+local shards right after the restore.
 """
 
 from __future__ import annotations
@@ -48,6 +49,10 @@ class Net(pl.LightningModule):
         x, y = batch
         return torch.nn.functional.cross_entropy(self.body(x), y)
 
+    def validation_step(self, batch, i):
+        x, y = batch
+        self.log("val_loss", torch.nn.functional.cross_entropy(self.body(x), y), sync_dist=True)
+
     def configure_optimizers(self):
         opt = torch.optim.Adam(self.parameters(), lr=self.hparams.lr)
         return [opt], [torch.optim.lr_scheduler.StepLR(opt, step_size=1, gamma=0.9)]
@@ -71,12 +76,18 @@ class Watch(pl.Callback):
             torch.save(local_state(pl_module, trainer.optimizers[0]),
                        Path(self.a.out) / f"restored-{trainer.global_rank}.pt")
 
-    def on_train_epoch_end(self, trainer, pl_module):  # before ModelCheckpoint's (Lightning runs those last)
-        torch.save(local_state(pl_module, trainer.optimizers[0]),
-                   Path(self.a.out) / f"saving-{trainer.global_step}-{trainer.global_rank}.pt")
-        self.report()
+    def on_train_epoch_start(self, trainer, pl_module):
         if trainer.current_epoch == self.a.kill_epoch and trainer.global_rank == self.a.kill_rank:
             os.environ["CLOUDCKPT_FAILPOINT"] = self.a.failpoint
+
+    def on_validation_end(self, trainer, pl_module):  # before ModelCheckpoint's save (Lightning runs those last)
+        torch.save(local_state(pl_module, trainer.optimizers[0]),
+                   Path(self.a.out) / f"saving-{trainer.global_step}-{trainer.global_rank}.pt")
+        if trainer.global_rank == 0:
+            print(f"val {trainer.global_step} {float(trainer.callback_metrics['val_loss'])!r}", flush=True)
+
+    def on_train_epoch_end(self, trainer, pl_module):
+        self.report()
 
     def report(self) -> None:
         while len(self.strategy.committed) > self.seen:
@@ -101,20 +112,22 @@ def main() -> None:
     torch.set_num_threads(1)
     pl.seed_everything(0, workers=True)
     g = torch.Generator().manual_seed(2)
-    x = torch.randn(128, 32, generator=g)
+    x = torch.randn(160, 32, generator=g)
     y = (x @ torch.randn(32, 4, generator=g)).argmax(1)
     # Lightning wraps the loader in a DistributedSampler (seed 0, set_epoch): a resumed run draws the same batches
-    train = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(x, y), batch_size=16, shuffle=True)
+    train = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(x[:128], y[:128]), batch_size=16,
+                                        shuffle=True)
+    val = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(x[128:], y[128:]), batch_size=16)
     strategy = CloudModelParallelStrategy(a.remote, writer_options={"keep_last": 2}, data_parallel_size=2,
                                           tensor_parallel_size=1)
-    ckpt = ModelCheckpoint(f"{a.root}/ckpts", save_top_k=-1, every_n_epochs=1)
+    ckpt = ModelCheckpoint(f"{a.root}/ckpts", monitor="val_loss", save_top_k=-1, every_n_epochs=1)
     trainer = pl.Trainer(max_epochs=a.epochs, accelerator="cpu", devices=2, strategy=strategy,
                          callbacks=[Watch(a, strategy), ckpt], default_root_dir=a.root, deterministic=True,
                          logger=False, enable_progress_bar=False, enable_model_summary=False,
                          num_sanity_val_steps=0)
     resume = strategy.resume_path()
     model = Net()
-    trainer.fit(model, train, ckpt_path=resume)
+    trainer.fit(model, train, val, ckpt_path=resume)
     if trainer.global_rank == 0:
         print(f"resumed {resume}" if resume else "fresh", flush=True)
     torch.save(local_state(model, trainer.optimizers[0]), Path(a.out) / f"final-{trainer.global_rank}.pt")
