@@ -157,7 +157,7 @@ class StopAt(keras.callbacks.Callback):
 
     def on_train_batch_end(self, batch, logs=None):
         if int(self.model.optimizer.iterations.numpy()) == self.at:
-            if isinstance(self.ckpt, keras.callbacks.OrbaxCheckpoint):
+            if hasattr(self.ckpt, "wait_seconds"):  # orbax_checkpoint()'s (older Keras has no OrbaxCheckpoint)
                 import time
 
                 t0 = time.perf_counter()
