@@ -148,7 +148,8 @@ class Dump(keras.callbacks.Callback):
 
 class StopAt(keras.callbacks.Callback):
     """Listed after the checkpoint callback: after step ``at``, waits for the checkpoints to commit, prints
-    ``STALLS <json list of the checkpoint's stall seconds>`` and exits 0."""
+    ``STALLS <json list of the checkpoint's stall seconds>`` and exits 0. With OrbaxCheckpoint (``--orbax``) it
+    waits for Orbax's background saves (every process) and prints ``ORBAX_WAIT <seconds>`` first."""
 
     def __init__(self, ckpt, at):
         super().__init__()
@@ -156,10 +157,49 @@ class StopAt(keras.callbacks.Callback):
 
     def on_train_batch_end(self, batch, logs=None):
         if int(self.model.optimizer.iterations.numpy()) == self.at:
-            if self.ckpt.uploader is not None:
+            if hasattr(self.ckpt, "wait_seconds"):  # orbax_checkpoint()'s (older Keras has no OrbaxCheckpoint)
+                import time
+
+                t0 = time.perf_counter()
+                self.ckpt.wait_until_finished()
+                print("ORBAX_WAIT", time.perf_counter() - t0, flush=True)
+                print("ORBAX_WAITS_IN_SAVES", json.dumps(self.ckpt.wait_seconds), flush=True)
+            elif self.ckpt.uploader is not None:
                 self.ckpt.flush(120)
             print("STALLS", json.dumps(self.ckpt.stall_seconds), flush=True)
             os._exit(0)
+
+
+def orbax_checkpoint(directory, save_freq):
+    """Keras' own ``keras.callbacks.OrbaxCheckpoint`` (needs orbax-checkpoint) in place of CloudCheckpoint, every
+    checkpoint kept, the whole state (weights and optimizer, as CloudCheckpoint's resume state), saved in the
+    background (its default). ``stall_seconds``: each save's time on the training thread, timed as CloudCheckpoint's
+    (the state tree, and Orbax's save call: it waits for the previous save, copies the arrays to the host and starts
+    the background write); ``wait_seconds``: the part of each spent waiting for the previous save (Orbax's own
+    ``wait_for_prev_duration_secs`` event)."""
+    import time
+
+    import jax
+
+    class Timed(keras.callbacks.OrbaxCheckpoint):
+        def __init__(self, *a, **kw):
+            super().__init__(*a, **kw)
+            self.stall_seconds, self.wait_seconds, self._waits = [], [], None
+            jax.monitoring.register_event_duration_secs_listener(self._event)
+
+        def _event(self, event, duration, **kw):
+            if self._waits is not None and event == "/jax/checkpoint/write/wait_for_prev_duration_secs":
+                self._waits.append(duration)
+
+        def _save_checkpoint(self, step, logs=None):
+            t0, self._waits = time.perf_counter(), []
+            super()._save_checkpoint(step, logs)
+            self.stall_seconds.append(time.perf_counter() - t0)
+            self.wait_seconds.append(sum(self._waits))
+            self._waits = None
+
+    logging.getLogger("absl").setLevel(logging.WARNING)  # Orbax's INFO lines, on by this job's basicConfig only
+    return Timed(directory, save_freq=save_freq, max_to_keep=None, save_weights_only=False)
 
 
 def slow_uploads(seconds):
@@ -252,6 +292,8 @@ def main(argv=None):
     p.add_argument("--end-after-epoch", type=int, help="end training right after this epoch's save (--end-how)")
     p.add_argument("--end-how", choices=("raise", "exit", "sigint"), default="raise")
     p.add_argument("--slow-uploads", type=float, help="each push takes this many seconds longer")
+    p.add_argument("--orbax", help="save with keras.callbacks.OrbaxCheckpoint into this folder (shared by the "
+                   "processes) instead of CloudCheckpoint (--remote unused)")
     args = p.parse_args(argv)
     n_proc = process = 0
     if args.jax_processes:
@@ -270,12 +312,15 @@ def main(argv=None):
         print("SPLIT", sum(not v.value.is_fully_addressable and not v.value.is_fully_replicated
                            for v in model.variables), flush=True)
     save_freq = args.save_freq if args.save_freq == "epoch" else int(args.save_freq)
-    ckpt = CloudCheckpoint(args.filepath, monitor="val_loss", save_best_only=args.best_only,
-                           save_weights_only=args.weights_only, save_freq=save_freq, remote=args.remote,
-                           preemption=args.preemption, preemption_deadline=args.deadline,
-                           preemption_endpoints=json.loads(args.endpoints) if args.endpoints else None,
-                           store_budget=args.store_budget, keep_last=args.keep_last, verbose=args.verbose,
-                           **({"on_upload_error": args.on_upload_error} if args.on_upload_error != "retry" else {}))
+    if args.orbax:
+        ckpt = orbax_checkpoint(args.orbax, save_freq)
+    else:
+        ckpt = CloudCheckpoint(
+            args.filepath, monitor="val_loss", save_best_only=args.best_only, save_weights_only=args.weights_only,
+            save_freq=save_freq, remote=args.remote, preemption=args.preemption, preemption_deadline=args.deadline,
+            preemption_endpoints=json.loads(args.endpoints) if args.endpoints else None,
+            store_budget=args.store_budget, keep_last=args.keep_last, verbose=args.verbose,
+            **({"on_upload_error": args.on_upload_error} if args.on_upload_error != "retry" else {}))
     # Steps first: a step is reported before the checkpoint callback may stop the process at it
     callbacks = ([Steps(ckpt, args.kill_at, args.signal, not args.no_wait_commit)]
                  + ([] if args.no_checkpoint else [ckpt]))
@@ -287,7 +332,7 @@ def main(argv=None):
         callbacks.append(Ender(ckpt, args.end_after_epoch, args.end_how, args.flush_each_epoch))
     model.fit(x, y, batch_size=64 // shards, epochs=args.epochs, validation_split=0.2, shuffle=args.shuffle, verbose=0,
               callbacks=callbacks)
-    if not args.no_checkpoint:
+    if not args.no_checkpoint and not args.orbax:
         print(f"RESUMED_FROM {ckpt.resumed_from} SKIPPED {ckpt.batches_skipped}", flush=True)
     if args.out:
         weights = model.weights
