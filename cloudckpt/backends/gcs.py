@@ -249,14 +249,15 @@ class GCSBackend(Backend):
         except NotFound as e:
             raise FileNotFoundError(f"{self.url}/{rel}: no such object") from e
 
-    def read_range(self, rel: str, start: int, length: int) -> bytes:
+    def read_range(self, rel: str, start: int, length: int, *, deadline: float | None = None) -> bytes:
         from google.api_core.exceptions import NotFound
 
         if length == 0:
             return b""
         try:  # ``end`` is inclusive; no decompressive transcoding (checkpoints are stored as they are)
             data = self.bucket.blob(self._name(rel)).download_as_bytes(start=start, end=start + length - 1,
-                                                                       timeout=self.timeout, raw_download=True)
+                                                                       timeout=self.timeout, raw_download=True,
+                                                                       retry=self._retry(deadline))
         except NotFound as e:
             raise FileNotFoundError(f"{self.url}/{rel}: no such object") from e
         return self.check_range(rel, start, length, data)
