@@ -1,0 +1,281 @@
+"""Verified pulls on the raw local servers and on a network shaped like a cloud's (issue 23): cloudckpt against the
+clients' own parallel downloads, on S3 (moto), GCS (fake-gcs-server) and Azure (Azurite).
+
+Every row is measured twice: straight to the server on 127.0.0.1, and through :mod:`tests.support.shaping_proxy`
+capping each connection (default 40 MB/s) with a time to first byte (default 30 ms), as a cloud's per-stream limit
+does. Variants run interleaved, ``--reps`` times; a raw client's pull is "verified" as cloudckpt's is (the crc32c
+of every file checked after the download). ``--grid`` instead times cloudckpt's pull of the large file through the
+shaped network for several range sizes and concurrencies (how the defaults were chosen).
+
+    python -m bench.shaped --size-mib 256 --files 20 --file-mib 10 --reps 2 --out bench/results/shaped
+    python -m bench.shaped --grid --stores s3,gcs,az --size-mib 128
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import logging
+import os
+import shutil
+import statistics
+import tempfile
+import time
+import uuid
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+os.environ.setdefault("GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT", "false")
+
+from tests.support import servers  # noqa: E402
+from tests.support.shaping_proxy import ShapingProxy  # noqa: E402
+
+from . import s3_clients  # noqa: E402
+from .common import make_file  # noqa: E402
+
+MiB = 2**20
+CKPT = "cloudckpt pull"
+
+
+@contextlib.contextmanager
+def _env(**values: str) -> Iterator[None]:
+    """Environment variables set for the clients made inside (google-cloud-storage reads its emulator host then)."""
+    saved = {k: os.environ.get(k) for k in values}
+    os.environ.update(values)
+    try:
+        yield
+    finally:
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+
+
+def _verify(paths: dict[Path, str]) -> None:
+    from cloudckpt.checksum import file_checksums
+
+    for path, crc in paths.items():
+        got = file_checksums(path)["crc32c"]
+        if got != crc:
+            raise RuntimeError(f"{path}: crc32c {got}, expected {crc}")
+
+
+def _clients(kind: str, endpoint: str, bucket: str, keys: dict[str, str], out: Path) -> dict[str, Callable[[], None]]:
+    """The raw clients' verified pulls of ``keys`` (object key -> crc32c) into ``out``, through ``endpoint``."""
+    dests = {k: out / Path(k).name for k in keys}
+    want = {dests[k]: c for k, c in keys.items()}
+    runs: dict[str, Callable[[], None]] = {}
+    if kind == "s3":
+        import boto3
+        from boto3.s3.transfer import TransferConfig, create_transfer_manager
+
+        client = boto3.client("s3", endpoint_url=endpoint)
+
+        def boto3_pull() -> None:  # download_file's machinery (aws s3 cp): 8 MiB ranges, 10 threads, files at once
+            with create_transfer_manager(client, TransferConfig()) as tm:
+                futures = [tm.download(bucket, k, str(d)) for k, d in dests.items()]
+                for f in futures:
+                    f.result()
+            _verify(want)
+
+        runs["boto3 download_file (10 threads) + crc32c"] = boto3_pull
+        if s3_clients.s5cmd_exe():
+            prefix = os.path.dirname(next(iter(keys)))
+
+            def s5cmd_pull() -> None:
+                s3_clients._s5cmd(endpoint, "cp", f"s3://{bucket}/{prefix}/*", f"{out}/")
+                _verify(want)
+
+            runs["s5cmd cp (defaults) + crc32c"] = s5cmd_pull
+    elif kind == "gcs":
+        import gcsfs
+        from google.auth.credentials import AnonymousCredentials
+        from google.cloud import storage
+        from google.cloud.storage import transfer_manager
+
+        fs = gcsfs.GCSFileSystem(token="anon", endpoint_url=endpoint)
+        client = storage.Client(project="bench", credentials=AnonymousCredentials(),
+                                client_options={"api_endpoint": endpoint})
+        b = client.bucket(bucket)
+
+        def gcsfs_pull() -> None:
+            fs.get([f"{bucket}/{k}" for k in dests], [str(d) for d in dests.values()])
+            _verify(want)
+
+        def tm_pull() -> None:
+            if len(dests) == 1:
+                (k, d), = dests.items()
+                transfer_manager.download_chunks_concurrently(b.blob(k), str(d), max_workers=8,
+                                                              worker_type=transfer_manager.THREAD)
+            else:
+                prefix = os.path.dirname(next(iter(keys))) + "/"
+                results = transfer_manager.download_many_to_path(
+                    b, [k[len(prefix):] for k in dests], destination_directory=str(out), blob_name_prefix=prefix,
+                    max_workers=8, worker_type=transfer_manager.THREAD)
+                bad = [r for r in results if isinstance(r, Exception)]
+                if bad:
+                    raise bad[0]
+            _verify(want)
+
+        runs["gcsfs get + crc32c"] = gcsfs_pull
+        runs["transfer_manager (8 threads) + crc32c"] = tm_pull
+    else:
+        from azure.storage.blob import BlobServiceClient
+
+        service = BlobServiceClient.from_connection_string(servers.azure_connection_string(endpoint))
+
+        def sdk_pull() -> None:
+            for k, d in dests.items():
+                with open(d, "wb") as f:
+                    service.get_blob_client(bucket, k).download_blob(max_concurrency=8).readinto(f)
+            _verify(want)
+
+        runs["download_blob(max_concurrency=8) + crc32c"] = sdk_pull
+    return runs
+
+
+def _store(kind: str, url: str, endpoint: str):
+    from cloudckpt import CheckpointStore
+
+    if kind == "s3":
+        return CheckpointStore(url, endpoint_url=endpoint)
+    if kind == "gcs":
+        with _env(STORAGE_EMULATOR_HOST=endpoint):
+            return CheckpointStore(url)
+    return CheckpointStore(url, connection_string=servers.azure_connection_string(endpoint))
+
+
+def _container(kind: str) -> str:
+    name = f"bench-{uuid.uuid4().hex[:10]}"
+    {"s3": servers.make_s3_bucket, "gcs": servers.make_gcs_bucket, "az": servers.make_azure_container}[kind](name)
+    return name
+
+
+def _pull(kind: str, url: str, endpoint: str, cid: str, out: Path) -> Callable[[], None]:
+    store = _store(kind, url, endpoint)
+
+    def run() -> None:
+        shutil.rmtree(out, ignore_errors=True)
+        store.pull(cid, to=out)
+
+    return run
+
+
+def measure(kind: str, server: servers.Server, src: Path, proxy: ShapingProxy, reps: int,
+            scratch: Path) -> list[dict]:
+    """Both networks for one checkpoint ``src`` on one store: rows of medians and ratios."""
+    from cloudckpt.checksum import file_checksums
+
+    bucket = _container(kind)
+    url = f"{'gs' if kind == 'gcs' else kind}://{bucket}/run"
+    with _store(kind, url, server.endpoint) as store:
+        entry = store.push(src, epoch=1)
+    files = [src] if src.is_file() else sorted(src.iterdir())
+    keys = {f"run/{entry.id}/{f.name}": file_checksums(f)["crc32c"] for f in files}
+    size = sum(f.stat().st_size for f in files)
+    rows = []
+    for network, endpoint in (("raw", server.endpoint), ("shaped", proxy.endpoint)):
+        out = scratch / "out"
+        out.mkdir(parents=True, exist_ok=True)
+        runs = {CKPT: _pull(kind, url, endpoint, entry.id, scratch / "pulled")}
+        runs.update(_clients(kind, endpoint, bucket, keys, out))
+        times: dict[str, list[float]] = {n: [] for n in runs}
+        for r in range(reps):
+            for name in (list(runs) if r % 2 == 0 else list(reversed(runs))):
+                t0 = time.perf_counter()
+                runs[name]()
+                times[name].append(time.perf_counter() - t0)
+                logging.info("%s %s %s: %.2f s", kind, network, name, times[name][-1])
+                shutil.rmtree(out, ignore_errors=True)
+                out.mkdir()
+        med = {n: statistics.median(t) for n, t in times.items()}
+        best = min((n for n in med if n != CKPT), key=med.get)
+        rows.append({"store": kind, "network": network, "what": f"{len(files)} × {files[0].stat().st_size // MiB} MiB",
+                     "bytes": size, "medians_s": {n: round(t, 2) for n, t in med.items()},
+                     "samples_s": {n: [round(x, 2) for x in t] for n, t in times.items()},
+                     "fastest_client": best, "ratio": round(med[CKPT] / med[best], 2)})
+    return rows
+
+
+def grid(kind: str, server: servers.Server, src: Path, proxy: ShapingProxy, scratch: Path) -> list[dict]:
+    """cloudckpt's pull of ``src`` through the shaped network for range sizes x concurrencies."""
+    bucket = _container(kind)
+    url = f"{'gs' if kind == 'gcs' else kind}://{bucket}/run"
+    with _store(kind, url, server.endpoint) as store:
+        entry = store.push(src, epoch=1)
+    out = []
+    for range_mib in (4, 8, 16):
+        for concurrency in (4, 8, 16):
+            with _env(CLOUDCKPT_RANGE_SIZE=str(range_mib * MiB), CLOUDCKPT_CONCURRENCY=str(concurrency)):
+                pull = _pull(kind, url, proxy.endpoint, entry.id, scratch / "pulled")
+                t0 = time.perf_counter()
+                pull()
+                dt = time.perf_counter() - t0
+            logging.info("%s range %d MiB x %d: %.2f s", kind, range_mib, concurrency, dt)
+            out.append({"store": kind, "range_mib": range_mib, "concurrency": concurrency, "seconds": round(dt, 2)})
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--stores", default="s3,gcs,az")
+    p.add_argument("--size-mib", type=int, default=256, help="the one large file")
+    p.add_argument("--files", type=int, default=20, help="how many small files")
+    p.add_argument("--file-mib", type=int, default=10)
+    p.add_argument("--reps", type=int, default=2)
+    p.add_argument("--rate-mbps", type=float, default=40.0, help="MB/s per connection through the shaped network")
+    p.add_argument("--latency-ms", type=float, default=30.0, help="time to first byte of every answer")
+    p.add_argument("--grid", action="store_true", help="time range sizes x concurrencies instead")
+    p.add_argument("--out", type=Path)
+    args = p.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
+    for noisy in ("cloudckpt", "botocore", "boto3", "s3transfer", "urllib3", "google", "gcsfs", "azure"):
+        logging.getLogger(noisy).setLevel(logging.ERROR)
+    scratch = Path(tempfile.mkdtemp(prefix="cloudckpt-shaped-"))
+    started = {"s3": servers.start_moto, "gcs": servers.start_fake_gcs, "az": servers.start_azurite}
+    env = {"s3": servers.s3_env, "gcs": servers.gcs_env, "az": servers.azure_env}
+    rows: list[dict] = []
+    try:
+        big = make_file(scratch / "big" / "model.bin", args.size_mib * MiB)
+        small = scratch / "small"
+        for i in range(args.files):
+            make_file(small / f"shard-{i:03d}.bin", args.file_mib * MiB)
+        for kind in args.stores.split(","):
+            server = started[kind]()
+            servers.apply_env(env[kind](server.endpoint))
+            proxy = ShapingProxy(server.endpoint, rate=args.rate_mbps * 1e6, latency=args.latency_ms / 1e3).start()
+            try:
+                if args.grid:
+                    rows += grid(kind, server, big, proxy, scratch)
+                    continue
+                for src in (big, small):
+                    rows += measure(kind, server, src, proxy, args.reps, scratch)
+            finally:
+                proxy.stop()
+                server.proc.kill()
+                server.proc.wait()
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
+    doc = {"rate_MBps_per_connection": args.rate_mbps, "latency_ms": args.latency_ms, "reps": args.reps,
+           "started": time.strftime("%Y-%m-%dT%H:%M:%SZ"), "load": os.getloadavg(), "rows": rows}
+    if args.out:
+        args.out.mkdir(parents=True, exist_ok=True)
+        (args.out / ("grid.json" if args.grid else "results.json")).write_text(json.dumps(doc, indent=1))
+    print(json.dumps(doc, indent=1) if args.grid else markdown(rows))
+    return 0
+
+
+def markdown(rows: list[dict]) -> str:
+    lines = ["| store | checkpoint | network | cloudckpt pull (s) | clients (s) | ratio vs fastest |",
+             "|---|---|---|---|---|---|"]
+    for r in rows:
+        others = "; ".join(f"{n} {t:.2f}" for n, t in r["medians_s"].items() if n != CKPT)
+        lines.append(f"| {r['store']} | {r['what']} | {r['network']} | {r['medians_s'][CKPT]:.2f} | {others} | "
+                     f"**{r['ratio']:.2f}×** ({r['fastest_client']}) |")
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
