@@ -25,7 +25,7 @@ import json
 import os
 import threading
 from collections.abc import Callable
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import FIRST_EXCEPTION, Future, ThreadPoolExecutor, wait
 from pathlib import Path
 from typing import Any
 
@@ -150,32 +150,39 @@ def _fetch_ranges(backend: Backend, key: str, entry: FileEntry, dest: Path, *, r
         done = state.load(fd, count, size, step)
         if os.fstat(fd).st_size != size:
             os.ftruncate(fd, size)
-        if progress is not None and done:
-            progress(sum(_length(i, size, step) for i in done))
-        stop = threading.Event()
-
-        def one(i: int) -> None:
-            if stop.is_set():
-                return
-            Backend.remaining(deadline)
-            start, length = i * step, _length(i, size, step)
-            data = backend.read_range(key, start, length, deadline=deadline)
-            os.pwrite(fd, data, start)
-            state.finished(i, google_crc32c.value(data))
-            if progress is not None:
-                progress(length)
-
-        futures = [ranges.submit(functools.partial(one, i)) for i in range(count) if i not in done]
-        first: BaseException | None = None
-        for fut in futures:  # wait for every range (none may write after the file is closed); keep the first error
-            exc = fut.exception()
-            if exc is not None and first is None:
-                first = exc
-                stop.set()
-        if first is not None:
-            raise first
     finally:
         os.close(fd)
+    if progress is not None and done:
+        progress(sum(_length(i, size, step) for i in done))
+    stop = threading.Event()
+
+    def one(i: int) -> None:
+        if stop.is_set():
+            return
+        Backend.remaining(deadline)
+        start, length = i * step, _length(i, size, step)
+        data = backend.read_range(key, start, length, deadline=deadline)
+        # a descriptor of its own: a range still in flight when the caller gave up (Ctrl-C) writes its own bytes
+        # into this part file, or finds it gone; never into a file that reused a shared descriptor's number
+        out = os.open(part, os.O_WRONLY)
+        try:
+            os.pwrite(out, data, start)
+        finally:
+            os.close(out)
+        state.finished(i, google_crc32c.value(data))
+        if progress is not None:
+            progress(length)
+
+    futures = [ranges.submit(functools.partial(one, i)) for i in range(count) if i not in done]
+    try:
+        wait(futures, return_when=FIRST_EXCEPTION)
+    finally:
+        stop.set()  # after a failure or an interruption, ranges not started yet are skipped
+    wait(futures)
+    for fut in futures:
+        exc = fut.exception()
+        if exc is not None:
+            raise exc
     problem = _publish(part, sidecar, dest, entry, state.whole_crc32c(count, size, step))
     if problem is not None:
         raise _Mismatch(f"{backend.url}/{key}: {problem}", len(done))

@@ -237,3 +237,25 @@ def test_reset_in_the_middle_of_a_range_is_retried(shaped, tmp_path, monkeypatch
     others = sorted(a for a in _ranges_asked(proxy) if not cut <= a < cut + STEP)
     assert others == [a for a in range(0, SIZE, STEP) if a != cut]  # the other ranges once each
     assert SIZE <= _object_bytes(proxy) <= SIZE + 100_000
+
+
+def test_a_generic_fsspec_store_is_pulled_in_ranges_too(tmp_path, monkeypatch):
+    """Any fsspec store with ranged reads (here fsspec's in-memory filesystem) gets the same ranged, resumable pull."""
+    data = os.urandom(3 * MiB + 777)
+    src = tmp_path / "source.bin"
+    src.write_bytes(data)
+    backend = open_backend(f"memory://ranges-{os.getpid()}-{time.monotonic_ns()}/run")
+    with Source(src) as s:
+        backend.upload(s, "ck/weights.bin")
+        entry = FileEntry(path="weights.bin", size=s.size, crc32c=s.crc32c())
+    asked = []
+    real = backend.read_range
+    monkeypatch.setattr(backend, "read_range", lambda rel, start, length, **kw: (asked.append((start, length)),
+                                                                                  real(rel, start, length, **kw))[1])
+    dest = tmp_path / "out" / "weights.bin"
+    dest.parent.mkdir()
+    _partial(dest, data, entry, {0: data[:STEP], 2: data[2 * STEP:3 * STEP]})
+    with RangePool(2, STEP) as ranges:
+        fetch_file(backend, "ck/weights.bin", entry, dest, ranges=ranges)
+    assert dest.read_bytes() == data
+    assert sorted(asked) == [(STEP, STEP), (3 * STEP, 777)]  # only the ranges the partial file lacked
