@@ -8,6 +8,7 @@ of every file checked after the download). ``--grid`` instead times cloudckpt's 
 shaped network for several range sizes and concurrencies (how the defaults were chosen).
 
     python -m bench.shaped --size-mib 256 --files 20 --file-mib 10 --reps 2 --out bench/results/shaped
+    python -m bench.shaped --push --size-mib 256 --reps 2 --out bench/results/shaped
     python -m bench.shaped --grid --stores s3,gcs,az --size-mib 128
 """
 
@@ -208,6 +209,106 @@ def measure(kind: str, servers_by_network: dict[str, servers.Server], src: Path,
     return rows
 
 
+def _empty(kind: str, bucket: str, endpoint: str) -> None:
+    """Delete every object of ``bucket`` (the servers keep them in RAM)."""
+    if kind == "s3":
+        import boto3
+
+        client = boto3.client("s3", endpoint_url=endpoint)
+        for page in client.get_paginator("list_objects_v2").paginate(Bucket=bucket):
+            keys = [{"Key": o["Key"]} for o in page.get("Contents", [])]
+            if keys:
+                client.delete_objects(Bucket=bucket, Delete={"Objects": keys, "Quiet": True})
+    elif kind == "gcs":
+        from google.auth.credentials import AnonymousCredentials
+        from google.cloud import storage
+
+        client = storage.Client(project="bench", credentials=AnonymousCredentials(),
+                                client_options={"api_endpoint": endpoint})
+        for blob in client.list_blobs(bucket):
+            blob.delete()
+    else:
+        from azure.storage.blob import BlobServiceClient
+
+        container = BlobServiceClient.from_connection_string(
+            servers.azure_connection_string(endpoint)).get_container_client(bucket)
+        for blob in container.list_blobs():
+            container.delete_blob(blob.name)
+
+
+def _pushers(kind: str, endpoint: str, bucket: str, src: Path) -> dict[str, Callable[[], None]]:
+    """cloudckpt's push and the raw clients' parallel uploads of ``src`` through ``endpoint``."""
+    url = f"{'gs' if kind == 'gcs' else kind}://{bucket}/run"
+    ours = _store(kind, url, endpoint)
+    runs: dict[str, Callable[[], None]] = {"cloudckpt push": lambda: (ours.push(src, epoch=1), None)[1]}
+    if kind == "s3":
+        import boto3
+
+        client = boto3.client("s3", endpoint_url=endpoint)
+        runs["boto3 upload_file (10 threads)"] = lambda: client.upload_file(str(src), bucket, f"raw/{uuid.uuid4()}")
+        if s3_clients.s5cmd_exe():
+            runs["s5cmd cp (defaults)"] = lambda: s3_clients._s5cmd(endpoint, "cp", str(src),
+                                                                    f"s3://{bucket}/raw/{uuid.uuid4()}")
+    elif kind == "gcs":
+        import gcsfs
+        from google.auth.credentials import AnonymousCredentials
+        from google.cloud import storage
+
+        single = _store(kind, url, endpoint)
+        single.backend.composite_threshold = 0
+        runs["cloudckpt push, composite_threshold=0 (one stream)"] = lambda: (single.push(src, epoch=2), None)[1]
+        fs = gcsfs.GCSFileSystem(token="anon", endpoint_url=endpoint)
+        client = storage.Client(project="bench", credentials=AnonymousCredentials(),
+                                client_options={"api_endpoint": endpoint})
+        runs["upload_from_filename"] = lambda: client.bucket(bucket).blob(f"raw/{uuid.uuid4()}") \
+            .upload_from_filename(str(src))
+        runs["gcsfs put_file"] = lambda: fs.put_file(str(src), f"{bucket}/raw/{uuid.uuid4()}")
+    else:
+        from azure.storage.blob import BlobServiceClient
+
+        service = BlobServiceClient.from_connection_string(servers.azure_connection_string(endpoint))
+
+        def sdk_push() -> None:
+            with open(src, "rb") as f:
+                service.get_blob_client(bucket, f"raw/{uuid.uuid4()}").upload_blob(f, max_concurrency=8)
+
+        runs["upload_blob(max_concurrency=8)"] = sdk_push
+    return runs
+
+
+def measure_push(kind: str, servers_by_network: dict[str, servers.Server], src: Path, proxy: ShapingProxy,
+                 reps: int) -> list[dict]:
+    """Pushes of ``src`` on both networks: rows of medians and ratios (the clients' own parallel uploads)."""
+    size = src.stat().st_size
+    rows = []
+    for network, server in servers_by_network.items():
+        endpoint = proxy.endpoint if network == "shaped" else server.endpoint
+        with _env(**({"STORAGE_EMULATOR_HOST": server.endpoint} if kind == "gcs" else {})):
+            bucket = _container(kind)
+        runs = _pushers(kind, endpoint, bucket, src)
+        times: dict[str, list[float]] = {n: [] for n in runs}
+        for r in range(reps):
+            for name in (list(runs) if r % 2 == 0 else list(reversed(runs))):
+                proxy.reset_stats()
+                t0 = time.perf_counter()
+                runs[name]()
+                times[name].append(time.perf_counter() - t0)
+                through = proxy.stats.sent_bytes
+                if (network == "shaped" and through < size) or (network == "raw" and through > size // 10):
+                    raise RuntimeError(f"{kind} {network} {name}: {through} of {size} bytes went through the "
+                                       "shaped network")
+                logging.info("%s %s %s: %.2f s", kind, network, name, times[name][-1])
+                _empty(kind, bucket, server.endpoint)
+        med = {n: statistics.median(t) for n, t in times.items()}
+        clients = [n for n in med if not n.startswith("cloudckpt")]
+        best = min(clients, key=med.get)
+        rows.append({"store": kind, "network": network, "what": f"push 1 × {size // MiB} MiB", "bytes": size,
+                     "ours": "cloudckpt push", "medians_s": {n: round(t, 2) for n, t in med.items()},
+                     "samples_s": {n: [round(x, 2) for x in t] for n, t in times.items()},
+                     "fastest_client": best, "ratio": round(med["cloudckpt push"] / med[best], 2)})
+    return rows
+
+
 def grid(kind: str, server: servers.Server, src: Path, proxy: ShapingProxy, scratch: Path) -> list[dict]:
     """cloudckpt's pull of ``src`` through the shaped network for range sizes x concurrencies."""
     bucket = _container(kind)
@@ -255,6 +356,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--rate-mbps", type=float, default=40.0, help="MB/s per connection through the shaped network")
     p.add_argument("--latency-ms", type=float, default=30.0, help="time to first byte of every answer")
     p.add_argument("--grid", action="store_true", help="time range sizes x concurrencies instead")
+    p.add_argument("--push", action="store_true", help="time pushes of the large file instead")
     p.add_argument("--out", type=Path)
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
@@ -281,6 +383,9 @@ def main(argv: list[str] | None = None) -> int:
                     with _env(**({"STORAGE_EMULATOR_HOST": shaped.endpoint} if kind == "gcs" else {})):
                         rows += grid(kind, shaped, big, proxy, scratch)
                     continue
+                if args.push:
+                    rows += measure_push(kind, {"raw": server, "shaped": shaped}, big, proxy, args.reps)
+                    continue
                 for src in (big, small):
                     rows += measure(kind, {"raw": server, "shaped": shaped}, src, proxy, args.reps, scratch)
             finally:
@@ -294,17 +399,19 @@ def main(argv: list[str] | None = None) -> int:
            "started": time.strftime("%Y-%m-%dT%H:%M:%SZ"), "load": os.getloadavg(), "rows": rows}
     if args.out:
         args.out.mkdir(parents=True, exist_ok=True)
-        (args.out / ("grid.json" if args.grid else "results.json")).write_text(json.dumps(doc, indent=1))
+        name = "grid.json" if args.grid else "push.json" if args.push else "results.json"
+        (args.out / name).write_text(json.dumps(doc, indent=1))
     print(json.dumps(doc, indent=1) if args.grid else markdown(rows))
     return 0
 
 
 def markdown(rows: list[dict]) -> str:
-    lines = ["| store | checkpoint | network | cloudckpt pull (s) | clients (s) | ratio vs fastest |",
+    lines = ["| store | checkpoint | network | cloudckpt (s) | others (s) | ratio vs fastest client |",
              "|---|---|---|---|---|---|"]
     for r in rows:
-        others = "; ".join(f"{n} {t:.2f}" for n, t in r["medians_s"].items() if n != CKPT)
-        lines.append(f"| {r['store']} | {r['what']} | {r['network']} | {r['medians_s'][CKPT]:.2f} | {others} | "
+        ours = r.get("ours", CKPT)
+        others = "; ".join(f"{n} {t:.2f}" for n, t in r["medians_s"].items() if n != ours)
+        lines.append(f"| {r['store']} | {r['what']} | {r['network']} | {r['medians_s'][ours]:.2f} | {others} | "
                      f"**{r['ratio']:.2f}×** ({r['fastest_client']}) |")
     return "\n".join(lines)
 
