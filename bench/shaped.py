@@ -328,6 +328,22 @@ def grid(kind: str, server: servers.Server, src: Path, proxy: ShapingProxy, scra
     return out
 
 
+def _moto_ranges() -> servers.Server:
+    """moto's S3 server answering a ranged GET from the range alone (:mod:`tests.support.moto_ranges`; stock moto
+    reads the whole object for every range, which would measure moto, not the clients)."""
+    import subprocess
+    import sys
+    import tempfile as tf
+
+    port = servers.free_port()
+    log = Path(tf.mkstemp(prefix="moto-", suffix=".log")[1])
+    argv = [sys.executable, "-m", "tests.support.moto_ranges", "-H", "127.0.0.1", "-p", str(port)]
+    proc = subprocess.Popen(argv, stdout=open(log, "wb"), stderr=subprocess.STDOUT)
+    endpoint = f"http://127.0.0.1:{port}"
+    servers._wait_http(endpoint + "/moto-api/", proc)
+    return servers.Server(proc, endpoint, log, argv, "/moto-api/")
+
+
 def _gcs_behind(proxy_port: int) -> servers.Server:
     """fake-gcs-server whose answers name the proxy as its address: the media links of its objects (which gcsfs
     downloads from) lead through the shaped network, not around it. Straight requests still reach it directly."""
@@ -357,13 +373,16 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--latency-ms", type=float, default=30.0, help="time to first byte of every answer")
     p.add_argument("--grid", action="store_true", help="time range sizes x concurrencies instead")
     p.add_argument("--push", action="store_true", help="time pushes of the large file instead")
+    p.add_argument("--stock-moto", action="store_true", help="S3 on stock moto (every ranged GET reads the whole "
+                   "object) instead of tests/support/moto_ranges.py")
     p.add_argument("--out", type=Path)
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
     for noisy in ("cloudckpt", "botocore", "boto3", "s3transfer", "urllib3", "google", "gcsfs", "azure"):
         logging.getLogger(noisy).setLevel(logging.ERROR)
     scratch = Path(tempfile.mkdtemp(prefix="cloudckpt-shaped-"))
-    started = {"s3": servers.start_moto, "gcs": servers.start_fake_gcs, "az": servers.start_azurite}
+    started = {"s3": servers.start_moto if args.stock_moto else _moto_ranges, "gcs": servers.start_fake_gcs,
+               "az": servers.start_azurite}
     env = {"s3": servers.s3_env, "gcs": servers.gcs_env, "az": servers.azure_env}
     rows: list[dict] = []
     try:
@@ -395,7 +414,8 @@ def main(argv: list[str] | None = None) -> int:
                     s.proc.wait()
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
-    doc = {"rate_MBps_per_connection": args.rate_mbps, "latency_ms": args.latency_ms, "reps": args.reps,
+    doc = {"s3_server": "stock moto" if args.stock_moto else "moto, ranges served alone (tests/support/moto_ranges.py)",
+           "rate_MBps_per_connection": args.rate_mbps, "latency_ms": args.latency_ms, "reps": args.reps,
            "started": time.strftime("%Y-%m-%dT%H:%M:%SZ"), "load": os.getloadavg(), "rows": rows}
     if args.out:
         args.out.mkdir(parents=True, exist_ok=True)
