@@ -328,22 +328,6 @@ def grid(kind: str, server: servers.Server, src: Path, proxy: ShapingProxy, scra
     return out
 
 
-def _moto_ranges() -> servers.Server:
-    """moto's S3 server answering a ranged GET from the range alone (:mod:`tests.support.moto_ranges`; stock moto
-    reads the whole object for every range, which would measure moto, not the clients)."""
-    import subprocess
-    import sys
-    import tempfile as tf
-
-    port = servers.free_port()
-    log = Path(tf.mkstemp(prefix="moto-", suffix=".log")[1])
-    argv = [sys.executable, "-m", "tests.support.moto_ranges", "-H", "127.0.0.1", "-p", str(port)]
-    proc = subprocess.Popen(argv, stdout=open(log, "wb"), stderr=subprocess.STDOUT)
-    endpoint = f"http://127.0.0.1:{port}"
-    servers._wait_http(endpoint + "/moto-api/", proc)
-    return servers.Server(proc, endpoint, log, argv, "/moto-api/")
-
-
 def _gcs_behind(proxy_port: int) -> servers.Server:
     """fake-gcs-server whose answers name the proxy as its address: the media links of its objects (which gcsfs
     downloads from) lead through the shaped network, not around it. Straight requests still reach it directly."""
@@ -381,7 +365,7 @@ def main(argv: list[str] | None = None) -> int:
     for noisy in ("cloudckpt", "botocore", "boto3", "s3transfer", "urllib3", "google", "gcsfs", "azure"):
         logging.getLogger(noisy).setLevel(logging.ERROR)
     scratch = Path(tempfile.mkdtemp(prefix="cloudckpt-shaped-"))
-    started = {"s3": servers.start_moto if args.stock_moto else _moto_ranges, "gcs": servers.start_fake_gcs,
+    started = {"s3": lambda: servers.start_moto(ranges=not args.stock_moto), "gcs": servers.start_fake_gcs,
                "az": servers.start_azurite}
     env = {"s3": servers.s3_env, "gcs": servers.gcs_env, "az": servers.azure_env}
     rows: list[dict] = []
