@@ -157,9 +157,10 @@ def restore_s3(ctx: Ctx, src: Path) -> Section:
                      "moto re-reads the whole object for every ranged GET, shared/NOTES.md).")
     sec.params.update({"bytes": size, **{n: s3_clients.SETTINGS[n] for n in raw if n in s3_clients.SETTINGS},
                        "verified pull": "cloudckpt: store.pull('latest') = index + manifest reads, ranged GETs "
-                                        "hashed (crc32c) as they are written, size + crc32c compared with the manifest, atomic "
-                                        "move into place; raw clients: download, then crc32c of the file (a second "
-                                        "pass, verify_s) and its size compared with the source's"})
+                                        "hashed (crc32c) as they are written, size + crc32c compared with the "
+                                        "manifest, atomic move into place; raw clients: download, then crc32c "
+                                        "of the file (a second pass, verify_s) and its size compared with the "
+                                        "source's"})
     counted = [n for n in (s3_clients.BOTO3_PULL, s3_clients.S3FS_PULL, s3_clients.S5CMD_PULL) if n in raw]
     return _finish(sec, size, CKPT, counted, tid="5 verified pull (S3)", limit=1.0, what="verified pull",
                    also=tuple(n for n in (s3_clients.OBSTORE_PULL,) if n in raw))
