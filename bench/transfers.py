@@ -182,7 +182,7 @@ def _profiles(ctx: Ctx, server_pid: int | None, push: Callable[[], None], cleanu
 
 def _pull_split(store, to: Path, extra: dict) -> Callable[[], None]:
     """store.pull("latest"), recording how many of its seconds went to the checksum pass over the downloaded file."""
-    import cloudckpt.transfer as transfer
+    import cloudckpt.fetch as transfer  # where a pull hashes a whole file (sha256, or a store without ranges)
 
     def pull() -> None:
         spent: list[float] = []

@@ -16,7 +16,7 @@ from typing import TypeVar
 
 from . import retry
 from .backends import Backend
-from .checksum import StreamChecksums, file_checksums
+from .checksum import StreamChecksums
 from .errors import ConfigurationError, IntegrityError, SourceChangedError, UnsafePathError
 from .fetch import RangePool, fetch_file
 from .layout import manifest_key, object_key
@@ -227,12 +227,6 @@ class _Moved:
 
     def finish(self, size: int) -> None:
         self(size - self.count)
-
-
-def _check_file(dest: Path, e: FileEntry, where: str) -> None:
-    got = file_checksums(dest, sha256=e.sha256 is not None)
-    if (e.crc32c and got["crc32c"] != e.crc32c) or (e.sha256 and got.get("sha256") != e.sha256):
-        raise IntegrityError(f"{where}: checksum mismatch (crc32c {got['crc32c']}, expected {e.crc32c})")
 
 
 def _run_all(pool: ThreadPoolExecutor, fn: Callable[[T], R], items: Iterable[T]) -> list[R]:
