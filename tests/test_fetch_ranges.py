@@ -259,3 +259,29 @@ def test_a_generic_fsspec_store_is_pulled_in_ranges_too(tmp_path, monkeypatch):
         fetch_file(backend, "ck/weights.bin", entry, dest, ranges=ranges)
     assert dest.read_bytes() == data
     assert sorted(asked) == [(STEP, STEP), (3 * STEP, 777)]  # only the ranges the partial file lacked
+
+
+def test_a_stalled_range_is_abandoned_and_fetched_again(shaped, tmp_path, monkeypatch):
+    """The answer to one range stops mid-way for longer than the read timeout: that range is asked again, the file
+    completes and verifies."""
+    kind, url, proxy, data, entry, open_proxied, options, env = shaped
+    monkeypatch.setenv("CLOUDCKPT_RANGE_SIZE", str(STEP))
+    cut = 5 * STEP
+    fault = proxy.add_fault(Fault(match=lambda r: bool(r.range) and r.range.startswith(f"bytes={cut}-"),
+                                  after=100_000, action="stall", seconds=4.0))
+    saved = {k: os.environ.get(k) for k in env}
+    os.environ.update(env)
+    try:
+        backend = open_backend(url, {**options, "read_timeout": 1})
+    finally:
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+    with ThreadPoolExecutor(2) as pool:
+        download_verified(backend, "ck", [entry], tmp_path / "out", budget=60, pool=pool)
+    assert (tmp_path / "out" / "weights.bin").read_bytes() == data
+    assert fault.fired == 1
+    again = [r for r in proxy.stats.requests if r.range and cut <= _start(r) < cut + STEP]
+    assert len(again) >= 2  # the stalled one, and at least one more for the same bytes

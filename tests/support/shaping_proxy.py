@@ -128,11 +128,16 @@ class ShapingProxy:
                 self._server.close()
             for w in list(self._writers):
                 w.transport.abort()
+            tasks = [t for t in asyncio.all_tasks() if t is not asyncio.current_task()]
+            for t in tasks:  # a stalled answer, a relay waiting on a socket: ended here, not collected later
+                t.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
 
         asyncio.run_coroutine_threadsafe(close(), self._loop).result(10)
         self._loop.call_soon_threadsafe(self._loop.stop)
         if self._thread is not None:
             self._thread.join(10)
+        self._loop.close()
         self._loop = None
 
     def __enter__(self) -> ShapingProxy:
