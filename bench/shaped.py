@@ -15,7 +15,6 @@ shaped network for several range sizes and concurrencies (how the defaults were 
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import logging
 import os
@@ -23,8 +22,7 @@ import shutil
 import statistics
 import tempfile
 import time
-import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 
 os.environ.setdefault("GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT", "false")
@@ -32,130 +30,15 @@ os.environ.setdefault("GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT", "false")
 from tests.support import servers  # noqa: E402
 from tests.support.shaping_proxy import ShapingProxy  # noqa: E402
 
-from . import s3_clients  # noqa: E402
+from . import shaped_clients as clients  # noqa: E402
 from .common import make_file  # noqa: E402
 
 MiB = 2**20
 CKPT = "cloudckpt pull"
 
 
-@contextlib.contextmanager
-def _env(**values: str) -> Iterator[None]:
-    """Environment variables set for the clients made inside (google-cloud-storage reads its emulator host then)."""
-    saved = {k: os.environ.get(k) for k in values}
-    os.environ.update(values)
-    try:
-        yield
-    finally:
-        for k, v in saved.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
-
-
-def _verify(paths: dict[Path, str]) -> None:
-    from cloudckpt.checksum import file_checksums
-
-    for path, crc in paths.items():
-        got = file_checksums(path)["crc32c"]
-        if got != crc:
-            raise RuntimeError(f"{path}: crc32c {got}, expected {crc}")
-
-
-def _clients(kind: str, endpoint: str, bucket: str, keys: dict[str, str], out: Path) -> dict[str, Callable[[], None]]:
-    """The raw clients' verified pulls of ``keys`` (object key -> crc32c) into ``out``, through ``endpoint``."""
-    dests = {k: out / Path(k).name for k in keys}
-    want = {dests[k]: c for k, c in keys.items()}
-    runs: dict[str, Callable[[], None]] = {}
-    if kind == "s3":
-        import boto3
-        from boto3.s3.transfer import TransferConfig, create_transfer_manager
-
-        client = boto3.client("s3", endpoint_url=endpoint)
-
-        def boto3_pull() -> None:  # download_file's machinery (aws s3 cp): 8 MiB ranges, 10 threads, files at once
-            with create_transfer_manager(client, TransferConfig()) as tm:
-                futures = [tm.download(bucket, k, str(d)) for k, d in dests.items()]
-                for f in futures:
-                    f.result()
-            _verify(want)
-
-        runs["boto3 download_file (10 threads) + crc32c"] = boto3_pull
-        if s3_clients.s5cmd_exe():
-            prefix = os.path.dirname(next(iter(keys)))
-
-            def s5cmd_pull() -> None:
-                s3_clients._s5cmd(endpoint, "cp", f"s3://{bucket}/{prefix}/*", f"{out}/")
-                _verify(want)
-
-            runs["s5cmd cp (defaults) + crc32c"] = s5cmd_pull
-    elif kind == "gcs":
-        import gcsfs
-        from google.auth.credentials import AnonymousCredentials
-        from google.cloud import storage
-        from google.cloud.storage import transfer_manager
-
-        fs = gcsfs.GCSFileSystem(token="anon", endpoint_url=endpoint)
-        client = storage.Client(project="bench", credentials=AnonymousCredentials(),
-                                client_options={"api_endpoint": endpoint})
-        b = client.bucket(bucket)
-
-        def gcsfs_pull() -> None:
-            fs.get([f"{bucket}/{k}" for k in dests], [str(d) for d in dests.values()])
-            _verify(want)
-
-        def tm_pull() -> None:
-            if len(dests) == 1:
-                (k, d), = dests.items()
-                transfer_manager.download_chunks_concurrently(b.blob(k), str(d), max_workers=8,
-                                                              worker_type=transfer_manager.THREAD)
-            else:
-                prefix = os.path.dirname(next(iter(keys))) + "/"
-                results = transfer_manager.download_many_to_path(
-                    b, [k[len(prefix):] for k in dests], destination_directory=str(out), blob_name_prefix=prefix,
-                    max_workers=8, worker_type=transfer_manager.THREAD)
-                bad = [r for r in results if isinstance(r, Exception)]
-                if bad:
-                    raise bad[0]
-            _verify(want)
-
-        runs["gcsfs get + crc32c"] = gcsfs_pull
-        runs["transfer_manager (8 threads) + crc32c"] = tm_pull
-    else:
-        from azure.storage.blob import BlobServiceClient
-
-        service = BlobServiceClient.from_connection_string(servers.azure_connection_string(endpoint))
-
-        def sdk_pull() -> None:
-            for k, d in dests.items():
-                with open(d, "wb") as f:
-                    service.get_blob_client(bucket, k).download_blob(max_concurrency=8).readinto(f)
-            _verify(want)
-
-        runs["download_blob(max_concurrency=8) + crc32c"] = sdk_pull
-    return runs
-
-
-def _store(kind: str, url: str, endpoint: str):
-    from cloudckpt import CheckpointStore
-
-    if kind == "s3":
-        return CheckpointStore(url, endpoint_url=endpoint)
-    if kind == "gcs":
-        with _env(STORAGE_EMULATOR_HOST=endpoint):
-            return CheckpointStore(url)
-    return CheckpointStore(url, connection_string=servers.azure_connection_string(endpoint))
-
-
-def _container(kind: str) -> str:
-    name = f"bench-{uuid.uuid4().hex[:10]}"
-    {"s3": servers.make_s3_bucket, "gcs": servers.make_gcs_bucket, "az": servers.make_azure_container}[kind](name)
-    return name
-
-
 def _pull(kind: str, url: str, endpoint: str, cid: str, out: Path) -> Callable[[], None]:
-    store = _store(kind, url, endpoint)
+    store = clients.store(kind, url, endpoint)
 
     def run() -> None:
         shutil.rmtree(out, ignore_errors=True)
@@ -176,16 +59,16 @@ def measure(kind: str, servers_by_network: dict[str, servers.Server], src: Path,
     rows = []
     for network, server in servers_by_network.items():
         endpoint = proxy.endpoint if network == "shaped" else server.endpoint
-        with _env(**({"STORAGE_EMULATOR_HOST": server.endpoint} if kind == "gcs" else {})):
-            bucket = _container(kind)
+        with clients.env(**({"STORAGE_EMULATOR_HOST": server.endpoint} if kind == "gcs" else {})):
+            bucket = clients.container(kind)
             url = f"{'gs' if kind == 'gcs' else kind}://{bucket}/run"
-            with _store(kind, url, server.endpoint) as store:
+            with clients.store(kind, url, server.endpoint) as store:
                 entry = store.push(src, epoch=1)
         keys = {f"run/{entry.id}/{f.name}": file_checksums(f)["crc32c"] for f in files}
         out = scratch / "out"
         out.mkdir(parents=True, exist_ok=True)
         runs = {CKPT: _pull(kind, url, endpoint, entry.id, scratch / "pulled")}
-        runs.update(_clients(kind, endpoint, bucket, keys, out))
+        runs.update(clients.pullers(kind, endpoint, bucket, keys, out))
         times: dict[str, list[float]] = {n: [] for n in runs}
         for r in range(reps):
             for name in (list(runs) if r % 2 == 0 else list(reversed(runs))):
@@ -209,73 +92,6 @@ def measure(kind: str, servers_by_network: dict[str, servers.Server], src: Path,
     return rows
 
 
-def _empty(kind: str, bucket: str, endpoint: str) -> None:
-    """Delete every object of ``bucket`` (the servers keep them in RAM)."""
-    if kind == "s3":
-        import boto3
-
-        client = boto3.client("s3", endpoint_url=endpoint)
-        for page in client.get_paginator("list_objects_v2").paginate(Bucket=bucket):
-            keys = [{"Key": o["Key"]} for o in page.get("Contents", [])]
-            if keys:
-                client.delete_objects(Bucket=bucket, Delete={"Objects": keys, "Quiet": True})
-    elif kind == "gcs":
-        from google.auth.credentials import AnonymousCredentials
-        from google.cloud import storage
-
-        client = storage.Client(project="bench", credentials=AnonymousCredentials(),
-                                client_options={"api_endpoint": endpoint})
-        for blob in client.list_blobs(bucket):
-            blob.delete()
-    else:
-        from azure.storage.blob import BlobServiceClient
-
-        container = BlobServiceClient.from_connection_string(
-            servers.azure_connection_string(endpoint)).get_container_client(bucket)
-        for blob in container.list_blobs():
-            container.delete_blob(blob.name)
-
-
-def _pushers(kind: str, endpoint: str, bucket: str, src: Path) -> dict[str, Callable[[], None]]:
-    """cloudckpt's push and the raw clients' parallel uploads of ``src`` through ``endpoint``."""
-    url = f"{'gs' if kind == 'gcs' else kind}://{bucket}/run"
-    ours = _store(kind, url, endpoint)
-    runs: dict[str, Callable[[], None]] = {"cloudckpt push": lambda: (ours.push(src, epoch=1), None)[1]}
-    if kind == "s3":
-        import boto3
-
-        client = boto3.client("s3", endpoint_url=endpoint)
-        runs["boto3 upload_file (10 threads)"] = lambda: client.upload_file(str(src), bucket, f"raw/{uuid.uuid4()}")
-        if s3_clients.s5cmd_exe():
-            runs["s5cmd cp (defaults)"] = lambda: s3_clients._s5cmd(endpoint, "cp", str(src),
-                                                                    f"s3://{bucket}/raw/{uuid.uuid4()}")
-    elif kind == "gcs":
-        import gcsfs
-        from google.auth.credentials import AnonymousCredentials
-        from google.cloud import storage
-
-        single = _store(kind, url, endpoint)
-        single.backend.composite_threshold = 0
-        runs["cloudckpt push, composite_threshold=0 (one stream)"] = lambda: (single.push(src, epoch=2), None)[1]
-        fs = gcsfs.GCSFileSystem(token="anon", endpoint_url=endpoint)
-        client = storage.Client(project="bench", credentials=AnonymousCredentials(),
-                                client_options={"api_endpoint": endpoint})
-        runs["upload_from_filename"] = lambda: client.bucket(bucket).blob(f"raw/{uuid.uuid4()}") \
-            .upload_from_filename(str(src))
-        runs["gcsfs put_file"] = lambda: fs.put_file(str(src), f"{bucket}/raw/{uuid.uuid4()}")
-    else:
-        from azure.storage.blob import BlobServiceClient
-
-        service = BlobServiceClient.from_connection_string(servers.azure_connection_string(endpoint))
-
-        def sdk_push() -> None:
-            with open(src, "rb") as f:
-                service.get_blob_client(bucket, f"raw/{uuid.uuid4()}").upload_blob(f, max_concurrency=8)
-
-        runs["upload_blob(max_concurrency=8)"] = sdk_push
-    return runs
-
-
 def measure_push(kind: str, servers_by_network: dict[str, servers.Server], src: Path, proxy: ShapingProxy,
                  reps: int) -> list[dict]:
     """Pushes of ``src`` on both networks: rows of medians and ratios (the clients' own parallel uploads)."""
@@ -283,9 +99,9 @@ def measure_push(kind: str, servers_by_network: dict[str, servers.Server], src: 
     rows = []
     for network, server in servers_by_network.items():
         endpoint = proxy.endpoint if network == "shaped" else server.endpoint
-        with _env(**({"STORAGE_EMULATOR_HOST": server.endpoint} if kind == "gcs" else {})):
-            bucket = _container(kind)
-        runs = _pushers(kind, endpoint, bucket, src)
+        with clients.env(**({"STORAGE_EMULATOR_HOST": server.endpoint} if kind == "gcs" else {})):
+            bucket = clients.container(kind)
+        runs = clients.pushers(kind, endpoint, bucket, src)
         times: dict[str, list[float]] = {n: [] for n in runs}
         for r in range(reps):
             for name in (list(runs) if r % 2 == 0 else list(reversed(runs))):
@@ -298,10 +114,10 @@ def measure_push(kind: str, servers_by_network: dict[str, servers.Server], src: 
                     raise RuntimeError(f"{kind} {network} {name}: {through} of {size} bytes went through the "
                                        "shaped network")
                 logging.info("%s %s %s: %.2f s", kind, network, name, times[name][-1])
-                _empty(kind, bucket, server.endpoint)
+                clients.empty(kind, bucket, server.endpoint)
         med = {n: statistics.median(t) for n, t in times.items()}
-        clients = [n for n in med if not n.startswith("cloudckpt")]
-        best = min(clients, key=med.get)
+        raw_clients = [n for n in med if not n.startswith("cloudckpt")]
+        best = min(raw_clients, key=med.get)
         rows.append({"store": kind, "network": network, "what": f"push 1 × {size // MiB} MiB", "bytes": size,
                      "ours": "cloudckpt push", "medians_s": {n: round(t, 2) for n, t in med.items()},
                      "samples_s": {n: [round(x, 2) for x in t] for n, t in times.items()},
@@ -311,14 +127,14 @@ def measure_push(kind: str, servers_by_network: dict[str, servers.Server], src: 
 
 def grid(kind: str, server: servers.Server, src: Path, proxy: ShapingProxy, scratch: Path) -> list[dict]:
     """cloudckpt's pull of ``src`` through the shaped network for range sizes x concurrencies."""
-    bucket = _container(kind)
+    bucket = clients.container(kind)
     url = f"{'gs' if kind == 'gcs' else kind}://{bucket}/run"
-    with _store(kind, url, server.endpoint) as store:
+    with clients.store(kind, url, server.endpoint) as store:
         entry = store.push(src, epoch=1)
     out = []
     for range_mib in (4, 8, 16):
         for concurrency in (4, 8, 16):
-            with _env(CLOUDCKPT_RANGE_SIZE=str(range_mib * MiB), CLOUDCKPT_CONCURRENCY=str(concurrency)):
+            with clients.env(CLOUDCKPT_RANGE_SIZE=str(range_mib * MiB), CLOUDCKPT_CONCURRENCY=str(concurrency)):
                 pull = _pull(kind, url, proxy.endpoint, entry.id, scratch / "pulled")
                 t0 = time.perf_counter()
                 pull()
@@ -378,12 +194,12 @@ def main(argv: list[str] | None = None) -> int:
             proxy_port = servers.free_port()
             server = started[kind]()
             shaped = _gcs_behind(proxy_port) if kind == "gcs" else server
-            servers.apply_env(env[kind](server.endpoint))
+            servers.applyclients.env(env[kind](server.endpoint))
             proxy = ShapingProxy(shaped.endpoint, rate=args.rate_mbps * 1e6, latency=args.latency_ms / 1e3,
                                  port=proxy_port).start()
             try:
                 if args.grid:
-                    with _env(**({"STORAGE_EMULATOR_HOST": shaped.endpoint} if kind == "gcs" else {})):
+                    with clients.env(**({"STORAGE_EMULATOR_HOST": shaped.endpoint} if kind == "gcs" else {})):
                         rows += grid(kind, shaped, big, proxy, scratch)
                     continue
                 if args.push:
