@@ -182,10 +182,13 @@ class ShapingProxy:
                 with self._lock:
                     self.stats.requests.append(req)
                     stats = self.stats
-                if up_writer is None or up_writer.is_closing():
-                    up_reader, up_writer = await asyncio.open_connection(self.upstream_host, self.upstream_port,
-                                                                         limit=2**20)
-                assert up_reader is not None
+                # a fresh upstream connection per request: a server closes an idle keep-alive connection when it
+                # likes (Azurite after ~5 s), and a request sent on it would come back as a reset the client never
+                # caused. The client's own connection stays kept alive, as a cloud's would.
+                if up_writer is not None:
+                    up_writer.transport.abort()
+                up_reader, up_writer = await asyncio.open_connection(self.upstream_host, self.upstream_port,
+                                                                     limit=2**20)
                 if headers.get("expect", "").lower() == "100-continue":
                     lines = [ln for ln in lines if not ln.lower().startswith(b"expect:")]
                     writer.write(b"HTTP/1.1 100 Continue\r\n\r\n")
@@ -195,8 +198,8 @@ class ShapingProxy:
                 keep = await self._answer(up_reader, writer, req, stats)
                 if not keep or headers.get("connection", "").lower() == "close" or version == "HTTP/1.0":
                     return
-        except (ConnectionError, asyncio.IncompleteReadError, _Reset):
-            return
+        except (ConnectionError, asyncio.IncompleteReadError, _Reset, asyncio.CancelledError):
+            return  # (cancelled: the proxy is stopping)
         finally:
             self._writers.discard(writer)
             writer.transport.abort()
