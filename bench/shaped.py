@@ -194,7 +194,7 @@ def main(argv: list[str] | None = None) -> int:
             proxy_port = servers.free_port()
             server = started[kind]()
             shaped = _gcs_behind(proxy_port) if kind == "gcs" else server
-            servers.applyclients.env(env[kind](server.endpoint))
+            servers.apply_env(env[kind](server.endpoint))
             proxy = ShapingProxy(shaped.endpoint, rate=args.rate_mbps * 1e6, latency=args.latency_ms / 1e3,
                                  port=proxy_port).start()
             try:
