@@ -6,7 +6,8 @@ Usage::
     make bench BENCH_ARGS="--quick"          # CI-sized run (< 1 min): proves the harness works (no frameworks group)
     .venv/bin/python -m bench.run --only push,restore --out /tmp/b   # from the repository root
 
-Starts moto's S3 server and fake-gcs-server in their own processes, runs every comparison with interleaved
+Starts moto's S3 server (answering a ranged GET from the range alone, as S3 does:
+``tests/support/moto_ranges.py``) and fake-gcs-server in their own processes, runs every comparison with interleaved
 repetitions (A, B, C, A, B, C...), prints a Markdown table and writes ``results.json`` (every sample, the machine,
 the load) and ``results.png`` into ``--out``.
 """
@@ -78,7 +79,7 @@ def main(argv: list[str] | None = None) -> int:
     scratch = Path(tempfile.mkdtemp(prefix="cloudckpt-bench-", dir=args.scratch))
     load_start = os.getloadavg()
     started = time.time()
-    s3 = servers.start_moto()
+    s3 = servers.start_moto(ranges=True)  # ranged GETs served from the range alone, as S3 does (pulls are ranged)
     gcs = servers.start_fake_gcs()
     servers.apply_env(servers.s3_env(s3.endpoint))
     servers.apply_env(servers.gcs_env(gcs.endpoint))

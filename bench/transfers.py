@@ -152,13 +152,15 @@ def restore_s3(ctx: Ctx, src: Path) -> Section:
     store.close()
     _empty_s3_bucket(client, bucket)
     _skipped_note(sec, skipped)
-    sec.notes.append("Every download is one streamed GET: moto re-reads the whole object for every ranged GET "
-                     "(shared/NOTES.md), so the clients' default parallel ranged GETs measure the test server.")
+    sec.notes.append("The raw clients' downloads are one streamed GET each; cloudckpt's pull is 8 MiB ranges, 8 at "
+                     "a time (cloudckpt/fetch.py), served from the range alone (tests/support/moto_ranges.py; stock "
+                     "moto re-reads the whole object for every ranged GET, shared/NOTES.md).")
     sec.params.update({"bytes": size, **{n: s3_clients.SETTINGS[n] for n in raw if n in s3_clients.SETTINGS},
-                       "verified pull": "cloudckpt: store.pull('latest') = index + manifest reads, one GET hashed "
-                                        "(crc32c) as it is written, size + crc32c compared with the manifest, atomic "
-                                        "move into place; raw clients: download, then crc32c of the file (a second "
-                                        "pass, verify_s) and its size compared with the source's"})
+                       "verified pull": "cloudckpt: store.pull('latest') = index + manifest reads, ranged GETs "
+                                        "hashed (crc32c) as they are written, size + crc32c compared with the "
+                                        "manifest, atomic move into place; raw clients: download, then crc32c "
+                                        "of the file (a second pass, verify_s) and its size compared with the "
+                                        "source's"})
     counted = [n for n in (s3_clients.BOTO3_PULL, s3_clients.S3FS_PULL, s3_clients.S5CMD_PULL) if n in raw]
     return _finish(sec, size, CKPT, counted, tid="5 verified pull (S3)", limit=1.0, what="verified pull",
                    also=tuple(n for n in (s3_clients.OBSTORE_PULL,) if n in raw))
@@ -180,7 +182,7 @@ def _profiles(ctx: Ctx, server_pid: int | None, push: Callable[[], None], cleanu
 
 def _pull_split(store, to: Path, extra: dict) -> Callable[[], None]:
     """store.pull("latest"), recording how many of its seconds went to the checksum pass over the downloaded file."""
-    import cloudckpt.transfer as transfer
+    import cloudckpt.fetch as transfer  # where a pull hashes a whole file (sha256, or a store without ranges)
 
     def pull() -> None:
         spent: list[float] = []

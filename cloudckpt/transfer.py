@@ -16,8 +16,9 @@ from typing import TypeVar
 
 from . import cancel, retry
 from .backends import Backend
-from .checksum import StreamChecksums, file_checksums
+from .checksum import StreamChecksums
 from .errors import ConfigurationError, IntegrityError, SourceChangedError, UnsafePathError
+from .fetch import RangePool, fetch_file
 from .layout import manifest_key, object_key
 from .manifest import FileEntry, Manifest, check_relative_path, parse_manifest
 from .source import Source
@@ -129,36 +130,29 @@ def _upload_retryable(exc: BaseException) -> bool:
 
 def download_verified(backend: Backend, prefix: str, entries: Iterable[FileEntry], into: Path, *, budget: float,
                       pool: ThreadPoolExecutor, progress: Progress | None = None) -> None:
-    """Download every entry below ``into`` (a fresh directory) and check size and checksums of each."""
+    """Download every entry below ``into`` and check size and checksums of each: files in parallel in ``pool``,
+    each in ranges fetched in parallel (:mod:`~cloudckpt.fetch`), resuming the ranges a partial fetch left there."""
     base = into.resolve()
 
-    def one(e: FileEntry) -> None:
-        dest = into.joinpath(*e.path.split("/"))
-        if not dest.resolve().is_relative_to(base):
-            raise UnsafePathError(f"manifest path {e.path!r} escapes the target directory")
-        dest.parent.mkdir(parents=True, exist_ok=True)
-        rel = object_key(prefix, e.path)
+    with RangePool() as ranges:
 
-        deadline = time.monotonic() + budget
-        moved = _Moved(progress)
+        def one(e: FileEntry) -> None:
+            dest = into.joinpath(*e.path.split("/"))
+            if not dest.resolve().is_relative_to(base):
+                raise UnsafePathError(f"manifest path {e.path!r} escapes the target directory")
+            dest.parent.mkdir(parents=True, exist_ok=True)
+            rel = object_key(prefix, e.path)
+            deadline = time.monotonic() + budget
+            moved = _Moved(progress)
 
-        def fetch() -> str | None:
-            moved.restart()
-            verified = backend.download(rel, dest, deadline=deadline, progress=moved)
-            size = dest.stat().st_size
-            if size != e.size:
-                raise IntegrityError(f"{backend.url}/{rel}: downloaded {size} bytes, the index says {e.size}")
-            return verified
+            def fetch() -> None:
+                moved.restart()  # a retried fetch reports the ranges it keeps again
+                fetch_file(backend, rel, e, dest, ranges=ranges, deadline=deadline, progress=moved)
 
-        verified = _read_listed(backend, rel, fetch, what="download", budget=budget)
-        if verified is not None and verified != e.crc32c:
-            raise IntegrityError(
-                f"{backend.url}/{rel}: checksum mismatch (stored crc32c {verified}, expected {e.crc32c})")
-        if verified is None or e.sha256:  # the client checked no crc32c as it streamed (or sha256 is wanted): hash
-            _check_file(dest, e, f"{backend.url}/{rel}")
-        moved.finish(e.size)
+            _read_listed(backend, rel, fetch, what="download", budget=budget)
+            moved.finish(e.size)
 
-    _run_all(pool, one, entries)
+        _run_all(pool, one, entries)
 
 
 def _read_listed(backend: Backend, rel: str, read: Callable[[], T], *, what: str, budget: float) -> T:
@@ -234,12 +228,6 @@ class _Moved:
 
     def finish(self, size: int) -> None:
         self(size - self.count)
-
-
-def _check_file(dest: Path, e: FileEntry, where: str) -> None:
-    got = file_checksums(dest, sha256=e.sha256 is not None)
-    if (e.crc32c and got["crc32c"] != e.crc32c) or (e.sha256 and got.get("sha256") != e.sha256):
-        raise IntegrityError(f"{where}: checksum mismatch (crc32c {got['crc32c']}, expected {e.crc32c})")
 
 
 def _run_all(pool: ThreadPoolExecutor, fn: Callable[[T], R], items: Iterable[T]) -> list[R]:

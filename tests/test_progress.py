@@ -41,6 +41,8 @@ def bars(monkeypatch):
 
     monkeypatch.setattr(store_module, "byte_progress", recording)
     monkeypatch.setattr(local_backend, "BLOCK", 256 * 1024)  # the local copy's block: small, like the clouds' chunks
+    # a ranged pull advances once per range as it lands (cloudckpt/fetch.py): 1 MiB ranges, not 8, for this ~9 MiB file
+    monkeypatch.setenv("CLOUDCKPT_RANGE_SIZE", str(2**20))
     return seen
 
 

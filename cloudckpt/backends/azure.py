@@ -297,9 +297,10 @@ class AzureBackend(Backend):
     def read_bytes(self, rel: str) -> bytes:
         return self._blob(rel).download_blob().readall()
 
-    def read_range(self, rel: str, start: int, length: int) -> bytes:
+    def read_range(self, rel: str, start: int, length: int, *, deadline: float | None = None) -> bytes:
         if length == 0:
             return b""
+        self.remaining(deadline)
         return self.check_range(rel, start, length,
                                 self._blob(rel).download_blob(offset=start, length=length).readall())
 

@@ -188,10 +188,11 @@ class Backend(ABC):
     def write_bytes(self, rel: str, data: bytes) -> None:
         """Small objects only (manifests)."""
 
-    def read_range(self, rel: str, start: int, length: int) -> bytes:
+    def read_range(self, rel: str, start: int, length: int, *, deadline: float | None = None) -> bytes:
         """``length`` bytes of the object at ``rel`` from byte ``start`` (one ranged GET; nothing else of the object
         is fetched). FileNotFoundError when the object is missing; IntegrityError when it ends before
-        ``start + length`` (callers ask only for ranges a validated manifest promises)."""
+        ``start + length`` (callers ask only for ranges a validated manifest promises). ``deadline``
+        (``time.monotonic()``): the client's own retries end there; TimeoutError once it has passed."""
         raise NotImplementedError(f"{type(self).__name__} has no ranged read")
 
     def check_range(self, rel: str, start: int, length: int, data: bytes) -> bytes:

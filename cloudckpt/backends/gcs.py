@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import base64
 import os
+import threading
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -25,6 +26,7 @@ from ..layout import INDEX_NAME
 from ..source import Source
 from .base import UNCHANGED, Backend, ObjectInfo, Progress
 from .fsspec_objects import FsspecObjects
+from .gcs_compose import composite_upload
 
 _MB = 2**20
 
@@ -103,14 +105,22 @@ def _translate(exc: Exception, url: str) -> BaseException | None:
 class GCSBackend(Backend):
     verification = "server crc32c of the whole object compared with ours, and its size"
     kind = "GCS"
-    #: ``token`` (a service-account JSON path, or "anon"), ``project``, ``chunk_size``, ``transport``
-    OPTIONS = frozenset({"token", "project", "chunk_size", "transport"})
+    #: ``token`` (a service-account JSON path, or "anon"), ``project``, ``chunk_size``, ``transport``; parallel
+    #: composite uploads (:mod:`~cloudckpt.backends.gcs_compose`): ``composite_threshold``, ``part_size``,
+    #: ``max_concurrency``
+    OPTIONS = frozenset({"token", "project", "chunk_size", "transport", "composite_threshold", "part_size",
+                         "max_concurrency"})
 
     def __init__(self, url: str, storage_options: dict[str, Any] | None = None) -> None:
         super().__init__(url, storage_options)
         self.bucket_name, self.prefix = _split(self.url)
         opts = self.storage_options
         self.chunk_size = max(1, int(opts.get("chunk_size", 64 * _MB)) // (256 * 1024)) * (256 * 1024)
+        # files of at least composite_threshold bytes (0: none) go up as parts of part_size, max_concurrency at once
+        self.composite_threshold = int(opts.get("composite_threshold", 150 * _MB))
+        self.part_size = max(256 * 1024, int(opts.get("part_size", 8 * _MB)))
+        self.max_concurrency = max(1, int(opts.get("max_concurrency", 8)))
+        self._slots = threading.BoundedSemaphore(self.max_concurrency)  # parts in memory, over all uploads
         self.emulator = bool(os.environ.get("STORAGE_EMULATOR_HOST"))
         if self.emulator:
             opts.setdefault("token", "anon")
@@ -199,6 +209,10 @@ class GCSBackend(Backend):
                progress: Progress | None = None) -> None:
         # The SDK reads ``source`` in order (a retried chunk seeks back and is read again); the manifest records
         # the crc32c of the bytes read, and the server's crc32c of the stored object must equal it.
+        if self.composite_threshold and source.size >= max(self.composite_threshold, 2 * self.part_size):
+            composite_upload(self, source, rel, deadline=deadline, progress=progress)
+            self.check_uploaded(rel, source.crc32c())
+            return
         source.progress = progress  # counts the bytes read, and takes back a chunk read again after a seek
         blob = self.bucket.blob(self._name(rel), chunk_size=self.chunk_size if source.size > self.chunk_size else None)
         blob.upload_from_file(source, size=source.size, checksum=None, timeout=self.timeout,
@@ -249,14 +263,15 @@ class GCSBackend(Backend):
         except NotFound as e:
             raise FileNotFoundError(f"{self.url}/{rel}: no such object") from e
 
-    def read_range(self, rel: str, start: int, length: int) -> bytes:
+    def read_range(self, rel: str, start: int, length: int, *, deadline: float | None = None) -> bytes:
         from google.api_core.exceptions import NotFound
 
         if length == 0:
             return b""
         try:  # ``end`` is inclusive; no decompressive transcoding (checkpoints are stored as they are)
             data = self.bucket.blob(self._name(rel)).download_as_bytes(start=start, end=start + length - 1,
-                                                                       timeout=self.timeout, raw_download=True)
+                                                                       timeout=self.timeout, raw_download=True,
+                                                                       retry=self._retry(deadline))
         except NotFound as e:
             raise FileNotFoundError(f"{self.url}/{rel}: no such object") from e
         return self.check_range(rel, start, length, data)

@@ -157,7 +157,7 @@ class LocalBackend(Backend):
     def read_bytes(self, rel: str) -> bytes:
         return self._abs(rel).read_bytes()
 
-    def read_range(self, rel: str, start: int, length: int) -> bytes:
+    def read_range(self, rel: str, start: int, length: int, *, deadline: float | None = None) -> bytes:
         with open(self._abs(rel), "rb") as src:
             src.seek(start)
             return self.check_range(rel, start, length, src.read(length))

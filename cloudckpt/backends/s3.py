@@ -232,9 +232,10 @@ class S3Backend(S3Uploads, Backend):
     def read_bytes(self, rel: str) -> bytes:
         return self._get(rel)["Body"].read()
 
-    def read_range(self, rel: str, start: int, length: int) -> bytes:
+    def read_range(self, rel: str, start: int, length: int, *, deadline: float | None = None) -> bytes:
         if length == 0:
             return b""
+        self.remaining(deadline)
         data = self._get(rel, Range=f"bytes={start}-{start + length - 1}")["Body"].read()
         return self.check_range(rel, start, length, data)
 

@@ -92,11 +92,13 @@ S3_ENV = {
 }
 
 
-def start_moto(port: int | None = None) -> Server:
-    """moto's S3 server: ``python -m moto.server`` in its own process."""
+def start_moto(port: int | None = None, *, ranges: bool = False) -> Server:
+    """moto's S3 server: ``python -m moto.server`` in its own process. ``ranges``: answering a ranged GET from the
+    range alone, as S3 does (``moto_ranges.py``; stock moto reads the whole object for every range)."""
     port = port or free_port()
     log = Path(tempfile.mkstemp(prefix="moto-", suffix=".log")[1])
-    argv = [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)]
+    server = [str(Path(__file__).with_name("moto_ranges.py"))] if ranges else ["-m", "moto.server"]
+    argv = [sys.executable, *server, "-H", "127.0.0.1", "-p", str(port)]
     proc = subprocess.Popen(argv, stdout=open(log, "wb"), stderr=subprocess.STDOUT)
     endpoint = f"http://127.0.0.1:{port}"
     _wait_http(endpoint + "/moto-api/", proc)

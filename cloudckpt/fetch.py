@@ -1,0 +1,275 @@
+"""How one file of a checkpoint is fetched: split into ranges fetched in parallel, each written at its offset into a
+staging ``.part`` file and hashed as it lands, resumable range by range, checked whole before it is published.
+
+- **Parallel ranges.** A file is cut into ``range_size`` ranges (the last one shorter); each is one ranged GET
+  (:meth:`~cloudckpt.backends.base.Backend.read_range`, on every store) run in a :class:`RangePool` of
+  ``concurrency`` threads shared by all the files of a pull, and written with ``os.pwrite`` at its offset. A thread
+  holds one range at a time: memory is bounded by ``concurrency × range_size`` (8 × 8 MiB = 64 MiB by default).
+- **Checked whole.** Each range's crc32c is computed from the bytes written; the file's crc32c is combined from
+  them (:mod:`~cloudckpt.crc_combine`, no second read) and must equal the manifest's, as must the sha256 (that one
+  needs a read of the file) when the manifest has one. Only then is the ``.part`` renamed to its name.
+- **Resumable.** Beside ``<name>.cloudckpt-part`` a small sidecar ``<name>.cloudckpt-part.json`` lists the finished
+  ranges and each one's crc32c (rewritten atomically after each range). A later fetch into the same place reads
+  those ranges back from disk, keeps those whose crc32c still matches, and fetches only the rest; a sidecar that
+  doesn't describe this file (another size, checksum or range size) or can't be read starts the file afresh. The
+  sidecar is input too: whatever it claims, the file is published only if it matches the manifest.
+
+The local store keeps its plain copy (:meth:`~cloudckpt.backends.base.Backend.download`), as does a backend with no
+ranged read.
+"""
+
+from __future__ import annotations
+
+import contextvars
+import functools
+import json
+import os
+import threading
+from collections.abc import Callable
+from concurrent.futures import FIRST_EXCEPTION, Future, ThreadPoolExecutor, wait
+from pathlib import Path
+from typing import Any
+
+import google_crc32c
+
+from . import cancel
+from .backends import Backend
+from .checksum import file_checksums
+from .crc_combine import combine
+from .entry import FileEntry
+from .errors import ConfigurationError, IntegrityError
+
+Progress = Callable[[int], None]
+
+MiB = 2**20
+#: defaults measured through a shaped network (docs/benchmarks.md); $CLOUDCKPT_RANGE_SIZE / $CLOUDCKPT_CONCURRENCY
+DEFAULT_RANGE_SIZE = 8 * MiB
+DEFAULT_CONCURRENCY = 8
+PART_SUFFIX = ".cloudckpt-part"
+SIDECAR_SUFFIX = ".cloudckpt-part.json"
+
+
+def part_path(dest: Path) -> Path:
+    """Where the bytes of ``dest`` land until the whole file is verified."""
+    return dest.with_name(dest.name + PART_SUFFIX)
+
+
+def sidecar_path(dest: Path) -> Path:
+    """The list of the finished ranges of ``part_path(dest)`` and their crc32cs."""
+    return dest.with_name(dest.name + SIDECAR_SUFFIX)
+
+
+def _env_int(name: str, default: int, low: int) -> int:
+    raw = os.environ.get(name)
+    if raw is None or raw == "":
+        return default
+    try:
+        value = int(raw)
+    except ValueError:
+        value = low - 1
+    if value < low:
+        raise ConfigurationError(f"${name} must be an integer >= {low}. Received: {raw!r}")
+    return value
+
+
+class RangePool:
+    """The threads that fetch ranges for one pull: ``concurrency`` ranged GETs at a time, each of at most
+    ``range_size`` bytes (defaults from $CLOUDCKPT_CONCURRENCY and $CLOUDCKPT_RANGE_SIZE, else measured ones).
+
+    Use it as a context manager; its threads end with it.
+    """
+
+    def __init__(self, concurrency: int | None = None, range_size: int | None = None) -> None:
+        self.concurrency = concurrency or _env_int("CLOUDCKPT_CONCURRENCY", DEFAULT_CONCURRENCY, 1)
+        self.range_size = range_size or _env_int("CLOUDCKPT_RANGE_SIZE", DEFAULT_RANGE_SIZE, 64 * 1024)
+        if self.concurrency < 1 or self.range_size < 1:
+            raise ConfigurationError(f"concurrency and range_size must be >= 1. Received: "
+                                     f"concurrency={concurrency}, range_size={range_size}")
+        self._pool = ThreadPoolExecutor(self.concurrency, thread_name_prefix="cloudckpt-range")
+
+    def submit(self, fn: Callable[[], Any]) -> Future:
+        # in the caller's context: a range sees the cancel token of the pull it belongs to (cloudckpt.cancel)
+        return self._pool.submit(contextvars.copy_context().run, fn)
+
+    def close(self, wait: bool = True) -> None:
+        self._pool.shutdown(wait=wait, cancel_futures=True)
+
+    def __enter__(self) -> RangePool:
+        return self
+
+    def __exit__(self, exc_type: object, *exc: object) -> None:
+        # interrupted (Ctrl-C, SIGTERM) or failed: don't wait for ranges in flight; each stops at its next check and
+        # writes only into its own part file through a descriptor of its own
+        self.close(wait=exc_type is None)
+
+
+def fetch_file(backend: Backend, key: str, entry: FileEntry, dest: Path, *, ranges: RangePool,
+               deadline: float | None = None, progress: Progress | None = None) -> None:
+    """Fetch the object ``key`` into ``dest``, verified against ``entry`` (size, crc32c, sha256), resuming a partial
+    fetch left at ``part_path(dest)``; ``dest`` appears only once verified.
+
+    ``progress(n)`` is told of bytes as they land (a range kept from an earlier fetch counts too).
+
+    Raises:
+        IntegrityError: the file's bytes don't match ``entry`` (the partial file and its sidecar are removed, so the
+            next fetch starts afresh), or the object is shorter than ``entry`` says.
+        FileNotFoundError: the object is missing.
+        TimeoutError: ``deadline`` passed.
+        StoreError: as the backend raised it (a fetch called again resumes from the ranges that landed).
+    """
+    if backend.kind == "local" or type(backend).read_range is Backend.read_range:
+        _fetch_whole(backend, key, entry, dest, deadline=deadline, progress=progress)
+        return
+    try:
+        _fetch_ranges(backend, key, entry, dest, ranges=ranges, deadline=deadline, progress=progress)
+    except _Mismatch as exc:
+        if not exc.kept:
+            raise IntegrityError(str(exc)) from None
+        # ranges kept from disk vouched for bytes that aren't the file's: they are gone; fetch it all afresh
+        if progress is not None:
+            progress(-entry.size)
+        try:
+            _fetch_ranges(backend, key, entry, dest, ranges=ranges, deadline=deadline, progress=progress)
+        except _Mismatch as again:
+            raise IntegrityError(str(again)) from None
+
+
+class _Mismatch(Exception):
+    """The fetched file isn't the manifest's; ``kept``: how many of its ranges were kept from an earlier fetch."""
+
+    def __init__(self, message: str, kept: int) -> None:
+        super().__init__(message)
+        self.kept = kept
+
+
+def _fetch_ranges(backend: Backend, key: str, entry: FileEntry, dest: Path, *, ranges: RangePool,
+                  deadline: float | None, progress: Progress | None) -> int:
+    """One ranged fetch of ``key`` into ``dest``, resuming the ``.part`` file; return the number of ranges kept
+    from disk. _Mismatch (with that number) when the result doesn't match ``entry``: nothing is left behind."""
+    part, sidecar = part_path(dest), sidecar_path(dest)
+    size, step = entry.size, ranges.range_size
+    count = max(1, -(-size // step))
+    state = _State(sidecar, {"size": size, "crc32c": entry.crc32c, "sha256": entry.sha256, "range_size": step})
+    fd = os.open(part, os.O_RDWR | os.O_CREAT, 0o666)
+    try:
+        done = state.load(fd, count, size, step)
+        if os.fstat(fd).st_size != size:
+            os.ftruncate(fd, size)
+    finally:
+        os.close(fd)
+    if progress is not None and done:
+        progress(sum(_length(i, size, step) for i in done))
+    stop = threading.Event()
+
+    def one(i: int) -> None:
+        if stop.is_set():
+            return
+        cancel.check()
+        Backend.remaining(deadline)
+        start, length = i * step, _length(i, size, step)
+        data = backend.read_range(key, start, length, deadline=deadline)
+        # a descriptor of its own: a range still in flight when the caller gave up (Ctrl-C) writes its own bytes
+        # into this part file, or finds it gone; never into a file that reused a shared descriptor's number
+        out = os.open(part, os.O_WRONLY)
+        try:
+            os.pwrite(out, data, start)
+        finally:
+            os.close(out)
+        state.finished(i, google_crc32c.value(data))
+        if progress is not None:
+            progress(length)
+
+    futures = [ranges.submit(functools.partial(one, i)) for i in range(count) if i not in done]
+    try:
+        wait(futures, return_when=FIRST_EXCEPTION)
+    finally:
+        stop.set()  # after a failure or an interruption, ranges not started yet are skipped
+    wait(futures)
+    for fut in futures:
+        exc = fut.exception()
+        if exc is not None:
+            raise exc
+    problem = _publish(part, sidecar, dest, entry, state.whole_crc32c(count, size, step))
+    if problem is not None:
+        raise _Mismatch(f"{backend.url}/{key}: {problem}", len(done))
+    return len(done)
+
+
+def _length(i: int, size: int, step: int) -> int:
+    return max(0, min(step, size - i * step))
+
+
+class _State:
+    """The finished ranges of one ``.part`` file and their crc32cs, mirrored to its sidecar after each range."""
+
+    def __init__(self, path: Path, about: dict[str, Any]) -> None:
+        self.path, self.about = path, about
+        self.crcs: dict[int, int] = {}
+        self._lock = threading.Lock()
+
+    def load(self, fd: int, count: int, size: int, step: int) -> set[int]:
+        """Keep the ranges the sidecar lists whose bytes on disk still have their crc32c; return their numbers."""
+        try:
+            saved = json.loads(self.path.read_text())
+            listed = {int(k): int(v, 16) for k, v in saved["ranges"].items()} \
+                if {k: saved.get(k) for k in self.about} == self.about else {}
+        except (OSError, ValueError, KeyError, TypeError, AttributeError):
+            listed = {}  # none, or not ours to trust: start afresh
+        if not listed:
+            os.ftruncate(fd, 0)
+        for i, crc in sorted(listed.items()):
+            if 0 <= i < count and google_crc32c.value(os.pread(fd, _length(i, size, step), i * step)) == crc:
+                self.crcs[i] = crc
+        self._save()
+        return set(self.crcs)
+
+    def finished(self, i: int, crc: int) -> None:
+        with self._lock:
+            self.crcs[i] = crc
+            self._save()
+
+    def _save(self) -> None:
+        tmp = self.path.with_name(self.path.name + ".tmp")
+        tmp.write_text(json.dumps({**self.about, "ranges": {str(i): f"{c:08x}" for i, c in self.crcs.items()}}))
+        os.replace(tmp, self.path)
+
+    def whole_crc32c(self, count: int, size: int, step: int) -> str:
+        crc = 0
+        for i in range(count):
+            crc = combine(crc, self.crcs[i], _length(i, size, step)) if i else self.crcs[0]
+        return f"{crc:08x}"
+
+
+def _publish(part: Path, sidecar: Path, dest: Path, entry: FileEntry, crc32c: str) -> str | None:
+    """Rename ``part`` to ``dest`` if its bytes are ``entry``'s (``crc32c``: theirs, as written) and return None;
+    otherwise remove it and its sidecar and say what is wrong."""
+    problem = None
+    if part.stat().st_size != entry.size:
+        problem = f"{part.stat().st_size} bytes, the index says {entry.size}"
+    elif entry.crc32c and crc32c != entry.crc32c:
+        problem = f"checksum mismatch (crc32c {crc32c}, expected {entry.crc32c})"
+    elif entry.sha256:
+        got = file_checksums(part, sha256=True)
+        if got["crc32c"] != crc32c or got["sha256"] != entry.sha256:
+            problem = f"checksum mismatch (sha256 {got['sha256']}, expected {entry.sha256})"
+    if problem is not None:
+        part.unlink(missing_ok=True)
+        sidecar.unlink(missing_ok=True)
+        return problem
+    os.replace(part, dest)
+    sidecar.unlink(missing_ok=True)
+    return None
+
+
+def _fetch_whole(backend: Backend, key: str, entry: FileEntry, dest: Path, *, deadline: float | None,
+                 progress: Progress | None) -> None:
+    """One streamed download (a local copy, or a store with no ranged read), hashed as written, then published."""
+    part, sidecar = part_path(dest), sidecar_path(dest)
+    sidecar.unlink(missing_ok=True)
+    verified = backend.download(key, part, deadline=deadline, progress=progress)
+    if verified is None or entry.sha256:  # the client checked nothing as it streamed (or sha256 is wanted): hash
+        verified = file_checksums(part)["crc32c"]
+    problem = _publish(part, sidecar, dest, entry, verified)
+    if problem is not None:
+        raise IntegrityError(f"{backend.url}/{key}: {problem}")
+
