@@ -67,6 +67,19 @@ class Ranks:
         dist.broadcast(data, src=0, group=self.group)
         return json.loads(bytes(data.numpy()).decode())
 
+    def gather(self, value: Any) -> list[Any]:
+        """Every rank's ``value`` (JSON data), in rank order, on every rank."""
+        data = torch.frombuffer(bytearray(json.dumps(value).encode()), dtype=torch.uint8)
+        size = torch.tensor([data.numel()], dtype=torch.int64)
+        sizes = [torch.zeros(1, dtype=torch.int64) for _ in range(self.world)]
+        dist.all_gather(sizes, size, group=self.group)
+        longest = max(int(s.item()) for s in sizes)
+        padded = torch.zeros(longest, dtype=torch.uint8)
+        padded[:data.numel()] = data
+        out = [torch.empty(longest, dtype=torch.uint8) for _ in range(self.world)]
+        dist.all_gather(out, padded, group=self.group)
+        return [json.loads(bytes(t[:int(n.item())].numpy()).decode()) for t, n in zip(out, sizes, strict=True)]
+
     def close(self) -> None:
         try:
             dist.destroy_process_group(self.group)
