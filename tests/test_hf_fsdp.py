@@ -13,6 +13,8 @@ import sys
 from pathlib import Path
 
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 torch = pytest.importorskip("torch")
 pytest.importorskip("transformers")
@@ -69,10 +71,10 @@ def reference(tmp_path_factory) -> tuple[Path, str]:
     return d / "out", remote
 
 
-@pytest.mark.parametrize("point,rank", [("hf.sharded.after_upload", 1), ("dcp.finish.after_manifest", 0)])
+@pytest.mark.parametrize("point,rank", [("hf.sharded.mid_upload", 1), ("dcp.finish.after_manifest", 0)])
 def test_a_rank_sigkilled_mid_save_lists_nothing_and_the_restart_resumes_to_identical_params(reference, tmp_path,
                                                                                             s3_url, point, rank):
-    # at step 8's save, rank 1 dies after storing its files (rank 0's are stored too), or rank 0 dies inside the
+    # at step 8's save, rank 1 dies mid-upload of its files, or rank 0 dies inside the
     # commit (manifest stored, index not updated); torchrun stops the other rank
     killed = torchrun(s3_url, tmp_path / "a", "--kill-step", "8", "--kill-rank", str(rank), "--failpoint", point)
     assert killed.returncode != 0 and "done" not in killed.stdout, killed.stdout
@@ -180,3 +182,29 @@ def test_a_listed_pickled_metadata_is_never_what_dcp_reads(pulled, tmp_path):
         store.pull("latest", to=tmp_path / "again")
     assert (tmp_path / "again" / "optimizer_0" / ".metadata").read_bytes() != planted
     check_dcp_folders(tmp_path / "again")
+
+
+@given(world=st.integers(1, 8), data=st.data())
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+def test_every_file_of_a_checkpoint_is_stored_by_exactly_one_rank(tmp_path_factory, world, data):
+    # what a Trainer under FSDP writes into checkpoint-N on `world` ranks: each rank's shards (one or more files per
+    # DCP folder) and rng state, rank 0's .metadata per folder and the rest; the ranks' files partition it
+    from cloudckpt.hf.callback import SKIPPED
+    from cloudckpt.hf.sharded import owned
+
+    folder = tmp_path_factory.mktemp("ckpt")
+    subs = data.draw(st.lists(st.sampled_from(["pytorch_model_fsdp_0", "optimizer_0", "pytorch_model_fsdp_1"]),
+                              unique=True))
+    names = [f"{sub}/__{r}_{n}.distcp" for sub in subs for r in range(world)
+             for n in range(data.draw(st.integers(1, 2)))]
+    names += [f"rng_state_{r}.pth" for r in range(world)] if world > 1 else ["rng_state.pth"]
+    names += data.draw(st.lists(st.sampled_from(["trainer_state.json", "scheduler.pt", "config.json",
+                                                 "model.safetensors", "training_args.bin"]), unique=True))
+    for name in names + [f"{sub}/.metadata" for sub in subs]:
+        (folder / name).parent.mkdir(parents=True, exist_ok=True)
+        (folder / name).write_bytes(b"x")
+    parts = [owned(folder, r, SKIPPED) for r in range(world)]
+    assert sum(len(p) for p in parts) == len({k for p in parts for k in p})  # no file stored twice
+    assert {k for p in parts for k in p} == {n for n in names if n != "training_args.bin"}
+    for r, part in enumerate(parts):  # a rank stores its own shards and rng state only; rank 0 the rest
+        assert all(f"__{r}_" in k or k == f"rng_state_{r}.pth" or r == 0 for k in part)

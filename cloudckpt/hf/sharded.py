@@ -119,15 +119,16 @@ def commit_sharded(store: CheckpointStore, ranks: Ranks, folder: Path, *, step: 
     if "error" in plan:
         raise error_from(plan["error"])
     cid, spans = str(plan["cid"]), plan["spans"]
-    mine = owned(folder, ranks.rank, skipped)
+    mine: dict[str, Path] = {}
     report: dict[str, Any]
     try:
+        mine = owned(folder, ranks.rank, skipped)
         failpoints.hit("hf.sharded.before_upload")
         from ..transfer import LocalFile, upload_all
 
         crcs = _crcs(mine, spans)
         stored = upload_all(store.backend, cid, [LocalFile(p, rel) for rel, p in mine.items()], sha256=False,
-                            budget=store.budget, pool=store._pool)
+                            budget=store.budget, pool=store._pool, progress=_mid_upload)
         failpoints.hit("hf.sharded.after_upload")
         report = {"files": [e.model_dump(mode="json") for e in stored], "crcs": crcs}
     except Exception as exc:  # noqa: BLE001 - every rank learns that this save failed
@@ -151,6 +152,11 @@ def commit_sharded(store: CheckpointStore, ranks: Ranks, folder: Path, *, step: 
         raise error_from(outcome["error"])
     log.info("checkpoint-%d committed from %d ranks as %s", step, ranks.world, outcome["id"])
     return entry
+
+
+def _mid_upload(n: int) -> None:
+    if n > 0:
+        failpoints.hit("hf.sharded.mid_upload")
 
 
 def _commit(store: CheckpointStore, cid: str, began: int, reports: list[dict[str, Any]], metadata: Mapping[str, Any],
