@@ -101,6 +101,19 @@ def test_a_rank_sigkilled_mid_save_lists_nothing_and_the_restart_resumes_to_iden
         assert [c.step for c in store.index().checkpoints] == [8, 12]
 
 
+def test_a_rank_whose_upload_fails_fails_the_save_on_every_rank_and_lists_nothing(reference, tmp_path, local_url):
+    # rank 1's disk is full when it starts storing step 8's files: every rank raises (no rank waits forever), naming
+    # rank 1 and the error, and only step 4 is listed
+    failed = torchrun(local_url, tmp_path / "a", "--kill-step", "8", "--kill-rank", "1", "--failpoint",
+                      "hf.sharded.before_upload:1:enospc")
+    assert failed.returncode != 0 and "done" not in failed.stdout
+    for r in range(RANKS):
+        assert f"[rank{r}]: OSError: [Errno 28]" in failed.stderr or \
+            f"[rank{r}]: cloudckpt.errors.CloudCkptError: rank 1: [Errno 28]" in failed.stderr, failed.stderr[-3000:]
+    with CheckpointStore(local_url) as store:
+        assert [c.step for c in store.index().checkpoints] == [4]
+
+
 @pytest.fixture
 def pulled(reference, tmp_path) -> Path:
     """The reference's latest checkpoint, pulled (DCP's .metadata written back from the validated JSON)."""

@@ -121,6 +121,7 @@ def commit_sharded(store: CheckpointStore, ranks: Ranks, folder: Path, *, step: 
     cid, spans = str(plan["cid"]), plan["spans"]
     mine: dict[str, Path] = {}
     report: dict[str, Any]
+    failure: BaseException | None = None
     try:
         mine = owned(folder, ranks.rank, skipped)
         failpoints.hit("hf.sharded.before_upload")
@@ -133,21 +134,26 @@ def commit_sharded(store: CheckpointStore, ranks: Ranks, folder: Path, *, step: 
         report = {"files": [e.model_dump(mode="json") for e in stored], "crcs": crcs}
     except Exception as exc:  # noqa: BLE001 - every rank learns that this save failed
         discard_stored(store, cid, mine)
-        report = {"error": error_record(exc)}
+        report = {"error": {**error_record(exc), "rank": ranks.rank}}
+        failure = exc
     reports = ranks.gather(report)
     outcome: dict[str, Any] | None = None
     entry: CheckpointEntry | None = None
     if ranks.coordinator:
-        try:
-            entry = _commit(store, cid, int(plan["began"]), reports, metadata, step=step, metrics=metrics, meta=meta,
-                            policy=policy, world=ranks.world)
-            outcome = {"id": entry.id}
-        except Exception as exc:  # noqa: BLE001 - reported to every rank
-            outcome = {"error": error_record(exc)}
-            failure: BaseException = exc
+        failed = [r["error"] for r in reports if "error" in r]
+        if failed:
+            outcome = {"error": failed[0]}  # the first rank (in rank order) whose files could not be stored
+        else:
+            try:
+                entry = _commit(store, cid, int(plan["began"]), reports, metadata, step=step, metrics=metrics,
+                                meta=meta, policy=policy, world=ranks.world)
+                outcome = {"id": entry.id}
+            except Exception as exc:  # noqa: BLE001 - reported to every rank
+                outcome = {"error": {**error_record(exc), "rank": 0}}
+                failure = exc
     outcome = ranks.share(outcome)
     if "error" in outcome:
-        if ranks.coordinator:
+        if failure is not None:  # this rank's own error, as raised
             raise failure
         raise error_from(outcome["error"])
     log.info("checkpoint-%d committed from %d ranks as %s", step, ranks.world, outcome["id"])
@@ -162,9 +168,6 @@ def _mid_upload(n: int) -> None:
 def _commit(store: CheckpointStore, cid: str, began: int, reports: list[dict[str, Any]], metadata: Mapping[str, Any],
             *, step: int, metrics: Mapping[str, float], meta: Mapping[str, str], policy: Retention,
             world: int) -> CheckpointEntry:
-    failed = [r["error"] for r in reports if "error" in r]
-    if failed:
-        raise error_from(failed[0])
     files = merge_files(FileEntry.model_validate(f) for r in reports for f in r["files"])
     crcs: dict[str, list[str]] = {k: v for r in reports for k, v in r["crcs"].items()}
     from ..transfer import LocalFile, upload_all
@@ -262,7 +265,7 @@ def on_every_rank(ranks: Ranks, choose: Callable[[], tuple[Path | None, str | No
         try:
             pull(str(chosen["id"]), target)
         except Exception as exc:  # noqa: BLE001 - every rank raises it
-            error = error_record(exc)
+            error = {**error_record(exc), "rank": ranks.rank}
     errors = [e for e in ranks.gather(error) if e is not None]
     if errors:
         raise error_from(errors[0])

@@ -130,9 +130,10 @@ def error_record(exc: BaseException) -> dict[str, Any]:
 
 
 def error_from(record: Mapping[str, Any]) -> BaseException:
-    """The typed error another rank reported (its cloudckpt class if it is one, else a CloudCkptError)."""
+    """The typed error another rank reported (its cloudckpt class if it is one, else a CloudCkptError), naming that
+    rank (``record["rank"]``, default 0)."""
     cls = getattr(errors, str(record.get("type")), None)
-    message = f"rank 0: {record.get('error')}"
+    message = f"rank {record.get('rank', 0)}: {record.get('error')}"
     if isinstance(cls, type) and issubclass(cls, CloudCkptError) and cls is not errors.CommitFailedError:
         try:
             return cls(message)
