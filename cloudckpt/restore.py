@@ -21,7 +21,7 @@ from . import cancel
 from .backends import Backend
 from .cache import Cache
 from .cancel import TransferCancelled
-from .errors import ConfigurationError
+from .errors import ConfigurationError, IntegrityError
 from .inline import inline_contents, materialize, stored_files
 from .layout import PULL_MARKER
 from .manifest import CheckpointEntry
@@ -105,6 +105,8 @@ def _dcp_metadata(folder: Path, entry: CheckpointEntry, *, folders: bool = False
     directory holding a JSON metadata is a DCP checkpoint, else only the top. Needs torch; without it the folder
     keeps only the JSON."""
     for planted in ([*folder.rglob(".metadata")] if folders else [folder / ".metadata"]):
+        if planted.is_dir():
+            raise IntegrityError(f"{entry.id}: {planted.relative_to(folder)} is a folder where DCP reads its metadata")
         planted.unlink(missing_ok=True)
     try:
         from .torch.dcp_format import METADATA_NAME, write_local_metadata

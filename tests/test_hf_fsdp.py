@@ -221,3 +221,15 @@ def test_every_file_of_a_checkpoint_is_stored_by_exactly_one_rank(tmp_path_facto
     assert {k for p in parts for k in p} == {n for n in names if n != "training_args.bin"}
     for r, part in enumerate(parts):  # a rank stores its own shards and rng state only; rank 0 the rest
         assert all(f"__{r}_" in k or k == f"rng_state_{r}.pth" or r == 0 for k in part)
+
+
+def test_a_listed_folder_named_metadata_is_an_integrity_error_and_leaves_nothing(pulled, tmp_path):
+    (pulled / "optimizer_0" / ".metadata").unlink()
+    (pulled / "optimizer_0" / ".metadata").mkdir()
+    (pulled / "optimizer_0" / ".metadata" / "x").write_bytes(b"x")
+    (pulled / ".cloudckpt.json").unlink()
+    with CheckpointStore(str(tmp_path / "store3")) as store:
+        store.push(pulled, step=4, meta={"framework": "hf", "format": "torch-dcp-folders"})
+        with pytest.raises(IntegrityError, match="is a folder where DCP reads its metadata"):
+            store.pull("latest", to=tmp_path / "again")
+    assert not (tmp_path / "again").exists()
