@@ -8,8 +8,12 @@ objects not yet deleted), ``gc.after_condemn`` (gc's names condemned in the inde
 closed nor renamed), ``keras.writer.task`` (the Keras callback's background writer, before it writes a save point);
 for a DCP save (cloudckpt.torch.dcp), on the rank where it is set: ``dcp.before_upload``, ``dcp.mid_upload`` (some
 bytes of its objects sent), ``dcp.after_upload``, ``dcp.finish`` (the coordinator, nothing of its own stored yet),
-``dcp.finish.after_manifest`` (manifest stored, index not updated). ``<name>:<n>`` kills at the n-th time the point
-is reached; ``<name>:<n>:enospc`` raises ``OSError(ENOSPC)`` there instead, once (a full disk at that write).
+``dcp.finish.after_manifest`` (manifest stored, index not updated; also the HF Trainer's sharded commit); for the HF
+Trainer under FSDP (cloudckpt.hf.sharded): ``hf.sharded.before_upload``, ``hf.sharded.mid_upload``,
+``hf.sharded.after_upload`` (this rank's files stored), ``hf.sharded.before_commit`` (rank 0, JSON metadata
+stored, no manifest).
+``<name>:<n>`` kills at the n-th time the point is reached; ``<name>:<n>:enospc`` raises ``OSError(ENOSPC)``
+there instead, once (a full disk at that write).
 """
 
 from __future__ import annotations

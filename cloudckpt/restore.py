@@ -15,13 +15,13 @@ import os
 import shutil
 import tempfile
 from concurrent.futures import ThreadPoolExecutor
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 
 from . import cancel
 from .backends import Backend
 from .cache import Cache
 from .cancel import TransferCancelled
-from .errors import ConfigurationError
+from .errors import ConfigurationError, IntegrityError
 from .inline import inline_contents, materialize, stored_files
 from .layout import PULL_MARKER
 from .manifest import CheckpointEntry
@@ -32,6 +32,9 @@ from .transfer import Progress, read_manifest
 log = logging.getLogger(__name__)
 MARKER = PULL_MARKER
 DCP_FORMAT = "torch-dcp"  # a checkpoint's meta["format"] when CloudStorageWriter wrote it (torch/dcp_format.py)
+#: meta["format"] of a checkpoint holding DCP folders anywhere (each with its JSON metadata), e.g. the HF Trainer's
+#: under FSDP (cloudckpt/hf/sharded.py)
+DCP_FOLDERS_FORMAT = "torch-dcp-folders"
 _UMASK = os.umask(0o022)
 os.umask(_UMASK)
 
@@ -71,8 +74,8 @@ def pull_into(backend: Backend, entry: CheckpointEntry, target: Path, *, budget:
         staged = stage(backend, entry.id, stored, staging, target, cache=cache, budget=budget, pool=pool,
                        progress=progress)
         prune_extras(staging, {f.path for f in entry.files})
-        if entry.meta.get("format") == DCP_FORMAT:
-            _dcp_metadata(staging, entry)
+        if entry.meta.get("format") in (DCP_FORMAT, DCP_FOLDERS_FORMAT):
+            _dcp_metadata(staging, entry, folders=entry.meta.get("format") == DCP_FOLDERS_FORMAT)
         marker = {"url": redact_url(source_url or backend.url), "checkpoint": entry.summary()}
         (staging / MARKER).write_text(json.dumps(marker, indent=1))
         staging.chmod(0o777 & ~_UMASK)  # mkdtemp made it 0700; the restored directory gets normal permissions
@@ -96,18 +99,29 @@ def pull_into(backend: Backend, entry: CheckpointEntry, target: Path, *, budget:
     return target
 
 
-def _dcp_metadata(folder: Path, entry: CheckpointEntry) -> None:
+def _dcp_metadata(folder: Path, entry: CheckpointEntry, *, folders: bool = False) -> None:
     """A checkpoint written through DCP: write the ``.metadata`` DCP's ``FileSystemReader`` reads, from the pulled
-    and validated JSON metadata (never a ``.metadata`` the store listed). Needs torch; without it the folder keeps
-    only the JSON."""
-    (folder / ".metadata").unlink(missing_ok=True)
+    and validated JSON metadata (never a ``.metadata`` the store listed: every one is removed). ``folders``: each
+    directory holding a JSON metadata is a DCP checkpoint, else only the top. Needs torch; without it the folder
+    keeps only the JSON."""
+    for planted in ([*folder.rglob(".metadata")] if folders else [folder / ".metadata"]):
+        if planted.is_dir():
+            raise IntegrityError(f"{entry.id}: {planted.relative_to(folder)} is a folder where DCP reads its metadata")
+        planted.unlink(missing_ok=True)
     try:
         from .torch.dcp_format import METADATA_NAME, write_local_metadata
     except ImportError as exc:
         log.warning("%s is a DCP checkpoint; without torch (%s) no .metadata is written for DCP's reader", entry.id,
                     exc)
         return
-    write_local_metadata(folder, {f.path: f.size for f in entry.files if f.path != METADATA_NAME})
+    if not folders:
+        write_local_metadata(folder, {f.path: f.size for f in entry.files if f.path != METADATA_NAME})
+        return
+    for sub in sorted({str(PurePosixPath(f.path).parent) for f in entry.files
+                       if PurePosixPath(f.path).name == METADATA_NAME}):
+        inside = {PurePosixPath(f.path).name: f.size for f in entry.files
+                  if str(PurePosixPath(f.path).parent) == sub and PurePosixPath(f.path).name != METADATA_NAME}
+        write_local_metadata(folder / sub, inside)
 
 
 def _swap_into_place(staging: Path, target: Path) -> None:

@@ -48,7 +48,10 @@ class CloudCheckpointCallback(TrainerCallback):
     directory (the Trainer's own ``save_total_limit`` may delete the folder later) and a background thread commits
     them, verified and atomically, with the metric of ``metric_for_best_model`` logged at that step. Retention
     (``keep_best`` by that metric, ``keep_last``) is the store's and never drops the best or the latest. The main
-    process claims the run (fencing older writers); other processes of a distributed run do nothing.
+    process claims the run (fencing older writers); other processes of a distributed run do nothing, except under
+    FSDP with ``fsdp_config={"state_dict_type": "SHARDED_STATE_DICT"}``: there every rank stores its own files of
+    ``checkpoint-N`` (its DCP shards, its rng state) at each save and rank 0 commits one checkpoint listing them all,
+    synchronously, before training goes on (:mod:`cloudckpt.hf.sharded`); preemption notices are not watched then.
 
     On SIGTERM or a cloud preemption notice the callback asks the Trainer to save at the end of the current step,
     commits that checkpoint and exits the process with status 143. :func:`pull_latest` brings the latest committed
@@ -109,6 +112,7 @@ class CloudCheckpointCallback(TrainerCallback):
         self._preempting = False
         self._best: float | None = None
         self._best_job: Job | None = None
+        self._ranks: Any = None  # the job's Ranks under FSDP with a sharded state dict (cloudckpt.hf.sharded)
 
     @property
     def preempted(self) -> bool:
@@ -116,6 +120,16 @@ class CloudCheckpointCallback(TrainerCallback):
 
     def on_train_begin(self, args: TrainingArguments, state: TrainerState, control: TrainerControl,
                        **kwargs: Any) -> None:
+        from .sharded import sharded_job
+
+        self._ranks = sharded_job(args)  # FSDP, sharded state dict: every rank stores its files (a collective)
+        if self._ranks is not None:
+            from ..distributed_commit import job_store
+
+            self.monitor, self.mode = monitor_of(args)
+            self.store = job_store(self.remote, claim=self._ranks.coordinator, budget=self.store_budget,
+                                   **self.storage_options)
+            return
         if not args.should_save:
             return  # not the process that writes checkpoints
         self.monitor, self.mode = monitor_of(args)
@@ -141,6 +155,18 @@ class CloudCheckpointCallback(TrainerCallback):
             control.should_training_stop = True
 
     def on_save(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any) -> None:
+        if self._ranks is not None and self.store is not None:
+            from ..store import _policy
+            from .sharded import commit_sharded
+
+            step = state.global_step
+            commit_sharded(self.store, self._ranks, Path(args.output_dir or ".") / f"checkpoint-{step}", step=step,
+                           metrics=self._metrics_at(state, step), meta={"framework": FRAMEWORK},
+                           policy=_policy(None, monitor=self.monitor, mode=self.mode,
+                                          keep_best=self.keep_best if self.monitor else None,
+                                          keep_last=self.keep_last),
+                           skipped=SKIPPED)
+            return
         if self.uploader is None or self._staging is None:
             return
         step = state.global_step
@@ -162,6 +188,16 @@ class CloudCheckpointCallback(TrainerCallback):
 
     def on_train_end(self, args: TrainingArguments, state: TrainerState, control: TrainerControl,
                      **kwargs: Any) -> None:
+        if self._ranks is not None:  # every save committed synchronously
+            from ..distributed_commit import forget_job_store
+
+            self._ranks.close()
+            self._ranks = None
+            if self.store is not None:
+                forget_job_store(self.store)
+                self.store.close()
+                self.store = None
+            return
         if self.uploader is None:
             return
         try:
@@ -250,30 +286,64 @@ def pull_latest(remote: str | None, output_dir: str | Path, *, storage_options: 
     """Pull the latest checkpoint committed by :class:`CloudCheckpointCallback` into ``output_dir/checkpoint-N``
     (verified, and every file read as the Trainer reads it: one that fails is skipped, with a warning, for the newest
     older one); return its path, or None when the run has none. Then ``trainer.train(resume_from_checkpoint=True)``
-    continues from it (the Trainer takes the highest ``checkpoint-N`` in ``output_dir``)."""
+    continues from it (the Trainer takes the highest ``checkpoint-N`` in ``output_dir``).
+
+    Under ``torch.distributed`` with several processes (call it after creating the ``TrainingArguments``, which
+    initialise it) this is a collective: rank 0 chooses and pulls, and each machine whose processes don't see that
+    folder pulls the same checkpoint once (its local rank 0)."""
+    from .sharded import job_ranks, on_every_rank
+
+    ranks = job_ranks()
+    if ranks is None:
+        return _pull_latest(remote, output_dir, storage_options)[0]
+    try:
+        return on_every_rank(ranks, lambda: _pull_latest(remote, output_dir, storage_options),
+                             lambda cid, target: _pull_one(remote, cid, target, storage_options))
+    finally:
+        ranks.close()
+
+
+def _pull_one(remote: str | None, cid: str, target: Path, storage_options: dict | None) -> None:
+    with CheckpointStore(remote, **(storage_options or {})) as store:
+        _pull_into(store, cid, target)
+
+
+def _pull_into(store: CheckpointStore, cid: str, target: Path) -> None:
+    """Pull checkpoint ``cid`` into ``target`` and read every file as the Trainer will (IntegrityError, nothing left
+    behind, when one fails)."""
+    from .sharded import check_dcp_folders
+
+    try:
+        store.pull(cid, to=target)
+        check_checkpoint(target)
+        check_dcp_folders(target)
+    except IntegrityError:
+        shutil.rmtree(target, ignore_errors=True)
+        raise
+
+
+def _pull_latest(remote: str | None, output_dir: str | Path,
+                 storage_options: dict | None) -> tuple[Path | None, str | None]:
     with CheckpointStore(remote, **(storage_options or {})) as store:
         try:
             index = store.index()
         except CheckpointNotFoundError:
-            return None
+            return None, None
         ours = [c for c in index.checkpoints if c.meta.get("framework") == FRAMEWORK and c.step is not None]
         if not ours:
-            return None
+            return None, None
+        chosen: list[str] = []
 
         def use(entry: CheckpointEntry) -> Path:
             target = Path(output_dir) / f"checkpoint-{entry.step}"
             if target.is_dir() and any(target.iterdir()) and not (target / ".cloudckpt.json").exists():
                 log.info("%s already exists locally: resuming from it", target)
                 return target
-            try:
-                store.pull(entry.id, to=target)
-                check_checkpoint(target)
-            except IntegrityError:
-                shutil.rmtree(target, ignore_errors=True)
-                raise
+            _pull_into(store, entry.id, target)
+            chosen.append(entry.id)
             log.info("pulled %s (step %d) from %s into %s", entry.id, entry.step, store.url, target)
             return target
 
         # the newest that verifies and reads; older ones when it doesn't
-        return newest_usable(reversed(ours), use, none_usable=f"{store.url}: no Hugging Face checkpoint verifies")
-
+        path = newest_usable(reversed(ours), use, none_usable=f"{store.url}: no Hugging Face checkpoint verifies")
+        return path, (chosen[-1] if chosen else None)

@@ -67,6 +67,19 @@ class Ranks:
         dist.broadcast(data, src=0, group=self.group)
         return json.loads(bytes(data.numpy()).decode())
 
+    def gather(self, value: Any) -> list[Any]:
+        """Every rank's ``value`` (JSON data), in rank order, on every rank."""
+        data = torch.frombuffer(bytearray(json.dumps(value).encode()), dtype=torch.uint8)
+        size = torch.tensor([data.numel()], dtype=torch.int64)
+        sizes = [torch.zeros(1, dtype=torch.int64) for _ in range(self.world)]
+        dist.all_gather(sizes, size, group=self.group)
+        longest = max(int(s.item()) for s in sizes)
+        padded = torch.zeros(longest, dtype=torch.uint8)
+        padded[:data.numel()] = data
+        out = [torch.empty(longest, dtype=torch.uint8) for _ in range(self.world)]
+        dist.all_gather(out, padded, group=self.group)
+        return [json.loads(bytes(t[:int(n.item())].numpy()).decode()) for t, n in zip(out, sizes, strict=True)]
+
     def close(self) -> None:
         try:
             dist.destroy_process_group(self.group)
@@ -117,9 +130,10 @@ def error_record(exc: BaseException) -> dict[str, Any]:
 
 
 def error_from(record: Mapping[str, Any]) -> BaseException:
-    """The typed error another rank reported (its cloudckpt class if it is one, else a CloudCkptError)."""
+    """The typed error another rank reported (its cloudckpt class if it is one, else a CloudCkptError), naming that
+    rank (``record["rank"]``, default 0)."""
     cls = getattr(errors, str(record.get("type")), None)
-    message = f"rank 0: {record.get('error')}"
+    message = f"rank {record.get('rank', 0)}: {record.get('error')}"
     if isinstance(cls, type) and issubclass(cls, CloudCkptError) and cls is not errors.CommitFailedError:
         try:
             return cls(message)
