@@ -10,6 +10,7 @@ import signal
 import subprocess
 import sys
 import textwrap
+import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -19,6 +20,7 @@ import pytest
 from support import servers
 from support.shaping_proxy import Fault, ShapingProxy
 
+from cloudckpt import cancel
 from cloudckpt.backends import open_backend
 from cloudckpt.entry import FileEntry
 from cloudckpt.errors import IntegrityError
@@ -285,3 +287,34 @@ def test_a_stalled_range_is_abandoned_and_fetched_again(shaped, tmp_path, monkey
     assert fault.fired == 1
     again = [r for r in proxy.stats.requests if r.range and cut <= _start(r) < cut + STEP]
     assert len(again) >= 2  # the stalled one, and at least one more for the same bytes
+
+
+def test_a_range_runs_in_its_pulls_cancel_context():
+    """A range is fetched on the range pool's thread in the context of the pull that asked for it: an interrupted
+    pull's token stops its ranges too (they used to run without it and kept downloading after Ctrl-C)."""
+    token = cancel.Token()
+    token.cancel()
+    with RangePool(concurrency=1) as pool:
+        fut = cancel.bind(token).run(pool.submit, cancel.check)
+        with pytest.raises(cancel.TransferCancelled):
+            fut.result(timeout=30)
+        assert pool.submit(cancel.check).result(timeout=30) is None  # another pull's ranges are not affected
+
+
+def test_an_interrupted_range_pool_does_not_wait_for_ranges_in_flight():
+    """Left by an interruption, the pool returns at once; a range in flight ends on its own."""
+    started, release = threading.Event(), threading.Event()
+
+    def in_flight() -> None:
+        started.set()
+        release.wait(30)
+
+    pool = RangePool(concurrency=1)
+    fut = pool.submit(in_flight)
+    assert started.wait(30)
+    with pytest.raises(KeyboardInterrupt):
+        with pool:
+            raise KeyboardInterrupt
+    assert not fut.done()  # the pool did not wait for it
+    release.set()
+    fut.result(timeout=30)
