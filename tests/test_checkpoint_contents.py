@@ -109,7 +109,7 @@ def test_one_json_schema_per_entry_in_ls_show_pull_push(tmp_path, local_url, ckp
     pulled = json.loads(proc.stdout)
     keys = {"id", "epoch", "step", "created", "metrics", "files", "size", "writer", "pinned", "meta", "tags",
             "model", "model_file", "resume_state"}
-    assert set(listed) == set(shown) == keys and set(pulled) == keys | {"path", "local_files", "skipped"}
+    assert set(listed) == set(shown) == keys and set(pulled) == keys | {"path", "local_files", "skipped", "sources"}
     assert listed == shown == {k: pulled[k] for k in keys} and shown["tags"] == ["best"]
     assert pushed == {**listed, "tags": ["best", "latest"]}  # as it was then: the second push took latest
     assert pulled["path"] == str(tmp_path / "out") and pulled["skipped"] == []
