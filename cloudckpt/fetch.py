@@ -59,6 +59,17 @@ def sidecar_path(dest: Path) -> Path:
     return dest.with_name(dest.name + SIDECAR_SUFFIX)
 
 
+def landed_bytes(part: Path) -> int:
+    """How many bytes of the unfinished file ``part`` its sidecar lists as landed (0 if it can't be read): a
+    ``.part`` file's own size says nothing, its ranges land anywhere in it."""
+    try:
+        saved = json.loads(part.with_name(part.name + ".json").read_text())
+        size, step = int(saved["size"]), int(saved["range_size"])
+        return sum(_length(int(i), size, step) for i in saved["ranges"])
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+        return 0
+
+
 def _env_int(name: str, default: int, low: int) -> int:
     raw = os.environ.get(name)
     if raw is None or raw == "":
@@ -117,7 +128,7 @@ def fetch_file(backend: Backend, key: str, entry: FileEntry, dest: Path, *, rang
         TimeoutError: ``deadline`` passed.
         StoreError: as the backend raised it (a fetch called again resumes from the ranges that landed).
     """
-    if backend.kind == "local" or type(backend).read_range is Backend.read_range:
+    if backend.kind == "local" or type(backend).read_range is Backend.read_range or entry.size == 0:
         _fetch_whole(backend, key, entry, dest, deadline=deadline, progress=progress)
         return
     try:
@@ -153,21 +164,32 @@ def _fetch_ranges(backend: Backend, key: str, entry: FileEntry, dest: Path, *, r
     fd = os.open(part, os.O_RDWR | os.O_CREAT, 0o666)
     try:
         done = state.load(fd, count, size, step)
-        if os.fstat(fd).st_size != size:
-            os.ftruncate(fd, size)
+        if os.fstat(fd).st_size > size:
+            os.ftruncate(fd, size)  # never grown here: the ranges' writes make it ``size`` (an index is input)
     finally:
         os.close(fd)
     if progress is not None and done:
         progress(sum(_length(i, size, step) for i in done))
     stop = threading.Event()
+    # ranges are submitted a few at a time, as earlier ones end: a huge size in the index costs one failing GET,
+    # not millions of queued ranges
+    slots = threading.BoundedSemaphore(2 * ranges.concurrency)
 
     def one(i: int) -> None:
+        try:
+            fetch_range(i)
+        except BaseException:
+            stop.set()  # no more ranges of this file are submitted
+            raise
+
+    def fetch_range(i: int) -> None:
         if stop.is_set():
             return
         cancel.check()
         Backend.remaining(deadline)
         start, length = i * step, _length(i, size, step)
-        data = backend.read_range(key, start, length, deadline=deadline)
+        # the last range asks for one byte more: an object longer than the index says fails here
+        data = backend.read_range(key, start, length, deadline=deadline, last=i == count - 1)
         # a descriptor of its own: a range still in flight when the caller gave up (Ctrl-C) writes its own bytes
         # into this part file, or finds it gone; never into a file that reused a shared descriptor's number
         out = os.open(part, os.O_WRONLY)
@@ -179,8 +201,24 @@ def _fetch_ranges(backend: Backend, key: str, entry: FileEntry, dest: Path, *, r
         if progress is not None:
             progress(length)
 
-    futures = [ranges.submit(functools.partial(one, i)) for i in range(count) if i not in done]
+    futures: list[Future] = []
     try:
+        for i in range(count):
+            if i in done:
+                continue
+            while not slots.acquire(timeout=0.1):
+                cancel.check()
+            if stop.is_set():
+                slots.release()
+                break
+            try:
+                fut = ranges.submit(functools.partial(one, i))
+            except RuntimeError:  # the pool was shut down under us: the pull was interrupted
+                slots.release()
+                cancel.check()
+                raise
+            fut.add_done_callback(lambda _f: slots.release())
+            futures.append(fut)
         wait(futures, return_when=FIRST_EXCEPTION)
     finally:
         stop.set()  # after a failure or an interruption, ranges not started yet are skipped

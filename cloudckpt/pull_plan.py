@@ -31,6 +31,7 @@ from . import cancel
 from .backends import Backend
 from .cache import Cache, matches
 from .checksum import BLOCK, StreamChecksums
+from .fetch import PART_SUFFIX, SIDECAR_SUFFIX, landed_bytes
 from .manifest import FileEntry
 from .transfer import Progress, _run_all, download_verified
 
@@ -94,10 +95,13 @@ def keep_partial(staging: Path, target: Path, total: int) -> str:
     partial = partial_dir(target)
     shutil.rmtree(partial, ignore_errors=True)
     os.replace(staging, partial)
-    files = [p for p in partial.rglob("*") if p.is_file()]
-    size = sum(p.stat().st_size for p in files)
-    return (f"pull interrupted: kept {len(files)} files ({size} of {total} bytes) in {partial}; the next pull into "
-            f"{target} re-uses the ones that verify and fetches the rest")
+    found = [p for p in partial.rglob("*") if p.is_file()]
+    whole = [p for p in found if not p.name.endswith((PART_SUFFIX, SIDECAR_SUFFIX, SIDECAR_SUFFIX + ".tmp"))]
+    parts = [p for p in found if p.name.endswith(PART_SUFFIX)]
+    size = sum(p.stat().st_size for p in whole) + sum(landed_bytes(p) for p in parts)
+    unfinished = f" and part of {len(parts)}" if parts else ""
+    return (f"pull interrupted: kept {len(whole)} files{unfinished} ({size} of {total} bytes) in {partial}; the next "
+            f"pull into {target} re-uses the ones that verify and fetches the rest")
 
 
 def _regular(p: Path, size: int) -> bool:

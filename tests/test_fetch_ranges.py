@@ -222,6 +222,24 @@ def test_object_that_differs_from_the_manifest_is_not_published(shaped, tmp_path
     assert not dest.exists() and not part_path(dest).exists() and not sidecar_path(dest).exists()
 
 
+@pytest.mark.parametrize("change", ["extended", "absurd size"])
+def test_an_object_longer_or_shorter_than_its_entry_is_refused(shaped, tmp_path, change):
+    """The index is input: an object someone extended after its commit (its first ``size`` bytes still match the
+    checksums) is refused by the same GETs, as is an entry whose size (512 TiB) is far past the object's end. The
+    latter costs a few GETs, not a 512 TiB sparse file or millions of queued ranges."""
+    kind, url, proxy, data, entry, open_proxied, *_ = shaped
+    if change == "extended":
+        open_backend(url).write_bytes("ck/weights.bin", data + b"extra")
+    else:
+        entry = entry.model_copy(update={"size": 2**49})
+    dest = tmp_path / "weights.bin"
+    proxy.reset_stats()
+    with RangePool(4, STEP) as ranges, pytest.raises(IntegrityError, match="longer|shorter"):
+        fetch_file(open_proxied(), "ck/weights.bin", entry, dest, ranges=ranges)
+    assert not dest.exists()
+    assert len(proxy.stats.requests) <= 2 * 4 + SIZE // STEP
+
+
 def test_reset_in_the_middle_of_a_range_is_retried(shaped, tmp_path, monkeypatch):
     kind, url, proxy, data, entry, open_proxied, *_ = shaped
     monkeypatch.setenv("CLOUDCKPT_RANGE_SIZE", str(STEP))

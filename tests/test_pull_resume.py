@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -128,6 +129,14 @@ def _staged(parent: Path, name: str) -> Path | None:
         if (d / name).exists():
             return d / name
     return None
+
+
+def _ranges_listed(sidecar: Path | None) -> int:
+    """How many finished ranges an unfinished file's sidecar lists (0 if none, or replaced as it was read)."""
+    try:
+        return len(json.loads(sidecar.read_text())["ranges"]) if sidecar is not None else 0
+    except (OSError, ValueError):
+        return 0
 
 
 def _wait(cond, timeout: float, what: str) -> None:
@@ -304,17 +313,15 @@ def test_a_library_restore_interrupted_stops_promptly_and_keeps_what_it_staged(p
     url, proxy, env = proxied
     files = {"big.bin": os.urandom(48 * MiB), "small.bin": os.urandom(MiB)}
     push(env, url, make_ckpt(tmp_path / "src", files), 1)
-    proxy.rate = 8 * MiB
+    proxy.rate = 4 * MiB
     out = tmp_path / "out"
-    proc = subprocess.Popen([sys.executable, "-c", RESTORE_SCRIPT, url, str(out)], env=env, text=True,
+    # 1 MiB ranges, 2 at a time: the big file takes ~6 s at this rate, its finished ranges listed in its sidecar
+    ranged = {**env, "CLOUDCKPT_RANGE_SIZE": str(MiB), "CLOUDCKPT_CONCURRENCY": "2"}
+    proc = subprocess.Popen([sys.executable, "-c", RESTORE_SCRIPT, url, str(out)], env=ranged, text=True,
                             stderr=subprocess.PIPE)
     try:
-        def mid_flight() -> bool:
-            small, big = _staged(tmp_path, "small.bin"), _staged(tmp_path, "big.bin")
-            return (small is not None and small.stat().st_size == MiB and big is not None
-                    and big.stat().st_size > MiB)
-
-        _wait(mid_flight, 60, "the small file staged and the big one under way")
+        _wait(lambda: _ranges_listed(_staged(tmp_path, "big.bin.cloudckpt-part.json")) >= 2, 60,
+              "the big file under way")
         t0 = time.monotonic()
         proc.send_signal(sig)
         _, stderr = proc.communicate(timeout=30)
@@ -323,8 +330,18 @@ def test_a_library_restore_interrupted_stops_promptly_and_keeps_what_it_staged(p
         proc.kill()
     assert proc.returncode == -sig, stderr  # died of the signal, as the process would have without cloudckpt
     assert elapsed < PROMPT, f"{elapsed:.2f}s from the signal to exit"
-    assert "pull interrupted: kept 1 files" in stderr or "pull interrupted: kept 2 files" in stderr, stderr
+    said = re.search(r"pull interrupted: kept ([01]) files(?: and part of ([12]))? \((\d+) of", stderr)
+    assert said, stderr
+    partial = tmp_path / ".out.cloudckpt-partial"
+    small_kept = (partial / "small.bin").exists()
+    big_kept = _ranges_listed(partial / "big.bin.cloudckpt-part.json") * MiB
+    assert (int(said.group(1)), int(said.group(2) or 0)) == (small_kept, 2 - small_kept)
+    small_landed = MiB if small_kept else _ranges_listed(partial / "small.bin.cloudckpt-part.json") * MiB
+    assert int(said.group(3)) == big_kept + small_landed  # the ranges listed: what the next pull re-uses
+    small_gets, big_bytes = proxy.data_gets("small.bin"), proxy.data_bytes("big.bin")
     proxy.rate = None
-    assert cli(env, "pull", "latest", "--remote", url, "--to", str(out)).returncode == 0
-    assert proxy.data_gets("small.bin") == 1 and tree(out) == files
+    assert cli(ranged, "pull", "latest", "--remote", url, "--to", str(out)).returncode == 0
+    assert tree(out) == files
+    assert small_landed < MiB or proxy.data_gets("small.bin") == small_gets  # re-used, not fetched again
+    assert proxy.data_bytes("big.bin") - big_bytes == 48 * MiB - big_kept  # the rest of big.bin
     print(f"\nlibrary restore, signal {sig}: exit {elapsed:.2f}s after it")

@@ -297,12 +297,20 @@ class AzureBackend(Backend):
     def read_bytes(self, rel: str) -> bytes:
         return self._blob(rel).download_blob().readall()
 
-    def read_range(self, rel: str, start: int, length: int, *, deadline: float | None = None) -> bytes:
+    def read_range(self, rel: str, start: int, length: int, *, deadline: float | None = None,
+                   last: bool = False) -> bytes:
         if length == 0:
             return b""
+        from azure.core.exceptions import HttpResponseError
+
         self.remaining(deadline)
-        return self.check_range(rel, start, length,
-                                self._blob(rel).download_blob(offset=start, length=length).readall())
+        try:
+            data = self._blob(rel).download_blob(offset=start, length=length + last).readall()
+        except HttpResponseError as e:
+            if e.status_code == 416:
+                raise self.past_end(rel, start) from e
+            raise
+        return self.check_range(rel, start, length, data, last)
 
     def write_bytes(self, rel: str, data: bytes) -> None:
         md5 = hashlib.md5(data, usedforsecurity=False).digest()

@@ -188,15 +188,27 @@ class Backend(ABC):
     def write_bytes(self, rel: str, data: bytes) -> None:
         """Small objects only (manifests)."""
 
-    def read_range(self, rel: str, start: int, length: int, *, deadline: float | None = None) -> bytes:
+    def read_range(self, rel: str, start: int, length: int, *, deadline: float | None = None,
+                   last: bool = False) -> bytes:
         """``length`` bytes of the object at ``rel`` from byte ``start`` (one ranged GET; nothing else of the object
         is fetched). FileNotFoundError when the object is missing; IntegrityError when it ends before
-        ``start + length`` (callers ask only for ranges a validated manifest promises). ``deadline``
-        (``time.monotonic()``): the client's own retries end there; TimeoutError once it has passed."""
+        ``start + length`` (callers ask only for ranges a validated manifest promises) or, with ``last``, when it
+        goes on past it (one byte more is asked for: an object extended after its commit is caught by the same GET).
+        ``length`` >= 1 with ``last``. ``deadline`` (``time.monotonic()``): the client's own retries end there;
+        TimeoutError once it has passed."""
         raise NotImplementedError(f"{type(self).__name__} has no ranged read")
 
-    def check_range(self, rel: str, start: int, length: int, data: bytes) -> bytes:
-        """``data`` if it is the ``length`` bytes asked for at ``start``, else IntegrityError (a short object)."""
+    def past_end(self, rel: str, start: int) -> IntegrityError:
+        """The error for a ranged read the store refused as past the object's end (HTTP 416)."""
+        return IntegrityError(f"{self.url}/{rel}: the object ends before byte {start} (the object is shorter than "
+                              "its manifest says)")
+
+    def check_range(self, rel: str, start: int, length: int, data: bytes, last: bool = False) -> bytes:
+        """``data`` if it is the ``length`` bytes asked for at ``start`` (asked with one more if ``last``), else
+        IntegrityError: the object is shorter than that, or (``last``) longer."""
+        if last and len(data) > length:
+            raise IntegrityError(f"{self.url}/{rel}: the object goes on past byte {start + length} (the object is "
+                                 "longer than its manifest says)")
         if len(data) != length:
             raise IntegrityError(f"{self.url}/{rel}: asked for {length} bytes at {start}, the store returned "
                                  f"{len(data)} (the object is shorter than its manifest says)")

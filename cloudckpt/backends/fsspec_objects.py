@@ -101,16 +101,14 @@ class FsspecObjects:
     def read_bytes(self, rel: str) -> bytes:
         return self.fs.cat_file(self._path(rel))
 
-    def read_range(self, rel: str, start: int, length: int, *, deadline: float | None = None) -> bytes:
+    def read_range(self, rel: str, start: int, length: int, *, deadline: float | None = None,
+                   last: bool = False) -> bytes:
         if length == 0:
             return b""
         self.remaining(deadline)  # type: ignore[attr-defined]
         # by keyword: s3fs takes ``version_id`` as its second positional argument
-        data = self.fs.cat_file(self._path(rel), start=start, end=start + length)
-        if len(data) != length:
-            raise IntegrityError(f"{self.root}/{rel}: asked for {length} bytes at {start}, got {len(data)} (the "
-                                 "object is shorter than its manifest says)")
-        return data
+        data = self.fs.cat_file(self._path(rel), start=start, end=start + length + last)
+        return self.check_range(rel, start, length, data, last)  # type: ignore[attr-defined]
 
     def write_bytes(self, rel: str, data: bytes) -> None:
         self.fs.pipe_file(self._path(rel), data)

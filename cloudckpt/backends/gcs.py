@@ -263,18 +263,21 @@ class GCSBackend(Backend):
         except NotFound as e:
             raise FileNotFoundError(f"{self.url}/{rel}: no such object") from e
 
-    def read_range(self, rel: str, start: int, length: int, *, deadline: float | None = None) -> bytes:
-        from google.api_core.exceptions import NotFound
+    def read_range(self, rel: str, start: int, length: int, *, deadline: float | None = None,
+                   last: bool = False) -> bytes:
+        from google.api_core.exceptions import NotFound, RequestRangeNotSatisfiable
 
         if length == 0:
             return b""
         try:  # ``end`` is inclusive; no decompressive transcoding (checkpoints are stored as they are)
-            data = self.bucket.blob(self._name(rel)).download_as_bytes(start=start, end=start + length - 1,
+            data = self.bucket.blob(self._name(rel)).download_as_bytes(start=start, end=start + length - 1 + last,
                                                                        timeout=self.timeout, raw_download=True,
                                                                        retry=self._retry(deadline))
         except NotFound as e:
             raise FileNotFoundError(f"{self.url}/{rel}: no such object") from e
-        return self.check_range(rel, start, length, data)
+        except RequestRangeNotSatisfiable as e:
+            raise self.past_end(rel, start) from e
+        return self.check_range(rel, start, length, data, last)
 
     def write_bytes(self, rel: str, data: bytes) -> None:
         self.bucket.blob(self._name(rel)).upload_from_string(data, timeout=self.timeout)

@@ -157,10 +157,11 @@ class LocalBackend(Backend):
     def read_bytes(self, rel: str) -> bytes:
         return self._abs(rel).read_bytes()
 
-    def read_range(self, rel: str, start: int, length: int, *, deadline: float | None = None) -> bytes:
+    def read_range(self, rel: str, start: int, length: int, *, deadline: float | None = None,
+                   last: bool = False) -> bytes:
         with open(self._abs(rel), "rb") as src:
             src.seek(start)
-            return self.check_range(rel, start, length, src.read(length))
+            return self.check_range(rel, start, length, src.read(length + last), last)
 
     def write_bytes(self, rel: str, data: bytes) -> None:
         self._write_atomic(self._abs(rel), lambda f: f.write(data))

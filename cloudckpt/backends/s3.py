@@ -232,12 +232,18 @@ class S3Backend(S3Uploads, Backend):
     def read_bytes(self, rel: str) -> bytes:
         return self._get(rel)["Body"].read()
 
-    def read_range(self, rel: str, start: int, length: int, *, deadline: float | None = None) -> bytes:
+    def read_range(self, rel: str, start: int, length: int, *, deadline: float | None = None,
+                   last: bool = False) -> bytes:
         if length == 0:
             return b""
         self.remaining(deadline)
-        data = self._get(rel, Range=f"bytes={start}-{start + length - 1}")["Body"].read()
-        return self.check_range(rel, start, length, data)
+        try:
+            data = self._get(rel, Range=f"bytes={start}-{start + length - 1 + last}")["Body"].read()
+        except self.client.exceptions.ClientError as e:
+            if e.response.get("Error", {}).get("Code") == "InvalidRange":
+                raise self.past_end(rel, start) from e
+            raise
+        return self.check_range(rel, start, length, data, last)
 
     def _get(self, rel: str, **extra: Any) -> dict:
         try:
