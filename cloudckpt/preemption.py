@@ -297,3 +297,18 @@ class PreemptionWatch:
                 self.trigger(reason)
                 return
             self._stop.wait(interval)
+
+
+def exit_at_deadline(notice: float, deadline: float, what: str, status: int = 143) -> threading.Timer:
+    """A started daemon timer that logs that ``what`` was NOT committed and ends the process with ``status``
+    (``os._exit``: a hung collective or upload can't hold it) ``deadline`` seconds after ``notice`` (a
+    ``time.monotonic()``; at least 1 s from now). Cancel it once the commit's outcome is known."""
+    def give_up() -> None:
+        log.error("preemption: %s was NOT committed within %gs of the notice; exiting", what, deadline)
+        logging.shutdown()
+        os._exit(status)
+
+    timer = threading.Timer(max(deadline - (time.monotonic() - notice), 1.0), give_up)
+    timer.daemon = True
+    timer.start()
+    return timer

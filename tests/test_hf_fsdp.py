@@ -2,12 +2,14 @@
 every rank stores its own files of ``checkpoint-N``, rank 0 commits one checkpoint. Real torchrun jobs
 (tests/support/hf_fsdp_job.py): a rank SIGKILLed mid-save lists nothing, the restart pulls the previous checkpoint on
 every rank, resumes from exactly the state saved there and ends bit-identical to an uninterrupted run. A pulled
-checkpoint is read without unpickling anything of the store's."""
+checkpoint is read without unpickling anything of the store's. SIGTERM on one rank makes every rank save the same
+step (one commit) and exit 143 within the deadline; the restart resumes from that step."""
 
 from __future__ import annotations
 
 import json
 import pickle
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -20,7 +22,7 @@ torch = pytest.importorskip("torch")
 pytest.importorskip("transformers")
 pytest.importorskip("accelerate")
 
-from support import trainer_runs  # noqa: E402
+from support import rank_procs, trainer_runs  # noqa: E402
 
 from cloudckpt import CheckpointStore  # noqa: E402
 from cloudckpt.errors import IntegrityError  # noqa: E402
@@ -112,6 +114,35 @@ def test_a_rank_whose_upload_fails_fails_the_save_on_every_rank_and_lists_nothin
             f"[rank{r}]: cloudckpt.errors.CloudCkptError: rank 1: [Errno 28]" in failed.stderr, failed.stderr[-3000:]
     with CheckpointStore(local_url) as store:
         assert [c.step for c in store.index().checkpoints] == [4]
+
+
+DEADLINE = 25.0  # the callback's preemption_deadline (its default), counted from the notice
+
+
+def test_sigterm_on_one_rank_makes_every_rank_save_the_same_step_and_exit_143_then_the_restart_resumes(tmp_path,
+                                                                                                      s3_url):
+    # the ranks are processes of the test's own (rank_procs), as torchrun starts them, so it reads each one's status
+    d = tmp_path / "a"
+    codes, outs, took = rank_procs.sigterm_one_rank("hf_fsdp_job.py", [s3_url, str(d), "--preempt", "--step-delay",
+                                                                       "0.1"], d, when="step 5")
+    for rank, code in enumerate(codes):
+        assert code == 143, f"rank {rank} exited {codes}: {rank_procs.stderr_of(d, rank)}"
+    saved = [[int(m) for m in re.findall(r"^preempted (\d+)$", out, re.M)] for out in outs]
+    assert saved[0] == saved[1] and len(saved[0]) == 1, saved  # every rank saved the same step, once
+    step = saved[0][0]
+    assert 5 <= step < 12, step
+    assert took < DEADLINE, f"the ranks exited {took:.1f}s after the signal"  # saved, committed and gone
+    print(f"SIGTERM on rank 1: every rank saved step {step}; both exited 143 {took:.2f}s after the signal")
+    with CheckpointStore(s3_url) as store:
+        listed = store.index().checkpoints
+    assert [(c.step, c.meta["ranks"]) for c in listed][-1] == (step, "2")  # the latest: the step both saved
+    assert [c.step for c in listed] == sorted({4, step})
+
+    again = torchrun(s3_url, tmp_path / "b")
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert f"resumed checkpoint-{step}" in again.stdout
+    for r in range(RANKS):  # the restart starts from the state every rank saved at the preemption
+        assert_identical(shards(tmp_path / "b" / f"restored-{r}.pt"), shards(d / f"preempted-{r}.pt"))
 
 
 @pytest.fixture

@@ -2,12 +2,14 @@
 committing each sharded checkpoint through the DCP plugin. Real torchrun jobs (tests/support/lightning_sharded_job.py):
 a rank SIGKILLed mid-upload or in the commit lists nothing, the restart resumes from the previous checkpoint with
 exactly the state saved there and ends bit-identical to an uninterrupted run; gc collects what the killed save
-stored."""
+stored. CloudPreemption with the strategy: SIGTERM on one rank makes every rank save the same step (one commit) and
+exit 143 within the deadline; the restart resumes from that step."""
 
 from __future__ import annotations
 
 import io
 import pickle
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -17,7 +19,7 @@ import pytest
 torch = pytest.importorskip("torch")
 pytest.importorskip("lightning")
 
-from support import trainer_runs  # noqa: E402
+from support import rank_procs, trainer_runs  # noqa: E402
 
 from cloudckpt import CheckpointStore  # noqa: E402
 from cloudckpt.errors import IntegrityError  # noqa: E402
@@ -121,3 +123,37 @@ def test_the_lightning_state_is_read_as_plain_data_only():
         _from_plain_bytes(planted.getvalue(), "c1")
     with pytest.raises(IntegrityError, match="not a dict"):
         _from_plain_bytes(_plain_bytes([1]), "c1")  # type: ignore[arg-type]
+
+
+
+DEADLINE = 25.0  # CloudPreemption's deadline (its default), counted from the notice
+
+
+def test_sigterm_on_one_rank_makes_every_rank_save_the_same_step_and_exit_143_then_the_restart_resumes(tmp_path,
+                                                                                                      s3_url):
+    # the ranks are processes of the test's own (rank_procs), as torchrun starts them, so it reads each one's status
+    d = tmp_path / "a"
+    (d / "out").mkdir(parents=True)
+    codes, outs, took = rank_procs.sigterm_one_rank(
+        "lightning_sharded_job.py", [s3_url, str(d / "root"), str(d / "out"), "--preempt", "--step-delay", "0.1"],
+        d, when="step 6")  # in epoch 1: epoch 0's checkpoint (step 4) is committed (synchronously)
+    for rank, code in enumerate(codes):
+        assert code == 143, f"rank {rank} exited {codes}: {rank_procs.stderr_of(d, rank)}"
+    saved = [[int(m) for m in re.findall(r"^preempted (\d+)$", out, re.M)] for out in outs]
+    assert saved[0] == saved[1] and len(saved[0]) == 1, saved  # every rank saved the same step, once
+    step = saved[0][0]
+    assert 6 <= step < 12, step
+    assert took < DEADLINE, f"the ranks exited {took:.1f}s after the signal"  # saved, committed and gone
+    print(f"SIGTERM on rank 1: every rank saved step {step}; both exited 143 {took:.2f}s after the signal")
+    with CheckpointStore(s3_url) as store:
+        listed = store.index().checkpoints
+    latest = listed[-1]
+    assert [c.step for c in listed] == [4, step]  # epoch 0's, then the one every rank saved at the preemption
+    assert (latest.meta["name"], latest.meta["ranks"]) == ("last.ckpt", "2")
+
+    again = torchrun(s3_url, tmp_path / "b")
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert f"resumed cloudckpt:{latest.id}" in again.stdout
+    for r in range(RANKS):  # the restart starts from the state every rank saved at the preemption
+        assert_identical(shards(tmp_path / "b" / "out" / f"restored-{r}.pt"),
+                         shards(d / "out" / f"preempted-{r}.pt"))

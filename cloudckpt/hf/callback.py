@@ -6,6 +6,7 @@ import logging
 import math
 import os
 import shutil
+import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -17,7 +18,7 @@ from ..errors import CheckpointNotFoundError, ConfigurationError, IntegrityError
 from ..fallback import newest_usable
 from ..manifest import CheckpointEntry
 from ..metrics import finite_metrics
-from ..preemption import PreemptionWatch
+from ..preemption import PreemptionWatch, exit_at_deadline
 from ..store import CheckpointStore
 from ..uploader import Job, Uploader, new_staging_dir, remove_staging, snapshot
 from .state import NOT_READ, check_checkpoint
@@ -51,7 +52,10 @@ class CloudCheckpointCallback(TrainerCallback):
     process claims the run (fencing older writers); other processes of a distributed run do nothing, except under
     FSDP with ``fsdp_config={"state_dict_type": "SHARDED_STATE_DICT"}``: there every rank stores its own files of
     ``checkpoint-N`` (its DCP shards, its rng state) at each save and rank 0 commits one checkpoint listing them all,
-    synchronously, before training goes on (:mod:`cloudckpt.hf.sharded`); preemption notices are not watched then.
+    synchronously, before training goes on (:mod:`cloudckpt.hf.sharded`); there every rank watches for preemption,
+    and the ranks agree at each step end whether any rank got a notice (one 8-byte all_reduce), so all save the
+    same step, learn rank 0's commit outcome and exit 143 (at the latest ``preemption_deadline`` after the earliest
+    notice).
 
     On SIGTERM or a cloud preemption notice the callback asks the Trainer to save at the end of the current step,
     commits that checkpoint and exits the process with status 143. :func:`pull_latest` brings the latest committed
@@ -113,6 +117,8 @@ class CloudCheckpointCallback(TrainerCallback):
         self._best: float | None = None
         self._best_job: Job | None = None
         self._ranks: Any = None  # the job's Ranks under FSDP with a sharded state dict (cloudckpt.hf.sharded)
+        self._give_up: threading.Timer | None = None  # the preemption deadline, under FSDP
+        self._notice = 0.0
 
     @property
     def preempted(self) -> bool:
@@ -129,6 +135,8 @@ class CloudCheckpointCallback(TrainerCallback):
             self.monitor, self.mode = monitor_of(args)
             self.store = job_store(self.remote, claim=self._ranks.coordinator, budget=self.store_budget,
                                    **self.storage_options)
+            self._watch = PreemptionWatch(self.preemption, endpoints=self.preemption_endpoints)
+            self._watch.start()  # on every rank; the ranks agree at each step end (on_step_end)
             return
         if not args.should_save:
             return  # not the process that writes checkpoints
@@ -149,6 +157,19 @@ class CloudCheckpointCallback(TrainerCallback):
             raise self.uploader.fatal
         if self.on_upload_error == "raise" and self.uploader is not None and (failed := self.uploader.failures()):
             raise commit_failed(failed, self.uploader.store.url)
+        if self._ranks is not None:
+            if self._watch is not None and not self._preempting:
+                from ..torch.ranks import agreed_notice
+
+                notice = agreed_notice(self._ranks, self._watch)  # a collective: the same answer on every rank
+                if notice is not None:  # every rank saves this step; past the deadline, every rank exits 143
+                    self._preempting = True
+                    self._give_up = exit_at_deadline(notice, self.preemption_deadline,
+                                                     f"checkpoint-{state.global_step}")
+                    self._notice = notice
+                    control.should_save = True
+                    control.should_training_stop = True
+            return
         if self.preempted and not self._preempting:
             self._preempting = True
             control.should_save = True
@@ -160,12 +181,19 @@ class CloudCheckpointCallback(TrainerCallback):
             from .sharded import commit_sharded
 
             step = state.global_step
-            commit_sharded(self.store, self._ranks, Path(args.output_dir or ".") / f"checkpoint-{step}", step=step,
-                           metrics=self._metrics_at(state, step), meta={"framework": FRAMEWORK},
-                           policy=_policy(None, monitor=self.monitor, mode=self.mode,
-                                          keep_best=self.keep_best if self.monitor else None,
-                                          keep_last=self.keep_last),
-                           skipped=SKIPPED)
+            try:
+                commit_sharded(self.store, self._ranks, Path(args.output_dir or ".") / f"checkpoint-{step}",
+                               step=step, metrics=self._metrics_at(state, step), meta={"framework": FRAMEWORK},
+                               policy=_policy(None, monitor=self.monitor, mode=self.mode,
+                                              keep_best=self.keep_best if self.monitor else None,
+                                              keep_last=self.keep_last),
+                               skipped=SKIPPED)
+            except Exception as exc:
+                if not self._preempting:
+                    raise
+                self._exit_sharded(step, f"{type(exc).__name__}: {exc}")
+            if self._preempting:
+                self._exit_sharded(step, None)
             return
         if self.uploader is None or self._staging is None:
             return
@@ -189,14 +217,7 @@ class CloudCheckpointCallback(TrainerCallback):
     def on_train_end(self, args: TrainingArguments, state: TrainerState, control: TrainerControl,
                      **kwargs: Any) -> None:
         if self._ranks is not None:  # every save committed synchronously
-            from ..distributed_commit import forget_job_store
-
-            self._ranks.close()
-            self._ranks = None
-            if self.store is not None:
-                forget_job_store(self.store)
-                self.store.close()
-                self.store = None
+            self._close_sharded()
             return
         if self.uploader is None:
             return
@@ -242,6 +263,34 @@ class CloudCheckpointCallback(TrainerCallback):
             os._exit(EXIT_PREEMPTED)
         self._shutdown()
         raise SystemExit(EXIT_PREEMPTED)
+
+    def _exit_sharded(self, step: int, error: str | None) -> None:
+        """After the preemption save's commit (its outcome is known on every rank: commit_sharded raises everywhere
+        or nowhere): say how it went and exit 143."""
+        if self._give_up is not None:
+            self._give_up.cancel()
+        reason = (self._watch.reason if self._watch is not None else None) or "another rank"
+        if error is None:
+            log.warning("preemption (%s): checkpoint-%d committed from %d ranks %.2fs after the notice; exiting",
+                        reason, step, self._ranks.world, time.monotonic() - self._notice)
+        else:
+            log.error("preemption (%s): checkpoint-%d was NOT committed (%s); a restart resumes from the latest "
+                      "committed checkpoint", reason, step, error)
+        self._close_sharded()
+        raise SystemExit(EXIT_PREEMPTED)
+
+    def _close_sharded(self) -> None:
+        from ..distributed_commit import forget_job_store
+
+        if self._watch is not None:
+            self._watch.stop()
+            self._watch = None
+        self._ranks.close()
+        self._ranks = None
+        if self.store is not None:
+            forget_job_store(self.store)
+            self.store.close()
+            self.store = None
 
     def _metrics_at(self, state: TrainerState, step: int) -> dict[str, float]:
         out: dict[str, float] = {}

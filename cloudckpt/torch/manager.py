@@ -160,10 +160,9 @@ class CheckpointManager:
             return self._watch.triggered
         self._checks += 1
         if not self._agreed and self._checks % self._sync_every == 0:
-            local = self._watch.notice_time if self._watch.triggered else None
-            age = self._ranks.max(-1.0 if local is None else time.monotonic() - local)
-            if age >= 0:
-                self._agreed, self._notice = True, time.monotonic() - age
+            notice = _ranks.agreed_notice(self._ranks, self._watch)
+            if notice is not None:
+                self._agreed, self._notice = True, notice
         return self._agreed
 
     def save(self, step: int, state: Any, *, metrics: dict[str, float] | None = None,

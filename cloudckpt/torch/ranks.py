@@ -15,15 +15,19 @@ from __future__ import annotations
 
 import json
 import logging
+import time
 from collections.abc import Mapping
 from datetime import timedelta
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.distributed as dist
 
 from .. import errors
 from ..errors import CloudCkptError, IntegrityError, SaveFailure, StaleWriterError
+
+if TYPE_CHECKING:
+    from ..preemption import PreemptionWatch
 
 log = logging.getLogger(__name__)
 
@@ -85,6 +89,15 @@ class Ranks:
             dist.destroy_process_group(self.group)
         except Exception as exc:  # noqa: BLE001 - the default group may be gone already (the job is ending)
             log.debug("could not destroy the manager's process group: %s", exc)
+
+
+def agreed_notice(ranks: Ranks, watch: PreemptionWatch) -> float | None:
+    """The earliest preemption notice of any rank, as this process's ``time.monotonic()``, or None when no rank has
+    one (a collective: one 8-byte all_reduce(MAX) of "seconds since my notice, or -1"). Every rank gets the same
+    answer at the same call, so every rank acts at the same step."""
+    local = watch.notice_time if watch.triggered else None
+    age = ranks.max(-1.0 if local is None else time.monotonic() - local)
+    return time.monotonic() - age if age >= 0 else None
 
 
 def detect(distributed: bool | None) -> Ranks | None:

@@ -3,13 +3,16 @@ cloudckpt's CloudCheckpointCallback committing each checkpoint from every rank (
 SIGKILLed and restarted with the same command).
 
 Usage (every rank): ``python -m torch.distributed.run --standalone --nproc_per_node N hf_fsdp_job.py REMOTE OUT
-[--kill-step K --kill-rank R --failpoint P]``
+[--kill-step K --kill-rank R --failpoint P] [--preempt --step-delay S]``
 
 Resumes from the run's latest checkpoint when there is one (``pull_latest``, every rank; prints ``resumed <path>``,
 else ``fresh``); saves every 4 steps of 12. Every rank writes ``OUT/saving-<step>-<rank>.pt`` at each save step (its
 local shards of the parameters and the optimizer state after that step, torch.save), ``OUT/restored-<rank>.pt`` at
 the first step after a resume (what it restored) and ``OUT/final-<rank>.pt`` at the end. With ``--kill-step``, rank
 R sets ``CLOUDCKPT_FAILPOINT=P`` at the end of step K (that rank SIGKILLs itself at that point of the step's save).
+With ``--preempt`` the callback watches SIGTERM, every step sleeps ``--step-delay`` seconds first, rank 0 prints
+``step <global_step>`` at each step end, and a rank leaving with status 143 prints ``preempted <step>`` and writes
+``OUT/preempted-<rank>.pt`` (its local shards as saved).
 
 accelerate (1.15) turns FSDP on only for accelerator devices (``AcceleratorState.__init__`` in accelerate/state.py
 sets ``DistributedType.FSDP`` for MULTI_GPU/NPU/XPU/..., never MULTI_CPU: on CPU the plugin is silently dropped and
@@ -23,6 +26,7 @@ import argparse
 import logging
 import os
 import sys
+import time
 from pathlib import Path
 
 import torch
@@ -112,11 +116,15 @@ class Watch(TrainerCallback):
         self.rank = int(os.environ["RANK"])
 
     def on_step_begin(self, args, state, control, model=None, optimizer=None, **kwargs):
+        if self.a.step_delay:
+            time.sleep(self.a.step_delay)
         if self.resumed:
             self.resumed = False
             torch.save(local_state(model, optimizer), Path(self.a.out) / f"restored-{self.rank}.pt")
 
     def on_step_end(self, args, state, control, model=None, optimizer=None, **kwargs):
+        if self.a.preempt and self.rank == 0:
+            print(f"step {state.global_step}", flush=True)
         if state.global_step % args.save_steps == 0:
             torch.save(local_state(model, optimizer), Path(self.a.out) / f"saving-{state.global_step}-{self.rank}.pt")
         if state.global_step == self.a.kill_step and self.rank == self.a.kill_rank:
@@ -133,6 +141,8 @@ def main() -> None:
     p.add_argument("--kill-step", type=int, default=-1)
     p.add_argument("--kill-rank", type=int, default=-1)
     p.add_argument("--failpoint", default="")
+    p.add_argument("--preempt", action="store_true")
+    p.add_argument("--step-delay", type=float, default=0.0)
     a = p.parse_args()
     logging.basicConfig(level=logging.WARNING, stream=sys.stderr)
     args = TrainingArguments(
@@ -145,11 +155,18 @@ def main() -> None:
     if int(os.environ["RANK"]) == 0:
         print(f"resumed {found.name}" if found else "fresh", flush=True)
     torch.manual_seed(0)
-    callback = CloudCheckpointCallback(a.remote, keep_last=2, preemption=None)
+    callback = CloudCheckpointCallback(a.remote, keep_last=2, preemption=["sigterm"] if a.preempt else None)
     trainer = Trainer(model=Tiny(TinyConfig()), args=args, train_dataset=Data(),
                       callbacks=[Watch(a, found is not None), callback])
     assert trainer.is_fsdp_enabled
-    trainer.train(resume_from_checkpoint=str(found) if found else None)
+    try:
+        trainer.train(resume_from_checkpoint=str(found) if found else None)
+    except SystemExit as exc:
+        if exc.code == 143:
+            torch.save(local_state(trainer.model, trainer.optimizer),
+                       Path(a.out) / f"preempted-{os.environ['RANK']}.pt")
+            print(f"preempted {trainer.state.global_step}", flush=True)
+        raise
     if int(os.environ["RANK"]) == 0:
         print("done", flush=True)
 

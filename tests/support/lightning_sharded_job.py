@@ -3,7 +3,7 @@ FSDP2 over the ranks, one checkpoint committed per epoch (run by tests/test_ligh
 restarted with the same command).
 
 Usage (every rank): ``python -m torch.distributed.run --standalone --nproc_per_node N lightning_sharded_job.py
-REMOTE ROOT OUT [--epochs E] [--kill-epoch K --kill-rank R --failpoint P]``
+REMOTE ROOT OUT [--epochs E] [--kill-epoch K --kill-rank R --failpoint P] [--preempt --step-delay S]``
 
 Resumes from the run's latest checkpoint when there is one (prints ``resumed <ckpt_path>``, else ``fresh``); on
 rank 0 prints ``val <step> <val_loss>`` (validation each epoch; a ModelCheckpoint monitoring val_loss saves after it)
@@ -12,6 +12,10 @@ the save, and ``OUT/final-<rank>.pt`` at the end: this rank's local shards of th
 state (torch.save). With ``--kill-epoch``, rank R sets ``CLOUDCKPT_FAILPOINT=P`` at the start of epoch K (that rank
 SIGKILLs itself at that point of the epoch's save). After a resume every rank writes ``OUT/restored-<rank>.pt``: its
 local shards right after the restore.
+
+With ``--preempt`` a CloudPreemption (SIGTERM only) is the last callback, every training step sleeps ``--step-delay``
+seconds, rank 0 prints ``step <global_step>`` at each batch end, and a rank leaving with status 143 prints
+``preempted <step>`` and writes ``OUT/preempted-<rank>.pt`` (its local shards as saved).
 """
 
 from __future__ import annotations
@@ -19,6 +23,7 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import time
 from pathlib import Path
 
 import lightning.pytorch as pl
@@ -27,13 +32,13 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 from torch.distributed.fsdp import fully_shard
 from torch.distributed.tensor import DTensor
 
-from cloudckpt.lightning import CloudModelParallelStrategy
+from cloudckpt.lightning import EXIT_PREEMPTED, CloudModelParallelStrategy, CloudPreemption
 
 STEPS_PER_EPOCH = 4
 
 
 class Net(pl.LightningModule):
-    def __init__(self, lr: float = 1e-2) -> None:
+    def __init__(self, lr: float = 1e-2, step_delay: float = 0.0) -> None:
         super().__init__()
         self.save_hyperparameters()
         self.body = torch.nn.Sequential(torch.nn.Linear(32, 64), torch.nn.ReLU(), torch.nn.Linear(64, 4))
@@ -46,6 +51,8 @@ class Net(pl.LightningModule):
         fully_shard(self.body, mesh=mesh)
 
     def training_step(self, batch, i):
+        if self.hparams.step_delay:
+            time.sleep(self.hparams.step_delay)
         x, y = batch
         return torch.nn.functional.cross_entropy(self.body(x), y)
 
@@ -89,6 +96,16 @@ class Watch(pl.Callback):
     def on_train_epoch_end(self, trainer, pl_module):
         self.report()
 
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, i):
+        if self.a.preempt and trainer.global_rank == 0:
+            print(f"step {trainer.global_step}", flush=True)
+
+    def on_exception(self, trainer, pl_module, exception):  # before CloudPreemption's (listed first): no-op there
+        if isinstance(exception, SystemExit) and exception.code == EXIT_PREEMPTED:
+            torch.save(local_state(pl_module, trainer.optimizers[0]),
+                       Path(self.a.out) / f"preempted-{trainer.global_rank}.pt")
+            print(f"preempted {trainer.global_step}", flush=True)
+
     def report(self) -> None:
         while len(self.strategy.committed) > self.seen:
             print(f"saved {self.strategy.committed[self.seen].step}", flush=True)
@@ -107,6 +124,8 @@ def main() -> None:
     p.add_argument("--kill-epoch", type=int, default=-1)
     p.add_argument("--kill-rank", type=int, default=-1)
     p.add_argument("--failpoint", default="")
+    p.add_argument("--preempt", action="store_true")
+    p.add_argument("--step-delay", type=float, default=0.0)
     a = p.parse_args()
     logging.basicConfig(level=logging.WARNING)
     torch.set_num_threads(1)
@@ -122,11 +141,13 @@ def main() -> None:
                                           tensor_parallel_size=1)
     ckpt = ModelCheckpoint(f"{a.root}/ckpts", monitor="val_loss", save_top_k=-1, every_n_epochs=1)
     trainer = pl.Trainer(max_epochs=a.epochs, accelerator="cpu", devices=2, strategy=strategy,
-                         callbacks=[Watch(a, strategy), ckpt], default_root_dir=a.root, deterministic=True,
+                         callbacks=[Watch(a, strategy), ckpt,
+                                    *([CloudPreemption(sources=["sigterm"])] if a.preempt else [])],
+                         default_root_dir=a.root, deterministic=True,
                          logger=False, enable_progress_bar=False, enable_model_summary=False,
                          num_sanity_val_steps=0)
     resume = strategy.resume_path()
-    model = Net()
+    model = Net(step_delay=a.step_delay)
     trainer.fit(model, train, val, ckpt_path=resume)
     if trainer.global_rank == 0:
         print(f"resumed {resume}" if resume else "fresh", flush=True)
