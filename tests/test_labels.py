@@ -170,7 +170,7 @@ def test_labels_race_commits_without_losing_either(kind, request, tmp_path):
 
     url = request.getfixturevalue(f"{kind}_url")
     first = push(url, tmp_path / "s0", 0)
-    pinned = {first}
+    pinned: set[str] = set()  # what each pin reports it pinned (``first`` only if a pin ran before the first commit)
 
     def commits() -> list[str]:
         return [push(url, tmp_path / f"c{e}", e) for e in range(1, 7)]
