@@ -47,6 +47,7 @@ DEFAULT_RANGE_SIZE = 8 * MiB
 DEFAULT_CONCURRENCY = 8
 PART_SUFFIX = ".cloudckpt-part"
 SIDECAR_SUFFIX = ".cloudckpt-part.json"
+SIDECAR_TMP_SUFFIX = SIDECAR_SUFFIX + ".tmp"
 
 
 def part_path(dest: Path) -> Path:
@@ -59,11 +60,16 @@ def sidecar_path(dest: Path) -> Path:
     return dest.with_name(dest.name + SIDECAR_SUFFIX)
 
 
+def is_unfinished(path: Path) -> bool:
+    """Whether ``path`` is a fetch's own file (a ``.part`` file, its sidecar or the sidecar being rewritten)."""
+    return path.name.endswith((PART_SUFFIX, SIDECAR_SUFFIX, SIDECAR_TMP_SUFFIX))
+
+
 def landed_bytes(part: Path) -> int:
-    """How many bytes of the unfinished file ``part`` its sidecar lists as landed (0 if it can't be read): a
-    ``.part`` file's own size says nothing, its ranges land anywhere in it."""
+    """How many bytes of the unfinished file ``part`` (a ``part_path``) its sidecar lists as landed (0 if it can't
+    be read): a ``.part`` file's own size says nothing, its ranges land anywhere in it."""
     try:
-        saved = json.loads(part.with_name(part.name + ".json").read_text())
+        saved = json.loads(sidecar_path(part.with_name(part.name.removesuffix(PART_SUFFIX))).read_text())
         size, step = int(saved["size"]), int(saved["range_size"])
         return sum(_length(int(i), size, step) for i in saved["ranges"])
     except (OSError, ValueError, KeyError, TypeError, AttributeError):
@@ -267,7 +273,7 @@ class _State:
             self._save()
 
     def _save(self) -> None:
-        tmp = self.path.with_name(self.path.name + ".tmp")
+        tmp = self.path.with_name(self.path.name.removesuffix(SIDECAR_SUFFIX) + SIDECAR_TMP_SUFFIX)
         tmp.write_text(json.dumps({**self.about, "ranges": {str(i): f"{c:08x}" for i, c in self.crcs.items()}}))
         os.replace(tmp, self.path)
 

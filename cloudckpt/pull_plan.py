@@ -31,7 +31,7 @@ from . import cancel
 from .backends import Backend
 from .cache import Cache, matches
 from .checksum import BLOCK, StreamChecksums
-from .fetch import PART_SUFFIX, SIDECAR_SUFFIX, landed_bytes
+from .fetch import PART_SUFFIX, is_unfinished, landed_bytes
 from .manifest import FileEntry
 from .transfer import Progress, _run_all, download_verified
 
@@ -96,7 +96,7 @@ def keep_partial(staging: Path, target: Path, total: int) -> str:
     shutil.rmtree(partial, ignore_errors=True)
     os.replace(staging, partial)
     found = [p for p in partial.rglob("*") if p.is_file()]
-    whole = [p for p in found if not p.name.endswith((PART_SUFFIX, SIDECAR_SUFFIX, SIDECAR_SUFFIX + ".tmp"))]
+    whole = [p for p in found if not is_unfinished(p)]
     parts = [p for p in found if p.name.endswith(PART_SUFFIX)]
     size = sum(p.stat().st_size for p in whole) + sum(landed_bytes(p) for p in parts)
     unfinished = f" and part of {len(parts)}" if parts else ""
