@@ -10,6 +10,7 @@ import os
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -158,19 +159,27 @@ def every_command(t: Transcript, url: str, opts: list[str], tmp: Path, kind: str
     (watch / "e01" / "w.bin").write_bytes(b"w" * 100)
     env = {**os.environ, **ENV}
     env.pop("CLOUDCKPT_DEBUG", None)
-    proc = subprocess.Popen([*CLI, *v, "sync", str(watch), "--remote", url, "--settle", "0.2", "--poll", "0.1",
-                             "--name-pattern", r"e(?P<epoch>\d+)"], stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True, env=env, cwd=tmp)
-    deadline = time.monotonic() + 60
-    from cloudckpt.store import CheckpointStore
+    # the output goes to files, not pipes: at -vv the SDKs' debug lines fill a pipe nobody reads until the end, and
+    # the sync then blocks in its logging (it did, on S3: 60 s, and the push only ran at SIGTERM)
+    with tempfile.TemporaryFile("w+") as out_f, tempfile.TemporaryFile("w+") as err_f:
+        proc = subprocess.Popen([*CLI, *v, "sync", str(watch), "--remote", url, "--settle", "0.2", "--poll", "0.1",
+                                 "--name-pattern", r"e(?P<epoch>\d+)"], stdout=out_f, stderr=err_f, text=True,
+                                env=env, cwd=tmp)
+        deadline = time.monotonic() + 60
+        from cloudckpt.store import CheckpointStore
 
-    while time.monotonic() < deadline:
-        with CheckpointStore(url, **_api_options(opts)) as store:
-            if any(c.epoch == 1 and "w.bin" in {f.path for f in c.files} for c in store.list()):
-                break
-        time.sleep(0.3)
-    proc.send_signal(signal.SIGTERM)
-    out, err = proc.communicate(timeout=60)
+        synced = False
+        while not synced and time.monotonic() < deadline and proc.poll() is None:
+            with CheckpointStore(url, **_api_options(opts)) as store:
+                synced = any(c.epoch == 1 and "w.bin" in {f.path for f in c.files} for c in store.list())
+            if not synced:
+                time.sleep(0.3)
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(timeout=60)
+        out_f.seek(0)
+        err_f.seek(0)
+        out, err = out_f.read(), err_f.read()
+    assert synced, f"{kind}: sync did not commit e01 while it ran (exit {proc.returncode}): {err[-600:]}"
     t.runs.append((["sync", url], proc.returncode, out, err))
 
 
