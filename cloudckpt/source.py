@@ -23,11 +23,13 @@ Example:
 
 from __future__ import annotations
 
+import bisect
 import hashlib
+import itertools
 import logging
 import os
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import BinaryIO
 
@@ -71,13 +73,19 @@ class Source:
                                      "checkpoint") from e
         st = os.fstat(self._f.fileno())
         self._before = _signature(st)
-        self.size = st.st_size
         self._racy = max(st.st_mtime_ns, st.st_ctime_ns) >= time.time_ns() - int(RACY_SECONDS * 1e9)
+        self._begin(st.st_size, sha256)
+
+    def _begin(self, size: int, sha256: bool) -> None:
+        self.size = size
         self._crc = google_crc32c.Checksum()
         self._sha = hashlib.sha256() if sha256 else None
         self._hashed = 0  # bytes [0, _hashed) went into the hashes, in order
         self._pos = 0
         self._counted = 0  # bytes [0, _counted) were reported to ``progress``
+
+    def _pread(self, n: int, pos: int) -> bytes:
+        return os.pread(self._f.fileno(), n, pos)
 
     # --- file-like, for clients that read a stream ------------------------------------------------------------
 
@@ -87,7 +95,7 @@ class Source:
         n = left if n is None or n < 0 else min(n, left)
         if n <= 0:
             return b""
-        data = os.pread(self._f.fileno(), n, self._pos)
+        data = self._pread(n, self._pos)
         start = self._pos
         self._pos += len(data)
         if start <= self._hashed < self._pos:
@@ -197,3 +205,45 @@ class Source:
         if why is not None:
             raise SourceChangedError(f"{self.path}: the file changed while it was pushed ({why}); push a finished "
                                      "checkpoint, or save to a new file and rename it into place") from cause
+
+
+class MemorySource(Source):
+    """A :class:`Source` over bytes cloudckpt staged in memory itself (e.g. the items a DCP rank serialized), which
+    nothing else can change: no file to write first and read back, nothing to re-read after the upload.
+
+    Args:
+        chunks: the bytes, in order (not joined: a read that spans two chunks copies only what it returns).
+        name: what messages call it.
+        sha256: also compute sha256. Default False.
+        progress: as :class:`Source`'s.
+    """
+
+    def __init__(self, chunks: Sequence[bytes], name: str, *, sha256: bool = False,
+                 progress: Callable[[int], None] | None = None) -> None:
+        self.progress = progress
+        self.path = Path(name)
+        self._chunks = list(chunks)
+        self._starts = list(itertools.accumulate((len(c) for c in self._chunks), initial=0))
+        self._closed = False
+        self._begin(self._starts[-1], sha256)
+
+    def _pread(self, n: int, pos: int) -> bytes:
+        i = bisect.bisect_right(self._starts, pos) - 1
+        out = []
+        while n > 0 and i < len(self._chunks):
+            piece = self._chunks[i][pos - self._starts[i]:pos - self._starts[i] + n]  # a whole chunk: no copy
+            out.append(piece)
+            n -= len(piece)
+            pos += len(piece)
+            i += 1
+        return out[0] if len(out) == 1 else b"".join(out)
+
+    @property
+    def closed(self) -> bool:
+        return self._closed
+
+    def close(self) -> None:
+        self._closed = True
+
+    def changed(self) -> str | None:
+        return None  # immutable bytes

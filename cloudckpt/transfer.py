@@ -8,7 +8,7 @@ import logging
 import os
 import threading
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from concurrent.futures import ThreadPoolExecutor, wait
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,7 +21,7 @@ from .errors import ConfigurationError, IntegrityError, SourceChangedError, Unsa
 from .fetch import RangePool, fetch_file
 from .layout import manifest_key, object_key
 from .manifest import FileEntry, Manifest, check_relative_path, parse_manifest
-from .source import Source
+from .source import MemorySource, Source
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -35,6 +35,18 @@ class LocalFile:
 
     path: Path
     rel: str
+
+
+@dataclass(frozen=True)
+class StagedFile:
+    """A file to push whose bytes cloudckpt itself staged in memory (``chunks``, in order; immutable): uploaded from
+    there, with no local file written and read back."""
+
+    chunks: tuple[bytes, ...]
+    rel: str
+
+    def source(self, sha256: bool) -> MemorySource:
+        return MemorySource(self.chunks, f"<{self.rel} in memory>", sha256=sha256)
 
 
 def scan(source: str | Path) -> list[LocalFile]:
@@ -71,8 +83,8 @@ def _rel(path: str) -> str:
         raise ConfigurationError(f"can't push {path!r}: {e}") from None
 
 
-def upload_all(backend: Backend, prefix: str, files: list[LocalFile], *, sha256: bool, budget: float,
-               pool: ThreadPoolExecutor, progress: Progress | None = None) -> list[FileEntry]:
+def upload_all(backend: Backend, prefix: str, files: Sequence[LocalFile | StagedFile], *, sha256: bool,
+               budget: float, pool: ThreadPoolExecutor, progress: Progress | None = None) -> list[FileEntry]:
     """Upload each file to ``<prefix>/<rel>`` and return its entry; raise TransferError when one can't be stored.
 
     Each file is read once: the bytes handed to the store are hashed as they are read
@@ -81,14 +93,14 @@ def upload_all(backend: Backend, prefix: str, files: list[LocalFile], *, sha256:
     SourceChangedError.
     """
 
-    def one(f: LocalFile) -> FileEntry:
+    def one(f: LocalFile | StagedFile) -> FileEntry:
         rel = object_key(prefix, f.rel)
         deadline = time.monotonic() + budget
         moved = _Moved(progress)
 
         def attempt() -> FileEntry:
             moved.restart()  # a retried upload starts from zero: so does its share of the bar
-            with Source(f.path, sha256=sha256) as src:
+            with Source(f.path, sha256=sha256) if isinstance(f, LocalFile) else f.source(sha256) as src:
                 try:
                     backend.upload(src, rel, deadline=deadline, progress=moved)
                 except Exception as exc:

@@ -7,10 +7,12 @@ import os
 
 import google_crc32c
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from cloudckpt import source
 from cloudckpt.errors import SourceChangedError
-from cloudckpt.source import Source
+from cloudckpt.source import MemorySource, Source
 
 
 @pytest.fixture
@@ -62,3 +64,32 @@ def test_a_size_change_during_the_read_is_a_change(tmp_path, not_racy):
             f.write(b"more")
         with pytest.raises(SourceChangedError, match="size or modification time"):
             src.check_unchanged()
+
+
+@settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(chunks=st.lists(st.binary(max_size=300), max_size=8),
+       moves=st.lists(st.tuples(st.sampled_from(["read", "seek"]), st.integers(-1, 700)), max_size=25))
+def test_a_memory_source_reads_hashes_and_counts_like_a_file_of_its_bytes(tmp_path, chunks, moves):
+    """Any reads and seeks (clients retrying a part seek back): MemorySource gives the bytes, the progress and, once
+    read to the end, the crc32c that a Source over a file of the same bytes gives."""
+    data = b"".join(chunks)
+    path = tmp_path / "same.bin"
+    path.write_bytes(data)
+    moved: dict[str, list[int]] = {"file": [], "memory": []}
+    with Source(path, sha256=True, progress=moved["file"].append) as f, \
+            MemorySource(chunks, "mem", sha256=True, progress=moved["memory"].append) as m:
+        assert m.size == f.size == len(data)
+        for op, n in moves:
+            if op == "read":
+                assert m.read(n) == f.read(n)
+            else:
+                assert m.seek(max(n, 0)) == f.seek(max(n, 0))
+            assert m.tell() == f.tell()
+        m.seek(0)
+        f.seek(0)
+        assert _read_all(m) == _read_all(f) == data
+        assert m.crc32c() == f.crc32c() == google_crc32c.Checksum(data).digest().hex()
+        assert m.sha256() == f.sha256()
+        assert m.changed() is None
+    assert moved["memory"] == moved["file"]
+    assert m.closed

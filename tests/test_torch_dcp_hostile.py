@@ -179,20 +179,23 @@ items = st.lists(st.tuples(st.sampled_from(["__0_0.distcp", "__1_0.distcp"]), st
 @given(items, st.integers(1, 200), st.data())
 def test_ranges_read_exactly_the_wanted_items_bytes(layout, coalesce, data):
     """Items of a file laid end to end (gaps between some); any subset wanted: the reads cover every wanted byte,
-    no byte of an unwanted item, each read within ``coalesce`` unless it is one item."""
+    no byte of an unwanted item, each read within ``coalesce`` unless it is one item, and an item of ``alone``
+    bytes or more read by itself."""
     stored, pos = [], {}
     for i, (file, gap, length) in enumerate(layout):
         start = pos.get(file, 0) + gap
         stored.append(StoredItem(fqn=f"t{i}", file=file, start=start, length=length, crc32c="00000000"))
         pos[file] = start + length
     wanted = data.draw(st.lists(st.sampled_from(stored), min_size=1, unique_by=lambda s: s.fqn))
-    plan = ranges(wanted, coalesce)
+    alone = data.draw(st.integers(1, 60))
+    plan = ranges(wanted, coalesce, alone)
     read = {(f, b) for f, start, length, _ in plan for b in range(start, start + length)}
     want = {(s.file, b) for s in wanted for b in range(s.start, s.start + s.length)}
     assert read == want
     assert sorted(s.fqn for *_, group in plan for s in group) == sorted(s.fqn for s in wanted)
     for _, _, length, group in plan:
         assert length <= coalesce or len(group) == 1
+        assert len(group) == 1 or all(s.length < alone for s in group)
 
 
 @settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])

@@ -24,10 +24,12 @@ def _fresh_job():
     forget_job_stores()
 
 
-def test_save_and_load_on_each_store(store_url, tmp_path):
+@pytest.mark.parametrize("stage_in_memory", [1 << 30, 0], ids=["staged-in-memory", "staged-in-files"])
+def test_save_and_load_on_each_store(store_url, tmp_path, stage_in_memory):
     torch.manual_seed(0)
     saved = {"w": torch.randn(128, 64), "n": torch.arange(10, dtype=torch.int64), "extra": {"step": 3}}
-    w = CloudStorageWriter(store_url, step=3, metrics={"loss": 0.5}, monitor="loss", files_per_rank=2)
+    w = CloudStorageWriter(store_url, step=3, metrics={"loss": 0.5}, monitor="loss", files_per_rank=2,
+                           stage_in_memory=stage_in_memory)
     dcp.save(saved, storage_writer=w)
     assert w.committed is not None and sorted(f.path for f in w.committed.files) == [
         "__0_0.distcp", "__0_1.distcp", "dcp_metadata.json"]

@@ -30,7 +30,7 @@ import os
 import tempfile
 import uuid
 from collections.abc import Iterator, Mapping
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -56,7 +56,7 @@ from ..errors import CloudCkptError, ConfigurationError, IntegrityError
 from ..manifest import CheckpointEntry, FileEntry, utcnow
 from ..metrics import finite_metrics
 from ..retention import Retention
-from ..transfer import LocalFile, upload_all
+from ..transfer import LocalFile, StagedFile, upload_all
 from .dcp_format import DCP_FORMAT, METADATA_NAME, Record, StoredItem, check_dtypes, encode
 from .dcp_items import BLOCK, block_crcs, encode_tensor, record_span
 from .dcp_read import read_items, resolve_entry
@@ -97,6 +97,9 @@ class CloudStorageWriter(StorageWriter):
         files_per_rank: objects each rank writes its items into (uploaded in parallel). Default 1.
         block_size: bytes of a tensor per recorded crc32c: a rank that needs some rows of a saved tensor reads (and
             checks) only the blocks holding them. Default 1 MiB.
+        stage_in_memory: a rank whose items hold at most this many bytes serializes them in memory and uploads from
+            there (as much memory again as its state); a bigger one writes them to temporary files first (memory
+            bounded by the largest item). Default 1 GiB.
         budget: seconds each upload / index update may retry for. Default 300.
         workers: parallel transfers per process. Default 8.
         **storage_options: passed to the backend (see :class:`~cloudckpt.CheckpointStore`).
@@ -106,15 +109,18 @@ class CloudStorageWriter(StorageWriter):
                  metrics: Mapping[str, float] | None = None, meta: Mapping[str, str] | None = None,
                  policy: Retention | None = None, monitor: str | None = None, mode: str | None = None,
                  keep_best: int | None = None, keep_last: int | None = None, keep_every: int | None = None,
-                 prune: bool = True, files_per_rank: int = 1, block_size: int = BLOCK, budget: float = 300.0,
-                 workers: int = 8, **storage_options: Any) -> None:
+                 prune: bool = True, files_per_rank: int = 1, block_size: int = BLOCK,
+                 stage_in_memory: int = 1 << 30, budget: float = 300.0, workers: int = 8,
+                 **storage_options: Any) -> None:
         super().__init__()
         from ..store import _policy
 
-        if files_per_rank < 1 or not 4096 <= block_size <= 2**30:
-            raise ConfigurationError(f"files_per_rank must be >= 1 and block_size within 4 KiB..1 GiB. Received: "
-                                     f"files_per_rank={files_per_rank}, block_size={block_size}")
+        if files_per_rank < 1 or not 4096 <= block_size <= 2**30 or stage_in_memory < 0:
+            raise ConfigurationError(f"files_per_rank must be >= 1, block_size within 4 KiB..1 GiB and "
+                                     f"stage_in_memory >= 0. Received: files_per_rank={files_per_rank}, "
+                                     f"block_size={block_size}, stage_in_memory={stage_in_memory}")
         self.block_size = block_size
+        self.stage_in_memory = stage_in_memory
         self.remote = remote or os.environ.get("CLOUDCKPT_REMOTE")
         if not self.remote:
             raise ConfigurationError("no store URL given and $CLOUDCKPT_REMOTE is not set")
@@ -164,20 +170,26 @@ class CloudStorageWriter(StorageWriter):
         groups = _split(plan.items, self.files_per_rank)
         names = [f"{target.prefix}{n}.distcp" for n in range(len(groups))]
         results: list[tuple[Any, StoredItem]] = []
+        in_memory = sum(_nbytes(item) for item in plan.items) <= self.stage_in_memory
         with tempfile.TemporaryDirectory(prefix="cloudckpt-dcp-") as tmp:
-            files = []
+            files: list[LocalFile | StagedFile] = []
             for name, items in zip(names, groups, strict=True):
                 path = Path(tmp) / name
-                with open(path, "wb") as f:
+                with nullcontext(None) if in_memory else open(path, "wb") as f:
+                    chunks, at = [], 0
                     for item in items:
                         data, record = _item_bytes(item, planner.resolve_data(item), self.block_size)
                         key = item.index
                         results.append((key, StoredItem(
                             fqn=key.fqn, offset=list(key.offset) if key.offset is not None else None,
-                            index=key.index, file=name, start=f.tell(), length=len(data),
+                            index=key.index, file=name, start=at, length=len(data),
                             crc32c=google_crc32c.Checksum(data).digest().hex(), record=record)))
-                        f.write(data)
-                files.append(LocalFile(path, name))
+                        at += len(data)
+                        if f is None:
+                            chunks.append(data)
+                        else:
+                            f.write(data)
+                files.append(StagedFile(tuple(chunks), name) if in_memory else LocalFile(path, name))
             failpoints.hit("dcp.before_upload")
             try:
                 stored = upload_all(store.backend, target.cid, files, sha256=False, budget=store.budget,
@@ -202,11 +214,8 @@ class CloudStorageWriter(StorageWriter):
         if self.cid is None or any(not isinstance(s, _Stored) or s.cid != self.cid for s in stored):
             raise IntegrityError(f"a rank reports items of another checkpoint than {self.cid}")
         files = merge_files(s.object for s in stored)
-        with tempfile.TemporaryDirectory(prefix="cloudckpt-dcp-") as tmp:
-            path = Path(tmp) / METADATA_NAME
-            path.write_bytes(encode(metadata, [s.item for s in stored]))
-            [md_entry] = upload_all(store.backend, self.cid, [LocalFile(path, METADATA_NAME)], sha256=False,
-                                    budget=store.budget, pool=store._pool)
+        doc = StagedFile((encode(metadata, [s.item for s in stored]),), METADATA_NAME)
+        [md_entry] = upload_all(store.backend, self.cid, [doc], sha256=False, budget=store.budget, pool=store._pool)
         files.append(md_entry)
         meta = {**self.meta, "format": DCP_FORMAT, "ranks": str(len(results))}
         entry = CheckpointEntry(id=self.cid, epoch=self.epoch, step=self.step, created=utcnow(),
@@ -251,13 +260,17 @@ def _item_bytes(item: Any, data: Any, block: int) -> tuple[bytes, Record | None]
                         crc32c=block_crcs(memoryview(blob)[start:start + size], block))
 
 
+def _nbytes(item: Any) -> int:
+    """A write item's tensor bytes (0 for a bytes item: small, state other than tensors)."""
+    props = item.tensor_data
+    if props is None:
+        return 0
+    return int(props.size.numel()) * props.properties.dtype.itemsize
+
+
 def _split(items: list[Any], n: int) -> list[list[Any]]:
     """Items in up to ``n`` groups of similar byte size (largest first into the lightest group); no empty group."""
-    def size(item: Any) -> int:
-        props = item.tensor_data
-        if props is None:
-            return 0
-        return int(props.size.numel()) * props.properties.dtype.itemsize
+    size = _nbytes
 
     groups: list[list[Any]] = [[] for _ in range(min(n, len(items)))]
     loads = [0] * len(groups)

@@ -15,6 +15,7 @@ import io
 import math
 import re
 import sys
+import warnings
 import zipfile
 
 import google_crc32c
@@ -47,10 +48,8 @@ def record_span(item: bytes) -> tuple[int, int]:
     ``(start, size)``."""
     with zipfile.ZipFile(io.BytesIO(item)) as archive:
         [info] = [i for i in archive.infolist() if _DATA.match(i.filename)]
-    header = item[info.header_offset:info.header_offset + 30]
-    name_len, extra_len = int.from_bytes(header[26:28], "little"), int.from_bytes(header[28:30], "little")
-    start = info.header_offset + 30 + name_len + extra_len
-    assert info.compress_type == zipfile.ZIP_STORED and start + info.file_size <= len(item)
+    start = _payload_start(item, info, "a tensor item")
+    assert info.compress_type == zipfile.ZIP_STORED
     return start, info.file_size
 
 
@@ -59,19 +58,33 @@ def block_crcs(raw: bytes | memoryview, block: int = BLOCK) -> list[str]:
     return [google_crc32c.Checksum(bytes(raw[i:i + block])).digest().hex() for i in range(0, len(raw), block)]
 
 
+with warnings.catch_warnings():  # torch warns once per process that a tensor over read-only bytes must not be
+    warnings.simplefilter("ignore")  # written to: the tensors below never are (they are copied into the state dict)
+    torch.frombuffer(b"\0", dtype=torch.uint8)
+
+
+def view(data: bytes, start: int, shape: list[int], dtype: torch.dtype) -> torch.Tensor:
+    """A tensor of ``shape`` over ``data`` from byte ``start``, without a copy: read-only (``data`` is immutable
+    bytes), so a caller copies it into its own tensor before writing."""
+    count = math.prod(shape)
+    if count == 0:
+        return torch.empty(shape, dtype=dtype)
+    return torch.frombuffer(data, dtype=dtype, offset=start, count=count).reshape(shape)
+
+
 def decode_rows(data: bytes, dtype: torch.dtype, shape: list[int], where: str) -> torch.Tensor:
-    """Rows of a tensor from their raw bytes (already checked against their blocks' checksums)."""
+    """Rows of a tensor from their raw bytes (already checked against their blocks' checksums): a read-only
+    :func:`view` of ``data``."""
     want = math.prod(shape) * dtype.itemsize
     if len(data) != want:
         raise IntegrityError(f"{where}: {len(data)} bytes for rows of size {shape} ({dtype}), want {want}")
-    if not data:
-        return torch.empty(shape, dtype=dtype)
-    return torch.frombuffer(bytearray(data), dtype=dtype).reshape(shape)
+    return view(data, 0, shape, dtype)
 
 
 def decode_tensor(data: bytes, dtype: torch.dtype, shape: list[int], where: str) -> torch.Tensor:
     """The tensor saved by :func:`encode_tensor`, from its raw storage record only: IntegrityError when the archive
-    is not one such tensor of ``dtype`` and ``shape``."""
+    is not one such tensor of ``dtype`` and ``shape``. A read-only :func:`view` of ``data`` (no copy: the caller
+    checked ``data`` against its crc32c, which covers the record; the archive's own CRC-32 is not read)."""
     try:
         with zipfile.ZipFile(io.BytesIO(data)) as archive:
             infos = archive.infolist()
@@ -86,12 +99,20 @@ def decode_tensor(data: bytes, dtype: torch.dtype, shape: list[int], where: str)
             if records[0].file_size != want or records[0].compress_type != zipfile.ZIP_STORED:
                 raise IntegrityError(f"{where}: storage record is {records[0].file_size} bytes, a {dtype} tensor of "
                                      f"size {shape} needs {want}")
-            raw = archive.read(records[0])
     except (zipfile.BadZipFile, ValueError, KeyError, EOFError) as exc:
         raise IntegrityError(f"{where}: not a saved tensor ({exc})") from None
-    if not raw:
-        return torch.empty(shape, dtype=dtype)
-    return torch.frombuffer(bytearray(raw), dtype=dtype).reshape(shape)
+    return view(data, _payload_start(data, records[0], where), shape, dtype)
+
+
+def _payload_start(data: bytes, info: zipfile.ZipInfo, where: str) -> int:
+    """Where the stored (uncompressed) bytes of ``info`` begin in the archive ``data``: after its local header."""
+    header = data[info.header_offset:info.header_offset + 30]
+    if len(header) != 30 or header[:4] != b"PK\x03\x04":
+        raise IntegrityError(f"{where}: not a saved tensor (no local header for {info.filename})")
+    start = info.header_offset + 30 + int.from_bytes(header[26:28], "little") + int.from_bytes(header[28:30], "little")
+    if start + info.file_size > len(data):
+        raise IntegrityError(f"{where}: not a saved tensor (its record runs past the item's end)")
+    return start
 
 
 def safe_bytes_item(data: bytes, where: str) -> io.BytesIO:

@@ -127,14 +127,20 @@ def piece_for(s: StoredItem, item: TensorItem | BytesItem, offsets: Sequence[int
     return Piece(s.file, s.start + rec.start + first, last - first, s, (lo, hi), (a, b))
 
 
-def ranges(items: Iterable[S], coalesce: int) -> list[tuple[str, int, int, list[S]]]:
+ALONE = 4 << 20  #: an item this big is read alone: its bytes are the read's, decoded in place (no copy)
+
+
+def ranges(items: Iterable[S], coalesce: int, alone: int = ALONE) -> list[tuple[str, int, int, list[S]]]:
     """Ranged reads for ``items``: ``(file, start, length, items in it)``, adjacent items of one file merged while
-    the read stays within ``coalesce`` bytes. Nothing between two non-adjacent items is read."""
+    the read stays within ``coalesce`` bytes, except items of ``alone`` bytes or more, each read by itself (big
+    enough for a request of its own; cutting it out of a merged read would copy it). Nothing between two
+    non-adjacent items is read."""
     out: list[tuple[str, int, int, list[S]]] = []
     for s in sorted(items, key=lambda s: (s.file, s.start)):
-        if out:
+        if out and s.length < alone:
             file, start, length, group = out[-1]
-            if file == s.file and start + length == s.start and length + s.length <= coalesce:
+            if file == s.file and start + length == s.start and length + s.length <= coalesce and \
+                    group[-1].length < alone:
                 out[-1] = (file, start, length + s.length, [*group, s])
                 continue
         out.append((s.file, s.start, s.length, [s]))
@@ -156,9 +162,9 @@ def read_items(store: CheckpointStore, cid: str, wanted: Sequence[Want], items: 
     def fetch(r: tuple[str, int, int, list[Piece]]) -> list[tuple[tuple[str, int, int], Any]]:
         file, start, length, group = r
         rel = layout.object_key(cid, file)
-        data = _read(store, rel, start, length)
-        return [(p.key(), _decode(data[p.start - start:p.start - start + p.length], p, items,
-                                  f"{store.url}/{rel}@{p.start}")) for p in group]
+        data = _read(store, rel, start, length)  # a piece read alone is all of it: no slice, no copy
+        return [(p.key(), _decode(data if len(group) == 1 else data[p.start - start:p.start - start + p.length], p,
+                                  items, f"{store.url}/{rel}@{p.start}")) for p in group]
 
     got: dict[tuple[str, int, int], Any] = {}
     for pairs in _run_all(store._pool, fetch, plan):

@@ -159,7 +159,9 @@ def save(a: argparse.Namespace) -> None:
         sd = state(model, opt, step)
         writer = CloudStorageWriter(a.remote, step=step, metrics={"loss": float(a.losses.get(step, step))},
                                     monitor="loss", keep_last=a.keep_last, keep_best=1,
-                                    files_per_rank=a.files_per_rank, block_size=a.block_size, **a.options)
+                                    files_per_rank=a.files_per_rank, block_size=a.block_size,
+                                    **({} if a.stage_in_memory is None else {"stage_in_memory": a.stage_in_memory}),
+                                    **a.options)
         try:
             if step in asyncs:
                 dcp.async_save(sd, storage_writer=writer).result()
@@ -204,7 +206,9 @@ def _steps(text: str) -> set[int]:
     return {int(s) for s in text.split(",") if s}
 
 
-def main() -> None:
+def parse(argv: list[str] | None = None) -> argparse.Namespace:
+    """The job's arguments (``argv``: sys.argv's when None); a test calling save() or load() in its own process
+    gets every default from here."""
     p = argparse.ArgumentParser()
     p.add_argument("mode", choices=["save", "load"])
     p.add_argument("remote")
@@ -217,6 +221,7 @@ def main() -> None:
     p.add_argument("--keep-last", type=int, default=2)
     p.add_argument("--files-per-rank", type=int, default=1)
     p.add_argument("--block-size", type=int, default=16384)  # small tensors here: several blocks each
+    p.add_argument("--stage-in-memory", type=int, default=None)  # 0: every rank's items through temporary files
     p.add_argument("--selector", default="latest")
     p.add_argument("--kill-at", type=int, default=-1)
     p.add_argument("--kill-rank", type=int, default=-1)
@@ -226,8 +231,13 @@ def main() -> None:
     p.add_argument("--resume", action="store_true")
     p.add_argument("--keep-going", action="store_true")
     p.add_argument("--options", type=json.loads, default={})
-    a = p.parse_args()
+    a = p.parse_args(argv)
     a.losses = {int(k): v for k, v in a.losses.items()}
+    return a
+
+
+def main() -> None:
+    a = parse()
     torch.set_num_threads(1)
     if "WORLD_SIZE" in os.environ:
         dist.init_process_group("gloo")
