@@ -36,6 +36,7 @@ import statistics
 import subprocess
 import sys
 import tempfile
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -92,7 +93,8 @@ def run_pair(src: Path, work: Path, hidden: int, orbax: bool = False) -> dict:
              "--model-parallel", "--jax-processes", f"127.0.0.1:{port},2,{i}", "--stop-at", "20",
              "--keep-last", "10", *(["--orbax", str(work / "orbax")] if orbax else [])],
             cwd=d, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
-    out = [p.communicate(timeout=900) for p in procs]
+    with ThreadPoolExecutor(2) as pool:  # both read as they write: a full pipe would stall the pair's collectives
+        out = list(pool.map(lambda p: p.communicate(timeout=900), procs))
     for p, (_, e) in zip(procs, out, strict=True):
         if p.returncode != 0:
             raise RuntimeError(f"job failed ({p.returncode}): {e[-2000:]}")

@@ -42,16 +42,24 @@ def _latest_step(remote: str) -> int | None:
 def test_a_kill_late_in_a_plateau_resumes_late(tmp_path, local_url):
     total = STEPS_PER_EPOCH * EPOCHS
     late = total - 4 * EVERY  # well past the plateau's start (the monitored files stop at step 2 * 24)
-    proc = subprocess.Popen(_argv(tmp_path, local_url), cwd=tmp_path, env=ENV, stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True)
+    log = tmp_path / "first.log"  # a file, not a pipe: nothing reads the run's output until it is killed
+    with log.open("w") as out_f:
+        proc = subprocess.Popen(_argv(tmp_path, local_url), cwd=tmp_path, env=ENV, stdout=out_f, stderr=out_f,
+                                text=True)
     seen = None
-    while proc.poll() is None:  # commit cadence of the example: wait for a late commit, then kill the run there
-        seen = _latest_step(local_url)
-        if seen is not None and seen >= late:
-            proc.send_signal(signal.SIGKILL)
-            break
-        time.sleep(0.05)
-    out, err = proc.communicate(timeout=60)
+    try:
+        deadline = time.monotonic() + 300
+        while proc.poll() is None and time.monotonic() < deadline:  # the example's commit cadence: wait for a
+            seen = _latest_step(local_url)  # late commit, then kill the run there
+            if seen is not None and seen >= late:
+                proc.send_signal(signal.SIGKILL)
+                break
+            time.sleep(0.05)
+    finally:
+        if proc.poll() is None and (seen is None or seen < late):
+            proc.kill()
+        proc.wait(timeout=60)
+    err = log.read_text()
     assert seen is not None and seen >= late, (
         f"no checkpoint past step {seen} was committed while val_loss plateaued (a kill would redo "
         f"{total - (seen or 0)} of {total} steps): {err[-2000:]}")

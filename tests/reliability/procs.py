@@ -7,6 +7,7 @@ import signal
 import subprocess
 import sys
 import time
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -53,6 +54,15 @@ def env_with(**extra: str | None) -> dict[str, str]:
         else:
             env[k] = v
     return env
+
+
+def draining(p: subprocess.Popen, timeout: float) -> Future[tuple[str, str]]:
+    """``p.communicate(timeout)`` in a thread of its own, started now: a child whose pipes the test would otherwise
+    read only later (after another child ends) never blocks on a full pipe meanwhile."""
+    pool = ThreadPoolExecutor(1, thread_name_prefix="drain")
+    fut = pool.submit(p.communicate, timeout=timeout)
+    pool.shutdown(wait=False)
+    return fut
 
 
 def run(cmd: list[str], *, env: dict | None = None, timeout: float = 120) -> Outcome:

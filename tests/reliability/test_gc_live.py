@@ -24,7 +24,7 @@ from cloudckpt import CheckpointStore
 from cloudckpt.segments import HEAD_ENV, SEGMENT_ENV
 
 from .invariants import check_run
-from .procs import ROOT, cli_cmd, env_with, run, writer_cmd
+from .procs import ROOT, cli_cmd, draining, env_with, run, writer_cmd
 
 WAIT = 60.0  # generous: the machine is shared; every wait is on an event
 
@@ -293,10 +293,11 @@ def test_gc_min_age_0_in_a_loop_beside_a_writer_process(tmp_path, request, kind,
                               env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT)
     gc = subprocess.Popen([sys.executable, "-c", GC_LOOP, url, str(stop)], env=env, stdout=subprocess.PIPE,
                           stderr=subprocess.PIPE, text=True, cwd=ROOT)
+    gc_output = draining(gc, 720)  # its retry warnings go on for minutes: read them as they come
     try:
         out, err = writer.communicate(timeout=600)
         stop.touch()
-        gc_out, gc_err = gc.communicate(timeout=120)
+        gc_out, gc_err = gc_output.result(timeout=120)
     finally:
         for p in (writer, gc):
             if p.poll() is None:

@@ -8,6 +8,7 @@ import importlib.util
 import random
 import re
 import subprocess
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -105,8 +106,24 @@ def test_training_on_a_full_disk_never_stops_checkpointing_silently(full_side, s
         subprocess.run(["umount", "-l", str(small)], check=False)
 
 
+class _Logged(subprocess.Popen):
+    """A child whose stdout and stderr go to files, not pipes: a trainer logging every commit fills a pipe nobody
+    reads within ~30 epochs and then blocks in its logging (the old trainer of the fencing test did: the race it is
+    there for never ran). ``communicate`` waits and returns what it wrote."""
+
+    def __init__(self, cmd: list[str]) -> None:
+        self._logs = (tempfile.TemporaryFile("w+"), tempfile.TemporaryFile("w+"))
+        super().__init__(cmd, env=env_with(), stdout=self._logs[0], stderr=self._logs[1], text=True, cwd=ROOT)
+
+    def communicate(self, input: str | None = None, timeout: float | None = None) -> tuple[str, str]:
+        self.wait(timeout=timeout)
+        for f in self._logs:
+            f.seek(0)
+        return self._logs[0].read(), self._logs[1].read()
+
+
 def _popen(cmd: list[str]) -> subprocess.Popen:
-    return subprocess.Popen(cmd, env=env_with(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT)
+    return _Logged(cmd)
 
 
 def _wait_for_commit(url: str, timeout: float = 120) -> None:

@@ -16,7 +16,7 @@ import pytest
 from cloudckpt import CheckpointStore, StaleWriterError
 
 from .invariants import check_run
-from .procs import ROOT, Outcome, env_with, writer_cmd
+from .procs import ROOT, Outcome, draining, env_with, writer_cmd
 
 
 def _start(url: str, *args: str) -> subprocess.Popen:
@@ -29,13 +29,21 @@ def _finish(p: subprocess.Popen, timeout: float = 300) -> Outcome:
     return Outcome(p.returncode, out.splitlines(), err)
 
 
+def _finish_all(procs: list[subprocess.Popen], timeout: float = 300) -> list[Outcome]:
+    """Every writer's output read as it comes (not one writer's after the other's end: the second would block on
+    its full pipe, and the race would go on with one writer)."""
+    outputs = [draining(p, timeout) for p in procs]
+    return [Outcome(p.returncode, out.splitlines(), err) for p, (out, err) in
+            zip(procs, (f.result() for f in outputs), strict=True)]
+
+
 def _race(url: str, rounds_each: int, go: Path, *extra: str) -> list[Outcome]:
     procs = [_start(url, "--rounds", str(rounds_each), "--seed", str(i), "--max-bytes", "2048",
                     "--wait-file", str(go), *extra) for i in range(2)]
     for p in procs:
         assert p.stdout.readline().startswith("READY")
     go.touch()  # both start pushing at the same instant
-    return [_finish(p) for p in procs]
+    return _finish_all(procs)
 
 
 @pytest.mark.parametrize("kind", ["local", "s3", "az"])

@@ -7,6 +7,7 @@ import os
 import random
 import subprocess
 import sys
+import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -20,10 +21,27 @@ def env() -> dict[str, str]:
     return {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}
 
 
-def start(job: str, args: Sequence[str]) -> subprocess.Popen:
-    """Start ``tests/support/<job>`` with ``args``; stdout and stderr are pipes."""
-    return subprocess.Popen([sys.executable, str(JOBS / job), *args], stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True, env=env())
+class Job(subprocess.Popen):
+    """A training process: stdout a pipe (its ``step N`` lines are read as they come), stderr a file (read only at
+    the end: a pipe nobody reads meanwhile would block a job that logs more than it holds)."""
+
+    def __init__(self, cmd: list[str]) -> None:
+        self._stderr_file = tempfile.TemporaryFile("w+")
+        super().__init__(cmd, stdout=subprocess.PIPE, stderr=self._stderr_file, text=True, env=env())
+
+    def communicate(self, input: str | None = None, timeout: float | None = None) -> tuple[str, str]:
+        out, _ = super().communicate(input, timeout)
+        return out, self.stderr_text()
+
+    def stderr_text(self) -> str:
+        """What the job wrote to stderr so far."""
+        self._stderr_file.seek(0)
+        return self._stderr_file.read()
+
+
+def start(job: str, args: Sequence[str]) -> Job:
+    """Start ``tests/support/<job>`` with ``args``."""
+    return Job([sys.executable, str(JOBS / job), *args])
 
 
 def run(job: str, args: Sequence[str]) -> list[str]:
@@ -34,14 +52,14 @@ def run(job: str, args: Sequence[str]) -> list[str]:
     return stdout.splitlines()
 
 
-def read_until_step(proc: subprocess.Popen, step: int) -> list[str]:
+def read_until_step(proc: Job, step: int) -> list[str]:
     """The job's stdout lines up to the first ``step N`` line with N >= ``step`` (the job is left running)."""
     lines = []
     for line in proc.stdout:  # type: ignore[union-attr]
         lines.append(line.strip())
         if line.startswith("step ") and int(line.split()[1]) >= step:
             return lines
-    raise AssertionError(f"the job ended before step {step}: {lines[-3:]} {proc.stderr.read()}")  # type: ignore
+    raise AssertionError(f"the job ended before step {step}: {lines[-3:]} {proc.stderr_text()}")
 
 
 def kill_step(reference_lines: list[str], low: int) -> int:
@@ -52,7 +70,7 @@ def kill_step(reference_lines: list[str], low: int) -> int:
     return random.Random().randint(low, last - 1)
 
 
-def read_until_committed(proc: subprocess.Popen, step: int, remote: str) -> int:
+def read_until_committed(proc: Job, step: int, remote: str) -> int:
     """Read the job's output up to ``step``, then on until the store lists a checkpoint (commits run in the
     background: under load the first one may land a few steps later); return the last step read (the job is left
     running, to be killed there)."""
@@ -69,7 +87,7 @@ def read_until_committed(proc: subprocess.Popen, step: int, remote: str) -> int:
             pass
         line = proc.stdout.readline()  # type: ignore[union-attr]
         if not line:
-            raise AssertionError(f"the job ended before any checkpoint was committed: {proc.stderr.read()}")  # type: ignore
+            raise AssertionError(f"the job ended before any checkpoint was committed: {proc.stderr_text()}")
         if line.startswith("step "):
             last = int(line.split()[1])
 
