@@ -51,8 +51,8 @@ class Sizes:
 
     @classmethod
     def quick(cls) -> Sizes:
-        return cls(transfer=32 * MiB, gcs_transfer=32 * MiB, memory=64 * MiB, checksum=64 * MiB, reps=2,
-                   index_counts=(20, 500), models_mb=(2, 8), stall_saves=2, overhead_epochs=2, overhead_repeat=1,
+        return cls(transfer=16 * MiB, gcs_transfer=16 * MiB, memory=64 * MiB, checksum=16 * MiB, reps=2,
+                   index_counts=(20, 500), models_mb=(2,), stall_saves=2, overhead_epochs=2, overhead_repeat=1,
                    overhead_reps=1, gcs_reps=2, sigterm_mb=4, framework_mb=(10,), framework_saves=3,
                    dcp_rank_mb=8)
 
