@@ -270,14 +270,12 @@ def _nbytes(item: Any) -> int:
 
 def _split(items: list[Any], n: int) -> list[list[Any]]:
     """Items in up to ``n`` groups of similar byte size (largest first into the lightest group); no empty group."""
-    size = _nbytes
-
     groups: list[list[Any]] = [[] for _ in range(min(n, len(items)))]
     loads = [0] * len(groups)
-    for item in sorted(items, key=size, reverse=True):
+    for item in sorted(items, key=_nbytes, reverse=True):
         i = loads.index(min(loads))
         groups[i].append(item)
-        loads[i] += size(item)
+        loads[i] += _nbytes(item)
     return groups
 
 
