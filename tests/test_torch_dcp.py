@@ -139,7 +139,7 @@ def test_ddp_on_s3_with_retention_then_1_rank_resharded_to_4(s3_url, tmp_path):
     assert {o.rel.split("/")[0] for o in store.backend.list_objects() if o.rel.startswith("ckpt-")} == listed
     # replicated state: each item stored once, not once per rank
     meta = json.loads(store.backend.read_bytes(f"{store.latest().id}/dcp_metadata.json"))
-    keys = [(s["fqn"], tuple(s["offset"] or ())) for s in meta["storage"]]
+    keys = [(s["fqn"], tuple(s.get("offset") or ())) for s in meta["storage"]]
     assert len(keys) == len(set(keys)) == len(meta["storage"])
 
     assert load_here(s3_url, out, selector="best")["equal"]  # 2 -> 1
