@@ -35,16 +35,16 @@ import google_crc32c
 from . import cancel
 from .backends import Backend
 from .checksum import file_checksums
+from .concurrency import DEFAULT_CONCURRENCY as DEFAULT_CONCURRENCY
+from .concurrency import DEFAULT_RANGE_SIZE as DEFAULT_RANGE_SIZE
+from .concurrency import pull_concurrency
+from .concurrency import range_size as default_range_size
 from .crc_combine import combine
 from .entry import FileEntry
 from .errors import ConfigurationError, IntegrityError
 
 Progress = Callable[[int], None]
 
-MiB = 2**20
-#: defaults measured through a shaped network (docs/benchmarks.md); $CLOUDCKPT_RANGE_SIZE / $CLOUDCKPT_CONCURRENCY
-DEFAULT_RANGE_SIZE = 8 * MiB
-DEFAULT_CONCURRENCY = 8
 PART_SUFFIX = ".cloudckpt-part"
 SIDECAR_SUFFIX = ".cloudckpt-part.json"
 SIDECAR_TMP_SUFFIX = SIDECAR_SUFFIX + ".tmp"
@@ -76,19 +76,6 @@ def landed_bytes(part: Path) -> int:
         return 0
 
 
-def _env_int(name: str, default: int, low: int) -> int:
-    raw = os.environ.get(name)
-    if raw is None or raw == "":
-        return default
-    try:
-        value = int(raw)
-    except ValueError:
-        value = low - 1
-    if value < low:
-        raise ConfigurationError(f"${name} must be an integer >= {low}. Received: {raw!r}")
-    return value
-
-
 class RangePool:
     """The threads that fetch ranges for one pull: ``concurrency`` ranged GETs at a time, each of at most
     ``range_size`` bytes (defaults from $CLOUDCKPT_CONCURRENCY and $CLOUDCKPT_RANGE_SIZE, else measured ones).
@@ -97,8 +84,8 @@ class RangePool:
     """
 
     def __init__(self, concurrency: int | None = None, range_size: int | None = None) -> None:
-        self.concurrency = concurrency or _env_int("CLOUDCKPT_CONCURRENCY", DEFAULT_CONCURRENCY, 1)
-        self.range_size = range_size or _env_int("CLOUDCKPT_RANGE_SIZE", DEFAULT_RANGE_SIZE, 64 * 1024)
+        self.concurrency = concurrency or pull_concurrency()
+        self.range_size = range_size or default_range_size()
         if self.concurrency < 1 or self.range_size < 1:
             raise ConfigurationError(f"concurrency and range_size must be >= 1. Received: "
                                      f"concurrency={concurrency}, range_size={range_size}")

@@ -120,7 +120,7 @@ class CheckpointStore:
             ``endpoint_url``, ``key``, ``token``; plus ``verify_readback=True`` to re-download every upload).
     """
 
-    def __init__(self, url: str | None = None, *, budget: float = 300.0, workers: int = 8,
+    def __init__(self, url: str | os.PathLike[str] | None = None, *, budget: float = 300.0, workers: int = 8,
                  progress: bool | None = False, writer_id: str | None = None, cache_dir: str | Path | None = None,
                  cache_size: int | str | None = None, **storage_options: Any) -> None:
         url = url or os.environ.get("CLOUDCKPT_REMOTE")

@@ -5,6 +5,7 @@ partial range is fetched again and never published, a connection reset in the mi
 from __future__ import annotations
 
 import json
+import logging
 import os
 import signal
 import subprocess
@@ -117,6 +118,25 @@ def test_wall_time_shrinks_with_concurrency(shaped, tmp_path):
         assert _object_bytes(proxy) == SIZE
         assert not part_path(dest).exists() and not sidecar_path(dest).exists()
     assert times[1] >= 3 * times[8], times
+
+
+def test_a_pull_of_16_ranges_at_once_keeps_its_connections(shaped, tmp_path, monkeypatch, caplog):
+    """Every store client's HTTP pool is sized for the pull's concurrency: a range's connection is kept for the next
+    range, never closed because the pool is full (requests and botocore keep 10 by default; a cloud would pay a TLS
+    handshake for every range past them, and urllib3 logs a warning for each)."""
+    kind, url, proxy, data, entry, open_proxied, *_ = shaped
+    monkeypatch.setenv("CLOUDCKPT_CONCURRENCY", "16")
+    backend = open_proxied()  # its pool is sized when the client is made
+    proxy.shape(latency=0.05)  # the 16 ranges in flight overlap
+    dest = tmp_path / "weights.bin"
+    proxy.reset_stats()
+    with caplog.at_level(logging.WARNING, logger="urllib3"), RangePool(16, SIZE // 64) as ranges:
+        fetch_file(backend, "ck/weights.bin", entry, dest, ranges=ranges)
+    assert dest.read_bytes() == data
+    assert len(_ranges_asked(proxy)) == 64
+    assert not [r for r in caplog.records if "pool is full" in r.getMessage()]
+    if kind != "s3":  # moto's server speaks HTTP/1.0: it closes every connection after its answer
+        assert proxy.stats.connections <= 16 + 2, f"{proxy.stats.connections} connections opened for 64 ranges"
 
 
 CHILD = textwrap.dedent("""

@@ -66,6 +66,25 @@ def run_until(tmp: Path, step: int, sig: int, *args: str) -> Run:
     return finish(proc, "".join(out))
 
 
+def run_until_listed(tmp: Path, step: int, listed: int, sig: int, store: Path, *args: str) -> Run:
+    """Start a job and send it ``sig`` at the first step from ``step`` on at which ``store`` lists the checkpoint of
+    step ``listed`` (its upload runs in the background: under load it may not be committed by ``step`` yet)."""
+    from cloudckpt import CheckpointStore
+
+    proc = start(tmp, *args)
+    out = []
+    for line in proc.stdout:
+        out.append(line)
+        m = re.fullmatch(r"STEP (\d+)", line.strip())
+        if m and int(m.group(1)) >= step:
+            with CheckpointStore(str(store)) as s:
+                steps = [c.step for c in s.list()]
+            if listed in steps or int(m.group(1)) >= EPOCHS * STEPS_PER_EPOCH - 3:  # late: the assertions say why
+                proc.send_signal(sig)
+                break
+    return finish(proc, "".join(out))
+
+
 @cache
 def baseline(shuffle: bool, tmp: str) -> tuple[list[np.ndarray], dict]:
     args = ["--no-checkpoint", "--remote", "unused", "--filepath", "m.keras", "--out", f"{tmp}/base-{shuffle}.npz"]
@@ -180,7 +199,8 @@ def test_sigterm_with_a_hung_upload_exits_143_by_the_deadline_and_resumes(tmp_pa
     expected, _ = baseline(False, basedir)
     args = ["--remote", str(tmp_path / "store"), "--filepath", "ckpt/m.weights.h5", "--weights-only",
             "--save-freq", "10", "--out", str(tmp_path / "final.npz")]
-    first = run_until(tmp_path, 25, signal.SIGTERM, *args, "--hang-uploads-after", "20", "--deadline", "2")
+    first = run_until_listed(tmp_path, 25, 20, signal.SIGTERM, tmp_path / "store", *args, "--hang-uploads-after",
+                             "20", "--deadline", "2")
     assert first.rc == 143, first.err
     assert "was NOT committed within 2s" in first.err
     second = run(tmp_path, *args)

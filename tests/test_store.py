@@ -275,6 +275,17 @@ def test_bad_urls_and_options_are_configuration_errors(tmp_path):
             CheckpointStore(url, **kwargs)
 
 
+def test_a_local_store_can_be_named_by_a_path_object(tmp_path):
+    src = tmp_path / "src"
+    src.mkdir()
+    (src / "w.bin").write_bytes(b"weights")
+    with CheckpointStore(tmp_path / "store") as by_path:
+        entry = by_path.push(src, epoch=1)
+    with CheckpointStore(str(tmp_path / "store")) as by_str:
+        assert [c.id for c in by_str.list()] == [entry.id]
+        assert by_str.url == by_path.url
+
+
 def test_unchanged_index_is_not_downloaded_or_parsed_again(store_url, tmp_path, monkeypatch):
     import cloudckpt.commit as commit
 

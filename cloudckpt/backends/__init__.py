@@ -16,12 +16,14 @@ __all__ = ["Backend", "ObjectInfo", "open_backend"]
 _EXTRAS = {"s3": "s3", "s3a": "s3", "gs": "gcs", "gcs": "gcs", "az": "azure", "abfs": "azure", "abfss": "azure"}
 
 
-def open_backend(url: str, storage_options: dict[str, Any] | None = None) -> Backend:
+def open_backend(url: str | os.PathLike[str], storage_options: dict[str, Any] | None = None) -> Backend:
     """Return the backend for ``url``. Missing optional dependencies are a ConfigurationError naming the extra.
 
     S3 and GCS move data with their SDKs by default; ``transport="fsspec"`` (or ``$CLOUDCKPT_TRANSPORT``) moves it
     through s3fs/gcsfs instead, the index still being swapped with the SDK's conditional write.
     """
+    if isinstance(url, os.PathLike):  # a local folder as a Path
+        url = os.fspath(url)
     if not isinstance(url, str) or not url.strip():
         raise ConfigurationError("a store URL is required (s3://bucket/prefix, gs://bucket/prefix or a local path). "
                                  f"Received: {url!r}")

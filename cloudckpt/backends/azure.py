@@ -33,11 +33,13 @@ from pathlib import Path
 from typing import Any
 
 from ..checksum import HashingWriter
+from ..concurrency import http_pool_size
 from ..errors import AccessError, ConfigurationError, IndexConflictError, IntegrityError, StoreError
 from ..layout import INDEX_NAME
 from ..source import Source
 from .base import UNCHANGED, Backend, ObjectInfo, Progress
 from .body import request_body as _body
+from .http_pool import azure_session
 from .parts import acquire, send_parts
 
 log = logging.getLogger(__name__)
@@ -138,6 +140,7 @@ class AzureBackend(Backend):
             "connection_timeout": self.timeout[0], "read_timeout": self.timeout[1],
             "max_single_get_size": _CHUNK, "max_chunk_get_size": _CHUNK,
             "max_single_put_size": self.block_size, "max_block_size": self.block_size,
+            "session": azure_session(http_pool_size(self.max_concurrency)),
         }
         conn = opts.get("connection_string")
         account = opts.get("account_name") or account

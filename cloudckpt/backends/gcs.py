@@ -21,12 +21,14 @@ from pathlib import Path
 from typing import Any
 
 from ..checksum import HashingWriter
+from ..concurrency import http_pool_size
 from ..errors import AccessError, ConfigurationError, IndexConflictError, IntegrityError, StoreError
 from ..layout import INDEX_NAME
 from ..source import Source
 from .base import UNCHANGED, Backend, ObjectInfo, Progress
 from .fsspec_objects import FsspecObjects
 from .gcs_compose import composite_upload
+from .http_pool import size_pool
 
 _MB = 2**20
 
@@ -142,6 +144,7 @@ class GCSBackend(Backend):
         session = getattr(self.client, "_http", None)  # the requests session google-cloud-storage sends with
         if session is not None and hasattr(session, "hooks"):
             session.hooks.setdefault("response", []).append(_forget_sent_body)
+            size_pool(session, http_pool_size(self.max_concurrency))
 
     def _name(self, rel: str) -> str:
         return f"{self.prefix}/{rel}" if self.prefix else rel

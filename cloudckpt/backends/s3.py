@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from ..checksum import HashingWriter
+from ..concurrency import http_pool_size
 from ..errors import AccessError, ConfigurationError, IndexConflictError, StoreError
 from ..layout import INDEX_NAME
 from ..versions import MIN_BOTOCORE, require
@@ -123,7 +124,7 @@ class S3Backend(S3Uploads, Backend):
         client_kwargs = dict(opts.get("client_kwargs") or {})
         config_kwargs = dict(opts.get("config_kwargs") or {})
         config_kwargs.setdefault("retries", {"mode": "standard", "max_attempts": 3})
-        config_kwargs.setdefault("max_pool_connections", max(10, self.max_concurrency + 2))
+        config_kwargs.setdefault("max_pool_connections", http_pool_size(self.max_concurrency))
         config_kwargs.setdefault("connect_timeout", self.timeout[0])
         config_kwargs.setdefault("read_timeout", self.timeout[1])
         if opts.get("request_checksum_calculation"):  # "when_required" for stores that reject CRC32 headers
