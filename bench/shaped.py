@@ -37,18 +37,24 @@ MiB = 2**20
 CKPT = "cloudckpt pull"
 
 
-def _pull(kind: str, url: str, endpoint: str, cid: str, out: Path) -> Callable[[], None]:
-    store = clients.store(kind, url, endpoint)
+def _pull(kind: str, url: str, endpoint: str, cid: str, out: Path, settings: tuple[int, int] | None = None
+          ) -> Callable[[], None]:
+    """A verified pull of ``cid``; ``settings``: (range MiB, concurrency) in place of the defaults."""
+    with_env = {} if settings is None else {"CLOUDCKPT_RANGE_SIZE": str(settings[0] * MiB),
+                                            "CLOUDCKPT_CONCURRENCY": str(settings[1])}
+    with clients.env(**with_env):  # the store's connection pool is sized when it is made
+        store = clients.store(kind, url, endpoint)
 
     def run() -> None:
         shutil.rmtree(out, ignore_errors=True)
-        store.pull(cid, to=out)
+        with clients.env(**with_env):
+            store.pull(cid, to=out)
 
     return run
 
 
 def measure(kind: str, servers_by_network: dict[str, servers.Server], src: Path, proxy: ShapingProxy, reps: int,
-            scratch: Path) -> list[dict]:
+            scratch: Path, ours: tuple[tuple[int, int], ...] = ()) -> list[dict]:
     """Both networks for one checkpoint ``src`` on one store: rows of medians and ratios. ``servers_by_network``:
     the server each network's data is pushed to (GCS has one per network: fake-gcs-server's media links name the
     address it is told, which the raw network's clients must reach directly and the shaped one's through the proxy)."""
@@ -68,6 +74,9 @@ def measure(kind: str, servers_by_network: dict[str, servers.Server], src: Path,
         out = scratch / "out"
         out.mkdir(parents=True, exist_ok=True)
         runs = {CKPT: _pull(kind, url, endpoint, entry.id, scratch / "pulled")}
+        for mib, threads in ours:  # other settings of ours, side by side (not counted as a client)
+            runs[f"{CKPT} ({mib} MiB x {threads})"] = _pull(kind, url, endpoint, entry.id, scratch / "pulled",
+                                                            (mib, threads))
         runs.update(clients.pullers(kind, endpoint, bucket, keys, out))
         times: dict[str, list[float]] = {n: [] for n in runs}
         for r in range(reps):
@@ -84,7 +93,7 @@ def measure(kind: str, servers_by_network: dict[str, servers.Server], src: Path,
                 shutil.rmtree(out, ignore_errors=True)
                 out.mkdir()
         med = {n: statistics.median(t) for n, t in times.items()}
-        best = min((n for n in med if n != CKPT), key=med.get)
+        best = min((n for n in med if not n.startswith(CKPT)), key=med.get)
         rows.append({"store": kind, "network": network, "what": f"{len(files)} × {files[0].stat().st_size // MiB} MiB",
                      "bytes": size, "medians_s": {n: round(t, 2) for n, t in med.items()},
                      "samples_s": {n: [round(x, 2) for x in t] for n, t in times.items()},
@@ -175,6 +184,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--push", action="store_true", help="time pushes of the large file instead")
     p.add_argument("--stock-moto", action="store_true", help="S3 on stock moto (every ranged GET reads the whole "
                    "object) instead of tests/support/moto_ranges.py")
+    p.add_argument("--networks", default="raw,shaped", help="raw, shaped or both")
+    p.add_argument("--ours", default="", help="other settings of cloudckpt's pull to time beside its defaults: "
+                   "RANGE_MIBxCONCURRENCY,... (e.g. 4x16,8x16)")
     p.add_argument("--out", type=Path)
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
@@ -205,8 +217,10 @@ def main(argv: list[str] | None = None) -> int:
                 if args.push:
                     rows += measure_push(kind, {"raw": server, "shaped": shaped}, big, proxy, args.reps)
                     continue
-                for src in (big, small):
-                    rows += measure(kind, {"raw": server, "shaped": shaped}, src, proxy, args.reps, scratch)
+                ours = tuple((int(v.split("x")[0]), int(v.split("x")[1])) for v in args.ours.split(",") if v)
+                networks = {n: s for n, s in (("raw", server), ("shaped", shaped)) if n in args.networks.split(",")}
+                for src in (big, small) if args.files else (big,):
+                    rows += measure(kind, networks, src, proxy, args.reps, scratch, ours)
             finally:
                 proxy.stop()
                 for s in {server.proc.pid: server, shaped.proc.pid: shaped}.values():

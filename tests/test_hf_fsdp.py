@@ -33,8 +33,12 @@ JOB = str(Path(trainer_runs.__file__).parent / "hf_fsdp_job.py")
 RANKS = 2
 
 
-def torchrun(remote: str, d: Path, *args: str) -> subprocess.CompletedProcess:
+def torchrun(remote: str, d: Path, *args: str, agent: bool = False) -> subprocess.CompletedProcess:
+    """The job on RANKS ranks, started as torchrun starts them; under torchrun itself with ``agent`` (a test that
+    reads its report of how a rank died)."""
     d.mkdir(parents=True, exist_ok=True)
+    if not agent:
+        return rank_procs.run(JOB, [remote, str(d), *args], world=RANKS, timeout=300)
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(RANKS), JOB,
            remote, str(d), *args]
     return subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=trainer_runs.env())
@@ -78,7 +82,8 @@ def test_a_rank_sigkilled_mid_save_lists_nothing_and_the_restart_resumes_to_iden
                                                                                             s3_url, point, rank):
     # at step 8's save, rank 1 dies mid-upload of its files, or rank 0 dies inside the
     # commit (manifest stored, index not updated); torchrun stops the other rank
-    killed = torchrun(s3_url, tmp_path / "a", "--kill-step", "8", "--kill-rank", str(rank), "--failpoint", point)
+    killed = torchrun(s3_url, tmp_path / "a", "--kill-step", "8", "--kill-rank", str(rank), "--failpoint", point,
+                      agent=True)
     assert killed.returncode != 0 and "done" not in killed.stdout, killed.stdout
     root = killed.stderr[killed.stderr.index("Root Cause"):]
     assert f"rank      : {rank} " in root and "SIGKILL" in root, root
@@ -107,7 +112,7 @@ def test_a_rank_whose_upload_fails_fails_the_save_on_every_rank_and_lists_nothin
     # rank 1's disk is full when it starts storing step 8's files: every rank raises (no rank waits forever), naming
     # rank 1 and the error, and only step 4 is listed
     failed = torchrun(local_url, tmp_path / "a", "--kill-step", "8", "--kill-rank", "1", "--failpoint",
-                      "hf.sharded.before_upload:1:enospc")
+                      "hf.sharded.before_upload:1:enospc", agent=True)  # its report names each rank
     assert failed.returncode != 0 and "done" not in failed.stdout
     for r in range(RANKS):
         assert f"[rank{r}]: OSError: [Errno 28]" in failed.stderr or \

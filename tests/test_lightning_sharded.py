@@ -29,10 +29,14 @@ JOB = str(Path(trainer_runs.__file__).parent / "lightning_sharded_job.py")
 RANKS = 2
 
 
-def torchrun(remote: str, d: Path, *args: str) -> subprocess.CompletedProcess:
+def torchrun(remote: str, d: Path, *args: str, agent: bool = False) -> subprocess.CompletedProcess:
+    """The job on RANKS ranks, started as torchrun starts them; under torchrun itself with ``agent`` (a test that
+    reads its report of how a rank died)."""
     (d / "out").mkdir(parents=True, exist_ok=True)
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(RANKS), JOB,
-           remote, str(d / "root"), str(d / "out"), *args]
+    argv = [remote, str(d / "root"), str(d / "out"), *args]
+    if not agent:
+        return rank_procs.run(JOB, argv, world=RANKS, timeout=300)
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(RANKS), JOB, *argv]
     return subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=trainer_runs.env())
 
 
@@ -80,7 +84,8 @@ def test_a_rank_sigkilled_mid_save_lists_nothing_and_the_restart_resumes_to_iden
                                                                                             s3_url, point, rank):
     # a rank SIGKILLs itself at ``point`` of the epoch-1 save (step 8): mid-upload of its shards, or (rank 0) in
     # finish before the commit; torchrun stops the other rank
-    killed = torchrun(s3_url, tmp_path / "a", "--kill-epoch", "1", "--kill-rank", str(rank), "--failpoint", point)
+    killed = torchrun(s3_url, tmp_path / "a", "--kill-epoch", "1", "--kill-rank", str(rank), "--failpoint", point,
+                      agent=True)
     assert killed.returncode != 0 and "done" not in killed.stdout, killed.stdout
     root = killed.stderr[killed.stderr.index("Root Cause"):]  # torchrun's report: the rank that died first, and how
     assert f"rank      : {rank} " in root and "SIGKILL" in root, root

@@ -15,7 +15,7 @@ import time
 from pathlib import Path
 
 import pytest
-from support import trainer_runs
+from support import rank_procs, trainer_runs
 
 torch = pytest.importorskip("torch")
 dcp = pytest.importorskip("torch.distributed.checkpoint")
@@ -28,12 +28,16 @@ from cloudckpt.distributed_commit import forget_job_stores  # noqa: E402
 JOB = str(Path(dcp_job.__file__))
 
 
-def torchrun(n: int, *args: str, check: bool = True) -> subprocess.CompletedProcess:
-    """``dcp_job.py`` on ``n`` ranks under torchrun (each rank its own process)."""
+def torchrun(n: int, *args: str, check: bool = True, agent: bool = False) -> subprocess.CompletedProcess:
+    """``dcp_job.py`` on ``n`` ranks, each its own process, started as torchrun starts them; under torchrun itself
+    with ``agent`` (a test that reads its report of how a rank died)."""
     for p in Path(args[2]).glob("load-*.json"):  # results of an earlier load
         p.unlink()
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(n), JOB, *args]
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=trainer_runs.env())
+    if agent:
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(n), JOB, *args]
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=trainer_runs.env())
+    else:
+        proc = rank_procs.run(JOB, args, world=n)
     if check:
         assert proc.returncode == 0, proc.stderr[-4000:]
     return proc
@@ -177,7 +181,7 @@ def test_a_rank_sigkilled_mid_save_lists_nothing_and_the_resumed_run_ends_bit_id
     run, out = request.getfixturevalue(f"{kind}_url"), tmp_path / "out"
     out.mkdir()
     proc = torchrun(2, "save", run, str(out), "--kind", "fsdp", "--save-at", "2,4", "--kill-at", "4",
-                    "--kill-rank", str(rank), "--failpoint", point, check=False)
+                    "--kill-rank", str(rank), "--failpoint", point, check=False, agent=True)
     assert proc.returncode != 0 and "saved 2" in proc.stdout and "saved 4" not in proc.stdout, proc.stdout
     root = proc.stderr[proc.stderr.index("Root Cause"):]  # torchrun's report: the rank that died first, and how
     assert f"rank      : {rank} " in root and "SIGKILL" in root, root

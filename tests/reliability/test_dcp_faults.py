@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import json
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -26,7 +25,7 @@ import pytest
 pytest.importorskip("torch")
 pytest.importorskip("torch.distributed.checkpoint")
 
-from support import dcp_job, trainer_runs  # noqa: E402
+from support import dcp_job, rank_procs, trainer_runs  # noqa: E402
 
 from .faultproxy import FaultProxy  # noqa: E402
 from .invariants import check_run  # noqa: E402
@@ -38,8 +37,8 @@ STORE_OPTIONS = {"config_kwargs": OPTIONS["config_kwargs"]}
 
 
 def torchrun(n: int, env: dict[str, str], *args: str) -> subprocess.CompletedProcess:
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(n), JOB, *args]
-    return subprocess.run(cmd, capture_output=True, text=True, timeout=900, env=env)
+    """The job on ``n`` ranks, started as torchrun starts them (tests/support/rank_procs.py)."""
+    return rank_procs.run(JOB, args, world=n, env=env, timeout=900)
 
 
 @pytest.fixture

@@ -4,30 +4,79 @@ status (torchrun's agent would SIGTERM the other ranks as soon as one exits)."""
 
 from __future__ import annotations
 
+import queue
 import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 from . import trainer_runs
+
+
+def _rank_env(base: Mapping[str, str], rank: int, world: int, port: int) -> dict[str, str]:
+    """What torchrun puts in a rank's environment (one node), OMP_NUM_THREADS=1 included unless it is set."""
+    return {"OMP_NUM_THREADS": "1", **base, "RANK": str(rank), "LOCAL_RANK": str(rank), "WORLD_SIZE": str(world),
+            "LOCAL_WORLD_SIZE": str(world), "GROUP_RANK": "0", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port),
+            "TORCHELASTIC_RUN_ID": f"test-{port}"}
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def run(job: str | Path, args: Sequence[str], *, world: int, env: Mapping[str, str] | None = None,
+        timeout: float = 600) -> subprocess.CompletedProcess:
+    """``python job args`` on ``world`` ranks, each started as torchrun starts it, without torchrun's agent process
+    (whose own imports cost ~1.2 s of CPU per run: the suite is CPU-bound). As the agent does, the first rank to fail
+    gets the others terminated. stdout and stderr: every rank's, in rank order; the return code: the first failed
+    rank's (0 when all succeeded). A test that reads torchrun's own report (its "Root Cause") runs torchrun."""
+    port = _free_port()
+    base = env if env is not None else trainer_runs.env()
+    with tempfile.TemporaryDirectory(prefix="ranks-") as d:
+        outs = [open(Path(d) / f"{r}.out", "w+") for r in range(world)]  # noqa: SIM115 - read back below
+        errs = [open(Path(d) / f"{r}.err", "w+") for r in range(world)]  # noqa: SIM115 - read back below
+        procs = [subprocess.Popen([sys.executable, str(job), *args], stdout=outs[r], stderr=errs[r], text=True,
+                                  env=_rank_env(base, r, world, port)) for r in range(world)]
+        ended: queue.Queue[subprocess.Popen] = queue.Queue()
+        for p in procs:
+            threading.Thread(target=lambda p=p: (p.wait(), ended.put(p)), daemon=True).start()
+        deadline, failed = time.monotonic() + timeout, None
+        try:
+            for _ in procs:
+                p = ended.get(timeout=max(0.0, deadline - time.monotonic()))
+                if p.returncode != 0 and failed is None:
+                    failed = p
+                    for other in procs:
+                        if other.poll() is None:
+                            other.terminate()
+        except queue.Empty:
+            for p in procs:
+                p.kill()
+            raise subprocess.TimeoutExpired([str(job), *args], timeout) from None
+        text = []
+        for f in (*outs, *errs):
+            f.seek(0)
+            text.append(f.read())
+            f.close()
+    return subprocess.CompletedProcess([str(job), *args], failed.returncode if failed else 0,
+                                       "".join(text[:world]), "".join(text[world:]))
 
 
 def spawn(job: str, args: Sequence[str], logs: Path, world: int = 2) -> list[subprocess.Popen]:
     """Start ``tests/support/<job> args`` on ``world`` ranks. Rank 0's stdout is a pipe; the other ranks' stdout and
     every rank's stderr go to ``logs/rank<r>.out|err``."""
     logs.mkdir(parents=True, exist_ok=True)
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = _free_port()
     procs = []
     for rank in range(world):
-        env = {**trainer_runs.env(), "RANK": str(rank), "LOCAL_RANK": str(rank), "WORLD_SIZE": str(world),
-               "LOCAL_WORLD_SIZE": str(world), "GROUP_RANK": "0", "MASTER_ADDR": "127.0.0.1",
-               "MASTER_PORT": str(port), "TORCHELASTIC_RUN_ID": f"test-{port}"}
+        env = _rank_env(trainer_runs.env(), rank, world, port)
         out = subprocess.PIPE if rank == 0 else open(logs / f"rank{rank}.out", "w")  # noqa: SIM115 - the child's
         err = open(logs / f"rank{rank}.err", "w")  # noqa: SIM115 - the child's
         procs.append(subprocess.Popen([sys.executable, str(trainer_runs.JOBS / job), *args], stdout=out, stderr=err,
