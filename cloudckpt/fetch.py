@@ -4,7 +4,7 @@ staging ``.part`` file and hashed as it lands, resumable range by range, checked
 - **Parallel ranges.** A file is cut into ``range_size`` ranges (the last one shorter); each is one ranged GET
   (:meth:`~cloudckpt.backends.base.Backend.read_range`, on every store) run in a :class:`RangePool` of
   ``concurrency`` threads shared by all the files of a pull, and written with ``os.pwrite`` at its offset. A thread
-  holds one range at a time: memory is bounded by ``concurrency × range_size`` (8 × 8 MiB = 64 MiB by default).
+  holds one range at a time: memory is bounded by ``concurrency × range_size`` (16 × 4 MiB = 64 MiB by default).
 - **Checked whole.** Each range's crc32c is computed from the bytes written; the file's crc32c is combined from
   them (:mod:`~cloudckpt.crc_combine`, no second read) and must equal the manifest's, as must the sha256 (that one
   needs a read of the file) when the manifest has one. Only then is the ``.part`` renamed to its name.

@@ -122,7 +122,10 @@ class GCSBackend(Backend):
         self.composite_threshold = int(opts.get("composite_threshold", 150 * _MB))
         self.part_size = max(256 * 1024, int(opts.get("part_size", 8 * _MB)))
         self.max_concurrency = max(1, int(opts.get("max_concurrency", 8)))
-        self._slots = threading.BoundedSemaphore(self.max_concurrency)  # parts in memory, over all uploads
+        # parts in memory over all uploads: each part is held twice while it is sent (our bytes and the multipart
+        # body google-cloud-storage builds from them), so half as many parts as max_concurrency
+        self.parts_in_flight = max(1, self.max_concurrency // 2)
+        self._slots = threading.BoundedSemaphore(self.parts_in_flight)
         self.emulator = bool(os.environ.get("STORAGE_EMULATOR_HOST"))
         if self.emulator:
             opts.setdefault("token", "anon")

@@ -4,7 +4,8 @@ into the object, whose crc32c GCS computes over the whole composed object — th
 GCS's other parallel upload, the XML API multipart upload, is not served by fake-gcs-server (404), so it can't be
 tested here; composition can, and keeps the stored checksum equal to the manifest's (a composite object has a
 crc32c, no MD5). Parts are read in order from one pass over the file (:func:`~cloudckpt.backends.parts.send_parts`:
-at most ``max_concurrency`` parts in memory per store), each uploaded with its crc32c checked by the
+at most ``max_concurrency`` / 2 parts in memory per store, each held twice while it is sent: ours and the
+multipart body google-cloud-storage builds), each uploaded with its crc32c checked by the
 service, named ``<object>.cloudckpt-part-<random>-<n>`` beside the object; at most 32 are composed at a time (GCS's
 limit), in a tree when there are more. The temporary objects are deleted once the object is checked; if the push
 fails they are deleted too, and whatever a crash leaves behind sits inside the checkpoint's folder, where ``gc``
@@ -53,7 +54,7 @@ def composite_upload(backend: Any, source: Source, rel: str, *, deadline: float 
 
     try:
         names = send_parts(source, backend.part_size, send, slots=backend._slots,
-                           remaining=lambda: backend.remaining(deadline), workers=backend.max_concurrency,
+                           remaining=lambda: backend.remaining(deadline), workers=backend.parts_in_flight,
                            name="cloudckpt-gcs-part")
         level = 0
         while len(names) > MAX_SOURCES:  # a tree of composes: each level has at most 1/32 of the objects below it
