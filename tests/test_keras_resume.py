@@ -73,15 +73,19 @@ def run_until_listed(tmp: Path, step: int, listed: int, sig: int, store: Path, *
 
     proc = start(tmp, *args)
     out = []
-    for line in proc.stdout:
-        out.append(line)
-        m = re.fullmatch(r"STEP (\d+)", line.strip())
-        if m and int(m.group(1)) >= step:
-            with CheckpointStore(str(store)) as s:
-                steps = [c.step for c in s.list()]
-            if listed in steps or int(m.group(1)) >= EPOCHS * STEPS_PER_EPOCH - 3:  # late: the assertions say why
-                proc.send_signal(sig)
-                break
+    try:
+        for line in proc.stdout:
+            out.append(line)
+            m = re.fullmatch(r"STEP (\d+)", line.strip())
+            if m and int(m.group(1)) >= step:
+                with CheckpointStore(str(store)) as s:
+                    steps = [c.step for c in s.list()]
+                if listed in steps or int(m.group(1)) >= EPOCHS * STEPS_PER_EPOCH - 3:  # late: assertions say why
+                    proc.send_signal(sig)
+                    break
+    except BaseException:
+        proc.kill()  # its uploads hang: never left running
+        raise
     return finish(proc, "".join(out))
 
 
