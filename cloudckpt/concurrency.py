@@ -22,7 +22,7 @@ DEFAULT_CONCURRENCY = 16
 _MIN_POOL = 10
 
 
-def env_int(name: str, default: int, low: int) -> int:
+def _env_int(name: str, default: int, low: int) -> int:
     """The integer in ``$name`` (``default`` when unset or empty); ConfigurationError when it isn't one >= ``low``."""
     raw = os.environ.get(name)
     if raw is None or raw == "":
@@ -38,12 +38,12 @@ def env_int(name: str, default: int, low: int) -> int:
 
 def pull_concurrency() -> int:
     """Ranged GETs a pull runs at once: $CLOUDCKPT_CONCURRENCY, else :data:`DEFAULT_CONCURRENCY`."""
-    return env_int("CLOUDCKPT_CONCURRENCY", DEFAULT_CONCURRENCY, 1)
+    return _env_int("CLOUDCKPT_CONCURRENCY", DEFAULT_CONCURRENCY, 1)
 
 
 def range_size() -> int:
     """Bytes per ranged GET: $CLOUDCKPT_RANGE_SIZE, else :data:`DEFAULT_RANGE_SIZE`."""
-    return env_int("CLOUDCKPT_RANGE_SIZE", DEFAULT_RANGE_SIZE, 64 * 1024)
+    return _env_int("CLOUDCKPT_RANGE_SIZE", DEFAULT_RANGE_SIZE, 64 * 1024)
 
 
 def http_pool_size(max_concurrency: int) -> int:

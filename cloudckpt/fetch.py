@@ -35,8 +35,6 @@ import google_crc32c
 from . import cancel
 from .backends import Backend
 from .checksum import file_checksums
-from .concurrency import DEFAULT_CONCURRENCY as DEFAULT_CONCURRENCY
-from .concurrency import DEFAULT_RANGE_SIZE as DEFAULT_RANGE_SIZE
 from .concurrency import pull_concurrency
 from .concurrency import range_size as default_range_size
 from .crc_combine import combine
