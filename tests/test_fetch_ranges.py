@@ -356,3 +356,22 @@ def test_an_interrupted_range_pool_does_not_wait_for_ranges_in_flight():
     assert not fut.done()  # the pool did not wait for it
     release.set()
     fut.result(timeout=30)
+
+
+@pytest.mark.parametrize("name,value", [("CLOUDCKPT_CONCURRENCY", "0"), ("CLOUDCKPT_CONCURRENCY", "many"),
+                                        ("CLOUDCKPT_RANGE_SIZE", "1024")])
+def test_a_bad_pull_setting_in_the_environment_is_a_configuration_error(monkeypatch, name, value):
+    from cloudckpt.errors import ConfigurationError
+
+    monkeypatch.setenv(name, value)
+    with pytest.raises(ConfigurationError, match=f"\\${name} must be an integer"):
+        RangePool()
+
+
+def test_the_connection_pool_follows_the_pulls_concurrency(monkeypatch):
+    from cloudckpt.concurrency import http_pool_size
+
+    monkeypatch.setenv("CLOUDCKPT_CONCURRENCY", "40")
+    assert http_pool_size(8) == 42
+    monkeypatch.setenv("CLOUDCKPT_CONCURRENCY", "2")
+    assert http_pool_size(8) == 10 and http_pool_size(20) == 22
