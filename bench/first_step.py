@@ -26,7 +26,7 @@ import time
 from pathlib import Path
 
 from tests.support import servers
-from tests.support.shaping_proxy import ShapingProxy
+from tests.support.proxy_process import ShapingProxyProcess
 
 ROOT = Path(__file__).resolve().parent.parent
 CHILD = "bench.first_step"
@@ -89,7 +89,7 @@ def timed_run(how: str, n_layers: int, where: str, endpoint: str, scratch: Path)
     return {"total": total, **json.loads(line.split(" ", 1)[1])}
 
 
-def measure(mb: int, server: servers.Server, proxy: ShapingProxy, reps: int, scratch: Path) -> list[dict]:
+def measure(mb: int, server: servers.Server, proxy: ShapingProxyProcess, reps: int, scratch: Path) -> list[dict]:
     import boto3
 
     from cloudckpt import CheckpointStore
@@ -150,7 +150,7 @@ def main(argv: list[str] | None = None) -> int:
     scratch = Path(tempfile.mkdtemp(prefix="cloudckpt-first-step-"))
     server = servers.start_moto(ranges=True)
     servers.apply_env(servers.s3_env(server.endpoint))
-    proxy = ShapingProxy(server.endpoint, rate=args.rate_mbps * 1e6, latency=args.latency_ms / 1e3).start()
+    proxy = ShapingProxyProcess(server.endpoint, rate=args.rate_mbps * 1e6, latency=args.latency_ms / 1e3).start()
     started, load = time.strftime("%Y-%m-%dT%H:%M:%SZ"), os.getloadavg()
     try:
         rows = [r for mb in map(int, args.sizes_mb.split(",")) for r in measure(mb, server, proxy, args.reps, scratch)]

@@ -28,7 +28,7 @@ from pathlib import Path
 os.environ.setdefault("GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT", "false")
 
 from tests.support import servers  # noqa: E402
-from tests.support.shaping_proxy import ShapingProxy  # noqa: E402
+from tests.support.proxy_process import ShapingProxyProcess  # noqa: E402
 
 from . import shaped_clients as clients  # noqa: E402
 from .common import make_file  # noqa: E402
@@ -53,8 +53,8 @@ def _pull(kind: str, url: str, endpoint: str, cid: str, out: Path, settings: tup
     return run
 
 
-def measure(kind: str, servers_by_network: dict[str, servers.Server], src: Path, proxy: ShapingProxy, reps: int,
-            scratch: Path, ours: tuple[tuple[int, int], ...] = ()) -> list[dict]:
+def measure(kind: str, servers_by_network: dict[str, servers.Server], src: Path, proxy: ShapingProxyProcess,
+            reps: int, scratch: Path, ours: tuple[tuple[int, int], ...] = ()) -> list[dict]:
     """Both networks for one checkpoint ``src`` on one store: rows of medians and ratios. ``servers_by_network``:
     the server each network's data is pushed to (GCS has one per network: fake-gcs-server's media links name the
     address it is told, which the raw network's clients must reach directly and the shaped one's through the proxy)."""
@@ -101,7 +101,7 @@ def measure(kind: str, servers_by_network: dict[str, servers.Server], src: Path,
     return rows
 
 
-def measure_push(kind: str, servers_by_network: dict[str, servers.Server], src: Path, proxy: ShapingProxy,
+def measure_push(kind: str, servers_by_network: dict[str, servers.Server], src: Path, proxy: ShapingProxyProcess,
                  reps: int) -> list[dict]:
     """Pushes of ``src`` on both networks: rows of medians and ratios (the clients' own parallel uploads)."""
     size = src.stat().st_size
@@ -134,7 +134,7 @@ def measure_push(kind: str, servers_by_network: dict[str, servers.Server], src: 
     return rows
 
 
-def grid(kind: str, server: servers.Server, src: Path, proxy: ShapingProxy, scratch: Path) -> list[dict]:
+def grid(kind: str, server: servers.Server, src: Path, proxy: ShapingProxyProcess, scratch: Path) -> list[dict]:
     """cloudckpt's pull of ``src`` through the shaped network for range sizes x concurrencies."""
     bucket = clients.container(kind)
     url = f"{'gs' if kind == 'gcs' else kind}://{bucket}/run"
@@ -207,7 +207,7 @@ def main(argv: list[str] | None = None) -> int:
             server = started[kind]()
             shaped = _gcs_behind(proxy_port) if kind == "gcs" else server
             servers.apply_env(env[kind](server.endpoint))
-            proxy = ShapingProxy(shaped.endpoint, rate=args.rate_mbps * 1e6, latency=args.latency_ms / 1e3,
+            proxy = ShapingProxyProcess(shaped.endpoint, rate=args.rate_mbps * 1e6, latency=args.latency_ms / 1e3,
                                  port=proxy_port).start()
             try:
                 if args.grid:
