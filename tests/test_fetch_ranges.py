@@ -375,3 +375,26 @@ def test_the_connection_pool_follows_the_pulls_concurrency(monkeypatch):
     assert http_pool_size(8) == 42
     monkeypatch.setenv("CLOUDCKPT_CONCURRENCY", "2")
     assert http_pool_size(8) == 10 and http_pool_size(20) == 22
+
+
+def test_a_range_is_written_whole_through_short_writes(tmp_path, monkeypatch):
+    # pwrite may write less than asked (a signal, a full disk on some filesystems); the crc32c recorded for a range is
+    # of the bytes it was given, so every one of them must be on disk or the file is published with a hole
+    import cloudckpt.fetch as fetch
+
+    real, calls = os.pwrite, []
+
+    def short(fd, data, offset):
+        calls.append(len(data))
+        return real(fd, bytes(data)[:1000], offset)
+
+    monkeypatch.setattr(fetch.os, "pwrite", short)
+    data = os.urandom(3 * fetch.WRITE_SLICE + 17)
+    path = tmp_path / "part"
+    fd = os.open(path, os.O_RDWR | os.O_CREAT)
+    try:
+        fetch.write_at(fd, data, 5)
+    finally:
+        os.close(fd)
+    assert path.read_bytes() == b"\0" * 5 + data
+    assert max(calls) <= fetch.WRITE_SLICE  # in slices: one 4 MiB write cost ~4x the kernel time here
