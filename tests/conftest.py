@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import os
 import shutil
+import sys
+import tempfile
 import uuid
 
 import pytest
@@ -12,6 +14,35 @@ from support import servers
 
 os.environ.setdefault("GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT", "false")
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+_SESSION_TMP = pytest.StashKey[str]()
+
+
+def pytest_configure(config):
+    """One temporary directory for everything the session's processes make with ``tempfile`` (servers' data, writers
+    killed before they clean up, staging of SIGKILLed trainers): $TMPDIR for the children, removed when the session
+    passes, kept and named when it fails. pytest's own ``tmp_path`` roots stay where they were."""
+    if os.environ.get("CLOUDCKPT_TEST_TMP") or hasattr(config, "workerinput"):
+        return  # an xdist worker: it shares the controller's (its environment carries it)
+    root = tempfile.mkdtemp(prefix="cloudckpt-tests-")
+    os.environ.setdefault("PYTEST_DEBUG_TEMPROOT", tempfile.gettempdir())
+    os.environ["TMPDIR"] = os.environ["CLOUDCKPT_TEST_TMP"] = root
+    tempfile.tempdir = root
+    config.stash[_SESSION_TMP] = root
+
+
+def pytest_unconfigure(config):
+    root = config.stash.get(_SESSION_TMP, None)
+    if root is None:
+        return
+    if getattr(config, "_cloudckpt_failed", True):
+        sys.stderr.write(f"\nthe session's temporary files (servers' logs and data) are kept in {root}\n")
+    else:
+        shutil.rmtree(root, ignore_errors=True)
+
+
+def pytest_sessionfinish(session, exitstatus):
+    session.config._cloudckpt_failed = exitstatus != 0
 
 
 def pytest_addoption(parser):

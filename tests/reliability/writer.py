@@ -12,6 +12,7 @@ import argparse
 import json
 import os
 import random
+import shutil
 import sys
 import tempfile
 import time
@@ -61,6 +62,13 @@ def main() -> int:
     rnd = random.Random(args.seed)
     opts = json.loads(args.options)
     work = Path(tempfile.mkdtemp(prefix="rel-writer-"))
+    try:
+        return write(args, rnd, opts, work)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+
+
+def write(args: argparse.Namespace, rnd: random.Random, opts: dict, work: Path) -> int:
     with CheckpointStore(args.url, budget=60, workers=4, **opts) as store:
         if args.claim:
             say(f"CLAIMED {store.claim().generation}")
@@ -84,6 +92,8 @@ def main() -> int:
                         raise
                     say(f"REFUSED {exc}")
                     continue
+                finally:
+                    shutil.rmtree(src, ignore_errors=True)  # pushed or refused: a killed writer leaves one at most
                 say(f"COMMITTED {entry.id} {loss!r}")
                 if args.prune_every and n % args.prune_every == 0:
                     say(f"PRUNED {len(store.prune())}")
