@@ -24,7 +24,10 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from urllib.parse import urlsplit
 
-_BLOCK = 16 * 1024
+# The pacing step: a connection sends this much, then waits its turn (at 40 MB/s, every 1.6 ms). Each step costs
+# the proxy's loop a wake-up, on the same two cores as the clients it times: relaying 100 x 10 MiB at 40 MB/s per
+# connection took it 1.4 CPU-s (s5cmd's pull) and 2.1-2.5 CPU-s (ours) in 16 KiB steps, 1.05 and 1.75-1.85 in 64 KiB.
+_BLOCK = 64 * 1024
 
 
 @dataclass
@@ -248,8 +251,9 @@ class ShapingProxy:
 
         async def send(data: bytes) -> None:
             nonlocal sent, fired
-            for i in range(0, len(data), _BLOCK):
-                block = data[i:i + _BLOCK]
+            view = memoryview(data)
+            for i in range(0, len(view), _BLOCK):
+                block = view[i:i + _BLOCK]
                 if fault is not None and sent + len(block) > fault.after and not fired:
                     cut = max(0, fault.after - sent)
                     if cut:
