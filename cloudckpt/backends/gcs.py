@@ -14,6 +14,8 @@ serve the storage-control probe of its default class, which stalls ~60 s per buc
 from __future__ import annotations
 
 import base64
+import functools
+import inspect
 import os
 import threading
 from collections.abc import Callable
@@ -71,6 +73,16 @@ class _Sink:
 
     def flush(self) -> None:
         pass
+
+
+@functools.cache
+def _whole_body() -> dict[str, bool]:
+    """``single_shot_download=True`` where google-cloud-storage has it (3.x): a range's body is read in one call, not
+    8 KiB at a time through Python (a 1 GiB pull through a capped network: 5.3 s -> see docs/benchmarks.md)."""
+    from google.cloud.storage import Blob
+
+    return {"single_shot_download": True} \
+        if "single_shot_download" in inspect.signature(Blob.download_as_bytes).parameters else {}
 
 
 def _translate(exc: Exception, url: str) -> BaseException | None:
@@ -278,7 +290,8 @@ class GCSBackend(Backend):
         try:  # ``end`` is inclusive; no decompressive transcoding (checkpoints are stored as they are)
             data = self.bucket.blob(self._name(rel)).download_as_bytes(start=start, end=start + length - 1 + last,
                                                                        timeout=self.timeout, raw_download=True,
-                                                                       retry=self._retry(deadline))
+                                                                       retry=self._retry(deadline), checksum=None,
+                                                                       **_whole_body())
         except NotFound as e:
             raise FileNotFoundError(f"{self.url}/{rel}: no such object") from e
         except RequestRangeNotSatisfiable as e:
