@@ -226,6 +226,8 @@ def main(argv: list[str] | None = None) -> int:
                 for s in {server.proc.pid: server, shaped.proc.pid: shaped}.values():
                     s.proc.kill()
                     s.proc.wait()
+                    if s.argv and "--location" in s.argv:  # Azurite's data: a throw-away directory
+                        shutil.rmtree(s.argv[s.argv.index("--location") + 1], ignore_errors=True)
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
     doc = {"s3_server": "stock moto" if args.stock_moto else "moto, ranges served alone (tests/support/moto_ranges.py)",
