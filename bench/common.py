@@ -91,6 +91,14 @@ class Variant:
     def median(self) -> float | None:
         return statistics.median(self.samples) if self.samples else None
 
+    @property
+    def lower_quartile(self) -> float | None:
+        """The first quartile, inside the samples' range: ``statistics.quantiles``' default ("exclusive") method
+        extrapolates from few samples and gave a negative quartile for [1, 10] (a failed CI run)."""
+        if len(self.samples) < 2:
+            return self.samples[0] if self.samples else None
+        return statistics.quantiles(self.samples, n=4, method="inclusive")[0]
+
 
 @dataclass
 class Section:

@@ -132,7 +132,7 @@ def finish(sec: Section, own: str, ours: str, *, own_part: list[float] | None = 
     sec.ratio_desc = "cloudckpt stall / the framework's own save"
     sec.met = sec.ratio <= 1.05
     if min(len(sec.variant(n).samples) for n in (own, ours)) >= 2:
-        q1 = {n: statistics.quantiles(sec.variant(n).samples, n=4)[0] for n in (own, ours)}
+        q1 = {n: sec.variant(n).lower_quartile for n in (own, ours)}
         sec.other_ratios["lower quartiles, cloudckpt / the framework's own save"] = round(q1[ours] / q1[own], 3)
     if own_part:
         sec.other_ratios["cloudckpt's own part / the framework's own save"] = \

@@ -221,7 +221,7 @@ def section(ctx: Ctx, mb: int) -> Section:
     sec.ratio = round(ours / keras_med, 3)
     sec.ratio_desc = "CloudCheckpoint stall / Keras local stall"
     sec.met = sec.ratio <= 1.05
-    q1 = {n: statistics.quantiles(sec.variant(n).samples, n=4)[0] for n in (KERAS, CLOUD)}
+    q1 = {n: sec.variant(n).lower_quartile for n in (KERAS, CLOUD)}
     own = sec.variant(CLOUD).extra.get("own_part_ms")
     sec.other_ratios = {
         f"CloudCheckpoint stall / {KERAS_BACKUP} stall (exact-resume baseline)":

@@ -15,6 +15,8 @@ import sys
 from pathlib import Path
 
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 
 ROOT = Path(__file__).resolve().parent.parent
 STORE_SECTIONS = {"push_s3", "push_gcs", "restore_s3", "restore_gcs", "memory", "index_local", "index_s3",
@@ -191,3 +193,13 @@ def test_a_client_that_is_not_installed_is_skipped_with_the_reason(monkeypatch, 
     assert set(push_skipped) == {"s5cmd cp", "obstore put"}
     assert set(pull_skipped) == {"s5cmd cp (1 stream) + crc32c", "obstore get + crc32c"}
     assert all(why.startswith("not installed: ") for why in (*push_skipped.values(), *pull_skipped.values()))
+
+
+@given(st.lists(st.floats(min_value=0, max_value=1e6, allow_nan=False), min_size=1, max_size=12))
+def test_a_variants_lower_quartile_lies_within_its_samples(samples):
+    """A ratio of quartiles is only meaningful if each quartile is one of the times the samples span: the default
+    quantile method extrapolated from two skewed stalls to a negative quartile and failed a CI run."""
+    from bench.common import Variant
+
+    q1 = Variant("v", list(samples)).lower_quartile
+    assert min(samples) <= q1 <= statistics.median(samples)
