@@ -103,8 +103,10 @@ def measure(kind: str, servers_by_network: dict[str, servers.Server], src: Path,
 
 def measure_push(kind: str, servers_by_network: dict[str, servers.Server], src: Path, proxy: ShapingProxyProcess,
                  reps: int) -> list[dict]:
-    """Pushes of ``src`` on both networks: rows of medians and ratios (the clients' own parallel uploads)."""
-    size = src.stat().st_size
+    """Pushes of ``src`` (a file or a folder) on both networks: rows of medians and ratios (the clients' own
+    parallel uploads)."""
+    files = [src] if src.is_file() else sorted(src.iterdir())
+    size = sum(f.stat().st_size for f in files)
     rows = []
     for network, server in servers_by_network.items():
         endpoint = proxy.endpoint if network == "shaped" else server.endpoint
@@ -127,10 +129,58 @@ def measure_push(kind: str, servers_by_network: dict[str, servers.Server], src: 
         med = {n: statistics.median(t) for n, t in times.items()}
         raw_clients = [n for n in med if not n.startswith("cloudckpt")]
         best = min(raw_clients, key=med.get)
-        rows.append({"store": kind, "network": network, "what": f"push 1 × {size // MiB} MiB", "bytes": size,
+        what = f"push {len(files)} × {files[0].stat().st_size // MiB} MiB"
+        rows.append({"store": kind, "network": network, "what": what, "bytes": size,
                      "ours": "cloudckpt push", "medians_s": {n: round(t, 2) for n, t in med.items()},
                      "samples_s": {n: [round(x, 2) for x in t] for n, t in times.items()},
                      "fastest_client": best, "ratio": round(med["cloudckpt push"] / med[best], 2)})
+    return rows
+
+
+def measure_repull(kind: str, servers_by_network: dict[str, servers.Server], src: Path,
+                   proxy: ShapingProxyProcess, reps: int, scratch: Path) -> list[dict]:
+    """The first verified pull of ``src`` (with a node cache configured, as a restarted machine would have), a pull
+    of the unchanged checkpoint into the same folder (every file re-used), and one into a new folder from the node
+    cache: their times, where their files came from and how many bytes of responses crossed the network."""
+    files = [src] if src.is_file() else sorted(src.iterdir())
+    size = sum(f.stat().st_size for f in files)
+    rows = []
+    for network, server in servers_by_network.items():
+        endpoint = proxy.endpoint if network == "shaped" else server.endpoint
+        with clients.env(**({"STORAGE_EMULATOR_HOST": server.endpoint} if kind == "gcs" else {})):
+            bucket = clients.container(kind)
+            url = f"{'gs' if kind == 'gcs' else kind}://{bucket}/run"
+            with clients.store(kind, url, server.endpoint) as store:
+                entry = store.push(src, epoch=1)
+        cache, first, again = scratch / "cache", scratch / "pulled", scratch / "elsewhere"
+        runs = {CKPT: first, f"{CKPT} again, same folder": first,
+                f"{CKPT} into a new folder, from the node cache": again}
+        times: dict[str, list[float]] = {n: [] for n in runs}
+        through: dict[str, list[int]] = {n: [] for n in runs}
+        sources: dict[str, dict] = {}
+        for _ in range(reps):
+            for path in (cache, first, again):
+                shutil.rmtree(path, ignore_errors=True)
+            for name, dest in runs.items():  # in this order: each pull needs the one before
+                # a store of its own for each pull (made untimed, as by a new process): nothing read before is known
+                with clients.env(CLOUDCKPT_CACHE_DIR=str(cache)):  # read when the store is made
+                    puller = clients.store(kind, url, endpoint)
+                with puller:
+                    proxy.reset_stats()
+                    t0 = time.perf_counter()
+                    result = puller.pull(entry.id, to=dest)
+                    times[name].append(time.perf_counter() - t0)
+                    through[name].append(proxy.stats.body_bytes)
+                    sources[name] = result.sources
+                    logging.info("%s %s %s: %.3f s, %d bytes through the network, %s", kind, network, name,
+                                 times[name][-1], through[name][-1], result.sources)
+        med = {n: statistics.median(t) for n, t in times.items()}
+        rows.append({"store": kind, "network": network, "what": f"{len(files)} × {files[0].stat().st_size // MiB} MiB",
+                     "bytes": size, "ours": CKPT, "medians_s": {n: round(t, 3) for n, t in med.items()},
+                     "samples_s": {n: [round(x, 3) for x in t] for n, t in times.items()},
+                     "response_bytes": through, "sources": sources, "fastest_client": f"{CKPT} (the first)",
+                     "ratios_vs_first_pull": {n: round(med[n] / med[CKPT], 4) for n in med if n != CKPT},
+                     "ratio": round(med[f"{CKPT} again, same folder"] / med[CKPT], 4)})
     return rows
 
 
@@ -182,6 +232,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--latency-ms", type=float, default=30.0, help="time to first byte of every answer")
     p.add_argument("--grid", action="store_true", help="time range sizes x concurrencies instead")
     p.add_argument("--push", action="store_true", help="time pushes of the large file instead")
+    p.add_argument("--repull", action="store_true", help="time a pull of an unchanged checkpoint into the folder "
+                   "that holds it, and one from the node cache into a new folder, against the first pull")
     p.add_argument("--stock-moto", action="store_true", help="S3 on stock moto (every ranged GET reads the whole "
                    "object) instead of tests/support/moto_ranges.py")
     p.add_argument("--networks", default="raw,shaped", help="raw, shaped or both")
@@ -214,12 +266,18 @@ def main(argv: list[str] | None = None) -> int:
                     with clients.env(**({"STORAGE_EMULATOR_HOST": shaped.endpoint} if kind == "gcs" else {})):
                         rows += grid(kind, shaped, big, proxy, scratch)
                     continue
+                networks = {n: s for n, s in (("raw", server), ("shaped", shaped)) if n in args.networks.split(",")}
+                srcs = (big, small) if args.files else (big,)
                 if args.push:
-                    rows += measure_push(kind, {"raw": server, "shaped": shaped}, big, proxy, args.reps)
+                    for src in srcs:
+                        rows += measure_push(kind, networks, src, proxy, args.reps)
+                    continue
+                if args.repull:
+                    for src in srcs:
+                        rows += measure_repull(kind, networks, src, proxy, args.reps, scratch)
                     continue
                 ours = tuple((int(v.split("x")[0]), int(v.split("x")[1])) for v in args.ours.split(",") if v)
-                networks = {n: s for n, s in (("raw", server), ("shaped", shaped)) if n in args.networks.split(",")}
-                for src in (big, small) if args.files else (big,):
+                for src in srcs:
                     rows += measure(kind, networks, src, proxy, args.reps, scratch, ours)
             finally:
                 proxy.stop()
@@ -235,7 +293,8 @@ def main(argv: list[str] | None = None) -> int:
            "started": time.strftime("%Y-%m-%dT%H:%M:%SZ"), "load": os.getloadavg(), "rows": rows}
     if args.out:
         args.out.mkdir(parents=True, exist_ok=True)
-        name = "grid.json" if args.grid else "push.json" if args.push else "results.json"
+        name = "grid.json" if args.grid else "push.json" if args.push else "repull.json" if args.repull \
+            else "results.json"
         (args.out / name).write_text(json.dumps(doc, indent=1))
     print(json.dumps(doc, indent=1) if args.grid else markdown(rows))
     return 0

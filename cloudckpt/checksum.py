@@ -2,14 +2,22 @@
 
 from __future__ import annotations
 
+import contextvars
 import hashlib
+import os
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Protocol
 
 import google_crc32c
 
 BLOCK = 8 * 2**20
+#: a file's crc32c alone (no sha256) is computed in pieces of this size on :data:`HASH_THREADS` threads and the
+#: pieces' crc32cs combined (google-crc32c lets other threads run): a re-used 1 GiB file is checked in about half
+#: the time of one pass on the 2-core test machines, the reads from the page cache in parallel too
+PIECE = 64 * 2**20
+HASH_THREADS = max(1, min(4, os.cpu_count() or 1))
 
 
 class StreamChecksums:
@@ -41,6 +49,40 @@ def file_checksums(path: str | Path, *, sha256: bool = False) -> dict[str, str]:
         while block := f.read(BLOCK):
             sums.update(block)
     return sums.result()
+
+
+def file_crc32c(path: str | Path, *, check: Callable[[], None] | None = None) -> tuple[int, str]:
+    """The size and crc32c (hex) of the file at ``path``; a file over one :data:`PIECE` is read and hashed in
+    pieces on several threads. ``check()`` runs before each block (it may raise to stop, in the caller's context)."""
+    from .crc_combine import combine
+
+    with open(path, "rb", buffering=0) as f:
+        size = os.fstat(f.fileno()).st_size
+        count = max(1, -(-size // PIECE))
+
+        def piece(i: int) -> tuple[int, int]:
+            crc, done, start, end = 0, 0, i * PIECE, min(size, (i + 1) * PIECE)
+            while start + done < end:
+                if check is not None:
+                    check()
+                block = os.pread(f.fileno(), min(BLOCK, end - start - done), start + done)
+                if not block:
+                    break  # the file shrank meanwhile: the total says so
+                crc = google_crc32c.extend(crc, block)
+                done += len(block)
+            return crc, done
+
+        if count == 1:
+            results = [piece(0)]
+        else:
+            ctx = contextvars.copy_context()  # the caller's: ``check`` may read its cancel token
+            with ThreadPoolExecutor(min(HASH_THREADS, count), thread_name_prefix="cloudckpt-hash") as pool:
+                results = list(pool.map(lambda i: ctx.copy().run(piece, i), range(count)))
+    crc, total = results[0]
+    for c, n in results[1:]:
+        crc = combine(crc, c, n)
+        total += n
+    return total, f"{crc:08x}"
 
 
 def matches(path: str | Path, expected_crc32c: str | None, expected_sha256: str | None) -> bool:

@@ -7,12 +7,16 @@ from __future__ import annotations
 
 import os
 import tempfile
+import threading
 from pathlib import Path
+from unittest import mock
 
+import google_crc32c
+import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from cloudckpt import CheckpointStore
+from cloudckpt import CheckpointStore, checksum
 from cloudckpt.cache import Cache
 from cloudckpt.pull_plan import partial_dir
 
@@ -43,10 +47,12 @@ files_st = st.lists(st.tuples(st.sampled_from(["a.bin", "b.bin", "sub/c.bin", "s
 
 @settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(files=files_st, data=st.data(), with_target=st.booleans(), with_partial=st.booleans(),
-       with_cache=st.booleans())
+       with_cache=st.booleans(), piece=st.sampled_from([checksum.PIECE, 4096, 1000]))
 def test_a_pull_restores_exactly_the_manifest_and_fetches_only_what_nothing_here_holds(files, data, with_target,
-                                                                                       with_partial, with_cache):
-    with tempfile.TemporaryDirectory() as tmp:
+                                                                                       with_partial, with_cache,
+                                                                                       piece):
+    # piece: the size of the pieces a re-used file is hashed in, on several threads (small: many pieces per file)
+    with tempfile.TemporaryDirectory() as tmp, mock.patch.object(checksum, "PIECE", piece):
         root = Path(tmp)
         contents = {rel: os.urandom(size) for rel, size in files}
         src = root / "src"
@@ -110,6 +116,34 @@ def test_a_pull_restores_exactly_the_manifest_and_fetches_only_what_nothing_here
         assert {p: p.read_bytes() for p in before} == before
         if cache is not None:  # what was fetched is cached now, verifying
             assert all(cache.check(f) for f in entry.files if f.path in fetched)
+
+
+@settings(max_examples=60, deadline=None)
+@given(size=st.integers(0, 50_000), piece=st.integers(1, 20_000), block=st.integers(1, 9_000))
+def test_a_file_hashed_in_pieces_on_threads_has_the_crc32c_of_its_bytes(size, piece, block):
+    with tempfile.NamedTemporaryFile() as f, mock.patch.object(checksum, "PIECE", piece), \
+            mock.patch.object(checksum, "BLOCK", block):
+        data = os.urandom(size)
+        f.write(data)
+        f.flush()
+        assert checksum.file_crc32c(f.name) == (size, f"{google_crc32c.value(data):08x}")
+
+
+def test_hashing_in_pieces_stops_when_the_check_says_so_on_every_thread(tmp_path):
+    """The check runs on the hashing threads in the caller's context (a pull's cancel token is read there), and its
+    exception is what the caller sees."""
+    (tmp_path / "f").write_bytes(os.urandom(100_000))
+    seen: list[str] = []
+
+    def check():
+        seen.append(threading.current_thread().name)
+        if len(seen) > 3:
+            raise KeyboardInterrupt
+
+    with mock.patch.object(checksum, "PIECE", 10_000), mock.patch.object(checksum, "BLOCK", 1_000), \
+            pytest.raises(KeyboardInterrupt):
+        checksum.file_crc32c(tmp_path / "f", check=check)
+    assert any(name.startswith("cloudckpt-hash") for name in seen) and len(seen) < 100
 
 
 def test_a_partial_folder_of_another_checkpoint_whose_files_and_folders_clash_is_taken_over(tmp_path):
