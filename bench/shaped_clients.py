@@ -124,6 +124,17 @@ def pullers(kind: str, endpoint: str, bucket: str, keys: dict[str, str], out: Pa
     return runs
 
 
+def _warm(ours: Any, src: Path) -> None:
+    """One untimed push of a small file: a store checks once that the bucket enforces conditional writes, before its
+    first write (the Keras callback's uploader, a long-lived store, has done so before the pushes that matter)."""
+    tiny = src.parent / "warm-up.bin"
+    tiny.write_bytes(b"warm")
+    try:
+        ours.push(tiny, epoch=0)
+    finally:
+        tiny.unlink()
+
+
 def _fs_put(fs: Any, bucket: str, keys: dict[str, Path]) -> None:
     """An fsspec filesystem's own upload of several files at once (its async batches)."""
     fs.put([str(p) for p in keys.values()], [f"{bucket}/{k}" for k in keys])
@@ -196,6 +207,7 @@ def pushers(kind: str, endpoint: str, bucket: str, src: Path) -> dict[str, Calla
     ours = store(kind, url, endpoint)
     files = [src] if src.is_file() else sorted(src.iterdir())
     runs: dict[str, Callable[[], None]] = {"cloudckpt push": lambda: (ours.push(src, epoch=1), None)[1]}
+    _warm(ours, src)
 
     def keys() -> dict[str, Path]:  # a fresh prefix per push: nothing is overwritten
         prefix = f"raw/{uuid.uuid4()}"
@@ -225,6 +237,7 @@ def pushers(kind: str, endpoint: str, bucket: str, src: Path) -> dict[str, Calla
 
         single = store(kind, url, endpoint)
         single.backend.composite_threshold = 0
+        _warm(single, src)
         runs["cloudckpt push, composite_threshold=0 (one stream)"] = lambda: (single.push(src, epoch=2), None)[1]
         fs = gcsfs.GCSFileSystem(token="anon", endpoint_url=endpoint)
         client = storage.Client(project="bench", credentials=AnonymousCredentials(),
