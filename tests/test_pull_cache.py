@@ -5,11 +5,14 @@ least recently used entries."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 import subprocess
 import time
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from support.shaped import proxied_run
 from test_pull_resume import CLI, MiB, cli, make_ckpt, push, tree
 
@@ -114,3 +117,52 @@ def test_the_size_bound_evicts_the_least_recently_used(tmp_path):
     (src / "big").write_bytes(b"\0" * 4 * MiB)
     cache.put(big, src / "big")  # larger than the bound: never cached
     assert not cache.has(big)
+
+
+@settings(max_examples=40, deadline=None)
+@given(size=st.integers(0, 40_000), piece=st.integers(1, 9_000), damage=st.sampled_from(
+    ["none", "flip", "truncate", "extend"]), kernel=st.sampled_from(["yes", "absent", "refused", "refused later"]))
+def test_an_entry_copied_out_is_the_entrys_bytes_or_nothing(size, piece, damage, kernel):
+    """Copied by the kernel or, where it can't (no copy_file_range, or it refuses these files, even after a first
+    piece), through user space: the copy is the entry's bytes, or it is removed and the caller is told."""
+    import errno
+    import tempfile
+    from pathlib import Path
+    from unittest import mock
+
+    import google_crc32c
+
+    from cloudckpt import cache as cache_mod
+    from cloudckpt import checksum
+
+    data = os.urandom(size)
+    entry = FileEntry(path="f", size=size, crc32c=f"{google_crc32c.value(data):08x}")
+    stored = bytearray(data)
+    if damage == "flip" and size:
+        stored[size // 2] ^= 1
+    elif damage == "truncate" and size:
+        del stored[-1]
+    elif damage == "extend":
+        stored += b"!"
+    real, calls = getattr(os, "copy_file_range", None), []
+
+    def copy_file_range(*args):
+        calls.append(args)
+        if kernel == "refused" or (kernel == "refused later" and len(calls) > 1):
+            raise OSError(errno.EXDEV, "Invalid cross-device link")
+        return real(*args)
+
+    patches = [mock.patch.object(cache_mod, "PIECE", piece), mock.patch.object(checksum, "PIECE", piece)]
+    if kernel == "absent":
+        patches.append(mock.patch.object(cache_mod.os, "copy_file_range", create=True, new=None))
+    elif real is not None:
+        patches.append(mock.patch.object(cache_mod.os, "copy_file_range", copy_file_range))
+    with tempfile.TemporaryDirectory() as tmp, contextlib.ExitStack() as stack:
+        for p in patches:
+            stack.enter_context(p)
+        src, dest = Path(tmp) / "src", Path(tmp) / "dest"
+        src.write_bytes(bytes(stored))
+        dest.write_bytes(b"an older file")
+        ok = cache_mod.copy_verified(src, dest, entry)
+        assert ok == (bytes(stored) == data)
+        assert (dest.read_bytes() == data) if ok else not dest.exists()
