@@ -45,6 +45,7 @@ from .parts import acquire, send_parts
 log = logging.getLogger(__name__)
 _MB = 2**20
 _MAX_BLOCKS = 50_000  # blocks per blob
+_READ_BLOCK = 256 * 1024
 _CHUNK = 4 * _MB  # download range size: bounded memory
 SCHEMES = ("az", "abfs", "abfss")
 
@@ -141,6 +142,8 @@ class AzureBackend(Backend):
             "max_single_get_size": _CHUNK, "max_chunk_get_size": _CHUNK,
             "max_single_put_size": self.block_size, "max_block_size": self.block_size,
             "session": azure_session(http_pool_size(self.max_concurrency)),
+            # answers are read in blocks of this size (azure-core reads 4 KiB at a time through Python by default)
+            "connection_data_block_size": _READ_BLOCK,
         }
         conn = opts.get("connection_string")
         account = opts.get("account_name") or account
