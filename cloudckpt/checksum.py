@@ -78,11 +78,13 @@ def file_crc32c(path: str | Path, *, check: Callable[[], None] | None = None) ->
             ctx = contextvars.copy_context()  # the caller's: ``check`` may read its cancel token
             with ThreadPoolExecutor(min(HASH_THREADS, count), thread_name_prefix="cloudckpt-hash") as pool:
                 results = list(pool.map(lambda i: ctx.copy().run(piece, i), range(count)))
+        now = os.fstat(f.fileno()).st_size
     crc, total = results[0]
     for c, n in results[1:]:
         crc = combine(crc, c, n)
         total += n
-    return total, f"{crc:08x}"
+    # a file that grew or shrank while it was read is reported at its new size: it matches no expected size
+    return (total if now == size else now), f"{crc:08x}"
 
 
 def matches(path: str | Path, expected_crc32c: str | None, expected_sha256: str | None) -> bool:

@@ -129,6 +129,25 @@ def test_a_file_hashed_in_pieces_on_threads_has_the_crc32c_of_its_bytes(size, pi
         assert checksum.file_crc32c(f.name) == (size, f"{google_crc32c.value(data):08x}")
 
 
+@pytest.mark.parametrize("change", [b"appended", b""])
+def test_a_file_that_grows_or_shrinks_while_hashed_is_reported_at_its_new_size(tmp_path, change):
+    """Pieces are read up to the size the file had when opened: bytes appended meanwhile would go unread, and the
+    first bytes could match a manifest the whole file doesn't (the old sequential read went on to the end)."""
+    path = tmp_path / "f"
+    path.write_bytes(os.urandom(100_000))
+    calls: list[int] = []
+
+    def check():
+        calls.append(1)
+        if len(calls) == 1:
+            with open(path, "ab" if change else "r+b") as f:
+                f.write(change) if change else f.truncate(50_000)
+
+    with mock.patch.object(checksum, "PIECE", 30_000), mock.patch.object(checksum, "BLOCK", 10_000):
+        size, _ = checksum.file_crc32c(path, check=check)
+    assert size == path.stat().st_size != 100_000
+
+
 def test_hashing_in_pieces_stops_when_the_check_says_so_on_every_thread(tmp_path):
     """The check runs on the hashing threads in the caller's context (a pull's cancel token is read there), and its
     exception is what the caller sees."""
