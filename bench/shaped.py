@@ -24,6 +24,7 @@ import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 os.environ.setdefault("GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT", "false")
 
@@ -53,6 +54,15 @@ def _pull(kind: str, url: str, endpoint: str, cid: str, out: Path, settings: tup
     return run
 
 
+def _pushed(kind: str, server: servers.Server, src: Path) -> tuple[str, str, Any]:
+    """A new bucket with ``src`` pushed to it straight to ``server`` (untimed): its name, the run's URL, the entry."""
+    with clients.env(**({"STORAGE_EMULATOR_HOST": server.endpoint} if kind == "gcs" else {})):
+        bucket = clients.container(kind)
+        url = f"{'gs' if kind == 'gcs' else kind}://{bucket}/run"
+        with clients.store(kind, url, server.endpoint) as store:
+            return bucket, url, store.push(src, epoch=1)
+
+
 def measure(kind: str, servers_by_network: dict[str, servers.Server], src: Path, proxy: ShapingProxyProcess,
             reps: int, scratch: Path, ours: tuple[tuple[int, int], ...] = ()) -> list[dict]:
     """Both networks for one checkpoint ``src`` on one store: rows of medians and ratios. ``servers_by_network``:
@@ -65,11 +75,7 @@ def measure(kind: str, servers_by_network: dict[str, servers.Server], src: Path,
     rows = []
     for network, server in servers_by_network.items():
         endpoint = proxy.endpoint if network == "shaped" else server.endpoint
-        with clients.env(**({"STORAGE_EMULATOR_HOST": server.endpoint} if kind == "gcs" else {})):
-            bucket = clients.container(kind)
-            url = f"{'gs' if kind == 'gcs' else kind}://{bucket}/run"
-            with clients.store(kind, url, server.endpoint) as store:
-                entry = store.push(src, epoch=1)
+        bucket, url, entry = _pushed(kind, server, src)
         keys = {f"run/{entry.id}/{f.name}": file_checksums(f)["crc32c"] for f in files}
         out = scratch / "out"
         out.mkdir(parents=True, exist_ok=True)
@@ -147,11 +153,7 @@ def measure_repull(kind: str, servers_by_network: dict[str, servers.Server], src
     rows = []
     for network, server in servers_by_network.items():
         endpoint = proxy.endpoint if network == "shaped" else server.endpoint
-        with clients.env(**({"STORAGE_EMULATOR_HOST": server.endpoint} if kind == "gcs" else {})):
-            bucket = clients.container(kind)
-            url = f"{'gs' if kind == 'gcs' else kind}://{bucket}/run"
-            with clients.store(kind, url, server.endpoint) as store:
-                entry = store.push(src, epoch=1)
+        bucket, url, entry = _pushed(kind, server, src)
         cache, first, again = scratch / "cache", scratch / "pulled", scratch / "elsewhere"
         runs = {CKPT: first, f"{CKPT} again, same folder": first,
                 f"{CKPT} into a new folder, from the node cache": again}
